@@ -1,0 +1,188 @@
+"""Train the bundled model: a small Llama trained at 256 tokens on the stdlib corpus.
+
+Regenerate it with ``python -m ctxext.bundled_train --out ctxext/bundled/stdlib-llama``.
+Everything is deterministic from the seed on one machine (tokenizer training, data order,
+initialisation, dropout-free training in fp32 on CPU with a fixed thread count).
+
+Why these choices: the model should behave like a real RoPE checkpoint scaled down:
+Llama architecture, GQA, rope_theta 10000 (Llama 2), tied embeddings (Llama 3.2 1B/3B), a BPE
+tokenizer with BOS/EOS, weights stored in float16 as Llama 2 ships them. Trained at 256 tokens,
+with rope_theta 10000 and head_dim 64, about 60% of its frequency pairs never complete a full
+turn within the training length, the regime in which position interpolation and YaRN matter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+TRAIN_LENGTH = 256
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):  # -> PreTrainedTokenizerFast
+    """A byte-level BPE tokenizer (GPT-2/Llama-3 style) with Llama-3-like special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=TRAIN_LENGTH,
+        add_bos_token=False,
+    )
+
+
+def model_config(vocab_size: int, bos_id: int, eos_id: int, pad_id: int):  # -> LlamaConfig
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=TRAIN_LENGTH,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        attention_dropout=0.0,
+        initializer_range=0.02,
+    )
+
+
+def packed_stream(tokenizer, texts: Iterable[str]) -> list[int]:
+    """BOS + tokens + EOS for every document, concatenated (the usual pre-training packing)."""
+    out: list[int] = []
+    for text in texts:
+        out.append(tokenizer.bos_token_id)
+        out.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        out.append(tokenizer.eos_token_id)
+    return out
+
+
+def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, vocab_size: int) -> dict:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from ctxext.corpus import stdlib_documents
+
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    texts = [d.text for d in stdlib_documents("train")]
+    tokenizer = train_tokenizer(texts, vocab_size)
+    stream = torch.tensor(packed_stream(tokenizer, texts), dtype=torch.long)
+    n_chunks = len(stream) // TRAIN_LENGTH
+    chunks = stream[: n_chunks * TRAIN_LENGTH].view(n_chunks, TRAIN_LENGTH)
+    print(f"train tokens {len(stream):,} -> {n_chunks:,} chunks of {TRAIN_LENGTH}", flush=True)
+
+    config = model_config(
+        len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).float()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"parameters {n_params:,}", flush=True)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
+    warmup = max(1, steps // 50)
+
+    def schedule(step: int) -> float:
+        # Linear warm-up, then cosine decay to 10% of the peak: the usual LLM recipe.
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_chunks, generator=gen)
+    pos, t0, log = 0, time.time(), []
+    model.train()
+    for step in range(steps):
+        if pos + batch_size > n_chunks:  # a new epoch: a new permutation from the same generator
+            order, pos = torch.randperm(n_chunks, generator=gen), 0
+        batch = chunks[order[pos : pos + batch_size]]
+        pos += batch_size
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps - 1:
+            elapsed = time.time() - t0
+            tps = (step + 1) * batch_size * TRAIN_LENGTH / elapsed
+            log.append({"step": step, "loss": round(loss.item(), 4), "tokens_per_s": round(tps)})
+            print(
+                f"step {step:5d} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
+                f"{tps:,.0f} tok/s elapsed {elapsed / 60:.1f} min",
+                flush=True,
+            )
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.dtype = torch.float16
+    model.to(torch.float16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    summary = {
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "train_length": TRAIN_LENGTH,
+        "lr": lr,
+        "parameters": n_params,
+        "train_tokens_seen": steps * batch_size * TRAIN_LENGTH,
+        "train_corpus_tokens": len(stream),
+        "minutes": round((time.time() - t0) / 60, 1),
+        "torch": torch.__version__,
+        "log": log,
+    }
+    (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("ctxext/bundled/stdlib-llama"))
+    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab-size", type=int, default=8000)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.vocab_size)
+
+
+if __name__ == "__main__":
+    main()
