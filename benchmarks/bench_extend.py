@@ -1,0 +1,122 @@
+"""Benchmark: `ctxext extend` vs transformers' from_pretrained + save_pretrained.
+
+Builds a Llama checkpoint of about 800 MB (fp32 safetensors, random weights), then times each
+way of writing a YaRN-extended copy in a fresh subprocess (so peak RSS is that process's own),
+several times, and prints a Markdown table of medians and ratios.
+
+    python benchmarks/bench_extend.py --repeats 3
+
+Target (foundation issue): ctxext >= 20x faster, peak RSS <= 200 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# The baseline as a user would write it: load the model, change the config, save it again.
+BASELINE = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+src, dst = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+model.config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                "original_max_position_embeddings": 2048}
+model.config.max_position_embeddings = 8192
+model.save_pretrained(dst)
+"""
+
+OURS = """
+import sys
+from ctxext.cli import main
+main(["extend", sys.argv[1], "-o", sys.argv[2], "--method", "yarn", "--factor", "4"])
+"""
+
+# Wraps a child script and reports its peak RSS from the OS (ru_maxrss of the child, in KiB).
+RUNNER = """
+import resource, subprocess, sys, time
+t = time.perf_counter()
+subprocess.run([sys.executable, "-c", sys.argv[1], *sys.argv[2:]], check=True,
+               stdout=subprocess.DEVNULL)
+dt = time.perf_counter() - t
+print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+"""
+
+
+def build_checkpoint(path: Path, layers: int) -> float:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu")
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    model.save_pretrained(path)
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
+
+
+def measure(script: str, src: Path, dst: Path) -> tuple[float, float]:
+    shutil.rmtree(dst, ignore_errors=True)
+    res = subprocess.run(
+        [sys.executable, "-c", RUNNER, script, str(src), str(dst)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    seconds, rss_mb = map(float, res.stdout.split())
+    return seconds, rss_mb
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=12, help="12 layers = about 865 MB")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        work = Path(tmp)
+        size = build_checkpoint(work / "src", args.layers)
+        rows = {}
+        for name, script in (("from_pretrained + save_pretrained", BASELINE), ("ctxext extend", OURS)):
+            runs = [measure(script, work / "src", work / "dst") for _ in range(args.repeats)]
+            rows[name] = (
+                statistics.median(r[0] for r in runs),
+                statistics.median(r[1] for r in runs),
+            )
+        base_t, base_m = rows["from_pretrained + save_pretrained"]
+        ours_t, ours_m = rows["ctxext extend"]
+    print(f"checkpoint: {size:.0f} MB of safetensors, median of {args.repeats} runs each\n")
+    print("| approach | seconds | peak RSS (MB) |")
+    print("|---|---:|---:|")
+    for name, (t, m) in rows.items():
+        print(f"| {name} | {t:.2f} | {m:.0f} |")
+    print(f"\nspeed-up: {base_t / ours_t:.1f}x; ctxext peak RSS {ours_m:.0f} MB")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"size_mb": size, "rows": rows, "speedup": base_t / ours_t, "when": time.time()}
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Checkpoint I/O: find a model, read its config, and write output folders atomically.
+
+Nothing here loads weights. Output folders are built in a temporary sibling and renamed
+into place only when complete, so a reader (or a crash) never sees half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ctxext.errors import CtxextError, ResourceError
+
+LinkMode = Literal["hardlink", "copy", "symlink"]
+
+#: Short names for the models that ship inside the package.
+BUNDLED_MODELS = {"stdlib-llama": "stdlib-llama"}
+DEFAULT_MODEL = "stdlib-llama"
+PROVENANCE_FILE = "ctxext_provenance.json"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+# Files `extend` rewrites instead of linking.
+REWRITTEN_FILES = ("config.json", "tokenizer_config.json", "generation_config.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model's files are on disk and what the user called it."""
+
+    name: str
+    path: Path
+    source: Literal["bundled", "local", "hub-cache"]
+
+
+def bundled_path(short_name: str = DEFAULT_MODEL) -> Path:
+    return Path(__file__).parent / "bundled" / BUNDLED_MODELS[short_name]
+
+
+def resolve_model(name: str | None) -> ResolvedModel:
+    """Turn a short name, a folder or a Hub id into a local folder.
+
+    Hub ids go through huggingface_hub, which honours HF_HUB_OFFLINE and the HF cache
+    variables: offline, a populated cache is enough.
+    """
+    name = name or DEFAULT_MODEL
+    if name in BUNDLED_MODELS:
+        path = bundled_path(name)
+        if not (path / "config.json").is_file():
+            raise CtxextError(
+                f"the bundled model '{name}' is missing from {path}; reinstall ctxext or "
+                "regenerate it with `python -m ctxext.bundled_train`"
+            )
+        return ResolvedModel(name, path, "bundled")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CtxextError(
+                f"'{name}' is a file; pass the model folder that holds config.json"
+            )
+        return ResolvedModel(name, path.resolve(), "local")
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise CtxextError(
+            f"model folder '{name}' does not exist; pass an existing folder, a Hub id "
+            f"(org/name) or the bundled model '{DEFAULT_MODEL}'"
+        )
+    return ResolvedModel(name, _snapshot(name), "hub-cache")
+
+
+def _snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except (LocalEntryNotFoundError, FileNotFoundError) as e:
+        raise CtxextError(
+            f"Hub model '{repo_id}' is not in the local Hugging Face cache and the Hub cannot "
+            "be reached; download it on a connected machine (hf download) or pass a local folder"
+        ) from e
+    except GatedRepoError as e:
+        raise CtxextError(
+            f"Hub model '{repo_id}' is gated; accept its licence and log in (hf auth login)"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise CtxextError(
+            f"Hub model '{repo_id}' does not exist (or is private); check the id"
+        ) from e
+    except Exception as e:  # network errors of every flavour: say it in one line
+        raise CtxextError(
+            f"could not fetch Hub model '{repo_id}' ({type(e).__name__}); check the network or "
+            "set HF_HUB_OFFLINE=1 to use the cache"
+        ) from e
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON object, with a one-line error naming the file if it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CtxextError(f"{path} not found; {what}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CtxextError(f"{path} is not valid JSON ({e}); restore the original file") from e
+    if not isinstance(data, dict):
+        raise CtxextError(f"{path} is not a JSON object; restore the original file")
+    return data
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """config.json of a model folder, checked to be a transformers model config."""
+    config = read_json(
+        model_dir / "config.json",
+        "this folder is not a Hugging Face model (pass the folder that holds config.json)",
+    )
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise CtxextError(
+            f"{model_dir / 'config.json'} has no model_type; it is not a transformers model "
+            "config (restore the original config.json)"
+        )
+    return config
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """sha256 of a config's canonical JSON (key order does not matter)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    names = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+    return sorted({p for pattern in names for p in model_dir.glob(pattern)})
+
+
+def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> Path:
+    """Refuse output folders that would destroy something or could not be written."""
+    out = out.expanduser().absolute()
+    for src in inputs:
+        src = src.resolve()
+        if out.resolve() == src or src in out.resolve().parents:
+            raise CtxextError(
+                f"output {out} is inside the input folder {src}; choose a folder outside it"
+            )
+        if out.resolve() in src.parents:
+            raise CtxextError(f"output {out} contains the input folder {src}; choose another")
+    if out.exists() and not out.is_dir():
+        raise CtxextError(f"output {out} exists and is a file; choose another output folder")
+    if out.exists() and not overwrite:
+        raise CtxextError(f"output folder {out} already exists; pass --overwrite to replace it")
+    parent = out.parent
+    if not parent.is_dir():
+        raise CtxextError(f"the parent folder of {out} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CtxextError(f"cannot write in {parent}; choose a writable output location")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; on success it replaces ``out`` in one rename.
+
+    On any failure (including Ctrl-C) the temporary folder is removed and ``out`` is left as
+    it was. A disk-full error is turned into a one-line ResourceError (exit code 1).
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _replace_dir(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceError(
+                f"no space left on the device while writing {out}; nothing was written, "
+                "free some space and retry"
+            ) from e
+        raise
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename tmp to out; an existing out is moved aside first and deleted after."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, trash / "old")
+    os.rename(tmp, out)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def place_file(src: Path, dst: Path, mode: LinkMode) -> str:
+    """Put ``src`` at ``dst`` by hard link, copy or symlink; returns the mode actually used.
+
+    Hub-cache files are symlinks into blobs/: we link to the real file. A hard link that is
+    impossible (another filesystem, no permission) falls back to a copy.
+    """
+    real = src.resolve()
+    if mode == "symlink":
+        os.symlink(real, dst)
+        return "symlink"
+    if mode == "hardlink":
+        try:
+            os.link(real, dst)
+            return "hardlink"
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+    shutil.copy2(real, dst)
+    return "copy"
+
+
+def link_model_files(src: Path, dst: Path, mode: LinkMode, skip: tuple[str, ...]) -> dict:
+    """Place every file of the model folder in ``dst`` except ``skip``; returns name -> mode."""
+    placed: dict[str, str] = {}
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if rel.as_posix() in skip or any(p.startswith(".") for p in rel.parts):
+            continue
+        if path.is_dir():
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        placed[rel.as_posix()] = place_file(path, target, mode)
+    return placed
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that decide what a result means."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("ctxext", "transformers", "torch", "accelerate", "peft", "huggingface_hub"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out

@@ -1,0 +1,142 @@
+"""Typed configuration: one schema for the CLI flags and for recipe files.
+
+Each command builds one of these models from its flags; a recipe holds the same models
+under its keys. Validation of values lives here (pydantic); validation against a particular
+checkpoint (trained length, architecture) lives in :mod:`ctxext.rope`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from ctxext.errors import CtxextError
+
+Method = Literal["linear", "ntk", "yarn", "dynamic", "llama3"]
+LinkMode = Literal["hardlink", "copy", "symlink"]
+Task = Literal["ppl", "passkey"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class ExtendConfig(_Strict):
+    """How to rewrite the rotary configuration."""
+
+    method: Method
+    """Scaling method: linear (position interpolation), ntk (NTK-aware base change), yarn,
+    dynamic (dynamic NTK) or llama3 (Llama-3.1-style)."""
+    factor: float | None = None
+    """Scale factor s = new context length / trained length (> 1)."""
+    target_length: int | None = None
+    """New context length in tokens; the factor is derived from it. Give factor or this."""
+    beta_fast: float = 32.0
+    """YaRN: pairs turning more than beta_fast times within the trained length are kept."""
+    beta_slow: float = 1.0
+    """YaRN: pairs turning fewer than beta_slow times are fully interpolated."""
+    attention_factor: float | None = None
+    """YaRN: scale of cos/sin (softmax temperature); default 0.1 ln(s) + 1."""
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths above trained_length / low_freq_factor are divided by s."""
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths below trained_length / high_freq_factor are kept."""
+
+    @field_validator("factor")
+    @classmethod
+    def _factor(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or v <= 1):
+            raise ValueError(f"factor must be a finite number > 1 (got {v})")
+        return v
+
+    @field_validator("target_length")
+    @classmethod
+    def _target(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"target_length must be a positive integer (got {v})")
+        return v
+
+    @field_validator("beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"must be a finite number > 0 (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ExtendConfig:
+        if (self.factor is None) == (self.target_length is None):
+            raise ValueError("give exactly one of factor and target_length")
+        if self.beta_fast <= self.beta_slow:
+            raise ValueError("beta_fast must be greater than beta_slow")
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError("high_freq_factor must be greater than low_freq_factor")
+        return self
+
+    def rope_options(self) -> dict:
+        """The method-specific keyword arguments of :func:`ctxext.rope.extend_config`."""
+        return self.model_dump(exclude={"method", "factor", "target_length"})
+
+
+class ExtendJob(_Strict):
+    """`ctxext extend`: config-only extension of one checkpoint."""
+
+    model: str | None = None
+    """Model folder, Hub id or bundled short name (default: the bundled model)."""
+    output: Path
+    """Output folder (created atomically)."""
+    extend: ExtendConfig
+    link_mode: LinkMode = "hardlink"
+    """How weight files reach the output: hardlink (copy where impossible), copy or symlink."""
+    overwrite: bool = False
+    """Replace an existing output folder."""
+
+
+def parse_model(cls: type[BaseModel], data: dict, where: str) -> BaseModel:
+    """Validate ``data`` into ``cls``; a failure becomes one CtxextError line naming the key."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise CtxextError(format_validation_error(e, where)) from None
+
+
+def format_validation_error(e: ValidationError, where: str) -> str:
+    err = e.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""
+    return f"{where}: {key}: {msg}{more}"
+
+
+def positive_int_list(text: str, what: str = "--lengths") -> list[int]:
+    """Parse '256,512,1k,2K' into positive ints (k = 1024)."""
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        mult = 1024 if item.endswith("k") else 1
+        try:
+            value = int(item.removesuffix("k")) * mult
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise CtxextError(
+                f"{what} must be positive integers separated by commas (got '{item}'), "
+                "e.g. 256,512,1024"
+            )
+        out.append(value)
+    return out
+
+
+__all__ = [
+    "ExtendConfig",
+    "ExtendJob",
+    "format_validation_error",
+    "parse_model",
+    "positive_int_list",
+]

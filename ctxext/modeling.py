@@ -1,0 +1,161 @@
+"""Load a causal LM (and its tokenizer) for evaluation or fine-tuning.
+
+A scaling method can be applied in memory: the config dict is rewritten by
+:func:`ctxext.rope.extend_config` *before* the model is built, exactly as `extend` would write
+it, so evaluating "model + method" and evaluating the extended checkpoint are the same thing.
+Safety: remote code runs only with ``trust_remote_code=True``; pickled weights load only with
+``allow_pickle=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ctxext import checkpoint, rope
+from ctxext.config import ExtendConfig
+from ctxext.errors import CtxextError
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what it was built from."""
+
+    model: Any  # transformers.PreTrainedModel
+    tokenizer: Any  # transformers.PreTrainedTokenizerBase
+    source: checkpoint.ResolvedModel
+    config: dict[str, Any]  # the config dict the model was built from (after any rewrite)
+    label: str  # e.g. "stdlib-llama" or "stdlib-llama+yarn x4"
+    device: str
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str):  # -> torch.dtype
+    """'auto' means bf16 on CUDA and fp32 on CPU (bf16 is emulated, hence slow, on CPU)."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def check_causal_lm(config: dict[str, Any], where: str) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = config.get("architectures") or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return
+    if config["model_type"] in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not archs:
+        return
+    raise CtxextError(
+        f"{where} is not a causal language model (model_type '{config['model_type']}', "
+        f"architectures {archs or 'none'}); ctxext evaluates and fine-tunes decoder-only LMs"
+    )
+
+
+def check_weights(path, allow_pickle: bool) -> bool:
+    """Decide whether to load safetensors; refuse pickle-only checkpoints unless allowed."""
+    files = checkpoint.weight_files(path)
+    if any(f.suffix == ".safetensors" for f in files):
+        return True
+    pickled = [f.name for f in files if f.name.endswith(checkpoint.PICKLE_SUFFIXES)]
+    if pickled and not allow_pickle:
+        raise CtxextError(
+            f"{path} has only pickled weights ({pickled[0]}), which can run code when loaded; "
+            "convert them to safetensors or pass --allow-pickle if you trust the source"
+        )
+    if not pickled:
+        raise CtxextError(f"{path} has no weight files (*.safetensors); pass a complete model")
+    return False
+
+
+def build_config(config_dict: dict[str, Any], trust_remote_code: bool):  # -> PretrainedConfig
+    from transformers import AutoConfig
+
+    data = dict(config_dict)
+    model_type = data.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except ValueError as e:
+        if trust_remote_code:
+            raise
+        raise CtxextError(
+            f"model_type '{model_type}' is unknown to transformers; it may need remote code "
+            "(pass --trust-remote-code if you trust it) or a newer transformers"
+        ) from e
+
+
+def load_causal_lm(
+    model: str | None,
+    *,
+    extend: ExtendConfig | None = None,
+    dtype: str = "auto",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Resolve, check and load a causal LM, optionally with a scaling method applied."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = checkpoint.resolve_model(model)
+    config_dict = checkpoint.read_config(source.path)
+    check_causal_lm(config_dict, source.name)
+    label = source.name
+    if extend is not None:
+        info = rope.analyze(config_dict)
+        factor = rope.validate_request(info, extend.method, extend.factor, extend.target_length)
+        config_dict = rope.extend_config(
+            config_dict, extend.method, factor=factor, **extend.rope_options()
+        )
+        label = f"{source.name}+{extend.method} x{factor:g}"
+    use_safetensors = check_weights(source.path, allow_pickle)
+    tokenizer = load_tokenizer(source.path, trust_remote_code)
+    device = default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    config = build_config(config_dict, trust_remote_code)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            config=config,
+            dtype=torch_dtype,
+            attn_implementation="sdpa",
+            device_map=device_map,
+            use_safetensors=use_safetensors,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CtxextError(
+            f"could not load the weights of {source.name} ({first}); the weight files may be "
+            "truncated or corrupted: re-download or re-create the checkpoint"
+        ) from e
+    if device_map is None:
+        lm.to(device)
+    lm.eval()
+    if lm.generation_config is not None:
+        lm.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    return LoadedModel(lm, tokenizer, source, config_dict, label, device)
+
+
+def load_tokenizer(path, trust_remote_code: bool = False):  # -> PreTrainedTokenizerBase
+    from transformers import AutoTokenizer
+
+    names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+    if not any((path / n).is_file() for n in names):
+        raise CtxextError(
+            f"{path} has no tokenizer (tokenizer.json or tokenizer.model); copy the base "
+            "model's tokenizer files into it"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise CtxextError(
+            f"could not load the tokenizer of {path} ({type(e).__name__}); check its tokenizer "
+            "files"
+        ) from e
