@@ -96,7 +96,10 @@ def main() -> None:
         work = Path(tmp)
         size = build_checkpoint(work / "src", args.layers)
         rows = {}
-        for name, script in (("from_pretrained + save_pretrained", BASELINE), ("ctxext extend", OURS)):
+        for name, script in (
+            ("from_pretrained + save_pretrained", BASELINE),
+            ("ctxext extend", OURS),
+        ):
             runs = [measure(script, work / "src", work / "dst") for _ in range(args.repeats)]
             rows[name] = (
                 statistics.median(r[0] for r in runs),

@@ -65,9 +65,7 @@ def resolve_model(name: str | None) -> ResolvedModel:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise CtxextError(
-                f"'{name}' is a file; pass the model folder that holds config.json"
-            )
+            raise CtxextError(f"'{name}' is a file; pass the model folder that holds config.json")
         return ResolvedModel(name, path.resolve(), "local")
     if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
         raise CtxextError(
@@ -182,7 +180,8 @@ def atomic_output(out: Path) -> Iterator[Path]:
     On any failure (including Ctrl-C) the temporary folder is removed and ``out`` is left as
     it was. A disk-full error is turned into a one-line ResourceError (exit code 1).
     """
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         _replace_dir(tmp, out)
@@ -194,6 +193,24 @@ def atomic_output(out: Path) -> Iterator[Path]:
                 "free some space and retry"
             ) from e
         raise
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete temporary siblings left by runs that were killed (their process is gone)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.removeprefix(f".{out.name}.tmp-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

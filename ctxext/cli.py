@@ -15,7 +15,17 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from ctxext import __version__
 from ctxext.errors import CtxextError
@@ -167,19 +177,197 @@ def inspect(
         render_inspect(report, out)
 
 
+class _TokensPerSecond(ProgressColumn):
+    def render(self, task: Any) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-- tok/s" if speed is None else f"{speed:,.0f} tok/s", style="cyan")
+
+
+def token_progress() -> Progress:
+    """A progress bar over tokens with throughput and ETA (on stderr)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _TokensPerSecond(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+
+
+@app.command("eval")
+def eval_command(
+    models: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Argument(
+            help="Model folders / Hub ids (default: the bundled model).", show_default=False
+        ),
+    ] = None,
+    lengths: Annotated[
+        str, typer.Option(help="Comma-separated lengths, e.g. 256,512,1k,2k.")
+    ] = "256,512,1024,2048",
+    data: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Text file, folder, .jsonl, or dataset name (default: held-out stdlib)."),
+    ] = None,
+    method: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--method", "-m", help="Scaling method(s) applied in memory; repeatable."),
+    ] = None,
+    factor: FactorOpt = None,
+    target_length: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            "--target-length", "-t", help="New length for --method (default: the longest length)."
+        ),
+    ] = None,
+    beta_fast: Annotated[float, typer.Option(help="YaRN beta_fast.")] = 32.0,
+    beta_slow: Annotated[float, typer.Option(help="YaRN beta_slow.")] = 1.0,
+    attention_factor: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="YaRN attention factor."),
+    ] = None,
+    task: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--task", help="ppl and/or passkey; repeatable (default ppl)."),
+    ] = None,
+    stride: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Sliding-window stride (default: first L tokens per document)."),
+    ] = None,
+    num_docs: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="At most this many documents per length."),
+    ] = None,
+    passkey_trials: Annotated[int, typer.Option(help="Keys per length x depth.")] = 5,
+    no_base: Annotated[bool, typer.Option("--no-base", help="Skip the unscaled rows.")] = False,
+    text_field: Annotated[str, typer.Option(help="Text field of .jsonl / datasets.")] = "text",
+    dataset_split: Annotated[str, typer.Option(help="Split of a HF dataset.")] = "test",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
+    device_map: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="e.g. 'auto' to spread a large model over devices (accelerate)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for sampling, bootstrap, passkeys.")] = 0,
+    output: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--output", "-o", help="Folder for results.json/.csv and plots."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Allow code from the model folder.")
+    ] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow pickled (*.bin) weights.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
+) -> None:
+    """Perplexity (and passkey retrieval) at several lengths, models and methods side by side."""
+    from ctxext.config import EvalConfig, parse_model, positive_int_list
+
+    cfg = parse_model(
+        EvalConfig,
+        {
+            "lengths": positive_int_list(lengths),
+            "tasks": task or ["ppl"],
+            "data": data,
+            "text_field": text_field,
+            "dataset_split": dataset_split,
+            "stride": stride,
+            "num_docs": num_docs,
+            "passkey_trials": passkey_trials,
+            "include_base": not no_base,
+            "dtype": dtype,
+            "device_map": device_map,
+            "seed": seed,
+        },
+        "eval options",
+    )
+    options = {
+        "factor": factor,
+        "target_length": target_length,
+        "beta_fast": beta_fast,
+        "beta_slow": beta_slow,
+        "attention_factor": attention_factor,
+    }
+    results = evaluate_and_report(
+        models or [None],
+        method or [],
+        options,
+        cfg,
+        output,
+        overwrite,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        quiet=as_json,
+    )
+    if as_json:
+        out.print_json(data=results)
+
+
+def evaluate_and_report(
+    models: list[str | None],
+    methods: list[str],
+    options: dict[str, Any],
+    cfg: Any,
+    output: Path | None,
+    overwrite: bool,
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run the evaluation with a progress bar, render it, and write the output folder."""
+    from ctxext import checkpoint
+    from ctxext.evalrun import plan_variants, run_eval
+    from ctxext.report import passkey_table, ppl_table, terminal_plot, write_outputs
+
+    variants = plan_variants(models, methods, options, cfg)
+    if output is not None:
+        inputs = [checkpoint.resolve_model(m).path for m in models]
+        output = checkpoint.check_output_path(output, inputs, overwrite)
+    with token_progress() as progress:
+
+        def factory(what: str, total: int):
+            task_id = progress.add_task(what, total=total)
+            return lambda done: progress.update(task_id, completed=done)
+
+        results = run_eval(
+            variants,
+            cfg,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+            progress_factory=factory,
+        )
+    console = err if quiet else out
+    if "ppl" in cfg.tasks:
+        console.print(ppl_table(results))
+        console.print(Text.from_ansi(terminal_plot(results)))
+    pk = passkey_table(results)
+    if pk is not None:
+        console.print(pk)
+    if output is not None:
+        with checkpoint.atomic_output(output) as tmp:
+            write_outputs(results, tmp)
+        err.print(f"[green]wrote[/green] {output}/results.json, results.csv and plots")
+    return results
+
+
 def _run_app(argv: list[str]) -> int:
-    import click
+    # Typer ships its own click; its exceptions live under typer.exceptions.
+    from typer.exceptions import Abort, Exit, TyperException
 
     try:
-        app(args=argv, prog_name="ctxext", standalone_mode=False)
-        return 0
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.exceptions.Abort:
-        err.print("interrupted", style="red")
+        result = app(args=argv, prog_name="ctxext", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except Exit as e:
+        return getattr(e, "exit_code", 0)
+    except Abort:
+        _one_line("interrupted")
         return 130
-    except click.ClickException as e:
-        _one_line(f"error: {e.format_message()} (see --help)")
+    except TyperException as e:
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        _one_line(f"error: {message} (see --help)")
         return 2
 
 
@@ -208,7 +396,9 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            _one_line(f"error: no space left on the device ({e.filename or ''}); free space and retry")
+            _one_line(
+                f"error: no space left on the device ({e.filename or ''}); free space and retry"
+            )
         else:
             _one_line(f"error: {e.strerror or e} ({e.filename or ''}); add --debug for details")
         code = 1

@@ -96,6 +96,59 @@ class ExtendJob(_Strict):
     """Replace an existing output folder."""
 
 
+class EvalConfig(_Strict):
+    """`ctxext eval`: what to measure, on which data, at which lengths."""
+
+    lengths: list[int]
+    """Context lengths in tokens (positive integers)."""
+    tasks: list[Task] = ["ppl"]
+    """ppl (perplexity and loss by position) and/or passkey (retrieval accuracy)."""
+    data: str | None = None
+    """Text file, folder, .jsonl, Hugging Face dataset name, or None for the default corpus
+    (the bundled model's held-out stdlib files)."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl files and datasets."""
+    dataset_split: str = "test"
+    """Split of a Hugging Face dataset."""
+    stride: int | None = None
+    """Sliding-window stride; None scores each document's first L tokens (YaRN protocol)."""
+    num_docs: int | None = None
+    """At most this many documents per length (a seeded sample when capped)."""
+    passkey_depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    """Passkey depths, as fractions of the filler placed before the key."""
+    passkey_trials: int = 5
+    """Random keys per length x depth."""
+    include_base: bool = True
+    """Also evaluate each model unscaled when scaling methods are given."""
+    dtype: Dtype = "auto"
+    """auto: bf16 on CUDA, fp32 on CPU."""
+    device_map: str | None = None
+    """Passed to from_pretrained (e.g. 'auto' to spread a large model with accelerate)."""
+    seed: int = 0
+    """Seed for document sampling, bootstrap and passkeys."""
+
+    @field_validator("lengths")
+    @classmethod
+    def _lengths(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 2 for n in v):
+            raise ValueError("lengths must be integers >= 2")
+        return sorted(set(v))
+
+    @field_validator("num_docs", "stride", "passkey_trials")
+    @classmethod
+    def _positive_int(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"must be a positive integer (got {v})")
+        return v
+
+    @field_validator("passkey_depths")
+    @classmethod
+    def _depths(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.0 <= d <= 1.0 for d in v):
+            raise ValueError("depths must be fractions between 0 and 1")
+        return v
+
+
 def parse_model(cls: type[BaseModel], data: dict, where: str) -> BaseModel:
     """Validate ``data`` into ``cls``; a failure becomes one CtxextError line naming the key."""
     try:
@@ -134,6 +187,7 @@ def positive_int_list(text: str, what: str = "--lengths") -> list[int]:
 
 
 __all__ = [
+    "EvalConfig",
     "ExtendConfig",
     "ExtendJob",
     "format_validation_error",

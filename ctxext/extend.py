@@ -54,9 +54,7 @@ def plan_extend(model: str | None, spec: ExtendConfig) -> ExtendPlan:
         new_tok = dict(tok, model_max_length=new_length)
         plan.tokenizer_config = new_tok
         plan.diff += [
-            (f"tokenizer_config.{k}", tok.get(k), v)
-            for k, v in new_tok.items()
-            if tok.get(k) != v
+            (f"tokenizer_config.{k}", tok.get(k), v) for k, v in new_tok.items() if tok.get(k) != v
         ]
     gen_path = source.path / "generation_config.json"
     if gen_path.is_file():
@@ -77,7 +75,7 @@ def write_extended(plan: ExtendPlan, job: ExtendJob) -> dict[str, Any]:
     out = checkpoint.check_output_path(job.output, [plan.source.path], job.overwrite)
     started = time.time()
     with checkpoint.atomic_output(out) as tmp:
-        skip = checkpoint.REWRITTEN_FILES + (checkpoint.PROVENANCE_FILE,)
+        skip = (*checkpoint.REWRITTEN_FILES, checkpoint.PROVENANCE_FILE)
         placed = checkpoint.link_model_files(plan.source.path, tmp, job.link_mode, skip)
         checkpoint.write_json(tmp / "config.json", plan.after)
         if plan.tokenizer_config is not None:

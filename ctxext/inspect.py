@@ -42,12 +42,27 @@ def render_inspect(report: dict[str, Any], console: Any) -> None:
     if not pairs:
         return
     table = Table(
-        title=f"dimension pairs: wavelength vs trained length, and at {report['target_length']}"
+        title=f"dimension pairs: wavelength vs trained length {report['trained_length']}, "
+        f"and what each method does at {report['target_length']}",
+        caption="stretch = new wavelength / old; I = interpolated, E = extrapolated (kept), "
+        "B = blended",
     )
-    for col in pairs[0]:
+    for col in ("pair", "wavelength", "turns in training", "full turn"):
         table.add_column(col, justify="right")
+    methods = list(pairs[0]["methods"])
+    for m in methods:
+        table.add_column(m, justify="right")
     for row in pairs:
-        table.add_row(*(_fmt(v) for v in row.values()))
+        cells = [
+            str(row["pair"]),
+            _fmt(row["wavelength"]),
+            _fmt(row["turns_in_trained"]),
+            "yes" if row["completes_turn"] else "[red]never[/red]",
+        ]
+        for m in methods:
+            cell = row["methods"][m]
+            cells.append(f"x{cell['stretch']:.3g} {cell['regime'][0].upper()}")
+        table.add_row(*cells)
     console.print(table)
 
 

@@ -100,7 +100,6 @@ def load_causal_lm(
     allow_pickle: bool = False,
 ) -> LoadedModel:
     """Resolve, check and load a causal LM, optionally with a scaling method applied."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     source = checkpoint.resolve_model(model)

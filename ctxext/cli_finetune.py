@@ -1,0 +1,265 @@
+"""`ctxext finetune`: flags -> typed configs -> :func:`ctxext.finetune.run_finetune`.
+
+Only typer and rich are imported at module level, so `ctxext --help` stays instant. Under
+`accelerate launch` every process runs this command; only the main process draws and prints.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+_out = Console()
+_err = Console(stderr=True)
+
+
+def _is_main_process() -> bool:
+    # accelerate launch / torchrun set RANK; a plain run has none.
+    return os.environ.get("RANK", "0") == "0"
+
+
+def finetune(
+    model: Annotated[
+        Optional[str],  # noqa: UP045 (typer needs Optional on 3.10)
+        typer.Argument(
+            help="Model folder, Hub id, 'stdlib-llama' (the bundled model, the default), or a "
+            "checkpoint written by `ctxext extend` (then omit --method).",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = ...,  # type: ignore[assignment]
+    method: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--method", "-m", help="linear | ntk | yarn | dynamic | llama3."),
+    ] = None,
+    factor: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option("--factor", "-f", help="Scale factor s = new length / trained length."),
+    ] = None,
+    target_length: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--target-length", "-t", help="New context length (instead of --factor)."),
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps (YaRN: 400).")] = 400,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (YaRN: 2e-5).")] = 2e-5,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 20,
+    lr_schedule: Annotated[
+        str, typer.Option(help="After warm-up: constant | cosine | linear.")
+    ] = "constant",
+    batch_size: Annotated[int, typer.Option(help="Sequences per process per micro-step.")] = 1,
+    grad_accum: Annotated[int, typer.Option(help="Micro-steps per optimizer step.")] = 1,
+    data: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Training text: stdlib (default), a text file, folder, .jsonl or dataset name."
+        ),
+    ] = None,
+    text_field: Annotated[str, typer.Option(help="Text field of .jsonl files/datasets.")] = "text",
+    lora_rank: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="LoRA rank (default: full fine-tune)."),
+    ] = None,
+    lora_alpha: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="LoRA alpha (default 2 x rank)."),
+    ] = None,
+    lora_trainable: Annotated[
+        str,
+        typer.Option(help="With LoRA, also fully train: embed,norm (LongLoRA) or none."),
+    ] = "embed,norm",
+    pose: Annotated[
+        bool, typer.Option("--pose", help="PoSE: short windows, positions over the target.")
+    ] = False,
+    train_length: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Tokens per training sequence (PoSE window W; default: target)."),
+    ] = None,
+    grad_ckpt: Annotated[
+        bool, typer.Option("--grad-ckpt", help="Gradient checkpointing (less memory).")
+    ] = False,
+    save_every: Annotated[
+        int, typer.Option(help="Resumable checkpoint every N steps (0: never).")
+    ] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of data order, PoSE skips, LoRA init.")] = 0,
+    dtype: Annotated[
+        str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16")
+    ] = "auto",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start over, replacing OUT when done.")
+    ] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Run the model's own code.")
+    ] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Load pickled (.bin) weights.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Fine-tune MODEL at its extended length (full or LoRA, optionally PoSE); write a merged
+    checkpoint. Run it under `accelerate launch -m ctxext finetune ...` for data parallelism."""
+    from ctxext.config import ExtendConfig, parse_model
+    from ctxext.errors import CtxextError
+    from ctxext.finetune import FinetuneConfig, run_finetune
+
+    extend = None
+    if method is None and (factor is not None or target_length is not None):
+        raise CtxextError(
+            "--factor/--target-length need --method (linear, ntk, yarn, dynamic or llama3)"
+        )
+    if method is not None:
+        spec = {"method": method, "factor": factor, "target_length": target_length}
+        extend = parse_model(ExtendConfig, spec, "extend options")
+    cfg = parse_model(
+        FinetuneConfig,
+        {
+            "steps": steps,
+            "lr": lr,
+            "warmup_steps": warmup_steps,
+            "lr_schedule": lr_schedule,
+            "batch_size": batch_size,
+            "grad_accum": grad_accum,
+            "data": data,
+            "text_field": text_field,
+            "lora_rank": lora_rank,
+            "lora_alpha": lora_alpha,
+            "lora_trainable": lora_trainable,
+            "pose": pose,
+            "train_length": train_length,
+            "grad_ckpt": grad_ckpt,
+            "save_every": save_every,
+            "seed": seed,
+            "dtype": dtype,
+        },
+        "finetune options",
+    )
+    with _ProgressBar(enabled=_is_main_process() and not as_json) as bar:
+        summary = run_finetune(
+            model,
+            output,
+            extend,
+            cfg,  # type: ignore[arg-type]
+            resume=resume,
+            overwrite=overwrite,
+            progress=bar,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+        )
+    if not _is_main_process():
+        return
+    if as_json:
+        _out.print_json(data=summary)
+    else:
+        _render_summary(summary)
+
+
+class _ProgressBar:
+    """Rich progress bar (stderr) driven by run_finetune's progress events."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.progress: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> _ProgressBar:
+        if not self.enabled:
+            return self
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=_err,
+            transient=False,
+        )
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if self.progress is None:
+            return
+        if event == "status":
+            self.progress.console.print(f"[dim]{info['message']}[/dim]")
+        elif event == "start":
+            self.task = self.progress.add_task(
+                "finetune", total=info["total"], completed=info["completed"], loss="-", tps="-"
+            )
+        elif event == "step" and self.task is not None:
+            self.progress.update(
+                self.task,
+                completed=info["step"],
+                loss=f"{info['loss']:.4f}",
+                tps=f"{info['tokens_per_s']:,.0f}",
+            )
+        elif event == "checkpoint":
+            self.progress.console.print(f"[dim]checkpoint {info['path']}[/dim]")
+
+
+def _render_summary(summary: dict[str, Any]) -> None:
+    table = Table(title="ctxext finetune", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    lora = f"LoRA r={summary['lora_rank']}" if summary["lora_rank"] else "full"
+    pose = f", PoSE window {summary['train_length']}" if summary["pose"] else ""
+    rows = [
+        ("output", summary["output"]),
+        (
+            "extension",
+            f"{summary['method']} x{summary['factor']:g}: "
+            f"{summary['trained_length']} -> {summary['target_length']} tokens",
+        ),
+        (
+            "training",
+            f"{lora}{pose}, {summary['steps']} steps x {summary['global_batch']} "
+            f"sequences of {summary['train_length']} tokens ({summary['num_processes']} process(es))",
+        ),
+        ("trainable", f"{summary['trainable_parameters']:,} of {summary['parameters']:,}"),
+        ("final loss", "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"),
+        (
+            "throughput",
+            f"{summary['tokens_per_s'] or 0:,.0f} tokens/s over {summary['seconds']:.1f}s",
+        ),
+        (
+            "data",
+            f"{summary['data']['source']} ({summary['data']['tokens']:,} tokens, "
+            f"fingerprint {summary['data']['fingerprint']})",
+        ),
+    ]
+    if summary["resumed_from_step"] is not None:
+        rows.append(("resumed", f"from step {summary['resumed_from_step']}"))
+    for key, value in rows:
+        table.add_row(key, str(value))
+    _out.print(table)
+
+
+if __name__ == "__main__":  # development entry point until ctxext.cli registers the command
+    from ctxext.cli import app, main
+
+    app.command("finetune")(finetune)
+    main()

@@ -1,0 +1,1060 @@
+"""`ctxext finetune`: a short long-context fine-tune (full or LoRA, optionally PoSE) on Accelerate.
+
+Scaling the rotary frequencies gets a model most of the way to a longer context; a few hundred
+steps at the new length close the rest (YaRN: 400 steps, lr 2e-5, AdamW betas (0.9, 0.95), 20
+warm-up steps). This module runs that step and always writes a plain, merged Hugging Face
+checkpoint whose config.json is exactly what `ctxext extend` writes.
+
+Files of a run writing OUT::
+
+    OUT.ctxext-work/                  while training (a sibling of OUT, removed on success)
+        run.json                      what the run is; --resume refuses a different run
+        log.jsonl                     one line per optimizer step
+        checkpoints/step-000050/      accelerator.save_state (model, optimizer, scheduler, RNG)
+                                      + trainer_state.json (step, data position, tokens, time)
+    OUT/                              appears in one rename once training is done: the merged
+                                      model, tokenizer, training_log.jsonl, loss.png, provenance
+
+Checkpoints are written into ``checkpoints/.tmp-step-N`` and renamed when complete, so a
+hard kill leaves either a complete checkpoint or a temporary folder that resuming ignores.
+
+Determinism: sample number i of the run (0, 1, 2, ... over all optimizer steps) is a fixed
+chunk of packed text (a per-epoch permutation seeded by ``seed``) and, with PoSE, fixed position
+ids (a generator seeded by ``seed`` and i). Optimizer step s consumes samples
+[s*G, (s+1)*G) with G = batch_size x processes x grad_accum, however they are split between
+processes and accumulation steps: a 2-process run and a 1-process run with the same G see the
+same data, and a resumed run continues from sample step*G.
+
+This module imports no torch at import time: recipes reuse :class:`FinetuneConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from ctxext.config import Dtype, ExtendConfig
+from ctxext.errors import CtxextError
+
+__all__ = [
+    "FinetuneConfig",
+    "PackedSamples",
+    "ProgressFn",
+    "pack_documents",
+    "pose_position_ids",
+    "run_finetune",
+    "work_dir",
+]
+
+#: progress(event, info): events "status" {message}, "start" {total, completed},
+#: "step" (a log record), "checkpoint" {step, path}.
+ProgressFn = Callable[[str, dict[str, Any]], None]
+
+LrSchedule = Literal["constant", "cosine", "linear"]
+TrainablePart = Literal["embed", "norm"]
+
+WORK_SUFFIX = ".ctxext-work"
+CHECKPOINT_PREFIX = "step-"
+STATE_FILE = "trainer_state.json"
+RUN_FILE = "run.json"
+LOG_FILE = "log.jsonl"
+#: Older complete checkpoints beyond this many are deleted (each holds optimizer state too).
+KEEP_CHECKPOINTS = 2
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# Options that may differ between the first attempt and a --resume of the same run.
+_RESUME_FREE = ("save_every",)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class FinetuneConfig(BaseModel):
+    """`ctxext finetune` options (also the ``finetune:`` section of a recipe)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    steps: int = 400
+    """Optimizer steps (YaRN: 400)."""
+    lr: float = 2e-5
+    """Peak learning rate (YaRN: 2e-5; a tiny model or LoRA usually wants more)."""
+    warmup_steps: int = 20
+    """Linear warm-up steps from 0 to lr (YaRN: 20)."""
+    lr_schedule: LrSchedule = "constant"
+    """After warm-up: constant (YaRN), cosine (to 10% of lr) or linear (to 0)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay, applied to matrices only (YaRN: 0)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1 (YaRN: 0.9)."""
+    adam_beta2: float = 0.95
+    """AdamW beta2 (YaRN: 0.95)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (None: no clipping)."""
+    batch_size: int = 1
+    """Sequences per process per micro-step; global batch = batch_size x processes x grad_accum."""
+    grad_accum: int = 1
+    """Micro-steps accumulated per optimizer step."""
+    train_length: int | None = None
+    """Tokens per training sequence (default: the target length). With pose: the window W."""
+    pose: bool = False
+    """PoSE: train on train_length-token windows whose position ids are spread over the whole
+    target length (two chunks, the second shifted by a random skip)."""
+    lora_rank: int | None = None
+    """LoRA rank on every linear projection; None fine-tunes all weights."""
+    lora_alpha: float | None = None
+    """LoRA alpha (default: 2 x rank)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_trainable: tuple[TrainablePart, ...] = ("embed", "norm")
+    """With LoRA, also train these fully (LongLoRA: embeddings and norms matter for long
+    context); give an empty list or 'none' to train the adapters only."""
+    grad_ckpt: bool = False
+    """Gradient checkpointing: recompute activations in the backward pass (less memory)."""
+    save_every: int = 50
+    """Write a resumable checkpoint every N optimizer steps (0: never)."""
+    seed: int = 0
+    """Seed of data order, PoSE skips and LoRA initialisation."""
+    data: str | None = None
+    """Training text: 'stdlib' (default: the bundled model's training part), a text file, a
+    folder, a .jsonl file or a Hugging Face dataset name."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl/.json files and datasets."""
+    dtype: Dtype = "auto"
+    """Compute dtype: auto = bf16 autocast on CUDA (fp32 master weights), fp32 on CPU."""
+
+    @field_validator("steps", "batch_size", "grad_accum")
+    @classmethod
+    def _positive_int(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"must be a positive integer (got {v})")
+        return v
+
+    @field_validator("warmup_steps", "save_every")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be 0 or a positive integer (got {v})")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"must be a finite number > 0 (got {v}), e.g. 2e-5")
+        return v
+
+    @field_validator("weight_decay", "lora_dropout")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not math.isfinite(v) or not 0 <= v < 1:
+            raise ValueError(f"must be in [0, 1) (got {v})")
+        return v
+
+    @field_validator("adam_beta1", "adam_beta2")
+    @classmethod
+    def _beta(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError(f"must be in [0, 1) (got {v})")
+        return v
+
+    @field_validator("max_grad_norm", "lora_alpha")
+    @classmethod
+    def _positive_float(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or v <= 0):
+            raise ValueError(f"must be a finite number > 0 (got {v})")
+        return v
+
+    @field_validator("lora_rank")
+    @classmethod
+    def _rank(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"must be a positive integer (got {v}); omit it for a full fine-tune")
+        return v
+
+    @field_validator("train_length")
+    @classmethod
+    def _train_length(cls, v: int | None) -> int | None:
+        if v is not None and v < 2:
+            raise ValueError(f"must be at least 2 tokens (got {v})")
+        return v
+
+    @field_validator("lora_trainable", mode="before")
+    @classmethod
+    def _parts(cls, v: Any) -> Any:
+        # The CLI and recipes may write "embed,norm"; "none" or "" means adapters only.
+        if isinstance(v, str):
+            items = [p.strip() for p in v.split(",") if p.strip()]
+            return () if items in ([], ["none"]) else tuple(items)
+        return v
+
+    @model_validator(mode="after")
+    def _pose_needs_window(self) -> FinetuneConfig:
+        if self.pose and self.train_length is None:
+            raise ValueError(
+                "pose needs train_length (the window W, e.g. the trained length): "
+                "add --train-length"
+            )
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """The options that define a run (a resume must repeat them)."""
+        return self.model_dump(mode="json", exclude=set(_RESUME_FREE))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def pack_documents(
+    token_lists: Sequence[Sequence[int]], bos_id: int | None, eos_id: int | None
+) -> list[int]:
+    """BOS + tokens + EOS per document, concatenated (the usual pre-training packing)."""
+    stream: list[int] = []
+    for ids in token_lists:
+        if bos_id is not None:
+            stream.append(bos_id)
+        stream.extend(ids)
+        if eos_id is not None:
+            stream.append(eos_id)
+    return stream
+
+
+def pose_position_ids(target_length: int, window: int, rng: random.Random) -> tuple[list[int], int]:
+    """PoSE position ids for a ``window``-token sample that covers ``target_length`` positions.
+
+    Two chunks as in the PoSE paper's code: the first (1 .. ceil(W/2) tokens) keeps positions
+    0..l1-1; the second is shifted by a skip u ~ U[0, L - W], so its last position W-1+u reaches
+    anywhere up to L-1. Returns the ids (strictly increasing) and l1, where the second chunk
+    starts.
+    """
+    if not 2 <= window <= target_length:
+        raise ValueError(f"window {window} must be in [2, {target_length}]")
+    first = rng.randint(1, (window + 1) // 2)
+    skip = rng.randint(0, target_length - window)
+    return [*range(first), *(p + skip for p in range(first, window))], first
+
+
+class PackedSamples:
+    """Map-style dataset of one run's samples ``start .. start+count-1`` (see module docstring).
+
+    ``chunks`` is a LongTensor [n_chunks, target_length] of packed text. Without PoSE a sample
+    is a whole chunk. With PoSE (``window`` set) it is the chunk's tokens *at* the PoSE
+    position ids: the text keeps its true distances, and the label of the first token after the
+    skip is ignored (its predecessor in the sample is not its predecessor in the text).
+    """
+
+    def __init__(
+        self,
+        chunks: Any,
+        *,
+        start: int,
+        count: int,
+        seed: int,
+        window: int | None = None,
+    ) -> None:
+        self.chunks = chunks
+        self.start = start
+        self.count = count
+        self.seed = seed
+        self.window = window
+        self._perm: tuple[int, list[int]] | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def chunk_index(self, sample: int) -> int:
+        """Which chunk sample number ``sample`` of the run reads: a fresh permutation per epoch."""
+        n = int(self.chunks.shape[0])
+        epoch, offset = divmod(sample, n)
+        if self._perm is None or self._perm[0] != epoch:
+            order = list(range(n))
+            random.Random(f"ctxext-data:{self.seed}:{epoch}").shuffle(order)
+            self._perm = (epoch, order)
+        return self._perm[1][offset]
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        import torch
+
+        if not 0 <= k < self.count:
+            raise IndexError(k)
+        sample = self.start + k
+        chunk = self.chunks[self.chunk_index(sample)]
+        if self.window is None:
+            return {"input_ids": chunk, "labels": chunk}
+        rng = random.Random(f"ctxext-pose:{self.seed}:{sample}")
+        pos, split = pose_position_ids(int(chunk.shape[0]), self.window, rng)
+        positions = torch.tensor(pos, dtype=torch.long)
+        ids = chunk[positions]
+        labels = ids.clone()
+        if pos[split] != split:  # a real skip: do not learn to predict across it
+            labels[split] = -100
+        # An explicit all-ones mask: without it transformers reads a jump in position_ids as
+        # the start of another packed sequence and would block attention across the skip.
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "position_ids": positions,
+            "attention_mask": torch.ones_like(ids),
+        }
+
+
+@dataclass
+class TrainData:
+    """Packed training chunks and where they came from."""
+
+    chunks: Any  # torch.LongTensor [n_chunks, length]
+    tokens: int
+    documents: int
+    fingerprint: str
+    source: str
+
+
+def load_train_data(
+    tokenizer: Any, cfg: FinetuneConfig, chunk_length: int, global_batch: int
+) -> TrainData:
+    """Pack the training part of the source into chunks; tokenize only as much as the run reads.
+
+    Documents are shuffled with the seed first, so stopping early still samples the whole
+    source, and the same options always give the same chunks.
+    """
+    import torch
+
+    from ctxext.data import data_fingerprint, load_documents, tokenize_documents
+
+    docs = load_documents(cfg.data, split="train", text_field=cfg.text_field)
+    random.Random(f"ctxext-docs:{cfg.seed}").shuffle(docs)
+    wanted = cfg.steps * global_batch * chunk_length
+    stream: list[int] = []
+    used = 0
+    while used < len(docs) and len(stream) < wanted:
+        batch = docs[used : used + 16]
+        ids = tokenize_documents(tokenizer, batch)
+        stream.extend(pack_documents(ids, tokenizer.bos_token_id, tokenizer.eos_token_id))
+        used += len(batch)
+    n_chunks = len(stream) // chunk_length
+    source = cfg.data or "stdlib"
+    if n_chunks < global_batch:
+        need = global_batch * chunk_length
+        raise CtxextError(
+            f"the training data ({source}) has {len(stream):,} tokens after packing, but one batch "
+            f"of {global_batch} x {chunk_length} tokens needs at least {need:,}: add data or lower "
+            "--batch-size/--grad-accum/--target-length"
+        )
+    chunks = torch.tensor(stream[: n_chunks * chunk_length], dtype=torch.long)
+    return TrainData(
+        chunks=chunks.view(n_chunks, chunk_length),
+        tokens=len(stream),
+        documents=used,
+        fingerprint=data_fingerprint(docs[:used]),
+        source=source,
+    )
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Plan:
+    """Everything decided before any weight is loaded or any file written."""
+
+    source: Any  # checkpoint.ResolvedModel
+    config_before: dict[str, Any]
+    extend: ExtendConfig | None
+    method: str
+    factor: float
+    trained_length: int
+    target_length: int
+    seq_length: int  # tokens per training sequence (W with PoSE)
+    out: Path
+    work: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def work_dir(out: Path) -> Path:
+    """The sibling folder a run of ``out`` trains in (checkpoints, log)."""
+    out = out.expanduser().absolute()
+    return out.parent / f"{out.name}{WORK_SUFFIX}"
+
+
+def plan_run(
+    model: str | None,
+    output: Path,
+    extend: ExtendConfig | None,
+    cfg: FinetuneConfig,
+    *,
+    resume: bool,
+    overwrite: bool,
+) -> Plan:
+    """Validate the request against the model's config and the file system (no writes)."""
+    from ctxext import checkpoint, rope
+    from ctxext.modeling import check_causal_lm
+
+    source = checkpoint.resolve_model(model)
+    config = checkpoint.read_config(source.path)
+    check_causal_lm(config, source.name)
+    info = rope.analyze(config)
+    if extend is not None and info.existing_scaling is not None:
+        raise CtxextError(
+            f"{source.name} is already extended ({info.existing_scaling.get('rope_type')}): omit "
+            "--method/--factor to fine-tune it at its extended length, or pass the base model"
+        )
+    if extend is not None:
+        factor = rope.validate_request(info, extend.method, extend.factor, extend.target_length)
+        method = extend.method
+    else:
+        method, factor = _existing_extension(info, source.name)
+    target = max(round(info.trained_length * factor), info.trained_length + 1)
+    seq = cfg.train_length or target
+    if seq > target:
+        raise CtxextError(
+            f"train length {seq} is longer than the target length {target}: pass "
+            f"--train-length <= {target} (PoSE windows are usually the trained length, "
+            f"{info.trained_length})"
+        )
+    out = checkpoint.check_output_path(output, [source.path], overwrite=True)
+    work = work_dir(out)
+    _check_output_state(out, work, resume=resume, overwrite=overwrite)
+    return Plan(
+        source=source,
+        config_before=config,
+        extend=extend,
+        method=method,
+        factor=factor,
+        trained_length=info.trained_length,
+        target_length=target,
+        seq_length=seq,
+        out=out,
+        work=work,
+    )
+
+
+def _existing_extension(info: Any, name: str) -> tuple[str, float]:
+    """Method and factor of a checkpoint `ctxext extend` already wrote (no --method given)."""
+    existing = info.existing_scaling
+    if existing is None:
+        raise CtxextError(
+            f"{name} is not extended yet: pass --method and --factor (or --target-length), or a "
+            "checkpoint written by `ctxext extend`"
+        )
+    kind = str(existing.get("rope_type", "default"))
+    if kind == "default":  # ctxext's static NTK: theta enlarged, lengths recorded
+        return "ntk", existing["max_position_embeddings"] / info.trained_length
+    factor = existing.get("factor")
+    if not isinstance(factor, (int, float)) or factor <= 1:
+        raise CtxextError(
+            f"{name} has rope scaling {kind} without a factor > 1; pass the base model with "
+            "--method and --factor instead"
+        )
+    return kind, float(factor)
+
+
+def _check_output_state(out: Path, work: Path, *, resume: bool, overwrite: bool) -> None:
+    """The output/--resume/--overwrite rules, checked before anything is loaded."""
+    if resume and overwrite:
+        raise CtxextError("--resume and --overwrite exclude each other: pick one")
+    if resume:
+        if newest_checkpoint(work) is None:
+            done = " (the run already finished)" if out.exists() and not work.exists() else ""
+            raise CtxextError(
+                f"--resume: no complete checkpoint in {work}{done}; start without --resume "
+                "(checkpoints are written every --save-every steps)"
+            )
+        return
+    if overwrite:
+        return
+    if work.exists():
+        raise CtxextError(
+            f"an interrupted run of {out} is in {work}: pass --resume to continue it or "
+            "--overwrite to start over"
+        )
+    if out.exists():
+        raise CtxextError(
+            f"output folder {out} already exists; pass --overwrite to replace it (or --resume "
+            "to continue an interrupted run)"
+        )
+
+
+def newest_checkpoint(work: Path) -> Path | None:
+    """The complete checkpoint with the highest step (temporary folders are ignored)."""
+    folder = work / "checkpoints"
+    if not folder.is_dir():
+        return None
+    done = [
+        p
+        for p in folder.iterdir()
+        if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()
+    ]
+    return max(done, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _is_norm(module: Any) -> bool:
+    name = type(module).__name__
+    return name.endswith(("Norm", "RMSNorm", "LayerNorm")) or "Norm" in name
+
+
+def prepare_model(lm: Any, cfg: FinetuneConfig) -> tuple[Any, int, int]:
+    """Make ``lm`` trainable as asked: all weights, or LoRA (+ embeddings/norms).
+
+    Returns (model, trainable parameters, all parameters). LoRA targets every linear
+    projection ("all-linear" leaves out the output head); embeddings and norms are trained in
+    place (requires_grad), so merge_and_unload keeps them and no module copies are made.
+    """
+    import torch
+
+    lm.config.use_cache = False
+    if cfg.grad_ckpt:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = lm
+    if cfg.lora_rank is not None:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: make them reproducible
+        lora = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
+            lora_dropout=cfg.lora_dropout,
+            target_modules="all-linear",
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(lm, lora)
+        extra = []
+        if "embed" in cfg.lora_trainable:
+            extra += list(lm.get_input_embeddings().parameters())
+        if "norm" in cfg.lora_trainable:
+            extra += [p for m in lm.modules() if _is_norm(m) for p in m.parameters()]
+        for p in extra:
+            p.requires_grad_(True)
+            if p.dtype != torch.float32:  # optimizer updates are lost in bf16 weights
+                p.data = p.data.float()
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return model, trainable, total
+
+
+def make_optimizer(model: Any, cfg: FinetuneConfig) -> Any:
+    """AdamW over the trainable parameters; weight decay on matrices only."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8)
+
+
+def lr_factor(step: int, cfg: FinetuneConfig) -> float:
+    """Multiplier of lr at optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.lr_schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _mixed_precision(dtype: str, device: str) -> str:
+    """Accelerate's mixed_precision for a compute dtype: weights stay fp32, matmuls autocast."""
+    if dtype == "auto":
+        return "bf16" if device.startswith("cuda") else "no"
+    return {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[dtype]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _State:
+    """Where training stands; saved with every checkpoint (trainer_state.json)."""
+
+    step: int = 0
+    samples: int = 0  # data position: samples of the run consumed so far
+    tokens: int = 0
+    elapsed: float = 0.0
+    resumed_from: int | None = None
+
+
+def run_finetune(
+    model: str | None,
+    output: Path,
+    extend: ExtendConfig | None,
+    cfg: FinetuneConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune ``model`` at the extended length and write a merged checkpoint to ``output``.
+
+    Under ``accelerate launch`` every process runs this; they train data-parallel and only the
+    main process writes files. Returns the summary (the same on every process).
+    """
+    from accelerate import Accelerator
+
+    from ctxext.modeling import default_device
+
+    plan = plan_run(model, output, extend, cfg, resume=resume, overwrite=overwrite)
+    acc = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum,
+        mixed_precision=_mixed_precision(cfg.dtype, default_device()),
+        step_scheduler_with_optimizer=False,  # else it steps once per process per step
+    )
+    report = _reporter(progress, acc.is_main_process)
+    global_batch = cfg.batch_size * cfg.grad_accum * acc.num_processes
+    identity = _run_identity(plan, cfg, global_batch)
+    _open_work_dir(acc, plan, identity, resume=resume, overwrite=overwrite)
+
+    report("status", {"message": f"loading {plan.source.name}"})
+    loaded, lm = _load(plan, cfg, trust_remote_code, allow_pickle)
+    report("status", {"message": "packing training data"})
+    # PoSE windows are cut from target-length chunks; plain training reads whole chunks.
+    chunk_length = plan.target_length if cfg.pose else plan.seq_length
+    data = load_train_data(loaded.tokenizer, cfg, chunk_length, global_batch)
+    net, trainable, total = prepare_model(lm, cfg)
+    opt = make_optimizer(net, cfg)
+    import torch
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+
+    state = _State()
+    ckpt = newest_checkpoint(plan.work) if resume else None
+    if ckpt is not None:
+        state = _State(**json.loads((ckpt / STATE_FILE).read_text()))
+        state.resumed_from = state.step
+    loader = _loader(data, cfg, plan, state.samples, global_batch)
+    net, opt, loader, sched = acc.prepare(net, opt, loader, sched)
+    if ckpt is not None:
+        report("status", {"message": f"resuming from {ckpt.name}"})
+        acc.load_state(str(ckpt))
+    if acc.is_main_process:
+        _trim_log(plan.work / LOG_FILE, state.step)
+
+    summary_base = {
+        "output": str(plan.out),
+        "method": plan.method,
+        "factor": plan.factor,
+        "trained_length": plan.trained_length,
+        "target_length": plan.target_length,
+        "train_length": plan.seq_length,
+        "pose": cfg.pose,
+        "lora_rank": cfg.lora_rank,
+        "global_batch": global_batch,
+        "num_processes": acc.num_processes,
+        "trainable_parameters": trainable,
+        "parameters": total,
+        "data": {
+            "source": data.source,
+            "fingerprint": data.fingerprint,
+            "documents": data.documents,
+            "tokens": data.tokens,
+            "chunks": int(data.chunks.shape[0]),
+        },
+    }
+    report("start", {"total": cfg.steps, "completed": state.step})
+    last_loss = _train(acc, net, opt, sched, loader, state, cfg, plan, global_batch, report)
+    summary = {
+        **summary_base,
+        "steps": cfg.steps,
+        "resumed_from_step": state.resumed_from,
+        "final_loss": last_loss,
+        "tokens": state.tokens,
+        "seconds": round(state.elapsed, 2),
+        "tokens_per_s": round(state.tokens / state.elapsed, 1) if state.elapsed else None,
+    }
+    report("status", {"message": f"writing {plan.out}"})
+    _finish(acc, net, loaded, plan, cfg, summary)
+    return summary
+
+
+def _reporter(progress: ProgressFn | None, main: bool) -> ProgressFn:
+    def report(event: str, info: dict[str, Any]) -> None:
+        if progress is not None and main:
+            progress(event, info)
+
+    return report
+
+
+def _run_identity(plan: Plan, cfg: FinetuneConfig, global_batch: int) -> dict[str, Any]:
+    from ctxext import checkpoint
+
+    return {
+        "model": str(plan.source.path),
+        "config_sha256": checkpoint.config_hash(plan.config_before),
+        "extend": plan.extend.model_dump(mode="json") if plan.extend else None,
+        "finetune": cfg.identity(),
+        "global_batch": global_batch,
+    }
+
+
+def _open_work_dir(
+    acc: Any, plan: Plan, identity: dict[str, Any], *, resume: bool, overwrite: bool
+) -> None:
+    """Create (or, on --resume, check) the work folder; only the main process writes."""
+    run_file = plan.work / RUN_FILE
+    if resume:
+        before = json.loads(run_file.read_text()) if run_file.is_file() else {}
+        _check_same_run(before.get("identity", {}), identity, plan.work)
+    elif acc.is_main_process:
+        if overwrite and plan.work.exists():
+            shutil.rmtree(plan.work)
+        (plan.work / "checkpoints").mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(run_file, {"identity": identity, "output": str(plan.out)})
+    acc.wait_for_everyone()
+
+
+def _check_same_run(before: dict[str, Any], now: dict[str, Any], work: Path) -> None:
+    """--resume must repeat the run's options: name the first one that differs."""
+    flat_before, flat_now = _flatten(before), _flatten(now)
+    for key in sorted(set(flat_before) | set(flat_now)):
+        if flat_before.get(key) != flat_now.get(key):
+            raise CtxextError(
+                f"--resume: the run in {work} was started with {key}={flat_before.get(key)!r}, "
+                f"not {flat_now.get(key)!r}; repeat its options or pass --overwrite to start over"
+            )
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _load(plan: Plan, cfg: FinetuneConfig, trust_remote_code: bool, allow_pickle: bool):
+    """Load with the extension applied in memory. Full fine-tunes keep fp32 master weights;
+    LoRA keeps the frozen base in the compute dtype (peft keeps adapters in fp32)."""
+    from ctxext.modeling import default_device, load_causal_lm
+
+    dtype = "float32"
+    if cfg.lora_rank is not None and cfg.dtype != "auto":
+        dtype = cfg.dtype
+    elif cfg.lora_rank is not None and default_device().startswith("cuda"):
+        dtype = "bfloat16"
+    loaded = load_causal_lm(
+        str(plan.source.path),
+        extend=plan.extend,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+    )
+    return loaded, loaded.model
+
+
+def _loader(data: TrainData, cfg: FinetuneConfig, plan: Plan, start: int, global_batch: int):
+    """Sequential batches over the run's remaining samples; accelerate shards them by process."""
+    from torch.utils.data import DataLoader
+
+    remaining = max(0, cfg.steps * global_batch - start)
+    dataset = PackedSamples(
+        data.chunks,
+        start=start,
+        count=remaining,
+        seed=cfg.seed,
+        window=plan.seq_length if cfg.pose else None,
+    )
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
+
+
+def _train(
+    acc: Any,
+    net: Any,
+    opt: Any,
+    sched: Any,
+    loader: Any,
+    state: _State,
+    cfg: FinetuneConfig,
+    plan: Plan,
+    global_batch: int,
+    report: ProgressFn,
+) -> float | None:
+    """The optimizer-step loop; returns the last step's loss (mean over the global batch)."""
+    tokens_per_step = global_batch * plan.seq_length
+    started, tokens_at_start, elapsed_at_start = time.perf_counter(), state.tokens, state.elapsed
+    batches = iter(loader)
+    loss_value = None
+    log = (plan.work / LOG_FILE).open("a", encoding="utf-8") if acc.is_main_process else None
+    try:
+        while state.step < cfg.steps:
+            lr = opt.param_groups[0]["lr"]
+            loss_value = _one_step(acc, net, opt, sched, batches, cfg)
+            state.step += 1
+            state.samples += global_batch
+            state.tokens += tokens_per_step
+            run_time = time.perf_counter() - started
+            state.elapsed = elapsed_at_start + run_time
+            record = {
+                "step": state.step,
+                "loss": round(loss_value, 6),
+                "lr": lr,
+                "tokens": state.tokens,
+                "tokens_per_s": round((state.tokens - tokens_at_start) / max(run_time, 1e-9), 1),
+                "elapsed": round(state.elapsed, 3),
+            }
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            report("step", record)
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
+                path = _save_checkpoint(acc, plan.work, state)
+                report("checkpoint", {"step": state.step, "path": str(path)})
+    finally:
+        if log is not None:
+            log.close()
+    return loss_value
+
+
+def _one_step(acc: Any, net: Any, opt: Any, sched: Any, batches: Any, cfg: FinetuneConfig):
+    """grad_accum micro-steps and one optimizer step; the loss averaged over all processes."""
+    total = 0.0
+    for _ in range(cfg.grad_accum):
+        batch = next(batches)
+        with acc.accumulate(net):
+            loss = net(**batch).loss
+            acc.backward(loss)
+            if acc.sync_gradients:
+                if cfg.max_grad_norm is not None:
+                    acc.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+        total = total + loss.detach()
+    return acc.reduce(total / cfg.grad_accum, reduction="mean").item()
+
+
+def _save_checkpoint(acc: Any, work: Path, state: _State) -> Path:
+    """accelerate's save_state into a temporary folder, renamed when every process is done."""
+    folder = work / "checkpoints"
+    final = folder / f"{CHECKPOINT_PREFIX}{state.step:06d}"
+    tmp = folder / f".tmp-{CHECKPOINT_PREFIX}{state.step:06d}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        saved = {k: v for k, v in state.__dict__.items() if k != "resumed_from"}
+        _write_json_atomic(tmp / STATE_FILE, saved)
+        _fsync_dir(tmp)
+        if final.exists():  # left over from an attempt that got further than this one
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(folder)
+        _prune_checkpoints(folder)
+    acc.wait_for_everyone()
+    return final
+
+
+def _prune_checkpoints(folder: Path) -> None:
+    done = sorted(
+        (p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX)),
+        key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)),
+    )
+    for old in done[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines after the checkpoint we resume from (those steps are trained again)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # a line cut short by a kill: everything after it is gone too
+    path.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _finish(
+    acc: Any, net: Any, loaded: Any, plan: Plan, cfg: FinetuneConfig, summary: dict[str, Any]
+) -> None:
+    """Merge LoRA, write the checkpoint atomically (main process), then drop the work folder."""
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        model = acc.unwrap_model(net)
+        if cfg.lora_rank is not None:
+            model = model.merge_and_unload()
+        _write_output(model, loaded, plan, cfg, summary)
+        shutil.rmtree(plan.work, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def _save_dtype(config: dict[str, Any]):  # -> torch.dtype
+    """Weights are written in the dtype the source checkpoint declares (fp32 if none)."""
+    import torch
+
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(name), torch.float32)
+
+
+def _write_output(
+    model: Any, loaded: Any, plan: Plan, cfg: FinetuneConfig, summary: dict[str, Any]
+) -> None:
+    from ctxext import checkpoint
+
+    with checkpoint.atomic_output(plan.out) as tmp:
+        model.to(_save_dtype(loaded.config))
+        model.save_pretrained(tmp)
+        # The config the model was built from, i.e. exactly what `ctxext extend` writes
+        # (rope_parameters, legacy rope_scaling mirror, top-level rope_theta, lengths).
+        checkpoint.write_json(tmp / "config.json", loaded.config)
+        _write_tokenizer(loaded.tokenizer, plan.source.path, tmp, plan.target_length)
+        _write_generation_config(plan.source.path, tmp, plan.target_length)
+        log = plan.work / LOG_FILE
+        if log.is_file():
+            shutil.copy2(log, tmp / "training_log.jsonl")
+            plot_loss(tmp / "training_log.jsonl", tmp / "loss.png")
+        checkpoint.write_json(
+            tmp / checkpoint.PROVENANCE_FILE, _provenance(loaded, plan, cfg, summary)
+        )
+
+
+def _write_tokenizer(tokenizer: Any, src: Path, dst: Path, new_length: int) -> None:
+    """The source's tokenizer files verbatim, with model_max_length set to the new length."""
+    from ctxext import checkpoint
+
+    copied = False
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile((src / name).resolve(), dst / name)
+            copied = True
+    if not copied:
+        tokenizer.save_pretrained(dst)
+    path = dst / "tokenizer_config.json"
+    tok = checkpoint.read_json(path, "") if path.is_file() else {}
+    checkpoint.write_json(path, {**tok, "model_max_length": new_length})
+
+
+def _write_generation_config(src: Path, dst: Path, new_length: int) -> None:
+    """Mirror the source: its generation_config.json (max_length raised), or none at all."""
+    from ctxext import checkpoint
+
+    path = src / "generation_config.json"
+    if not path.is_file():
+        (dst / "generation_config.json").unlink(missing_ok=True)
+        return
+    gen = checkpoint.read_json(path, "")
+    if isinstance(gen.get("max_length"), int) and gen["max_length"] < new_length:
+        gen["max_length"] = new_length  # a stale default would silently cap generation
+    checkpoint.write_json(dst / "generation_config.json", gen)
+
+
+def _provenance(
+    loaded: Any, plan: Plan, cfg: FinetuneConfig, summary: dict[str, Any]
+) -> dict[str, Any]:
+    from ctxext import checkpoint
+
+    return {
+        "tool": "ctxext finetune",
+        "source": {
+            "model": plan.source.name,
+            "kind": plan.source.source,
+            "path": str(plan.source.path),
+        },
+        "method": plan.method,
+        "factor": plan.factor,
+        "trained_length": plan.trained_length,
+        "new_length": plan.target_length,
+        "extend": plan.extend.model_dump(mode="json") if plan.extend else None,
+        "finetune": cfg.model_dump(mode="json"),
+        "config_sha256_before": checkpoint.config_hash(plan.config_before),
+        "config_sha256_after": checkpoint.config_hash(loaded.config),
+        "training": summary,
+        "versions": checkpoint.versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The per-step records of a training_log.jsonl / log.jsonl."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def plot_loss(log_path: Path, png_path: Path) -> None:
+    """Loss per step (and a moving average) as a PNG, drawn off-screen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_log(log_path)
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    losses = [r["loss"] for r in rows]
+    window = max(1, len(rows) // 20)
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, alpha=0.35, label="loss")
+    ax.plot(steps, smooth, label=f"moving average ({window} steps)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title("ctxext finetune")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,200 @@
+"""Reference RoPE frequencies for each scaling method, written from the papers.
+
+These functions are deliberately independent of transformers: the tests compare what transformers
+computes from a config written by :func:`ctxext.rope.extend_config` against these, and
+``ctxext inspect`` uses them to show what each method does to each dimension pair.
+
+Notation used throughout:
+
+* ``d``: the rotary dimension (head_dim x partial_rotary_factor), always even.
+* pair ``j`` (0 <= j < d/2) rotates by ``theta_j = theta ** (-2j/d)`` radians per position
+  (Su et al. 2021, RoFormer). Its wavelength is ``2*pi / theta_j`` positions.
+* ``s``: the scale factor (new length / trained length). ``L``: the trained (original) length.
+
+Everything is numpy float64, so it is a tighter yardstick than the float32 maths of transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+REFERENCE_METHODS = ("default", "linear", "ntk", "yarn", "dynamic", "llama3")
+
+# Keyword options each method accepts, with the defaults of the papers / reference code.
+OPTION_DEFAULTS: dict[str, dict[str, float | None]] = {
+    "default": {},
+    "linear": {},
+    "ntk": {},
+    "dynamic": {},
+    "yarn": {"beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None},
+    "llama3": {"low_freq_factor": 1.0, "high_freq_factor": 4.0},
+}
+
+
+def default_inv_freq(theta: float, rotary_dim: int) -> np.ndarray:
+    """RoFormer: pair j rotates at theta ** (-2j/d) radians per position."""
+    j = np.arange(rotary_dim // 2, dtype=np.float64)
+    return np.power(float(theta), -2.0 * j / rotary_dim)
+
+
+def ntk_theta(theta: float, rotary_dim: int, factor: float) -> float:
+    """bloc97's NTK-aware base change: theta' = theta * s ** (d / (d - 2)).
+
+    The exponent is chosen so that the lowest-frequency pair (j = d/2 - 1, exponent (d-2)/d) is
+    slowed by exactly s (interpolated like PI) while pair 0 keeps its frequency (extrapolated).
+    """
+    d = rotary_dim
+    return float(theta) * float(factor) ** (d / (d - 2))
+
+
+def dynamic_theta(
+    theta: float, rotary_dim: int, factor: float, max_len: int, seq_len: int
+) -> float:
+    """emozilla's dynamic NTK: re-derive the NTK base from the current sequence length.
+
+    theta' = theta * ((s * seq_len / L) - (s - 1)) ** (d / (d - 2)) once seq_len > L. At
+    seq_len = L the bracket is 1 (no change); it reaches s (static NTK with factor s) already at
+    seq_len = L (2s - 1) / s, and at seq_len = s * L it is s^2 - s + 1: stronger than static NTK.
+    """
+    if seq_len <= max_len:
+        return float(theta)
+    d = rotary_dim
+    ratio = (factor * seq_len / max_len) - (factor - 1.0)
+    return float(theta) * ratio ** (d / (d - 2))
+
+
+def yarn_correction_range(
+    theta: float, rotary_dim: int, original_length: int, beta_fast: float, beta_slow: float
+) -> tuple[int, int]:
+    """Pair indices where YaRN's ramp starts and ends (Peng et al. 2023, reference code).
+
+    A pair j completes r = L * theta_j / (2*pi) turns within the trained length. Solving for j
+    gives dim(r) = d * ln(L / (2*pi*r)) / (2 ln theta). Pairs doing more than beta_fast turns
+    (j < dim(beta_fast)) are kept; pairs doing fewer than beta_slow turns are interpolated.
+    The bounds are floored/ceiled and clamped to [0, d - 1] as in the paper's code.
+    """
+    d = rotary_dim
+
+    def dim_of(turns: float) -> float:
+        return d * math.log(original_length / (2 * math.pi * turns)) / (2 * math.log(theta))
+
+    low = math.floor(dim_of(beta_fast))
+    high = math.ceil(dim_of(beta_slow))
+    return max(low, 0), min(high, d - 1)
+
+
+def yarn_ramp(
+    theta: float,
+    rotary_dim: int,
+    original_length: int,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+) -> np.ndarray:
+    """Per-pair interpolation weight of YaRN: 0 = keep (extrapolate), 1 = divide by s."""
+    low, high = yarn_correction_range(theta, rotary_dim, original_length, beta_fast, beta_slow)
+    if low == high:
+        high += 0.001  # the reference code's guard against a zero-width ramp
+    j = np.arange(rotary_dim // 2, dtype=np.float64)
+    return np.clip((j - low) / (high - low), 0.0, 1.0)
+
+
+def yarn_attention_factor(factor: float) -> float:
+    """YaRN's "mscale": sqrt(1/t) = 0.1 ln s + 1 multiplies cos and sin (so q.k by its square)."""
+    return 1.0 if factor <= 1.0 else 0.1 * math.log(factor) + 1.0
+
+
+def llama3_blend(
+    theta: float,
+    rotary_dim: int,
+    original_length: int,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+) -> np.ndarray:
+    """Per-pair interpolation weight of Llama 3.1's rule: 0 = keep, 1 = divide by s.
+
+    Wavelengths shorter than L / high_freq_factor are kept, longer than L / low_freq_factor are
+    divided by s, and in between the weight falls linearly in L / wavelength ("smooth").
+    """
+    wavelength = 2 * math.pi / default_inv_freq(theta, rotary_dim)
+    smooth = (original_length / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    weight = 1.0 - smooth
+    weight = np.where(wavelength < original_length / high_freq_factor, 0.0, weight)
+    weight = np.where(wavelength > original_length / low_freq_factor, 1.0, weight)
+    return weight
+
+
+# --- one function per method: (theta, d, s, L, seq_len, options) -> (inv_freq, attention scale)
+
+
+def _ref_default(theta, d, s, length, seq_len, opts):
+    return default_inv_freq(theta, d), 1.0
+
+
+def _ref_linear(theta, d, s, length, seq_len, opts):
+    # Chen et al. 2023 (Position Interpolation): position m -> m / s, i.e. every theta_j / s.
+    return default_inv_freq(theta, d) / s, 1.0
+
+
+def _ref_ntk(theta, d, s, length, seq_len, opts):
+    return default_inv_freq(ntk_theta(theta, d, s), d), 1.0
+
+
+def _ref_dynamic(theta, d, s, length, seq_len, opts):
+    seq_len = length if seq_len is None else seq_len
+    return default_inv_freq(dynamic_theta(theta, d, s, length, seq_len), d), 1.0
+
+
+def _ref_yarn(theta, d, s, length, seq_len, opts):
+    # "NTK-by-parts": blend the PI frequency (theta_j / s) and the original one by the ramp.
+    base = default_inv_freq(theta, d)
+    ramp = yarn_ramp(theta, d, length, opts["beta_fast"], opts["beta_slow"])
+    inv = base / s * ramp + base * (1.0 - ramp)
+    scale = opts["attention_factor"]
+    return inv, yarn_attention_factor(s) if scale is None else float(scale)
+
+
+def _ref_llama3(theta, d, s, length, seq_len, opts):
+    base = default_inv_freq(theta, d)
+    weight = llama3_blend(theta, d, length, opts["low_freq_factor"], opts["high_freq_factor"])
+    return base / s * weight + base * (1.0 - weight), 1.0
+
+
+_REFERENCES: dict[str, Callable[..., tuple[np.ndarray, float]]] = {
+    "default": _ref_default,
+    "linear": _ref_linear,
+    "ntk": _ref_ntk,
+    "dynamic": _ref_dynamic,
+    "yarn": _ref_yarn,
+    "llama3": _ref_llama3,
+}
+
+
+def reference_inv_freq(
+    method: str,
+    theta: float,
+    rotary_dim: int,
+    factor: float,
+    original_length: int,
+    seq_len: int | None = None,
+    **options: float | None,
+) -> tuple[np.ndarray, float]:
+    """Inverse frequencies (float64, length d/2) and the cos/sin scale of ``method``.
+
+    ``seq_len`` only matters for ``dynamic`` (the current sequence length; default: the trained
+    length, i.e. no change). ``options``: ``beta_fast``, ``beta_slow``, ``attention_factor``
+    (yarn); ``low_freq_factor``, ``high_freq_factor`` (llama3).
+    """
+    if method not in _REFERENCES:
+        raise ValueError(f"unknown method {method!r}; expected one of {REFERENCE_METHODS}")
+    if rotary_dim <= 2 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be even and > 2, got {rotary_dim}")
+    unknown = set(options) - set(OPTION_DEFAULTS[method])
+    if unknown:
+        raise TypeError(f"options {sorted(unknown)} do not apply to method {method!r}")
+    opts = {**OPTION_DEFAULTS[method], **options}
+    return _REFERENCES[method](
+        float(theta), int(rotary_dim), float(factor), int(original_length), seq_len, opts
+    )

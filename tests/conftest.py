@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny real checkpoints built in the test session (no downloads)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ctxext.cli import main
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+GUTENBERG = SHARED / "corpus" / "gutenberg"
+BUNDLED = Path(__file__).resolve().parents[1] / "ctxext" / "bundled" / "stdlib-llama"
+
+TINY_SIZES = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A real byte-level BPE tokenizer (vocab 320) trained on a few stdlib files."""
+    from ctxext.bundled_train import train_tokenizer
+    from ctxext.corpus import stdlib_documents
+
+    texts = [d.text for _, d in zip(range(20), stdlib_documents("train"), strict=False)]
+    tok = train_tokenizer(texts, vocab_size=320)
+    path = tmp_path_factory.mktemp("tok")
+    tok.save_pretrained(path)
+    return path
+
+
+def build_tiny_model(path: Path, tokenizer_dir: Path, model_type: str = "llama", **overrides):
+    """Save a randomly initialised tiny causal LM of ``model_type`` with a real tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    kwargs = {**TINY_SIZES, "vocab_size": len(tok), **overrides}
+    config = AutoConfig.for_model(model_type, **kwargs)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_session(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("m") / "tiny-llama", tiny_tokenizer_dir)
+
+
+@pytest.fixture
+def tiny_llama(tmp_path, tiny_llama_session) -> Path:
+    """A private copy of the tiny Llama checkpoint (tests may do anything to it)."""
+    dst = tmp_path / "tiny-llama"
+    shutil.copytree(tiny_llama_session, dst)
+    return dst
+
+
+def tree_hash(path: Path) -> str:
+    """sha256 over every file's relative path and bytes (to prove an input is untouched)."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(p.relative_to(path).as_posix().encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the real CLI entry point in-process; returns (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err

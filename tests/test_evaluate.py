@@ -1,0 +1,344 @@
+"""Chunked perplexity equals the model's own loss; protocols, buckets, interval, passkey."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from ctxext.errors import CtxextError
+from ctxext.evaluate import (
+    PASSKEY_FILLER,
+    PASSKEY_NEEDLE,
+    PASSKEY_QUESTION,
+    PASSKEY_TASK,
+    PasskeyPrompt,
+    _passkey_correct,
+    bucket_edges,
+    build_passkey_prompt,
+    evaluate_passkey,
+    evaluate_perplexity,
+    planned_tokens,
+    token_nll,
+)
+
+VOCAB = 512
+BOS = 1
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP threads that wait
+    for each other make every forward pass 10-100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _build(model_cls, config_cls, **extra):
+    torch.manual_seed(0)
+    config = config_cls(**SMALL, **extra)
+    return model_cls(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _build(LlamaForCausalLM, LlamaConfig, attn_implementation="sdpa")
+
+
+@pytest.fixture(scope="module")
+def docs():
+    g = torch.Generator().manual_seed(1)
+    lengths = [40, 150, 97, 300, 64, 220]
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def _model_loss_sum(model, seq, first_scored=1):
+    """Reference: the model's own loss over targets first_scored..len-1, as a sum (float64)."""
+    ids = torch.tensor([seq])
+    labels = ids.clone()
+    labels[0, :first_scored] = -100  # target t is labels[t]; the model shifts internally
+    with torch.inference_mode():
+        loss = model(input_ids=ids, labels=labels).loss.double().item()
+    n = len(seq) - first_scored
+    return loss * n, n
+
+
+# --- token_nll -------------------------------------------------------------------------------
+
+
+ARCHS = {
+    "llama": (LlamaForCausalLM, LlamaConfig, {}),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, {}),
+    # Gemma 2 softcaps the final logits (and attention, which needs eager attention).
+    "gemma2": (
+        Gemma2ForCausalLM,
+        Gemma2Config,
+        {"head_dim": 16, "final_logit_softcapping": 2.0, "attn_implementation": "eager"},
+    ),
+    "cohere": (CohereForCausalLM, CohereConfig, {"logit_scale": 0.3}),
+    "granite": (GraniteForCausalLM, GraniteConfig, {"logits_scaling": 4.0}),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_token_nll_equals_model_loss_per_token(arch):
+    model_cls, config_cls, extra = ARCHS[arch]
+    model = _build(model_cls, config_cls, **extra)
+    ids = torch.randint(0, VOCAB, (1, 83), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        out = model(input_ids=ids, labels=ids)
+        ref = torch.nn.functional.cross_entropy(
+            out.logits[0, :-1].float(), ids[0, 1:], reduction="none"
+        )
+    for chunk in (None, 1, 7, 82, 1000):  # 7 does not divide 82; 1000 exceeds it
+        ours = token_nll(model, ids, chunk_size=chunk)
+        assert ours.shape == (82,)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert token_nll(model, ids).double().mean().item() == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+def test_softcapping_is_applied():
+    """The Gemma 2 case must differ from the same weights without softcapping (it is tested)."""
+    model_cls, config_cls, extra = ARCHS["gemma2"]
+    capped = _build(model_cls, config_cls, **extra)
+    uncapped = _build(model_cls, config_cls, **{**extra, "final_logit_softcapping": None})
+    uncapped.load_state_dict(capped.state_dict())
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(token_nll(capped, ids), token_nll(uncapped, ids))
+
+
+def test_token_nll_position_ids(llama):
+    ids = torch.randint(0, VOCAB, (1, 50), generator=torch.Generator().manual_seed(4))
+    pos = torch.arange(0, 100, 2).unsqueeze(0)  # stretched: a mere offset would change nothing
+    with torch.inference_mode():
+        ref = llama(input_ids=ids, position_ids=pos, labels=ids).loss.item()
+        plain = llama(input_ids=ids, labels=ids).loss.item()
+    ours = token_nll(llama, ids, position_ids=pos, chunk_size=9).double().mean().item()
+    assert ours == pytest.approx(ref, rel=1e-5)
+    assert abs(ref - plain) > 1e-5  # the positions really changed something
+
+
+def test_token_nll_restores_training_flag(llama):
+    llama.train()
+    try:
+        token_nll(llama, torch.tensor([[5, 6, 7]]))
+        assert llama.training
+    finally:
+        llama.eval()
+
+
+# --- perplexity protocols --------------------------------------------------------------------
+
+
+def test_truncate_equals_model_loss(llama, docs):
+    length = 64
+    res = evaluate_perplexity(llama, docs, length, bos_token_id=BOS)
+    total, n = 0.0, 0
+    for doc in docs:
+        if len(doc) + 1 >= length:
+            s, k = _model_loss_sum(llama, ([BOS] + doc)[:length])
+            total, n = total + s, n + k
+    assert res.n_docs == 5 and res.n_tokens == n == 5 * (length - 1)
+    assert res.ppl == pytest.approx(math.exp(total / n), rel=1e-4)
+    assert res.protocol["name"] == "truncate" and res.protocol["bos_prepended"]
+
+
+def test_truncate_without_bos(llama, docs):
+    res = evaluate_perplexity(llama, docs, 150, bos_token_id=None)
+    assert res.n_docs == 3  # 150, 300, 220: "at least L tokens" with nothing prepended
+    total = sum(_model_loss_sum(llama, d[:150])[0] for d in docs if len(d) >= 150)
+    assert res.ppl == pytest.approx(math.exp(total / res.n_tokens), rel=1e-4)
+
+
+def _sliding_reference(model, docs, length, stride, bos):
+    """The HF guide's loop, written independently: label masking instead of slicing."""
+    total, n = 0.0, 0
+    for doc in docs:
+        seq = [bos, *doc]
+        if len(seq) < length:
+            continue
+        scored_to = 1
+        ends = list(range(length, len(seq) + 1, stride))
+        if ends[-1] != len(seq):
+            ends.append(len(seq))
+        for end in ends:
+            begin = end - length
+            first = max(scored_to, begin + 1)
+            s, k = _model_loss_sum(model, seq[begin:end], first_scored=first - begin)
+            total, n = total + s, n + k
+            scored_to = end
+    return total, n
+
+
+@pytest.mark.parametrize("stride", [16, 50])
+def test_sliding_equals_model_loss(llama, docs, stride):
+    length = 64
+    res = evaluate_perplexity(llama, docs, length, bos_token_id=BOS, stride=stride, chunk_size=13)
+    total, n = _sliding_reference(llama, docs, length, stride, BOS)
+    # stride < length: every token after position 0 of each eligible document is scored once
+    assert res.n_tokens == n == sum(len(d) for d in docs if len(d) + 1 >= length)
+    assert res.ppl == pytest.approx(math.exp(total / n), rel=1e-4)
+    assert res.protocol["name"] == "sliding" and res.protocol["stride"] == stride
+
+
+def test_sliding_stride_equal_length_is_disjoint_windows(llama):
+    length = 32
+    g = torch.Generator().manual_seed(5)
+    # BOS + doc is an exact multiple of the length: 3 and 2 windows
+    docs = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (3 * 32 - 1, 2 * 32 - 1)]
+    res = evaluate_perplexity(llama, docs, length, bos_token_id=BOS, stride=length)
+    windows = []
+    for doc in docs:
+        seq = [BOS, *doc]
+        windows += [seq[i : i + length] for i in range(0, len(seq), length)]
+    disjoint = evaluate_perplexity(llama, windows, length, bos_token_id=None)
+    assert res.n_tokens == disjoint.n_tokens == 5 * (length - 1)
+    assert res.nll_sum == pytest.approx(disjoint.nll_sum, rel=1e-6)
+
+
+def test_chunked_equals_unchunked(llama, docs):
+    a = evaluate_perplexity(llama, docs, 100, bos_token_id=BOS, chunk_size=7)
+    b = evaluate_perplexity(llama, docs, 100, bos_token_id=BOS, chunk_size=10_000)
+    assert a.ppl == pytest.approx(b.ppl, rel=1e-6)
+
+
+def test_buckets_add_up(llama, docs):
+    length = 280  # buckets [0, 256) and [256, 280)
+    res = evaluate_perplexity(llama, docs, length, bos_token_id=BOS)
+    assert [(b["start"], b["end"]) for b in res.buckets] == [(0, 256), (256, 280)]
+    assert [b["n_tokens"] for b in res.buckets] == [255, 24]  # position 0 is never predicted
+    assert sum(b["n_tokens"] for b in res.buckets) == res.n_tokens
+    combined = sum(b["n_tokens"] * math.log(b["ppl"]) for b in res.buckets) / res.n_tokens
+    assert math.exp(combined) == pytest.approx(res.ppl, rel=1e-9)
+
+
+def test_bucket_edges():
+    assert bucket_edges(100) == [0, 100]
+    assert bucket_edges(256) == [0, 256]
+    assert bucket_edges(4096) == [0, 256, 512, 1024, 2048, 4096]
+    assert bucket_edges(3000) == [0, 256, 512, 1024, 2048, 3000]
+
+
+def test_bootstrap_interval(llama, docs):
+    res = evaluate_perplexity(llama, docs, 64, bos_token_id=BOS, seed=3)
+    assert res.ci_low <= res.ppl <= res.ci_high
+    assert res.ci_low < res.ci_high
+    again = evaluate_perplexity(llama, docs, 64, bos_token_id=BOS, seed=3)
+    assert (again.ci_low, again.ci_high) == (res.ci_low, res.ci_high)  # seeded
+
+
+def test_num_docs_is_seeded_sample_and_progress_total(llama, docs):
+    seen: list[int] = []
+    kwargs = dict(bos_token_id=BOS, num_docs=3, seed=7)
+    res = evaluate_perplexity(llama, docs, 64, progress=seen.append, **kwargs)
+    assert res.n_docs == 3 and res.n_tokens == 3 * 63
+    assert seen == sorted(seen) and seen[-1] == planned_tokens(docs, 64, **kwargs) == 3 * 64
+    again = evaluate_perplexity(llama, docs, 64, **kwargs)
+    assert again.nll_sum == res.nll_sum
+    assert planned_tokens(docs, 64, bos_token_id=BOS, stride=16) == sum(
+        64 * (1 + math.ceil((len(d) + 1 - 64) / 16)) for d in docs if len(d) + 1 >= 64
+    )
+    assert res.to_dict()["protocol"]["doc_selection"].startswith("seeded sample")
+
+
+def test_too_short_data(llama):
+    with pytest.raises(
+        CtxextError, match=r"no document has at least 128 tokens \(the longest has 51"
+    ):
+        evaluate_perplexity(llama, [[5] * 50, [6] * 20], 128, bos_token_id=BOS)
+    with pytest.raises(CtxextError, match="stride"):
+        evaluate_perplexity(llama, [[5] * 50], 16, bos_token_id=BOS, stride=17)
+
+
+# --- passkey ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from ctxext.bundled_train import train_tokenizer
+
+    texts = [
+        PASSKEY_TASK,
+        PASSKEY_FILLER * 3,
+        PASSKEY_NEEDLE.format(key=12345),
+        PASSKEY_QUESTION,
+        " ".join(str(i) for i in range(2000)),
+    ]
+    return train_tokenizer(texts, VOCAB)
+
+
+@pytest.mark.parametrize("length", [160, 203, 400])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_passkey_prompt_has_exact_length(tokenizer, length, depth):
+    p = build_passkey_prompt(tokenizer, length, depth, "48213")
+    assert len(p.input_ids) == length
+    assert p.input_ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(p.answer_ids).strip() == "48213"
+    text = tokenizer.decode(p.input_ids)
+    assert text.endswith("What is the pass key? The pass key is 48213")
+    assert "The pass key is 48213. Remember it. 48213 is the pass key." in text
+
+
+def test_passkey_depth_moves_needle(tokenizer):
+    positions = [
+        tokenizer.decode(build_passkey_prompt(tokenizer, 600, d, "11111").input_ids).find("11111")
+        for d in (0.0, 0.5, 1.0)
+    ]
+    assert positions == sorted(positions) and len(set(positions)) == 3
+    text = tokenizer.decode(build_passkey_prompt(tokenizer, 600, 1.0, "11111").input_ids)
+    assert "11111 is the pass key. What is the pass key?" in text  # needle right before question
+
+
+def test_passkey_too_short(tokenizer):
+    with pytest.raises(CtxextError, match="too short"):
+        build_passkey_prompt(tokenizer, 20, 0.5, "12345")
+
+
+def test_teacher_forced_check_equals_greedy_decoding(llama, tokenizer):
+    prompt = build_passkey_prompt(tokenizer, 180, 0.5, "12345")
+    context = prompt.input_ids[: prompt.answer_start]
+    k = len(prompt.answer_ids)
+    with torch.inference_mode():
+        generated = llama.generate(
+            torch.tensor([context]), max_new_tokens=k, min_new_tokens=k, do_sample=False
+        )[0, len(context) :].tolist()
+    greedy = PasskeyPrompt(input_ids=context + generated, answer_start=len(context), key="?")
+    assert _passkey_correct(llama, greedy)
+    wrong = [*generated[:-1], (generated[-1] + 1) % VOCAB]
+    assert not _passkey_correct(llama, PasskeyPrompt(context + wrong, len(context), "?"))
+
+
+def test_evaluate_passkey_shape(llama, tokenizer):
+    seen: list[int] = []
+    res = evaluate_passkey(
+        llama, tokenizer, [160, 200], depths=[0.0, 1.0], trials=2, progress=seen.append
+    )
+    assert len(res.accuracy) == 2 and all(len(row) == 2 for row in res.accuracy)
+    assert all(0.0 <= a <= 1.0 for row in res.accuracy for a in row)
+    assert seen[-1] == (160 + 200) * 2 * 2
+    d = res.to_dict()
+    assert set(d["mean_by_length"]) == {"160", "200"} and d["trials"] == 2

@@ -1,0 +1,110 @@
+"""Faults: hard kills, a full disk and Ctrl-C never leave partial output or touch the input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tree_hash
+
+from ctxext import checkpoint
+
+
+def _extend_cmd(src: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ctxext", "extend", str(src), "-o", str(out), "-m", "yarn",
+            "-f", "4", *extra]  # fmt: skip
+
+
+def _complete(out: Path) -> bool:
+    """A finished extend output: every file there and the weights byte-identical."""
+    cfg = json.loads((out / "config.json").read_text())
+    prov = json.loads((out / checkpoint.PROVENANCE_FILE).read_text())
+    return cfg["rope_parameters"]["rope_type"] == "yarn" and "model.safetensors" in prov["files"]
+
+
+def test_kill_9_at_random_points_leaves_nothing_or_a_complete_checkpoint(tmp_path, tiny_llama):
+    before = tree_hash(tiny_llama)
+    rng = random.Random(0)
+    outcomes = {"absent": 0, "complete": 0}
+    for i in range(8):
+        out = tmp_path / f"out{i}"
+        proc = subprocess.Popen(_extend_cmd(tiny_llama, out, "--copy"), stderr=subprocess.DEVNULL)
+        # Python start-up and imports take most of a second; spread kills across the whole run.
+        time.sleep(rng.uniform(0.3, 2.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if out.exists():
+            assert _complete(out)
+            assert (out / "model.safetensors").read_bytes() == (
+                tiny_llama / "model.safetensors"
+            ).read_bytes()
+            outcomes["complete"] += 1
+        else:
+            outcomes["absent"] += 1
+    assert tree_hash(tiny_llama) == before
+    # The next run cleans up temporaries that killed runs left behind.
+    subprocess.run(_extend_cmd(tiny_llama, tmp_path / "out0", "--overwrite"), check=True)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out0.tmp-")]
+    assert leftovers == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 96 KiB tmpfs: a real ENOSPC (needs mount rights, i.e. root; skipped elsewhere)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True
+    )
+    if res.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_disk_exit_1_clean_message_no_partial_output(tmp_path, tiny_llama, tiny_disk):
+    assert (tiny_llama / "model.safetensors").stat().st_size > 96 * 1024
+    before = tree_hash(tiny_llama)
+    out = tiny_disk / "out"
+    res = subprocess.run(_extend_cmd(tiny_llama, out, "--copy"), capture_output=True, text=True)
+    assert res.returncode == 1, res.stderr
+    assert "no space left" in res.stderr and res.stderr.count("\n") == 1
+    assert "Traceback" not in res.stderr
+    assert list(tiny_disk.iterdir()) == [], "temporary folder left behind"
+    assert tree_hash(tiny_llama) == before
+
+
+def test_ctrl_c_exits_130_promptly_without_output(tmp_path):
+    out = tmp_path / "results"
+    # A long evaluation of the bundled model (or the tiny one) that we interrupt mid-way.
+    cmd = [sys.executable, "-m", "ctxext", "eval", "--lengths", "64,128,256", "--task", "passkey",
+           "--passkey-trials", "50", "-o", str(out)]  # fmt: skip
+    if not (checkpoint.bundled_path() / "config.json").exists():
+        pytest.skip("bundled model not built")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    t0 = time.time()
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert time.time() - t0 < 10
+    assert "Traceback" not in stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".results")]
+
+
+def test_atomic_output_cleans_up_on_error(tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(RuntimeError), checkpoint.atomic_output(out) as tmp:
+        (tmp / "half.json").write_text("{}")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    os.sync()

@@ -1,0 +1,278 @@
+"""Configs written by ctxext.rope load in transformers with exactly the paper frequencies.
+
+For every method x model family we write config.json, load it with AutoConfig, build a tiny model
+and read the inv_freq / attention_scaling its rotary module really uses, then compare with the
+independent float64 references in ctxext.rope_reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ctxext.rope import METHODS, analyze, extend_config  # noqa: E402
+from ctxext.rope_reference import reference_inv_freq  # noqa: E402
+
+L = 2048  # trained length of every tiny config
+COMMON = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "max_position_embeddings": L,
+}
+# Each family also uses a different input style: legacy top-level keys, v5 rope_parameters, both.
+TINY = {
+    "llama": {**COMMON, "model_type": "llama", "rope_theta": 10000.0, "rope_scaling": None},
+    "qwen2": {
+        **COMMON,
+        "model_type": "qwen2",
+        "use_sliding_window": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+    },
+    "mistral": {
+        **COMMON,
+        "model_type": "mistral",
+        "head_dim": 32,  # explicit head_dim != hidden / heads
+        "sliding_window": 4096,
+        "rope_theta": 500000.0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+    },
+    "gpt_neox": {  # Pythia-like: only a quarter of each head rotates
+        "model_type": "gpt_neox",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "vocab_size": 128,
+        "max_position_embeddings": L,
+        "rotary_pct": 0.25,
+        "rotary_emb_base": 10000,
+    },
+    "gemma3_text": {
+        **COMMON,
+        "model_type": "gemma3_text",
+        "head_dim": 16,
+        "sliding_window": 256,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+    },
+}
+# Half the cases ask for a factor, half for a target length.
+REQUEST = {
+    "llama": {"factor": 4.0},
+    "qwen2": {"target_length": 8192},
+    "mistral": {"factor": 2.5},
+    "gpt_neox": {"target_length": 16384},
+    "gemma3_text": {"factor": 8.0},
+}
+DYNAMIC_SEQ_LEN = 3 * L + 77  # beyond the trained length, so dynamic NTK rescales
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(f"{record.name}: {record.getMessage()}")
+
+
+def _rotary(model):
+    (module,) = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    return module
+
+
+@functools.cache
+def _load(family: str, method: str, tmp_root: str):
+    """Write the extended config, load it in transformers; returns (config dict, rotary, logs)."""
+    cfg = extend_config(TINY[family], method, **REQUEST[family])
+    folder = Path(tmp_root) / f"{family}-{method}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    records = _Records()
+    tf_logger = logging.getLogger("transformers")
+    tf_logger.addHandler(records)
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(folder)
+        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    finally:
+        tf_logger.removeHandler(records)
+    return cfg, _rotary(model), tuple(records.messages)
+
+
+@pytest.fixture(scope="module")
+def tmp_root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("rope-exactness"))
+
+
+def _expected(family: str, method: str, seq_len: int | None = None) -> tuple[np.ndarray, float]:
+    info = analyze(TINY[family])
+    s = REQUEST[family].get("factor") or REQUEST[family]["target_length"] / L
+    return reference_inv_freq(
+        method, info.rope_theta, info.rotary_dim, s, info.trained_length, seq_len=seq_len
+    )
+
+
+def _used(rot, method: str, layer_type: str | None) -> tuple[np.ndarray, float]:
+    """inv_freq and cos/sin scale the rotary module uses (after a long forward for dynamic)."""
+    prefix = f"{layer_type}_" if layer_type else ""
+    if method == "dynamic":
+        x = torch.zeros(1, dtype=torch.float32)
+        positions = torch.tensor([[0, DYNAMIC_SEQ_LEN - 1]])
+        args = (x, positions) if layer_type is None else (x, positions, layer_type)
+        rot(*args)
+    inv = getattr(rot, f"{prefix}inv_freq").detach().double().numpy()
+    return inv, float(getattr(rot, f"{prefix}attention_scaling"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", list(TINY))
+def test_transformers_uses_reference_frequencies(family: str, method: str, tmp_root: str) -> None:
+    _, rot, _ = _load(family, method, tmp_root)
+    layer = "full_attention" if family == "gemma3_text" else None
+    seq_len = DYNAMIC_SEQ_LEN if method == "dynamic" else None
+    want_inv, want_scale = _expected(family, method, seq_len)
+    got_inv, got_scale = _used(rot, method, layer)
+    np.testing.assert_allclose(got_inv, want_inv, rtol=1e-6, atol=0)
+    assert got_scale == pytest.approx(want_scale, rel=1e-12)
+    unscaled, _ = reference_inv_freq("default", _theta(family), 2 * len(want_inv), 1.0, L)
+    assert not np.allclose(got_inv, unscaled)  # the method really moved the frequencies
+
+
+def _theta(family: str) -> float:
+    return analyze(TINY[family]).rope_theta
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gemma3_sliding_layers_keep_local_frequencies(method: str, tmp_root: str) -> None:
+    _, rot, _ = _load("gemma3_text", method, tmp_root)
+    got_inv, got_scale = _used(rot, "default", "sliding_attention")
+    want_inv, _ = reference_inv_freq("default", 10000.0, 16, 1.0, L)
+    np.testing.assert_allclose(got_inv, want_inv, rtol=1e-6, atol=0)
+    assert got_scale == 1.0
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", list(TINY))
+def test_load_is_warning_free(family: str, method: str, tmp_root: str) -> None:
+    _, _, messages = _load(family, method, tmp_root)
+    assert messages == (), messages  # no warning at all, rope-related or not
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", list(TINY))
+def test_transformers_sees_written_lengths(family: str, method: str, tmp_root: str) -> None:
+    cfg, rot, _ = _load(family, method, tmp_root)
+    assert rot.config.max_position_embeddings == cfg["max_position_embeddings"]
+    params = rot.config.rope_parameters
+    entry = params["full_attention"] if family == "gemma3_text" else params
+    assert entry["rope_type"] == ("default" if method == "ntk" else method)
+    if method in ("yarn", "llama3"):
+        assert entry["original_max_position_embeddings"] == L
+
+
+@pytest.mark.parametrize("drop", ["rope_scaling", "rope_parameters"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", list(TINY))
+def test_either_half_alone_gives_the_same_frequencies(
+    family: str, method: str, drop: str, tmp_root: str, tmp_path
+) -> None:
+    """A reader that keeps only rope_parameters (v5 save) or only the legacy keys agrees."""
+    cfg, rot, _ = _load(family, method, tmp_root)
+    half = {k: v for k, v in cfg.items() if k != drop}
+    (tmp_path / "config.json").write_text(json.dumps(half))
+    hf_config = transformers.AutoConfig.from_pretrained(tmp_path)
+    alone = type(rot)(hf_config)
+    layers = ["full_attention", "sliding_attention"] if family == "gemma3_text" else [None]
+    for layer in layers:
+        want = _used(rot, method, layer)
+        got = _used(alone, method, layer)
+        np.testing.assert_array_equal(got[0], want[0])
+        assert got[1] == want[1]
+
+
+def test_warning_capture_works(tmp_path) -> None:
+    """Control for test_load_is_warning_free: transformers does warn about a stray key."""
+    cfg = extend_config(TINY["llama"], "linear", 2.0)
+    cfg["rope_parameters"]["original_max_position_embeddings"] = L
+    cfg["rope_scaling"]["original_max_position_embeddings"] = L
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    records = _Records()
+    tf_logger = logging.getLogger("transformers")
+    tf_logger.addHandler(records)
+    try:
+        transformers.AutoConfig.from_pretrained(tmp_path)
+    finally:
+        tf_logger.removeHandler(records)
+    assert any("Unrecognized keys" in m for m in records.messages), records.messages
+
+
+# --------------------------------------------------------------------------- relative positions
+
+_APPLY = {
+    "llama": transformers.models.llama.modeling_llama.apply_rotary_pos_emb,
+    "gpt_neox": transformers.models.gpt_neox.modeling_gpt_neox.apply_rotary_pos_emb,
+}
+
+
+def _score(rot, method: str, q, k, m: int, n: int, shift: int, apply) -> tuple[float, float]:
+    """q.k with q at position m and k at n, and both shifted by ``shift``, in float64."""
+    positions = [m, n, m + shift, n + shift]
+    if method == "dynamic":  # one forward pass picks one inv_freq for all its positions
+        rot(torch.zeros(1), torch.tensor([positions]))
+    inv = rot.inv_freq.detach().double()
+    scale = float(rot.attention_scaling)
+    freqs = torch.tensor(positions, dtype=torch.float64)[:, None] * inv[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos() * scale, emb.sin() * scale
+
+    def rotated(vec, i):
+        out, _ = apply(
+            vec[None, None, None, :],
+            vec[None, None, None, :],
+            cos[None, i : i + 1],
+            sin[None, i : i + 1],
+        )
+        return out.reshape(-1)
+
+    before = float(rotated(q, 0) @ rotated(k, 1))
+    after = float(rotated(q, 2) @ rotated(k, 3))
+    return before, after
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(0, 4 * L),
+    n=st.integers(0, 4 * L),
+    shift=st.integers(0, 4 * L),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_scores_depend_only_on_distance(
+    family: str, method: str, tmp_root: str, m: int, n: int, shift: int, seed: int
+) -> None:
+    _, rot, _ = _load(family, method, tmp_root)
+    head_dim = 16 if family == "llama" else 32
+    rng = np.random.default_rng(seed)
+    q = torch.from_numpy(rng.standard_normal(head_dim))
+    k = torch.from_numpy(rng.standard_normal(head_dim))
+    before, after = _score(rot, method, q, k, m, n, shift, _APPLY[family])
+    bound = float(q.norm() * k.norm()) * 1e-9
+    assert abs(before - after) <= bound
