@@ -112,7 +112,10 @@ def main() -> None:
     print("|---|---:|---:|")
     for name, (t, m) in rows.items():
         print(f"| {name} | {t:.2f} | {m:.0f} |")
-    print(f"\nspeed-up: {base_t / ours_t:.1f}x; ctxext peak RSS {ours_m:.0f} MB")
+    print(
+        f"\nspeed-up: {base_t / ours_t:.1f}x; ctxext peak RSS {ours_m:.0f} MB "
+        f"({ours_m / base_m:.0%} of the baseline's)"
+    )
     if args.json:
         args.json.write_text(
             json.dumps(
