@@ -377,11 +377,25 @@ def _one_line(message: str) -> None:
     sys.stderr.flush()
 
 
+def _quiet_libraries(debug: bool) -> None:
+    """We render our own progress and messages; library bars and warnings would garble them."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:  # already imported (in-process use): use its public API
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if not debug:
+            hf_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors with exit code 2 (1 for resource failures), 130 on Ctrl-C."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("CTXEXT_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
+    _quiet_libraries(debug)
     try:
         code = _run_app(args)
     except CtxextError as e:

@@ -140,6 +140,7 @@ def finetune(
         },
         "finetune options",
     )
+    _quiet_transformers()
     with _ProgressBar(enabled=_is_main_process() and not as_json) as bar:
         summary = run_finetune(
             model,
@@ -160,6 +161,13 @@ def finetune(
         _render_summary(summary)
 
 
+def _quiet_transformers() -> None:
+    # Our bar shows progress; transformers' per-file loading/saving bars would interleave.
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 class _ProgressBar:
     """Rich progress bar (stderr) driven by run_finetune's progress events."""
 
@@ -169,8 +177,14 @@ class _ProgressBar:
         self.task: Any = None
 
     def __enter__(self) -> _ProgressBar:
-        if not self.enabled:
-            return self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def _start(self, total: int, completed: int) -> None:
+        # Started only when training starts: an early error then prints nothing but its line.
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -192,33 +206,27 @@ class _ProgressBar:
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=_err,
-            transient=False,
         )
         self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
+        self.task = self.progress.add_task(
+            "finetune", total=total, completed=completed, loss="-", tps="-"
+        )
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
-        if self.progress is None:
+        if not self.enabled:
             return
-        if event == "status":
-            self.progress.console.print(f"[dim]{info['message']}[/dim]")
-        elif event == "start":
-            self.task = self.progress.add_task(
-                "finetune", total=info["total"], completed=info["completed"], loss="-", tps="-"
-            )
-        elif event == "step" and self.task is not None:
+        if event == "start":
+            self._start(info["total"], info["completed"])
+        elif event == "step" and self.progress is not None:
             self.progress.update(
                 self.task,
                 completed=info["step"],
                 loss=f"{info['loss']:.4f}",
                 tps=f"{info['tokens_per_s']:,.0f}",
             )
-        elif event == "checkpoint":
-            self.progress.console.print(f"[dim]checkpoint {info['path']}[/dim]")
+        elif event in ("status", "checkpoint"):
+            text = info.get("message") or f"checkpoint {info['path']}"
+            (self.progress.console if self.progress else _err).print(f"[dim]{text}[/dim]")
 
 
 def _render_summary(summary: dict[str, Any]) -> None:

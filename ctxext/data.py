@@ -10,7 +10,10 @@ A *source* is one string, resolved in this order:
       the first 8 KiB) are skipped; a non-UTF-8 text file is an error naming the file;
     - a ``.jsonl`` file: one JSON object per line, its ``text_field`` is one document;
     - a ``.json`` file: a list of strings or of objects with ``text_field``, or one such object;
-    - any other file: the whole file is one document (UTF-8).
+    - any other file: the whole file is one document.
+  Files must be UTF-8; with ``fallback_encoding`` (e.g. ``"latin-1"``, which never fails) a file
+  that is not valid UTF-8 is decoded with it instead (older corpora such as NLTK's Gutenberg mix
+  both). The fingerprint covers the decoded text, so such results stay traceable.
 * otherwise a Hugging Face dataset, loaded with ``datasets.load_dataset``, written
   ``NAME[:CONFIG][@SPLIT]`` (e.g. ``pg19``, ``wikitext:wikitext-103-raw-v1@test``). ``SPLIT``
   defaults to ``dataset_split``. It must already be in the local cache when there is no network
@@ -50,6 +53,7 @@ def load_documents(
     split: Split = "heldout",
     text_field: str = "text",
     dataset_split: str = "test",
+    fallback_encoding: str | None = None,
 ) -> list[Document]:
     """Resolve ``source`` (see the module docstring) into a non-empty list of documents."""
     if source is None or source == "stdlib":
@@ -58,7 +62,7 @@ def load_documents(
     else:
         path = Path(source).expanduser()
         if path.exists():
-            docs = _load_path(path, text_field)
+            docs = _load_path(path, text_field, fallback_encoding)
             what = str(path)
         elif _looks_like_path(source):
             raise CtxextError(f"data path {source} does not exist; check the path")
@@ -80,19 +84,19 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
-def _load_path(path: Path, text_field: str) -> list[Document]:
+def _load_path(path: Path, text_field: str, fallback: str | None) -> list[Document]:
     if path.is_dir():
-        return _load_folder(path)
+        return _load_folder(path, fallback)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _load_jsonl(path, text_field)
+        return _load_jsonl(path, text_field, fallback)
     if suffix == ".json":
-        return _load_json(path, text_field)
-    return [Document(name=path.name, text=_read_text(path))]
+        return _load_json(path, text_field, fallback)
+    return [Document(name=path.name, text=_read_text(path, fallback))]
 
 
-def _read_text(path: Path) -> str:
-    """UTF-8 text of a file; binary or other encodings are errors naming the file."""
+def _read_text(path: Path, fallback: str | None) -> str:
+    """Text of a file (UTF-8, else ``fallback``); binary or undecodable files name the file."""
     data = path.read_bytes()
     if _is_binary(data):
         raise CtxextError(f"{path} is a binary file, not text; pass UTF-8 text files")
@@ -100,8 +104,17 @@ def _read_text(path: Path) -> str:
         # utf-8-sig drops a byte-order mark, which would otherwise become a stray token.
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
+        if fallback is None:
+            raise CtxextError(
+                f"{path} is not valid UTF-8 (byte {e.start}); convert it (iconv -f LATIN1 -t "
+                "UTF-8) or accept another encoding for such files (--fallback-encoding latin-1)"
+            ) from None
+        position = e.start
+    try:
+        return data.decode(fallback)
+    except (UnicodeDecodeError, LookupError) as e:
         raise CtxextError(
-            f"{path} is not valid UTF-8 (byte {e.start}); convert it to UTF-8 (e.g. iconv -t UTF-8)"
+            f"{path} is neither UTF-8 (byte {position}) nor {fallback} ({e}); convert it to UTF-8"
         ) from None
 
 
@@ -110,7 +123,7 @@ def _is_binary(data: bytes) -> bool:
     return b"\x00" in data[:_BINARY_SNIFF_BYTES]
 
 
-def _load_folder(folder: Path) -> list[Document]:
+def _load_folder(folder: Path, fallback: str | None) -> list[Document]:
     docs = []
     for path in sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix()):
         rel = path.relative_to(folder)
@@ -119,13 +132,13 @@ def _load_folder(folder: Path) -> list[Document]:
         with path.open("rb") as f:
             if _is_binary(f.read(_BINARY_SNIFF_BYTES)):
                 continue  # images, archives, .pyc files: not documents
-        docs.append(Document(name=rel.as_posix(), text=_read_text(path)))
+        docs.append(Document(name=rel.as_posix(), text=_read_text(path, fallback)))
     return docs
 
 
-def _load_jsonl(path: Path, text_field: str) -> list[Document]:
+def _load_jsonl(path: Path, text_field: str, fallback: str | None) -> list[Document]:
     docs = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    for lineno, line in enumerate(_read_text(path, fallback).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -139,9 +152,9 @@ def _load_jsonl(path: Path, text_field: str) -> list[Document]:
     return docs
 
 
-def _load_json(path: Path, text_field: str) -> list[Document]:
+def _load_json(path: Path, text_field: str, fallback: str | None) -> list[Document]:
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(_read_text(path, fallback))
     except json.JSONDecodeError as e:
         raise CtxextError(
             f"{path} is not valid JSON (line {e.lineno}: {e.msg}); fix the file or use .jsonl"

@@ -68,7 +68,7 @@ def run_eval(
         cfg.data, split="heldout", text_field=cfg.text_field, dataset_split=cfg.dataset_split
     )
     started = time.time()
-    token_cache: dict[str, list[list[int]]] = {}
+    token_cache = _tokenize_for(variants, docs, cfg, trust_remote_code)
     runs = [
         _run_variant(v, cfg, docs, token_cache, trust_remote_code, allow_pickle, progress_factory)
         for v in variants
@@ -89,6 +89,31 @@ def run_eval(
     }
 
 
+def _tokenize_for(
+    variants: list[Variant], docs: list, cfg: EvalConfig, trust_remote_code: bool
+) -> dict[str, list[list[int]]]:
+    """Tokenize the data once per tokenizer, and check every length has a long enough
+    document *before* any model is loaded (a bad request fails in seconds, not minutes)."""
+    from ctxext import evaluate
+    from ctxext.data import tokenize_documents
+    from ctxext.modeling import load_tokenizer
+
+    cache: dict[str, list[list[int]]] = {}
+    for variant in variants:
+        path = checkpoint.resolve_model(variant.model).path
+        if str(path) in cache:
+            continue
+        tok = load_tokenizer(path, trust_remote_code)
+        cache[str(path)] = ids = tokenize_documents(tok, docs)
+        if "ppl" in cfg.tasks:
+            for n in cfg.lengths:
+                evaluate.planned_tokens(
+                    ids, n, bos_token_id=tok.bos_token_id, stride=cfg.stride,
+                    num_docs=cfg.num_docs, seed=cfg.seed,
+                )  # fmt: skip
+    return cache
+
+
 def _run_variant(
     variant: Variant,
     cfg: EvalConfig,
@@ -99,7 +124,6 @@ def _run_variant(
     progress_factory: ProgressFactory | None,
 ) -> dict[str, Any]:
     from ctxext import evaluate, rope
-    from ctxext.data import tokenize_documents
     from ctxext.modeling import load_causal_lm
 
     loaded = load_causal_lm(
@@ -111,10 +135,7 @@ def _run_variant(
         allow_pickle=allow_pickle,
     )
     tok = loaded.tokenizer
-    key = str(loaded.source.path)
-    if key not in token_cache:
-        token_cache[key] = tokenize_documents(tok, docs)
-    doc_ids = token_cache[key]
+    doc_ids = token_cache[str(loaded.source.path)]
     bos = tok.bos_token_id
     info = rope.analyze(loaded.config)
     run: dict[str, Any] = {

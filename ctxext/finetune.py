@@ -36,6 +36,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -524,7 +525,7 @@ def prepare_model(lm: Any, cfg: FinetuneConfig) -> tuple[Any, int, int]:
 
     lm.config.use_cache = False
     if cfg.grad_ckpt:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(lm)
     model = lm
     if cfg.lora_rank is not None:
         from peft import LoraConfig, get_peft_model
@@ -538,7 +539,9 @@ def prepare_model(lm: Any, cfg: FinetuneConfig) -> tuple[Any, int, int]:
             bias="none",
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(lm, lora)
+        with warnings.catch_warnings():  # peft reads a property transformers 5 deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(lm, lora)
         extra = []
         if "embed" in cfg.lora_trainable:
             extra += list(lm.get_input_embeddings().parameters())
@@ -552,6 +555,15 @@ def prepare_model(lm: Any, cfg: FinetuneConfig) -> tuple[Any, int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return model, trainable, total
+
+
+def _enable_checkpointing(lm: Any) -> None:
+    """Non-reentrant activation checkpointing (works with frozen LoRA bases and DDP)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def make_optimizer(model: Any, cfg: FinetuneConfig) -> Any:

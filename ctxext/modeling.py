@@ -128,7 +128,7 @@ def load_causal_lm(
             use_safetensors=use_safetensors,
             trust_remote_code=trust_remote_code,
         )
-    except (OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # safetensors, torch and transformers each raise their own types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CtxextError(
             f"could not load the weights of {source.name} ({first}); the weight files may be "

@@ -160,7 +160,7 @@ def test_truncate_equals_model_loss(llama, docs):
     total, n = 0.0, 0
     for doc in docs:
         if len(doc) + 1 >= length:
-            s, k = _model_loss_sum(llama, ([BOS] + doc)[:length])
+            s, k = _model_loss_sum(llama, [BOS, *doc][:length])
             total, n = total + s, n + k
     assert res.n_docs == 5 and res.n_tokens == n == 5 * (length - 1)
     assert res.ppl == pytest.approx(math.exp(total / n), rel=1e-4)

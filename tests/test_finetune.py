@@ -1,0 +1,326 @@
+"""`ctxext finetune`: real (tiny) training runs, PoSE positions, resume after SIGKILL, 2-process DP.
+
+Every run trains a tiny Llama (hidden 64, 2 layers, vocab 320, trained length 128) built by
+conftest, on the stdlib corpus, for a handful of steps on CPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny_model, run_cli
+from safetensors.torch import load_file
+
+from ctxext.config import ExtendConfig
+from ctxext.finetune import (
+    FinetuneConfig,
+    PackedSamples,
+    newest_checkpoint,
+    pose_position_ids,
+    run_finetune,
+    work_dir,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "ctxext.cli_finetune"]
+YARN4 = ExtendConfig(method="yarn", factor=4)  # 128 -> 512
+YARN2 = ExtendConfig(method="yarn", factor=2)  # 128 -> 256
+
+
+@pytest.fixture(autouse=True)
+def _register_command():
+    """Make `finetune` reachable through ctxext.cli.main (a no-op once cli.py registers it)."""
+    from ctxext.cli import app
+    from ctxext.cli_finetune import finetune
+
+    if not any(c.name == "finetune" for c in app.registered_commands):
+        app.command("finetune")(finetune)
+
+
+def _cfg(**kw) -> FinetuneConfig:
+    base = {"steps": 4, "lr": 1e-3, "warmup_steps": 1, "save_every": 0}
+    return FinetuneConfig(**{**base, **kw})
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def _env() -> dict[str, str]:
+    # Subprocesses import this checkout, with one thread count for bitwise-comparable runs.
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+
+
+# --------------------------------------------------------------------------- PoSE
+
+
+def test_pose_positions_increase_and_cover_the_target():
+    L, W = 512, 64
+    seen = set()
+    for i in range(3000):
+        pos, split = pose_position_ids(L, W, random.Random(i))
+        assert len(pos) == W
+        assert all(b > a for a, b in itertools.pairwise(pos))  # strictly increasing
+        assert pos[0] == 0 and pos[-1] <= L - 1
+        assert pos[:split] == list(range(split))  # first chunk keeps its positions
+        assert 1 <= split <= (W + 1) // 2
+        seen.update(pos)
+    assert max(seen) == L - 1
+    assert len(seen) == L  # the windows reach (almost) every position of the target
+
+
+def test_pose_samples_read_the_text_at_their_positions():
+    chunks = torch.arange(3 * 512).view(3, 512)
+    ds = PackedSamples(chunks, start=0, count=50, seed=1, window=64)
+    for k in range(len(ds)):
+        s = ds[k]
+        pos = s["position_ids"]
+        row = chunks[ds.chunk_index(k)]
+        assert torch.equal(s["input_ids"], row[pos])  # true text distances are kept
+        jumps = (pos.diff() != 1).nonzero().flatten()
+        assert len(jumps) <= 1
+        for j in jumps.tolist():  # no label across the skip
+            assert s["labels"][j + 1] == -100
+        assert (s["labels"] != -100).sum() >= 63
+        assert s["attention_mask"].all()
+    # Deterministic: the same sample number gives the same sample in a fresh dataset.
+    again = PackedSamples(chunks, start=7, count=1, seed=1, window=64)[0]
+    assert torch.equal(again["position_ids"], ds[7]["position_ids"])
+
+
+def test_pose_attention_crosses_the_skip(tiny_llama_session):
+    """transformers must not read the position jump as a new packed sequence."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_session).eval()
+    chunks = torch.randint(3, 300, (1, 512))
+    s = PackedSamples(chunks, start=0, count=1, seed=3, window=64)[0]
+    split = int((s["position_ids"].diff() != 1).nonzero()[0]) + 1
+    batch = {k: s[k][None] for k in ("input_ids", "position_ids", "attention_mask")}
+    changed = dict(batch, input_ids=batch["input_ids"].clone())
+    changed["input_ids"][0, 0] = (changed["input_ids"][0, 0] + 1) % 300
+    with torch.no_grad():
+        a, b = model(**batch).logits, model(**changed).logits
+    assert (a[0, split:] - b[0, split:]).abs().max() > 1e-4
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_full_finetune_writes_a_plain_extended_checkpoint(tmp_path, tiny_llama_session, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "ft"
+    code, stdout, err = run_cli(
+        capsys, "finetune", tiny_llama_session, "-o", out, "--method", "yarn",
+        "--factor", "4", "--steps", "3", "--lr", "1e-3", "--warmup-steps", "1", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["steps"] == 3 and summary["target_length"] == 512
+    assert summary["tokens"] == 3 * 512 and summary["final_loss"] > 0
+    # config.json is byte-for-byte what `ctxext extend` writes.
+    ext = tmp_path / "ext"
+    assert run_cli(capsys, "extend", tiny_llama_session, "-o", ext, "-m", "yarn", "-f", "4")[0] == 0
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (ext / "config.json").read_text()
+    )
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 512
+    model = AutoModelForCausalLM.from_pretrained(out)  # vanilla transformers
+    assert model.config.rope_parameters["rope_type"] == "yarn"
+    assert model.config.rope_parameters["factor"] == 4.0
+    assert AutoTokenizer.from_pretrained(out).model_max_length == 512
+    assert _max_diff(_weights(out), _weights(tiny_llama_session)) > 1e-4  # it trained
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert set(log[0]) >= {"step", "loss", "lr", "tokens", "tokens_per_s", "elapsed"}
+    assert (out / "loss.png").stat().st_size > 1000
+    prov = json.loads((out / "ctxext_provenance.json").read_text())
+    assert prov["tool"] == "ctxext finetune" and prov["method"] == "yarn"
+    assert not work_dir(out).exists()
+
+
+def test_lora_merges_into_a_plain_checkpoint(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoModelForCausalLM
+
+    base = build_tiny_model(tmp_path / "tied", tiny_tokenizer_dir, tie_word_embeddings=True)
+    out = tmp_path / "lora"
+    summary = run_finetune(str(base), out, YARN2, _cfg(lora_rank=4, pose=True, train_length=64))
+    assert summary["trainable_parameters"] < summary["parameters"]
+    merged, before = _weights(out), _weights(base)
+    assert not any("lora" in k for k in merged)
+    assert merged.keys() == before.keys()
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert (merged[key] - before[key]).abs().max() > 1e-5  # adapters merged in
+    assert (
+        merged["model.embed_tokens.weight"] - before["model.embed_tokens.weight"]
+    ).abs().max() > 0
+    assert (merged["model.norm.weight"] - before["model.norm.weight"]).abs().max() > 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.tie_word_embeddings and model.config.max_position_embeddings == 256
+
+    # Adapters only: embeddings and norms stay as they were.
+    out2 = tmp_path / "lora-only"
+    run_finetune(str(base), out2, YARN2, _cfg(steps=2, lora_rank=4, lora_trainable="none"))
+    w = _weights(out2)
+    assert torch.equal(w["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    assert torch.equal(w["model.norm.weight"], before["model.norm.weight"])
+
+
+def test_extended_checkpoint_is_finetuned_at_its_length(tmp_path, tiny_llama_session, capsys):
+    ext = tmp_path / "ext"
+    assert (
+        run_cli(capsys, "extend", tiny_llama_session, "-o", ext, "-m", "linear", "-f", "2")[0] == 0
+    )
+    summary = run_finetune(str(ext), tmp_path / "ft", None, _cfg(steps=1, grad_ckpt=True))
+    assert (summary["method"], summary["factor"], summary["target_length"]) == ("linear", 2.0, 256)
+
+
+def test_grad_accum_matches_a_bigger_batch(tmp_path, tiny_llama_session):
+    a = run_finetune(str(tiny_llama_session), tmp_path / "a", YARN2, _cfg(batch_size=2))
+    b = run_finetune(
+        str(tiny_llama_session), tmp_path / "b", YARN2, _cfg(batch_size=1, grad_accum=2)
+    )
+    assert a["global_batch"] == b["global_batch"] == 2
+    assert _max_diff(_weights(tmp_path / "a"), _weights(tmp_path / "b")) < 1e-5
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_resume_after_sigkill_gives_the_same_weights(tmp_path, tiny_llama_session):
+    args = ["--method", "yarn", "--factor", "2", "--steps", "24", "--lr", "1e-3",
+            "--warmup-steps", "3", "--lr-schedule", "cosine", "--save-every", "3", "--seed", "5"]  # fmt: skip
+    cfg = FinetuneConfig(
+        steps=24, lr=1e-3, warmup_steps=3, lr_schedule="cosine", save_every=3, seed=5
+    )
+    ref = tmp_path / "ref"
+    run_finetune(str(tiny_llama_session), ref, YARN2, cfg)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*CLI, "finetune", str(tiny_llama_session), "-o", str(out), *args],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while newest_checkpoint(work_dir(out)) is None and proc.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not out.exists()  # the output appears only when training is done
+    killed_at = int(newest_checkpoint(work_dir(out)).name.split("-")[1])
+    assert 3 <= killed_at < 24
+
+    summary = run_finetune(str(tiny_llama_session), out, YARN2, cfg, resume=True)
+    assert summary["resumed_from_step"] == killed_at
+    assert _max_diff(_weights(out), _weights(ref)) <= 1e-6
+    steps = [json.loads(x)["step"] for x in (out / "training_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 25))  # no step logged twice, none missing
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_llama_session):
+    single = tmp_path / "one"
+    run_finetune(str(tiny_llama_session), single, YARN2, _cfg(steps=3, batch_size=2))
+    multi = tmp_path / "two"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+        "--num_cpu_threads_per_process", "1", "-m", "ctxext", "finetune",
+        str(tiny_llama_session), "-o", str(multi), "--method", "yarn", "--factor", "2",
+        "--steps", "3", "--lr", "1e-3", "--warmup-steps", "1", "--save-every", "2",
+        "--batch-size", "1", "--json",
+    ]  # fmt: skip
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout[res.stdout.index("{") :])  # printed once (main process)
+    assert summary["num_processes"] == 2 and summary["global_batch"] == 2
+    assert _max_diff(_weights(multi), _weights(single)) < 1e-5
+    log_one = [json.loads(x) for x in (single / "training_log.jsonl").read_text().splitlines()]
+    log_two = [json.loads(x) for x in (multi / "training_log.jsonl").read_text().splitlines()]
+    for a, b in zip(log_one, log_two, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--steps", "0"], "steps"),
+        (["--lora-rank", "0"], "lora_rank"),
+        (["--pose"], "train_length"),
+        (["--pose", "--train-length", "1024"], "train length 1024 is longer than the target"),
+        (["--factor", "2"], "need --method"),
+        (["--method", "bogus", "--factor", "2"], "method"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(tmp_path, tiny_llama_session, capsys, flags, needle):
+    extra = [] if "--method" in flags or flags == ["--factor", "2"] else ["-m", "yarn", "-f", "4"]
+    code, _, err = run_cli(
+        capsys, "finetune", tiny_llama_session, "-o", tmp_path / "o", *extra, *flags
+    )
+    assert code == 2
+    assert err.count("\n") == 1 and needle in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists() and not work_dir(tmp_path / "o").exists()
+
+
+def test_too_little_data_says_how_many_tokens(tmp_path, tiny_llama_session, capsys):
+    text = tmp_path / "small.txt"
+    text.write_text("def f(x):\n    return x\n" * 10)
+    code, _, err = run_cli(
+        capsys, "finetune", tiny_llama_session, "-o", tmp_path / "o", "-m", "yarn", "-f", "4",
+        "--data", text, "--batch-size", "2",
+    )  # fmt: skip
+    assert code == 2 and err.count("\n") == 1
+    assert "needs at least 1,024" in err
+
+
+def test_output_and_resume_rules(tmp_path, tiny_llama_session, capsys):
+    model = str(tiny_llama_session)
+    out = tmp_path / "o"
+    flags = ["finetune", model, "-o", out, "-m", "yarn", "-f", "2", "--lr", "1e-3"]
+    code, _, err = run_cli(capsys, *flags, "--steps", "4", "--resume")
+    assert code == 2 and "no complete checkpoint" in err
+
+    def crash(event, info):  # dies right after the first checkpoint, like a killed job
+        if event == "checkpoint":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(model, out, YARN2, _cfg(steps=4, save_every=2), progress=crash)
+    assert not out.exists() and newest_checkpoint(work_dir(out)) is not None
+    code, _, err = run_cli(capsys, *flags, "--steps", "4")
+    assert code == 2 and "interrupted run" in err and "--resume" in err
+    code, _, err = run_cli(capsys, *flags, "--steps", "4", "--resume")
+    assert code == 2 and "started with finetune.warmup_steps=1, not 20" in err
+    code, _, err = run_cli(capsys, *flags, "--steps", "5", "--warmup-steps", "1", "--resume")
+    assert code == 2 and "started with finetune.steps=4, not 5" in err
+    code, _, err = run_cli(
+        capsys, *flags, "--steps", "4", "--warmup-steps", "1", "--save-every", "0", "--resume"
+    )
+    assert code == 0, err
+    assert out.is_dir() and not work_dir(out).exists()
+    code, _, err = run_cli(capsys, *flags, "--steps", "4", "--warmup-steps", "1", "--resume")
+    assert code == 2 and "already finished" in err
+    code, _, err = run_cli(capsys, *flags, "--steps", "1")
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert run_cli(capsys, *flags, "--steps", "1", "--overwrite", "--json")[0] == 0
