@@ -111,6 +111,9 @@ def _tokenize_for(
                     ids, n, bos_token_id=tok.bos_token_id, stride=cfg.stride,
                     num_docs=cfg.num_docs, seed=cfg.seed,
                 )  # fmt: skip
+        if "passkey" in cfg.tasks:
+            for n in cfg.lengths:  # raises if a length cannot hold the prompt
+                evaluate.build_passkey_prompt(tok, n, 0.5, "12345")
     return cache
 
 

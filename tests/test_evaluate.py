@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
@@ -27,6 +29,7 @@ from ctxext.evaluate import (
     PASSKEY_TASK,
     PasskeyPrompt,
     _passkey_correct,
+    _windows,
     bucket_edges,
     build_passkey_prompt,
     evaluate_passkey,
@@ -203,6 +206,19 @@ def test_sliding_equals_model_loss(llama, docs, stride):
     assert res.n_tokens == n == sum(len(d) for d in docs if len(d) + 1 >= length)
     assert res.ppl == pytest.approx(math.exp(total / n), rel=1e-4)
     assert res.protocol["name"] == "sliding" and res.protocol["stride"] == stride
+
+
+@given(st.integers(2, 40), st.data())
+def test_sliding_windows_cover_each_token_once(length, data):
+    n = data.draw(st.integers(length, 5 * length), label="n")
+    stride = data.draw(st.integers(1, length), label="stride")
+    windows = _windows(n, length, stride)
+    scored = [t for w in windows for t in range(w.first, w.end)]
+    assert all(w.end - w.begin == length and w.begin < w.first for w in windows)
+    assert windows[-1].end == n and len(scored) == len(set(scored))
+    if stride < length:  # every token but the first, each with >= length - stride context
+        assert scored == list(range(1, n))
+        assert all(w.first - w.begin >= min(length - stride, w.first) for w in windows)
 
 
 def test_sliding_stride_equal_length_is_disjoint_windows(llama):

@@ -32,7 +32,8 @@ from ctxext.finetune import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "ctxext.cli_finetune"]
+CLI_MODULE = "ctxext.cli_finetune"  # `python -m ctxext` once ctxext.cli registers the command
+CLI = [sys.executable, "-m", CLI_MODULE]
 YARN4 = ExtendConfig(method="yarn", factor=4)  # 128 -> 512
 YARN2 = ExtendConfig(method="yarn", factor=2)  # 128 -> 256
 
@@ -243,7 +244,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_llama
     multi = tmp_path / "two"
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-        "--num_cpu_threads_per_process", "1", "-m", "ctxext", "finetune",
+        "--num_cpu_threads_per_process", "1", "-m", CLI_MODULE, "finetune",
         str(tiny_llama_session), "-o", str(multi), "--method", "yarn", "--factor", "2",
         "--steps", "3", "--lr", "1e-3", "--warmup-steps", "1", "--save-every", "2",
         "--batch-size", "1", "--json",
