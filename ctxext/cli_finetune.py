@@ -175,11 +175,13 @@ class _ProgressBar:
         self.enabled = enabled
         self.progress: Any = None
         self.task: Any = None
+        self.status: Any = None
 
     def __enter__(self) -> _ProgressBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stop_status()
         if self.progress is not None:
             self.progress.__exit__(*exc)
 
@@ -215,7 +217,15 @@ class _ProgressBar:
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        if event == "start":
+        if event == "status" and self.progress is None:
+            # A transient spinner: it vanishes, so an error that follows stays a single line.
+            if self.status is None:
+                self.status = _err.status(info["message"])
+                self.status.start()
+            else:
+                self.status.update(info["message"])
+        elif event == "start":
+            self._stop_status()
             self._start(info["total"], info["completed"])
         elif event == "step" and self.progress is not None:
             self.progress.update(
@@ -224,9 +234,14 @@ class _ProgressBar:
                 loss=f"{info['loss']:.4f}",
                 tps=f"{info['tokens_per_s']:,.0f}",
             )
-        elif event in ("status", "checkpoint"):
+        elif event in ("status", "checkpoint") and self.progress is not None:
             text = info.get("message") or f"checkpoint {info['path']}"
-            (self.progress.console if self.progress else _err).print(f"[dim]{text}[/dim]")
+            self.progress.console.print(f"[dim]{text}[/dim]")
+
+    def _stop_status(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
 
 
 def _render_summary(summary: dict[str, Any]) -> None:

@@ -631,25 +631,32 @@ def run_finetune(
     """
     from accelerate import Accelerator
 
-    from ctxext.modeling import default_device
+    from ctxext.modeling import default_device, load_tokenizer
 
     plan = plan_run(model, output, extend, cfg, resume=resume, overwrite=overwrite)
+    device = default_device()
     acc = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
-        mixed_precision=_mixed_precision(cfg.dtype, default_device()),
+        mixed_precision=_mixed_precision(cfg.dtype, device),
         step_scheduler_with_optimizer=False,  # else it steps once per process per step
+        # Without a GPU, processes started by `accelerate launch --multi_gpu` (torchrun) must
+        # be told they are CPU workers to join one gloo group (MULTI_CPU) instead of each
+        # training alone.
+        cpu=device == "cpu",
     )
     report = _reporter(progress, acc.is_main_process)
     global_batch = cfg.batch_size * cfg.grad_accum * acc.num_processes
     identity = _run_identity(plan, cfg, global_batch)
     _open_work_dir(acc, plan, identity, resume=resume, overwrite=overwrite)
 
-    report("status", {"message": f"loading {plan.source.name}"})
-    loaded, lm = _load(plan, cfg, trust_remote_code, allow_pickle)
+    # Data first: a source too small for one batch is reported before any weight is loaded.
     report("status", {"message": "packing training data"})
+    tokenizer = load_tokenizer(plan.source.path, trust_remote_code)
     # PoSE windows are cut from target-length chunks; plain training reads whole chunks.
     chunk_length = plan.target_length if cfg.pose else plan.seq_length
-    data = load_train_data(loaded.tokenizer, cfg, chunk_length, global_batch)
+    data = load_train_data(tokenizer, cfg, chunk_length, global_batch)
+    report("status", {"message": f"loading {plan.source.name}"})
+    loaded, lm = _load(plan, cfg, trust_remote_code, allow_pickle)
     net, trainable, total = prepare_model(lm, cfg)
     opt = make_optimizer(net, cfg)
     import torch

@@ -36,15 +36,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ctxext.errors import CtxextError
-from ctxext.rope_reference import (
-    default_inv_freq,
-    llama3_blend,
-    ntk_theta,
-    reference_inv_freq,
-    yarn_ramp,
-)
 
 METHODS = ("linear", "ntk", "yarn", "dynamic", "llama3")
+
+
+def _ref() -> Any:
+    """The reference formulas (numpy) load on first use: `extend` stays quick to start."""
+    from ctxext import rope_reference
+
+    return rope_reference
+
 
 _PICK = "pick a RoPE model (Llama, Mistral, Qwen2, GPT-NeoX, Gemma 3, ...)"
 
@@ -473,9 +474,9 @@ def _write_ntk(info: RopeInfo, s: float, opts: dict) -> tuple[dict, int]:
     # No "ntk" rope_type exists: write the enlarged base under rope_type "default", which every
     # engine reads. No factor/original length inside the dict: "default" accepts neither without
     # an "Unrecognized keys" warning; the trained length goes to the top level instead.
-    return _entry(info, "default", ntk_theta(info.rope_theta, info.rotary_dim, s)), _new_length(
-        info, s
-    )
+    return _entry(
+        info, "default", _ref().ntk_theta(info.rope_theta, info.rotary_dim, s)
+    ), _new_length(info, s)
 
 
 def _write_yarn(info: RopeInfo, s: float, opts: dict) -> tuple[dict, int]:
@@ -724,10 +725,13 @@ def pair_table(
             f"{info.trained_length}: pass a larger target length"
         )
     theta, d, length = info.rope_theta, info.rotary_dim, info.trained_length
-    base = default_inv_freq(theta, d)
-    ramps = {"yarn": yarn_ramp(theta, d, length), "llama3": llama3_blend(theta, d, length)}
+    base = _ref().default_inv_freq(theta, d)
+    ramps = {
+        "yarn": _ref().yarn_ramp(theta, d, length),
+        "llama3": _ref().llama3_blend(theta, d, length),
+    }
     scaled = {
-        m: reference_inv_freq(
+        m: _ref().reference_inv_freq(
             m, theta, d, s, length, seq_len=target_length if m == "dynamic" else None
         )[0]
         for m in methods
@@ -780,7 +784,7 @@ def summarize(info: RopeInfo) -> dict:
         "pairs_never_completing_turn": None,
     }
     if info.scheme == "rope" and info.rotary_dim >= 4 and info.rotary_dim % 2 == 0:
-        wavelengths = 2 * math.pi / default_inv_freq(info.rope_theta, info.rotary_dim)
+        wavelengths = 2 * math.pi / _ref().default_inv_freq(info.rope_theta, info.rotary_dim)
         complete = int((wavelengths <= info.trained_length).sum())
         out["pairs"] = info.rotary_dim // 2
         out["pairs_completing_turn"] = complete
