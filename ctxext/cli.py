@@ -353,6 +353,14 @@ def evaluate_and_report(
     return results
 
 
+from ctxext.cli_finetune import finetune  # noqa: E402 (registered after app exists)
+from ctxext.cli_recipes import recipes_app, run  # noqa: E402
+
+app.command("finetune")(finetune)
+app.command("run")(run)
+app.add_typer(recipes_app, name="recipes")
+
+
 def _run_app(argv: list[str]) -> int:
     # Typer ships its own click; its exceptions live under typer.exceptions.
     from typer.exceptions import Abort, Exit, TyperException

@@ -279,10 +279,3 @@ def _render_summary(summary: dict[str, Any]) -> None:
     for key, value in rows:
         table.add_row(key, str(value))
     _out.print(table)
-
-
-if __name__ == "__main__":  # development entry point until ctxext.cli registers the command
-    from ctxext.cli import app, main
-
-    app.command("finetune")(finetune)
-    main()

@@ -30,6 +30,7 @@ This module imports no torch at import time: recipes reuse :class:`FinetuneConfi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -38,7 +39,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -386,7 +387,6 @@ class Plan:
     seq_length: int  # tokens per training sequence (W with PoSE)
     out: Path
     work: Path
-    notes: list[str] = field(default_factory=list)
 
 
 def work_dir(out: Path) -> Path:
@@ -481,7 +481,7 @@ def _check_output_state(out: Path, work: Path, *, resume: bool, overwrite: bool)
         return
     if overwrite:
         return
-    if work.exists():
+    if newest_checkpoint(work) is not None:
         raise CtxextError(
             f"an interrupted run of {out} is in {work}: pass --resume to continue it or "
             "--overwrite to start over"
@@ -528,17 +528,10 @@ def prepare_model(lm: Any, cfg: FinetuneConfig) -> tuple[Any, int, int]:
         _enable_checkpointing(lm)
     model = lm
     if cfg.lora_rank is not None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: make them reproducible
-        lora = LoraConfig(
-            r=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
-            lora_dropout=cfg.lora_dropout,
-            target_modules="all-linear",
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
+        lora = _lora_config(cfg)
         with warnings.catch_warnings():  # peft reads a property transformers 5 deprecated
             warnings.simplefilter("ignore", FutureWarning)
             model = get_peft_model(lm, lora)
@@ -555,6 +548,19 @@ def prepare_model(lm: Any, cfg: FinetuneConfig) -> tuple[Any, int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return model, trainable, total
+
+
+def _lora_config(cfg: FinetuneConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def _enable_checkpointing(lm: Any) -> None:
@@ -645,16 +651,22 @@ def run_finetune(
         cpu=device == "cpu",
     )
     report = _reporter(progress, acc.is_main_process)
-    global_batch = cfg.batch_size * cfg.grad_accum * acc.num_processes
-    identity = _run_identity(plan, cfg, global_batch)
-    _open_work_dir(acc, plan, identity, resume=resume, overwrite=overwrite)
-
+    global_batch = cfg.batch_size * cfg.grad_accum * _data_parallel_size(acc)
+    if plan.seq_length % (2 * _cp_size(acc)):
+        raise CtxextError(
+            f"context parallelism over {_cp_size(acc)} ranks needs sequences divisible by "
+            f"{2 * _cp_size(acc)} tokens (load-balanced slices); {plan.seq_length} is not: "
+            "change --target-length/--train-length"
+        )
     # Data first: a source too small for one batch is reported before any weight is loaded.
     report("status", {"message": "packing training data"})
     tokenizer = load_tokenizer(plan.source.path, trust_remote_code)
     # PoSE windows are cut from target-length chunks; plain training reads whole chunks.
     chunk_length = plan.target_length if cfg.pose else plan.seq_length
     data = load_train_data(tokenizer, cfg, chunk_length, global_batch)
+    identity = _run_identity(plan, cfg, global_batch, data.fingerprint)
+    if resume:
+        _check_same_run(plan.work, identity)
     report("status", {"message": f"loading {plan.source.name}"})
     loaded, lm = _load(plan, cfg, trust_remote_code, allow_pickle)
     net, trainable, total = prepare_model(lm, cfg)
@@ -670,6 +682,8 @@ def run_finetune(
         state.resumed_from = state.step
     loader = _loader(data, cfg, plan, state.samples, global_batch)
     net, opt, loader, sched = acc.prepare(net, opt, loader, sched)
+    if not resume:  # only now: a run that fails to start leaves nothing behind
+        _create_work_dir(acc, plan, identity)
     if ckpt is not None:
         report("status", {"message": f"resuming from {ckpt.name}"})
         acc.load_state(str(ckpt))
@@ -687,6 +701,7 @@ def run_finetune(
         "lora_rank": cfg.lora_rank,
         "global_batch": global_batch,
         "num_processes": acc.num_processes,
+        "data_parallel_size": _data_parallel_size(acc),
         "trainable_parameters": trainable,
         "parameters": total,
         "data": {
@@ -721,7 +736,9 @@ def _reporter(progress: ProgressFn | None, main: bool) -> ProgressFn:
     return report
 
 
-def _run_identity(plan: Plan, cfg: FinetuneConfig, global_batch: int) -> dict[str, Any]:
+def _run_identity(
+    plan: Plan, cfg: FinetuneConfig, global_batch: int, data_fingerprint: str
+) -> dict[str, Any]:
     from ctxext import checkpoint
 
     return {
@@ -730,27 +747,24 @@ def _run_identity(plan: Plan, cfg: FinetuneConfig, global_batch: int) -> dict[st
         "extend": plan.extend.model_dump(mode="json") if plan.extend else None,
         "finetune": cfg.identity(),
         "global_batch": global_batch,
+        "data_fingerprint": data_fingerprint,
     }
 
 
-def _open_work_dir(
-    acc: Any, plan: Plan, identity: dict[str, Any], *, resume: bool, overwrite: bool
-) -> None:
-    """Create (or, on --resume, check) the work folder; only the main process writes."""
-    run_file = plan.work / RUN_FILE
-    if resume:
-        before = json.loads(run_file.read_text()) if run_file.is_file() else {}
-        _check_same_run(before.get("identity", {}), identity, plan.work)
-    elif acc.is_main_process:
-        if overwrite and plan.work.exists():
+def _create_work_dir(acc: Any, plan: Plan, identity: dict[str, Any]) -> None:
+    """A fresh work folder (replacing one without checkpoints, or any with --overwrite)."""
+    if acc.is_main_process:
+        if plan.work.exists():
             shutil.rmtree(plan.work)
-        (plan.work / "checkpoints").mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(run_file, {"identity": identity, "output": str(plan.out)})
+        (plan.work / "checkpoints").mkdir(parents=True)
+        _write_json_atomic(plan.work / RUN_FILE, {"identity": identity, "output": str(plan.out)})
     acc.wait_for_everyone()
 
 
-def _check_same_run(before: dict[str, Any], now: dict[str, Any], work: Path) -> None:
+def _check_same_run(work: Path, now: dict[str, Any]) -> None:
     """--resume must repeat the run's options: name the first one that differs."""
+    run_file = work / RUN_FILE
+    before = json.loads(run_file.read_text())["identity"] if run_file.is_file() else {}
     flat_before, flat_now = _flatten(before), _flatten(now)
     for key in sorted(set(flat_before) | set(flat_now)):
         if flat_before.get(key) != flat_now.get(key):
@@ -857,9 +871,9 @@ def _one_step(acc: Any, net: Any, opt: Any, sched: Any, batches: Any, cfg: Finet
     """grad_accum micro-steps and one optimizer step; the loss averaged over all processes."""
     total = 0.0
     for _ in range(cfg.grad_accum):
-        batch = next(batches)
-        with acc.accumulate(net):
-            loss = net(**batch).loss
+        inputs, context = _model_inputs(acc, next(batches))
+        with acc.accumulate(net), context:
+            loss = net(**inputs).loss
             acc.backward(loss)
             if acc.sync_gradients:
                 if cfg.max_grad_norm is not None:
@@ -869,6 +883,45 @@ def _one_step(acc: Any, net: Any, opt: Any, sched: Any, batches: Any, cfg: Finet
                 opt.zero_grad(set_to_none=True)
         total = total + loss.detach()
     return acc.reduce(total / cfg.grad_accum, reduction="mean").item()
+
+
+def _cp_size(acc: Any) -> int:
+    pc = getattr(acc, "parallelism_config", None)
+    return pc.cp_size if pc is not None and pc.cp_enabled else 1
+
+
+def _data_parallel_size(acc: Any) -> int:
+    """Processes that read different samples (context/tensor-parallel peers share a batch)."""
+    pc = getattr(acc, "parallelism_config", None)
+    if pc is not None and pc.total_size > 1:
+        return pc.data_parallel_size
+    return acc.num_processes
+
+
+def _model_inputs(acc: Any, batch: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The forward's inputs, and the context to run it in.
+
+    Under context parallelism (accelerate ParallelismConfig cp_size > 1, FSDP2) every rank of a
+    CP group holds a slice of each sequence: labels are shifted *before* slicing (a slice
+    cannot shift across its boundary), position ids are explicit so each slice knows where it
+    is, and the attention mask goes (CP runs causal SDPA without masks).
+    """
+    if _cp_size(acc) == 1:
+        return batch, contextlib.nullcontext()
+    import torch
+
+    ids, labels = batch["input_ids"], batch["labels"]
+    shifted = torch.full_like(labels, -100)
+    shifted[:, :-1] = labels[:, 1:]
+    pos = batch.get("position_ids")
+    if pos is None:
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).contiguous()
+    buffers = [ids, shifted, pos]
+    context = acc.maybe_context_parallel(
+        buffers=buffers, buffer_seq_dims=[1, 1, 1], no_restore_buffers=set(buffers)
+    )
+    inputs = {"input_ids": ids, "labels": shifted, "shift_labels": shifted, "position_ids": pos}
+    return inputs, context
 
 
 def _save_checkpoint(acc: Any, work: Path, state: _State) -> Path:
@@ -949,13 +1002,50 @@ def _finish(
 ) -> None:
     """Merge LoRA, write the checkpoint atomically (main process), then drop the work folder."""
     acc.wait_for_everyone()
+    model = _final_model(acc, net, loaded, cfg)
     if acc.is_main_process:
-        model = acc.unwrap_model(net)
         if cfg.lora_rank is not None:
             model = model.merge_and_unload()
         _write_output(model, loaded, plan, cfg, summary)
         shutil.rmtree(plan.work, ignore_errors=True)
     acc.wait_for_everyone()
+
+
+def _final_model(acc: Any, net: Any, loaded: Any, cfg: FinetuneConfig) -> Any:
+    """The trained model as one whole module on the main process (None elsewhere).
+
+    Data parallel: the main process's replica is complete. FSDP: parameters are sharded, so
+    every rank joins in gathering the full state dict, which the main process loads into a
+    fresh CPU copy of the same architecture (and the same LoRA wrapping) before merging.
+    """
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.FSDP:
+        return acc.unwrap_model(net) if acc.is_main_process else None
+    state = acc.get_state_dict(net)  # a collective: all ranks call it
+    if not acc.is_main_process:
+        return None
+    return rebuild_model(loaded.config, cfg, state)
+
+
+def rebuild_model(config: dict[str, Any], cfg: FinetuneConfig, state: dict[str, Any]) -> Any:
+    """A CPU model built from ``config`` (LoRA-wrapped like training) holding ``state``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ctxext.modeling import build_config
+
+    # Built for real on the CPU (not on "meta"): buffers outside the state dict, such as the
+    # rotary inverse frequencies, must be computed from the config.
+    model = AutoModelForCausalLM.from_config(build_config(config, False), dtype=torch.float32)
+    if cfg.lora_rank is not None:
+        from peft import get_peft_model
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(model, _lora_config(cfg))
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 def _save_dtype(config: dict[str, Any]):  # -> torch.dtype

@@ -1,0 +1,248 @@
+"""`ctxext run RECIPE` and `ctxext recipes list | show | validate`: parsing and rendering only.
+
+The work is in :mod:`ctxext.recipes`; this module imports only typer, rich and pydantic at
+import time, so `ctxext --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+
+__all__ = ["recipes_app", "run"]
+
+_out = Console()
+_err = Console(stderr=True)
+
+RecipeArg = Annotated[
+    str,
+    typer.Argument(
+        help="A recipe .yaml file, or the name of a shipped recipe (see `ctxext recipes list`).",
+        show_default=False,
+    ),
+]
+OverridesArg = Annotated[
+    Optional[list[str]],  # noqa: UP045 (typer needs Optional on 3.10)
+    typer.Argument(
+        help="Overrides applied before validation, e.g. finetune.steps=10 "
+        "eval.lengths=[256,512] seed=1 (values are YAML).",
+        show_default=False,
+    ),
+]
+
+
+def run(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    output_dir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--output-dir", "-o", help="Output folder (overrides the recipe's output_dir)."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Validate and print the resolved recipe; run nothing."),
+    ] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Allow code from the model folder.")
+    ] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Allow pickled (*.bin) weights.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
+) -> None:
+    """Run a recipe: extend -> fine-tune -> eval, then results, plots, report and model card.
+
+    Writes output_dir atomically: recipe.yaml, model/ + README.md, results.json/.csv, plots, report.md.
+    """
+    from ctxext.recipes import load_recipe, run_recipe
+
+    loaded = load_recipe(recipe, overrides or [], output_dir=output_dir)
+    out = loaded.output_dir()
+    if dry_run:
+        _print_resolved(loaded)
+        _err.print(f"[dim]dry run: {loaded.recipe.summary()}; would write {out}[/dim]")
+        return
+    from ctxext.cli import token_progress
+
+    with token_progress() as progress, _FinetuneBar(progress, enabled=not as_json) as bar:
+        hooks = _hooks(progress, bar, quiet=as_json)
+        summary = run_recipe(
+            loaded,
+            overwrite=overwrite,
+            hooks=hooks,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+        )
+    if as_json:
+        _out.print_json(data=_jsonable(summary))
+        return
+    _render(summary, loaded)
+
+
+def _hooks(progress: Any, bar: _FinetuneBar, quiet: bool) -> Any:
+    from ctxext.recipes import RunHooks
+
+    def status(message: str) -> None:
+        if not quiet:
+            progress.console.print(f"[bold cyan]>[/bold cyan] {message}")
+
+    def factory(what: str, total: int):
+        task_id = progress.add_task(what, total=total)
+        return lambda done: progress.update(task_id, completed=done)
+
+    return RunHooks(status=status, finetune=bar, eval_factory=factory)
+
+
+class _FinetuneBar:
+    """A task in the shared Rich progress, driven by run_finetune's progress events."""
+
+    def __init__(self, progress: Any, enabled: bool) -> None:
+        self.progress, self.enabled, self.task = progress, enabled, None
+
+    def __enter__(self) -> _FinetuneBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if event == "start":
+            self.task = self.progress.add_task(
+                "finetune", total=info["total"], completed=info["completed"]
+            )
+        elif event == "step" and self.task is not None:
+            self.progress.update(
+                self.task,
+                completed=info["step"],
+                description=f"finetune loss {info['loss']:.3f}",
+            )
+        elif event in ("status", "checkpoint"):
+            text = info.get("message") or f"checkpoint {info.get('path')}"
+            self.progress.console.print(f"[dim]  {text}[/dim]")
+
+
+def _render(summary: dict[str, Any], loaded: Any) -> None:
+    from ctxext.report import passkey_table, ppl_table
+
+    results = summary.get("results")
+    if results is not None:
+        if "ppl" in results["config"]["tasks"]:
+            _out.print(ppl_table(results))
+        pk = passkey_table(results)
+        if pk is not None:
+            _out.print(pk)
+    table = Table(title=f"ctxext run {loaded.name}", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    table.add_row("output", summary["output_dir"])
+    if summary.get("checkpoint"):
+        table.add_row("checkpoint", f"{summary['checkpoint']} (model card: README.md)")
+    ft = summary.get("finetune")
+    if ft:
+        loss = "-" if ft.get("final_loss") is None else f"{ft['final_loss']:.4f}"
+        table.add_row("fine-tune", f"{ft['steps']} steps, final loss {loss}, {ft['seconds']:.0f}s")
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in summary.get("timings", {}).items())
+    table.add_row("time", f"{summary['seconds']:.1f}s ({timings})")
+    table.add_row("seed", str(summary["provenance"]["seed"]))
+    _out.print(table)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _print_resolved(loaded: Any) -> None:
+    import yaml
+
+    text = yaml.safe_dump(loaded.resolved(), sort_keys=False, allow_unicode=True)
+    _out.print(Syntax(text, "yaml", background_color="default"))
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+recipes_app = typer.Typer(
+    help="List, show and validate recipes (shipped ones are named without a path).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@recipes_app.command("list")
+def list_recipes(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The shipped recipes: name, model and what each one does."""
+    from ctxext.recipes import load_recipe, shipped_recipes
+
+    rows = []
+    for name in shipped_recipes():
+        recipe = load_recipe(name).recipe
+        rows.append(
+            {
+                "name": name,
+                "model": recipe.model or "stdlib-llama",
+                "does": recipe.summary(),
+                "description": " ".join((recipe.description or "").split()),
+            }
+        )
+    if as_json:
+        _out.print_json(data=rows)
+        return
+    table = Table(title="shipped recipes (`ctxext run NAME`)")
+    table.add_column("name", style="bold")
+    table.add_column("model")
+    table.add_column("what it does")
+    for row in rows:
+        table.add_row(row["name"], row["model"], row["does"])
+    _out.print(table)
+
+
+@recipes_app.command("show")
+def show(
+    name: RecipeArg,
+    overrides: OverridesArg = None,
+    resolved: Annotated[
+        bool,
+        typer.Option(
+            "--resolved", help="Show the validated recipe with every default (after overrides)."
+        ),
+    ] = False,
+) -> None:
+    """Print a recipe: the file as written (with its comments), or --resolved."""
+    from ctxext.recipes import find_recipe, load_recipe
+
+    loaded = load_recipe(name, overrides or [])  # validates: an invalid recipe exits 2
+    if resolved or overrides:
+        _print_resolved(loaded)
+        return
+    path, _ = find_recipe(name)
+    _out.print(Syntax(path.read_text(encoding="utf-8"), "yaml", background_color="default"))
+
+
+@recipes_app.command("validate")
+def validate(
+    file: RecipeArg,
+    overrides: OverridesArg = None,
+) -> None:
+    """Check a recipe against the schema (keys, types, values); runs nothing.
+
+    Exit code 0 when valid, else 2 with the file, key, line and what was expected.
+    """
+    from ctxext.recipes import load_recipe
+
+    loaded = load_recipe(file, overrides or [])
+    _out.print(f"[green]valid[/green] {loaded.path}: {loaded.recipe.summary()}")
