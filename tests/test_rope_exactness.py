@@ -84,6 +84,15 @@ REQUEST = {
 DYNAMIC_SEQ_LEN = 3 * L + 77  # beyond the trained length, so dynamic NTK rescales
 
 
+@pytest.fixture(autouse=True)
+def _warnings_on():
+    """In-process CLI tests quiet transformers (as the CLI does); these tests read its warnings."""
+    before = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()
+    yield
+    transformers.logging.set_verbosity(before)
+
+
 class _Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
