@@ -245,6 +245,10 @@ def eval_command(
     no_base: Annotated[bool, typer.Option("--no-base", help="Skip the unscaled rows.")] = False,
     text_field: Annotated[str, typer.Option(help="Text field of .jsonl / datasets.")] = "text",
     dataset_split: Annotated[str, typer.Option(help="Split of a HF dataset.")] = "test",
+    fallback_encoding: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Encoding for data files that are not UTF-8, e.g. latin-1."),
+    ] = None,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
     device_map: Annotated[
         Optional[str],  # noqa: UP045
@@ -273,6 +277,7 @@ def eval_command(
             "data": data,
             "text_field": text_field,
             "dataset_split": dataset_split,
+            "fallback_encoding": fallback_encoding,
             "stride": stride,
             "num_docs": num_docs,
             "passkey_trials": passkey_trials,

@@ -60,6 +60,10 @@ def finetune(
         ),
     ] = None,
     text_field: Annotated[str, typer.Option(help="Text field of .jsonl files/datasets.")] = "text",
+    fallback_encoding: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Encoding for data files that are not UTF-8, e.g. latin-1."),
+    ] = None,
     lora_rank: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="LoRA rank (default: full fine-tune)."),
@@ -128,6 +132,7 @@ def finetune(
             "grad_accum": grad_accum,
             "data": data,
             "text_field": text_field,
+            "fallback_encoding": fallback_encoding,
             "lora_rank": lora_rank,
             "lora_alpha": lora_alpha,
             "lora_trainable": lora_trainable,

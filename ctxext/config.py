@@ -21,6 +21,18 @@ Task = Literal["ppl", "passkey"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
+def known_encoding(v: str | None) -> str | None:
+    """A codec name Python knows (validator shared by the eval and finetune configs)."""
+    import codecs
+
+    if v is not None:
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {v!r} (try latin-1 or cp1252)") from None
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
@@ -110,6 +122,8 @@ class EvalConfig(_Strict):
     """Field holding the text in .jsonl files and datasets."""
     dataset_split: str = "test"
     """Split of a Hugging Face dataset."""
+    fallback_encoding: str | None = None
+    """Encoding for data files that are not UTF-8 (e.g. latin-1); None refuses them."""
     stride: int | None = None
     """Sliding-window stride; None scores each document's first L tokens (YaRN protocol)."""
     num_docs: int | None = None
@@ -140,6 +154,8 @@ class EvalConfig(_Strict):
         if v is not None and v < 1:
             raise ValueError(f"must be a positive integer (got {v})")
         return v
+
+    _encoding = field_validator("fallback_encoding")(known_encoding)
 
     @field_validator("passkey_depths")
     @classmethod

@@ -65,7 +65,11 @@ def run_eval(
     from ctxext.data import data_fingerprint, load_documents
 
     docs = load_documents(
-        cfg.data, split="heldout", text_field=cfg.text_field, dataset_split=cfg.dataset_split
+        cfg.data,
+        split="heldout",
+        text_field=cfg.text_field,
+        dataset_split=cfg.dataset_split,
+        fallback_encoding=cfg.fallback_encoding,
     )
     started = time.time()
     token_cache = _tokenize_for(variants, docs, cfg, trust_remote_code)

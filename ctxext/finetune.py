@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from ctxext.config import Dtype, ExtendConfig
+from ctxext.config import Dtype, ExtendConfig, known_encoding
 from ctxext.errors import CtxextError
 
 __all__ = [
@@ -140,6 +140,8 @@ class FinetuneConfig(BaseModel):
     folder, a .jsonl file or a Hugging Face dataset name."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.json files and datasets."""
+    fallback_encoding: str | None = None
+    """Encoding for data files that are not UTF-8 (e.g. latin-1); None refuses them."""
     dtype: Dtype = "auto"
     """Compute dtype: auto = bf16 autocast on CUDA (fp32 master weights), fp32 on CPU."""
 
@@ -149,6 +151,8 @@ class FinetuneConfig(BaseModel):
         if v <= 0:
             raise ValueError(f"must be a positive integer (got {v})")
         return v
+
+    _encoding = field_validator("fallback_encoding")(known_encoding)
 
     @field_validator("warmup_steps", "save_every")
     @classmethod
@@ -341,7 +345,12 @@ def load_train_data(
 
     from ctxext.data import data_fingerprint, load_documents, tokenize_documents
 
-    docs = load_documents(cfg.data, split="train", text_field=cfg.text_field)
+    docs = load_documents(
+        cfg.data,
+        split="train",
+        text_field=cfg.text_field,
+        fallback_encoding=cfg.fallback_encoding,
+    )
     random.Random(f"ctxext-docs:{cfg.seed}").shuffle(docs)
     wanted = cfg.steps * global_batch * chunk_length
     stream: list[int] = []

@@ -89,6 +89,31 @@ def _masked_lm(model: Path) -> Path:
 LLAMA = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
          "max_position_embeddings": 128}  # fmt: skip
 
+
+def _finetune(model: Path, tmp: Path, *args: str) -> list:
+    return ["finetune", model, "-o", tmp / "out", "-m", "yarn", "-f", "2", "--steps", "2", *args]
+
+
+def _existing_output(tmp: Path) -> Path:
+    (tmp / "out").mkdir()
+    (tmp / "out" / "keep.txt").write_text("mine")
+    return tmp / "out"
+
+
+def _recipe(tmp: Path, text: str) -> list:
+    path = tmp / "data" / "recipe.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    return ["run", path]
+
+
+RECIPE = """model: {model}
+output_dir: {out}
+extend: {{method: yarn, factor: 2.0}}
+eval: {{lengths: [128]}}
+"""
+
+
 CASES: dict[str, Case] = {
     # --- what MODEL is
     "not a model folder": Case(
@@ -218,6 +243,36 @@ CASES: dict[str, Case] = {
     "lengths zero": Case(lambda t, m: _eval(m, t, "--lengths", "0"), "positive"),
     "lengths negative": Case(lambda t, m: _eval(m, t, "--lengths", "128,-5"), "positive"),
     "lengths not numbers": Case(lambda t, m: _eval(m, t, "--lengths", "lots"), "positive"),
+    # --- finetune
+    "finetune steps zero": Case(lambda t, m: _finetune(m, t, "--steps", "0"), "steps"),
+    "finetune lora rank zero": Case(lambda t, m: _finetune(m, t, "--lora-rank", "0"), "lora"),
+    "finetune train length above target": Case(
+        lambda t, m: _finetune(m, t, "--pose", "--train-length", "512"), "train length"
+    ),
+    "finetune too little data": Case(
+        lambda t, m: _finetune(m, t, "--data", _datafile(t, "tiny.txt", b"x = 1\n" * 20)),
+        "tokens",
+    ),
+    "finetune output exists": Case(
+        lambda t, m: [*_finetune(m, t)[:3], _existing_output(t), *_finetune(m, t)[4:]], "exists"
+    ),
+    "finetune resume without checkpoint": Case(lambda t, m: _finetune(m, t, "--resume"), "resume"),
+    # --- recipes
+    "recipe unknown key": Case(
+        lambda t, m: _recipe(t, RECIPE.format(model=m, out=t / "out") + "learning_rate: 1\n"),
+        "learning_rate",
+    ),
+    "recipe wrong type": Case(
+        lambda t, m: _recipe(t, RECIPE.format(model=m, out=t / "out").replace("2.0", "big")),
+        "factor",
+    ),
+    "recipe invalid yaml": Case(lambda t, m: _recipe(t, "model: [unclosed\n"), "yaml"),
+    "recipe writes outside its folder": Case(
+        lambda t, m: _recipe(
+            t, RECIPE.format(model=m, out=t / "out") + "outputs: {checkpoint: ../elsewhere}\n"
+        ),
+        "inside output_dir",
+    ),
 }
 
 

@@ -93,3 +93,25 @@ def test_eval_numbers_match_plain_transformers(capsys, tmp_path, tiny_llama, dat
             loss = model(seq, labels=seq).loss.item()
         nll, n = nll + loss * 127, n + 127
     assert ppl == pytest.approx(math.exp(nll / n), rel=1e-4)
+
+
+def test_fallback_encoding_reads_a_latin1_file_like_its_utf8_twin(capsys, tmp_path, tiny_llama):
+    """The flag the non-UTF-8 error suggests works, and decodes the text exactly."""
+    from ctxext.corpus import stdlib_documents
+
+    text = next(d.text for d in stdlib_documents("heldout") if len(d.text) > 4000)
+    text = text.replace("e", "\xe9")  # plenty of non-ASCII characters
+    (tmp_path / "latin.txt").write_bytes(text.encode("latin-1"))
+    (tmp_path / "utf8.txt").write_text(text, encoding="utf-8")
+    ppl = {}
+    for name, extra in (("latin.txt", ["--fallback-encoding", "latin-1"]), ("utf8.txt", [])):
+        code, stdout, err = run_cli(
+            capsys, "eval", tiny_llama, "--lengths", "128", "--data", tmp_path / name,
+            "--json", *extra,
+        )  # fmt: skip
+        assert code == 0, err
+        ppl[name] = json.loads(stdout)["runs"][0]["ppl"]["128"]["ppl"]
+    assert ppl["latin.txt"] == ppl["utf8.txt"]
+    code, _, err = run_cli(capsys, "eval", tiny_llama, "--lengths", "128", "--data",
+                           tmp_path / "latin.txt", "--fallback-encoding", "no-such")  # fmt: skip
+    assert code == 2 and "unknown text encoding 'no-such'" in err
