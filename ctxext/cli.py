@@ -183,9 +183,18 @@ class _TokensPerSecond(ProgressColumn):
         return Text("-- tok/s" if speed is None else f"{speed:,.0f} tok/s", style="cyan")
 
 
+class _Progress(Progress):
+    """Rich progress that leaves no trace when the command fails, so errors stay one line."""
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.live.transient = True
+        super().__exit__(exc_type, exc, tb)
+
+
 def token_progress() -> Progress:
     """A progress bar over tokens with throughput and ETA (on stderr)."""
-    return Progress(
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -194,6 +203,8 @@ def token_progress() -> Progress:
         TimeRemainingColumn(),
         console=err,
         transient=False,
+        # Piped or logged stderr gets no bar: Rich would leave blank lines there.
+        disable=not err.is_terminal,
     )
 
 
@@ -409,6 +420,11 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("CTXEXT_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
     _quiet_libraries(debug)
+    if "--trust-remote-code" in args:
+        _one_line(
+            "warning: --trust-remote-code: Python files from the model folder or Hub repo may "
+            "be imported and run in this process"
+        )
     try:
         code = _run_app(args)
     except CtxextError as e:

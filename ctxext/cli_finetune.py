@@ -213,6 +213,7 @@ class _ProgressBar:
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=_err,
+            disable=not _err.is_terminal,  # no stray lines in logs and pipes
         )
         self.progress.__enter__()
         self.task = self.progress.add_task(

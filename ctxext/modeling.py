@@ -10,6 +10,7 @@ Safety: remote code runs only with ``trust_remote_code=True``; pickled weights l
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ctxext import checkpoint, rope
@@ -74,11 +75,24 @@ def check_weights(path, allow_pickle: bool) -> bool:
     return False
 
 
-def build_config(config_dict: dict[str, Any], trust_remote_code: bool):  # -> PretrainedConfig
+def build_config(
+    config_dict: dict[str, Any], trust_remote_code: bool, path: Path | None = None
+):  # -> PretrainedConfig
+    """The transformers config for ``config_dict`` (which may carry our in-memory rope rewrite).
+
+    Only with ``trust_remote_code`` (and a model folder that declares ``auto_map``) does the
+    folder's own configuration code run; its values are then overridden by ``config_dict``.
+    """
     from transformers import AutoConfig
 
     data = dict(config_dict)
     model_type = data.pop("model_type")
+    if trust_remote_code and path is not None and "AutoConfig" in data.get("auto_map", {}):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+        for key, value in data.items():
+            if key not in ("auto_map", "architectures", "transformers_version"):
+                setattr(config, key, value)
+        return config
     try:
         return AutoConfig.for_model(model_type, **data)
     except ValueError as e:
@@ -117,7 +131,7 @@ def load_causal_lm(
     tokenizer = load_tokenizer(source.path, trust_remote_code)
     device = default_device()
     torch_dtype = resolve_dtype(dtype, device)
-    config = build_config(config_dict, trust_remote_code)
+    config = build_config(config_dict, trust_remote_code, source.path)
     try:
         lm = AutoModelForCausalLM.from_pretrained(
             source.path,
