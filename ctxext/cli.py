@@ -383,7 +383,6 @@ def _run_app(argv: list[str]) -> int:
 
     try:
         result = app(args=argv, prog_name="ctxext", standalone_mode=False)
-        return result if isinstance(result, int) else 0
     except Exit as e:
         return getattr(e, "exit_code", 0)
     except Abort:
@@ -393,6 +392,13 @@ def _run_app(argv: list[str]) -> int:
         message = e.format_message() if hasattr(e, "format_message") else str(e)
         _one_line(f"error: {message} (see --help)")
         return 2
+    # Outside standalone mode typer turns Ctrl-C (KeyboardInterrupt) into a returned 130;
+    # our commands return result objects, never bare ints.
+    if isinstance(result, int) and not isinstance(result, bool):
+        if result == 130:
+            _one_line("interrupted")
+        return result
+    return 0
 
 
 def _one_line(message: str) -> None:
@@ -445,4 +451,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             _one_line(f"error: {e.strerror or e} ({e.filename or ''}); add --debug for details")
         code = 1
+    if code == 130:
+        # Leave now, with 130 as promised: the interrupted work has already cleaned up (every
+        # output is built in a temporary sibling). A normal exit could still die of SIGINT
+        # (-2) when the interrupt landed inside a library's embedded interpreter call.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     sys.exit(code)

@@ -248,6 +248,11 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, tiny_llama_sessio
     assert not out.exists()  # the output appears only when training is done
     killed_at = int(newest_checkpoint(work_dir(out)).name.split("-")[1])
     assert 3 <= killed_at < 24
+    # A kill during a save leaves a half-written temporary folder: resume must pass over it.
+    half = work_dir(out) / "checkpoints" / f".tmp-step-{killed_at + 3:06d}"
+    half.mkdir(exist_ok=True)
+    (half / "model.safetensors").write_bytes(b"\0" * 10)
+    assert newest_checkpoint(work_dir(out)).name == f"step-{killed_at:06d}"
 
     summary = run_finetune(str(tiny_llama_session), out, YARN2, cfg, resume=True)
     assert summary["resumed_from_step"] == killed_at
