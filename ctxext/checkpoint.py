@@ -182,6 +182,11 @@ def atomic_output(out: Path) -> Iterator[Path]:
     """
     remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    # mkdtemp makes the folder private (0700); the output should get the permissions any
+    # folder the user creates gets (0777 minus the umask), as `mkdir` would give it.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
         _replace_dir(tmp, out)
