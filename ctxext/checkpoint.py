@@ -165,9 +165,13 @@ def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> Path:
         raise CtxextError(f"output {out} exists and is a file; choose another output folder")
     if out.exists() and not overwrite:
         raise CtxextError(f"output folder {out} already exists; pass --overwrite to replace it")
+    # Missing parent folders are created when the output is written (as save_pretrained and
+    # `mkdir -p` do); what must hold now is that the nearest existing one is a writable folder.
     parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
     if not parent.is_dir():
-        raise CtxextError(f"the parent folder of {out} does not exist; create it first")
+        raise CtxextError(f"{parent} is a file, so {out} cannot be created; choose another")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CtxextError(f"cannot write in {parent}; choose a writable output location")
     return out
@@ -180,6 +184,7 @@ def atomic_output(out: Path) -> Iterator[Path]:
     On any failure (including Ctrl-C) the temporary folder is removed and ``out`` is left as
     it was. A disk-full error is turned into a one-line ResourceError (exit code 1).
     """
+    out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     # mkdtemp makes the folder private (0700); the output should get the permissions any
