@@ -50,6 +50,12 @@ def _datafile(tmp: Path, name: str, content: bytes) -> Path:
     return path
 
 
+def _a_file(tmp: Path) -> Path:
+    path = tmp / "not-a-folder"
+    path.write_text("x")
+    return path
+
+
 def _truncate_weights(model: Path) -> Path:
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -205,8 +211,8 @@ CASES: dict[str, Case] = {
     "output inside input": Case(
         lambda t, m: ["extend", m, "-o", m / "ext", "-m", "yarn", "-f", "2"], "inside the input"
     ),
-    "output parent missing": Case(
-        lambda t, m: ["extend", m, "-o", t / "a" / "b", "-m", "yarn", "-f", "2"], "parent"
+    "output under a file": Case(
+        lambda t, m: ["extend", m, "-o", _a_file(t) / "b", "-m", "yarn", "-f", "2"], "is a file"
     ),
     # --- weights and tokenizer (commands that load them)
     "truncated safetensors": Case(

@@ -105,6 +105,16 @@ def test_dry_run_writes_nothing(capsys, tmp_path, tiny_llama):
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-llama"]
 
 
+def test_missing_parents_created_with_usual_permissions(capsys, tmp_path, tiny_llama):
+    out = tmp_path / "runs" / "deep" / "out"
+    code, _, err = run_cli(capsys, "extend", tiny_llama, "-o", out, "-m", "yarn", "-f", "2")
+    assert code == 0, err
+    assert (out / "config.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
+
+
 def test_existing_output_refused_then_overwritten(capsys, tmp_path, tiny_llama):
     out = tmp_path / "out"
     out.mkdir()

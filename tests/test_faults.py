@@ -98,6 +98,9 @@ def test_ctrl_c_exits_130_promptly_without_output(tmp_path, tiny_llama, command)
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # A child inherits an *ignored* SIGINT (some earlier tests' libraries ignore it in this
+        # process), and Python then installs no KeyboardInterrupt handler: give it the default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     time.sleep(8)  # imports, model load, then into the work
     assert proc.poll() is None, proc.communicate()
