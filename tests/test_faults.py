@@ -102,11 +102,16 @@ def test_ctrl_c_exits_130_promptly_without_output(tmp_path, tiny_llama, command)
         # process), and Python then installs no KeyboardInterrupt handler: give it the default.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    time.sleep(8)  # imports, model load, then into the work
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGINT)
-    t0 = time.time()
-    _, stderr = proc.communicate(timeout=30)
+    try:
+        time.sleep(8)  # imports, model load, then into the work
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        t0 = time.time()
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:  # never leave a runaway job behind a failed test
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, stderr
     assert time.time() - t0 < 10
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "interrupted"
