@@ -28,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ctxext import __version__
+from ctxext.cli_options import AllowPickleOpt, FactorOpt, TargetOpt, TrustRemoteCodeOpt
 from ctxext.errors import CtxextError
 
 app = typer.Typer(
@@ -50,14 +51,6 @@ ModelArg = Annotated[
 ]
 MethodOpt = Annotated[
     str, typer.Option("--method", "-m", help="linear | ntk | yarn | dynamic | llama3")
-]
-FactorOpt = Annotated[
-    Optional[float],  # noqa: UP045
-    typer.Option("--factor", "-f", help="Scale factor s = new length / trained length (> 1)."),
-]
-TargetOpt = Annotated[
-    Optional[int],  # noqa: UP045
-    typer.Option("--target-length", "-t", help="New context length (instead of --factor)."),
 ]
 
 
@@ -271,10 +264,8 @@ def eval_command(
         typer.Option("--output", "-o", help="Folder for results.json/.csv and plots."),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    trust_remote_code: Annotated[
-        bool, typer.Option(help="Allow code from the model folder.")
-    ] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="Allow pickled (*.bin) weights.")] = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle: AllowPickleOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
 ) -> None:
     """Perplexity (and passkey retrieval) at several lengths, models and methods side by side."""

@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ctxext.cli_options import AllowPickleOpt, FactorOpt, TargetOpt, TrustRemoteCodeOpt
+
 _out = Console()
 _err = Console(stderr=True)
 
@@ -37,14 +39,8 @@ def finetune(
         Optional[str],  # noqa: UP045
         typer.Option("--method", "-m", help="linear | ntk | yarn | dynamic | llama3."),
     ] = None,
-    factor: Annotated[
-        Optional[float],  # noqa: UP045
-        typer.Option("--factor", "-f", help="Scale factor s = new length / trained length."),
-    ] = None,
-    target_length: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option("--target-length", "-t", help="New context length (instead of --factor)."),
-    ] = None,
+    factor: FactorOpt = None,
+    target_length: TargetOpt = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps (YaRN: 400).")] = 400,
     lr: Annotated[float, typer.Option(help="Peak learning rate (YaRN: 2e-5).")] = 2e-5,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 20,
@@ -99,12 +95,8 @@ def finetune(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start over, replacing OUT when done.")
     ] = False,
-    trust_remote_code: Annotated[
-        bool, typer.Option("--trust-remote-code", help="Run the model's own code.")
-    ] = False,
-    allow_pickle: Annotated[
-        bool, typer.Option("--allow-pickle", help="Load pickled (.bin) weights.")
-    ] = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle: AllowPickleOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Fine-tune MODEL at its extended length (full or LoRA, optionally PoSE); write a merged

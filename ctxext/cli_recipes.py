@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
+from ctxext.cli_options import AllowPickleOpt, TrustRemoteCodeOpt
+
 __all__ = ["recipes_app", "run"]
 
 _out = Console()
@@ -53,12 +55,8 @@ def run(
         bool,
         typer.Option("--dry-run", help="Validate and print the resolved recipe; run nothing."),
     ] = False,
-    trust_remote_code: Annotated[
-        bool, typer.Option("--trust-remote-code", help="Allow code from the model folder.")
-    ] = False,
-    allow_pickle: Annotated[
-        bool, typer.Option("--allow-pickle", help="Allow pickled (*.bin) weights.")
-    ] = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle: AllowPickleOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
     """Run a recipe: extend -> fine-tune -> eval, then results, plots, report and model card.

@@ -1,0 +1,23 @@
+"""Typer option types shared by several commands: one declaration, one help text."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+FactorOpt = Annotated[
+    Optional[float],  # noqa: UP045 (typer needs Optional on 3.10)
+    typer.Option("--factor", "-f", help="Scale factor s = new length / trained length (> 1)."),
+]
+TargetOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option("--target-length", "-t", help="New context length (instead of --factor)."),
+]
+TrustRemoteCodeOpt = Annotated[
+    bool,
+    typer.Option("--trust-remote-code", help="Allow (and run) code from the model folder."),
+]
+AllowPickleOpt = Annotated[
+    bool, typer.Option("--allow-pickle", help="Allow pickled (*.bin, *.pt) weights.")
+]
