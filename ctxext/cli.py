@@ -15,17 +15,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
-from rich.text import Text
 
 from ctxext import __version__
 from ctxext.cli_options import AllowPickleOpt, FactorOpt, TargetOpt, TrustRemoteCodeOpt
@@ -138,6 +127,8 @@ def extend(
 
 
 def _render_diff(plan: Any) -> None:
+    from rich.table import Table
+
     table = Table(title=f"{plan.source.name}: config changes", show_lines=False)
     table.add_column("key")
     table.add_column("before", style="red")
@@ -168,37 +159,6 @@ def inspect(
         out.print_json(data=report)
     else:
         render_inspect(report, out)
-
-
-class _TokensPerSecond(ProgressColumn):
-    def render(self, task: Any) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("-- tok/s" if speed is None else f"{speed:,.0f} tok/s", style="cyan")
-
-
-class _Progress(Progress):
-    """Rich progress that leaves no trace when the command fails, so errors stay one line."""
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None:
-            self.live.transient = True
-        super().__exit__(exc_type, exc, tb)
-
-
-def token_progress() -> Progress:
-    """A progress bar over tokens with throughput and ETA (on stderr)."""
-    return _Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _TokensPerSecond(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=False,
-        # Piped or logged stderr gets no bar: Rich would leave blank lines there.
-        disable=not err.is_terminal,
-    )
 
 
 @app.command("eval")
@@ -333,7 +293,9 @@ def evaluate_and_report(
     if output is not None:
         inputs = [checkpoint.resolve_model(m).path for m in models]
         output = checkpoint.check_output_path(output, inputs, overwrite)
-    with token_progress() as progress:
+    from ctxext.cli_progress import token_progress
+
+    with token_progress(err) as progress:
 
         def factory(what: str, total: int):
             task_id = progress.add_task(what, total=total)
@@ -349,6 +311,8 @@ def evaluate_and_report(
     console = err if quiet else out
     if "ppl" in cfg.tasks:
         console.print(ppl_table(results))
+        from rich.text import Text
+
         console.print(Text.from_ansi(terminal_plot(results)))
     pk = passkey_table(results)
     if pk is not None:

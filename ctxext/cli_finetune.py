@@ -12,7 +12,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from ctxext.cli_options import AllowPickleOpt, FactorOpt, TargetOpt, TrustRemoteCodeOpt
 
@@ -243,6 +242,8 @@ class _ProgressBar:
 
 
 def _render_summary(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
     table = Table(title="ctxext finetune", show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")

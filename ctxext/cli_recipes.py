@@ -12,8 +12,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.syntax import Syntax
-from rich.table import Table
 
 from ctxext.cli_options import AllowPickleOpt, TrustRemoteCodeOpt
 
@@ -71,9 +69,9 @@ def run(
         _print_resolved(loaded)
         _err.print(f"[dim]dry run: {loaded.recipe.summary()}; would write {out}[/dim]")
         return
-    from ctxext.cli import token_progress
+    from ctxext.cli_progress import token_progress
 
-    with token_progress() as progress, _FinetuneBar(progress, enabled=not as_json) as bar:
+    with token_progress(_err) as progress, _FinetuneBar(progress, enabled=not as_json) as bar:
         hooks = _hooks(progress, bar, quiet=as_json)
         summary = run_recipe(
             loaded,
@@ -142,6 +140,8 @@ def _render(summary: dict[str, Any], loaded: Any) -> None:
         pk = passkey_table(results)
         if pk is not None:
             _out.print(pk)
+    from rich.table import Table
+
     table = Table(title=f"ctxext run {loaded.name}", show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")
@@ -166,6 +166,8 @@ def _print_resolved(loaded: Any) -> None:
     import yaml
 
     text = yaml.safe_dump(loaded.resolved(), sort_keys=False, allow_unicode=True)
+    from rich.syntax import Syntax
+
     _out.print(Syntax(text, "yaml", background_color="default"))
 
 
@@ -200,6 +202,8 @@ def list_recipes(
     if as_json:
         _out.print_json(data=rows)
         return
+    from rich.table import Table
+
     table = Table(title="shipped recipes (`ctxext run NAME`)")
     table.add_column("name", style="bold")
     table.add_column("model")
@@ -228,6 +232,8 @@ def show(
         _print_resolved(loaded)
         return
     path, _ = find_recipe(name)
+    from rich.syntax import Syntax
+
     _out.print(Syntax(path.read_text(encoding="utf-8"), "yaml", background_color="default"))
 
 

@@ -81,7 +81,7 @@ FIXED_OUTPUTS = (
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class RecipeEval(EvalConfig):
