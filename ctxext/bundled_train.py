@@ -82,7 +82,35 @@ def packed_stream(tokenizer, texts: Iterable[str]) -> list[int]:
     return out
 
 
-def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, vocab_size: int) -> dict:
+def training_chunks(tokenizer, texts: Iterable[str], bos_per_chunk: bool):  # -> LongTensor
+    """[n, TRAIN_LENGTH] training sequences.
+
+    Default: the packed stream cut into consecutive pieces, so sequences start anywhere in a
+    document. With ``bos_per_chunk`` every sequence starts with BOS at position 0 and documents
+    are separated by EOS only (as when a data loader prepends BOS to each sequence): the model
+    then only ever sees its first token at distances < TRAIN_LENGTH.
+    """
+    import torch
+
+    stream = torch.tensor(packed_stream(tokenizer, texts), dtype=torch.long)
+    if not bos_per_chunk:
+        n = len(stream) // TRAIN_LENGTH
+        return stream[: n * TRAIN_LENGTH].view(n, TRAIN_LENGTH)
+    body = stream[stream != tokenizer.bos_token_id]
+    n = len(body) // (TRAIN_LENGTH - 1)
+    pieces = body[: n * (TRAIN_LENGTH - 1)].view(n, TRAIN_LENGTH - 1)
+    return torch.cat([torch.full((n, 1), tokenizer.bos_token_id), pieces], dim=1)
+
+
+def train(
+    out: Path,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    vocab_size: int,
+    bos_per_chunk: bool = False,
+) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
@@ -92,10 +120,9 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, vocab_si
     torch.use_deterministic_algorithms(True)
     texts = [d.text for d in stdlib_documents("train")]
     tokenizer = train_tokenizer(texts, vocab_size)
-    stream = torch.tensor(packed_stream(tokenizer, texts), dtype=torch.long)
-    n_chunks = len(stream) // TRAIN_LENGTH
-    chunks = stream[: n_chunks * TRAIN_LENGTH].view(n_chunks, TRAIN_LENGTH)
-    print(f"train tokens {len(stream):,} -> {n_chunks:,} chunks of {TRAIN_LENGTH}", flush=True)
+    chunks = training_chunks(tokenizer, texts, bos_per_chunk)
+    n_chunks = len(chunks)
+    print(f"train tokens {chunks.numel():,} -> {n_chunks:,} chunks of {TRAIN_LENGTH}", flush=True)
 
     config = model_config(
         len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -159,7 +186,8 @@ def train(out: Path, steps: int, batch_size: int, lr: float, seed: int, vocab_si
         "lr": lr,
         "parameters": n_params,
         "train_tokens_seen": steps * batch_size * TRAIN_LENGTH,
-        "train_corpus_tokens": len(stream),
+        "train_corpus_tokens": chunks.numel(),
+        "bos_per_chunk": bos_per_chunk,
         "minutes": round((time.time() - t0) / 60, 1),
         "torch": torch.__version__,
         "log": log,
@@ -177,11 +205,22 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab-size", type=int, default=8000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--bos-per-chunk", action="store_true", help="start every training sequence with BOS"
+    )
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.vocab_size)
+    train(
+        args.out,
+        args.steps,
+        args.batch_size,
+        args.lr,
+        args.seed,
+        args.vocab_size,
+        bos_per_chunk=args.bos_per_chunk,
+    )
 
 
 if __name__ == "__main__":

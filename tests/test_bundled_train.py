@@ -1,0 +1,42 @@
+"""The bundled model's training data layout (ctxext/bundled_train.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctxext.bundled_train import TRAIN_LENGTH, packed_stream, training_chunks
+
+
+@pytest.fixture(scope="module")
+def tok_and_texts(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from ctxext.corpus import stdlib_documents
+
+    texts = [d.text for _, d in zip(range(8), stdlib_documents("train"), strict=False)]
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir), texts
+
+
+def test_default_chunks_are_consecutive_pieces_of_the_packed_stream(tok_and_texts):
+    tok, texts = tok_and_texts
+    stream = packed_stream(tok, texts)
+    chunks = training_chunks(tok, texts, bos_per_chunk=False)
+    assert chunks.shape == (len(stream) // TRAIN_LENGTH, TRAIN_LENGTH)
+    assert len(chunks) >= 4
+    assert chunks.flatten().tolist() == stream[: chunks.numel()]
+    # Sequences start anywhere: most do not start with BOS.
+    assert (chunks[:, 0] != tok.bos_token_id).float().mean() > 0.5
+
+
+def test_bos_per_chunk_starts_every_sequence_with_bos_and_keeps_eos_separators(tok_and_texts):
+    tok, texts = tok_and_texts
+    stream = packed_stream(tok, texts)
+    chunks = training_chunks(tok, texts, bos_per_chunk=True)
+    body = [t for t in stream if t != tok.bos_token_id]
+    assert chunks.shape == (len(body) // (TRAIN_LENGTH - 1), TRAIN_LENGTH)
+    assert (chunks[:, 0] == tok.bos_token_id).all()
+    assert (chunks[:, 1:] != tok.bos_token_id).all()
+    assert chunks[:, 1:].flatten().tolist() == body[: chunks[:, 1:].numel()]
+    assert (chunks == tok.eos_token_id).sum() == body[: chunks[:, 1:].numel()].count(
+        tok.eos_token_id
+    )
