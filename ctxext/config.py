@@ -33,11 +33,19 @@ def known_encoding(v: str | None) -> str | None:
     return v
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, instances are immutable.
+
+    Field docstrings document the fields in the source (and in recipe files); pydantic is not
+    asked to extract them (``use_attribute_docstrings`` parses each class's source at import,
+    which every `ctxext` start-up would pay). Schemas are built on first use (``defer_build``),
+    so a command validates only the models it needs.
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
-class ExtendConfig(_Strict):
+class ExtendConfig(StrictModel):
     """How to rewrite the rotary configuration."""
 
     method: Method
@@ -94,7 +102,7 @@ class ExtendConfig(_Strict):
         return self.model_dump(exclude={"method", "factor", "target_length"})
 
 
-class ExtendJob(_Strict):
+class ExtendJob(StrictModel):
     """`ctxext extend`: config-only extension of one checkpoint."""
 
     model: str | None = None
@@ -108,7 +116,7 @@ class ExtendJob(_Strict):
     """Replace an existing output folder."""
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     """`ctxext eval`: what to measure, on which data, at which lengths."""
 
     lengths: list[int]

@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
-from ctxext.config import Dtype, ExtendConfig, known_encoding
+from ctxext.config import Dtype, ExtendConfig, StrictModel, known_encoding
 from ctxext.errors import CtxextError
 
 __all__ = [
@@ -90,10 +90,8 @@ _RESUME_FREE = ("save_every",)
 # --------------------------------------------------------------------------- configuration
 
 
-class FinetuneConfig(BaseModel):
+class FinetuneConfig(StrictModel):
     """`ctxext finetune` options (also the ``finetune:`` section of a recipe)."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
     steps: int = 400
     """Optimizer steps (YaRN: 400)."""

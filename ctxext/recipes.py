@@ -39,10 +39,10 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from ctxext.config import EvalConfig, ExtendConfig, Method
+from ctxext.config import EvalConfig, ExtendConfig, Method, StrictModel
 from ctxext.errors import CtxextError
 from ctxext.finetune import FinetuneConfig
 
@@ -78,10 +78,6 @@ FIXED_OUTPUTS = (
 
 
 # --------------------------------------------------------------------------- schema
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class RecipeEval(EvalConfig):
@@ -133,7 +129,7 @@ def _inside_name(value: str) -> str:
     return posix.as_posix()
 
 
-class RecipeOutputs(_Strict):
+class RecipeOutputs(StrictModel):
     """Names of the files and folders a run writes, relative to output_dir."""
 
     checkpoint: str = "model"
@@ -154,7 +150,7 @@ class RecipeOutputs(_Strict):
         return self
 
 
-class Recipe(_Strict):
+class Recipe(StrictModel):
     """A reproducible run: extend -> (fine-tune) -> eval, with a report and a model card."""
 
     description: str | None = None
