@@ -49,7 +49,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):  # -> PreTrainedToke
     )
 
 
-def model_config(vocab_size: int, bos_id: int, eos_id: int, pad_id: int):  # -> LlamaConfig
+def model_config(
+    vocab_size: int, bos_id: int, eos_id: int, pad_id: int, rope_theta: float = 10000.0
+):  # -> LlamaConfig
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -61,7 +63,7 @@ def model_config(vocab_size: int, bos_id: int, eos_id: int, pad_id: int):  # -> 
         num_key_value_heads=2,
         head_dim=64,
         max_position_embeddings=TRAIN_LENGTH,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         bos_token_id=bos_id,
@@ -110,6 +112,7 @@ def train(
     seed: int,
     vocab_size: int,
     bos_per_chunk: bool = False,
+    rope_theta: float = 10000.0,
 ) -> dict:
     import torch
     from transformers import LlamaForCausalLM
@@ -125,7 +128,11 @@ def train(
     print(f"train tokens {chunks.numel():,} -> {n_chunks:,} chunks of {TRAIN_LENGTH}", flush=True)
 
     config = model_config(
-        len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        len(tokenizer),
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        rope_theta=rope_theta,
     )
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).float()
@@ -188,6 +195,7 @@ def train(
         "train_tokens_seen": steps * batch_size * TRAIN_LENGTH,
         "train_corpus_tokens": chunks.numel(),
         "bos_per_chunk": bos_per_chunk,
+        "rope_theta": rope_theta,
         "minutes": round((time.time() - t0) / 60, 1),
         "torch": torch.__version__,
         "log": log,
@@ -205,6 +213,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab-size", type=int, default=8000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rope-theta", type=float, default=10000.0, help="10000: Llama 2's")
     ap.add_argument(
         "--bos-per-chunk", action="store_true", help="start every training sequence with BOS"
     )
@@ -220,6 +229,7 @@ def main() -> None:
         args.seed,
         args.vocab_size,
         bos_per_chunk=args.bos_per_chunk,
+        rope_theta=args.rope_theta,
     )
 
 
