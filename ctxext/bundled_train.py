@@ -84,8 +84,8 @@ def packed_stream(tokenizer, texts: Iterable[str]) -> list[int]:
     return out
 
 
-def training_chunks(tokenizer, texts: Iterable[str], bos_per_chunk: bool):  # -> LongTensor
-    """[n, TRAIN_LENGTH] training sequences.
+def training_chunks(stream: list[int], bos_id: int, bos_per_chunk: bool):  # -> LongTensor
+    """[n, TRAIN_LENGTH] training sequences from the packed stream (see packed_stream).
 
     Default: the packed stream cut into consecutive pieces, so sequences start anywhere in a
     document. With ``bos_per_chunk`` every sequence starts with BOS at position 0 and documents
@@ -94,14 +94,14 @@ def training_chunks(tokenizer, texts: Iterable[str], bos_per_chunk: bool):  # ->
     """
     import torch
 
-    stream = torch.tensor(packed_stream(tokenizer, texts), dtype=torch.long)
+    tokens = torch.tensor(stream, dtype=torch.long)
     if not bos_per_chunk:
-        n = len(stream) // TRAIN_LENGTH
-        return stream[: n * TRAIN_LENGTH].view(n, TRAIN_LENGTH)
-    body = stream[stream != tokenizer.bos_token_id]
+        n = len(tokens) // TRAIN_LENGTH
+        return tokens[: n * TRAIN_LENGTH].view(n, TRAIN_LENGTH)
+    body = tokens[tokens != bos_id]
     n = len(body) // (TRAIN_LENGTH - 1)
     pieces = body[: n * (TRAIN_LENGTH - 1)].view(n, TRAIN_LENGTH - 1)
-    return torch.cat([torch.full((n, 1), tokenizer.bos_token_id), pieces], dim=1)
+    return torch.cat([torch.full((n, 1), bos_id), pieces], dim=1)
 
 
 def train(
@@ -123,9 +123,10 @@ def train(
     torch.use_deterministic_algorithms(True)
     texts = [d.text for d in stdlib_documents("train")]
     tokenizer = train_tokenizer(texts, vocab_size)
-    chunks = training_chunks(tokenizer, texts, bos_per_chunk)
+    stream = packed_stream(tokenizer, texts)
+    chunks = training_chunks(stream, tokenizer.bos_token_id, bos_per_chunk)
     n_chunks = len(chunks)
-    print(f"train tokens {chunks.numel():,} -> {n_chunks:,} chunks of {TRAIN_LENGTH}", flush=True)
+    print(f"train tokens {len(stream):,} -> {n_chunks:,} chunks of {TRAIN_LENGTH}", flush=True)
 
     config = model_config(
         len(tokenizer),
@@ -193,7 +194,7 @@ def train(
         "lr": lr,
         "parameters": n_params,
         "train_tokens_seen": steps * batch_size * TRAIN_LENGTH,
-        "train_corpus_tokens": chunks.numel(),
+        "train_corpus_tokens": len(stream),
         "bos_per_chunk": bos_per_chunk,
         "rope_theta": rope_theta,
         "minutes": round((time.time() - t0) / 60, 1),

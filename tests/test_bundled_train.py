@@ -20,7 +20,7 @@ def tok_and_texts(tiny_tokenizer_dir):
 def test_default_chunks_are_consecutive_pieces_of_the_packed_stream(tok_and_texts):
     tok, texts = tok_and_texts
     stream = packed_stream(tok, texts)
-    chunks = training_chunks(tok, texts, bos_per_chunk=False)
+    chunks = training_chunks(stream, tok.bos_token_id, bos_per_chunk=False)
     assert chunks.shape == (len(stream) // TRAIN_LENGTH, TRAIN_LENGTH)
     assert len(chunks) >= 4
     assert chunks.flatten().tolist() == stream[: chunks.numel()]
@@ -31,7 +31,7 @@ def test_default_chunks_are_consecutive_pieces_of_the_packed_stream(tok_and_text
 def test_bos_per_chunk_starts_every_sequence_with_bos_and_keeps_eos_separators(tok_and_texts):
     tok, texts = tok_and_texts
     stream = packed_stream(tok, texts)
-    chunks = training_chunks(tok, texts, bos_per_chunk=True)
+    chunks = training_chunks(stream, tok.bos_token_id, bos_per_chunk=True)
     body = [t for t in stream if t != tok.bos_token_id]
     assert chunks.shape == (len(body) // (TRAIN_LENGTH - 1), TRAIN_LENGTH)
     assert (chunks[:, 0] == tok.bos_token_id).all()
