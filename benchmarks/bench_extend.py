@@ -92,7 +92,8 @@ def build_checkpoint(path: Path, layers: int) -> float:
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
 
 
-def measure(script: str, src: Path, dst: Path) -> tuple[float, float, float]:
+def measure(script: str, src: Path, dst: Path) -> tuple[float, float, float | None]:
+    """Seconds end to end, peak RSS (MB) and the child's OPTIME (None if it reports none)."""
     shutil.rmtree(dst, ignore_errors=True)
     res = subprocess.run(
         [sys.executable, "-c", RUNNER, script, str(src), str(dst)],
@@ -103,7 +104,7 @@ def measure(script: str, src: Path, dst: Path) -> tuple[float, float, float]:
     seconds, rss_mb = map(float, res.stdout.split())
     os.sync()  # the baseline writes the whole checkpoint: flush it before the next run
     op = [float(line.split()[1]) for line in res.stderr.splitlines() if line.startswith("OPTIME")]
-    return seconds, rss_mb, (op[0] if op else float("nan"))
+    return seconds, rss_mb, (op[0] if op else None)
 
 
 def bench_size(layers: int, repeats: int) -> dict:
@@ -118,7 +119,12 @@ def bench_size(layers: int, repeats: int) -> dict:
             ("start-up floor: import typer, pydantic, rich", FLOOR),
         ):
             runs = [measure(script, work / "src", work / "dst") for _ in range(repeats)]
-            rows[name] = tuple(statistics.median(r[i] for r in runs) for i in range(3))
+            ops = [r[2] for r in runs]
+            rows[name] = (
+                statistics.median(r[0] for r in runs),
+                statistics.median(r[1] for r in runs),
+                None if None in ops else statistics.median(ops),
+            )
     return {"layers": layers, "size_mb": size, "rows": rows}
 
 
@@ -146,7 +152,7 @@ def main() -> None:
         print("| approach | seconds, end to end | of which the operation | peak RSS (MB) |")
         print("|---|---:|---:|---:|")
         for name, (t, m, op) in rows.items():
-            op_text = "-" if op != op else f"{op:.3f}"  # NaN: the floor does no operation
+            op_text = "-" if op is None else f"{op:.3f}"  # the floor does no operation
             print(f"| {name} | {t:.2f} | {op_text} | {m:.0f} |")
         print(
             f"\nspeed-up: {base_t / ours_t:.1f}x; ctxext peak RSS {ours_m:.0f} MB "
