@@ -3,8 +3,9 @@
 Builds a Llama checkpoint of about 800 MB (fp32 safetensors, random weights), then times each
 way of writing a YaRN-extended copy in a fresh subprocess (so peak RSS is that process's own),
 several times, and prints a Markdown table of medians and ratios. A third row times a Python
-process that only imports Typer, pydantic and Rich: the start-up floor of the CLI stack, which
-ctxext's own time cannot go below. Each child also reports the operation alone (after its
+process that only imports Typer, pydantic and Rich, a fourth a one-command Typer app that parses
+the same arguments and prints one line: the start-up floors of the CLI stack, which ctxext's
+own time cannot go below. Each child also reports the operation alone (after its
 top-level imports: ``ctxext.cli`` / torch + transformers). Dirty pages are flushed (``os.sync``)
 after every run, outside the timing, so a run does not pay for the previous run's writes.
 ``--layers 12 24`` repeats it all at about 880 MB and 1.5 GB.
@@ -55,6 +56,26 @@ finally:
 # What any Typer + pydantic + Rich command pays before doing anything: the start-up floor.
 FLOOR = """
 import typer, pydantic, rich.console, rich.table
+"""
+
+# A one-command Typer app that parses the same arguments as OURS and prints one Rich line: what
+# parsing alone costs (Typer 0.29 validates every parameter through a pydantic TypeAdapter).
+FLOOR_APP = """
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+import typer
+from rich.console import Console
+app = typer.Typer(add_completion=False)
+@app.callback()
+def root() -> None:
+    pass
+@app.command()
+def extend(model: str, output: Annotated[Path, typer.Option("--output", "-o")],
+           method: Annotated[str, typer.Option("--method")],
+           factor: Annotated[Optional[float], typer.Option("--factor")] = None) -> None:
+    Console(stderr=True).print(f"[green]parsed[/green] {model} {output} {method} {factor}")
+app(["extend", sys.argv[1], "-o", sys.argv[2], "--method", "yarn", "--factor", "4"])
 """
 
 # Wraps a child script and reports its peak RSS from the OS (ru_maxrss of the child, in KiB).
@@ -117,6 +138,7 @@ def bench_size(layers: int, repeats: int) -> dict:
             ("from_pretrained + save_pretrained", BASELINE),
             ("ctxext extend", OURS),
             ("start-up floor: import typer, pydantic, rich", FLOOR),
+            ("start-up floor: one-command Typer app, same arguments", FLOOR_APP),
         ):
             runs = [measure(script, work / "src", work / "dst") for _ in range(repeats)]
             ops = [r[2] for r in runs]

@@ -50,11 +50,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):  # -> PreTrainedToke
 
 
 def model_config(
-    vocab_size: int, bos_id: int, eos_id: int, pad_id: int, rope_theta: float = 10000.0
+    vocab_size: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    rope_theta: float = 10000.0,
+    arch: dict | None = None,
 ):  # -> LlamaConfig
+    """The bundled model's LlamaConfig; ``arch`` overrides its fields (``--arch`` experiments)."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
+    fields = dict(
         vocab_size=vocab_size,
         hidden_size=256,
         intermediate_size=768,
@@ -72,6 +78,8 @@ def model_config(
         attention_dropout=0.0,
         initializer_range=0.02,
     )
+    fields.update(arch or {})
+    return LlamaConfig(**fields)
 
 
 def packed_stream(tokenizer, texts: Iterable[str]) -> list[int]:
@@ -113,6 +121,7 @@ def train(
     vocab_size: int,
     bos_per_chunk: bool = False,
     rope_theta: float = 10000.0,
+    arch: dict | None = None,
 ) -> dict:
     import torch
     from transformers import LlamaForCausalLM
@@ -134,6 +143,7 @@ def train(
         tokenizer.eos_token_id,
         tokenizer.pad_token_id,
         rope_theta=rope_theta,
+        arch=arch,
     )
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).float()
@@ -197,6 +207,7 @@ def train(
         "train_corpus_tokens": len(stream),
         "bos_per_chunk": bos_per_chunk,
         "rope_theta": rope_theta,
+        "arch": arch or {},
         "minutes": round((time.time() - t0) / 60, 1),
         "torch": torch.__version__,
         "log": log,
@@ -218,7 +229,15 @@ def main() -> None:
     ap.add_argument(
         "--bos-per-chunk", action="store_true", help="start every training sequence with BOS"
     )
+    ap.add_argument(
+        "--arch",
+        action="append",
+        default=[],
+        metavar="KEY=INT",
+        help="override a LlamaConfig size field, e.g. --arch hidden_size=192 (repeatable)",
+    )
     args = ap.parse_args()
+    arch = {k: int(v) for k, v in (item.split("=", 1) for item in args.arch)}
     import torch
 
     torch.set_num_threads(args.threads)
@@ -231,6 +250,7 @@ def main() -> None:
         args.vocab_size,
         bos_per_chunk=args.bos_per_chunk,
         rope_theta=args.rope_theta,
+        arch=arch,
     )
 
 

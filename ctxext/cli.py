@@ -20,14 +20,15 @@ from ctxext import __version__
 from ctxext.cli_options import AllowPickleOpt, FactorOpt, TargetOpt, TrustRemoteCodeOpt
 from ctxext.errors import CtxextError
 
-app = typer.Typer(
-    name="ctxext",
-    help="Extend the context window of pretrained RoPE language models.",
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode="rich",
-    pretty_exceptions_enable=False,
-)
+_APP_SETTINGS: dict[str, Any] = {
+    "name": "ctxext",
+    "help": "Extend the context window of pretrained RoPE language models.",
+    "no_args_is_help": True,
+    "add_completion": False,
+    "rich_markup_mode": "rich",
+    "pretty_exceptions_enable": False,
+}
+app = typer.Typer(**_APP_SETTINGS)
 out = Console()
 err = Console(stderr=True)
 
@@ -332,12 +333,39 @@ app.command("run")(run)
 app.add_typer(recipes_app, name="recipes")
 
 
+def _app_for(argv: list[str]) -> typer.Typer:
+    """The app that parses ``argv``: the full one, or only the command argv[0] names.
+
+    Before parsing, Typer turns every registered command into a click command (signature
+    inspection, one option object and one pydantic adapter per parameter). Building only the
+    command being run keeps the start-up of a config-only `ctxext extend` close to that of a
+    one-command Typer app. Top-level help, --version, `recipes` and unknown names use the full
+    app, so they read (and suggest) exactly as before.
+    """
+    name = argv[0] if argv else None
+    chosen = [c for c in app.registered_commands if _command_name(c) == name]
+    if not chosen:
+        return app
+    single = typer.Typer(**_APP_SETTINGS)
+    single.registered_callback = app.registered_callback  # keeps it a group: `ctxext NAME ...`
+    single.registered_commands = chosen
+    return single
+
+
+def _command_name(info: Any) -> str | None:
+    # Typer's own rule for an unnamed command: the function name, lower case, _ -> -.
+    if info.name:
+        return info.name
+    callback = info.callback
+    return callback.__name__.lower().replace("_", "-") if callback else None
+
+
 def _run_app(argv: list[str]) -> int:
     # Typer ships its own click; its exceptions live under typer.exceptions.
     from typer.exceptions import Abort, Exit, TyperException
 
     try:
-        result = app(args=argv, prog_name="ctxext", standalone_mode=False)
+        result = _app_for(argv)(args=argv, prog_name="ctxext", standalone_mode=False)
     except Exit as e:
         return getattr(e, "exit_code", 0)
     except Abort:

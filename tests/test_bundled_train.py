@@ -40,3 +40,23 @@ def test_bos_per_chunk_starts_every_sequence_with_bos_and_keeps_eos_separators(t
     assert (chunks == tok.eos_token_id).sum() == body[: chunks[:, 1:].numel()].count(
         tok.eos_token_id
     )
+
+
+def test_model_config_matches_the_shipped_model_and_takes_overrides():
+    import json
+    from pathlib import Path
+
+    import ctxext
+    from ctxext.bundled_train import model_config
+
+    shipped = json.loads(
+        (Path(ctxext.__file__).parent / "bundled/stdlib-llama/config.json").read_text()
+    )
+    cfg = model_config(
+        shipped["vocab_size"], 0, 1, 2, rope_theta=shipped["rope_parameters"]["rope_theta"]
+    )
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        assert getattr(cfg, key) == shipped[key]
+    small = model_config(4096, 0, 1, 2, arch={"hidden_size": 192, "num_attention_heads": 3})
+    assert (small.hidden_size, small.num_attention_heads, small.vocab_size) == (192, 3, 4096)
+    assert small.head_dim == 64 and small.max_position_embeddings == TRAIN_LENGTH

@@ -25,6 +25,24 @@ def test_help_is_fast_and_imports_no_torch():
     assert res.stdout.strip() == "False"
 
 
+def test_single_command_app_parses_like_the_full_app():
+    # main() builds only the command argv names (start-up time); it must be the same command.
+    from typer.main import get_command
+
+    from ctxext.cli import _app_for, app
+
+    full = get_command(app)
+    for name in ("extend", "inspect", "eval", "finetune", "run"):
+        single = get_command(_app_for([name, "--help"]))
+        assert list(single.commands) == [name]
+        mine, theirs = single.commands[name], full.commands[name]
+        assert [p.opts for p in mine.params] == [p.opts for p in theirs.params]
+        assert [p.default for p in mine.params] == [p.default for p in theirs.params]
+        assert mine.help == theirs.help
+    for argv in ([], ["--help"], ["--version"], ["recipes", "list"], ["extnd"]):
+        assert _app_for(argv) is app
+
+
 def _write_config(path: Path, config: dict) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
