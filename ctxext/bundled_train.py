@@ -122,6 +122,7 @@ def train(
     bos_per_chunk: bool = False,
     rope_theta: float = 10000.0,
     arch: dict | None = None,
+    weight_decay: float = 0.1,
 ) -> dict:
     import torch
     from transformers import LlamaForCausalLM
@@ -153,7 +154,10 @@ def train(
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=lr,
         betas=(0.9, 0.95),
     )
@@ -208,6 +212,7 @@ def train(
         "bos_per_chunk": bos_per_chunk,
         "rope_theta": rope_theta,
         "arch": arch or {},
+        "weight_decay": weight_decay,
         "minutes": round((time.time() - t0) / 60, 1),
         "torch": torch.__version__,
         "log": log,
@@ -229,6 +234,7 @@ def main() -> None:
     ap.add_argument(
         "--bos-per-chunk", action="store_true", help="start every training sequence with BOS"
     )
+    ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument(
         "--arch",
         action="append",
@@ -251,6 +257,7 @@ def main() -> None:
         bos_per_chunk=args.bos_per_chunk,
         rope_theta=args.rope_theta,
         arch=arch,
+        weight_decay=args.weight_decay,
     )
 
 
