@@ -182,30 +182,11 @@ class _ProgressBar:
             self.progress.__exit__(*exc)
 
     def _start(self, total: int, completed: int) -> None:
-        # Started only when training starts: an early error then prints nothing but its line.
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        # Started only when training starts: an early error then prints nothing but its line
+        # (and the bar itself vanishes if training fails: see cli_progress._Progress).
+        from ctxext.cli_progress import step_progress
 
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[tps]} tok/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=_err,
-            disable=not _err.is_terminal,  # no stray lines in logs and pipes
-        )
+        self.progress = step_progress(_err)
         self.progress.__enter__()
         self.task = self.progress.add_task(
             "finetune", total=total, completed=completed, loss="-", tps="-"

@@ -11,6 +11,7 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
+    SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -46,4 +47,22 @@ def token_progress(console: Console) -> Progress:
         transient=False,
         # Piped or logged stderr gets no bar: Rich would leave blank lines there.
         disable=not console.is_terminal,
+    )
+
+
+def step_progress(console: Console) -> Progress:
+    """A progress bar over training steps with loss, tokens/s and ETA (task fields loss, tps)."""
+    return _Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,  # no stray lines in logs and pipes
     )
