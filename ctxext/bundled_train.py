@@ -62,11 +62,11 @@ def model_config(
 
     fields = dict(
         vocab_size=vocab_size,
-        hidden_size=256,
-        intermediate_size=768,
+        hidden_size=192,
+        intermediate_size=512,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
         head_dim=64,
         max_position_embeddings=TRAIN_LENGTH,
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
@@ -224,11 +224,11 @@ def train(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("ctxext/bundled/stdlib-llama"))
-    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vocab-size", type=int, default=8000)
+    ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rope-theta", type=float, default=10000.0, help="10000: Llama 2's")
     ap.add_argument(
