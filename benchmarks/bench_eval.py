@@ -1,7 +1,7 @@
 """Benchmark: `model(input_ids, labels=input_ids)` vs ctxext's chunked `token_nll`.
 
-The bundled model's architecture (Llama, hidden 256, intermediate 768, 4 layers, 4 heads, 2 KV
-heads, head_dim 64, rope_theta 10000, tied embeddings) scaled to a 32k vocabulary, random
+A small Llama (the first bundled model's shape: hidden 256, intermediate 768, 4 layers, 4 heads,
+2 KV heads, head_dim 64, rope_theta 10000, tied embeddings) scaled to a 32k vocabulary, random
 weights, fp32, SDPA attention. Every (approach, length) runs in a fresh subprocess so its peak
 RSS (ru_maxrss) is its own; each child does one warm-up pass and then ``--repeats`` timed passes
 (median tokens/s). A third child runs only the decoder (final hidden states, no LM head, no
