@@ -19,21 +19,18 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ctxext.checkpoint import resolve_model
-from ctxext.corpus import stdlib_documents
+from ctxext.data import load_documents, tokenize_documents
 
 WINDOW = 1024
 
 
 def windows(tokenizer, n_docs: int) -> torch.Tensor:
     """BOS + the first WINDOW-1 tokens of the first ``n_docs`` held-out files that long."""
-    rows = []
-    for doc in stdlib_documents("heldout"):
-        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
-        if len(ids) >= WINDOW - 1:
-            rows.append([tokenizer.bos_token_id, *ids[: WINDOW - 1]])
-        if len(rows) == n_docs:
-            break
-    return torch.tensor(rows, dtype=torch.long)
+    token_ids = tokenize_documents(tokenizer, load_documents(None))  # eval's default data
+    rows = [
+        [tokenizer.bos_token_id, *ids[: WINDOW - 1]] for ids in token_ids if len(ids) >= WINDOW - 1
+    ]
+    return torch.tensor(rows[:n_docs], dtype=torch.long)
 
 
 def main() -> None:

@@ -353,11 +353,12 @@ def _app_for(argv: list[str]) -> typer.Typer:
 
 
 def _command_name(info: Any) -> str | None:
-    # Typer's own rule for an unnamed command: the function name, lower case, _ -> -.
+    # An unnamed command is named by Typer's own rule (function name, lower case, _ -> -).
+    from typer.main import get_command_name
+
     if info.name:
         return info.name
-    callback = info.callback
-    return callback.__name__.lower().replace("_", "-") if callback else None
+    return get_command_name(info.callback.__name__) if info.callback else None
 
 
 def _run_app(argv: list[str]) -> int:

@@ -43,15 +43,10 @@ def test_bos_per_chunk_starts_every_sequence_with_bos_and_keeps_eos_separators(t
 
 
 def test_model_config_matches_the_shipped_model_and_takes_overrides():
-    import json
-    from pathlib import Path
-
-    import ctxext
     from ctxext.bundled_train import model_config
+    from ctxext.checkpoint import bundled_path, read_config
 
-    shipped = json.loads(
-        (Path(ctxext.__file__).parent / "bundled/stdlib-llama/config.json").read_text()
-    )
+    shipped = read_config(bundled_path())
     cfg = model_config(
         shipped["vocab_size"], 0, 1, 2, rope_theta=shipped["rope_parameters"]["rope_theta"]
     )
