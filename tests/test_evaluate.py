@@ -278,7 +278,7 @@ def test_num_docs_is_seeded_sample_and_progress_total(llama, docs):
     assert planned_tokens(docs, 64, bos_token_id=BOS, stride=16) == sum(
         64 * (1 + math.ceil((len(d) + 1 - 64) / 16)) for d in docs if len(d) + 1 >= 64
     )
-    assert res.to_dict()["protocol"]["doc_selection"].startswith("seeded sample")
+    assert res.to_dict()["protocol"]["doc_sample"].startswith("seeded sample")
 
 
 def test_too_short_data(llama):
