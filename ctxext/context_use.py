@@ -8,8 +8,9 @@ last few hundred: both can keep a flat perplexity. Three measurements can:
   the last W tokens (W defaults to the trained length). The cut context comes from *fresh*
   windows, not from a banded attention mask: in a multi-layer model each layer widens a band's
   receptive field by W, so a mask would still let far text in through the residual stream.
-  Windows of W+1 tokens step back from the end by a stride S; each scores its last S tokens, so
-  a scored token reads between W-S+1 and W tokens (S = 1: exactly its last W tokens). A token at
+  Windows of W tokens step back from the end by a stride S; each scores the S tokens that follow
+  its last S positions, so a scored token reads between W-S+1 and W tokens (S = 1: exactly its
+  last W tokens). A token at
   position p <= W has no text more than W tokens back, so its two NLLs are the same number and
   its gain is exactly 0. The gain is ``(NLL_local - NLL_full) / ln 2`` bits per token, by
   position bucket, with a percentile bootstrap over documents. Positive: the model uses text
@@ -99,17 +100,22 @@ def local_nll(
             f"--local-window ({window}) must be >= 1 and --local-stride ({stride}) between 1 "
             "and the window"
         )
+    from ctxext.evaluate import _eval_mode, _final_hidden, _nll_from_hidden
+
     ids = torch.tensor([list(seq)])
     if full is None:
         full = token_nll(model, ids, chunk_size=chunk_size)
     out = full.clone()
-    for last, n in _local_windows(len(seq), window, stride):
-        # Input: the `window` tokens before `last`, and `last` itself as the final target.
-        nll = token_nll(model, ids[:, last - window : last + 1], chunk_size=chunk_size)
-        # out[j] scores position j+1; nll[-n:] scores positions last-n+1 .. last.
-        out[last - n : last] = nll[-n:]
-        if progress is not None:
-            progress(window + 1)
+    with torch.inference_mode(), _eval_mode(model):
+        for last, n in _local_windows(len(seq), window, stride):
+            # Input: exactly the `window` tokens before `last` (never longer than the window, so
+            # a length-dependent rope sees a window-sized input); its last n rows predict the
+            # targets last-n+1 .. last.
+            hidden = _final_hidden(model, ids[:, last - window : last], None)
+            nll = _nll_from_hidden(model, hidden[-n:], ids[0, last - n + 1 : last + 1], chunk_size)
+            out[last - n : last] = nll.to(out.device)
+            if progress is not None:
+                progress(window)
     return out
 
 
@@ -236,7 +242,7 @@ def context_use_protocol(window: int, stride: int, seed: int) -> dict[str, Any]:
         "description": (
             f"far-context gain: NLL with the context cut to the last {window} tokens minus NLL "
             "with the full context, in bits per token (local - full) / ln 2; the cut context "
-            f"comes from fresh windows of {window} + 1 tokens stepping back by {stride} (each "
+            f"comes from fresh windows of {window} tokens stepping back by {stride} (each "
             f"scored token reads {window - stride + 1} to {window} tokens), not from an "
             f"attention mask; tokens at positions <= {window} have nothing to cut (gain 0)"
         ),
