@@ -12,6 +12,16 @@ below the straightforward approach.
 
 Targets (issue): at 16k, ours peak RSS <= 40% of the straightforward approach's, tokens/s
 >= 0.9x, perplexities equal within 1e-4 relative.
+
+``--sweep`` measures a length sweep instead (issue 14): the bundled model, base + linear, ntk,
+yarn, dynamic (each x8, to 2048), every held-out file of at least 2048 tokens (the same
+documents at every length), evaluated three ways on the same loaded model: the sweep
+256/512/1024/2048 in one pass per document (ctxext's default), the same sweep with separate
+passes per length, and 2048 alone. Only evaluation is timed (model loading is not):
+
+    python benchmarks/bench_eval.py --sweep --repeats 3 --out bench_sweep.md
+
+Target: the sweep takes <= 1.1x the 2048-only run, with the same numbers.
 """
 
 from __future__ import annotations
@@ -124,6 +134,109 @@ def table(rows: list[dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+SWEEP = [256, 512, 1024, 2048]
+SWEEP_METHODS = (None, "linear", "ntk", "yarn", "dynamic")
+
+
+def _max_rel_diff(a: dict, b: dict) -> float:
+    """Largest relative difference of perplexity over lengths and position buckets."""
+    diffs = []
+    for n, x in a.items():
+        y = b[n]
+        diffs.append(abs(math.expm1((x.nll_sum - y.nll_sum) / x.n_tokens)))
+        for bx, by in zip(x.buckets, y.buckets, strict=True):
+            if bx["n_tokens"]:
+                diffs.append(abs(math.expm1((bx["nll_sum"] - by["nll_sum"]) / bx["n_tokens"])))
+    return max(diffs)
+
+
+def sweep(threads: int | None, repeats: int) -> tuple[str, list[dict]]:
+    """One-pass sweep vs per-length sweep vs the longest length alone, per method."""
+    import torch
+
+    from ctxext.checkpoint import resolve_model
+    from ctxext.config import ExtendConfig
+    from ctxext.data import load_documents
+    from ctxext.evaluate import evaluate_lengths, tokenize_for_eval
+    from ctxext.modeling import load_causal_lm, load_tokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    tok = load_tokenizer(resolve_model(None).path)
+    data = tokenize_for_eval(tok, [d.text for d in load_documents(None, split="heldout")])
+    rows = []
+    for method in SWEEP_METHODS:
+        extend = ExtendConfig(method=method, target_length=SWEEP[-1]) if method else None
+        model = load_causal_lm(None, extend=extend, dtype="float32").model
+        common = {"bos_token_id": tok.bos_token_id, "token_bytes": data.token_bytes}
+        modes = {
+            "longest": (SWEEP[-1:], True),
+            "one_pass": (SWEEP, True),
+            "per_length": (SWEEP, False),
+        }
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        res: dict[str, dict] = {}
+        for r in range(repeats):  # interleaved, rotating order: drift hits every mode alike
+            order = list(modes)[r % 3 :] + list(modes)[: r % 3]
+            for mode in order:
+                lengths, one_pass = modes[mode]
+                t = time.perf_counter()
+                res[mode] = evaluate_lengths(model, data.ids, lengths, one_pass=one_pass, **common)
+                times[mode].append(time.perf_counter() - t)
+        timed = {m: (statistics.median(times[m]), res[m]) for m in modes}
+        (t_long, long), (t_one, one), (t_sep, sep) = timed.values()
+        rows.append(
+            {
+                "method": method or "base",
+                "n_docs": one[SWEEP[-1]].n_docs,
+                "longest_s": t_long,
+                "one_pass_s": t_one,
+                "per_length_s": t_sep,
+                "passes": one[SWEEP[-1]].passes,
+                "times": times,
+                "one_vs_per_length_rel": _max_rel_diff(one, sep),
+                "longest_rel": _max_rel_diff({SWEEP[-1]: one[SWEEP[-1]]}, long),
+                "ppl": {n: r.ppl for n, r in one.items()},
+            }
+        )
+        print(f"measured {method or 'base'}", file=sys.stderr, flush=True)
+    return sweep_table(rows, torch.get_num_threads()), rows
+
+
+def sweep_table(rows: list[dict], threads: int) -> str:
+    lines = [
+        "| variant | 2048 only (s) | sweep, one pass (s) | sweep, per length (s) "
+        "| one pass / 2048 only | per length / 2048 only | max rel diff one pass vs per length "
+        "| max rel diff at 2048 vs 2048 only |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def line(name: str, rs: list[dict]) -> str:
+        long, one, sep = (
+            sum(r[k] for r in rs) for k in ("longest_s", "one_pass_s", "per_length_s")
+        )
+        rel1 = max(r["one_vs_per_length_rel"] for r in rs)
+        rel2 = max(r["longest_rel"] for r in rs)
+        return (
+            f"| {name} | {long:.1f} | {one:.1f} | {sep:.1f} | {one / long:.2f} | {sep / long:.2f} "
+            f"| {rel1:.1e} | {rel2:.1e} |"
+        )
+
+    for r in rows:
+        lines.append(line(r["method"], [r]))
+    lines.append(line("**all five**", rows))
+    lines.append(
+        line("static four (all but dynamic)", [r for r in rows if r["method"] != "dynamic"])
+    )
+    return "\n".join(lines) + (
+        f"\n\nbundled model, fp32, {threads} threads, median of {len(rows[0]['times']['longest'])} "
+        f"interleaved runs per mode, {rows[0]['n_docs']} held-out files "
+        "(every one with at least 2048 tokens, the same at every length), lengths "
+        f"{'/'.join(map(str, SWEEP))}, every method x8; evaluation only (model loading excluded); "
+        "relative differences of perplexity over every length and position bucket."
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
@@ -132,10 +245,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     ap.add_argument("--out", type=Path, help="also write the Markdown table here")
     ap.add_argument("--json", type=Path, help="also write every raw measurement here")
+    ap.add_argument("--sweep", action="store_true", help="time a length sweep (issue 14)")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child, args.lengths[0], args.repeats, args.warmup, args.threads)
+        return
+    if args.sweep:
+        text, raw = sweep(args.threads, args.repeats)
+        print(text)
+        if args.out:
+            args.out.write_text(text + "\n")
+        if args.json:
+            args.json.write_text(json.dumps({"when": time.time(), "sweep": raw}, indent=1))
         return
     rows = []
     for length in args.lengths:

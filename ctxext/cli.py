@@ -204,8 +204,17 @@ def eval_command(
     ] = None,
     num_docs: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="At most this many documents per length."),
+        typer.Option(
+            help="At most this many documents (a seeded sample; the same at every length)."
+        ),
     ] = None,
+    doc_selection: Annotated[
+        str,
+        typer.Option(
+            help="same: the documents long enough for the longest length, at every length (YaRN "
+            "protocol); per-length: every document long enough for each length."
+        ),
+    ] = "same",
     passkey_trials: Annotated[int, typer.Option(help="Keys per length x depth.")] = 5,
     no_base: Annotated[bool, typer.Option("--no-base", help="Skip the unscaled rows.")] = False,
     text_field: Annotated[str, typer.Option(help="Text field of .jsonl / datasets.")] = "text",
@@ -243,6 +252,7 @@ def eval_command(
             "fallback_encoding": fallback_encoding,
             "stride": stride,
             "num_docs": num_docs,
+            "doc_selection": doc_selection,
             "passkey_trials": passkey_trials,
             "include_base": not no_base,
             "dtype": dtype,
@@ -270,7 +280,9 @@ def eval_command(
         quiet=as_json,
     )
     if as_json:
-        out.print_json(data=results)
+        from ctxext.report import strict_json
+
+        out.print_json(json.dumps(strict_json(results), allow_nan=False))
 
 
 def evaluate_and_report(

@@ -19,6 +19,7 @@ Method = Literal["linear", "ntk", "yarn", "dynamic", "llama3"]
 LinkMode = Literal["hardlink", "copy", "symlink"]
 Task = Literal["ppl", "passkey"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DocSelection = Literal["same", "per-length"]
 
 
 def known_encoding(v: str | None) -> str | None:
@@ -135,7 +136,12 @@ class EvalConfig(StrictModel):
     stride: int | None = None
     """Sliding-window stride; None scores each document's first L tokens (YaRN protocol)."""
     num_docs: int | None = None
-    """At most this many documents per length (a seeded sample when capped)."""
+    """At most this many documents (a seeded sample when capped): the same ones at every length
+    under doc_selection 'same'."""
+    doc_selection: DocSelection = "same"
+    """same: the documents long enough for the longest length are scored at every length (YaRN
+    protocol; a sweep changes nothing but the length). per-length: each length scores every
+    document long enough for it (more documents at short lengths, different sets)."""
     passkey_depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
     """Passkey depths, as fractions of the filler placed before the key."""
     passkey_trials: int = 5

@@ -7,13 +7,19 @@ the same data and protocol, and the results carry enough provenance to be compar
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ctxext import checkpoint
 from ctxext.config import EvalConfig, ExtendConfig
+from ctxext.errors import CtxextError
 
 #: progress_factory(description, total_tokens) -> callback(tokens_done)
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -61,20 +67,17 @@ def run_eval(
     allow_pickle: bool = False,
     progress_factory: ProgressFactory | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every variant; returns the results document (see README, "results.json")."""
-    from ctxext.data import data_fingerprint, load_documents
+    """Evaluate every variant; returns the results document (see README, "results.json").
 
-    docs = load_documents(
-        cfg.data,
-        split="heldout",
-        text_field=cfg.text_field,
-        dataset_split=cfg.dataset_split,
-        fallback_encoding=cfg.fallback_encoding,
-    )
+    Everything that can be refused is checked first (:func:`preflight`), so a bad request
+    fails in seconds, before the first model is loaded.
+    """
+    from ctxext.data import data_fingerprint
+
+    docs, token_cache = preflight(variants, cfg, trust_remote_code, allow_pickle)
     started = time.time()
-    token_cache = _tokenize_for(variants, docs, cfg, trust_remote_code)
     runs = [
-        _run_variant(v, cfg, docs, token_cache, trust_remote_code, allow_pickle, progress_factory)
+        _run_variant(v, cfg, token_cache, trust_remote_code, allow_pickle, progress_factory)
         for v in variants
     ]
     return {
@@ -93,39 +96,102 @@ def run_eval(
     }
 
 
-def _tokenize_for(
-    variants: list[Variant], docs: list, cfg: EvalConfig, trust_remote_code: bool
-) -> dict[str, list[list[int]]]:
-    """Tokenize the data once per tokenizer, and check every length has a long enough
-    document *before* any model is loaded (a bad request fails in seconds, not minutes)."""
+@dataclass(frozen=True)
+class _Tokens:
+    """The data as one tokenizer sees it."""
+
+    docs: Any  # evaluate.TokenizedDocs
+    bos_token_id: int | None
+    fingerprint: str  # of the token ids (and BOS): equal fingerprints, comparable perplexities
+
+
+@contextlib.contextmanager
+def _naming(who: str) -> Iterator[None]:
+    """Prefix a refusal with the model (and method) it concerns."""
+    try:
+        yield
+    except CtxextError as e:
+        raise type(e)(f"{who}: {e}") from e
+
+
+def _who(variant: Variant) -> str:
+    name = variant.model or checkpoint.DEFAULT_MODEL
+    return f"{name} (-m {variant.extend.method})" if variant.extend else name
+
+
+def preflight(
+    variants: list[Variant], cfg: EvalConfig, trust_remote_code: bool, allow_pickle: bool
+) -> tuple[list, dict[str, _Tokens]]:
+    """Check every model x method x length before anything slow; returns the data, tokenized.
+
+    Cheapest first: every config.json (already scaled, length not beyond the trained length,
+    not a causal LM, no weights, no tokenizer files), then the data, then each tokenizer with
+    the lengths (too-short data, a passkey prompt that does not fit). No weights are loaded.
+    """
+    from ctxext.data import load_documents
+    from ctxext.modeling import check_tokenizer_files, check_weights, resolve_scaled
+
+    paths: dict[str, str] = {}
+    for variant in variants:
+        with _naming(_who(variant)):
+            source, _, _ = resolve_scaled(variant.model, variant.extend)
+            check_weights(source.path, allow_pickle)
+            check_tokenizer_files(source.path)
+        paths.setdefault(str(source.path), source.name)
+    docs = load_documents(
+        cfg.data,
+        split="heldout",
+        text_field=cfg.text_field,
+        dataset_split=cfg.dataset_split,
+        fallback_encoding=cfg.fallback_encoding,
+    )
+    cache = {}
+    for path, name in paths.items():
+        with _naming(name):
+            cache[path] = _tokenize_and_check(Path(path), docs, cfg, trust_remote_code)
+    return docs, cache
+
+
+def _tokenize_and_check(
+    path: Path, docs: list, cfg: EvalConfig, trust_remote_code: bool
+) -> _Tokens:
     from ctxext import evaluate
-    from ctxext.data import tokenize_documents
     from ctxext.modeling import load_tokenizer
 
-    cache: dict[str, list[list[int]]] = {}
-    for variant in variants:
-        path = checkpoint.resolve_model(variant.model).path
-        if str(path) in cache:
-            continue
-        tok = load_tokenizer(path, trust_remote_code)
-        cache[str(path)] = ids = tokenize_documents(tok, docs)
-        if "ppl" in cfg.tasks:
-            for n in cfg.lengths:
-                evaluate.planned_tokens(
-                    ids, n, bos_token_id=tok.bos_token_id, stride=cfg.stride,
-                    num_docs=cfg.num_docs, seed=cfg.seed,
-                )  # fmt: skip
-        if "passkey" in cfg.tasks:
-            for n in cfg.lengths:  # raises if a length cannot hold the prompt
-                evaluate.build_passkey_prompt(tok, n, 0.5, "12345")
-    return cache
+    tok = load_tokenizer(path, trust_remote_code)
+    tokens = evaluate.tokenize_for_eval(tok, [d.text for d in docs])
+    bos = tok.bos_token_id
+    if "ppl" in cfg.tasks:  # raises when no document is long enough
+        evaluate.planned_sweep_tokens(tokens.ids, cfg.lengths, **_ppl_options(cfg, bos))
+    if "passkey" in cfg.tasks:
+        for n in cfg.lengths:  # raises if a length cannot hold the prompt
+            evaluate.build_passkey_prompt(tok, n, 0.5, "12345")
+    return _Tokens(tokens, bos, _token_fingerprint(tokens.ids, bos))
+
+
+def _token_fingerprint(ids: list[list[int]], bos: int | None) -> str:
+    h = hashlib.sha256(str(bos).encode())
+    for doc in ids:
+        arr = np.asarray(doc, dtype=np.int64)
+        h.update(np.int64(len(arr)).tobytes())
+        h.update(arr.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _ppl_options(cfg: EvalConfig, bos: int | None) -> dict[str, Any]:
+    return {
+        "bos_token_id": bos,
+        "stride": cfg.stride,
+        "num_docs": cfg.num_docs,
+        "seed": cfg.seed,
+        "doc_selection": cfg.doc_selection,
+    }
 
 
 def _run_variant(
     variant: Variant,
     cfg: EvalConfig,
-    docs: list,
-    token_cache: dict[str, list[list[int]]],
+    token_cache: dict[str, _Tokens],
     trust_remote_code: bool,
     allow_pickle: bool,
     progress_factory: ProgressFactory | None,
@@ -141,9 +207,7 @@ def _run_variant(
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
     )
-    tok = loaded.tokenizer
-    doc_ids = token_cache[str(loaded.source.path)]
-    bos = tok.bos_token_id
+    tokens = token_cache[str(loaded.source.path)]
     info = rope.analyze(loaded.config)
     run: dict[str, Any] = {
         "label": loaded.label,
@@ -154,34 +218,32 @@ def _run_variant(
         "trained_length": info.trained_length,
         "rope": {"scheme": info.scheme, "existing_scaling": info.existing_scaling},
         "config_sha256": checkpoint.config_hash(loaded.config),
+        "tokens_fingerprint": tokens.fingerprint,
         "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "device": loaded.device,
         "ppl": {},
     }
     if "ppl" in cfg.tasks:
-        common = {"bos_token_id": bos, "stride": cfg.stride, "num_docs": cfg.num_docs}
-        total = sum(
-            evaluate.planned_tokens(doc_ids, n, seed=cfg.seed, **common) for n in cfg.lengths
+        opts = _ppl_options(cfg, tokens.bos_token_id)
+        one_pass = not evaluate.length_dependent_rope(loaded.model)
+        ids = tokens.docs.ids
+        total = evaluate.planned_sweep_tokens(ids, cfg.lengths, one_pass=one_pass, **opts)
+        results = evaluate.evaluate_lengths(
+            loaded.model,
+            ids,
+            cfg.lengths,
+            token_bytes=tokens.docs.token_bytes,
+            one_pass=one_pass,
+            progress=_ticker(progress_factory, f"{loaded.label} ppl", total),
+            **opts,
         )
-        tick = _ticker(progress_factory, f"{loaded.label} ppl", total)
-        offset = 0
-        for length in cfg.lengths:
-            res = evaluate.evaluate_perplexity(
-                loaded.model,
-                doc_ids,
-                length,
-                seed=cfg.seed,
-                progress=lambda done, base=offset: tick(base + done),
-                **common,
-            )
-            offset += evaluate.planned_tokens(doc_ids, length, seed=cfg.seed, **common)
-            run["ppl"][str(length)] = res.to_dict()
+        run["ppl"] = {str(n): res.to_dict() for n, res in results.items()}
     if "passkey" in cfg.tasks:
         total = sum(cfg.lengths) * len(cfg.passkey_depths) * cfg.passkey_trials
         tick = _ticker(progress_factory, f"{loaded.label} passkey", total)
         run["passkey"] = evaluate.evaluate_passkey(
             loaded.model,
-            tok,
+            loaded.tokenizer,
             cfg.lengths,
             depths=cfg.passkey_depths,
             trials=cfg.passkey_trials,

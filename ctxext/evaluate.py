@@ -11,30 +11,47 @@ numbers equal the model's own loss; sums are accumulated in float64.
 Perplexity protocols (their numbers do not compare with each other; every result carries a
 ``protocol`` dict saying which one produced it):
 
-* ``truncate`` (default; YaRN's ``--truncate``): at length L, every document with at least L
-  tokens *after* BOS is prepended (when the tokenizer has a BOS) is scored on its first L tokens:
-  the sequence is BOS + the first L-1 document tokens, and the L-1 tokens after position 0 are
-  scored. Without a BOS the sequence is the first L document tokens, again L-1 scored.
+* ``truncate`` (default; YaRN's ``--truncate``): at length L, every scored document is scored on
+  its first L tokens: the sequence is BOS + the first L-1 document tokens (when the tokenizer
+  has a BOS), and the L-1 tokens after position 0 are scored. Without a BOS the sequence is the
+  first L document tokens, again L-1 scored.
 * ``sliding`` with stride S (the Hugging Face guide "Perplexity of fixed-length models"): over
-  each whole eligible document (same eligibility rule; BOS only at the document's start), windows
-  of exactly L tokens ending at L, L+S, L+2S, ... and a last one ending at the document's end;
-  each window scores only the tokens no earlier window scored, so with S < L every token after
-  position 0 is scored exactly once, each with at least L-S tokens of context. With S == L the
-  windows are disjoint and each window's first token is context only (not scored).
+  each whole scored document (BOS only at its start), windows of exactly L tokens ending at L,
+  L+S, L+2S, ... and a last one ending at the document's end; each window scores only the tokens
+  no earlier window scored, so with S < L every token after position 0 is scored exactly once,
+  each with at least L-S tokens of context. With S == L the windows are disjoint and each
+  window's first token is context only (not scored).
 
-Both are token-weighted: PPL = exp(total NLL / total scored tokens). ``num_docs`` keeps a seeded
-random sample of the eligible documents (kept in their original order), so the same seed and data
-give the same documents. The 95% interval is a percentile bootstrap over documents (resample
-documents with replacement, recompute the token-weighted PPL; 1000 resamples, seeded).
+Which documents (``doc_selection``): ``same`` (default, YaRN's protocol) scores the documents
+with at least L_max tokens (BOS included), L_max the longest length of the sweep, at *every*
+length, so a sweep changes nothing but the length; ``per-length`` scores, at each L, every
+document with at least L tokens (more documents at short lengths, different sets).
+``num_docs`` keeps a seeded random sample of the eligible documents (in their original order),
+the same sample at every length under ``same``.
+
+Both protocols are token-weighted: PPL = exp(total NLL / total scored tokens). Bits per byte =
+total NLL / (ln 2 x UTF-8 bytes of the scored tokens' text), with a token's bytes running from
+the end of the previous token to its own end (the tokenizer's character offsets); unlike
+perplexity it compares models with different tokenizers. The 95% interval is a percentile
+bootstrap over documents (resample documents with replacement, recompute the token-weighted PPL;
+1000 resamples, seeded).
+
+One pass per sweep: under the truncate protocol the loss of a document's first L tokens is the
+prefix of the loss of its first L_max tokens (causal attention), as long as the rope
+frequencies do not depend on the input's length, so :func:`evaluate_lengths` runs each document
+once and reads every length from that pass. Dynamic NTK (and longrope, or any rope type not
+known to be static) and ``--stride`` keep one pass per length, with the rotary state reset
+before each length and task (:func:`reset_rotary_state`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -43,17 +60,26 @@ import torch.nn.functional as F
 from ctxext.errors import CtxextError
 
 __all__ = [
+    "BPB_FORMULA",
     "DEFAULT_DEPTHS",
+    "DocSelection",
     "PasskeyPrompt",
     "PasskeyResult",
     "PerplexityResult",
+    "TokenizedDocs",
     "bucket_edges",
     "build_passkey_prompt",
     "default_chunk_size",
+    "doc_fingerprint",
+    "evaluate_lengths",
     "evaluate_passkey",
     "evaluate_perplexity",
+    "length_dependent_rope",
+    "planned_sweep_tokens",
     "planned_tokens",
+    "reset_rotary_state",
     "token_nll",
+    "tokenize_for_eval",
 ]
 
 Progress = Callable[[int], None]
@@ -146,13 +172,14 @@ def _nll_from_hidden(
     chunk = chunk_size or default_chunk_size(_text_config(model).vocab_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk}")
-    targets = targets.to(hidden.device)
     out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, targets.shape[0], chunk):
         stop = min(start + chunk, targets.shape[0])
-        out[start:stop] = F.cross_entropy(
-            head(hidden[start:stop]), targets[start:stop], reduction="none"
-        )
+        logits = head(hidden[start:stop])
+        # With --device-map auto the LM head may sit on another device than the last layer
+        # (tied embeddings: the first one); the targets go where the logits are.
+        nll = F.cross_entropy(logits, targets[start:stop].to(logits.device), reduction="none")
+        out[start:stop] = nll.to(out.device)
     return out
 
 
@@ -216,6 +243,63 @@ def bucket_edges(length: int) -> list[int]:
     return edges
 
 
+# ---------------------------------------------------------------------------------------------
+# Tokens and their bytes
+
+
+@dataclass(frozen=True)
+class TokenizedDocs:
+    """Token ids of each document (no special tokens) and each token's UTF-8 byte count.
+
+    ``token_bytes[d][k]`` is the number of bytes from the end of token k-1 (the document's start
+    for k = 0) to the end of token k, read from the tokenizer's character offsets; a document's
+    counts add up to the bytes of its text up to its last token. ``None`` when the tokenizer gives
+    no offsets (Python "slow" tokenizers).
+    """
+
+    ids: list[list[int]]
+    token_bytes: list[list[int]] | None
+
+
+def tokenize_for_eval(tokenizer: Any, texts: Sequence[str]) -> TokenizedDocs:
+    """Tokenize ``texts`` once, keeping what bits per byte needs (the tokens' byte counts)."""
+    texts = list(texts)
+    # verbose=False: long documents are the point here (no "longer than the maximum" warning).
+    kwargs = {"add_special_tokens": False, "verbose": False}
+    try:
+        enc = tokenizer(texts, return_offsets_mapping=True, **kwargs)
+    except NotImplementedError:  # slow tokenizers have no offsets
+        enc = tokenizer(texts, **kwargs)
+        return TokenizedDocs([list(ids) for ids in enc["input_ids"]], None)
+    counts = [
+        _token_bytes(text, offsets)
+        for text, offsets in zip(texts, enc["offset_mapping"], strict=True)
+    ]
+    return TokenizedDocs([list(ids) for ids in enc["input_ids"]], counts)
+
+
+def _token_bytes(text: str, offsets: Sequence[Sequence[int]]) -> list[int]:
+    """Per-token UTF-8 byte counts from character offsets (see :class:`TokenizedDocs`)."""
+    if not offsets:
+        return []
+    raw = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    # Byte offset of each character (continuation bytes are 10xxxxxx), then of the text's end.
+    char_to_byte = np.append(np.flatnonzero((raw & 0xC0) != 0x80), len(raw))
+    # Byte-level BPE can split one character over several tokens, all with that character's
+    # span: the first token gets its bytes, the others none (a running max keeps ends ordered).
+    ends = np.maximum.accumulate(np.array([end for _, end in offsets], dtype=np.int64))
+    return np.diff(char_to_byte[ends], prepend=0).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity: which documents, which forward passes
+
+
+DocSelection = Literal["same", "per-length"]
+#: Rope types whose frequencies do not depend on the sequence length (transformers' names).
+_STATIC_ROPE_TYPES = frozenset({"default", "linear", "yarn", "llama3"})
+
+
 @dataclass(frozen=True)
 class _Window:
     """One forward pass: seq[begin:end], scoring targets at absolute positions first..end-1."""
@@ -242,31 +326,54 @@ def _windows(n: int, length: int, stride: int | None) -> list[_Window]:
 
 
 @dataclass(frozen=True)
-class _Planned:
-    doc_index: int
+class _Pass:
+    """The forward passes over one document at one model-input ``length``.
+
+    ``serves`` are the evaluated lengths read from these passes: just ``length`` itself, or in
+    one-pass mode every length the document is scored at (each a prefix of the pass).
+    """
+
+    doc: int
+    length: int
     seq: list[int]
     windows: list[_Window]
+    serves: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(w.end - w.begin for w in self.windows)
 
 
-def _plan(
-    doc_token_ids: Sequence[Sequence[int]],
-    length: int,
-    bos_token_id: int | None,
-    stride: int | None,
-    num_docs: int | None,
-    seed: int,
-) -> list[_Planned]:
-    """Which documents are scored, as which token sequence, through which windows."""
-    if length < 2:
-        raise CtxextError(f"length {length} is too short; use lengths of at least 2 tokens")
-    if stride is not None and not 1 <= stride <= length:
-        raise CtxextError(f"stride {stride} must be between 1 and the length {length}")
+@dataclass(frozen=True)
+class _Plan:
+    selection: dict[int, list[int]]  # length -> scored document indices (ascending)
+    passes: list[_Pass]
+    one_pass: bool
+
+
+def _check_request(lengths: Sequence[int], stride: int | None, num_docs: int | None) -> None:
+    if not lengths:
+        raise CtxextError("no lengths to evaluate; pass --lengths, e.g. 256,512")
+    for length in lengths:
+        if length < 2:
+            raise CtxextError(f"length {length} is too short; use lengths of at least 2 tokens")
+        if stride is not None and not 1 <= stride <= length:
+            raise CtxextError(f"stride {stride} must be between 1 and the length {length}")
     if num_docs is not None and num_docs < 1:
         raise CtxextError(f"--num-docs must be at least 1, got {num_docs}")
-    prefix = [] if bos_token_id is None else [bos_token_id]
-    eligible = [i for i, ids in enumerate(doc_token_ids) if len(prefix) + len(ids) >= length]
+
+
+def _eligible(
+    doc_token_ids: Sequence[Sequence[int]],
+    length: int,
+    prefix: int,
+    num_docs: int | None,
+    seed: int,
+) -> list[int]:
+    """Documents with at least ``length`` tokens (BOS included), or a seeded sample of them."""
+    eligible = [i for i, ids in enumerate(doc_token_ids) if prefix + len(ids) >= length]
     if not eligible:
-        longest = len(prefix) + max((len(ids) for ids in doc_token_ids), default=0)
+        longest = prefix + max((len(ids) for ids in doc_token_ids), default=0)
         raise CtxextError(
             f"no document has at least {length} tokens (the longest has {longest} tokens"
             f"{', BOS included' if prefix else ''}); lower --lengths or use longer data"
@@ -274,12 +381,53 @@ def _plan(
     if num_docs is not None and num_docs < len(eligible):
         rng = np.random.default_rng(seed)
         eligible = sorted(rng.choice(eligible, size=num_docs, replace=False).tolist())
-    plans = []
-    for i in eligible:
-        ids = doc_token_ids[i] if stride is not None else doc_token_ids[i][:length]
-        seq = (prefix + list(ids))[: None if stride is not None else length]
-        plans.append(_Planned(i, seq, _windows(len(seq), length, stride)))
-    return plans
+    return eligible
+
+
+def _plan(
+    doc_token_ids: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    bos_token_id: int | None,
+    stride: int | None,
+    num_docs: int | None,
+    seed: int,
+    doc_selection: DocSelection = "same",
+    one_pass: bool = False,
+) -> _Plan:
+    """Which documents are scored at each length, and through which forward passes.
+
+    ``same``: the documents eligible at the longest length are scored at every length (YaRN's
+    protocol: a length changes nothing but the length). ``per-length``: each length scores every
+    document eligible at it. ``one_pass`` (truncate only) reads every length of a document from
+    one pass at its longest length: under causal attention the first L positions of a longer
+    input compute exactly what an input of L tokens computes, as long as the rope frequencies do
+    not depend on the input's length.
+    """
+    lengths = sorted(set(lengths))
+    _check_request(lengths, stride, num_docs)
+    if doc_selection not in ("same", "per-length"):
+        raise CtxextError(f"unknown document selection {doc_selection!r}; use same or per-length")
+    prefix = [] if bos_token_id is None else [bos_token_id]
+    if doc_selection == "same":
+        common = _eligible(doc_token_ids, lengths[-1], len(prefix), num_docs, seed)
+        selection = {n: common for n in lengths}
+    else:
+        selection = {n: _eligible(doc_token_ids, n, len(prefix), num_docs, seed) for n in lengths}
+    one_pass = one_pass and stride is None
+    if one_pass:
+        serves: dict[int, list[int]] = {}
+        for n in lengths:
+            for d in selection[n]:
+                serves.setdefault(d, []).append(n)
+        keys = [(d, max(ns), tuple(ns)) for d, ns in sorted(serves.items())]
+    else:  # grouped by length, so length-dependent rope state changes once per length
+        keys = [(d, n, (n,)) for n in lengths for d in selection[n]]
+    passes = []
+    for d, n, served in keys:
+        ids = doc_token_ids[d] if stride is not None else doc_token_ids[d][:n]
+        seq = (prefix + list(ids))[: None if stride is not None else n]
+        passes.append(_Pass(d, n, seq, _windows(len(seq), n, stride), served))
+    return _Plan(selection, passes, one_pass)
 
 
 def planned_tokens(
@@ -292,13 +440,75 @@ def planned_tokens(
     seed: int = 0,
 ) -> int:
     """Tokens ``evaluate_perplexity`` will feed through the model (the progress total)."""
-    plans = _plan(doc_token_ids, length, bos_token_id, stride, num_docs, seed)
-    return sum(w.end - w.begin for p in plans for w in p.windows)
+    plan = _plan(doc_token_ids, [length], bos_token_id, stride, num_docs, seed)
+    return sum(p.tokens for p in plan.passes)
+
+
+def planned_sweep_tokens(
+    doc_token_ids: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    *,
+    bos_token_id: int | None,
+    stride: int | None = None,
+    num_docs: int | None = None,
+    seed: int = 0,
+    doc_selection: DocSelection = "same",
+    one_pass: bool = True,
+) -> int:
+    """Tokens ``evaluate_lengths`` will feed (give it the same arguments; ``one_pass`` as it
+    resolves it: ``one_pass and not length_dependent_rope(model)``)."""
+    plan = _plan(
+        doc_token_ids, lengths, bos_token_id, stride, num_docs, seed, doc_selection, one_pass
+    )
+    return sum(p.tokens for p in plan.passes)
+
+
+def _rope_types(config: Any) -> set[str]:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(params, dict) or not params:
+        return set()
+    entries = [params] if ("rope_type" in params or "type" in params) else list(params.values())
+    return {
+        str(e.get("rope_type", e.get("type", "default"))) for e in entries if isinstance(e, dict)
+    }
+
+
+def length_dependent_rope(model: Any) -> bool:
+    """Whether the model's rope frequencies may depend on the input's length.
+
+    transformers' dynamic NTK recomputes them for longer inputs and longrope switches factor
+    lists past the original length; any rope type not known to be static counts as dependent.
+    """
+    return not _rope_types(_text_config(model)) <= _STATIC_ROPE_TYPES
+
+
+@torch.inference_mode()
+def reset_rotary_state(model: Any) -> None:
+    """Put length-dependent rotary state back to its initial value, through the public forward.
+
+    transformers' dynamic NTK keeps the frequencies of the longest input seen so far and goes
+    back to the original ones only on an input shorter than the original length, so what an
+    input of L tokens gets depends on what ran before. A one-token forward is such an input; a
+    static config is unchanged by it. Called before every length and task.
+    """
+    ids = torch.zeros((1, 1), dtype=torch.long, device=_device(model))
+    with _eval_mode(model):
+        _decoder(model)(input_ids=ids, use_cache=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity: results
 
 
 @dataclass
 class PerplexityResult:
-    """Token-weighted perplexity at one length, with its interval and per-position buckets."""
+    """Token-weighted perplexity at one length, with its interval and per-position buckets.
+
+    ``bits_per_byte`` = nll_sum / (ln 2 x n_bytes), ``n_bytes`` being the UTF-8 bytes of the
+    scored tokens' text: comparable across tokenizers, where perplexity is not.
+    ``doc_fingerprint`` identifies the scored documents (equal at every length under the
+    ``same`` selection).
+    """
 
     length: int
     ppl: float
@@ -309,6 +519,11 @@ class PerplexityResult:
     ci_high: float
     buckets: list[dict[str, Any]] = field(default_factory=list)
     protocol: dict[str, Any] = field(default_factory=dict)
+    n_bytes: int | None = None
+    bits_per_byte: float | None = None
+    bytes_per_token: float | None = None
+    doc_fingerprint: str = ""
+    passes: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -320,6 +535,11 @@ def _ppl(nll_sum: float, n_tokens: int) -> float:
         return math.exp(nll_sum / n_tokens)
     except OverflowError:
         return math.inf
+
+
+def _bpb(nll_sum: float, n_bytes: int | None) -> float | None:
+    """Bits per byte: the NLL in nats converted to bits, per UTF-8 byte of scored text."""
+    return nll_sum / (math.log(2) * n_bytes) if n_bytes else None
 
 
 def _bootstrap(
@@ -334,22 +554,118 @@ def _bootstrap(
     return _ppl(float(low), 1), _ppl(float(high), 1)
 
 
+def doc_fingerprint(doc_indices: Sequence[int], doc_token_ids: Sequence[Sequence[int]]) -> str:
+    """sha256 (16 hex) of the scored documents: their indices in the data and full token ids."""
+    h = hashlib.sha256()
+    for i in doc_indices:
+        ids = np.asarray(doc_token_ids[i], dtype=np.int64)
+        h.update(np.array([i, len(ids)], dtype=np.int64).tobytes())
+        h.update(ids.tobytes())
+    return h.hexdigest()[:16]
+
+
+class _Tally:
+    """Sums for one length: per document, per position bucket, tokens and bytes."""
+
+    def __init__(self, length: int, docs: list[int], with_bytes: bool) -> None:
+        self.length = length
+        self.slot = {d: k for k, d in enumerate(docs)}
+        self.edges = bucket_edges(length)
+        nb = len(self.edges) - 1
+        self.bucket_nll, self.bucket_n = np.zeros(nb), np.zeros(nb, dtype=np.int64)
+        self.bucket_bytes = np.zeros(nb, dtype=np.int64) if with_bytes else None
+        self.doc_nll, self.doc_n = np.zeros(len(docs)), np.zeros(len(docs), dtype=np.int64)
+
+    def add(
+        self, doc: int, nll: np.ndarray, positions: np.ndarray, nbytes: np.ndarray | None
+    ) -> None:
+        """``nll[j]`` predicts the token at model-input position ``positions[j]``."""
+        k = self.slot[doc]
+        self.doc_nll[k] += nll.sum()
+        self.doc_n[k] += len(nll)
+        which = np.searchsorted(self.edges, positions, side="right") - 1
+        np.add.at(self.bucket_nll, which, nll)
+        np.add.at(self.bucket_n, which, 1)
+        if self.bucket_bytes is not None and nbytes is not None:
+            np.add.at(self.bucket_bytes, which, nbytes)
+
+    def result(self, seed: int, protocol: dict[str, Any], fingerprint: str, passes: str):
+        nll_sum, n_tokens = float(self.doc_nll.sum()), int(self.doc_n.sum())
+        ci_low, ci_high = _bootstrap(self.doc_nll, self.doc_n, seed, BOOTSTRAP_RESAMPLES)
+        n_bytes = None if self.bucket_bytes is None else int(self.bucket_bytes.sum())
+        buckets = []
+        for b in range(len(self.edges) - 1):
+            bucket_bytes = None if self.bucket_bytes is None else int(self.bucket_bytes[b])
+            n = int(self.bucket_n[b])
+            buckets.append(
+                {
+                    "start": self.edges[b],
+                    "end": self.edges[b + 1],
+                    "ppl": _ppl(self.bucket_nll[b], n) if n else None,
+                    "n_tokens": n,
+                    "nll_sum": float(self.bucket_nll[b]),
+                    "n_bytes": bucket_bytes,
+                    "bits_per_byte": _bpb(float(self.bucket_nll[b]), bucket_bytes),
+                }
+            )
+        return PerplexityResult(
+            length=self.length,
+            ppl=_ppl(nll_sum, n_tokens),
+            nll_sum=nll_sum,
+            n_tokens=n_tokens,
+            n_docs=len(self.slot),
+            ci_low=ci_low,
+            ci_high=ci_high,
+            buckets=buckets,
+            protocol=protocol,
+            n_bytes=n_bytes,
+            bits_per_byte=_bpb(nll_sum, n_bytes),
+            bytes_per_token=n_bytes / n_tokens if n_bytes is not None and n_tokens else None,
+            doc_fingerprint=fingerprint,
+            passes=passes,
+        )
+
+
+BPB_FORMULA = (
+    "bits per byte = total NLL (nats) / (ln 2 x UTF-8 bytes of the scored tokens' text); "
+    "bytes per token = those bytes / scored tokens; a token's bytes run from the end of the "
+    "previous token to its own end (tokenizer character offsets)"
+)
+
+
 def _protocol(
-    length: int, bos_token_id: int | None, stride: int | None, num_docs: int | None, seed: int
+    length: int,
+    lengths: Sequence[int],
+    bos_token_id: int | None,
+    stride: int | None,
+    num_docs: int | None,
+    seed: int,
+    doc_selection: DocSelection,
 ) -> dict[str, Any]:
     bos = bos_token_id is not None
+    longest = max(lengths)
+    which = (
+        f"each document with at least {longest} tokens (the longest length evaluated)"
+        if doc_selection == "same"
+        else f"each document with at least {length} tokens"
+    )
     if stride is None:
         desc = (
-            f"first {length} tokens of each document with at least {length} tokens"
+            f"first {length} tokens of {which}"
             + (f" (BOS + first {length - 1} document tokens)" if bos else "")
             + f"; {length - 1} tokens scored per document"
         )
     else:
         desc = (
-            f"sliding windows of {length} tokens, stride {stride}, over each whole document with "
-            f"at least {length} tokens{' (BOS at the start only)' if bos else ''}; each window "
-            "scores only tokens not scored before"
+            f"sliding windows of {length} tokens, stride {stride}, over the whole of {which}"
+            f"{' (BOS at the start only)' if bos else ''}; each window scores only tokens not "
+            "scored before"
         )
+    selection = (
+        f"same documents at every length: those eligible at the longest length ({longest})"
+        if doc_selection == "same"
+        else "per length: every document eligible at that length (sets differ across lengths)"
+    )
     return {
         "name": "truncate" if stride is None else "sliding",
         "description": desc,
@@ -357,18 +673,107 @@ def _protocol(
         "bos_prepended": bos,
         "bos_token_id": bos_token_id,
         "num_docs_cap": num_docs,
-        "doc_selection": "all eligible" if num_docs is None else f"seeded sample (seed {seed})",
+        "doc_selection": doc_selection,
+        "documents": selection,
+        "doc_sample": "all eligible"
+        if num_docs is None
+        else f"seeded sample of at most {num_docs} (seed {seed})",
         "weighting": "token-weighted: exp(total NLL / total scored tokens)",
+        "bits_per_byte": BPB_FORMULA,
         "interval": f"95% percentile bootstrap over documents, {BOOTSTRAP_RESAMPLES} resamples, "
         f"seed {seed}",
         "buckets": "by position of the predicted token within the model input",
     }
 
 
+def _run_pass(
+    model: Any,
+    p: _Pass,
+    tallies: dict[int, _Tally],
+    token_bytes: Sequence[Sequence[int]] | None,
+    prefix: int,
+    chunk_size: int | None,
+) -> None:
+    """Forward the pass's windows and add each served length's share to its tally."""
+    doc_bytes = None if token_bytes is None else np.asarray(token_bytes[p.doc], dtype=np.int64)
+    for w in p.windows:
+        nll = token_nll(model, torch.tensor([p.seq[w.begin : w.end]]), chunk_size=chunk_size)
+        # nll[j] scores window position j+1; keep positions first-begin .. end-begin-1.
+        nll = nll[w.first - w.begin - 1 :].double().cpu().numpy()
+        positions = np.arange(w.first - w.begin, w.end - w.begin)
+        for n in p.serves:
+            # One-pass: length n is the prefix of n input positions (targets 1..n-1).
+            keep = positions < n if n < p.length else slice(None)
+            nbytes = None
+            if doc_bytes is not None:  # document token index = input position - BOS
+                nbytes = doc_bytes[positions[keep] + w.begin - prefix]
+            tallies[n].add(p.doc, nll[keep], positions[keep], nbytes)
+
+
 @torch.inference_mode()
+def evaluate_lengths(
+    model: Any,
+    doc_token_ids: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    *,
+    bos_token_id: int | None,
+    stride: int | None = None,
+    num_docs: int | None = None,
+    seed: int = 0,
+    doc_selection: DocSelection = "same",
+    token_bytes: Sequence[Sequence[int]] | None = None,
+    one_pass: bool = True,
+    chunk_size: int | None = None,
+    progress: Progress | None = None,
+) -> dict[int, PerplexityResult]:
+    """Perplexity at every length of ``lengths`` (see the module docstring for the protocols).
+
+    ``doc_selection='same'`` scores the documents eligible at the longest length at every
+    length. With ``one_pass`` (and the truncate protocol, and a rope whose frequencies do not
+    depend on the input's length) each document runs once, at its longest length, and shorter
+    lengths are read from that pass's prefix; otherwise each length has its own passes, with
+    the rotary state reset before each length. ``token_bytes`` (per-token UTF-8 byte counts,
+    :func:`tokenize_for_eval`) adds bits per byte. ``progress(tokens_done)`` is called after
+    every forward pass; the total is :func:`planned_sweep_tokens` with the same arguments.
+    """
+    one_pass = one_pass and not length_dependent_rope(model)
+    plan = _plan(
+        doc_token_ids, lengths, bos_token_id, stride, num_docs, seed, doc_selection, one_pass
+    )
+    prefix = 0 if bos_token_id is None else 1
+    _check_head(model, plan.passes[0].seq)
+    tallies = {n: _Tally(n, docs, token_bytes is not None) for n, docs in plan.selection.items()}
+    done, current = 0, None
+    with _eval_mode(model):
+        for p in plan.passes:
+            # Per-length passes come grouped by length: a reset before each length makes
+            # length-dependent rope (dynamic NTK) exact whatever ran before.
+            if current is None or (p.length != current and not plan.one_pass):
+                reset_rotary_state(model)
+            current = p.length
+            _run_pass(model, p, tallies, token_bytes, prefix, chunk_size)
+            done += p.tokens
+            if progress is not None:
+                progress(done)
+    passes = (
+        "one forward pass per document at its longest length; shorter lengths are its prefixes"
+        if plan.one_pass
+        else "separate forward passes per length"
+    )
+    return {
+        n: tally.result(
+            seed,
+            _protocol(n, list(plan.selection), bos_token_id, stride, num_docs, seed, doc_selection),
+            doc_fingerprint(plan.selection[n], doc_token_ids),
+            passes,
+        )
+        for n, tally in tallies.items()
+    }
+
+
 def evaluate_perplexity(
     model: Any,
-    doc_token_ids: list[list[int]],
+    doc_token_ids: Sequence[Sequence[int]],
     length: int,
     *,
     bos_token_id: int | None,
@@ -377,60 +782,25 @@ def evaluate_perplexity(
     seed: int = 0,
     chunk_size: int | None = None,
     progress: Progress | None = None,
+    token_bytes: Sequence[Sequence[int]] | None = None,
 ) -> PerplexityResult:
-    """Perplexity at ``length`` (see the module docstring for the protocols).
+    """Perplexity at one ``length``: :func:`evaluate_lengths` with that length alone.
 
     ``progress(tokens_done)`` is called after every forward pass with the cumulative number of
     tokens fed so far; the total is ``planned_tokens(...)`` with the same arguments.
     """
-    plans = _plan(doc_token_ids, length, bos_token_id, stride, num_docs, seed)
-    _check_head(model, plans[0].seq)
-    edges = bucket_edges(length)
-    bucket_nll = np.zeros(len(edges) - 1)
-    bucket_n = np.zeros(len(edges) - 1, dtype=np.int64)
-    doc_nll = np.zeros(len(plans))
-    doc_n = np.zeros(len(plans), dtype=np.int64)
-    done = 0
-    with _eval_mode(model):
-        for d, plan in enumerate(plans):
-            for w in plan.windows:
-                nll = token_nll(
-                    model, torch.tensor([plan.seq[w.begin : w.end]]), chunk_size=chunk_size
-                )
-                # nll[j] scores window position j+1; keep positions first-begin .. end-begin-1.
-                nll = nll[w.first - w.begin - 1 :].double().cpu().numpy()
-                positions = np.arange(w.first - w.begin, w.end - w.begin)
-                doc_nll[d] += nll.sum()
-                doc_n[d] += len(nll)
-                which = np.searchsorted(edges, positions, side="right") - 1
-                np.add.at(bucket_nll, which, nll)
-                np.add.at(bucket_n, which, 1)
-                done += w.end - w.begin
-                if progress is not None:
-                    progress(done)
-    nll_sum, n_tokens = float(doc_nll.sum()), int(doc_n.sum())
-    ci_low, ci_high = _bootstrap(doc_nll, doc_n, seed, BOOTSTRAP_RESAMPLES)
-    buckets = [
-        {
-            "start": edges[b],
-            "end": edges[b + 1],
-            "ppl": _ppl(bucket_nll[b], int(bucket_n[b])) if bucket_n[b] else None,
-            "n_tokens": int(bucket_n[b]),
-            "nll_sum": float(bucket_nll[b]),
-        }
-        for b in range(len(edges) - 1)
-    ]
-    return PerplexityResult(
-        length=length,
-        ppl=_ppl(nll_sum, n_tokens),
-        nll_sum=nll_sum,
-        n_tokens=n_tokens,
-        n_docs=len(plans),
-        ci_low=ci_low,
-        ci_high=ci_high,
-        buckets=buckets,
-        protocol=_protocol(length, bos_token_id, stride, num_docs, seed),
-    )
+    return evaluate_lengths(
+        model,
+        doc_token_ids,
+        [length],
+        bos_token_id=bos_token_id,
+        stride=stride,
+        num_docs=num_docs,
+        seed=seed,
+        token_bytes=token_bytes,
+        chunk_size=chunk_size,
+        progress=progress,
+    )[length]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,17 +903,25 @@ def build_passkey_prompt(tokenizer: Any, length: int, depth: float, key: str) ->
 
 
 @torch.inference_mode()
-def _passkey_correct(model: Any, prompt: PasskeyPrompt) -> bool:
-    """Teacher-forced greedy check: argmax at every answer position equals the answer token.
+def _passkey_score(model: Any, prompt: PasskeyPrompt) -> tuple[bool, float]:
+    """Teacher-forced greedy check and the answer's NLL (nats, summed over its tokens).
 
-    This is exactly "greedy decoding's first tokens are the answer's tokens" (by induction on
-    the answer's tokens), at the cost of one forward pass and a head over len(answer) positions.
+    Correct iff the argmax at every answer position equals the answer token: exactly "greedy
+    decoding's first tokens are the answer's tokens" (by induction on the answer's tokens), at
+    the cost of one forward pass and a head over len(answer) positions.
     """
     ids = torch.tensor([prompt.input_ids])
     hidden = _final_hidden(model, ids, None)
     rows = hidden[prompt.answer_start - 1 : len(prompt.input_ids) - 1]
-    predicted = _head(model)(rows).argmax(dim=-1).cpu().tolist()
-    return predicted == prompt.answer_ids
+    logits = _head(model)(rows)
+    target = torch.tensor(prompt.answer_ids, device=logits.device)
+    nll = F.cross_entropy(logits, target, reduction="sum").double().item()
+    return logits.argmax(dim=-1).cpu().tolist() == prompt.answer_ids, nll
+
+
+def _passkey_correct(model: Any, prompt: PasskeyPrompt) -> bool:
+    """Teacher-forced greedy check (see :func:`_passkey_score`)."""
+    return _passkey_score(model, prompt)[0]
 
 
 @dataclass
@@ -556,6 +934,8 @@ class PasskeyResult:
     accuracy: list[list[float]]
     correct: list[list[int]]
     protocol: dict[str, Any] = field(default_factory=dict)
+    answer_nll: list[list[float]] = field(default_factory=list)
+    """Mean over trials of the answer tokens' summed NLL (nats), per length x depth."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -584,14 +964,18 @@ def evaluate_passkey(
         raise CtxextError(f"--trials must be at least 1, got {trials}")
     rng = np.random.default_rng(seed)
     correct = [[0] * len(depths) for _ in lengths]
+    nll = [[0.0] * len(depths) for _ in lengths]
     done = 0
     with _eval_mode(model):
         for i, length in enumerate(lengths):
+            reset_rotary_state(model)  # exact dynamic NTK whatever ran before
             for j, depth in enumerate(depths):
                 for _ in range(trials):
                     key = str(int(rng.integers(10_000, 100_000)))
                     prompt = build_passkey_prompt(tokenizer, length, depth, key)
-                    correct[i][j] += _passkey_correct(model, prompt)
+                    ok, answer_nll = _passkey_score(model, prompt)
+                    correct[i][j] += ok
+                    nll[i][j] += answer_nll / trials
                     done += length
                     if progress is not None:
                         progress(done)
@@ -601,13 +985,15 @@ def evaluate_passkey(
         trials=trials,
         accuracy=[[c / trials for c in row] for row in correct],
         correct=correct,
+        answer_nll=nll,
         protocol={
             "name": "passkey",
             "prompt": "BOS + task + filler + needle at depth + filler + question + answer; "
             "exactly `length` tokens including the answer (no position >= length is used)",
             "depth": "fraction of the filler tokens placed before the needle",
             "scoring": "teacher-forced greedy: correct iff the argmax at every answer position is "
-            "the answer's token (equals greedy decoding of the answer's tokens)",
+            "the answer's token (equals greedy decoding of the answer's tokens); answer_nll: "
+            "mean over trials of the answer tokens' summed NLL (nats)",
             "keys": f"uniform 5-digit integers, numpy default_rng(seed={seed}), drawn in "
             "length, depth, trial order",
         },

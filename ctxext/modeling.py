@@ -46,11 +46,12 @@ def resolve_dtype(dtype: str, device: str):  # -> torch.dtype
 
 
 def check_causal_lm(config: dict[str, Any], where: str) -> None:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     archs = config.get("architectures") or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         return
+    # Only configs without a causal-LM architecture pay for importing transformers' tables.
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     if config["model_type"] in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not archs:
         return
     raise CtxextError(
@@ -104,6 +105,27 @@ def build_config(
         ) from e
 
 
+def resolve_scaled(
+    model: str | None, extend: ExtendConfig | None = None
+) -> tuple[checkpoint.ResolvedModel, dict[str, Any], str]:
+    """Where the model is, its config dict after the in-memory rewrite, and its row label.
+
+    Reads config.json only (no torch, no transformers), so callers can check every model and
+    method before anything slow runs.
+    """
+    source = checkpoint.resolve_model(model)
+    config_dict = checkpoint.read_config(source.path)
+    check_causal_lm(config_dict, source.name)
+    if extend is None:
+        return source, config_dict, source.name
+    info = rope.analyze(config_dict)
+    factor = rope.validate_request(info, extend.method, extend.factor, extend.target_length)
+    config_dict = rope.extend_config(
+        config_dict, extend.method, factor=factor, **extend.rope_options()
+    )
+    return source, config_dict, f"{source.name}+{extend.method} x{factor:g}"
+
+
 def load_causal_lm(
     model: str | None,
     *,
@@ -116,17 +138,7 @@ def load_causal_lm(
     """Resolve, check and load a causal LM, optionally with a scaling method applied."""
     from transformers import AutoModelForCausalLM
 
-    source = checkpoint.resolve_model(model)
-    config_dict = checkpoint.read_config(source.path)
-    check_causal_lm(config_dict, source.name)
-    label = source.name
-    if extend is not None:
-        info = rope.analyze(config_dict)
-        factor = rope.validate_request(info, extend.method, extend.factor, extend.target_length)
-        config_dict = rope.extend_config(
-            config_dict, extend.method, factor=factor, **extend.rope_options()
-        )
-        label = f"{source.name}+{extend.method} x{factor:g}"
+    source, config_dict, label = resolve_scaled(model, extend)
     use_safetensors = check_weights(source.path, allow_pickle)
     tokenizer = load_tokenizer(source.path, trust_remote_code)
     device = default_device()
@@ -159,12 +171,7 @@ def load_causal_lm(
 def load_tokenizer(path, trust_remote_code: bool = False):  # -> PreTrainedTokenizerBase
     from transformers import AutoTokenizer
 
-    names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-    if not any((path / n).is_file() for n in names):
-        raise CtxextError(
-            f"{path} has no tokenizer (tokenizer.json or tokenizer.model); copy the base "
-            "model's tokenizer files into it"
-        )
+    check_tokenizer_files(path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -172,3 +179,13 @@ def load_tokenizer(path, trust_remote_code: bool = False):  # -> PreTrainedToken
             f"could not load the tokenizer of {path} ({type(e).__name__}); check its tokenizer "
             "files"
         ) from e
+
+
+def check_tokenizer_files(path: Path) -> None:
+    """Refuse a model folder without tokenizer files (a cheap check: nothing is loaded)."""
+    names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+    if not any((path / n).is_file() for n in names):
+        raise CtxextError(
+            f"{path} has no tokenizer (tokenizer.json or tokenizer.model); copy the base "
+            "model's tokenizer files into it"
+        )

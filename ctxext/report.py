@@ -10,16 +10,46 @@ from pathlib import Path
 from typing import Any
 
 
+def metric(results: dict[str, Any]) -> str:
+    """'ppl', or 'bpb' (bits per byte) when the rows' tokenizers split the data differently.
+
+    Perplexity is per token, so it compares only rows that score the same tokens; bits per
+    byte is per byte of text and compares across tokenizers.
+    """
+    prints = {r.get("tokens_fingerprint") for r in results["runs"] if r.get("ppl")}
+    return "bpb" if len(prints) > 1 else "ppl"
+
+
+def _value(res: dict[str, Any], which: str) -> float | None:
+    return res.get("bits_per_byte") if which == "bpb" else res.get("ppl")
+
+
+def _title(results: dict[str, Any], which: str) -> str:
+    proto = results["protocol"].get("ppl", {})
+    what = (
+        "bits per byte (rows use different tokenizers, so perplexities do not compare)"
+        if which == "bpb"
+        else "perplexity"
+    )
+    selection = proto.get("doc_selection")
+    docs = "" if selection is None else f"; documents: {selection}"
+    return (
+        f"{what} ({proto.get('name', '-')}, token-weighted{docs}; "
+        f"data {results['data']['fingerprint']})"
+    )
+
+
 def ppl_table(results: dict[str, Any]):  # -> rich.table.Table
-    """One row per model/method, one column per length; the protocol in the caption."""
+    """One row per model/method, one column per length; the protocol in the caption.
+
+    Shows bits per byte instead of perplexity when the rows use different tokenizers.
+    """
     from rich.table import Table
 
+    which = metric(results)
     lengths = results["config"]["lengths"]
     proto = results["protocol"].get("ppl", {})
-    table = Table(
-        title=f"perplexity ({proto.get('name', '-')}, token-weighted; data {results['data']['fingerprint']})",
-        caption=proto.get("description"),
-    )
+    table = Table(title=_title(results, which), caption=proto.get("description"))
     table.add_column("model / method")
     table.add_column("trained", justify="right")
     for n in lengths:
@@ -28,7 +58,7 @@ def ppl_table(results: dict[str, Any]):  # -> rich.table.Table
         cells = []
         for n in lengths:
             res = run["ppl"].get(str(n))
-            cells.append("-" if res is None else _fmt_ppl(res["ppl"]))
+            cells.append("-" if res is None else _fmt(_value(res, which), which))
         table.add_row(run["label"], str(run["trained_length"]), *cells)
     return table
 
@@ -50,17 +80,31 @@ def passkey_table(results: dict[str, Any]):  # -> rich.table.Table | None
     return table
 
 
-def _fmt_ppl(value: float) -> str:
+def _fmt(value: float | None, which: str) -> str:
+    if which == "bpb":
+        return "-" if value is None else "inf" if not math.isfinite(value) else f"{value:.3f}"
+    return _fmt_ppl(value)
+
+
+def _fmt_ppl(value: float | None) -> str:
     if value is None or not math.isfinite(value):
         return "inf"
     return f"{value:.2f}" if value < 1000 else f"{value:.3g}"
 
 
-def series(results: dict[str, Any]) -> list[tuple[str, list[int], list[float]]]:
-    """(label, lengths, perplexities) for every run that has perplexities."""
+def series(
+    results: dict[str, Any], which: str | None = None
+) -> list[tuple[str, list[int], list[float]]]:
+    """(label, lengths, values) for every run that has them; values are perplexities, or bits
+    per byte when ``which`` (default: :func:`metric`) says so."""
+    which = which or metric(results)
     out = []
     for run in results["runs"]:
-        pts = sorted((int(n), r["ppl"]) for n, r in run["ppl"].items() if math.isfinite(r["ppl"]))
+        pts = sorted(
+            (int(n), v)
+            for n, r in run["ppl"].items()
+            if (v := _value(r, which)) is not None and math.isfinite(v)
+        )
         if pts:
             out.append((run["label"], [p[0] for p in pts], [p[1] for p in pts]))
     return out
@@ -70,24 +114,48 @@ def terminal_plot(results: dict[str, Any], width: int = 80, height: int = 18) ->
     """The perplexity-vs-length curve as text (plotext), log scales on both axes."""
     import plotext as plt
 
-    data = series(results)
+    which = metric(results)
+    data = series(results, which)
     if not data:
         return ""
     plt.clear_figure()
     plt.plotsize(width, height)
     plt.xscale("log")
     plt.yscale("log")
-    plt.title("perplexity vs context length")
+    plt.title(f"{_LABELS[which]} vs context length")
     for label, xs, ys in data:
         plt.plot(xs, ys, label=label, marker="dot")
     plt.theme("clear")
     return plt.build()
 
 
+_LABELS = {"ppl": "perplexity", "bpb": "bits per byte"}
+
+
+def strict_json(results: dict[str, Any]) -> dict[str, Any]:
+    """A copy that strict JSON can hold: inf/nan become null, each listed in ``notes``."""
+    notes: list[str] = []
+
+    def clean(value: Any, where: str) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            notes.append(f"{where} was {value} (written as null)")
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{where}.{k}") for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    out = {k: clean(v, k) for k, v in results.items()}
+    if notes:
+        out["notes"] = [*results.get("notes", []), *notes]
+    return out
+
+
 def write_outputs(results: dict[str, Any], folder: Path) -> list[Path]:
     """results.json, results.csv, ppl_vs_length.png and (with passkey) passkey_heatmap.png."""
     written = [folder / "results.json", folder / "results.csv"]
-    written[0].write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    written[0].write_text(json.dumps(strict_json(results), indent=2, allow_nan=False) + "\n")
     written[1].write_text(results_csv(results))
     if series(results):
         written.append(plot_ppl(results, folder / "ppl_vs_length.png"))
@@ -102,13 +170,14 @@ def results_csv(results: dict[str, Any]) -> str:
     w = csv.writer(buf)
     w.writerow(
         ["label", "model", "method", "task", "length", "depth", "value", "ci_low", "ci_high",
-         "n_tokens", "n_docs"]
+         "n_tokens", "n_docs", "n_bytes", "bits_per_byte", "bytes_per_token"]
     )  # fmt: skip
     for run in results["runs"]:
         for n, r in run["ppl"].items():
             w.writerow(
                 [run["label"], run["model"], run["method"] or "base", "ppl", n, "", r["ppl"],
-                 r["ci_low"], r["ci_high"], r["n_tokens"], r["n_docs"]]
+                 r["ci_low"], r["ci_high"], r["n_tokens"], r["n_docs"], r.get("n_bytes"),
+                 r.get("bits_per_byte"), r.get("bytes_per_token")]
             )  # fmt: skip
         pk = run.get("passkey")
         if pk:
@@ -127,8 +196,9 @@ def plot_ppl(results: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    which = metric(results)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for label, xs, ys in series(results):
+    for label, xs, ys in series(results, which):
         ax.plot(xs, ys, marker="o", label=label)
     trained = {r["trained_length"] for r in results["runs"]}
     for t in trained:
@@ -136,9 +206,14 @@ def plot_ppl(results: dict[str, Any], path: Path) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity (log scale)")
-    proto = results["protocol"].get("ppl", {}).get("name", "")
-    ax.set_title(f"Perplexity vs length ({proto}; dotted: trained length)")
+    ax.set_ylabel(f"{_LABELS[which]} (log scale)")
+    proto = results["protocol"].get("ppl", {})
+    docs = " docs" if proto.get("doc_selection") == "same" else ""
+    selection = f", {proto.get('doc_selection', '')}{docs}" if proto.get("doc_selection") else ""
+    ax.set_title(
+        f"{_LABELS[which].capitalize()} vs length ({proto.get('name', '')}{selection}; "
+        "dotted: trained length)"
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,4 +1,5 @@
-"""The bundled model behaves like a real RoPE checkpoint (issue 3's criteria, measured)."""
+"""The bundled model behaves like a real RoPE checkpoint (issue 3's criteria, measured on the
+same documents at every length: issue 14)."""
 
 from __future__ import annotations
 
@@ -38,33 +39,40 @@ def heldout():
     return tok, tokenize_documents(tok, load_documents(None, split="heldout"))
 
 
-def _ppl(heldout, length, extend=None):
-    from ctxext.evaluate import evaluate_perplexity
+#: Every criterion compares 256 with 1024 tokens on the same documents: the held-out files of at
+#: least 1024 tokens, scored on their first 256 and first 1024 tokens (YaRN protocol).
+LENGTHS = [256, 1024]
+
+
+def _sweep(heldout, extend=None):
+    from ctxext.evaluate import evaluate_lengths
     from ctxext.modeling import load_causal_lm
 
     tok, ids = heldout
     model = load_causal_lm(None, extend=extend, dtype="float32").model
-    return evaluate_perplexity(
-        model, ids, length, bos_token_id=tok.bos_token_id, num_docs=NUM_DOCS, seed=0
+    return evaluate_lengths(
+        model, ids, LENGTHS, bos_token_id=tok.bos_token_id, num_docs=NUM_DOCS, seed=0
     )
 
 
 @pytest.fixture(scope="module")
-def base_256(heldout):
-    return _ppl(heldout, 256)
+def base(heldout):
+    results = _sweep(heldout)
+    assert results[256].doc_fingerprint == results[1024].doc_fingerprint  # same documents
+    return results
 
 
-def test_trained_well(heldout, base_256):
-    assert base_256.ppl <= 0.01 * len(heldout[0]), "not trained well enough"
+def test_trained_well(heldout, base):
+    assert base[256].ppl <= 0.01 * len(heldout[0]), "not trained well enough"
 
 
-def test_yarn_x4_recovers_the_trained_length_perplexity(heldout, base_256):
-    yarn_1024 = _ppl(heldout, 1024, ExtendConfig(method="yarn", factor=4.0))
-    assert yarn_1024.ppl <= base_256.ppl, "YaRN x4 should recover the trained-length perplexity"
+def test_yarn_x4_recovers_the_trained_length_perplexity(heldout, base):
+    yarn = _sweep(heldout, ExtendConfig(method="yarn", factor=4.0))
+    assert yarn[1024].doc_fingerprint == base[256].doc_fingerprint
+    assert yarn[1024].ppl <= base[256].ppl, "YaRN x4 should recover the trained-length perplexity"
 
 
-def test_breaks_down_past_256_without_scaling(heldout, base_256):
-    at_1024 = _ppl(heldout, 1024)
-    assert at_1024.ppl >= 1.4 * base_256.ppl, "no breakdown past the trained length"
-    buckets = [b["ppl"] for b in at_1024.buckets if b["n_tokens"]]
+def test_breaks_down_past_256_without_scaling(base):
+    assert base[1024].ppl >= 1.4 * base[256].ppl, "no breakdown past the trained length"
+    buckets = [b["ppl"] for b in base[1024].buckets if b["n_tokens"]]
     assert buckets == sorted(buckets), f"perplexity should rise bucket by bucket: {buckets}"

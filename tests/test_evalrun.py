@@ -6,6 +6,9 @@ import csv
 import io
 import json
 import math
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -115,3 +118,119 @@ def test_fallback_encoding_reads_a_latin1_file_like_its_utf8_twin(capsys, tmp_pa
     code, _, err = run_cli(capsys, "eval", tiny_llama, "--lengths", "128", "--data",
                            tmp_path / "latin.txt", "--fallback-encoding", "no-such")  # fmt: skip
     assert code == 2 and "unknown text encoding 'no-such'" in err
+
+
+@pytest.fixture
+def mixed_lengths_file(tmp_path):
+    """Three long held-out files and one short one (eligible at 128 tokens, not at 512)."""
+    from ctxext.corpus import stdlib_documents
+
+    held = list(stdlib_documents("heldout"))
+    docs = [d.text for d in held if len(d.text) > 4000][:3]
+    docs.append(next(d.text for d in held if 700 < len(d.text) < 900))
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    return path
+
+
+def _results(capsys, *args):
+    code, stdout, err = run_cli(capsys, "eval", *args, "--json")
+    assert code == 0, err
+    return json.loads(stdout)
+
+
+def test_same_documents_at_every_length_in_results_json(capsys, tiny_llama, mixed_lengths_file):
+    args = (tiny_llama, "--lengths", "128,512,1024", "--data", mixed_lengths_file, "-m", "yarn")
+    same = _results(capsys, *args)
+    assert same["config"]["doc_selection"] == "same"
+    assert same["protocol"]["ppl"]["doc_selection"] == "same"
+    for run in same["runs"]:
+        assert len({r["doc_fingerprint"] for r in run["ppl"].values()}) == 1
+        assert {r["n_docs"] for r in run["ppl"].values()} == {3}
+        for res in run["ppl"].values():  # bits per byte and bytes per token for every run
+            assert res["bits_per_byte"] > 0 and res["bytes_per_token"] > 1
+            assert res["bits_per_byte"] == pytest.approx(
+                res["nll_sum"] / (math.log(2) * res["n_bytes"])
+            )
+    per = _results(capsys, *args, "--doc-selection", "per-length")
+    base = per["runs"][0]["ppl"]
+    assert [base[n]["n_docs"] for n in ("128", "512", "1024")] == [4, 3, 3]
+    assert base["128"]["doc_fingerprint"] != base["512"]["doc_fingerprint"]
+    assert base["1024"] == same["runs"][0]["ppl"]["1024"] | {"protocol": base["1024"]["protocol"]}
+
+
+def test_rows_with_different_tokenizers_show_bits_per_byte(capsys, tmp_path, tiny_llama, data_file):
+    out = tmp_path / "res"
+    code, stdout, err = run_cli(
+        capsys, "eval", tiny_llama, "stdlib-llama", "--lengths", "128,256", "--data", data_file,
+        "-o", out,
+    )  # fmt: skip
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert len({r["tokens_fingerprint"] for r in results["runs"]}) == 2
+    assert "bits per byte" in stdout and "perplexities do not compare" in stdout
+    from ctxext.report import metric, series
+
+    assert metric(results) == "bpb"
+    assert [ys for _, _, ys in series(results)] == [
+        [r["ppl"][n]["bits_per_byte"] for n in ("128", "256")] for r in results["runs"]
+    ]
+    same_tok = _results(capsys, tiny_llama, "--lengths", "256", "--data", data_file, "-m", "ntk")
+    assert metric(same_tok) == "ppl"
+
+
+def test_results_json_is_strict(tmp_path, tiny_llama, data_file):
+    """An overflowed perplexity is written as null with a note, never as Infinity."""
+    from ctxext.evalrun import run_eval
+    from ctxext.report import write_outputs
+
+    cfg = EvalConfig(lengths=[128], data=str(data_file))
+    results = run_eval(plan_variants([str(tiny_llama)], [], {}, cfg), cfg)
+    results["runs"][0]["ppl"]["128"]["ppl"] = math.inf  # what an overflowing model gets
+    results["runs"][0]["ppl"]["128"]["ci_high"] = math.nan
+    write_outputs(results, tmp_path)
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    strict = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    assert strict["runs"][0]["ppl"]["128"]["ppl"] is None
+    assert strict["runs"][0]["ppl"]["128"]["ci_high"] is None
+    assert strict["notes"] == [
+        "runs[0].ppl.128.ppl was inf (written as null)",
+        "runs[0].ppl.128.ci_high was nan (written as null)",
+    ]
+
+
+def test_preflight_refuses_the_readme_example_in_seconds(tmp_path):
+    """`ctxext eval stdlib-llama OUT -m yarn`, OUT already extended: refused before any model
+    loads, in one line naming OUT and the method (a fresh process, imports included)."""
+    out = tmp_path / "OUT"
+    cli = [sys.executable, "-m", "ctxext"]
+    subprocess.run([*cli, "extend", "-o", str(out), "-m", "yarn", "-f", "4"], check=True)
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [*cli, "eval", "stdlib-llama", str(out), "-m", "yarn"], capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - started
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: {out} (-m yarn): ")
+    assert "already scaled" in proc.stderr and proc.stdout == ""
+    assert seconds < 3, f"refusal took {seconds:.1f}s"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["-m", "yarn", "--lengths", "128,256"],
+            "stdlib-llama (-m yarn): target length 256 is not",
+        ),
+        (["--lengths", "256,999999"], "stdlib-llama: no document has at least 999999 tokens"),
+        (["--task", "passkey", "--lengths", "16"], "stdlib-llama: passkey length 16 is too short"),
+    ],
+)
+def test_preflight_refusals_name_the_model_and_method(capsys, args, message):
+    code, stdout, err = run_cli(capsys, "eval", "stdlib-llama", *args)
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert "ppl" not in stdout  # no table: nothing was evaluated

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import BUNDLED
 from hypothesis import given
 from hypothesis import strategies as st
 from transformers import (
@@ -21,6 +22,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from ctxext.config import ExtendConfig
 from ctxext.errors import CtxextError
 from ctxext.evaluate import (
     PASSKEY_FILLER,
@@ -32,10 +34,15 @@ from ctxext.evaluate import (
     _windows,
     bucket_edges,
     build_passkey_prompt,
+    evaluate_lengths,
     evaluate_passkey,
     evaluate_perplexity,
+    length_dependent_rope,
+    planned_sweep_tokens,
     planned_tokens,
+    reset_rotary_state,
     token_nll,
+    tokenize_for_eval,
 )
 
 VOCAB = 512
@@ -278,7 +285,7 @@ def test_num_docs_is_seeded_sample_and_progress_total(llama, docs):
     assert planned_tokens(docs, 64, bos_token_id=BOS, stride=16) == sum(
         64 * (1 + math.ceil((len(d) + 1 - 64) / 16)) for d in docs if len(d) + 1 >= 64
     )
-    assert res.to_dict()["protocol"]["doc_selection"].startswith("seeded sample")
+    assert res.to_dict()["protocol"]["doc_sample"].startswith("seeded sample")
 
 
 def test_too_short_data(llama):
@@ -358,3 +365,136 @@ def test_evaluate_passkey_shape(llama, tokenizer):
     assert seen[-1] == (160 + 200) * 2 * 2
     d = res.to_dict()
     assert set(d["mean_by_length"]) == {"160", "200"} and d["trials"] == 2
+
+
+# --- same documents, one pass, dynamic NTK, bits per byte (issue 14) --------------------------
+
+
+def test_same_documents_at_every_length(llama, docs):
+    """By default the documents long enough for the longest length are scored at every length."""
+    same = evaluate_lengths(llama, docs, [64, 200], bos_token_id=BOS)
+    assert [same[n].n_docs for n in (64, 200)] == [2, 2]  # the 300- and 220-token documents
+    assert same[64].doc_fingerprint == same[200].doc_fingerprint
+    assert same[64].protocol["doc_selection"] == "same"
+    alone = evaluate_perplexity(llama, [docs[3], docs[5]], 64, bos_token_id=BOS)
+    assert same[64].nll_sum == pytest.approx(alone.nll_sum, rel=1e-6)
+    per = evaluate_lengths(llama, docs, [64, 200], bos_token_id=BOS, doc_selection="per-length")
+    assert [per[n].n_docs for n in (64, 200)] == [5, 2]
+    assert per[64].doc_fingerprint != per[200].doc_fingerprint
+    assert per[64].nll_sum == evaluate_perplexity(llama, docs, 64, bos_token_id=BOS).nll_sum
+    sampled = evaluate_lengths(llama, docs, [64, 150], bos_token_id=BOS, num_docs=2, seed=4)
+    assert sampled[64].doc_fingerprint == sampled[150].doc_fingerprint  # the same sample
+    assert sampled[64].n_docs == sampled[150].n_docs == 2
+
+
+def _assert_same_results(a, b, rel=1e-6):
+    assert a.keys() == b.keys()
+    for n in a:
+        x, y = a[n], b[n]
+        assert (x.n_tokens, x.n_docs, x.n_bytes) == (y.n_tokens, y.n_docs, y.n_bytes)
+        assert x.ppl == pytest.approx(y.ppl, rel=rel)
+        assert x.nll_sum == pytest.approx(y.nll_sum, rel=rel)
+        assert (x.ci_low, x.ci_high) == pytest.approx((y.ci_low, y.ci_high), rel=rel)
+        assert len(x.buckets) == len(y.buckets)
+        for bx, by in zip(x.buckets, y.buckets, strict=True):
+            assert (bx["n_tokens"], bx["n_bytes"]) == (by["n_tokens"], by["n_bytes"])
+            assert bx["ppl"] == pytest.approx(by["ppl"], rel=rel)
+
+
+@pytest.mark.parametrize("selection", ["same", "per-length"])
+def test_one_pass_equals_separate_passes_tiny(llama, docs, selection):
+    kwargs = dict(bos_token_id=BOS, doc_selection=selection, chunk_size=13)
+    lengths = [40, 64, 150, 280]
+    seen: list[int] = []
+    one = evaluate_lengths(llama, docs, lengths, progress=seen.append, **kwargs)
+    sep = evaluate_lengths(llama, docs, lengths, one_pass=False, **kwargs)
+    _assert_same_results(one, sep)
+    assert one[40].passes.startswith("one forward pass") and sep[40].passes.startswith("separate")
+    # one pass feeds each document once, at the longest length it is scored at
+    plan = dict(bos_token_id=BOS, doc_selection=selection)
+    assert seen[-1] == planned_sweep_tokens(docs, lengths, **plan)
+    assert seen[-1] < planned_sweep_tokens(docs, lengths, one_pass=False, **plan)
+    if selection == "same":
+        assert seen[-1] == 280
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from ctxext.evaluate import tokenize_for_eval
+    from ctxext.modeling import load_causal_lm, load_tokenizer
+
+    if not (BUNDLED / "config.json").exists():
+        pytest.skip("bundled model not built")
+    from ctxext.data import load_documents
+
+    tok = load_tokenizer(BUNDLED)
+    texts = [d.text for d in load_documents(None, split="heldout")]
+    return load_causal_lm(None, dtype="float32").model, tok, tokenize_for_eval(tok, texts)
+
+
+def test_one_pass_equals_separate_passes_bundled(bundled):
+    """On the bundled model, every length and bucket read from the 2048 pass equals its own."""
+    model, tok, data = bundled
+    kwargs = dict(bos_token_id=tok.bos_token_id, num_docs=4, token_bytes=data.token_bytes)
+    lengths = [256, 512, 1024, 2048]
+    one = evaluate_lengths(model, data.ids, lengths, **kwargs)
+    sep = evaluate_lengths(model, data.ids, lengths, one_pass=False, **kwargs)
+    _assert_same_results(one, sep)
+    assert len({r.doc_fingerprint for r in one.values()}) == 1
+    assert one[2048].passes != sep[2048].passes
+
+
+@pytest.fixture(scope="module")
+def dynamic(bundled):
+    from ctxext.modeling import load_causal_lm
+
+    _, tok, data = bundled
+    model = load_causal_lm(None, extend=ExtendConfig(method="dynamic", factor=8.0), dtype="float32")
+    return model.model, tok, data
+
+
+def test_dynamic_ntk_is_independent_of_what_ran_before(dynamic):
+    """Dynamic NTK results are the same alone and after longer inputs, in every task."""
+    model, tok, data = dynamic
+    assert length_dependent_rope(model)
+    ids, bos = data.ids, tok.bos_token_id
+    passkey_alone = evaluate_passkey(model, tok, [300, 600], depths=[0.5], trials=2)
+    fresh_512 = evaluate_lengths(model, ids, [512], bos_token_id=bos, num_docs=2)[512]
+    # The hazard is real: after a 2048-token forward, transformers keeps the 2048 frequencies.
+    seq = torch.tensor([[bos, *next(d for d in ids if len(d) >= 2047)[:2047]]])
+    reset_rotary_state(model)
+    reference = token_nll(model, seq[:, :512])
+    token_nll(model, seq)
+    assert not torch.equal(token_nll(model, seq[:, :512]), reference)
+    # ppl up to 2048 first, then passkey (ppl then passkey == passkey alone), and ppl at 512.
+    sweep = evaluate_lengths(model, ids, [512, 1024, 2048], bos_token_id=bos, num_docs=2)
+    assert sweep[512].passes.startswith("separate")  # dynamic keeps one pass per length
+    passkey_after = evaluate_passkey(model, tok, [300, 600], depths=[0.5], trials=2)
+    assert passkey_after.answer_nll == passkey_alone.answer_nll
+    assert passkey_after.correct == passkey_alone.correct
+    token_nll(model, seq)
+    after = evaluate_lengths(model, ids, [512], bos_token_id=bos, num_docs=2)[512]
+    assert after.nll_sum == fresh_512.nll_sum
+
+
+def test_bits_per_byte_on_a_text_with_known_bytes(bundled):
+    model, tok, _ = bundled
+    text = "def caf\u00e9(x):\n    return '\u00fcber \u20ac \U0001f600' * x  # \u00e9t\u00e9\n"
+    assert len(text) == 46 and len(text.encode("utf-8")) == 55  # é ü € 😀 é é: 9 extra bytes
+    data = tokenize_for_eval(tok, [text])
+    assert sum(data.token_bytes[0]) == 55
+    n = len(data.ids[0])
+    whole = evaluate_perplexity(
+        model, data.ids, n + 1, bos_token_id=tok.bos_token_id, token_bytes=data.token_bytes
+    )
+    assert whole.n_tokens == n and whole.n_bytes == 55  # every token scored: every byte
+    assert whole.bits_per_byte == pytest.approx(whole.nll_sum / (math.log(2) * 55), rel=1e-12)
+    assert whole.bytes_per_token == pytest.approx(55 / n)
+    # The first 9 tokens (BOS + 9 = length 10): the bytes of the text up to the 9th token's end.
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    part = evaluate_perplexity(
+        model, data.ids, 10, bos_token_id=tok.bos_token_id, token_bytes=data.token_bytes
+    )
+    assert part.n_bytes == len(text[: offsets[8][1]].encode("utf-8"))
+    assert sum(b["n_bytes"] for b in part.buckets) == part.n_bytes
+    assert part.protocol["bits_per_byte"].startswith("bits per byte = total NLL")
