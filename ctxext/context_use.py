@@ -50,6 +50,7 @@ __all__ = [
     "RetrievalResult",
     "build_code_retrieval_prompt",
     "context_use",
+    "context_use_sweep",
     "effective_length",
     "evaluate_retrieval",
     "local_nll",
@@ -177,33 +178,51 @@ def context_use(
     if any(len(s) != length for s in sequences):
         raise ValueError("every sequence must have the same length")
     stride = stride or max(1, window // 4)
-    edges = bucket_edges(length)
-    n_buckets = len(edges) - 1
-    diff = np.zeros((len(sequences), n_buckets))
-    count = np.zeros((len(sequences), n_buckets), dtype=np.int64)
-    full_sum = np.zeros(n_buckets)
-    # Positions 1..L-1 are scored; which bucket each falls into.
-    which = np.searchsorted(edges, np.arange(1, length), side="right") - 1
+    fulls, locals_ = [], []
     done = 0
-    for d, seq in enumerate(sequences):
-        full = token_nll(model, torch.tensor([list(seq)]), chunk_size=chunk_size)
-        done += length
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
         if progress is not None:
             progress(done)
 
-        def tick(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress is not None:
-                progress(done)
+    from ctxext.evaluate import reset_rotary_state
 
+    for seq in sequences:
+        reset_rotary_state(model)  # a length-dependent rope starts from its initial state
+        full = token_nll(model, torch.tensor([list(seq)]), chunk_size=chunk_size)
+        tick(length)
+        fulls.append(full.double())
+        reset_rotary_state(model)  # and the windows get the frequencies of a short input
         local = local_nll(
             model, seq, window, stride, full=full, chunk_size=chunk_size, progress=tick
         )
-        delta = (local.double() - full.double()).cpu().numpy() / _LN2
+        locals_.append(local.double())
+    return _gain_result(fulls, locals_, length, window, stride, seed)
+
+
+def _gain_result(
+    fulls: Sequence[torch.Tensor],
+    locals_: Sequence[torch.Tensor],
+    length: int,
+    window: int,
+    stride: int,
+    seed: int,
+) -> ContextUseResult:
+    """Tally (local - full) / ln 2 per document and position bucket, with bootstrap intervals."""
+    edges = bucket_edges(length)
+    n_buckets = len(edges) - 1
+    diff = np.zeros((len(fulls), n_buckets))
+    count = np.zeros((len(fulls), n_buckets), dtype=np.int64)
+    full_sum = np.zeros(n_buckets)
+    # Positions 1..L-1 are scored; which bucket each falls into.
+    which = np.searchsorted(edges, np.arange(1, length), side="right") - 1
+    for d, (full, local) in enumerate(zip(fulls, locals_, strict=True)):
+        delta = (local - full).cpu().numpy() / _LN2
         np.add.at(diff[d], which, delta)
         np.add.at(count[d], which, 1)
-        np.add.at(full_sum, which, full.double().cpu().numpy() / _LN2)
+        np.add.at(full_sum, which, full.cpu().numpy() / _LN2)
     buckets = []
     for b in range(n_buckets):
         mean, low, high = _gain_interval(diff[:, b], count[:, b], seed + b, BOOTSTRAP_RESAMPLES)
@@ -219,21 +238,85 @@ def context_use(
                 "n_tokens": n,
             }
         )
-    far = np.arange(1, length) > window
+    far = max(0, length - 1 - window)  # positions window+1 .. L-1
     total_mean, total_low, total_high = _gain_interval(
-        diff.sum(axis=1), np.full(len(sequences), int(far.sum())), seed, BOOTSTRAP_RESAMPLES
+        diff.sum(axis=1), np.full(len(fulls), far), seed, BOOTSTRAP_RESAMPLES
     )
     return ContextUseResult(
         length=length,
         window=window,
         stride=stride,
-        n_docs=len(sequences),
+        n_docs=len(fulls),
         gain_bits=total_mean,
         ci_low=total_low,
         ci_high=total_high,
         buckets=buckets,
         protocol=context_use_protocol(window, stride, seed),
     )
+
+
+def context_use_sweep(
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    *,
+    window: int,
+    stride: int | None = None,
+    seed: int = 0,
+    one_pass: bool = True,
+    chunk_size: int | None = None,
+    progress: Progress | None = None,
+) -> dict[int, ContextUseResult]:
+    """Far-context gain at every length longer than ``window``, on the same documents.
+
+    ``sequences`` are the documents' first max(lengths) tokens; at length L each is cut to its
+    first L. The local NLL of position p reads only tokens p-W..p-1, which are the same at every
+    length, so it is computed once per document. The full-context NLL at L is a prefix of the
+    one at the longest length when the rope is static (``one_pass``); a length-dependent rope
+    (dynamic NTK) gets a fresh pass per length, after its rotary state is reset.
+    """
+    from ctxext.evaluate import reset_rotary_state
+
+    stride = stride or max(1, window // 4)
+    todo = sorted(n for n in set(lengths) if n > window)
+    if not todo:
+        return {}
+    longest = todo[-1]
+    seqs = [list(s[:longest]) for s in sequences]
+    if any(len(s) < longest for s in seqs):
+        raise ValueError("every sequence must hold the longest length")
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done)
+
+    fulls: dict[int, list[torch.Tensor]] = {n: [] for n in todo}
+    locals_: list[torch.Tensor] = []
+    for seq in seqs:
+        for n in [longest] if one_pass else todo:
+            reset_rotary_state(model)
+            full = token_nll(model, torch.tensor([seq[:n]]), chunk_size=chunk_size)
+            tick(n)
+            if one_pass:
+                for m in todo:
+                    fulls[m].append(full[: m - 1])
+            else:
+                fulls[n].append(full)
+        reset_rotary_state(model)  # windows are no longer than the trained length
+        # Only positions > window have text to cut; the rest is each length's own full NLL.
+        locals_.append(local_nll(model, seq, window, stride, full=full, progress=tick)[window:])
+    results = {}
+    for n in todo:
+        fs = [f.double() for f in fulls[n]]
+        ls = [
+            torch.cat([f[:window], tail[: n - 1 - window].double()])
+            for f, tail in zip(fs, locals_, strict=True)
+        ]
+        results[n] = _gain_result(fs, ls, n, window, stride, seed)
+    return results
 
 
 def context_use_protocol(window: int, stride: int, seed: int) -> dict[str, Any]:

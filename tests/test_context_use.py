@@ -216,3 +216,41 @@ def test_effective_length():
     retr.accuracy[1] = [1.0, 0.9]
     assert effective_length([256, 512, 1024], retr, None) == 1024
     assert effective_length([256], None, None) is None
+
+
+def test_sweep_equals_separate_runs_at_each_length(llama, seqs):
+    from ctxext.context_use import context_use_sweep
+
+    sweep = context_use_sweep(llama, seqs, [16, 48, 96], window=16, stride=8)
+    assert sorted(sweep) == [48, 96]  # 16 has nothing beyond the window
+    for n in (48, 96):
+        alone = context_use(llama, [s[:n] for s in seqs], window=16, stride=8)
+        assert math.isclose(sweep[n].gain_bits, alone.gain_bits, rel_tol=1e-6, abs_tol=1e-9)
+        for a, b in zip(sweep[n].buckets, alone.buckets, strict=True):
+            assert math.isclose(a["gain_bits"], b["gain_bits"], rel_tol=1e-6, abs_tol=1e-9)
+
+
+def test_sweep_with_dynamic_ntk_is_exact_per_length(seqs):
+    """Dynamic NTK: a fresh full pass per length (after a rotary reset) and windows at the
+    original frequencies; equal to each length evaluated alone on a fresh model."""
+    from ctxext.context_use import context_use_sweep
+
+    def fresh():
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+            rope_parameters={"rope_type": "dynamic", "factor": 3.0, "rope_theta": 10000.0},
+        )
+        return LlamaForCausalLM(config).eval()
+
+    model = fresh()
+    sweep = context_use_sweep(model, seqs, [48, 96], window=32, stride=8, one_pass=False)
+    for n in (96, 48):  # the longer first: stale frequencies would show at 48
+        alone = context_use(fresh(), [s[:n] for s in seqs], window=32, stride=8)
+        assert math.isclose(sweep[n].gain_bits, alone.gain_bits, rel_tol=1e-5, abs_tol=1e-7)
