@@ -153,7 +153,8 @@ def strict_json(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_outputs(results: dict[str, Any], folder: Path) -> list[Path]:
-    """results.json, results.csv, ppl_vs_length.png and (with passkey) passkey_heatmap.png."""
+    """results.json, results.csv, ppl_vs_length.png and, with those tasks, passkey_heatmap.png,
+    retrieval_heatmap.png and context_use.png."""
     written = [folder / "results.json", folder / "results.csv"]
     written[0].write_text(json.dumps(strict_json(results), indent=2, allow_nan=False) + "\n")
     written[1].write_text(results_csv(results))
@@ -161,6 +162,10 @@ def write_outputs(results: dict[str, Any], folder: Path) -> list[Path]:
         written.append(plot_ppl(results, folder / "ppl_vs_length.png"))
     if any("passkey" in r for r in results["runs"]):
         written.append(plot_passkey(results, folder / "passkey_heatmap.png"))
+    if any("retrieval" in r for r in results["runs"]):
+        written.append(plot_retrieval(results, "retrieval", folder / "retrieval_heatmap.png"))
+    if any(r.get("context_use") for r in results["runs"]):
+        written.append(plot_context_use(results, folder / "context_use.png"))
     return written
 
 
@@ -187,6 +192,22 @@ def results_csv(results: dict[str, Any]) -> str:
                         [run["label"], run["model"], run["method"] or "base", "passkey", n,
                          depth, pk["accuracy"][i][j], "", "", "", pk["trials"]]
                     )  # fmt: skip
+        rt = run.get("retrieval")
+        if rt:
+            for i, n in enumerate(rt["lengths"]):
+                for j, depth in enumerate(rt["depths"]):
+                    w.writerow(
+                        [run["label"], run["model"], run["method"] or "base",
+                         f"retrieval-{rt['template']}", n, depth, rt["accuracy"][i][j], "", "",
+                         "", rt["trials"]]
+                    )  # fmt: skip
+        for n, g in (run.get("context_use") or {}).items():
+            last = g["buckets"][-1]
+            w.writerow(
+                [run["label"], run["model"], run["method"] or "base", "far-context-gain-bits",
+                 n, "", last["gain_bits"], last["ci_low"], last["ci_high"], last["n_tokens"],
+                 g["n_docs"]]
+            )  # fmt: skip
     return buf.getvalue()
 
 
@@ -223,33 +244,7 @@ def plot_ppl(results: dict[str, Any], path: Path) -> Path:
 
 
 def plot_passkey(results: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [r for r in results["runs"] if "passkey" in r]
-    fig, axes = plt.subplots(
-        1, len(runs), figsize=(3.2 * len(runs) + 1, 3.6), dpi=120, squeeze=False
-    )
-    for ax, run in zip(axes[0], runs, strict=True):
-        pk = run["passkey"]
-        im = ax.imshow(
-            [list(col) for col in zip(*pk["accuracy"], strict=True)],
-            vmin=0,
-            vmax=1,
-            cmap="RdYlGn",
-            aspect="auto",
-        )
-        ax.set_xticks(range(len(pk["lengths"])), [str(n) for n in pk["lengths"]], fontsize=7)
-        ax.set_yticks(range(len(pk["depths"])), [f"{d:.0%}" for d in pk["depths"]], fontsize=7)
-        ax.set_xlabel("length")
-        ax.set_title(run["label"], fontsize=8)
-    axes[0][0].set_ylabel("depth of the key")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return plot_retrieval(results, "passkey", path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +331,9 @@ def plot_context_use(results: dict[str, Any], path: Path) -> Path:
         ax.fill_between(xs, [b["ci_low"] for b in far], [b["ci_high"] for b in far], alpha=0.15)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xscale("log", base=2)
+    ends = sorted({b["end"] for r in runs for g in r["context_use"].values() for b in g["buckets"]})
+    ax.set_xticks(ends, [str(e) for e in ends])
+    ax.minorticks_off()
     ax.set_xlabel("position bucket (its end, tokens)")
     ax.set_ylabel("gain from text > window back (bits/token)")
     ax.set_title(f"Far-context gain by position (local window {window}; band: 95% CI)")
