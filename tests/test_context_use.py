@@ -140,7 +140,7 @@ def tokenizer():
     from ctxext.corpus import stdlib_documents
 
     texts = [d.text for _, d in zip(range(10), stdlib_documents("train"), strict=False)]
-    return train_tokenizer(texts + ["TOKEN_7F3A = 48213\nassert TOKEN_7F3A == 48213"], 400)
+    return train_tokenizer([*texts, "TOKEN_7F3A = 48213\nassert TOKEN_7F3A == 48213"], 400)
 
 
 @pytest.fixture(scope="module")
