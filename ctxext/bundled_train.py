@@ -112,6 +112,33 @@ def training_chunks(stream: list[int], bos_id: int, bos_per_chunk: bool):  # -> 
     return torch.cat([torch.full((n, 1), bos_id), pieces], dim=1)
 
 
+def retrieval_chunks(tokenizer, stream: list[int], n: int, seed: int):  # -> LongTensor
+    """[n, TRAIN_LENGTH] synthetic retrieval sequences for the ``--retrieval-mix``.
+
+    Each is the code retrieval prompt of ``ctxext.context_use`` at TRAIN_LENGTH tokens: a random
+    window of the packed training stream, a line ``TOKEN_XXXX = KEY`` inserted at a uniform
+    random depth (on a line boundary) and ``assert TOKEN_XXXX == KEY`` at the end. Trained on
+    with the ordinary next-token loss, so the model learns to copy a value it saw earlier
+    (at distances < TRAIN_LENGTH only, like everything else it sees).
+    """
+    import numpy as np
+    import torch
+
+    from ctxext.context_use import build_code_retrieval_prompt
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        start = int(rng.integers(0, len(stream) - TRAIN_LENGTH))
+        key = str(int(rng.integers(10_000, 100_000)))
+        name = f"TOKEN_{int(rng.integers(0, 16**4)):04X}"
+        prompt = build_code_retrieval_prompt(
+            tokenizer, stream[start : start + TRAIN_LENGTH], TRAIN_LENGTH, rng.random(), key, name
+        )
+        rows.append(prompt.input_ids)
+    return torch.tensor(rows, dtype=torch.long).view(n, TRAIN_LENGTH)
+
+
 def train(
     out: Path,
     steps: int,
@@ -123,6 +150,7 @@ def train(
     rope_theta: float = 10000.0,
     arch: dict | None = None,
     weight_decay: float = 0.1,
+    retrieval_mix: float = 0.0,
 ) -> dict:
     import torch
     from transformers import LlamaForCausalLM
@@ -135,8 +163,17 @@ def train(
     tokenizer = train_tokenizer(texts, vocab_size)
     stream = packed_stream(tokenizer, texts)
     chunks = training_chunks(stream, tokenizer.bos_token_id, bos_per_chunk)
+    n_text = len(chunks)
+    if retrieval_mix > 0:
+        # A fraction `retrieval_mix` of all sequences are retrieval prompts (see retrieval_chunks).
+        n_retrieval = round(n_text * retrieval_mix / (1 - retrieval_mix))
+        chunks = torch.cat([chunks, retrieval_chunks(tokenizer, stream, n_retrieval, seed)])
     n_chunks = len(chunks)
-    print(f"train tokens {len(stream):,} -> {n_chunks:,} chunks of {TRAIN_LENGTH}", flush=True)
+    print(
+        f"train tokens {len(stream):,} -> {n_text:,} chunks of {TRAIN_LENGTH}"
+        f" + {n_chunks - n_text:,} retrieval chunks",
+        flush=True,
+    )
 
     config = model_config(
         len(tokenizer),
@@ -213,6 +250,7 @@ def train(
         "rope_theta": rope_theta,
         "arch": arch or {},
         "weight_decay": weight_decay,
+        "retrieval_mix": retrieval_mix,
         "minutes": round((time.time() - t0) / 60, 1),
         "torch": torch.__version__,
         "log": log,
@@ -236,6 +274,12 @@ def main() -> None:
     )
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument(
+        "--retrieval-mix",
+        type=float,
+        default=0.0,
+        help="fraction of training sequences that are code retrieval prompts (0 <= f < 1)",
+    )
+    ap.add_argument(
         "--arch",
         action="append",
         default=[],
@@ -243,6 +287,8 @@ def main() -> None:
         help="override a LlamaConfig size field, e.g. --arch hidden_size=192 (repeatable)",
     )
     args = ap.parse_args()
+    if not 0.0 <= args.retrieval_mix < 1.0:
+        ap.error(f"--retrieval-mix must be in [0, 1), got {args.retrieval_mix}")
     arch = {k: int(v) for k, v in (item.split("=", 1) for item in args.arch)}
     import torch
 
@@ -258,6 +304,7 @@ def main() -> None:
         rope_theta=args.rope_theta,
         arch=arch,
         weight_decay=args.weight_decay,
+        retrieval_mix=args.retrieval_mix,
     )
 
 

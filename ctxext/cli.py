@@ -196,7 +196,11 @@ def eval_command(
     ] = None,
     task: Annotated[
         Optional[list[str]],  # noqa: UP045
-        typer.Option("--task", help="ppl and/or passkey; repeatable (default ppl)."),
+        typer.Option(
+            "--task",
+            help="ppl, passkey, context-use (far-context gain) and/or retrieval; repeatable "
+            "(default ppl).",
+        ),
     ] = None,
     stride: Annotated[
         Optional[int],  # noqa: UP045
@@ -216,6 +220,18 @@ def eval_command(
         ),
     ] = "same",
     passkey_trials: Annotated[int, typer.Option(help="Keys per length x depth.")] = 5,
+    local_window: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="context-use: tokens the local run may read (default: trained length)."),
+    ] = None,
+    local_stride: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="context-use: stride of the local windows (default window/4; 1 exact)."),
+    ] = None,
+    retrieval_template: Annotated[
+        str,
+        typer.Option(help="retrieval: code | text | auto (code on the default stdlib corpus)."),
+    ] = "auto",
     no_base: Annotated[bool, typer.Option("--no-base", help="Skip the unscaled rows.")] = False,
     text_field: Annotated[str, typer.Option(help="Text field of .jsonl / datasets.")] = "text",
     dataset_split: Annotated[str, typer.Option(help="Split of a HF dataset.")] = "test",
@@ -254,6 +270,9 @@ def eval_command(
             "num_docs": num_docs,
             "doc_selection": doc_selection,
             "passkey_trials": passkey_trials,
+            "local_window": local_window,
+            "local_stride": local_stride,
+            "retrieval_template": retrieval_template,
             "include_base": not no_base,
             "dtype": dtype,
             "device_map": device_map,
@@ -300,7 +319,15 @@ def evaluate_and_report(
     """Run the evaluation with a progress bar, render it, and write the output folder."""
     from ctxext import checkpoint
     from ctxext.evalrun import plan_variants, run_eval
-    from ctxext.report import passkey_table, ppl_table, terminal_plot, write_outputs
+    from ctxext.report import (
+        context_use_table,
+        effective_length_line,
+        passkey_table,
+        ppl_table,
+        retrieval_table,
+        terminal_plot,
+        write_outputs,
+    )
 
     variants = plan_variants(models, methods, options, cfg)
     if output is not None:
@@ -327,9 +354,13 @@ def evaluate_and_report(
         from rich.text import Text
 
         console.print(Text.from_ansi(terminal_plot(results)))
-    pk = passkey_table(results)
-    if pk is not None:
-        console.print(pk)
+    for table in (passkey_table(results), retrieval_table(results), context_use_table(results)):
+        if table is not None:
+            console.print(table)
+    for row in results["runs"]:
+        line = effective_length_line(row)
+        if line is not None:
+            console.print(f"effective context: {line}")
     if output is not None:
         with checkpoint.atomic_output(output) as tmp:
             write_outputs(results, tmp)

@@ -17,7 +17,8 @@ from ctxext.errors import CtxextError
 
 Method = Literal["linear", "ntk", "yarn", "dynamic", "llama3"]
 LinkMode = Literal["hardlink", "copy", "symlink"]
-Task = Literal["ppl", "passkey"]
+Task = Literal["ppl", "passkey", "context-use", "retrieval"]
+RetrievalTemplate = Literal["auto", "code", "text"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DocSelection = Literal["same", "per-length"]
 
@@ -123,7 +124,8 @@ class EvalConfig(StrictModel):
     lengths: list[int]
     """Context lengths in tokens (positive integers)."""
     tasks: list[Task] = ["ppl"]
-    """ppl (perplexity and loss by position) and/or passkey (retrieval accuracy)."""
+    """ppl (perplexity and loss by position), passkey (natural-language retrieval),
+    context-use (far-context gain) and/or retrieval (key retrieval with a per-model template)."""
     data: str | None = None
     """Text file, folder, .jsonl, Hugging Face dataset name, or None for the default corpus
     (the bundled model's held-out stdlib files)."""
@@ -145,7 +147,15 @@ class EvalConfig(StrictModel):
     passkey_depths: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
     """Passkey depths, as fractions of the filler placed before the key."""
     passkey_trials: int = 5
-    """Random keys per length x depth."""
+    """Random keys per length x depth (passkey and retrieval)."""
+    local_window: int | None = None
+    """context-use: tokens a scored token may read in the local run (default: the trained
+    length of each model)."""
+    local_stride: int | None = None
+    """context-use: stride of the local windows (default: local_window // 4; 1 is exact)."""
+    retrieval_template: RetrievalTemplate = "auto"
+    """retrieval: code (a Python constant hidden in held-out code), text (the passkey), or auto
+    (code on the default stdlib corpus, text on other data)."""
     include_base: bool = True
     """Also evaluate each model unscaled when scaling methods are given."""
     dtype: Dtype = "auto"
@@ -162,7 +172,7 @@ class EvalConfig(StrictModel):
             raise ValueError("lengths must be integers >= 2")
         return sorted(set(v))
 
-    @field_validator("num_docs", "stride", "passkey_trials")
+    @field_validator("num_docs", "stride", "passkey_trials", "local_window", "local_stride")
     @classmethod
     def _positive_int(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
@@ -170,6 +180,20 @@ class EvalConfig(StrictModel):
         return v
 
     _encoding = field_validator("fallback_encoding")(known_encoding)
+
+    @model_validator(mode="after")
+    def _local(self) -> EvalConfig:
+        w, s = self.local_window, self.local_stride
+        if w is not None and s is not None and s > w:
+            raise ValueError(f"local_stride ({s}) must not exceed local_window ({w})")
+        return self
+
+    @property
+    def template(self) -> str:
+        """The retrieval template in force (auto resolved against the data)."""
+        if self.retrieval_template != "auto":
+            return self.retrieval_template
+        return "code" if self.data is None else "text"
 
     @field_validator("passkey_depths")
     @classmethod

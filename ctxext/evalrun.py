@@ -163,10 +163,23 @@ def _tokenize_and_check(
     bos = tok.bos_token_id
     if "ppl" in cfg.tasks:  # raises when no document is long enough
         evaluate.planned_sweep_tokens(tokens.ids, cfg.lengths, **_ppl_options(cfg, bos))
-    if "passkey" in cfg.tasks:
+    if "passkey" in cfg.tasks or ("retrieval" in cfg.tasks and cfg.template == "text"):
         for n in cfg.lengths:  # raises if a length cannot hold the prompt
             evaluate.build_passkey_prompt(tok, n, 0.5, "12345")
+    if "retrieval" in cfg.tasks and cfg.template == "code":
+        from ctxext.context_use import build_code_retrieval_prompt
+
+        longest = max(tokens.ids, key=len, default=[])
+        for n in cfg.lengths:  # raises if the code is too short or a length too small
+            build_code_retrieval_prompt(tok, longest, n, 0.5, "12345", "TOKEN_0000")
+    if "context-use" in cfg.tasks:  # raises when no document holds the longest length
+        evaluate.select_documents(tokens.ids, cfg.lengths, **_selection(cfg, bos))
     return _Tokens(tokens, bos, _token_fingerprint(tokens.ids, bos))
+
+
+def _selection(cfg: EvalConfig, bos: int | None) -> dict[str, Any]:
+    # context-use always reads the same documents at every length (those that hold the longest).
+    return {"bos_token_id": bos, "num_docs": cfg.num_docs, "seed": cfg.seed}
 
 
 def _token_fingerprint(ids: list[list[int]], bos: int | None) -> str:
@@ -250,8 +263,81 @@ def _run_variant(
             seed=cfg.seed,
             progress=tick,
         ).to_dict()
+    if "context-use" in cfg.tasks:
+        run["context_use"] = _context_use(loaded, tokens, cfg, info, progress_factory)
+    if "retrieval" in cfg.tasks:
+        run["retrieval"] = _retrieval(loaded, tokens, cfg, progress_factory)
+    if "context-use" in cfg.tasks or "retrieval" in cfg.tasks:
+        run["context_length"] = _context_length(info)
+        run["effective_length"] = _effective(run, cfg)
     del loaded
     return run
+
+
+def _context_use(loaded, tokens: _Tokens, cfg: EvalConfig, info, progress_factory):
+    from ctxext import evaluate
+    from ctxext.context_use import context_use_sweep
+
+    bos = tokens.bos_token_id
+    prefix = [] if bos is None else [bos]
+    longest = max(cfg.lengths)
+    docs = evaluate.select_documents(tokens.docs.ids, cfg.lengths, **_selection(cfg, bos))[longest]
+    seqs = [(prefix + list(tokens.docs.ids[d]))[:longest] for d in docs]
+    window = cfg.local_window or info.trained_length
+    stride = cfg.local_stride or max(1, window // 4)
+    one_pass = not evaluate.length_dependent_rope(loaded.model)
+    far = [n for n in cfg.lengths if n > window]
+    passes = [longest] if one_pass else far
+    total = len(seqs) * (sum(passes) + window * sum(1 for _ in range(window + 1, longest, stride)))
+    results = context_use_sweep(
+        loaded.model,
+        seqs,
+        cfg.lengths,
+        window=window,
+        stride=stride,
+        seed=cfg.seed,
+        one_pass=one_pass,
+        progress=_ticker(progress_factory, f"{loaded.label} context-use", max(total, 1)),
+    )
+    fingerprint = evaluate.doc_fingerprint(docs, tokens.docs.ids)
+    return {str(n): {**res.to_dict(), "doc_fingerprint": fingerprint} for n, res in results.items()}
+
+
+def _retrieval(loaded, tokens: _Tokens, cfg: EvalConfig, progress_factory) -> dict[str, Any]:
+    from ctxext.context_use import evaluate_retrieval
+
+    total = sum(cfg.lengths) * len(cfg.passkey_depths) * cfg.passkey_trials
+    return evaluate_retrieval(
+        loaded.model,
+        loaded.tokenizer,
+        cfg.lengths,
+        template=cfg.template,
+        doc_token_ids=tokens.docs.ids,
+        depths=cfg.passkey_depths,
+        trials=cfg.passkey_trials,
+        seed=cfg.seed,
+        progress=_ticker(progress_factory, f"{loaded.label} retrieval", total),
+    ).to_dict()
+
+
+def _context_length(info) -> int:
+    """The length the variant's config claims: the trained length times its scaling factor."""
+    factor = float((info.existing_scaling or {}).get("factor") or 1.0)
+    return max(info.max_position_embeddings, round(info.trained_length * factor))
+
+
+def _effective(run: dict[str, Any], cfg: EvalConfig) -> int | None:
+    from ctxext.context_use import ContextUseResult, RetrievalResult, effective_length
+
+    retrieval = None
+    if "retrieval" in run:
+        r = {k: v for k, v in run["retrieval"].items() if k != "mean_by_length"}
+        retrieval = RetrievalResult(**r)
+    gains = {
+        int(n): ContextUseResult(**{k: v for k, v in g.items() if k != "doc_fingerprint"})
+        for n, g in run.get("context_use", {}).items()
+    }
+    return effective_length(cfg.lengths, retrieval, gains)
 
 
 def _ticker(factory: ProgressFactory | None, what: str, total: int) -> Callable[[int], None]:
@@ -270,4 +356,19 @@ def _protocol_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             break
         if "passkey" in run:
             out["passkey"] = run["passkey"]["protocol"]
+        for res in run.get("context_use", {}).values():
+            out["context_use"] = res["protocol"]
+            break
+        if "retrieval" in run:
+            out["retrieval"] = run["retrieval"]["protocol"]
+        if "effective_length" in run:
+            out["effective_length"] = EFFECTIVE_LENGTH_RULE
     return out
+
+
+EFFECTIVE_LENGTH_RULE = (
+    "the longest evaluated length L such that at L and at every shorter evaluated length: "
+    "retrieval accuracy >= 90% at every depth, and (for lengths beyond the local window) the "
+    "far-context gain of the last position bucket is positive (95% interval above 0); "
+    "a task not run does not count against a length"
+)

@@ -78,6 +78,7 @@ __all__ = [
     "planned_sweep_tokens",
     "planned_tokens",
     "reset_rotary_state",
+    "select_documents",
     "token_nll",
     "tokenize_for_eval",
 ]
@@ -442,6 +443,21 @@ def planned_tokens(
     """Tokens ``evaluate_perplexity`` will feed through the model (the progress total)."""
     plan = _plan(doc_token_ids, [length], bos_token_id, stride, num_docs, seed)
     return sum(p.tokens for p in plan.passes)
+
+
+def select_documents(
+    doc_token_ids: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    *,
+    bos_token_id: int | None,
+    num_docs: int | None = None,
+    seed: int = 0,
+    doc_selection: DocSelection = "same",
+) -> dict[int, list[int]]:
+    """The documents (indices) scored at each length, exactly as ``evaluate_lengths`` picks them
+    under the truncate protocol (other tasks use it to read the same documents)."""
+    plan = _plan(doc_token_ids, lengths, bos_token_id, None, num_docs, seed, doc_selection)
+    return plan.selection
 
 
 def planned_sweep_tokens(

@@ -153,7 +153,8 @@ def strict_json(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_outputs(results: dict[str, Any], folder: Path) -> list[Path]:
-    """results.json, results.csv, ppl_vs_length.png and (with passkey) passkey_heatmap.png."""
+    """results.json, results.csv, ppl_vs_length.png and, with those tasks, passkey_heatmap.png,
+    retrieval_heatmap.png and context_use.png."""
     written = [folder / "results.json", folder / "results.csv"]
     written[0].write_text(json.dumps(strict_json(results), indent=2, allow_nan=False) + "\n")
     written[1].write_text(results_csv(results))
@@ -161,6 +162,10 @@ def write_outputs(results: dict[str, Any], folder: Path) -> list[Path]:
         written.append(plot_ppl(results, folder / "ppl_vs_length.png"))
     if any("passkey" in r for r in results["runs"]):
         written.append(plot_passkey(results, folder / "passkey_heatmap.png"))
+    if any("retrieval" in r for r in results["runs"]):
+        written.append(plot_retrieval(results, "retrieval", folder / "retrieval_heatmap.png"))
+    if any(r.get("context_use") for r in results["runs"]):
+        written.append(plot_context_use(results, folder / "context_use.png"))
     return written
 
 
@@ -187,6 +192,22 @@ def results_csv(results: dict[str, Any]) -> str:
                         [run["label"], run["model"], run["method"] or "base", "passkey", n,
                          depth, pk["accuracy"][i][j], "", "", "", pk["trials"]]
                     )  # fmt: skip
+        rt = run.get("retrieval")
+        if rt:
+            for i, n in enumerate(rt["lengths"]):
+                for j, depth in enumerate(rt["depths"]):
+                    w.writerow(
+                        [run["label"], run["model"], run["method"] or "base",
+                         f"retrieval-{rt['template']}", n, depth, rt["accuracy"][i][j], "", "",
+                         "", rt["trials"]]
+                    )  # fmt: skip
+        for n, g in (run.get("context_use") or {}).items():
+            last = g["buckets"][-1]
+            w.writerow(
+                [run["label"], run["model"], run["method"] or "base", "far-context-gain-bits",
+                 n, "", last["gain_bits"], last["ci_low"], last["ci_high"], last["n_tokens"],
+                 g["n_docs"]]
+            )  # fmt: skip
     return buf.getvalue()
 
 
@@ -223,30 +244,141 @@ def plot_ppl(results: dict[str, Any], path: Path) -> Path:
 
 
 def plot_passkey(results: dict[str, Any], path: Path) -> Path:
+    return plot_retrieval(results, "passkey", path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Context use: far-context gain, retrieval, effective context length
+
+
+def effective_length_line(run: dict[str, Any]) -> str | None:
+    """ "extended to 2048, reads to 1024" (or "reads to no evaluated length")."""
+    if "effective_length" not in run:
+        return None
+    reach = run["effective_length"]
+    read = f"reads to {reach}" if reach else "reads to no evaluated length"
+    return f"{run['label']}: extended to {run.get('context_length', '?')}, {read}"
+
+
+def context_use_table(results: dict[str, Any]):  # -> rich.table.Table | None
+    """Far-context gain of the last position bucket (bits/token, 95% CI), per run x length."""
+    from rich.table import Table
+
+    runs = [r for r in results["runs"] if r.get("context_use")]
+    if not runs:
+        return None
+    lengths = sorted({int(n) for r in runs for n in r["context_use"]})
+    window = next(iter(runs[0]["context_use"].values()))["window"]
+    table = Table(
+        title=f"far-context gain, last bucket (bits/token; local window {window})",
+        caption="positive: the model uses text more than the window back; "
+        "eff. = effective context length",
+    )
+    table.add_column("model / method")
+    for n in lengths:
+        table.add_column(str(n), justify="right")
+    table.add_column("eff.", justify="right")
+    for run in runs:
+        cells = []
+        for n in lengths:
+            res = run["context_use"].get(str(n))
+            if res is None or n <= res["window"]:
+                cells.append("-")
+                continue
+            last = res["buckets"][-1]
+            cells.append(f"{last['gain_bits']:+.3f} [{last['ci_low']:+.2f},{last['ci_high']:+.2f}]")
+        eff = run.get("effective_length")
+        table.add_row(run["label"], *cells, str(eff) if eff else "none")
+    return table
+
+
+def retrieval_table(results: dict[str, Any]):  # -> rich.table.Table | None
+    from rich.table import Table
+
+    runs = [r for r in results["runs"] if "retrieval" in r]
+    if not runs:
+        return None
+    template = runs[0]["retrieval"]["template"]
+    lengths = runs[0]["retrieval"]["lengths"]
+    table = Table(title=f"retrieval accuracy ({template} template; mean over depths, min depth)")
+    table.add_column("model / method")
+    for n in lengths:
+        table.add_column(str(n), justify="right")
+    for run in runs:
+        rt = run["retrieval"]
+        cells = [f"{sum(row) / len(row):.0%} ({min(row):.0%})" for row in rt["accuracy"]]
+        table.add_row(run["label"], *cells)
+    return table
+
+
+def plot_context_use(results: dict[str, Any], path: Path) -> Path:
+    """Far-context gain by position bucket at the longest length, one line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in results["runs"] if "passkey" in r]
+    runs = [r for r in results["runs"] if r.get("context_use")]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120, layout="constrained")
+    window = None
+    for run in runs:
+        longest = max(run["context_use"], key=int)
+        res = run["context_use"][longest]
+        window = res["window"]
+        far = [b for b in res["buckets"] if b["end"] > window + 1]
+        xs = [b["end"] for b in far]
+        ax.plot(xs, [b["gain_bits"] for b in far], marker="o", label=f"{run['label']} @{longest}")
+        ax.fill_between(xs, [b["ci_low"] for b in far], [b["ci_high"] for b in far], alpha=0.15)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ends = sorted({b["end"] for r in runs for g in r["context_use"].values() for b in g["buckets"]})
+    ax.set_xticks(ends, [str(e) for e in ends])
+    ax.minorticks_off()
+    ax.set_xlabel("position bucket (its end, tokens)")
+    ax.set_ylabel("gain from text > window back (bits/token)")
+    ax.set_title(f"Far-context gain by position (local window {window}; band: 95% CI)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_retrieval(results: dict[str, Any], key: str, path: Path) -> Path:
+    """Accuracy heatmaps (depth x length), one panel per run, each cell labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results["runs"] if key in r]
+    cols = min(len(runs), 3)
+    rows = math.ceil(len(runs) / cols)
     fig, axes = plt.subplots(
-        1, len(runs), figsize=(3.2 * len(runs) + 1, 3.6), dpi=120, squeeze=False
+        rows,
+        cols,
+        figsize=(3.4 * cols + 0.8, 2.9 * rows + 0.4),
+        dpi=120,
+        squeeze=False,
+        layout="constrained",
     )
-    for ax, run in zip(axes[0], runs, strict=True):
-        pk = run["passkey"]
-        im = ax.imshow(
-            [list(col) for col in zip(*pk["accuracy"], strict=True)],
-            vmin=0,
-            vmax=1,
-            cmap="RdYlGn",
-            aspect="auto",
-        )
-        ax.set_xticks(range(len(pk["lengths"])), [str(n) for n in pk["lengths"]], fontsize=7)
-        ax.set_yticks(range(len(pk["depths"])), [f"{d:.0%}" for d in pk["depths"]], fontsize=7)
-        ax.set_xlabel("length")
+    im = None
+    for ax, run in zip(axes.flat, runs, strict=False):
+        res = run[key]
+        grid = [list(col) for col in zip(*res["accuracy"], strict=True)]  # depth x length
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(res["lengths"])), [str(n) for n in res["lengths"]], fontsize=7)
+        ax.set_yticks(range(len(res["depths"])), [f"{d:.0%}" for d in res["depths"]], fontsize=7)
+        ax.set_xlabel("context length (tokens)", fontsize=8)
+        ax.set_ylabel("depth of the key", fontsize=8)
         ax.set_title(run["label"], fontsize=8)
-    axes[0][0].set_ylabel("depth of the key")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    for ax in list(axes.flat)[len(runs) :]:
+        ax.axis("off")
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -55,3 +55,21 @@ def test_model_config_matches_the_shipped_model_and_takes_overrides():
     small = model_config(4096, 0, 1, 2, arch={"hidden_size": 192, "num_attention_heads": 3})
     assert (small.hidden_size, small.num_attention_heads, small.vocab_size) == (192, 3, 4096)
     assert small.head_dim == 64 and small.max_position_embeddings == TRAIN_LENGTH
+
+
+def test_retrieval_chunks_are_seeded_code_retrieval_prompts(tok_and_texts):
+    from ctxext.bundled_train import retrieval_chunks
+
+    tok, texts = tok_and_texts
+    stream = packed_stream(tok, texts)
+    chunks = retrieval_chunks(tok, stream, 6, seed=3)
+    assert chunks.shape == (6, TRAIN_LENGTH)
+    assert (chunks[:, 0] == tok.bos_token_id).all()
+    assert chunks.tolist() == retrieval_chunks(tok, stream, 6, seed=3).tolist()
+    keys = set()
+    for row in chunks.tolist():
+        text = tok.decode(row)
+        name, key = text.rsplit("\nassert ", 1)[1].split(" == ")
+        assert f"\n{name} = {key}\n" in text  # the value asked for was given earlier
+        keys.add(key)
+    assert len(keys) > 1  # random keys, not one memorisable constant

@@ -1,0 +1,534 @@
+"""Does a model *use* its extended context? Far-context gain, in-domain retrieval, effective length.
+
+Perplexity at length L cannot tell a model that reads all L tokens from one that reads only the
+last few hundred: both can keep a flat perplexity. Three measurements can:
+
+* **Far-context gain** (``context_use``). Every scored token's NLL is measured twice: with its
+  full context (the document's first L tokens, one forward pass), and with its context cut to
+  the last W tokens (W defaults to the trained length). The cut context comes from *fresh*
+  windows, not from a banded attention mask: in a multi-layer model each layer widens a band's
+  receptive field by W, so a mask would still let far text in through the residual stream.
+  Windows of W tokens step back from the end by a stride S; each scores the S tokens that follow
+  its last S positions, so a scored token reads between W-S+1 and W tokens (S = 1: exactly its
+  last W tokens). A token at
+  position p <= W has no text more than W tokens back, so its two NLLs are the same number and
+  its gain is exactly 0. The gain is ``(NLL_local - NLL_full) / ln 2`` bits per token, by
+  position bucket, with a percentile bootstrap over documents. Positive: the model uses text
+  more than W tokens back. Zero or negative: it only extrapolates (or is hurt by the far text).
+* **Retrieval** (``evaluate_retrieval``): a key hidden at a depth of the context, asked for at the
+  end, scored teacher-forced on the key's tokens (correct iff every answer token is the argmax).
+  Two templates: ``text`` (the natural-language passkey of Mohtashami & Jaggi) and ``code``
+  (a Python constant ``TOKEN_7F3A = 48213`` hidden at a line boundary of real held-out code, and
+  at the end ``assert TOKEN_7F3A == 48213``), the in-domain version for code models.
+* **Effective context length** (``effective_length``): the longest evaluated length up to which
+  (at it and at every shorter evaluated length) retrieval is >= 90% at every depth and the
+  far-context gain of the last bucket is positive (its bootstrap interval lies above 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ctxext.errors import CtxextError
+from ctxext.evaluate import (
+    BOOTSTRAP_RESAMPLES,
+    PasskeyPrompt,
+    bucket_edges,
+    build_passkey_prompt,
+    token_nll,
+)
+
+__all__ = [
+    "RETRIEVAL_THRESHOLD",
+    "ContextUseResult",
+    "RetrievalResult",
+    "build_code_retrieval_prompt",
+    "context_use",
+    "context_use_sweep",
+    "effective_length",
+    "evaluate_retrieval",
+    "local_nll",
+]
+
+Progress = Callable[[int], None]
+Template = Literal["text", "code"]
+#: Retrieval accuracy at every depth needed for a length to count as read.
+RETRIEVAL_THRESHOLD = 0.9
+_LN2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Far-context gain
+
+
+def _local_windows(length: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """(last target, number of targets) per window, stepping back from the end by ``stride``.
+
+    Targets are positions p > window (only they have text more than ``window`` tokens back).
+    """
+    windows = []
+    last = length - 1
+    while last > window:
+        n = min(stride, last - window)
+        windows.append((last, n))
+        last -= n
+    return windows
+
+
+def local_nll(
+    model: Any,
+    seq: Sequence[int],
+    window: int,
+    stride: int,
+    *,
+    full: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """NLL of tokens 1..L-1 of ``seq`` when each reads at most its last ``window`` tokens.
+
+    ``full`` (the full-context NLL, ``token_nll(seq)``) fills positions <= window, whose
+    context is not cut; it is computed when not given.
+    """
+    if window < 1 or not 1 <= stride <= window:
+        raise CtxextError(
+            f"--local-window ({window}) must be >= 1 and --local-stride ({stride}) between 1 "
+            "and the window"
+        )
+    from ctxext.evaluate import _eval_mode, _final_hidden, _nll_from_hidden
+
+    ids = torch.tensor([list(seq)])
+    if full is None:
+        full = token_nll(model, ids, chunk_size=chunk_size)
+    out = full.clone()
+    with torch.inference_mode(), _eval_mode(model):
+        for last, n in _local_windows(len(seq), window, stride):
+            # Input: exactly the `window` tokens before `last` (never longer than the window, so
+            # a length-dependent rope sees a window-sized input); its last n rows predict the
+            # targets last-n+1 .. last.
+            hidden = _final_hidden(model, ids[:, last - window : last], None)
+            nll = _nll_from_hidden(model, hidden[-n:], ids[0, last - n + 1 : last + 1], chunk_size)
+            out[last - n : last] = nll.to(out.device)
+            if progress is not None:
+                progress(window)
+    return out
+
+
+@dataclass
+class ContextUseResult:
+    """Far-context gain at one length: bits per token, local minus full, by position bucket."""
+
+    length: int
+    window: int
+    stride: int
+    n_docs: int
+    gain_bits: float
+    ci_low: float
+    ci_high: float
+    buckets: list[dict[str, Any]] = field(default_factory=list)
+    protocol: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def last_bucket(self) -> dict[str, Any]:
+        return self.buckets[-1]
+
+
+def _gain_interval(
+    diff: np.ndarray, count: np.ndarray, seed: int, resamples: int
+) -> tuple[float, float, float]:
+    """Token-weighted mean of per-document sums, and its 95% percentile bootstrap over docs."""
+    if count.sum() == 0:
+        return 0.0, 0.0, 0.0
+    mean = float(diff.sum() / count.sum())
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
+    n = count[idx].sum(axis=1)
+    boots = np.where(n > 0, diff[idx].sum(axis=1) / np.maximum(n, 1), 0.0)
+    low, high = np.percentile(boots, [2.5, 97.5])
+    return mean, float(low), float(high)
+
+
+def context_use(
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    *,
+    window: int,
+    stride: int | None = None,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    progress: Progress | None = None,
+) -> ContextUseResult:
+    """Far-context gain over ``sequences`` (each exactly one model input of the same length L).
+
+    The caller chooses the sequences (the same documents' first L tokens at every length, as
+    the perplexity protocol does); ``stride`` defaults to window // 4.
+    """
+    if not sequences:
+        raise CtxextError("context-use needs at least one document")
+    length = len(sequences[0])
+    if any(len(s) != length for s in sequences):
+        raise ValueError("every sequence must have the same length")
+    stride = stride or max(1, window // 4)
+    fulls, locals_ = [], []
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done)
+
+    from ctxext.evaluate import reset_rotary_state
+
+    for seq in sequences:
+        reset_rotary_state(model)  # a length-dependent rope starts from its initial state
+        full = token_nll(model, torch.tensor([list(seq)]), chunk_size=chunk_size)
+        tick(length)
+        fulls.append(full.double())
+        reset_rotary_state(model)  # and the windows get the frequencies of a short input
+        local = local_nll(
+            model, seq, window, stride, full=full, chunk_size=chunk_size, progress=tick
+        )
+        locals_.append(local.double())
+    return _gain_result(fulls, locals_, length, window, stride, seed)
+
+
+def _gain_result(
+    fulls: Sequence[torch.Tensor],
+    locals_: Sequence[torch.Tensor],
+    length: int,
+    window: int,
+    stride: int,
+    seed: int,
+) -> ContextUseResult:
+    """Tally (local - full) / ln 2 per document and position bucket, with bootstrap intervals."""
+    edges = bucket_edges(length)
+    n_buckets = len(edges) - 1
+    diff = np.zeros((len(fulls), n_buckets))
+    count = np.zeros((len(fulls), n_buckets), dtype=np.int64)
+    full_sum = np.zeros(n_buckets)
+    # Positions 1..L-1 are scored; which bucket each falls into.
+    which = np.searchsorted(edges, np.arange(1, length), side="right") - 1
+    for d, (full, local) in enumerate(zip(fulls, locals_, strict=True)):
+        delta = (local - full).cpu().numpy() / _LN2
+        np.add.at(diff[d], which, delta)
+        np.add.at(count[d], which, 1)
+        np.add.at(full_sum, which, full.cpu().numpy() / _LN2)
+    buckets = []
+    for b in range(n_buckets):
+        mean, low, high = _gain_interval(diff[:, b], count[:, b], seed + b, BOOTSTRAP_RESAMPLES)
+        n = int(count[:, b].sum())
+        buckets.append(
+            {
+                "start": edges[b],
+                "end": edges[b + 1],
+                "gain_bits": mean,
+                "ci_low": low,
+                "ci_high": high,
+                "full_bits": float(full_sum[b] / n) if n else None,
+                "n_tokens": n,
+            }
+        )
+    far = max(0, length - 1 - window)  # positions window+1 .. L-1
+    total_mean, total_low, total_high = _gain_interval(
+        diff.sum(axis=1), np.full(len(fulls), far), seed, BOOTSTRAP_RESAMPLES
+    )
+    return ContextUseResult(
+        length=length,
+        window=window,
+        stride=stride,
+        n_docs=len(fulls),
+        gain_bits=total_mean,
+        ci_low=total_low,
+        ci_high=total_high,
+        buckets=buckets,
+        protocol=context_use_protocol(window, stride, seed),
+    )
+
+
+def context_use_sweep(
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    *,
+    window: int,
+    stride: int | None = None,
+    seed: int = 0,
+    one_pass: bool = True,
+    chunk_size: int | None = None,
+    progress: Progress | None = None,
+) -> dict[int, ContextUseResult]:
+    """Far-context gain at every length longer than ``window``, on the same documents.
+
+    ``sequences`` are the documents' first max(lengths) tokens; at length L each is cut to its
+    first L. The local NLL of position p reads only tokens p-W..p-1, which are the same at every
+    length, so it is computed once per document. The full-context NLL at L is a prefix of the
+    one at the longest length when the rope is static (``one_pass``); a length-dependent rope
+    (dynamic NTK) gets a fresh pass per length, after its rotary state is reset.
+    """
+    from ctxext.evaluate import reset_rotary_state
+
+    stride = stride or max(1, window // 4)
+    todo = sorted(n for n in set(lengths) if n > window)
+    if not todo:
+        return {}
+    longest = todo[-1]
+    seqs = [list(s[:longest]) for s in sequences]
+    if any(len(s) < longest for s in seqs):
+        raise ValueError("every sequence must hold the longest length")
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done)
+
+    fulls: dict[int, list[torch.Tensor]] = {n: [] for n in todo}
+    locals_: list[torch.Tensor] = []
+    for seq in seqs:
+        for n in [longest] if one_pass else todo:
+            reset_rotary_state(model)
+            full = token_nll(model, torch.tensor([seq[:n]]), chunk_size=chunk_size)
+            tick(n)
+            if one_pass:
+                for m in todo:
+                    fulls[m].append(full[: m - 1])
+            else:
+                fulls[n].append(full)
+        reset_rotary_state(model)  # windows are no longer than the trained length
+        # Only positions > window have text to cut; the rest is each length's own full NLL.
+        locals_.append(local_nll(model, seq, window, stride, full=full, progress=tick)[window:])
+    results = {}
+    for n in todo:
+        fs = [f.double() for f in fulls[n]]
+        ls = [
+            torch.cat([f[:window], tail[: n - 1 - window].double()])
+            for f, tail in zip(fs, locals_, strict=True)
+        ]
+        results[n] = _gain_result(fs, ls, n, window, stride, seed)
+    return results
+
+
+def context_use_protocol(window: int, stride: int, seed: int) -> dict[str, Any]:
+    return {
+        "name": "context-use",
+        "description": (
+            f"far-context gain: NLL with the context cut to the last {window} tokens minus NLL "
+            "with the full context, in bits per token (local - full) / ln 2; the cut context "
+            f"comes from fresh windows of {window} tokens stepping back by {stride} (each "
+            f"scored token reads {window - stride + 1} to {window} tokens), not from an "
+            f"attention mask; tokens at positions <= {window} have nothing to cut (gain 0)"
+        ),
+        "local_window": window,
+        "local_stride": stride,
+        "gain_bits": "token-weighted over the tokens more than the window from the start",
+        "interval": f"95% percentile bootstrap over documents, {BOOTSTRAP_RESAMPLES} "
+        f"resamples, seed {seed} (+ bucket index per bucket)",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval: text (passkey) and code templates
+
+CODE_NEEDLE = "{name} = {key}"
+CODE_QUESTION = "assert {name} =="
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def _line_starts(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """Token offsets after a line break (a token ending in a newline, maybe plus indentation:
+    byte-level BPE merges ``"\n    "`` into one token)."""
+    starts = [0]
+    for i, tid in enumerate(ids):
+        if tokenizer.decode([tid]).rstrip(" \t").endswith("\n"):
+            starts.append(i + 1)
+    return starts
+
+
+def build_code_retrieval_prompt(
+    tokenizer: Any, filler_ids: Sequence[int], length: int, depth: float, key: str, name: str
+) -> PasskeyPrompt:
+    """BOS + code + ``NAME = KEY`` line (at ``depth``) + code + ``assert NAME == KEY``.
+
+    The code is real held-out source (``filler_ids``, at least as long as needed) cut to fill
+    exactly ``length`` tokens; the needle line goes at the line boundary nearest the depth.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise CtxextError(f"retrieval depth {depth} is outside [0, 1]; use fractions like 0.5")
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    needle = _encode(tokenizer, "\n" + CODE_NEEDLE.format(name=name, key=key) + "\n")
+    question = _encode(tokenizer, "\n" + CODE_QUESTION.format(name=name))
+    joint = _encode(tokenizer, "\n" + CODE_QUESTION.format(name=name) + " " + key)
+    if joint[: len(question)] == question and len(joint) > len(question):
+        answer = joint[len(question) :]
+    else:  # the tokenizer merges across the join: score the key as encoded on its own
+        answer = _encode(tokenizer, " " + key)
+    n_filler = length - len(bos) - len(needle) - len(question) - len(answer)
+    if n_filler < 0:
+        raise CtxextError(
+            f"retrieval length {length} is too short for the code prompt; use longer lengths"
+        )
+    if len(filler_ids) < n_filler:
+        raise CtxextError(
+            f"the code filler has {len(filler_ids)} tokens, {n_filler} are needed at length "
+            f"{length}; use longer data or shorter lengths"
+        )
+    filler = list(filler_ids[:n_filler])
+    # Line starts only (0 included), so the needle never splits a line of the code.
+    starts = _line_starts(tokenizer, filler)
+    cut = min(starts, key=lambda b: abs(b - depth * n_filler))
+    ids = bos + filler[:cut] + needle + filler[cut:] + question + answer
+    return PasskeyPrompt(input_ids=ids, answer_start=len(ids) - len(answer), key=key)
+
+
+@torch.inference_mode()
+def _correct(model: Any, prompt: PasskeyPrompt) -> bool:
+    """Teacher-forced greedy: the argmax at every answer position is the answer's token."""
+    from ctxext.evaluate import _passkey_correct
+
+    return _passkey_correct(model, prompt)
+
+
+@dataclass
+class RetrievalResult:
+    """Accuracy per length x depth (``accuracy[i][j]``: lengths[i] at depths[j])."""
+
+    template: str
+    lengths: list[int]
+    depths: list[float]
+    trials: int
+    accuracy: list[list[float]]
+    correct: list[list[int]]
+    protocol: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean_by_length"] = {
+            str(n): float(np.mean(row)) for n, row in zip(self.lengths, self.accuracy, strict=True)
+        }
+        return d
+
+    def retrieves_at(self, length: int, threshold: float = RETRIEVAL_THRESHOLD) -> bool:
+        row = self.accuracy[self.lengths.index(length)]
+        return all(a >= threshold for a in row)
+
+
+def _code_filler(doc_ids: Sequence[Sequence[int]], need: int, rng: np.random.Generator):
+    """A random document with at least ``need`` tokens (the longest one otherwise)."""
+    long_enough = [i for i, ids in enumerate(doc_ids) if len(ids) >= need]
+    if not long_enough:
+        return max(doc_ids, key=len)
+    return doc_ids[long_enough[int(rng.integers(0, len(long_enough)))]]
+
+
+@torch.inference_mode()
+def evaluate_retrieval(
+    model: Any,
+    tokenizer: Any,
+    lengths: Sequence[int],
+    *,
+    template: Template,
+    doc_token_ids: Sequence[Sequence[int]] | None = None,
+    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    trials: int = 5,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> RetrievalResult:
+    """Retrieval accuracy for every length x depth, ``trials`` random 5-digit keys each."""
+    if trials < 1:
+        raise CtxextError(f"--trials must be at least 1, got {trials}")
+    if template == "code" and not doc_token_ids:
+        raise CtxextError("the code retrieval template needs documents to hide the key in")
+    rng = np.random.default_rng(seed)
+    correct = [[0] * len(depths) for _ in lengths]
+    done = 0
+    for i, length in enumerate(lengths):
+        for j, depth in enumerate(depths):
+            for _ in range(trials):
+                key = str(int(rng.integers(10_000, 100_000)))
+                if template == "code":
+                    name = f"TOKEN_{int(rng.integers(0, 16**4)):04X}"
+                    filler = _code_filler(doc_token_ids, length, rng)
+                    prompt = build_code_retrieval_prompt(
+                        tokenizer, filler, length, depth, key, name
+                    )
+                else:
+                    prompt = build_passkey_prompt(tokenizer, length, depth, key)
+                correct[i][j] += _correct(model, prompt)
+                done += length
+                if progress is not None:
+                    progress(done)
+    return RetrievalResult(
+        template=template,
+        lengths=list(lengths),
+        depths=list(depths),
+        trials=trials,
+        accuracy=[[c / trials for c in row] for row in correct],
+        correct=correct,
+        protocol=retrieval_protocol(template, seed),
+    )
+
+
+def retrieval_protocol(template: str, seed: int) -> dict[str, Any]:
+    prompt = (
+        "BOS + held-out code cut at a line boundary + '\\nTOKEN_XXXX = KEY\\n' at the depth + "
+        "code + '\\nassert TOKEN_XXXX == KEY'"
+        if template == "code"
+        else "BOS + task + filler + 'The pass key is KEY...' at the depth + filler + question "
+        "+ KEY (Mohtashami & Jaggi)"
+    )
+    return {
+        "name": f"retrieval-{template}",
+        "template": template,
+        "prompt": prompt + "; exactly `length` tokens including the answer",
+        "depth": "fraction of the filler tokens placed before the needle",
+        "scoring": "teacher-forced greedy: correct iff the argmax at every answer position is "
+        "the answer's token",
+        "keys": f"uniform 5-digit integers (and 4-hex-digit names), numpy default_rng(seed={seed})",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Effective context length
+
+
+def effective_length(
+    lengths: Sequence[int],
+    retrieval: RetrievalResult | None,
+    gains: dict[int, ContextUseResult] | None,
+    threshold: float = RETRIEVAL_THRESHOLD,
+) -> int | None:
+    """Longest evaluated length L such that, at L and at every shorter evaluated length,
+    retrieval is >= ``threshold`` at every depth and, where the length exceeds the local window,
+    the last bucket's far-context gain is positive (bootstrap interval above 0).
+
+    A measurement that was not made does not count against a length; None when no length
+    qualifies (or nothing was measured).
+    """
+    if retrieval is None and not gains:
+        return None
+    best = None
+    for n in sorted(lengths):
+        ok = True
+        if retrieval is not None and n in retrieval.lengths:
+            ok = retrieval.retrieves_at(n, threshold)
+        gain = (gains or {}).get(n)
+        if ok and gain is not None and n > gain.window:
+            ok = gain.last_bucket["ci_low"] > 0
+        if not ok:
+            break
+        best = n
+    return best

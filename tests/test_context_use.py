@@ -1,0 +1,256 @@
+"""Far-context gain, code retrieval and effective length, on tiny real Llamas built here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ctxext.context_use import (
+    RetrievalResult,
+    _local_windows,
+    build_code_retrieval_prompt,
+    context_use,
+    effective_length,
+    evaluate_retrieval,
+    local_nll,
+)
+from ctxext.errors import CtxextError
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def seqs():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, VOCAB, (96,), generator=g).tolist() for _ in range(3)]
+
+
+def _explicit_local(model, seq, window):
+    """Each token scored from exactly its own last ``window`` tokens: one forward per token."""
+    out = []
+    with torch.no_grad():
+        for p in range(1, len(seq)):
+            ctx = seq[max(0, p - window) : p]
+            logits = model(torch.tensor([ctx])).logits[0, -1]
+            out.append(F.cross_entropy(logits[None], torch.tensor([seq[p]])).item())
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("window", [16, 40])
+def test_stride_one_equals_explicit_per_token_windows(llama, seqs, window):
+    ours = local_nll(llama, seqs[0], window, stride=1)
+    ref = _explicit_local(llama, seqs[0], window)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cut_context_differs_from_full_context(llama, seqs):
+    """The local NLL really cuts: it differs from the full context past the window."""
+    from ctxext.evaluate import token_nll
+
+    full = token_nll(llama, torch.tensor([seqs[0]]))
+    local = local_nll(llama, seqs[0], 16, stride=4)
+    assert torch.equal(local[:16], full[:16])  # positions 1..16 have nothing to cut
+    assert (local[16:] - full[16:]).abs().max() > 1e-3
+
+
+def test_larger_stride_reads_between_w_minus_s_and_w(llama, seqs):
+    """With stride S, the token scored first in a window reads W-S+1 tokens: its NLL equals a
+    fresh forward over exactly those tokens."""
+    window, stride = 24, 8
+    seq = seqs[1]
+    local = local_nll(llama, seq, window, stride)
+    last = len(seq) - 1
+    first = last - stride + 1  # first target of the last window
+    with torch.no_grad():
+        ctx = seq[last - window : first]
+        logits = llama(torch.tensor([ctx])).logits[0, -1]
+        ref = F.cross_entropy(logits[None], torch.tensor([seq[first]])).item()
+    assert math.isclose(local[first - 1].item(), ref, rel_tol=1e-5, abs_tol=1e-5)
+
+
+def test_windows_cover_every_far_target_once():
+    for length, window, stride in [(96, 16, 4), (97, 16, 5), (40, 39, 1), (300, 64, 16)]:
+        covered = []
+        for last, n in _local_windows(length, window, stride):
+            covered.extend(range(last - n + 1, last + 1))
+        assert sorted(covered) == list(range(window + 1, length))
+
+
+def test_gain_is_zero_when_window_covers_the_length(llama, seqs):
+    res = context_use(llama, seqs, window=len(seqs[0]))
+    assert res.gain_bits == 0.0
+    assert all(abs(b["gain_bits"]) < 1e-6 for b in res.buckets)
+
+
+def test_gain_sign_and_buckets(llama, seqs):
+    res = context_use(llama, seqs, window=16, stride=8)
+    by_hand = []
+    from ctxext.evaluate import token_nll
+
+    for s in seqs:
+        full = token_nll(llama, torch.tensor([s])).double()
+        local = local_nll(llama, s, 16, 8).double()
+        by_hand.append(((local - full)[16:]).sum().item() / math.log(2))
+    far_tokens = len(seqs) * (len(seqs[0]) - 1 - 16)
+    assert math.isclose(res.gain_bits, sum(by_hand) / far_tokens, rel_tol=1e-6)
+    assert res.ci_low <= res.gain_bits <= res.ci_high
+    assert res.protocol["local_window"] == 16 and res.protocol["local_stride"] == 8
+    assert sum(b["n_tokens"] for b in res.buckets) == len(seqs) * (len(seqs[0]) - 1)
+
+
+def test_bad_window_is_refused(llama, seqs):
+    with pytest.raises(CtxextError, match="local-stride"):
+        local_nll(llama, seqs[0], 16, stride=17)
+
+
+# --- code retrieval ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from ctxext.bundled_train import train_tokenizer
+    from ctxext.corpus import stdlib_documents
+
+    texts = [d.text for _, d in zip(range(10), stdlib_documents("train"), strict=False)]
+    return train_tokenizer([*texts, "TOKEN_7F3A = 48213\nassert TOKEN_7F3A == 48213"], 400)
+
+
+@pytest.fixture(scope="module")
+def code_ids(tokenizer):
+    from ctxext.corpus import stdlib_documents
+
+    docs = [d.text for _, d in zip(range(5), stdlib_documents("heldout"), strict=False)]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in docs]
+
+
+@pytest.mark.parametrize("length", [128, 301])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_code_prompt_exact_length_and_answer(tokenizer, code_ids, length, depth):
+    filler = max(code_ids, key=len)
+    p = build_code_retrieval_prompt(tokenizer, filler, length, depth, "48213", "TOKEN_7F3A")
+    assert len(p.input_ids) == length
+    text = tokenizer.decode(p.input_ids)
+    assert "\nTOKEN_7F3A = 48213\n" in text
+    assert text.endswith("\nassert TOKEN_7F3A == 48213")
+    assert tokenizer.decode(p.answer_ids).strip() == "48213"
+
+
+def test_code_needle_moves_with_depth_and_sits_on_a_line(tokenizer, code_ids):
+    filler = max(code_ids, key=len)
+    where = []
+    for depth in (0.0, 0.5, 1.0):
+        p = build_code_retrieval_prompt(tokenizer, filler, 200, depth, "11111", "TOKEN_0001")
+        text = tokenizer.decode(p.input_ids)
+        i = text.index("TOKEN_0001 = 11111")
+        # The needle's own line break follows BOS or a line of code (plus indentation).
+        before = text[: i - 1]
+        assert before == tokenizer.bos_token or before.rstrip(" \t").endswith("\n")
+        where.append(i)
+    assert where[0] < where[1] < where[2]
+
+
+def test_code_prompt_refuses_short_filler(tokenizer):
+    with pytest.raises(CtxextError, match="code filler"):
+        build_code_retrieval_prompt(tokenizer, [5] * 10, 200, 0.5, "11111", "TOKEN_0001")
+
+
+def test_retrieval_known_answers(tokenizer, code_ids):
+    """A 'model' whose argmax is always the next token of its input would be perfect; a random
+    model is (almost surely) never right. Checked through the real scoring path."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(config).eval()
+    res = evaluate_retrieval(
+        model, tokenizer, [128], template="code", doc_token_ids=code_ids, trials=3, depths=(0.5,)
+    )
+    assert res.accuracy == [[0.0]] and res.correct == [[0]]
+    assert res.protocol["template"] == "code"
+
+
+def test_effective_length():
+    retr = RetrievalResult(
+        template="code",
+        lengths=[256, 512, 1024],
+        depths=[0.0, 1.0],
+        trials=2,
+        accuracy=[[1.0, 1.0], [1.0, 0.5], [1.0, 1.0]],
+        correct=[[2, 2], [2, 1], [2, 2]],
+    )
+    assert effective_length([256, 512, 1024], retr, None) == 256  # 512 fails at depth 1.0
+    retr.accuracy[1] = [1.0, 0.9]
+    assert effective_length([256, 512, 1024], retr, None) == 1024
+    assert effective_length([256], None, None) is None
+
+
+def test_sweep_equals_separate_runs_at_each_length(llama, seqs):
+    from ctxext.context_use import context_use_sweep
+
+    sweep = context_use_sweep(llama, seqs, [16, 48, 96], window=16, stride=8)
+    assert sorted(sweep) == [48, 96]  # 16 has nothing beyond the window
+    for n in (48, 96):
+        alone = context_use(llama, [s[:n] for s in seqs], window=16, stride=8)
+        assert math.isclose(sweep[n].gain_bits, alone.gain_bits, rel_tol=1e-6, abs_tol=1e-9)
+        for a, b in zip(sweep[n].buckets, alone.buckets, strict=True):
+            assert math.isclose(a["gain_bits"], b["gain_bits"], rel_tol=1e-6, abs_tol=1e-9)
+
+
+def test_sweep_with_dynamic_ntk_is_exact_per_length(seqs):
+    """Dynamic NTK: a fresh full pass per length (after a rotary reset) and windows at the
+    original frequencies; equal to each length evaluated alone on a fresh model."""
+    from ctxext.context_use import context_use_sweep
+
+    def fresh():
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+            rope_parameters={"rope_type": "dynamic", "factor": 3.0, "rope_theta": 10000.0},
+        )
+        return LlamaForCausalLM(config).eval()
+
+    model = fresh()
+    sweep = context_use_sweep(model, seqs, [48, 96], window=32, stride=8, one_pass=False)
+    for n in (96, 48):  # the longer first: stale frequencies would show at 48
+        alone = context_use(fresh(), [s[:n] for s in seqs], window=32, stride=8)
+        assert math.isclose(sweep[n].gain_bits, alone.gain_bits, rel_tol=1e-5, abs_tol=1e-7)

@@ -1,0 +1,57 @@
+"""`ctxext eval --task context-use --task retrieval` end to end on a tiny real checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import run_cli
+
+
+def test_context_use_and_retrieval_results(tmp_path, tiny_llama_session, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(
+        capsys, "eval", tiny_llama_session, "--task", "context-use", "--task", "retrieval",
+        "--lengths", "64,128,192", "--local-window", "32", "--local-stride", "16",
+        "--num-docs", "2", "--passkey-trials", "1", "-o", out, "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    results = json.loads(stdout)
+    (run,) = results["runs"]
+    gains = run["context_use"]
+    assert sorted(gains, key=int) == ["64", "128", "192"]
+    assert gains["64"]["doc_fingerprint"] == gains["192"]["doc_fingerprint"]  # same documents
+    assert gains["64"]["n_docs"] == gains["192"]["n_docs"] == 2
+    assert gains["192"]["window"] == 32 and gains["192"]["stride"] == 16
+    assert [b["end"] for b in gains["192"]["buckets"]] == [192]
+    assert run["retrieval"]["template"] == "code"  # default corpus: code
+    assert run["retrieval"]["lengths"] == [64, 128, 192]
+    assert run["context_length"] == 128
+    # A random-weight model retrieves nothing, so it reads to no evaluated length.
+    assert run["effective_length"] is None
+    proto = results["protocol"]
+    assert proto["context_use"]["local_window"] == 32
+    assert proto["retrieval"]["template"] == "code"
+    assert "90%" in proto["effective_length"]
+    for name in ("results.json", "results.csv", "context_use.png", "retrieval_heatmap.png"):
+        assert (out / name).is_file()
+    csv_text = (out / "results.csv").read_text()
+    assert "far-context-gain-bits" in csv_text and "retrieval-code" in csv_text
+
+
+def test_text_template_on_other_data(tmp_path, tiny_llama_session, capsys):
+    data = tmp_path / "d.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    code, stdout, err = run_cli(
+        capsys, "eval", tiny_llama_session, "--task", "retrieval", "--data", data,
+        "--lengths", "256", "--passkey-trials", "1", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(stdout)["runs"][0]["retrieval"]["template"] == "text"
+
+
+def test_local_stride_above_window_is_refused(tiny_llama_session, capsys):
+    code, _, err = run_cli(
+        capsys, "eval", tiny_llama_session, "--task", "context-use", "--lengths", "64",
+        "--local-window", "16", "--local-stride", "32",
+    )  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "local_stride" in err
