@@ -327,8 +327,10 @@ def evaluate_and_report(
 
 from ctxext.cli_finetune import finetune  # noqa: E402 (registered after app exists)
 from ctxext.cli_recipes import recipes_app, run  # noqa: E402
+from ctxext.cli_tune import tune  # noqa: E402
 
 app.command("finetune")(finetune)
+app.command("tune")(tune)
 app.command("run")(run)
 app.add_typer(recipes_app, name="recipes")
 
