@@ -114,8 +114,13 @@ class ExtendConfig(StrictModel):
             raise ValueError("beta_fast must be greater than beta_slow")
         if self.high_freq_factor <= self.low_freq_factor:
             raise ValueError("high_freq_factor must be greater than low_freq_factor")
-        if (self.method == "longrope") != (self.long_factor is not None):
-            raise ValueError("long_factor is required by method longrope, and only by it")
+        if self.method == "longrope" and self.long_factor is None:
+            raise ValueError(
+                "method longrope needs long_factor (--long-factor FILE with rotary_dim/2 "
+                "numbers), or let `ctxext tune` search them"
+            )
+        if self.long_factor is not None and self.method != "longrope":
+            raise ValueError("long_factor applies only to method longrope")
         if self.short_factor is not None and self.method != "longrope":
             raise ValueError("short_factor applies only to method longrope")
         if self.theta_multiplier is not None and self.method != "ntk":

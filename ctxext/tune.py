@@ -115,8 +115,9 @@ def sample_candidates(
     """The paper default plus ``n - 1`` candidates (a log grid for 1-D spaces, else random)."""
     out = [Candidate(method)]
     k = max(n - 1, 1)
-    if method == "linear":  # PI's factor at or above N / L
-        out += [_cand("linear", "grid", factor=s * 3.0 ** (i / k)) for i in range(1, k + 1)]
+    if method == "linear":  # PI's factor at or above N / L, on whole 1/4 steps
+        grid = sorted({math.ceil(4 * s * 3.0 ** (i / k)) / 4 for i in range(1, k + 1)} - {s})
+        out += [_cand("linear", "grid", factor=f) for f in grid]
     elif method == "ntk":  # theta multiplier around bloc97's s^(d/(d-2)), from sqrt(s) to s^3
         grid = np.exp(np.linspace(math.log(s) * 0.5, math.log(s) * 3.0, k))
         out += [_cand("ntk", "grid", theta_multiplier=m) for m in grid]
@@ -206,7 +207,7 @@ class Scorer:
     bos: int | None
     target_length: int
     spent: float = 0.0  # cost in document forwards at the target length
-    cost_ratio: float = 0.1  # cost of a forward at L relative to one at N
+    cost_ratio: float = 0.125  # cost of a forward at L relative to one at N (L / N)
     _memo: dict[tuple[str, int, int], tuple[float, int]] = field(default_factory=dict)
     _applied: str | None = None  # the candidate whose rope the model has; None: not known
 
@@ -596,7 +597,8 @@ def run_tune(
     n, trained = cfg.target_length, prepared.info.trained_length
     scorer = Scorer(loaded.model, prepared.config, [ids[i] for i in search_idx], bos, n)
     t_target, t_trained = _calibrate(scorer, trained)
-    scorer.cost_ratio = t_trained / t_target
+    # Counted by tokens, not by the clock, so a given --budget-evals always buys the same plan.
+    scorer.cost_ratio = trained / n
     budget = cfg.budget_evals or max(12, int(cfg.budget_minutes * 60 / t_target))
     plan = plan_search(cfg, budget, scorer.cost_ratio)
     if on_plan is not None:
