@@ -431,7 +431,7 @@ def _longrope_seeds(search: Search, best: dict[str, Trial]) -> list[np.ndarray]:
 
 
 def split_documents(
-    names: list[str], ids: list[list[int]], cfg: TuneConfig, bos: int | None
+    ids: list[list[int]], cfg: TuneConfig, bos: int | None
 ) -> tuple[list[int], list[int]]:
     """Seeded, disjoint search and report sets among documents long enough for the target."""
     prefix = 0 if bos is None else 1
@@ -587,13 +587,14 @@ def run_tune(
 ) -> dict[str, Any]:
     """Search, then evaluate the leaderboard on the report documents; returns tune.json."""
     from ctxext.data import data_fingerprint, load_documents, tokenize_documents
-    from ctxext.modeling import load_causal_lm
+    from ctxext.modeling import load_causal_lm, load_tokenizer
 
     docs = load_documents(cfg.data, split="heldout")
+    tokenizer = load_tokenizer(prepared.source.path)
+    bos = tokenizer.bos_token_id
+    ids = tokenize_documents(tokenizer, docs)
+    search_idx, report_idx = split_documents(ids, cfg, bos)  # before the model loads
     loaded = load_causal_lm(str(prepared.source.path))
-    bos = loaded.tokenizer.bos_token_id
-    ids = tokenize_documents(loaded.tokenizer, docs)
-    search_idx, report_idx = split_documents([d.name for d in docs], ids, cfg, bos)
     n, trained = cfg.target_length, prepared.info.trained_length
     scorer = Scorer(loaded.model, prepared.config, [ids[i] for i in search_idx], bos, n)
     t_target, t_trained = _calibrate(scorer, trained)

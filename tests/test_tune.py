@@ -207,3 +207,35 @@ def test_the_guard_rejects_a_candidate_that_breaks_the_trained_length(bundled_se
     assert kept.ppl_trained == pytest.approx(kept.guard_ref, rel=1e-6)
     survivors = bundled_search.halving([pi16, Candidate("dynamic")], [2])
     assert [t.candidate.method for t in survivors] == ["dynamic"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-m", "longrope"], "method longrope needs long_factor"),
+        (["-m", "longrope", "--long-factor", "FILE2"], "has 2 numbers but this model has 32"),
+        (["-m", "longrope", "--long-factor", "MISSING"], "--long-factor"),
+        (["-m", "longrope", "--long-factor", "BAD"], "expected a JSON list of numbers"),
+        (["-m", "yarn", "--long-factor", "FILE2"], "long_factor applies only to method longrope"),
+    ],
+)
+def test_bad_longrope_input_exits_2_with_one_line(capsys, tmp_path, args, message):
+    files = {"FILE2": "[1.0, 2.0]", "BAD": "one, two"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    args = [str(tmp_path / a) if a in (*files, "MISSING") else a for a in args]
+    code, _, err = run_cli(capsys, "extend", BUNDLED, "-o", tmp_path / "out", "-t", "2048", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_tune_checks_cheap_things_before_loading(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "tune", BUNDLED, "-o", tmp_path / "o", "-t", "2048",
+                           "--methods", "yarn,magic")  # fmt: skip
+    assert code == 2 and "unknown method 'magic'" in err
+    code, _, err = run_cli(capsys, "tune", BUNDLED, "-o", tmp_path / "o", "-t", "128")
+    assert code == 2 and "not longer than the trained length" in err
+    code, _, err = run_cli(
+        capsys, "tune", BUNDLED, "-o", tmp_path / "o", "-t", "2048", "--search-docs", "60"
+    )
+    assert code == 2 and "documents have at least 2048 tokens" in err
