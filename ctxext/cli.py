@@ -40,8 +40,9 @@ ModelArg = Annotated[
     ),
 ]
 MethodOpt = Annotated[
-    str, typer.Option("--method", "-m", help="linear | ntk | yarn | dynamic | llama3")
+    str, typer.Option("--method", "-m", help="linear | ntk | yarn | dynamic | llama3 | longrope")
 ]
+FactorFileOpt = Optional[Path]  # noqa: UP045
 
 
 def _version(value: bool) -> None:
@@ -84,6 +85,16 @@ def extend(
     ] = None,
     low_freq_factor: Annotated[float, typer.Option(help="llama3 low_freq_factor.")] = 1.0,
     high_freq_factor: Annotated[float, typer.Option(help="llama3 high_freq_factor.")] = 4.0,
+    theta_multiplier: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="ntk: multiply rope_theta by this (default s^(d/(d-2)))."),
+    ] = None,
+    long_factor: Annotated[
+        FactorFileOpt, typer.Option(help="longrope: file with rotary_dim/2 factors (JSON list).")
+    ] = None,
+    short_factor: Annotated[
+        FactorFileOpt, typer.Option(help="longrope: factors up to the trained length (default 1).")
+    ] = None,
     copy: Annotated[bool, typer.Option("--copy", help="Copy weight files.")] = False,
     symlink: Annotated[bool, typer.Option("--symlink", help="Symlink weight files.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
@@ -91,11 +102,16 @@ def extend(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Write a context-extended copy of MODEL (config-only: weights are linked, never loaded)."""
+    from ctxext.cli_tune import read_factor_file
     from ctxext.config import ExtendJob
     from ctxext.extend import plan_extend, write_extended
 
     if copy and symlink:
         raise CtxextError("--copy and --symlink exclude each other; pick one")
+    factor_lists = {
+        "long_factor": read_factor_file(long_factor, "--long-factor"),
+        "short_factor": read_factor_file(short_factor, "--short-factor"),
+    }
     spec = _extend_config(
         method,
         factor,
@@ -105,6 +121,8 @@ def extend(
         attention_factor=attention_factor,
         low_freq_factor=low_freq_factor,
         high_freq_factor=high_freq_factor,
+        theta_multiplier=theta_multiplier,
+        **factor_lists,
     )
     mode = "copy" if copy else "symlink" if symlink else "hardlink"
     job = ExtendJob(model=model, output=output, extend=spec, link_mode=mode, overwrite=overwrite)
@@ -370,8 +388,10 @@ def evaluate_and_report(
 
 from ctxext.cli_finetune import finetune  # noqa: E402 (registered after app exists)
 from ctxext.cli_recipes import recipes_app, run  # noqa: E402
+from ctxext.cli_tune import tune  # noqa: E402
 
 app.command("finetune")(finetune)
+app.command("tune")(tune)
 app.command("run")(run)
 app.add_typer(recipes_app, name="recipes")
 

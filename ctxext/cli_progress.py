@@ -66,3 +66,19 @@ def step_progress(console: Console) -> Progress:
         transient=False,
         disable=not console.is_terminal,  # no stray lines in logs and pipes
     )
+
+
+def search_progress(console: Console) -> Progress:
+    """A progress bar over a search's budget (document forwards) with the best so far."""
+    return _Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} forwards"),
+        TextColumn("[cyan]{task.fields[best]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    )

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from ctxext.errors import CtxextError
 
-Method = Literal["linear", "ntk", "yarn", "dynamic", "llama3"]
+Method = Literal["linear", "ntk", "yarn", "dynamic", "llama3", "longrope"]
 LinkMode = Literal["hardlink", "copy", "symlink"]
 Task = Literal["ppl", "passkey", "context-use", "retrieval"]
 RetrievalTemplate = Literal["auto", "code", "text"]
@@ -52,7 +52,7 @@ class ExtendConfig(StrictModel):
 
     method: Method
     """Scaling method: linear (position interpolation), ntk (NTK-aware base change), yarn,
-    dynamic (dynamic NTK) or llama3 (Llama-3.1-style)."""
+    dynamic (dynamic NTK), llama3 (Llama-3.1-style) or longrope (per-pair factors)."""
     factor: float | None = None
     """Scale factor s = new context length / trained length (> 1)."""
     target_length: int | None = None
@@ -62,11 +62,18 @@ class ExtendConfig(StrictModel):
     beta_slow: float = 1.0
     """YaRN: pairs turning fewer than beta_slow times are fully interpolated."""
     attention_factor: float | None = None
-    """YaRN: scale of cos/sin (softmax temperature); default 0.1 ln(s) + 1."""
+    """YaRN and longrope: scale of cos/sin (softmax temperature); default 0.1 ln(s) + 1 (YaRN),
+    sqrt(1 + ln s / ln L) (longrope; vLLM reads only this default)."""
     low_freq_factor: float = 1.0
     """llama3: wavelengths above trained_length / low_freq_factor are divided by s."""
     high_freq_factor: float = 4.0
     """llama3: wavelengths below trained_length / high_freq_factor are kept."""
+    theta_multiplier: float | None = None
+    """ntk: rope_theta is multiplied by this; default s ** (d / (d - 2)) (bloc97's rule)."""
+    long_factor: list[float] | None = None
+    """longrope: rotary_dim/2 divisors of the pair frequencies, used past the trained length."""
+    short_factor: list[float] | None = None
+    """longrope: the divisors used up to the trained length; default all 1 (unchanged)."""
 
     @field_validator("factor")
     @classmethod
@@ -89,6 +96,18 @@ class ExtendConfig(StrictModel):
             raise ValueError(f"must be a finite number > 0 (got {v})")
         return v
 
+    @field_validator("theta_multiplier")
+    @classmethod
+    def _positive_or_none(cls, v: float | None) -> float | None:
+        return None if v is None else cls._positive(v)
+
+    @field_validator("long_factor", "short_factor")
+    @classmethod
+    def _factors(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(not math.isfinite(x) or x <= 0 for x in v)):
+            raise ValueError("must be a non-empty list of finite numbers > 0")
+        return v
+
     @model_validator(mode="after")
     def _one_of(self) -> ExtendConfig:
         if (self.factor is None) == (self.target_length is None):
@@ -97,6 +116,17 @@ class ExtendConfig(StrictModel):
             raise ValueError("beta_fast must be greater than beta_slow")
         if self.high_freq_factor <= self.low_freq_factor:
             raise ValueError("high_freq_factor must be greater than low_freq_factor")
+        if self.method == "longrope" and self.long_factor is None:
+            raise ValueError(
+                "method longrope needs long_factor (--long-factor FILE with rotary_dim/2 "
+                "numbers), or let `ctxext tune` search them"
+            )
+        if self.long_factor is not None and self.method != "longrope":
+            raise ValueError("long_factor applies only to method longrope")
+        if self.short_factor is not None and self.method != "longrope":
+            raise ValueError("short_factor applies only to method longrope")
+        if self.theta_multiplier is not None and self.method != "ntk":
+            raise ValueError("theta_multiplier applies only to method ntk")
         return self
 
     def rope_options(self) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ctxext import checkpoint, rope
@@ -75,16 +76,22 @@ def write_extended(plan: ExtendPlan, job: ExtendJob) -> dict[str, Any]:
     out = checkpoint.check_output_path(job.output, [plan.source.path], job.overwrite)
     started = time.time()
     with checkpoint.atomic_output(out) as tmp:
-        skip = (*checkpoint.REWRITTEN_FILES, checkpoint.PROVENANCE_FILE)
-        placed = checkpoint.link_model_files(plan.source.path, tmp, job.link_mode, skip)
-        checkpoint.write_json(tmp / "config.json", plan.after)
-        if plan.tokenizer_config is not None:
-            checkpoint.write_json(tmp / "tokenizer_config.json", plan.tokenizer_config)
-        if plan.generation_config is not None:
-            checkpoint.write_json(tmp / "generation_config.json", plan.generation_config)
-        record = provenance(plan, job, placed)
-        checkpoint.write_json(tmp / checkpoint.PROVENANCE_FILE, record)
+        record = write_checkpoint_files(plan, job, tmp)
     record["seconds"] = round(time.time() - started, 3)
+    return record
+
+
+def write_checkpoint_files(plan: ExtendPlan, job: ExtendJob, folder: Path) -> dict[str, Any]:
+    """Fill ``folder`` (a temporary output being built) with the extended checkpoint."""
+    skip = (*checkpoint.REWRITTEN_FILES, checkpoint.PROVENANCE_FILE)
+    placed = checkpoint.link_model_files(plan.source.path, folder, job.link_mode, skip)
+    checkpoint.write_json(folder / "config.json", plan.after)
+    if plan.tokenizer_config is not None:
+        checkpoint.write_json(folder / "tokenizer_config.json", plan.tokenizer_config)
+    if plan.generation_config is not None:
+        checkpoint.write_json(folder / "generation_config.json", plan.generation_config)
+    record = provenance(plan, job, placed)
+    checkpoint.write_json(folder / checkpoint.PROVENANCE_FILE, record)
     return record
 
 
@@ -115,4 +122,4 @@ def run_extend(job: ExtendJob) -> tuple[ExtendPlan, dict[str, Any]]:
     return plan, write_extended(plan, job)
 
 
-__all__ = ["ExtendPlan", "plan_extend", "run_extend", "write_extended"]
+__all__ = ["ExtendPlan", "plan_extend", "run_extend", "write_checkpoint_files", "write_extended"]

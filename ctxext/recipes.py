@@ -203,6 +203,8 @@ class Recipe(StrictModel):
                         f"the method '{item}' takes the recipe's extend factor: add an extend "
                         "section"
                     )
+                elif item == "longrope" and self.extend.method != "longrope":
+                    problem = "'longrope' needs per-pair factors: use it as the extend method"
                 if problem:
                     # ctx["at"]: where the problem is, for the error message's key and line.
                     raise PydanticCustomError(
@@ -1132,4 +1134,6 @@ def _method_option_names(method: str) -> tuple[str, ...]:
     return {
         "yarn": ("beta_fast", "beta_slow", "attention_factor"),
         "llama3": ("low_freq_factor", "high_freq_factor"),
+        "ntk": ("theta_multiplier",),
+        "longrope": ("attention_factor",),  # the factor lists are in recipe.yaml
     }.get(method, ())

@@ -38,6 +38,9 @@ from typing import Any
 from ctxext.errors import CtxextError
 
 METHODS = ("linear", "ntk", "yarn", "dynamic", "llama3")
+#: Methods that need more than a factor: longrope takes searched (or given) per-pair factors.
+FACTOR_LIST_METHODS = ("longrope",)
+ALL_METHODS = METHODS + FACTOR_LIST_METHODS
 
 
 def _ref() -> Any:
@@ -413,8 +416,8 @@ def validate_request(
     info: RopeInfo, method: str, factor: float | None, target_length: int | None
 ) -> float:
     """Check that ``method`` can extend this model and return the scale factor s."""
-    if method not in METHODS:
-        raise CtxextError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if method not in ALL_METHODS:
+        raise CtxextError(f"unknown method {method!r}: choose one of {', '.join(ALL_METHODS)}")
     if info.refusal:
         raise CtxextError(info.refusal)
     if (factor is None) == (target_length is None):
@@ -474,9 +477,14 @@ def _write_ntk(info: RopeInfo, s: float, opts: dict) -> tuple[dict, int]:
     # No "ntk" rope_type exists: write the enlarged base under rope_type "default", which every
     # engine reads. No factor/original length inside the dict: "default" accepts neither without
     # an "Unrecognized keys" warning; the trained length goes to the top level instead.
-    return _entry(
-        info, "default", _ref().ntk_theta(info.rope_theta, info.rotary_dim, s)
-    ), _new_length(info, s)
+    # A tuned ``theta_multiplier`` replaces bloc97's s ** (d / (d - 2)).
+    multiplier = opts["theta_multiplier"]
+    theta = (
+        info.rope_theta * multiplier
+        if multiplier is not None
+        else _ref().ntk_theta(info.rope_theta, info.rotary_dim, s)
+    )
+    return _entry(info, "default", theta), _new_length(info, s)
 
 
 def _write_yarn(info: RopeInfo, s: float, opts: dict) -> tuple[dict, int]:
@@ -502,6 +510,37 @@ def _write_llama3(info: RopeInfo, s: float, opts: dict) -> tuple[dict, int]:
         "original_max_position_embeddings": info.trained_length,
     }
     return entry, _new_length(info, s)
+
+
+def _write_longrope(info: RopeInfo, s: float, opts: dict) -> tuple[dict, int]:
+    # transformers (``_compute_longrope_parameters``) divides pair j's frequency by
+    # long_factor[j] when the sequence is longer than original_max_position_embeddings and by
+    # short_factor[j] otherwise. ``factor`` is written so that its default attention factor,
+    # sqrt(1 + ln s / ln L), is the one vLLM derives from max_position_embeddings / original;
+    # vLLM reads no ``attention_factor`` for longrope, so a tuned one holds in transformers only.
+    pairs = info.rotary_dim // 2
+    short = opts["short_factor"]
+    entry = {
+        **_entry(info, "longrope"),
+        "factor": s,
+        "original_max_position_embeddings": info.trained_length,
+        "long_factor": _factor_list("long_factor", opts["long_factor"], pairs),
+        "short_factor": [1.0] * pairs
+        if short is None
+        else _factor_list("short_factor", short, pairs),
+    }
+    if opts["attention_factor"] is not None:
+        entry["attention_factor"] = float(opts["attention_factor"])
+    return entry, _new_length(info, s)
+
+
+def _factor_list(name: str, values: Any, pairs: int) -> list[float]:
+    if len(values) != pairs:
+        raise CtxextError(
+            f"{name} has {len(values)} numbers but this model has {pairs} rotary pairs "
+            f"(rotary dimension / 2): give exactly {pairs}"
+        )
+    return [float(v) for v in values]
 
 
 def _finite_positive(name: str, value: Any) -> float:
@@ -536,6 +575,29 @@ def _validate_llama3(opts: dict) -> None:
         )
 
 
+def _validate_ntk(opts: dict) -> None:
+    if opts["theta_multiplier"] is not None:
+        _finite_positive("theta_multiplier", opts["theta_multiplier"])
+
+
+def _validate_longrope(opts: dict) -> None:
+    if opts["long_factor"] is None:
+        raise CtxextError(
+            "longrope needs long_factor: a list of rotary_dim/2 rescale factors (--long-factor "
+            "FILE, or `ctxext tune` to search them)"
+        )
+    for name in ("long_factor", "short_factor"):
+        values = opts[name]
+        if values is None:
+            continue
+        if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+            raise CtxextError(f"{name} must be a list of numbers, got {type(values).__name__}")
+        for v in values:
+            _finite_positive(name, v)
+    if opts["attention_factor"] is not None:
+        _finite_positive("attention_factor", opts["attention_factor"])
+
+
 def _validate_nothing(opts: dict) -> None:
     return None
 
@@ -546,13 +608,15 @@ _WRITERS: dict[str, Callable[[RopeInfo, float, dict], tuple[dict, int]]] = {
     "yarn": _write_yarn,
     "dynamic": _write_dynamic,
     "llama3": _write_llama3,
+    "longrope": _write_longrope,
 }
 _VALIDATORS: dict[str, Callable[[dict], None]] = {
     "linear": _validate_nothing,
-    "ntk": _validate_nothing,
+    "ntk": _validate_ntk,
     "yarn": _validate_yarn,
     "dynamic": _validate_nothing,
     "llama3": _validate_llama3,
+    "longrope": _validate_longrope,
 }
 _OPTION_DEFAULTS = {
     "beta_fast": 32.0,
@@ -560,13 +624,17 @@ _OPTION_DEFAULTS = {
     "attention_factor": None,
     "low_freq_factor": 1.0,
     "high_freq_factor": 4.0,
+    "theta_multiplier": None,
+    "long_factor": None,
+    "short_factor": None,
 }
 _OPTIONS_OF = {
     "linear": (),
-    "ntk": (),
+    "ntk": ("theta_multiplier",),
     "dynamic": (),
     "yarn": ("beta_fast", "beta_slow", "attention_factor"),
     "llama3": ("low_freq_factor", "high_freq_factor"),
+    "longrope": ("long_factor", "short_factor", "attention_factor"),
 }
 
 
@@ -574,9 +642,9 @@ def _method_options(method: str, given: dict) -> dict:
     """Keep the options of ``method``; a changed option that another method owns is an error."""
     for name, value in given.items():
         if name not in _OPTIONS_OF[method] and value != _OPTION_DEFAULTS[name]:
-            owner = next(m for m, names in _OPTIONS_OF.items() if name in names)
+            owners = " or ".join(m for m, names in _OPTIONS_OF.items() if name in names)
             raise CtxextError(
-                f"option {name} applies only to method {owner}, not {method}: drop it"
+                f"option {name} applies only to method {owners}, not {method}: drop it"
             )
     opts = {name: given[name] for name in _OPTIONS_OF[method]}
     _VALIDATORS[method](opts)
@@ -609,6 +677,9 @@ def extend_config(
     attention_factor: float | None = None,
     low_freq_factor: float = 1.0,
     high_freq_factor: float = 4.0,
+    theta_multiplier: float | None = None,
+    long_factor: list[float] | None = None,
+    short_factor: list[float] | None = None,
 ) -> dict:
     """Return a new config dict extended by ``method``; ``config`` is not modified.
 
@@ -624,6 +695,9 @@ def extend_config(
         "attention_factor": attention_factor,
         "low_freq_factor": low_freq_factor,
         "high_freq_factor": high_freq_factor,
+        "theta_multiplier": theta_multiplier,
+        "long_factor": long_factor,
+        "short_factor": short_factor,
     }
     opts = _method_options(method, given)
     entry, max_len = _WRITERS[method](info, s, opts)

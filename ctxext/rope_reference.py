@@ -17,20 +17,22 @@ Everything is numpy float64, so it is a tighter yardstick than the float32 maths
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-REFERENCE_METHODS = ("default", "linear", "ntk", "yarn", "dynamic", "llama3")
+REFERENCE_METHODS = ("default", "linear", "ntk", "yarn", "dynamic", "llama3", "longrope")
 
 # Keyword options each method accepts, with the defaults of the papers / reference code.
-OPTION_DEFAULTS: dict[str, dict[str, float | None]] = {
+OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
     "default": {},
     "linear": {},
     "ntk": {},
     "dynamic": {},
     "yarn": {"beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None},
     "llama3": {"low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    "longrope": {"long_factor": None, "short_factor": None, "attention_factor": None},
 }
 
 
@@ -126,6 +128,22 @@ def llama3_blend(
     return weight
 
 
+def longrope_attention_factor(factor: float, original_length: int) -> float:
+    """LongRoPE / Phi-3's scale of cos and sin: sqrt(1 + ln s / ln L), 1 when s <= 1."""
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1.0 + math.log(factor) / math.log(original_length))
+
+
+def rescale_factors(inv_freq: np.ndarray, theta: float, rotary_dim: int) -> np.ndarray:
+    """The LongRoPE view of any method: lambda_j = theta_j / theta'_j (1 = kept, s = PI).
+
+    LongRoPE writes every method as per-pair divisors of the original frequencies, so PI is
+    lambda_j = s for all j, NTK is lambda_j = s ** (2j / (d - 2)), and YaRN blends 1 and s.
+    """
+    return default_inv_freq(theta, rotary_dim) / np.asarray(inv_freq, dtype=np.float64)
+
+
 # --- one function per method: (theta, d, s, L, seq_len, options) -> (inv_freq, attention scale)
 
 
@@ -162,6 +180,28 @@ def _ref_llama3(theta, d, s, length, seq_len, opts):
     return base / s * weight + base * (1.0 - weight), 1.0
 
 
+def _ref_longrope(theta, d, s, length, seq_len, opts):
+    # Ding et al. 2024 (LongRoPE) as Phi-3 ships it: theta'_j = theta_j / lambda_j, with the
+    # long factors once the current sequence is longer than L and the short ones otherwise.
+    long = opts["long_factor"]
+    if long is None:
+        raise TypeError("longrope needs long_factor (a list of d/2 rescale factors)")
+    short = opts["short_factor"]
+    use_long = seq_len is not None and seq_len > length
+    chosen = long if use_long else (short if short is not None else [1.0] * (d // 2))
+    lam = _factor_array(chosen, d)
+    scale = opts["attention_factor"]
+    attention = longrope_attention_factor(s, length) if scale is None else float(scale)
+    return default_inv_freq(theta, d) / lam, attention
+
+
+def _factor_array(values: Sequence[float], d: int) -> np.ndarray:
+    lam = np.asarray(values, dtype=np.float64)
+    if lam.shape != (d // 2,):
+        raise ValueError(f"longrope factors must be {d // 2} numbers (d/2), got {lam.shape}")
+    return lam
+
+
 _REFERENCES: dict[str, Callable[..., tuple[np.ndarray, float]]] = {
     "default": _ref_default,
     "linear": _ref_linear,
@@ -169,6 +209,7 @@ _REFERENCES: dict[str, Callable[..., tuple[np.ndarray, float]]] = {
     "dynamic": _ref_dynamic,
     "yarn": _ref_yarn,
     "llama3": _ref_llama3,
+    "longrope": _ref_longrope,
 }
 
 
@@ -179,13 +220,15 @@ def reference_inv_freq(
     factor: float,
     original_length: int,
     seq_len: int | None = None,
-    **options: float | None,
+    **options: Any,
 ) -> tuple[np.ndarray, float]:
     """Inverse frequencies (float64, length d/2) and the cos/sin scale of ``method``.
 
-    ``seq_len`` only matters for ``dynamic`` (the current sequence length; default: the trained
-    length, i.e. no change). ``options``: ``beta_fast``, ``beta_slow``, ``attention_factor``
-    (yarn); ``low_freq_factor``, ``high_freq_factor`` (llama3).
+    ``seq_len`` only matters for ``dynamic`` and ``longrope`` (the current sequence length;
+    default: the trained length, i.e. no change / the short factors). ``options``:
+    ``beta_fast``, ``beta_slow``, ``attention_factor`` (yarn); ``low_freq_factor``,
+    ``high_freq_factor`` (llama3); ``long_factor``, ``short_factor`` (lists of d/2 divisors,
+    short defaulting to ones) and ``attention_factor`` (longrope).
     """
     if method not in _REFERENCES:
         raise ValueError(f"unknown method {method!r}; expected one of {REFERENCE_METHODS}")

@@ -104,7 +104,10 @@ INVALID = {
     ),
     "unknown method": (
         "extend:\n  method: rope2x\n  factor: 2\n",
-        ["extend.method (line 2)", "expected 'linear', 'ntk', 'yarn', 'dynamic' or 'llama3'"],
+        [
+            "extend.method (line 2)",
+            "expected 'linear', 'ntk', 'yarn', 'dynamic', 'llama3' or 'longrope'",
+        ],
     ),
     "bad list item": (
         BASE + "eval:\n  lengths:\n    - 256\n    - lots\n",

@@ -285,3 +285,103 @@ def test_scores_depend_only_on_distance(
     before, after = _score(rot, method, q, k, m, n, shift, _APPLY[family])
     bound = float(q.norm() * k.norm()) * 1e-9
     assert abs(before - after) <= bound
+
+
+# --------------------------------------------------------------------------- longrope
+
+
+def _longrope_factors(family: str, seed: int) -> tuple[list[float], list[float]]:
+    """Seeded per-pair factors: long ones non-decreasing from 1 to ~s, short ones near 1."""
+    pairs = analyze(TINY[family]).rotary_dim // 2
+    rng = np.random.default_rng(seed)
+    s = REQUEST[family].get("factor") or REQUEST[family]["target_length"] / L
+    long = np.maximum.accumulate(1.0 + (s - 1.0) * np.sort(rng.random(pairs)))
+    short = 1.0 + 0.05 * rng.random(pairs)
+    return long.tolist(), short.tolist()
+
+
+@functools.cache
+def _load_longrope(family: str, attention_factor: float | None, tmp_root: str):
+    long, short = _longrope_factors(family, seed=len(family))
+    cfg = extend_config(
+        TINY[family],
+        "longrope",
+        **REQUEST[family],
+        long_factor=long,
+        short_factor=short,
+        attention_factor=attention_factor,
+    )
+    folder = Path(tmp_root) / f"{family}-longrope-{attention_factor}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    records = _Records()
+    tf_logger = logging.getLogger("transformers")
+    tf_logger.addHandler(records)
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(folder)
+        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    finally:
+        tf_logger.removeHandler(records)
+    return cfg, _rotary(model), tuple(records.messages), long, short
+
+
+def _longrope_used(rot, layer: str | None, seq_len: int) -> tuple[np.ndarray, float]:
+    """inv_freq and scale after a forward whose positions reach seq_len - 1."""
+    x = torch.zeros(1, dtype=torch.float32)
+    positions = torch.tensor([[0, seq_len - 1]])
+    rot(*((x, positions) if layer is None else (x, positions, layer)))
+    prefix = f"{layer}_" if layer else ""
+    inv = getattr(rot, f"{prefix}inv_freq").detach().double().numpy()
+    return inv, float(getattr(rot, f"{prefix}attention_scaling"))
+
+
+@pytest.mark.parametrize("attention_factor", [None, 1.05])
+@pytest.mark.parametrize("family", list(TINY))
+def test_longrope_matches_reference_short_and_long(
+    family: str, attention_factor: float | None, tmp_root: str
+) -> None:
+    """transformers picks short_factor up to L and long_factor beyond, as the reference does."""
+    _, rot, messages, long, short = _load_longrope(family, attention_factor, tmp_root)
+    assert messages == (), messages
+    info = analyze(TINY[family])
+    s = REQUEST[family].get("factor") or REQUEST[family]["target_length"] / L
+    layer = "full_attention" if family == "gemma3_text" else None
+    opts = {"long_factor": long, "short_factor": short, "attention_factor": attention_factor}
+    # Long first, then back to short: the switch goes both ways (like Phi-3).
+    for seq_len in (L + 1, 3 * L, L, 17):
+        want_inv, want_scale = reference_inv_freq(
+            "longrope", info.rope_theta, info.rotary_dim, s, L, seq_len=seq_len, **opts
+        )
+        got_inv, got_scale = _longrope_used(rot, layer, seq_len)
+        np.testing.assert_allclose(got_inv, want_inv, rtol=1e-6, atol=0)
+        assert got_scale == pytest.approx(want_scale, rel=1e-12)
+    if attention_factor is None:  # the default is LongRoPE's, from the written factor s
+        assert got_scale == pytest.approx(np.sqrt(1 + np.log(s) / np.log(L)), rel=1e-12)
+
+
+@pytest.mark.parametrize("drop", ["rope_scaling", "rope_parameters"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_neox"])
+def test_longrope_either_half_alone(family: str, drop: str, tmp_root: str, tmp_path) -> None:
+    cfg, rot, _, _, _ = _load_longrope(family, None, tmp_root)
+    half = {k: v for k, v in cfg.items() if k != drop}
+    (tmp_path / "config.json").write_text(json.dumps(half))
+    alone = type(rot)(transformers.AutoConfig.from_pretrained(tmp_path))
+    for seq_len in (L + 1, L):
+        np.testing.assert_array_equal(
+            _longrope_used(alone, None, seq_len)[0], _longrope_used(rot, None, seq_len)[0]
+        )
+
+
+def test_longrope_reference_reproduces_pi_ntk_yarn() -> None:
+    """The per-pair view is exact: PI, NTK and YaRN written as factors give their frequencies."""
+    from ctxext.rope_reference import rescale_factors
+
+    theta, d, s = 10000.0, 64, 8.0
+    for method in ("linear", "ntk", "yarn"):
+        inv, _ = reference_inv_freq(method, theta, d, s, L)
+        lam = rescale_factors(inv, theta, d)
+        got, _ = reference_inv_freq("longrope", theta, d, s, L, seq_len=L + 1, long_factor=lam)
+        np.testing.assert_allclose(got, inv, rtol=1e-12)
+        assert np.all(np.diff(lam) >= -1e-12)  # non-decreasing with wavelength
+    lam_pi = rescale_factors(reference_inv_freq("linear", theta, d, s, L)[0], theta, d)
+    np.testing.assert_allclose(lam_pi, s, rtol=1e-12)

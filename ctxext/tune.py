@@ -1,0 +1,700 @@
+"""`ctxext tune`: search each scaling method's hyperparameters on held-out perplexity.
+
+Protocol (every number in the output says which documents it comes from):
+
+* The data's documents with at least ``target_length`` tokens are shuffled with the seed and
+  split into a *search* set (the search sees only these) and a disjoint *report* set (the
+  leaderboard is measured only on these). Both lists of names go into ``tune.json``.
+* A candidate is a method plus hyperparameters, applied in memory: the config dict is
+  rewritten by :func:`ctxext.rope.extend_config` (as `extend` writes it) and only the model's
+  rotary embedding modules are rebuilt from it, so scoring a candidate and loading the written
+  checkpoint run the same maths.
+* Score: token-weighted perplexity at ``target_length`` (``evaluate_perplexity``'s truncate
+  protocol: each document's first N tokens). Guard: perplexity at the trained length L on the
+  same documents; a candidate costing more than ``guard`` (default 5%) over the unscaled model
+  there is rejected.
+* Parametric methods (yarn, ntk, linear, llama3) go through successive halving: every
+  candidate on two documents, the best third on twice as many, ..., the last rung on all search
+  documents. LongRoPE per-pair factors are found by an evolutionary search (LongRoPE, Ding et
+  al. 2024) on a few documents, seeded with PI, NTK and YaRN (paper and tuned) written as
+  factors; factors are kept in [1, 1.25 s] and non-decreasing with wavelength. Its best few are
+  then scored on all search documents.
+* Everything random draws from ``numpy.random.default_rng(seed)``; the budget is counted in
+  document forwards at N, so ``--budget-evals`` (recorded in tune.json) replays a search exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from ctxext import checkpoint, rope
+from ctxext.config import ExtendConfig, StrictModel, parse_model
+from ctxext.errors import CtxextError
+
+PARAMETRIC = ("yarn", "ntk", "linear", "llama3")
+SEARCHABLE = (*PARAMETRIC, "longrope")
+#: Paper defaults shown in the leaderboard (longrope has no default: its factors are searched).
+DEFAULT_ROWS = ("linear", "ntk", "yarn", "dynamic", "llama3")
+#: Candidates per method are split in this proportion (more hyperparameters, more candidates).
+_WEIGHT = {"yarn": 3, "llama3": 2, "ntk": 1, "linear": 1}
+_ETA = 3  # successive halving keeps the best 1/eta at each rung
+_LONGROPE_FINALISTS = 3
+
+
+class TuneConfig(StrictModel):
+    """`ctxext tune`: what to search, on which data, with which budget."""
+
+    model: str | None = None
+    target_length: int
+    methods: list[str] = Field(default_factory=lambda: list(SEARCHABLE))
+    budget_minutes: float = 15.0
+    """Wall-clock budget of the search (the report afterwards is extra)."""
+    budget_evals: int | None = None
+    """Budget in document forwards at the target length; overrides budget_minutes and makes a
+    search machine-independent (tune.json records the one used)."""
+    search_docs: int = 8
+    report_docs: int = 16
+    guard: float = 0.05
+    """Reject candidates whose perplexity at the trained length exceeds the unscaled model's by
+    more than this fraction."""
+    report_lengths: list[int] | None = None
+    """Leaderboard lengths (default: the trained length and the target length)."""
+    data: str | None = None
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A method and its hyperparameters (the ExtendConfig fields besides method and length)."""
+
+    method: str
+    params: tuple[tuple[str, Any], ...] = ()
+    origin: str = "default"
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.method, self.params])
+
+    def spec(self, target_length: int) -> ExtendConfig:
+        data: dict[str, Any] = {"method": self.method, **dict(self.params)}
+        if "factor" not in data:
+            data["target_length"] = target_length
+        return parse_model(ExtendConfig, data, "tune candidate")  # type: ignore[return-value]
+
+
+def _cand(method: str, origin: str, **params: Any) -> Candidate:
+    clean = {k: _round(v) for k, v in params.items()}
+    return Candidate(method, tuple(sorted(clean.items())), origin)
+
+
+def _round(value: Any) -> Any:
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return tuple(float(f"{float(v):.4g}") for v in value)
+    return float(f"{float(value):.4g}")
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+
+
+def sample_candidates(
+    method: str, n: int, s: float, rotary_dim: int, rng: np.random.Generator
+) -> list[Candidate]:
+    """The paper default plus ``n - 1`` candidates (a log grid for 1-D spaces, else random)."""
+    out = [Candidate(method)]
+    k = max(n - 1, 1)
+    if method == "linear":  # PI's factor at or above N / L, on whole 1/4 steps
+        grid = sorted({math.ceil(4 * s * 3.0 ** (i / k)) / 4 for i in range(1, k + 1)} - {s})
+        out += [_cand("linear", "grid", factor=f) for f in grid]
+    elif method == "ntk":  # theta multiplier around bloc97's s^(d/(d-2)), from sqrt(s) to s^3
+        grid = np.exp(np.linspace(math.log(s) * 0.5, math.log(s) * 3.0, k))
+        out += [_cand("ntk", "grid", theta_multiplier=m) for m in grid]
+    elif method == "yarn":
+        for _ in range(k):
+            fast = _log_uniform(rng, 2.0, 128.0)
+            slow = _log_uniform(rng, 0.05, min(fast / 2.0, 16.0))
+            att = rng.uniform(1.0, 1.0 + 0.2 * math.log(s))
+            out.append(
+                _cand("yarn", "random", beta_fast=fast, beta_slow=slow, attention_factor=att)
+            )
+    elif method == "llama3":
+        for _ in range(k):
+            low = _log_uniform(rng, 0.25, 4.0)
+            high = low * _log_uniform(rng, 1.5, 32.0)
+            out.append(_cand("llama3", "random", low_freq_factor=low, high_freq_factor=high))
+    else:
+        raise CtxextError(f"cannot sample method {method!r}")
+    return out
+
+
+# --------------------------------------------------------------------------- LongRoPE factors
+
+
+def method_factors(spec: ExtendConfig, info: rope.RopeInfo, target_length: int) -> np.ndarray:
+    """Any method's effect written as LongRoPE per-pair divisors lambda_j (reference maths)."""
+    from ctxext import rope_reference as ref
+
+    s = target_length / info.trained_length if spec.factor is None else spec.factor
+    if spec.method == "ntk" and spec.theta_multiplier is not None:
+        inv = ref.default_inv_freq(info.rope_theta * spec.theta_multiplier, info.rotary_dim)
+    else:
+        opts = {
+            k: v for k, v in spec.rope_options().items() if k in ref.OPTION_DEFAULTS[spec.method]
+        }
+        inv, _ = ref.reference_inv_freq(
+            spec.method, info.rope_theta, info.rotary_dim, s, info.trained_length, **opts
+        )
+    return ref.rescale_factors(inv, info.rope_theta, info.rotary_dim)
+
+
+def repair(factors: np.ndarray, s: float) -> np.ndarray:
+    """LongRoPE's constraints: within [1, 1.25 s], non-decreasing from high to low frequency."""
+    return np.maximum.accumulate(np.clip(factors, 1.0, 1.25 * s))
+
+
+def mutate(factors: np.ndarray, s: float, rng: np.random.Generator, sigma: float) -> np.ndarray:
+    """Multiply a random third of the factors by exp(N(0, sigma)), then repair."""
+    mask = rng.random(factors.shape) < 1.0 / 3.0
+    noise = np.exp(rng.normal(0.0, sigma, factors.shape))
+    return repair(np.where(mask, factors * noise, factors), s)
+
+
+def crossover(a: np.ndarray, b: np.ndarray, s: float, rng: np.random.Generator) -> np.ndarray:
+    """Each pair's factor from one parent or the other, then repair."""
+    return repair(np.where(rng.random(a.shape) < 0.5, a, b), s)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def apply_rope(model: Any, config_dict: dict[str, Any]) -> None:
+    """Rebuild every rotary embedding module of ``model`` from ``config_dict``.
+
+    The rotary modules hold everything RoPE scaling changes (inv_freq, attention scaling, the
+    longrope switch); they are constructed from a config exactly as from_pretrained does, and
+    swapped in through nn.Module's public attribute API. Weights are untouched.
+    """
+    from ctxext.modeling import build_config
+
+    hf_config = build_config(dict(config_dict), trust_remote_code=False).get_text_config()
+    device = next(model.parameters()).device
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, type(module)(config=hf_config).to(device))
+
+
+@dataclass
+class Scorer:
+    """Per-document NLL of candidates at given lengths, memoised, on one loaded model."""
+
+    model: Any
+    base_config: dict[str, Any]
+    docs: list[list[int]]  # token ids of the candidate documents (search or report)
+    bos: int | None
+    target_length: int
+    spent: float = 0.0  # cost in document forwards at the target length
+    cost_ratio: float = 0.125  # cost of a forward at L relative to one at N (L / N)
+    _memo: dict[tuple[str, int, int], tuple[float, int]] = field(default_factory=dict)
+    _applied: str | None = None  # the candidate whose rope the model has; None: not known
+
+    def _apply(self, cand: Candidate | None) -> None:
+        key = "base" if cand is None else cand.key
+        if key == self._applied:
+            return
+        config = self.base_config
+        if cand is not None:
+            spec = cand.spec(self.target_length)
+            config = rope.extend_config(
+                config, spec.method, spec.factor, spec.target_length, **spec.rope_options()
+            )
+        apply_rope(self.model, config)
+        self._applied = key
+
+    def nll(self, cand: Candidate | None, doc: int, length: int) -> tuple[float, int]:
+        from ctxext.evaluate import evaluate_perplexity
+
+        memo_key = ("base" if cand is None else cand.key, doc, length)
+        if memo_key not in self._memo:
+            self._apply(cand)
+            res = evaluate_perplexity(self.model, [self.docs[doc]], length, bos_token_id=self.bos)
+            self._memo[memo_key] = (res.nll_sum, res.n_tokens)
+            self.spent += 1.0 if length == self.target_length else self.cost_ratio
+        return self._memo[memo_key]
+
+    def ppl(self, cand: Candidate | None, docs: list[int], length: int) -> float:
+        parts = [self.nll(cand, d, length) for d in docs]
+        total = sum(p[0] for p in parts)
+        count = sum(p[1] for p in parts)
+        return math.exp(total / count) if total / count < 700 else math.inf
+
+
+# --------------------------------------------------------------------------- the search
+
+
+@dataclass
+class Trial:
+    """One candidate's scores on the search documents (the rung it reached)."""
+
+    candidate: Candidate
+    n_docs: int = 0
+    ppl_target: float = math.inf
+    ppl_trained: float = math.inf
+    guard_ref: float = math.inf  # the unscaled model's ppl at L on the same documents
+    rejected: bool = False
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "method": self.candidate.method,
+            "params": _jsonable(dict(self.candidate.params)),
+            "origin": self.candidate.origin,
+            "search_docs_scored": self.n_docs,
+            "ppl_at_target": self.ppl_target,
+            "ppl_at_trained": self.ppl_trained,
+            "unscaled_ppl_at_trained": self.guard_ref,
+            "trained_cost": self.ppl_trained / self.guard_ref - 1.0,
+            "rejected_by_guard": self.rejected,
+        }
+
+
+def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
+
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class Search:
+    """State of one tuning run: the scorer, the trials so far, the guard reference."""
+
+    scorer: Scorer
+    cfg: TuneConfig
+    info: rope.RopeInfo
+    rng: np.random.Generator
+    progress: Progress
+    trials: dict[str, Trial] = field(default_factory=dict)
+
+    @property
+    def s(self) -> float:
+        return self.cfg.target_length / self.info.trained_length
+
+    def guard_ref(self, docs: list[int]) -> float:
+        return self.scorer.ppl(None, docs, self.info.trained_length)
+
+    def score(self, cand: Candidate, docs: list[int]) -> Trial:
+        """Guard first (cheap, at L), then the target length unless the guard rejects."""
+        trial = self.trials.setdefault(cand.key, Trial(cand))
+        trial.ppl_trained = self.scorer.ppl(cand, docs, self.info.trained_length)
+        trial.guard_ref = self.guard_ref(docs)
+        trial.rejected = trial.ppl_trained > trial.guard_ref * (1.0 + self.cfg.guard)
+        trial.n_docs = len(docs)
+        if not trial.rejected:
+            trial.ppl_target = self.scorer.ppl(cand, docs, self.cfg.target_length)
+        self.progress(self.scorer.spent, self.best_line())
+        return trial
+
+    def best_line(self) -> str:
+        full = self.cfg.search_docs
+        done = [t for t in self.trials.values() if not t.rejected and t.n_docs == full]
+        if not done:
+            return "no candidate through all search documents yet"
+        best = min(done, key=lambda t: t.ppl_target)
+        return f"best {best.candidate.method} ppl {best.ppl_target:.2f}"
+
+    def halving(self, candidates: list[Candidate], rungs: list[int]) -> list[Trial]:
+        """Successive halving: all on rungs[0] docs, the best 1/eta on the next rung, ..."""
+        alive = candidates
+        survivors: list[Trial] = []
+        for i, n_docs in enumerate(rungs):
+            docs = list(range(n_docs))
+            scored = [self.score(c, docs) for c in alive]
+            survivors = sorted((t for t in scored if not t.rejected), key=lambda t: t.ppl_target)
+            if i + 1 < len(rungs):
+                keep = max(1, math.ceil(len(survivors) / _ETA))
+                alive = [t.candidate for t in survivors[:keep]]
+        return survivors
+
+    def evolve(self, seeds: list[np.ndarray], n_children: int, docs: list[int]) -> list[Trial]:
+        """LongRoPE's evolutionary search over per-pair factors, fitness = ppl at N on docs."""
+        pop_size = int(min(24, max(6, n_children // 5)))
+        population = [repair(f, self.s) for f in seeds]
+        while len(population) < pop_size:
+            parent = population[int(self.rng.integers(len(seeds)))]
+            population.append(mutate(parent, self.s, self.rng, sigma=0.3))
+        scored = [self._score_factors(f, "init", docs) for f in population]
+        generation = 0
+        while len(scored) < n_children + len(seeds):
+            generation += 1
+            parents = sorted(scored, key=lambda t: t.ppl_target)[: max(2, pop_size // 4)]
+            pool = [np.asarray(t.candidate.params[0][1]) for t in parents]
+            for _ in range(pop_size - len(parents)):
+                a = pool[int(self.rng.integers(len(pool)))]
+                if self.rng.random() < 0.5:
+                    child = crossover(a, pool[int(self.rng.integers(len(pool)))], self.s, self.rng)
+                else:
+                    child = a
+                child = mutate(child, self.s, self.rng, sigma=0.3 / (1 + generation) ** 0.5)
+                scored.append(self._score_factors(child, f"generation {generation}", docs))
+        ranked = sorted({t.candidate.key: t for t in scored}.values(), key=lambda t: t.ppl_target)
+        return [t for t in ranked if not t.rejected]
+
+    def _score_factors(self, factors: np.ndarray, origin: str, docs: list[int]) -> Trial:
+        return self.score(_cand("longrope", origin, long_factor=factors), docs)
+
+
+def _rungs(search_docs: int) -> list[int]:
+    rungs = [min(2, search_docs)]
+    while rungs[-1] < search_docs:
+        rungs.append(min(2 * rungs[-1], search_docs))
+    return rungs
+
+
+def _halving_cost(rungs: list[int]) -> float:
+    """Expected forwards at N per initial candidate (later rungs reuse earlier documents)."""
+    cost, prev = 0.0, 0
+    for i, n in enumerate(rungs):
+        cost += (n - prev) / _ETA**i
+        prev = n
+    return cost
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the budget is spent (recorded in tune.json)."""
+
+    budget_evals: int
+    per_method: dict[str, int]
+    rungs: list[int]
+    longrope_children: int
+    longrope_docs: int
+
+
+def plan_search(cfg: TuneConfig, budget_evals: int, cost_ratio: float) -> Plan:
+    """Split the budget: parametric methods by successive halving, then LongRoPE's evolution."""
+    rungs = _rungs(cfg.search_docs)
+    params = [m for m in cfg.methods if m in PARAMETRIC]
+    longrope = "longrope" in cfg.methods
+    share = (0.45 if longrope else 0.95) if params else 0.0
+    per_cand = _halving_cost(rungs) * (1.0 + cost_ratio)
+    n_param = int(budget_evals * share / per_cand)
+    weight = sum(_WEIGHT[m] for m in params) or 1
+    per_method = {m: max(3, n_param * _WEIGHT[m] // weight) for m in params}
+    evo_docs = rungs[1] if len(rungs) > 1 else rungs[0]
+    final = _LONGROPE_FINALISTS * (cfg.search_docs - evo_docs) * (1.0 + cost_ratio)
+    evo_budget = budget_evals * (0.95 - share) - final if longrope else 0.0
+    children = int(max(0.0, evo_budget) / (evo_docs * (1.0 + cost_ratio)))
+    return Plan(budget_evals, per_method, rungs, max(children, 6) if longrope else 0, evo_docs)
+
+
+def run_search(search: Search, plan: Plan) -> dict[str, Trial]:
+    """Every method's best guard-passing trial on all search documents."""
+    best: dict[str, Trial] = {}
+    for method, n in plan.per_method.items():
+        cands = sample_candidates(method, n, search.s, search.info.rotary_dim, search.rng)
+        survivors = search.halving(cands, plan.rungs)
+        if survivors:
+            best[method] = survivors[0]
+    if plan.longrope_children:
+        docs = list(range(plan.longrope_docs))
+        evolved = search.evolve(_longrope_seeds(search, best), plan.longrope_children, docs)
+        everything = list(range(search.cfg.search_docs))
+        finals = [search.score(t.candidate, everything) for t in evolved[:_LONGROPE_FINALISTS]]
+        finals = sorted((t for t in finals if not t.rejected), key=lambda t: t.ppl_target)
+        if finals:
+            best["longrope"] = finals[0]
+    return best
+
+
+def _longrope_seeds(search: Search, best: dict[str, Trial]) -> list[np.ndarray]:
+    """PI, NTK and YaRN at their paper settings, plus every tuned best, as per-pair factors."""
+    n = search.cfg.target_length
+    specs = [Candidate(m).spec(n) for m in ("linear", "ntk", "yarn")]
+    specs += [t.candidate.spec(n) for t in best.values()]
+    return [method_factors(spec, search.info, n) for spec in specs]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def split_documents(
+    ids: list[list[int]], cfg: TuneConfig, bos: int | None
+) -> tuple[list[int], list[int]]:
+    """Seeded, disjoint search and report sets among documents long enough for the target."""
+    prefix = 0 if bos is None else 1
+    eligible = [i for i, t in enumerate(ids) if len(t) + prefix >= cfg.target_length]
+    need = cfg.search_docs + cfg.report_docs
+    if len(eligible) < need:
+        raise CtxextError(
+            f"only {len(eligible)} documents have at least {cfg.target_length} tokens, and "
+            f"--search-docs {cfg.search_docs} + --report-docs {cfg.report_docs} = {need} are "
+            "needed: lower them, lower --target-length, or pass longer --data"
+        )
+    order = np.random.default_rng(cfg.seed).permutation(eligible).tolist()
+    return order[: cfg.search_docs], order[cfg.search_docs : need]
+
+
+def leaderboard_candidates(best: dict[str, Trial]) -> list[tuple[str, Candidate | None]]:
+    """Rows: the unscaled model, every method's paper default, every tuned best."""
+    rows: list[tuple[str, Candidate | None]] = [("base (unscaled)", None)]
+    rows += [(f"{m} (paper default)", Candidate(m)) for m in DEFAULT_ROWS]
+    rows += [(f"{m} (tuned)", t.candidate) for m, t in best.items()]
+    return rows
+
+
+def evaluate_rows(
+    scorer: Scorer, rows: list[tuple[str, Candidate | None]], lengths: list[int]
+) -> list[dict[str, Any]]:
+    """Each row on all of the scorer's documents at every length (the same documents)."""
+    from ctxext.evaluate import evaluate_perplexity
+
+    runs = []
+    for label, cand in rows:
+        scorer._apply(cand)
+        ppl = {}
+        for n in lengths:
+            res = evaluate_perplexity(scorer.model, scorer.docs, n, bos_token_id=scorer.bos)
+            ppl[str(n)] = res.to_dict()
+        spec = None if cand is None else cand.spec(scorer.target_length).model_dump()
+        runs.append({"label": label, "method": cand and cand.method, "extend": spec, "ppl": ppl})
+    return runs
+
+
+def ranked_rows(runs: list[dict[str, Any]], target: int, trained: int) -> list[dict[str, Any]]:
+    """Leaderboard lines sorted by perplexity at the target, with the change vs paper YaRN."""
+    yarn = next(r for r in runs if r["label"] == "yarn (paper default)")
+    ref = yarn["ppl"][str(target)]["ppl"]
+    lines = []
+    for run in runs:
+        at_n, at_l = run["ppl"][str(target)], run["ppl"][str(trained)]
+        lines.append(
+            {
+                "label": run["label"],
+                "ppl_trained": at_l["ppl"],
+                "ppl_target": at_n["ppl"],
+                "ci_target": [at_n["ci_low"], at_n["ci_high"]],
+                "vs_paper_yarn": at_n["ppl"] / ref - 1.0,
+            }
+        )
+    return sorted(lines, key=lambda r: r["ppl_target"])
+
+
+def leaderboard_markdown(lines: list[dict[str, Any]], target: int, trained: int) -> str:
+    head = (
+        f"| rank | configuration | ppl @ {trained} | ppl @ {target} (95% CI) | "
+        f"vs paper YaRN @ {target} |\n|---:|---|---:|---:|---:|\n"
+    )
+    body = "".join(
+        f"| {i} | {r['label']} | {r['ppl_trained']:.2f} | {r['ppl_target']:.2f} "
+        f"({r['ci_target'][0]:.2f}-{r['ci_target'][1]:.2f}) | {r['vs_paper_yarn']:+.1%} |\n"
+        for i, r in enumerate(lines, 1)
+    )
+    return head + body
+
+
+def plot_leaderboard(lines: list[dict[str, Any]], target: int, trained: int, path: Path) -> Path:
+    """Horizontal bars: perplexity at the target (and at the trained length) per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["label"] for r in lines][::-1]
+    y = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(7.5, 0.4 * len(labels) + 1.5), dpi=120)
+    ax.barh(y + 0.2, [r["ppl_target"] for r in lines][::-1], 0.4, label=f"ppl @ {target}")
+    ax.barh(y - 0.2, [r["ppl_trained"] for r in lines][::-1], 0.4, label=f"ppl @ {trained}")
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("perplexity on the report documents (log scale, lower is better)")
+    ax.set_title("ctxext tune leaderboard (report documents, unseen by the search)")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class Prepared:
+    """What the cheap checks found, before anything slow runs."""
+
+    source: checkpoint.ResolvedModel
+    config: dict[str, Any]
+    info: rope.RopeInfo
+    output: Path
+
+
+def prepare(cfg: TuneConfig, output: Path, overwrite: bool) -> Prepared:
+    """Every cheap check: model, RoPE, target length, methods, lengths, output path."""
+    unknown = [m for m in cfg.methods if m not in SEARCHABLE]
+    if unknown or not cfg.methods:
+        raise CtxextError(
+            f"--methods: unknown method {unknown[0] if unknown else '(none)'!r}; choose from "
+            f"{','.join(SEARCHABLE)}"
+        )
+    if cfg.search_docs < 1 or cfg.report_docs < 1 or not 0 <= cfg.guard < 10:
+        raise CtxextError("--search-docs and --report-docs must be >= 1 and --guard in [0, 10)")
+    source = checkpoint.resolve_model(cfg.model)
+    config = checkpoint.read_config(source.path)
+    info = rope.analyze(config)
+    rope.validate_request(info, "yarn", None, cfg.target_length)
+    bad = [n for n in cfg.report_lengths or [] if not 2 <= n <= cfg.target_length]
+    if bad:
+        raise CtxextError(
+            f"--report-lengths {bad[0]} is outside [2, target length {cfg.target_length}]"
+        )
+    out = checkpoint.check_output_path(output, [source.path], overwrite)
+    return Prepared(source, config, info, out)
+
+
+def _calibrate(scorer: Scorer, trained: int) -> tuple[float, float]:
+    """Seconds of one forward at N and at L (the unscaled model on the first search doc)."""
+    scorer.nll(None, 0, trained)  # warm-up; also the guard reference
+    started = time.perf_counter()
+    scorer._memo.pop(("base", 0, trained))
+    scorer.nll(None, 0, trained)
+    t_trained = time.perf_counter() - started
+    started = time.perf_counter()
+    scorer.nll(None, 0, scorer.target_length)
+    t_target = time.perf_counter() - started
+    scorer.spent = 0.0
+    return t_target, t_trained
+
+
+def run_tune(
+    cfg: TuneConfig,
+    prepared: Prepared,
+    progress: Progress,
+    on_plan: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Search, then evaluate the leaderboard on the report documents; returns tune.json."""
+    from ctxext.data import data_fingerprint, load_documents, tokenize_documents
+    from ctxext.modeling import load_causal_lm, load_tokenizer
+
+    docs = load_documents(cfg.data, split="heldout")
+    tokenizer = load_tokenizer(prepared.source.path)
+    bos = tokenizer.bos_token_id
+    ids = tokenize_documents(tokenizer, docs)
+    search_idx, report_idx = split_documents(ids, cfg, bos)  # before the model loads
+    loaded = load_causal_lm(str(prepared.source.path))
+    n, trained = cfg.target_length, prepared.info.trained_length
+    scorer = Scorer(loaded.model, prepared.config, [ids[i] for i in search_idx], bos, n)
+    t_target, t_trained = _calibrate(scorer, trained)
+    # Counted by tokens, not by the clock, so a given --budget-evals always buys the same plan.
+    scorer.cost_ratio = trained / n
+    budget = cfg.budget_evals or max(12, int(cfg.budget_minutes * 60 / t_target))
+    plan = plan_search(cfg, budget, scorer.cost_ratio)
+    if on_plan is not None:
+        on_plan(budget)
+    search = Search(scorer, cfg, prepared.info, np.random.default_rng(cfg.seed), progress)
+    started = time.time()
+    best = run_search(search, plan)
+    search_seconds = time.time() - started
+    if not best:
+        raise CtxextError(
+            f"every candidate cost more than {cfg.guard:.0%} at the trained length {trained}: "
+            "raise --guard or --budget-minutes"
+        )
+    chosen = min(best, key=lambda m: best[m].ppl_target)
+    report_scorer = Scorer(loaded.model, prepared.config, [ids[i] for i in report_idx], bos, n)
+    lengths = sorted(set(cfg.report_lengths or [trained, n]) | {trained, n})
+    started = time.time()
+    runs = evaluate_rows(report_scorer, leaderboard_candidates(best), lengths)
+    guard_ref = search.guard_ref(list(range(cfg.search_docs)))
+    return {
+        "ctxext_tune": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": checkpoint.versions(),
+        "config": cfg.model_dump(mode="json"),
+        "model": {"name": prepared.source.name, "trained_length": trained},
+        "data": {
+            "source": cfg.data or "stdlib (held-out part of the bundled model's corpus)",
+            "fingerprint": data_fingerprint(docs),
+            "search_documents": [docs[i].name for i in search_idx],
+            "report_documents": [docs[i].name for i in report_idx],
+        },
+        "protocol": _protocol(cfg, trained, runs),
+        "plan": plan.__dict__,
+        "timing": {
+            "forward_seconds_at_target": t_target,
+            "forward_seconds_at_trained": t_trained,
+            "search_seconds": round(search_seconds, 1),
+            "report_seconds": round(time.time() - started, 1),
+            "forwards_spent": round(scorer.spent, 1),
+        },
+        "guard_reference_ppl": guard_ref,
+        "candidates": [t.record() for t in search.trials.values()],
+        "best_per_method": {m: t.record() for m, t in best.items()},
+        "chosen": {"method": chosen, "extend": best[chosen].candidate.spec(n).model_dump()},
+        "report": {"lengths": lengths, "runs": runs},
+        "leaderboard": ranked_rows(runs, n, trained),
+    }
+
+
+def _protocol(cfg: TuneConfig, trained: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    first = next(iter(runs[0]["ppl"].values()))["protocol"]
+    return {
+        "ppl": first["name"],
+        "description": first["description"],
+        "search_score": f"token-weighted ppl at {cfg.target_length} on the search documents",
+        "guard": f"ppl at {trained} on the same documents <= (1 + {cfg.guard}) x the unscaled "
+        "model's; otherwise rejected",
+        "report": "every leaderboard row on the same report documents at every length; no "
+        "report document was seen by the search",
+    }
+
+
+def recipe_snippet(result: dict[str, Any]) -> str:
+    """A recipe (`ctxext run`) whose extend: block reproduces the chosen configuration."""
+    import yaml
+
+    spec = {k: v for k, v in result["chosen"]["extend"].items() if v is not None}
+    defaults = ExtendConfig.model_fields
+    spec = {k: v for k, v in spec.items() if k == "method" or v != defaults[k].default}
+    best = result["leaderboard"][0]
+    lines = [
+        f"# written by ctxext tune (seed {result['config']['seed']}): the best configuration",
+        f"# found for {result['model']['name']} at {result['config']['target_length']} tokens",
+        f"# (report-document ppl {best['ppl_target']:.2f}; see tune.json for the protocol).",
+    ]
+    body = {"model": result["model"]["name"], "extend": spec}
+    text = yaml.safe_dump(body, sort_keys=False, default_flow_style=None, width=100)
+    return "\n".join(lines) + "\n" + text
+
+
+def write_tune_output(result: dict[str, Any], prepared: Prepared, link_mode: str) -> Path:
+    """The extended checkpoint plus tune.json, recipe.yaml, leaderboard.md and .png, atomically."""
+    from ctxext.config import ExtendJob
+    from ctxext.extend import plan_extend, write_checkpoint_files
+
+    spec = ExtendConfig.model_validate(result["chosen"]["extend"])
+    job = ExtendJob(
+        model=str(prepared.source.path), output=prepared.output, extend=spec,
+        link_mode=link_mode, overwrite=True,
+    )  # fmt: skip
+    n, trained = result["config"]["target_length"], result["model"]["trained_length"]
+    with checkpoint.atomic_output(prepared.output) as tmp:
+        write_checkpoint_files(plan_extend(job.model, spec), job, tmp)
+        (tmp / "tune.json").write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
+        (tmp / "recipe.yaml").write_text(recipe_snippet(result))
+        (tmp / "leaderboard.md").write_text(leaderboard_markdown(result["leaderboard"], n, trained))
+        plot_leaderboard(result["leaderboard"], n, trained, tmp / "leaderboard.png")
+    return prepared.output
