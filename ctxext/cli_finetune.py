@@ -136,7 +136,6 @@ def finetune(
         },
         "finetune options",
     )
-    _quiet_transformers()
     with _ProgressBar(enabled=_is_main_process() and not as_json) as bar:
         summary = run_finetune(
             model,
@@ -155,13 +154,6 @@ def finetune(
         _out.print_json(data=summary)
     else:
         _render_summary(summary)
-
-
-def _quiet_transformers() -> None:
-    # Our bar shows progress; transformers' per-file loading/saving bars would interleave.
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
 
 
 class _ProgressBar:

@@ -642,11 +642,11 @@ def run_finetune(
     Under ``accelerate launch`` every process runs this; they train data-parallel and only the
     main process writes files. Returns the summary (the same on every process).
     """
-    from accelerate import Accelerator
+    plan = plan_run(model, output, extend, cfg, resume=resume, overwrite=overwrite)
+    from accelerate import Accelerator  # only now: a refused request never waits for torch
 
     from ctxext.modeling import default_device, load_tokenizer
 
-    plan = plan_run(model, output, extend, cfg, resume=resume, overwrite=overwrite)
     device = default_device()
     acc = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
