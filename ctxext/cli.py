@@ -86,8 +86,12 @@ def extend(
     high_freq_factor: Annotated[float, typer.Option(help="llama3 high_freq_factor.")] = 4.0,
     copy: Annotated[bool, typer.Option("--copy", help="Copy weight files.")] = False,
     symlink: Annotated[bool, typer.Option("--symlink", help="Symlink weight files.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Print the config diff; write nothing.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the config diff; write nothing.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Write a context-extended copy of MODEL (config-only: weights are linked, never loaded)."""
@@ -224,7 +228,9 @@ def eval_command(
         Optional[Path],  # noqa: UP045
         typer.Option("--output", "-o", help="Folder for results.json/.csv and plots."),
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
+    ] = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
@@ -366,7 +372,9 @@ def _run_app(argv: list[str]) -> int:
     from typer.exceptions import Abort, Exit, TyperException
 
     try:
-        result = _app_for(argv)(args=argv, prog_name="ctxext", standalone_mode=False)
+        command = typer.main.get_command(_app_for(argv))
+        _plain_placeholders(command)
+        result = command(args=argv, prog_name="ctxext", standalone_mode=False)
     except Exit as e:
         return getattr(e, "exit_code", 0)
     except Abort:
@@ -383,6 +391,23 @@ def _run_app(argv: list[str]) -> int:
             _one_line("interrupted")
         return result
     return 0
+
+
+def _plain_placeholders(command: Any) -> None:
+    """Help shows what a flag takes: nothing after a flag (not Typer's ``<bool>``), and one
+    value after a repeatable option (``-m <str>``, not ``<list[str]>``).
+
+    A parameter's metavar is what help prints as its value. The help option exists only once
+    a context does, so one is made (resiliently: nothing is checked).
+    """
+    ctx = command.make_context("ctxext", [], resilient_parsing=True)
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+        elif getattr(param, "multiple", False) and param.metavar is None:
+            param.metavar = param.display_type(ctx).replace("list[", "").replace("]", "")
+    for sub in getattr(command, "commands", {}).values():
+        _plain_placeholders(sub)
 
 
 def _one_line(message: str) -> None:

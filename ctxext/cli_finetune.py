@@ -98,8 +98,11 @@ def finetune(
     allow_pickle: AllowPickleOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Fine-tune MODEL at its extended length (full or LoRA, optionally PoSE); write a merged
-    checkpoint. Run it under `accelerate launch -m ctxext finetune ...` for data parallelism."""
+    """Fine-tune MODEL at its extended length (full or LoRA, optionally PoSE).
+
+    Writes a merged checkpoint. Run it under `accelerate launch -m ctxext finetune ...` for data
+    parallelism.
+    """
     from ctxext.config import ExtendConfig, parse_model
     from ctxext.errors import CtxextError
     from ctxext.finetune import FinetuneConfig, run_finetune
