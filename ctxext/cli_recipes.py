@@ -7,6 +7,7 @@ import time, so `ctxext --help` stays instant.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -165,10 +166,22 @@ def _jsonable(value: Any) -> Any:
 def _print_resolved(loaded: Any) -> None:
     import yaml
 
-    text = yaml.safe_dump(loaded.resolved(), sort_keys=False, allow_unicode=True)
+    _print_yaml(yaml.safe_dump(loaded.resolved(), sort_keys=False, allow_unicode=True))
+
+
+def _print_yaml(text: str) -> None:
+    """Highlighted on a terminal (long lines wrapped, none cut); the exact text otherwise.
+
+    `ctxext recipes show NAME > my.yaml` must write the file unchanged, and a console that is
+    not a terminal is 80 columns wide: Rich would cut every longer line there.
+    """
+    if not _out.is_terminal:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     from rich.syntax import Syntax
 
-    _out.print(Syntax(text, "yaml", background_color="default"))
+    _out.print(Syntax(text, "yaml", background_color="default", word_wrap=True))
 
 
 # --------------------------------------------------------------------------- recipes
@@ -232,9 +245,7 @@ def show(
         _print_resolved(loaded)
         return
     path, _ = find_recipe(name)
-    from rich.syntax import Syntax
-
-    _out.print(Syntax(path.read_text(encoding="utf-8"), "yaml", background_color="default"))
+    _print_yaml(path.read_text(encoding="utf-8"))
 
 
 @recipes_app.command("validate")
