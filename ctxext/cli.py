@@ -132,22 +132,37 @@ def extend(
 
 
 def _render_diff(plan: Any) -> None:
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"{plan.source.name}: config changes", show_lines=False)
-    table.add_column("key")
-    table.add_column("before", style="red")
-    table.add_column("after", style="green")
-    for key, old, new in plan.diff:
-        table.add_row(key, _short(old), _short(new))
+    table = Table(title=f"{plan.source.name}: config changes", box=box.SIMPLE_HEAD)
+    table.add_column("key", overflow="fold")
+    table.add_column("before", style="red", overflow="fold")
+    table.add_column("after", style="green", overflow="fold")
+    for key, old, new in _diff_rows(plan.diff):
+        table.add_row(key, _cell(old), _cell(new))
     out.print(table)
 
 
-def _short(value: Any) -> str:
+def _diff_rows(diff: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
+    """A block added or removed whole (e.g. the legacy rope_scaling mirror) as one row per key,
+    so no cell holds a whole JSON object and the table stays readable at 80 columns."""
+    rows = []
+    for key, old, new in diff:
+        if isinstance(old, dict) or isinstance(new, dict):
+            before = old if isinstance(old, dict) else {}
+            after = new if isinstance(new, dict) else {}
+            inner = [(k, before.get(k), after.get(k)) for k in dict.fromkeys([*before, *after])]
+            rows += _diff_rows([(f"{key}.{k}", o, n) for k, o, n in inner if o != n])
+        else:
+            rows.append((key, old, new))
+    return rows
+
+
+def _cell(value: Any) -> str:
     if value is None:
         return "-"
-    text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-    return text if len(text) < 80 else text[:77] + "..."
+    return json.dumps(value) if isinstance(value, list) else str(value)
 
 
 @app.command()

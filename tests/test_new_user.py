@@ -63,3 +63,32 @@ def test_recipes_show_resolved_is_complete_yaml(capsys):
     code, out, err = run_cli(capsys, "recipes", "show", "llama2-7b-yarn-128k", "--resolved")
     assert code == 0, err
     assert yaml.safe_load(out) == load_recipe("llama2-7b-yarn-128k").resolved()
+
+
+def _fits_80(text: str) -> None:
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text and "..." not in text  # nothing cut
+
+
+@pytest.mark.parametrize("target", ["1024", "100000"])
+def test_inspect_table_one_line_per_pair_at_80_columns(capsys, target):
+    code, out, err = run_cli(capsys, "inspect", "-t", target)
+    assert code == 0, err
+    _fits_80(out)
+    rows = [line.split() for line in out.splitlines() if re.match(r" +\d+ ", line)]
+    assert [int(r[0]) for r in rows] == list(range(32))  # bundled model: d = 64, 32 pairs
+    assert all(len(r) == 3 + 2 * 5 for r in rows)  # pair, wavelength, turns, 5 x (stretch, I/E/B)
+    assert rows[0][3] == f"x{int(target) / 256:.3g}"  # linear stretches every pair by s
+
+
+def test_extend_dry_run_diff_at_80_columns(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "extend", "-o", tmp_path / "x", "-m", "yarn", "-f", "4",
+                             "--dry-run")  # fmt: skip
+    assert code == 0, err
+    _fits_80(out)
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if "." in line}
+    # the legacy mirror, added whole, is shown key by key, not as cut-off JSON
+    assert rows["rope_scaling.rope_type"] == ["-", "yarn"]
+    assert rows["rope_scaling.original_max_position_embeddings"] == ["-", "256"]
+    assert rows["rope_parameters.original_max_position_embeddings"] == ["-", "256"]
+    assert rows["tokenizer_config.model_max_length"] == ["256", "1024"]
