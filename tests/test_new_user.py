@@ -92,3 +92,11 @@ def test_extend_dry_run_diff_at_80_columns(capsys, tmp_path):
     assert rows["rope_scaling.original_max_position_embeddings"] == ["-", "256"]
     assert rows["rope_parameters.original_max_position_embeddings"] == ["-", "256"]
     assert rows["tokenizer_config.model_max_length"] == ["256", "1024"]
+
+
+def test_no_base_without_a_method_is_refused(capsys, tmp_path):
+    """Skipping the base rows with no method leaves nothing to evaluate: say so, do nothing."""
+    code, out, err = run_cli(capsys, "eval", "--no-base", "--lengths", "64", "-o", tmp_path / "r")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "--no-base" in err and "-m" in err, err
+    assert not (tmp_path / "r").exists()
