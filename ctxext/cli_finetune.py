@@ -42,7 +42,10 @@ def finetune(
     target_length: TargetOpt = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps (YaRN: 400).")] = 400,
     lr: Annotated[float, typer.Option(help="Peak learning rate (YaRN: 2e-5).")] = 2e-5,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 20,
+    warmup_steps: Annotated[
+        float,
+        typer.Option(help="Linear warm-up: steps, or a fraction below 1 of --steps (HF's rule)."),
+    ] = 0.05,
     lr_schedule: Annotated[
         str, typer.Option(help="After warm-up: constant | cosine | linear.")
     ] = "constant",
@@ -220,6 +223,8 @@ class _ProgressBar:
 def _render_summary(summary: dict[str, Any]) -> None:
     from rich.table import Table
 
+    from ctxext.text import plural
+
     table = Table(title="ctxext finetune", show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")
@@ -234,8 +239,9 @@ def _render_summary(summary: dict[str, Any]) -> None:
         ),
         (
             "training",
-            f"{lora}{pose}, {summary['steps']} steps x {summary['global_batch']} "
-            f"sequences of {summary['train_length']} tokens ({summary['num_processes']} process(es))",
+            f"{lora}{pose}, {plural(summary['steps'], 'step')} x "
+            f"{plural(summary['global_batch'], 'sequence')} of {summary['train_length']} tokens "
+            f"({plural(summary['num_processes'], 'process', 'processes')})",
         ),
         ("trainable", f"{summary['trainable_parameters']:,} of {summary['parameters']:,}"),
         ("final loss", "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"),

@@ -133,6 +133,7 @@ class _FinetuneBar:
 
 def _render(summary: dict[str, Any], loaded: Any) -> None:
     from ctxext.report import passkey_table, ppl_table
+    from ctxext.text import plural
 
     results = summary.get("results")
     if results is not None:
@@ -152,7 +153,8 @@ def _render(summary: dict[str, Any], loaded: Any) -> None:
     ft = summary.get("finetune")
     if ft:
         loss = "-" if ft.get("final_loss") is None else f"{ft['final_loss']:.4f}"
-        table.add_row("fine-tune", f"{ft['steps']} steps, final loss {loss}, {ft['seconds']:.0f}s")
+        steps = plural(ft["steps"], "step")
+        table.add_row("fine-tune", f"{steps}, final loss {loss}, {ft['seconds']:.0f}s")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in summary.get("timings", {}).items())
     table.add_row("time", f"{summary['seconds']:.1f}s ({timings})")
     table.add_row("seed", str(summary["provenance"]["seed"]))

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from ctxext.config import Dtype, ExtendConfig, StrictModel, known_encoding
 from ctxext.errors import CtxextError
@@ -97,8 +98,11 @@ class FinetuneConfig(StrictModel):
     """Optimizer steps (YaRN: 400)."""
     lr: float = 2e-5
     """Peak learning rate (YaRN: 2e-5; a tiny model or LoRA usually wants more)."""
-    warmup_steps: int = 20
-    """Linear warm-up steps from 0 to lr (YaRN: 20)."""
+    warmup_steps: float = 0.05
+    """Linear warm-up from 0 to lr, read as transformers' TrainingArguments reads it: a whole
+    number of steps (YaRN: 20), or a fraction below 1 of ``steps``, rounded up. The default 0.05
+    is YaRN's 20 of 400 steps, and 1 step of a 5-step test run (a fixed 20 would keep such a
+    run at a fraction of lr throughout). More warm-up steps than steps is refused."""
     lr_schedule: LrSchedule = "constant"
     """After warm-up: constant (YaRN), cosine (to 10% of lr) or linear (to 0)."""
     weight_decay: float = 0.0
@@ -152,12 +156,22 @@ class FinetuneConfig(StrictModel):
 
     _encoding = field_validator("fallback_encoding")(known_encoding)
 
-    @field_validator("warmup_steps", "save_every")
+    @field_validator("save_every")
     @classmethod
     def _non_negative(cls, v: int) -> int:
         if v < 0:
             raise ValueError(f"must be 0 or a positive integer (got {v})")
         return v
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0 or (v >= 1 and v != int(v)):
+            raise ValueError(
+                f"must be a whole number of steps or a fraction below 1 of steps (got {v}), "
+                "e.g. 20 or 0.05"
+            )
+        return int(v) if v >= 1 else v
 
     @field_validator("lr")
     @classmethod
@@ -209,6 +223,23 @@ class FinetuneConfig(StrictModel):
             items = [p.strip() for p in v.split(",") if p.strip()]
             return () if items in ([], ["none"]) else tuple(items)
         return v
+
+    @model_validator(mode="after")
+    def _warmup_within_steps(self) -> FinetuneConfig:
+        if self.warmup() > self.steps:
+            # ctx["at"]: the error names finetune.warmup_steps (and its recipe line)
+            raise PydanticCustomError(
+                "warmup_too_long",
+                "{warmup} warm-up steps are more than steps ({steps}): lr would never be "
+                "reached; give fewer warm-up steps or a fraction of steps such as 0.05",
+                {"warmup": self.warmup(), "steps": self.steps, "at": ("warmup_steps",)},
+            )
+        return self
+
+    def warmup(self) -> int:
+        """Warm-up steps of this run: warmup_steps itself, or that fraction of steps."""
+        w = self.warmup_steps
+        return int(w) if w >= 1 else math.ceil(w * self.steps)
 
     @model_validator(mode="after")
     def _pose_needs_window(self) -> FinetuneConfig:
@@ -594,11 +625,12 @@ def make_optimizer(model: Any, cfg: FinetuneConfig) -> Any:
 
 def lr_factor(step: int, cfg: FinetuneConfig) -> float:
     """Multiplier of lr at optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    warmup = cfg.warmup()
+    if step < warmup:
+        return (step + 1) / warmup
     if cfg.lr_schedule == "constant":
         return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
     if cfg.lr_schedule == "linear":
         return max(0.0, 1.0 - progress)
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -707,6 +739,7 @@ def run_finetune(
         "pose": cfg.pose,
         "lora_rank": cfg.lora_rank,
         "global_batch": global_batch,
+        "warmup_steps": cfg.warmup(),
         "num_processes": acc.num_processes,
         "data_parallel_size": _data_parallel_size(acc),
         "trainable_parameters": trainable,

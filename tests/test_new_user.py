@@ -100,3 +100,60 @@ def test_no_base_without_a_method_is_refused(capsys, tmp_path):
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "--no-base" in err and "-m" in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_plural():
+    from ctxext.text import plural
+
+    assert [plural(n, "sequence") for n in (0, 1, 2, 1500)] == [
+        "0 sequences", "1 sequence", "2 sequences", "1,500 sequences"
+    ]  # fmt: skip
+    assert plural(1, "process", "processes") == "1 process"
+    assert plural(4, "process", "processes") == "4 processes"
+
+
+def test_one_more_problem_is_singular(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: stdlib-llama\nextend: {method: yarn, factor: 0.5}\nseed: x\n")
+    code, _, err = run_cli(capsys, "recipes", "validate", bad)
+    assert code == 2 and err.rstrip().endswith("(and 1 more problem)"), err
+    bad.write_text("model: stdlib-llama\nextend: {method: yarn, factor: 0.5}\nseed: x\nfoo: 1\n")
+    code, _, err = run_cli(capsys, "recipes", "validate", bad)
+    assert code == 2 and err.rstrip().endswith("(and 2 more problems)"), err
+
+
+def test_flag_errors_share_the_recipe_formatter(capsys):
+    """One formatter: a bad flag value reads like a bad recipe value ("expected ... (got ...)")."""
+    code, _, err = run_cli(capsys, "eval", "--dtype", "fp8", "--lengths", "64")
+    assert code == 2
+    assert err.strip() == (
+        "error: eval options: dtype: expected 'auto', 'float32', 'bfloat16' or 'float16' "
+        "(got 'fp8')"
+    )
+
+
+@pytest.mark.parametrize(
+    ("steps", "warmup", "resolved"),
+    [(5, None, 1), (400, None, 20), (30, 5, 5), (10, 0.25, 3), (3, 0, 0), (4, 4.0, 4)],
+)
+def test_warmup_is_steps_or_a_fraction_like_transformers(steps, warmup, resolved):
+    from ctxext.finetune import FinetuneConfig, lr_factor
+
+    given = {} if warmup is None else {"warmup_steps": warmup}
+    cfg = FinetuneConfig(steps=steps, **given)
+    assert cfg.warmup() == resolved
+    # the last warm-up step reaches lr: a short run is not stuck at a sliver of it
+    assert lr_factor(max(resolved - 1, 0), cfg) == 1.0
+    assert lr_factor(0, cfg) == (1.0 if resolved <= 1 else 1 / resolved)
+
+
+def test_warmup_longer_than_the_run_is_refused(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "finetune", "-o", tmp_path / "o", "-m", "yarn", "-f", "2",
+                           "--steps", "5", "--warmup-steps", "20")  # fmt: skip
+    assert code == 2 and err.count("\n") == 1
+    assert "warmup_steps: 20 warm-up steps are more than steps (5)" in err
+    code, _, err = run_cli(capsys, "finetune", "-o", tmp_path / "o", "--steps", "5",
+                           "--warmup-steps", "2.5")  # fmt: skip
+    assert code == 2 and "whole number of steps or a fraction below 1" in err
+    code, _, err = run_cli(capsys, "run", "llama2-7b-yarn-64k", "finetune.steps=10")
+    assert code == 2 and "finetune.warmup_steps (line 36): 20 warm-up steps" in err
