@@ -98,7 +98,7 @@ class FinetuneConfig(StrictModel):
     """Optimizer steps (YaRN: 400)."""
     lr: float = 2e-5
     """Peak learning rate (YaRN: 2e-5; a tiny model or LoRA usually wants more)."""
-    warmup_steps: float = 0.05
+    warmup_steps: int | float = 0.05
     """Linear warm-up from 0 to lr, read as transformers' TrainingArguments reads it: a whole
     number of steps (YaRN: 20), or a fraction below 1 of ``steps``, rounded up. The default 0.05
     is YaRN's 20 of 400 steps, and 1 step of a 5-step test run (a fixed 20 would keep such a
@@ -165,7 +165,7 @@ class FinetuneConfig(StrictModel):
 
     @field_validator("warmup_steps")
     @classmethod
-    def _warmup(cls, v: float) -> float:
+    def _warmup(cls, v: int | float) -> int | float:
         if not math.isfinite(v) or v < 0 or (v >= 1 and v != int(v)):
             raise ValueError(
                 f"must be a whole number of steps or a fraction below 1 of steps (got {v}), "
@@ -1100,10 +1100,12 @@ def _write_output(
     model: Any, loaded: Any, plan: Plan, cfg: FinetuneConfig, summary: dict[str, Any]
 ) -> None:
     from ctxext import checkpoint
+    from ctxext.report import plot_loss
 
     with checkpoint.atomic_output(plan.out) as tmp:
         model.to(_save_dtype(loaded.config))
         model.save_pretrained(tmp)
+        _usual_file_modes(tmp)
         # The config the model was built from, i.e. exactly what `ctxext extend` writes
         # (rope_parameters, legacy rope_scaling mirror, top-level rope_theta, lengths).
         checkpoint.write_json(tmp / "config.json", loaded.config)
@@ -1112,10 +1114,23 @@ def _write_output(
         log = plan.work / LOG_FILE
         if log.is_file():
             shutil.copy2(log, tmp / "training_log.jsonl")
-            plot_loss(tmp / "training_log.jsonl", tmp / "loss.png")
+            plot_loss(read_log(log), tmp / "loss.png")
         checkpoint.write_json(
             tmp / checkpoint.PROVENANCE_FILE, _provenance(loaded, plan, cfg, summary)
         )
+
+
+def _usual_file_modes(folder: Path) -> None:
+    """Weights get the mode every other output file gets (0666 minus the umask).
+
+    transformers writes them through a private temporary file, so they arrive 0600: another
+    user, or a serving container running as another uid, could read config.json but not the
+    weights. Only files save_pretrained just created are touched (never a link to an input).
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.glob("model*.safetensors*"):
+        path.chmod(0o666 & ~umask)
 
 
 def _write_tokenizer(tokenizer: Any, src: Path, dst: Path, new_length: int) -> None:
@@ -1177,33 +1192,3 @@ def _provenance(
 def read_log(path: Path) -> list[dict[str, Any]]:
     """The per-step records of a training_log.jsonl / log.jsonl."""
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
-def plot_loss(log_path: Path, png_path: Path) -> None:
-    """Loss per step (and a moving average) as a PNG, drawn off-screen."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_log(log_path)
-    if not rows:
-        return
-    steps = [r["step"] for r in rows]
-    losses = [r["loss"] for r in rows]
-    window = max(1, len(rows) // 20)
-    smooth = [
-        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-        for i in range(len(losses))
-    ]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, alpha=0.35, label="loss")
-    ax.plot(steps, smooth, label=f"moving average ({window} steps)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (nats/token)")
-    ax.set_title("ctxext finetune")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)

@@ -157,3 +157,51 @@ def test_warmup_longer_than_the_run_is_refused(capsys, tmp_path):
     assert code == 2 and "whole number of steps or a fraction below 1" in err
     code, _, err = run_cli(capsys, "run", "llama2-7b-yarn-64k", "finetune.steps=10")
     assert code == 2 and "finetune.warmup_steps (line 36): 20 warm-up steps" in err
+
+
+def test_short_finetune_trains_at_lr_and_writes_weights_like_other_files(
+    capsys, tmp_path, tiny_llama
+):
+    """--steps 3 without --warm-up-steps: trained at lr (not 1/20 of it); weights not 0600."""
+    import json
+    import os
+
+    out = tmp_path / "ft"
+    code, _, err = run_cli(capsys, "finetune", tiny_llama, "-o", out, "-m", "yarn", "-f", "2",
+                           "--steps", "3", "--lr", "1e-3", "--save-every", "0", "--json")  # fmt: skip
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == [1e-3] * 3
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert "model.safetensors" in modes and "loss.png" in modes
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def _loss_lines(n: int) -> list:
+    from ctxext.report import loss_figure, pyplot
+
+    fig = loss_figure([{"step": i + 1, "loss": 5.0 - 0.01 * i} for i in range(n)])
+    lines = [(ln.get_label(), ln.get_alpha(), len(ln.get_xdata())) for ln in fig.axes[0].lines]
+    pyplot().close(fig)
+    return lines
+
+
+def test_loss_plot_shows_the_raw_loss_of_a_short_run():
+    assert _loss_lines(3) == [("loss", None, 3)]  # fully opaque, no 1-step "average" on top
+    assert _loss_lines(39) == [("loss", None, 39)]
+    assert _loss_lines(100) == [("loss", 0.35, 100), ("moving average (5 steps)", None, 100)]
+
+
+def _results(lengths: list[int]) -> dict:
+    runs = [{"label": "m", "trained_length": 128,
+             "ppl": {str(n): {"ppl": 10.0 + n / 100} for n in lengths}}]  # fmt: skip
+    return {"runs": runs}
+
+
+def test_terminal_plot_needs_two_lengths():
+    from ctxext.report import terminal_plot
+
+    assert terminal_plot(_results([256])) == ""
+    assert "perplexity vs context length" in terminal_plot(_results([256, 512]))
