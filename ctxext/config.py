@@ -151,6 +151,15 @@ class EvalConfig(StrictModel):
     seed: int = 0
     """Seed for document sampling, bootstrap and passkeys."""
 
+    @field_validator("lengths", mode="before")
+    @classmethod
+    def _length_words(cls, v: Any) -> Any:
+        # A recipe may write lengths as the CLI takes them: [1k, 2k] or "256,512,1k".
+        items = v.split(",") if isinstance(v, str) else v
+        if not isinstance(items, list):
+            return v
+        return [length_word(x) or x if isinstance(x, str) else x for x in items]
+
     @field_validator("lengths")
     @classmethod
     def _lengths(cls, v: list[int]) -> list[int]:
@@ -252,19 +261,23 @@ def keys_of(cls: type[BaseModel]) -> str:
     return ", ".join(cls.model_fields)
 
 
+def length_word(item: str) -> int:
+    """'512' -> 512, '1k' / '2K' -> 1024 / 2048 (k = 1024); 0 when it is not one."""
+    item = item.strip().lower()
+    try:
+        return int(item.removesuffix("k")) * (1024 if item.endswith("k") else 1)
+    except ValueError:
+        return 0
+
+
 def positive_int_list(text: str, what: str = "--lengths") -> list[int]:
     """Parse '256,512,1k,2K' into positive ints (k = 1024)."""
     out = []
     for item in text.split(","):
-        item = item.strip().lower()
-        mult = 1024 if item.endswith("k") else 1
-        try:
-            value = int(item.removesuffix("k")) * mult
-        except ValueError:
-            value = 0
+        value = length_word(item)
         if value <= 0:
             raise CtxextError(
-                f"{what} must be positive integers separated by commas (got '{item}'), "
+                f"{what} must be positive integers separated by commas (got '{item.strip()}'), "
                 "e.g. 256,512,1024"
             )
         out.append(value)
@@ -277,6 +290,7 @@ __all__ = [
     "ExtendJob",
     "format_validation_error",
     "keys_of",
+    "length_word",
     "model_at",
     "parse_model",
     "positive_int_list",

@@ -205,3 +205,15 @@ def test_terminal_plot_needs_two_lengths():
 
     assert terminal_plot(_results([256])) == ""
     assert "perplexity vs context length" in terminal_plot(_results([256, 512]))
+
+
+def test_recipe_lengths_take_the_cli_forms(tmp_path):
+    from ctxext.recipes import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model: stdlib-llama\neval: {lengths: [256, 1k, 2K]}\n")
+    assert load_recipe(str(path)).recipe.eval.lengths == [256, 1024, 2048]
+    assert load_recipe(str(path), ["eval.lengths=512,1k"]).recipe.eval.lengths == [512, 1024]
+    path.write_text("model: stdlib-llama\neval: {lengths: [256, lots]}\n")
+    with pytest.raises(Exception, match=r"eval.lengths.1 \(line 2\): expected a valid integer"):
+        load_recipe(str(path))
