@@ -460,7 +460,7 @@ def plan_run(
         method = extend.method
     else:
         method, factor = _existing_extension(info, source.name)
-    target = max(round(info.trained_length * factor), info.trained_length + 1)
+    target = rope.new_length(info.trained_length, factor)
     seq = cfg.train_length or target
     if seq > target:
         raise CtxextError(

@@ -545,7 +545,7 @@ def _preflight(recipe: Recipe) -> _Preflight:
         spec = recipe.extend
         factor = rope.validate_request(info, spec.method, spec.factor, spec.target_length)
         rope.extend_config(config, spec.method, factor=factor, **spec.rope_options())
-        new_length = round(info.trained_length * factor)
+        new_length = rope.new_length(info.trained_length, factor)
     name = source.name if source.source != "local" else Path(source.name).name
     return _Preflight(source, name, config, info.trained_length, factor, new_length)
 
