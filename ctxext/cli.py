@@ -17,7 +17,13 @@ import typer
 from rich.console import Console
 
 from ctxext import __version__
-from ctxext.cli_options import AllowPickleOpt, FactorOpt, TargetOpt, TrustRemoteCodeOpt
+from ctxext.cli_options import (
+    AllowPickleOpt,
+    FactorOpt,
+    OverwriteOpt,
+    TargetOpt,
+    TrustRemoteCodeOpt,
+)
 from ctxext.errors import CtxextError
 
 _APP_SETTINGS: dict[str, Any] = {
@@ -86,9 +92,7 @@ def extend(
     high_freq_factor: Annotated[float, typer.Option(help="llama3 high_freq_factor.")] = 4.0,
     copy: Annotated[bool, typer.Option("--copy", help="Copy weight files.")] = False,
     symlink: Annotated[bool, typer.Option("--symlink", help="Symlink weight files.")] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
-    ] = False,
+    overwrite: OverwriteOpt = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the config diff; write nothing.")
     ] = False,
@@ -243,9 +247,7 @@ def eval_command(
         Optional[Path],  # noqa: UP045
         typer.Option("--output", "-o", help="Folder for results.json/.csv and plots."),
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
-    ] = False,
+    overwrite: OverwriteOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from ctxext.cli_options import AllowPickleOpt, TrustRemoteCodeOpt
+from ctxext.cli_options import AllowPickleOpt, OverwriteOpt, TrustRemoteCodeOpt
 
 __all__ = ["recipes_app", "run"]
 
@@ -47,9 +47,7 @@ def run(
             "--output-dir", "-o", help="Output folder (overrides the recipe's output_dir)."
         ),
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
-    ] = False,
+    overwrite: OverwriteOpt = False,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Validate and print the resolved recipe; run nothing."),
