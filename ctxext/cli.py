@@ -17,7 +17,13 @@ import typer
 from rich.console import Console
 
 from ctxext import __version__
-from ctxext.cli_options import AllowPickleOpt, FactorOpt, TargetOpt, TrustRemoteCodeOpt
+from ctxext.cli_options import (
+    AllowPickleOpt,
+    FactorOpt,
+    OverwriteOpt,
+    TargetOpt,
+    TrustRemoteCodeOpt,
+)
 from ctxext.errors import CtxextError
 
 _APP_SETTINGS: dict[str, Any] = {
@@ -97,8 +103,10 @@ def extend(
     ] = None,
     copy: Annotated[bool, typer.Option("--copy", help="Copy weight files.")] = False,
     symlink: Annotated[bool, typer.Option("--symlink", help="Symlink weight files.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Print the config diff; write nothing.")] = False,
+    overwrite: OverwriteOpt = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the config diff; write nothing.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Write a context-extended copy of MODEL (config-only: weights are linked, never loaded)."""
@@ -146,22 +154,37 @@ def extend(
 
 
 def _render_diff(plan: Any) -> None:
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"{plan.source.name}: config changes", show_lines=False)
-    table.add_column("key")
-    table.add_column("before", style="red")
-    table.add_column("after", style="green")
-    for key, old, new in plan.diff:
-        table.add_row(key, _short(old), _short(new))
+    table = Table(title=f"{plan.source.name}: config changes", box=box.SIMPLE_HEAD)
+    table.add_column("key", overflow="fold")
+    table.add_column("before", style="red", overflow="fold")
+    table.add_column("after", style="green", overflow="fold")
+    for key, old, new in _diff_rows(plan.diff):
+        table.add_row(key, _cell(old), _cell(new))
     out.print(table)
 
 
-def _short(value: Any) -> str:
+def _diff_rows(diff: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
+    """A block added or removed whole (e.g. the legacy rope_scaling mirror) as one row per key,
+    so no cell holds a whole JSON object and the table stays readable at 80 columns."""
+    rows = []
+    for key, old, new in diff:
+        if isinstance(old, dict) or isinstance(new, dict):
+            before = old if isinstance(old, dict) else {}
+            after = new if isinstance(new, dict) else {}
+            inner = [(k, before.get(k), after.get(k)) for k in dict.fromkeys([*before, *after])]
+            rows += _diff_rows([(f"{key}.{k}", o, n) for k, o, n in inner if o != n])
+        else:
+            rows.append((key, old, new))
+    return rows
+
+
+def _cell(value: Any) -> str:
     if value is None:
         return "-"
-    text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-    return text if len(text) < 80 else text[:77] + "..."
+    return json.dumps(value) if isinstance(value, list) else str(value)
 
 
 @app.command()
@@ -267,7 +290,7 @@ def eval_command(
         Optional[Path],  # noqa: UP045
         typer.Option("--output", "-o", help="Folder for results.json/.csv and plots."),
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    overwrite: OverwriteOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
@@ -429,7 +452,9 @@ def _run_app(argv: list[str]) -> int:
     from typer.exceptions import Abort, Exit, TyperException
 
     try:
-        result = _app_for(argv)(args=argv, prog_name="ctxext", standalone_mode=False)
+        command = typer.main.get_command(_app_for(argv))
+        _plain_placeholders(command)
+        result = command(args=argv, prog_name="ctxext", standalone_mode=False)
     except Exit as e:
         return getattr(e, "exit_code", 0)
     except Abort:
@@ -446,6 +471,23 @@ def _run_app(argv: list[str]) -> int:
             _one_line("interrupted")
         return result
     return 0
+
+
+def _plain_placeholders(command: Any) -> None:
+    """Help shows what a flag takes: nothing after a flag (not Typer's ``<bool>``), and one
+    value after a repeatable option (``-m <str>``, not ``<list[str]>``).
+
+    A parameter's metavar is what help prints as its value. The help option exists only once
+    a context does, so one is made (resiliently: nothing is checked).
+    """
+    ctx = command.make_context("ctxext", [], resilient_parsing=True)
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+        elif getattr(param, "multiple", False) and param.metavar is None:
+            param.metavar = param.display_type(ctx).replace("list[", "").replace("]", "")
+    for sub in getattr(command, "commands", {}).values():
+        _plain_placeholders(sub)
 
 
 def _one_line(message: str) -> None:

@@ -42,7 +42,10 @@ def finetune(
     target_length: TargetOpt = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps (YaRN: 400).")] = 400,
     lr: Annotated[float, typer.Option(help="Peak learning rate (YaRN: 2e-5).")] = 2e-5,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 20,
+    warmup_steps: Annotated[
+        float,
+        typer.Option(help="Linear warm-up: steps, or a fraction below 1 of --steps (HF's rule)."),
+    ] = 0.05,
     lr_schedule: Annotated[
         str, typer.Option(help="After warm-up: constant | cosine | linear.")
     ] = "constant",
@@ -98,8 +101,11 @@ def finetune(
     allow_pickle: AllowPickleOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Fine-tune MODEL at its extended length (full or LoRA, optionally PoSE); write a merged
-    checkpoint. Run it under `accelerate launch -m ctxext finetune ...` for data parallelism."""
+    """Fine-tune MODEL at its extended length (full or LoRA, optionally PoSE).
+
+    Writes a merged checkpoint. Run it under `accelerate launch -m ctxext finetune ...` for data
+    parallelism.
+    """
     from ctxext.config import ExtendConfig, parse_model
     from ctxext.errors import CtxextError
     from ctxext.finetune import FinetuneConfig, run_finetune
@@ -136,7 +142,6 @@ def finetune(
         },
         "finetune options",
     )
-    _quiet_transformers()
     with _ProgressBar(enabled=_is_main_process() and not as_json) as bar:
         summary = run_finetune(
             model,
@@ -155,13 +160,6 @@ def finetune(
         _out.print_json(data=summary)
     else:
         _render_summary(summary)
-
-
-def _quiet_transformers() -> None:
-    # Our bar shows progress; transformers' per-file loading/saving bars would interleave.
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
 
 
 class _ProgressBar:
@@ -225,6 +223,8 @@ class _ProgressBar:
 def _render_summary(summary: dict[str, Any]) -> None:
     from rich.table import Table
 
+    from ctxext.text import plural
+
     table = Table(title="ctxext finetune", show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")
@@ -239,8 +239,9 @@ def _render_summary(summary: dict[str, Any]) -> None:
         ),
         (
             "training",
-            f"{lora}{pose}, {summary['steps']} steps x {summary['global_batch']} "
-            f"sequences of {summary['train_length']} tokens ({summary['num_processes']} process(es))",
+            f"{lora}{pose}, {plural(summary['steps'], 'step')} x "
+            f"{plural(summary['global_batch'], 'sequence')} of {summary['train_length']} tokens "
+            f"({plural(summary['num_processes'], 'process', 'processes')})",
         ),
         ("trainable", f"{summary['trainable_parameters']:,} of {summary['parameters']:,}"),
         ("final loss", "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"),

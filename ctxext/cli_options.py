@@ -21,3 +21,6 @@ TrustRemoteCodeOpt = Annotated[
 AllowPickleOpt = Annotated[
     bool, typer.Option("--allow-pickle", help="Allow pickled (*.bin, *.pt) weights.")
 ]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing output folder.")
+]

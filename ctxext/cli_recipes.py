@@ -7,13 +7,14 @@ import time, so `ctxext --help` stays instant.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 
-from ctxext.cli_options import AllowPickleOpt, TrustRemoteCodeOpt
+from ctxext.cli_options import AllowPickleOpt, OverwriteOpt, TrustRemoteCodeOpt
 
 __all__ = ["recipes_app", "run"]
 
@@ -46,9 +47,7 @@ def run(
             "--output-dir", "-o", help="Output folder (overrides the recipe's output_dir)."
         ),
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
-    ] = False,
+    overwrite: OverwriteOpt = False,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Validate and print the resolved recipe; run nothing."),
@@ -132,6 +131,7 @@ class _FinetuneBar:
 
 def _render(summary: dict[str, Any], loaded: Any) -> None:
     from ctxext.report import passkey_table, ppl_table
+    from ctxext.text import plural
 
     results = summary.get("results")
     if results is not None:
@@ -151,7 +151,8 @@ def _render(summary: dict[str, Any], loaded: Any) -> None:
     ft = summary.get("finetune")
     if ft:
         loss = "-" if ft.get("final_loss") is None else f"{ft['final_loss']:.4f}"
-        table.add_row("fine-tune", f"{ft['steps']} steps, final loss {loss}, {ft['seconds']:.0f}s")
+        steps = plural(ft["steps"], "step")
+        table.add_row("fine-tune", f"{steps}, final loss {loss}, {ft['seconds']:.0f}s")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in summary.get("timings", {}).items())
     table.add_row("time", f"{summary['seconds']:.1f}s ({timings})")
     table.add_row("seed", str(summary["provenance"]["seed"]))
@@ -165,10 +166,22 @@ def _jsonable(value: Any) -> Any:
 def _print_resolved(loaded: Any) -> None:
     import yaml
 
-    text = yaml.safe_dump(loaded.resolved(), sort_keys=False, allow_unicode=True)
+    _print_yaml(yaml.safe_dump(loaded.resolved(), sort_keys=False, allow_unicode=True))
+
+
+def _print_yaml(text: str) -> None:
+    """Highlighted on a terminal (long lines wrapped, none cut); the exact text otherwise.
+
+    `ctxext recipes show NAME > my.yaml` must write the file unchanged, and a console that is
+    not a terminal is 80 columns wide: Rich would cut every longer line there.
+    """
+    if not _out.is_terminal:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     from rich.syntax import Syntax
 
-    _out.print(Syntax(text, "yaml", background_color="default"))
+    _out.print(Syntax(text, "yaml", background_color="default", word_wrap=True))
 
 
 # --------------------------------------------------------------------------- recipes
@@ -232,9 +245,7 @@ def show(
         _print_resolved(loaded)
         return
     path, _ = find_recipe(name)
-    from rich.syntax import Syntax
-
-    _out.print(Syntax(path.read_text(encoding="utf-8"), "yaml", background_color="default"))
+    _print_yaml(path.read_text(encoding="utf-8"))
 
 
 @recipes_app.command("validate")

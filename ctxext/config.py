@@ -8,12 +8,14 @@ checkpoint (trained length, architecture) lives in :mod:`ctxext.rope`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from ctxext.errors import CtxextError
+from ctxext.text import plural
 
 Method = Literal["linear", "ntk", "yarn", "dynamic", "llama3", "longrope"]
 LinkMode = Literal["hardlink", "copy", "symlink"]
@@ -195,6 +197,15 @@ class EvalConfig(StrictModel):
     seed: int = 0
     """Seed for document sampling, bootstrap and passkeys."""
 
+    @field_validator("lengths", mode="before")
+    @classmethod
+    def _length_words(cls, v: Any) -> Any:
+        # A recipe may write lengths as the CLI takes them: [1k, 2k] or "256,512,1k".
+        items = v.split(",") if isinstance(v, str) else v
+        if not isinstance(items, list):
+            return v
+        return [length_word(x) or x if isinstance(x, str) else x for x in items]
+
     @field_validator("lengths")
     @classmethod
     def _lengths(cls, v: list[int]) -> list[int]:
@@ -238,32 +249,95 @@ def parse_model(cls: type[BaseModel], data: dict, where: str) -> BaseModel:
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise CtxextError(format_validation_error(e, where)) from None
+        raise CtxextError(format_validation_error(e, where, cls)) from None
 
 
-def format_validation_error(e: ValidationError, where: str) -> str:
-    err = e.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    more = f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""
-    return f"{where}: {key}: {msg}{more}"
+def format_validation_error(
+    e: ValidationError,
+    where: str,
+    cls: type[BaseModel] | None = None,
+    position: Callable[[tuple[Any, ...]], str] | None = None,
+) -> str:
+    """``WHERE: key.sub<position>: problem`` for the first problem, and how many more.
+
+    The one formatter for flags and recipe files alike. ``cls`` (the validated model) lets an
+    unknown key list the valid ones; ``position(loc)`` may add where the key was written,
+    e.g. `` (line 12)``.
+    """
+    errors = e.errors()
+    err = errors[0]
+    # ctx["at"]: a model validator may point at the key its problem is about.
+    loc = tuple(err["loc"]) + tuple((err.get("ctx") or {}).get("at", ()))
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    more = f" (and {plural(len(errors) - 1, 'more problem')})" if len(errors) > 1 else ""
+    written = position(loc) if position is not None else ""
+    return f"{where}: {key}{written}: {_problem(err, loc, cls)}{more}"
+
+
+def _problem(err: Any, loc: tuple[Any, ...], cls: type[BaseModel] | None) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        parent = model_at(cls, loc[:-1]) if cls is not None else None
+        return f"unknown key; expected one of: {keys_of(parent)}" if parent else "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if msg.startswith("Input should be "):
+        got = _short_repr(err.get("input"))
+        return f"expected {msg.removeprefix('Input should be ')} (got {got})"
+    return msg
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def model_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that validates the mapping at ``loc`` in ``cls`` (None if none)."""
+    for part in loc:
+        info = cls.model_fields.get(str(part))
+        if info is None:
+            return None
+        nested = _model_in(info.annotation)
+        if nested is None:
+            return None
+        cls = nested
+    return cls
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def keys_of(cls: type[BaseModel]) -> str:
+    """The keys ``cls`` accepts, comma-separated."""
+    return ", ".join(cls.model_fields)
+
+
+def length_word(item: str) -> int:
+    """'512' -> 512, '1k' / '2K' -> 1024 / 2048 (k = 1024); 0 when it is not one."""
+    item = item.strip().lower()
+    try:
+        return int(item.removesuffix("k")) * (1024 if item.endswith("k") else 1)
+    except ValueError:
+        return 0
 
 
 def positive_int_list(text: str, what: str = "--lengths") -> list[int]:
     """Parse '256,512,1k,2K' into positive ints (k = 1024)."""
     out = []
     for item in text.split(","):
-        item = item.strip().lower()
-        mult = 1024 if item.endswith("k") else 1
-        try:
-            value = int(item.removesuffix("k")) * mult
-        except ValueError:
-            value = 0
+        value = length_word(item)
         if value <= 0:
             raise CtxextError(
-                f"{what} must be positive integers separated by commas (got '{item}'), "
+                f"{what} must be positive integers separated by commas (got '{item.strip()}'), "
                 "e.g. 256,512,1024"
             )
         out.append(value)
@@ -275,6 +349,9 @@ __all__ = [
     "ExtendConfig",
     "ExtendJob",
     "format_validation_error",
+    "keys_of",
+    "length_word",
+    "model_at",
     "parse_model",
     "positive_int_list",
 ]

@@ -46,12 +46,17 @@ def plan_variants(
     """
     from ctxext.config import parse_model
 
+    if not cfg.include_base and not methods:
+        raise CtxextError(
+            "--no-base skips the unscaled rows, and without -m/--method nothing is left to "
+            "evaluate: add a scaling method (e.g. -m yarn) or drop --no-base"
+        )
     opts = dict(extend_options)
     if opts.get("factor") is None and opts.get("target_length") is None:
         opts["target_length"] = max(cfg.lengths)
     variants: list[Variant] = []
     for model in models or [None]:
-        if cfg.include_base or not methods:
+        if cfg.include_base:
             variants.append(Variant(model))
         for method in methods:
             spec = parse_model(ExtendConfig, {"method": method, **opts}, "extend options")

@@ -40,7 +40,7 @@ def plan_extend(model: str | None, spec: ExtendConfig) -> ExtendPlan:
     after = rope.extend_config(
         before, spec.method, factor=factor, target_length=None, **spec.rope_options()
     )
-    new_length = round(info.trained_length * factor)
+    new_length = rope.new_length(info.trained_length, factor)
     plan = ExtendPlan(
         source=source,
         before=before,

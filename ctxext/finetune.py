@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from ctxext.config import Dtype, ExtendConfig, StrictModel, known_encoding
 from ctxext.errors import CtxextError
@@ -97,8 +98,11 @@ class FinetuneConfig(StrictModel):
     """Optimizer steps (YaRN: 400)."""
     lr: float = 2e-5
     """Peak learning rate (YaRN: 2e-5; a tiny model or LoRA usually wants more)."""
-    warmup_steps: int = 20
-    """Linear warm-up steps from 0 to lr (YaRN: 20)."""
+    warmup_steps: int | float = 0.05
+    """Linear warm-up from 0 to lr, read as transformers' TrainingArguments reads it: a whole
+    number of steps (YaRN: 20), or a fraction below 1 of ``steps``, rounded up. The default 0.05
+    is YaRN's 20 of 400 steps, and 1 step of a 5-step test run (a fixed 20 would keep such a
+    run at a fraction of lr throughout). More warm-up steps than steps is refused."""
     lr_schedule: LrSchedule = "constant"
     """After warm-up: constant (YaRN), cosine (to 10% of lr) or linear (to 0)."""
     weight_decay: float = 0.0
@@ -152,12 +156,22 @@ class FinetuneConfig(StrictModel):
 
     _encoding = field_validator("fallback_encoding")(known_encoding)
 
-    @field_validator("warmup_steps", "save_every")
+    @field_validator("save_every")
     @classmethod
     def _non_negative(cls, v: int) -> int:
         if v < 0:
             raise ValueError(f"must be 0 or a positive integer (got {v})")
         return v
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup(cls, v: int | float) -> int | float:
+        if not math.isfinite(v) or v < 0 or (v >= 1 and v != int(v)):
+            raise ValueError(
+                f"must be a whole number of steps or a fraction below 1 of steps (got {v}), "
+                "e.g. 20 or 0.05"
+            )
+        return int(v) if v >= 1 else v
 
     @field_validator("lr")
     @classmethod
@@ -209,6 +223,23 @@ class FinetuneConfig(StrictModel):
             items = [p.strip() for p in v.split(",") if p.strip()]
             return () if items in ([], ["none"]) else tuple(items)
         return v
+
+    @model_validator(mode="after")
+    def _warmup_within_steps(self) -> FinetuneConfig:
+        if self.warmup() > self.steps:
+            # ctx["at"]: the error names finetune.warmup_steps (and its recipe line)
+            raise PydanticCustomError(
+                "warmup_too_long",
+                "{warmup} warm-up steps are more than steps ({steps}): lr would never be "
+                "reached; give fewer warm-up steps or a fraction of steps such as 0.05",
+                {"warmup": self.warmup(), "steps": self.steps, "at": ("warmup_steps",)},
+            )
+        return self
+
+    def warmup(self) -> int:
+        """Warm-up steps of this run: warmup_steps itself, or that fraction of steps."""
+        w = self.warmup_steps
+        return int(w) if w >= 1 else math.ceil(w * self.steps)
 
     @model_validator(mode="after")
     def _pose_needs_window(self) -> FinetuneConfig:
@@ -429,7 +460,7 @@ def plan_run(
         method = extend.method
     else:
         method, factor = _existing_extension(info, source.name)
-    target = max(round(info.trained_length * factor), info.trained_length + 1)
+    target = rope.new_length(info.trained_length, factor)
     seq = cfg.train_length or target
     if seq > target:
         raise CtxextError(
@@ -594,11 +625,12 @@ def make_optimizer(model: Any, cfg: FinetuneConfig) -> Any:
 
 def lr_factor(step: int, cfg: FinetuneConfig) -> float:
     """Multiplier of lr at optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    warmup = cfg.warmup()
+    if step < warmup:
+        return (step + 1) / warmup
     if cfg.lr_schedule == "constant":
         return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
     if cfg.lr_schedule == "linear":
         return max(0.0, 1.0 - progress)
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -642,11 +674,11 @@ def run_finetune(
     Under ``accelerate launch`` every process runs this; they train data-parallel and only the
     main process writes files. Returns the summary (the same on every process).
     """
-    from accelerate import Accelerator
+    plan = plan_run(model, output, extend, cfg, resume=resume, overwrite=overwrite)
+    from accelerate import Accelerator  # only now: a refused request never waits for torch
 
     from ctxext.modeling import default_device, load_tokenizer
 
-    plan = plan_run(model, output, extend, cfg, resume=resume, overwrite=overwrite)
     device = default_device()
     acc = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
@@ -707,6 +739,7 @@ def run_finetune(
         "pose": cfg.pose,
         "lora_rank": cfg.lora_rank,
         "global_batch": global_batch,
+        "warmup_steps": cfg.warmup(),
         "num_processes": acc.num_processes,
         "data_parallel_size": _data_parallel_size(acc),
         "trainable_parameters": trainable,
@@ -1067,10 +1100,12 @@ def _write_output(
     model: Any, loaded: Any, plan: Plan, cfg: FinetuneConfig, summary: dict[str, Any]
 ) -> None:
     from ctxext import checkpoint
+    from ctxext.report import plot_loss
 
     with checkpoint.atomic_output(plan.out) as tmp:
         model.to(_save_dtype(loaded.config))
         model.save_pretrained(tmp)
+        _usual_file_modes(tmp)
         # The config the model was built from, i.e. exactly what `ctxext extend` writes
         # (rope_parameters, legacy rope_scaling mirror, top-level rope_theta, lengths).
         checkpoint.write_json(tmp / "config.json", loaded.config)
@@ -1079,10 +1114,23 @@ def _write_output(
         log = plan.work / LOG_FILE
         if log.is_file():
             shutil.copy2(log, tmp / "training_log.jsonl")
-            plot_loss(tmp / "training_log.jsonl", tmp / "loss.png")
+            plot_loss(read_log(log), tmp / "loss.png")
         checkpoint.write_json(
             tmp / checkpoint.PROVENANCE_FILE, _provenance(loaded, plan, cfg, summary)
         )
+
+
+def _usual_file_modes(folder: Path) -> None:
+    """Weights get the mode every other output file gets (0666 minus the umask).
+
+    transformers writes them through a private temporary file, so they arrive 0600: another
+    user, or a serving container running as another uid, could read config.json but not the
+    weights. Only files save_pretrained just created are touched (never a link to an input).
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.glob("model*.safetensors*"):
+        path.chmod(0o666 & ~umask)
 
 
 def _write_tokenizer(tokenizer: Any, src: Path, dst: Path, new_length: int) -> None:
@@ -1144,33 +1192,3 @@ def _provenance(
 def read_log(path: Path) -> list[dict[str, Any]]:
     """The per-step records of a training_log.jsonl / log.jsonl."""
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
-def plot_loss(log_path: Path, png_path: Path) -> None:
-    """Loss per step (and a moving average) as a PNG, drawn off-screen."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_log(log_path)
-    if not rows:
-        return
-    steps = [r["step"] for r in rows]
-    losses = [r["loss"] for r in rows]
-    window = max(1, len(rows) // 20)
-    smooth = [
-        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-        for i in range(len(losses))
-    ]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, alpha=0.35, label="loss")
-    ax.plot(steps, smooth, label=f"moving average ({window} steps)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (nats/token)")
-    ax.set_title("ctxext finetune")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)

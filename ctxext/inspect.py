@@ -52,12 +52,13 @@ def longrope_rows(info: rope.RopeInfo) -> list[dict[str, Any]] | None:
 
 
 def render_inspect(report: dict[str, Any], console: Any) -> None:
-    """Rich rendering of :func:`inspect_model`'s report."""
+    """Rich rendering of :func:`inspect_model`'s report; readable at 80 columns."""
+    from rich import box
     from rich.table import Table
 
-    head = Table(title=f"{report['model']}", show_header=False)
-    head.add_column("key", style="bold")
-    head.add_column("value")
+    head = Table(title=f"{report['model']}", show_header=False, box=box.SIMPLE)
+    head.add_column("key", style="bold", no_wrap=True)
+    head.add_column("value", overflow="fold")
     for key, value in report.items():
         if key not in ("pairs", "model", "longrope"):
             head.add_row(key, _fmt(_without_lists(value) if key == "existing_scaling" else value))
@@ -67,27 +68,29 @@ def render_inspect(report: dict[str, Any], console: Any) -> None:
     pairs = report.get("pairs")
     if not pairs:
         return
+    # One line per pair: short headers, one "x<stretch> <regime letter>" cell per method.
     table = Table(
-        title=f"dimension pairs: wavelength vs trained length {report['trained_length']}, "
-        f"and what each method does at {report['target_length']}",
-        caption="stretch = new wavelength / old; I = interpolated, E = extrapolated (kept), "
-        "B = blended",
+        title=f"dimension pairs: trained length {report['trained_length']} -> "
+        f"{report['target_length']}",
+        caption="wavelength in tokens; turns = turns within the trained length (red: less than "
+        "one full turn); per method: x stretch of the wavelength, I interpolated, E "
+        "extrapolated (kept), B blended",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
     )
-    for col in ("pair", "wavelength", "turns in training", "full turn"):
-        table.add_column(col, justify="right")
     methods = list(pairs[0]["methods"])
-    for m in methods:
-        table.add_column(m, justify="right")
+    for col in ("pair", "wave-\nlength", "turns", *methods):
+        table.add_column(col, justify="right", overflow="fold")  # never cut a number
     for row in pairs:
+        turns = _short_number(row["turns_in_trained"], 3)
         cells = [
             str(row["pair"]),
-            _fmt(row["wavelength"]),
-            _fmt(row["turns_in_trained"]),
-            "yes" if row["completes_turn"] else "[red]never[/red]",
+            _short_number(row["wavelength"]),
+            turns if row["completes_turn"] else f"[red]{turns}[/red]",
         ]
         for m in methods:
             cell = row["methods"][m]
-            cells.append(f"x{cell['stretch']:.3g} {cell['regime'][0].upper()}")
+            cells.append(f"x{_short_number(cell['stretch'], 3)} {cell['regime'][0].upper()}")
         table.add_row(*cells)
     console.print(table)
 
@@ -118,6 +121,14 @@ def _longrope_table(rows: list[dict[str, Any]]) -> Any:
             _fmt(r["long_wavelength"]),
         )
     return table
+
+
+def _short_number(value: float, digits: int = 4) -> str:
+    """``digits`` significant digits in at most 7 characters: 6.283, 0.00966, 4712, 1.99e4."""
+    if 1e-3 <= abs(value) < 10**digits:
+        return f"{value:.{digits}g}"
+    text = f"{value:.{min(digits, 3) - 1}e}"  # e.g. 1.99e+04 -> 1.99e4, 9.7e-05 -> 9.7e-5
+    return text.replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
 
 
 def _fmt(value: Any) -> str:

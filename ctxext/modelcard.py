@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ctxext.text import plural
+
 __all__ = ["build_model_card", "eval_results", "write_model_card"]
 
 TASK = "text-generation"
@@ -97,9 +99,10 @@ def _body(info: dict[str, Any]) -> str:
         kind = f"LoRA rank {ft['lora_rank']} (merged)" if ft["lora_rank"] else "full fine-tune"
         pose = f", PoSE windows of {ft['train_length']} tokens" if ft["pose"] else ""
         lines.append(
-            f"- Fine-tune: {kind}{pose}, {ft['steps']} steps x {summary['global_batch']} "
-            f"sequences of {summary['train_length']} tokens, lr {ft['lr']:g}, AdamW "
-            f"({ft['adam_beta1']}, {ft['adam_beta2']}), {ft['warmup_steps']} warm-up steps; "
+            f"- Fine-tune: {kind}{pose}, {plural(ft['steps'], 'step')} x "
+            f"{plural(summary['global_batch'], 'sequence')} of {summary['train_length']} tokens, "
+            f"lr {ft['lr']:g}, AdamW ({ft['adam_beta1']}, {ft['adam_beta2']}), "
+            f"{plural(summary['warmup_steps'], 'warm-up step')}; "
             f"data {summary['data']['source']} ({summary['data']['tokens']:,} tokens)."
         )
     elif not ft:

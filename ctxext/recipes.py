@@ -39,12 +39,20 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError, field_validator, model_validator
+from pydantic import ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from ctxext.config import EvalConfig, ExtendConfig, Method, StrictModel
+from ctxext.config import (
+    EvalConfig,
+    ExtendConfig,
+    Method,
+    StrictModel,
+    format_validation_error,
+    keys_of,
+)
 from ctxext.errors import CtxextError
 from ctxext.finetune import FinetuneConfig
+from ctxext.text import plural
 
 __all__ = [
     "RECIPES_DIR",
@@ -242,7 +250,7 @@ class Recipe(StrictModel):
             ft = self.finetune
             kind = f"LoRA r={ft.lora_rank}" if ft.lora_rank else "full"
             pose = f", PoSE window {ft.train_length}" if ft.pose else ""
-            parts.append(f"finetune {ft.steps} steps ({kind}{pose})")
+            parts.append(f"finetune {plural(ft.steps, 'step')} ({kind}{pose})")
         if self.eval is not None:
             lengths = ",".join(str(n) for n in self.eval.lengths)
             parts.append(f"eval {' vs '.join(self.variants())} at {lengths}")
@@ -420,12 +428,12 @@ def load_recipe(
     data, lines = parse_yaml(text, where)
     if data is None and not overrides:
         raise CtxextError(
-            f"{where}: the recipe is empty; expected a mapping with keys {_keys_of(Recipe)}"
+            f"{where}: the recipe is empty; expected a mapping with keys {keys_of(Recipe)}"
         )
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise CtxextError(
-            f"{where} (line 1): expected a mapping with keys {_keys_of(Recipe)}, "
+            f"{where} (line 1): expected a mapping with keys {keys_of(Recipe)}, "
             f"got a {_yaml_type(data)}"
         )
     origin = apply_overrides(data, overrides)
@@ -454,13 +462,7 @@ def _format_error(
     e: ValidationError, where: str, lines: Lines, origin: dict[tuple[str, ...], str]
 ) -> str:
     """``FILE: key.sub (line N): expected ...`` for the first problem, and how many more."""
-    errors = e.errors()
-    err = errors[0]
-    loc = tuple(err["loc"]) + tuple((err.get("ctx") or {}).get("at", ()))
-    key = ".".join(str(p) for p in loc) or "(top level)"
-    return f"{where}: {key}{_position(loc, lines, origin)}: {_expected(err, loc)}" + (
-        f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    )
+    return format_validation_error(e, where, Recipe, lambda loc: _position(loc, lines, origin))
 
 
 def _position(loc: tuple[Any, ...], lines: Lines, origin: dict[tuple[str, ...], str]) -> str:
@@ -474,57 +476,10 @@ def _position(loc: tuple[Any, ...], lines: Lines, origin: dict[tuple[str, ...], 
     return ""
 
 
-def _expected(err: dict[str, Any], loc: tuple[Any, ...]) -> str:
-    kind, msg = err["type"], err["msg"]
-    if kind == "extra_forbidden":
-        parent = _model_at(loc[:-1])
-        return f"unknown key; expected one of: {_keys_of(parent)}" if parent else "unknown key"
-    if kind == "missing":
-        return "required key is missing"
-    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    if msg.startswith("Input should be "):
-        got = _short_repr(err.get("input"))
-        return f"expected {msg.removeprefix('Input should be ')} (got {got})"
-    return msg
-
-
-def _short_repr(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _yaml_type(value: Any) -> str:
     return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(
         type(value), type(value).__name__
     )
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model that validates the mapping at ``loc`` (None if it is not one)."""
-    cls: type[BaseModel] = Recipe
-    for part in loc:
-        info = cls.model_fields.get(str(part))
-        if info is None:
-            return None
-        nested = _model_in(info.annotation)
-        if nested is None:
-            return None
-        cls = nested
-    return cls
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _keys_of(cls: type[BaseModel]) -> str:
-    return ", ".join(cls.model_fields)
 
 
 # --------------------------------------------------------------------------- seeds
@@ -592,7 +547,7 @@ def _preflight(recipe: Recipe) -> _Preflight:
         spec = recipe.extend
         factor = rope.validate_request(info, spec.method, spec.factor, spec.target_length)
         rope.extend_config(config, spec.method, factor=factor, **spec.rope_options())
-        new_length = round(info.trained_length * factor)
+        new_length = rope.new_length(info.trained_length, factor)
     name = source.name if source.source != "local" else Path(source.name).name
     return _Preflight(source, name, config, info.trained_length, factor, new_length)
 
@@ -1064,8 +1019,9 @@ def render_report(run: _Run, summary: dict[str, Any]) -> str:
         pose = f", PoSE with {ft.train_length}-token windows" if ft.pose else ""
         loss = "-" if s.get("final_loss") is None else f"{s['final_loss']:.4f}"
         lines.append(
-            f"- **Fine-tune**: {kind}{pose}; {ft.steps} steps x {s['global_batch']} sequences of "
-            f"{s['train_length']} tokens; lr {ft.lr:g}, warm-up {ft.warmup_steps}, "
+            f"- **Fine-tune**: {kind}{pose}; {plural(ft.steps, 'step')} x "
+            f"{plural(s['global_batch'], 'sequence')} of {s['train_length']} tokens; lr "
+            f"{ft.lr:g}, {plural(s['warmup_steps'], 'warm-up step')}, "
             f"{ft.lr_schedule}, AdamW ({ft.adam_beta1}, {ft.adam_beta2}); final loss {loss}; "
             f"{s['tokens_per_s'] or 0:,.0f} tokens/s; data {s['data']['source']} "
             f"({s['data']['tokens']:,} tokens). Loss curve: "

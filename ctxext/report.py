@@ -111,13 +111,14 @@ def series(
 
 
 def terminal_plot(results: dict[str, Any], width: int = 80, height: int = 18) -> str:
-    """The perplexity-vs-length curve as text (plotext), log scales on both axes."""
+    """The perplexity-vs-length curve as text (plotext), log scales on both axes; "" when
+    only one length was measured (the table shows it)."""
     import plotext as plt
 
     which = metric(results)
     data = series(results, which)
-    if not data:
-        return ""
+    if len({n for _, xs, _ in data for n in xs}) < 2:
+        return ""  # one length: no curve to draw (axes around one point mean nothing)
     plt.clear_figure()
     plt.plotsize(width, height)
     plt.xscale("log")
@@ -211,12 +212,18 @@ def results_csv(results: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def plot_ppl(results: dict[str, Any], path: Path) -> Path:
+def pyplot() -> Any:
+    """matplotlib.pyplot drawing off-screen (Agg: no display needed, e.g. on a server)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_ppl(results: dict[str, Any], path: Path) -> Path:
+    plt = pyplot()
     which = metric(results)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for label, xs, ys in series(results, which):
@@ -313,11 +320,7 @@ def retrieval_table(results: dict[str, Any]):  # -> rich.table.Table | None
 
 def plot_context_use(results: dict[str, Any], path: Path) -> Path:
     """Far-context gain by position bucket at the longest length, one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = [r for r in results["runs"] if r.get("context_use")]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120, layout="constrained")
     window = None
@@ -346,11 +349,7 @@ def plot_context_use(results: dict[str, Any], path: Path) -> Path:
 
 def plot_retrieval(results: dict[str, Any], key: str, path: Path) -> Path:
     """Accuracy heatmaps (depth x length), one panel per run, each cell labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = [r for r in results["runs"] if key in r]
     cols = min(len(runs), 3)
     rows = math.ceil(len(runs) / cols)
@@ -382,3 +381,39 @@ def plot_retrieval(results: dict[str, Any], key: str, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def loss_figure(rows: list[dict[str, Any]]) -> Any:  # -> matplotlib Figure
+    """Training loss per optimizer step; from 40 steps on also a moving average over 1/20th of
+    the run (a shorter run shows its raw loss plainly: an average of 1 step would hide it)."""
+    plt = pyplot()
+    steps = [r["step"] for r in rows]
+    losses = [r["loss"] for r in rows]
+    window = len(rows) // 20
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if window >= 2:
+        ax.plot(steps, losses, alpha=0.35, label="loss")
+        smooth = [
+            sum(losses[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
+            for i in range(len(losses))
+        ]
+        ax.plot(steps, smooth, label=f"moving average ({window} steps)")
+    else:
+        ax.plot(steps, losses, marker="o", label="loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title("ctxext finetune")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_loss(rows: list[dict[str, Any]], png_path: Path) -> Path | None:
+    """loss.png of a fine-tune's log records (nothing when there are none)."""
+    if not rows:
+        return None
+    fig = loss_figure(rows)
+    fig.savefig(png_path, dpi=100)
+    pyplot().close(fig)
+    return png_path

@@ -444,9 +444,18 @@ def validate_request(
 # _validate_<type>_rope_parameters), so bad options fail before anything is written.
 
 
+def new_length(trained_length: int, factor: float) -> int:
+    """The extended context length: trained length x factor rounded to whole tokens, and always
+    longer than the trained length (llama3 warns otherwise).
+
+    The one rule for max_position_embeddings, the tokenizer's model_max_length and every new
+    length ctxext reports or trains at.
+    """
+    return max(round(trained_length * factor), trained_length + 1)
+
+
 def _new_length(info: RopeInfo, s: float) -> int:
-    # Rounded to whole tokens, and always longer than the trained length (llama3 warns otherwise).
-    return max(round(info.trained_length * s), info.trained_length + 1)
+    return new_length(info.trained_length, s)
 
 
 def _entry(info: RopeInfo, rope_type: str, theta: float | None = None) -> dict:

@@ -333,5 +333,46 @@ def test_output_not_writable(capsys, tmp_path, tiny_llama):
         shutil.rmtree(locked, ignore_errors=True)
 
 
-def test_cases_cover_at_least_25():
-    assert len(CASES) + 3 >= 25
+# Cases decided from flags, file names and small JSON/YAML files alone.
+CHEAP = [
+    name
+    for name in CASES
+    if not name.startswith(("truncated", "corrupted", "missing tokenizer", "pickled", "not a"))
+    and name not in ("binary data file", "non-UTF-8 data file", "empty data file")
+    and name not in ("no document long enough", "missing data path", "finetune too little data")
+    and name != "finetune output exists"
+]
+
+
+def test_cheap_checks_come_before_torch(tmp_path, tiny_llama):
+    """Check everything cheap before anything slow: these refusals never import torch.
+
+    All cases run in one fresh interpreter, in order; each reports whether torch (or
+    transformers) was imported by the time it was refused.
+    """
+    argvs = {}
+    for i, name in enumerate(CHEAP):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        model = folder / "tiny-llama"
+        shutil.copytree(tiny_llama, model)
+        argvs[name] = [str(a) for a in CASES[name].make(folder, model)]
+    script = (
+        "import json, sys\n"
+        "from ctxext.cli import main\n"
+        "report = {}\n"
+        "for name, argv in json.loads(sys.argv[1]).items():\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "        report[name] = [e.code, heavy]\n"
+        "print(json.dumps(report))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(argvs)], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(CHEAP) >= 25 and list(report) == CHEAP
+    assert {name: r for name, r in report.items() if r != [2, []]} == {}

@@ -55,10 +55,10 @@ def test_eval_side_by_side_with_outputs(capsys, tmp_path, tiny_llama, data_file)
     assert tree_hash(tiny_llama) == before
     results = json.loads((out / "results.json").read_text())
     labels = [r["label"] for r in results["runs"]]
-    assert labels == ["tiny-llama", "tiny-llama+linear x2", "tiny-llama+yarn x2"] or all(
-        "tiny-llama" in lab for lab in labels
-    )
-    assert len(labels) == 3
+    # trained at 128; without a factor a method scales to the longest length, 512 = 4 x 128
+    # (a local model is labelled by the path as given)
+    assert labels == [f"{tiny_llama}", f"{tiny_llama}+linear x4", f"{tiny_llama}+yarn x4"]
+    assert [r["method"] for r in results["runs"]] == [None, "linear", "yarn"]
     assert results["protocol"]["ppl"]["name"] == "truncate"
     assert results["protocol"]["ppl"]["bos_prepended"] is True
     assert "passkey" in results["protocol"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -498,3 +499,56 @@ def test_bits_per_byte_on_a_text_with_known_bytes(bundled):
     assert part.n_bytes == len(text[: offsets[8][1]].encode("utf-8"))
     assert sum(b["n_bytes"] for b in part.buckets) == part.n_bytes
     assert part.protocol["bits_per_byte"].startswith("bits per byte = total NLL")
+
+
+def _protocol_keys(n: int, seed: int) -> list[str]:
+    """The keys evaluate_passkey draws, as its protocol documents them (length, depth, trial)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [str(int(rng.integers(10_000, 100_000))) for _ in range(n)]
+
+
+def test_passkey_accuracy_equals_known_answer():
+    """A model and tokenizer built so that exactly the known trials are answered right.
+
+    A word-level tokenizer knows some keys as words; every other key is [UNK] (id 0). The
+    model's final norm is zero, so all logits tie and the argmax is id 0 everywhere: a trial is
+    correct iff its key is unknown to the tokenizer. Which keys those are is fixed by the
+    documented key order, so accuracy per length x depth is known before running.
+    """
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    lengths, depths, trials, seed = [90, 120], [0.0, 0.5, 1.0], 4, 7
+    want = [[0, 1, 2], [3, 4, 1]]  # correct trials per length x depth, chosen
+    keys = _protocol_keys(len(lengths) * len(depths) * trials, seed)
+    assert len(set(keys)) == len(keys)
+    # trial t of cell (i, j) has key keys[(i * len(depths) + j) * trials + t]; the tokenizer
+    # knows the keys of the first trials - want[i][j] trials of each cell
+    known = {
+        keys[(i * len(depths) + j) * trials + t]
+        for i in range(len(lengths))
+        for j in range(len(depths))
+        for t in range(trials - want[i][j])
+    }
+    words = " ".join([PASSKEY_TASK, PASSKEY_FILLER, PASSKEY_NEEDLE, PASSKEY_QUESTION])
+    vocab = {"[UNK]": 0, "<s>": 1}
+    for word in [*re.findall(r"\w+|[^\w\s]+", words), *sorted(known)]:
+        vocab.setdefault(word, len(vocab))
+    raw = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", unk_token="[UNK]")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**SMALL, "vocab_size": len(vocab)})).eval()
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    res = evaluate_passkey(model, tok, lengths, depths=depths, trials=trials, seed=seed)
+    assert res.correct == want
+    assert res.accuracy == [[c / trials for c in row] for row in want]
+    mean = res.to_dict()["mean_by_length"]
+    assert mean == {
+        str(n): sum(row) / len(row) for n, row in zip(lengths, res.accuracy, strict=True)
+    }

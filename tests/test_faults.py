@@ -29,17 +29,39 @@ def _complete(out: Path) -> bool:
     return cfg["rope_parameters"]["rope_type"] == "yarn" and "model.safetensors" in prov["files"]
 
 
+def _temporaries(parent: Path, name: str) -> list[Path]:
+    return list(parent.glob(f".{name}.tmp-*"))
+
+
+def _kill_when(proc: subprocess.Popen, ready, delay: float, timeout: float = 30.0) -> None:
+    """SIGKILL ``proc`` ``delay`` seconds after ``ready()`` first holds (or when it ends)."""
+    t0 = time.time()
+    while not ready() and proc.poll() is None and time.time() - t0 < timeout:
+        time.sleep(0.0005)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_kill_9_at_random_points_leaves_nothing_or_a_complete_checkpoint(tmp_path, tiny_llama):
     before = tree_hash(tiny_llama)
     rng = random.Random(0)
-    outcomes = {"absent": 0, "complete": 0}
-    for i in range(8):
+    outcomes = {"absent": 0, "complete": 0, "killed mid-write": 0}
+    for i in range(10):
         out = tmp_path / f"out{i}"
         proc = subprocess.Popen(_extend_cmd(tiny_llama, out, "--copy"), stderr=subprocess.DEVNULL)
-        # Python start-up and imports take most of a second; spread kills across the whole run.
-        time.sleep(rng.uniform(0.3, 2.5))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        if i % 2:
+            # Python start-up and imports take most of a second; spread kills over the run.
+            _kill_when(proc, lambda: True, rng.uniform(0.3, 2.5))
+        else:
+            # The write itself is milliseconds long: aim at it, once the temporary exists.
+            _kill_when(
+                proc, lambda o=out: bool(_temporaries(o.parent, o.name)), rng.uniform(0, 0.01)
+            )
+        if _temporaries(tmp_path, out.name):
+            # killed while the output was being written: nothing may be at the final path
+            outcomes["killed mid-write"] += 1
+            assert not out.exists()
         if out.exists():
             assert _complete(out)
             assert (out / "model.safetensors").read_bytes() == (
@@ -49,10 +71,11 @@ def test_kill_9_at_random_points_leaves_nothing_or_a_complete_checkpoint(tmp_pat
         else:
             outcomes["absent"] += 1
     assert tree_hash(tiny_llama) == before
+    # The test is only worth something if some kills really landed inside the write.
+    assert outcomes["killed mid-write"] >= 2, outcomes
     # The next run cleans up temporaries that killed runs left behind.
     subprocess.run(_extend_cmd(tiny_llama, tmp_path / "out0", "--overwrite"), check=True)
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out0.tmp-")]
-    assert leftovers == []
+    assert _temporaries(tmp_path, "out0") == []
 
 
 @pytest.fixture

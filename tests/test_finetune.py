@@ -337,7 +337,7 @@ def test_output_and_resume_rules(tmp_path, tiny_llama_session, capsys):
     code, _, err = run_cli(capsys, *flags, "--steps", "4")
     assert code == 2 and "interrupted run" in err and "--resume" in err
     code, _, err = run_cli(capsys, *flags, "--steps", "4", "--resume")
-    assert code == 2 and "started with finetune.warmup_steps=1, not 20" in err
+    assert code == 2 and "started with finetune.warmup_steps=1, not 0.05" in err
     code, _, err = run_cli(capsys, *flags, "--steps", "5", "--warmup-steps", "1", "--resume")
     assert code == 2 and "started with finetune.steps=4, not 5" in err
     code, _, err = run_cli(

@@ -205,10 +205,10 @@ def test_override_values_are_yaml():
 def test_overrides_apply_before_validation():
     loaded = load_recipe(
         "tiny-yarn",
-        ["finetune.steps=3", "eval.lengths=[256,512]", "seed=5", "extend.factor=4"],
+        ["finetune.steps=6", "eval.lengths=[256,512]", "seed=5", "extend.factor=4"],
     )
     recipe = loaded.recipe
-    assert recipe.finetune.steps == 3 and recipe.eval.lengths == [256, 512]
+    assert recipe.finetune.steps == 6 and recipe.eval.lengths == [256, 512]
     assert recipe.extend.factor == 4.0
     # The recipe seed is the default seed of its sections.
     assert recipe.seed == recipe.finetune.seed == recipe.eval.seed == 5
@@ -276,7 +276,8 @@ def test_tiny_yarn_end_to_end_and_reproducible(capsys, tmp_path, monkeypatch, e2
 
     model, shrink = e2e_model
     monkeypatch.chdir(tmp_path)
-    overrides = [f"model={model}", *shrink, "finetune.steps=2", "eval.num_docs=2"]
+    overrides = [f"model={model}", *shrink, "finetune.steps=2", "finetune.warmup_steps=1"]
+    overrides.append("eval.num_docs=2")
     code, out, err = run_cli(capsys, "run", "tiny-yarn", *overrides, "--output-dir", "run1")
     assert code == 0, err
     assert "perplexity" in out  # the results table

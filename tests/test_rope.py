@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from ctxext.errors import CtxextError
 from ctxext.rope import (
+    ALL_METHODS,
     METHODS,
     RopeInfo,
     analyze,
@@ -265,8 +266,8 @@ def test_mrope_keys_refused() -> None:
 
 
 def test_unknown_method_lists_valid_ones() -> None:
-    message = _error(validate_request, analyze(LLAMA), "longrope", 2.0, None)
-    assert all(m in message for m in METHODS)
+    message = _error(validate_request, analyze(LLAMA), "ntk-by-parts", 2.0, None)
+    assert all(m in message for m in ALL_METHODS) and "longrope" in message
 
 
 @pytest.mark.parametrize(
@@ -565,10 +566,16 @@ def test_reference_formulas() -> None:
     base, _ = reference_inv_freq("default", 10000.0, 8, 1.0, 2048)
     np.testing.assert_allclose(base, [1.0, 0.1, 0.01, 0.001])
     lin, scale = reference_inv_freq("linear", 10000.0, 8, 2.0, 2048)
-    np.testing.assert_allclose(lin, base / 2) and scale == 1.0
-    ntk, _ = reference_inv_freq("ntk", 10000.0, 8, 2.0, 2048)
+    np.testing.assert_allclose(lin, base / 2)
+    assert scale == 1.0
+    ntk, ntk_scale = reference_inv_freq("ntk", 10000.0, 8, 2.0, 2048)
+    assert ntk_scale == 1.0
+    # bloc97's base change written out by hand (theta' = theta * s^(d/(d-2)), d = 8, s = 2),
+    # not through ntk_theta: pair j rotates at theta'^(-2j/d).
+    theta_ntk = 10000.0 * 2.0 ** (8 / 6)
+    np.testing.assert_allclose(ntk, [theta_ntk ** (-2 * j / 8) for j in range(4)], rtol=1e-12)
     assert ntk[0] == 1.0 and ntk[-1] == pytest.approx(base[-1] / 2)  # last pair exactly PI
-    assert ntk_theta(10000.0, 8, 2.0) == pytest.approx(10000.0 * 2 ** (8 / 6))
+    assert ntk_theta(10000.0, 8, 2.0) == pytest.approx(theta_ntk, rel=1e-12)
     same, _ = reference_inv_freq("dynamic", 10000.0, 8, 2.0, 2048, seq_len=1000)
     np.testing.assert_array_equal(same, base)
     # the bracket (s * seq / L) - (s - 1) reaches s at seq = L (2s - 1) / s, not at s x L

@@ -168,6 +168,26 @@ def _theta(family: str) -> float:
     return analyze(TINY[family]).rope_theta
 
 
+@pytest.mark.parametrize("family", list(TINY))
+def test_ntk_matches_bloc97_formula_written_out(family: str, tmp_root: str) -> None:
+    """NTK against theta' = theta * s^(d/(d-2)) typed here, not through rope_reference.
+
+    The writer computes the new base with ntk_theta, and so does the reference: comparing the
+    two alone could never catch a wrong ntk_theta.
+    """
+    _, rot, _ = _load(family, "ntk", tmp_root)
+    layer = "full_attention" if family == "gemma3_text" else None
+    got, scale = _used(rot, "ntk", layer)
+    theta = {"llama": 1e4, "qwen2": 1e6, "mistral": 5e5, "gpt_neox": 1e4, "gemma3_text": 1e6}
+    d = {"llama": 16, "qwen2": 16, "mistral": 32, "gpt_neox": 8, "gemma3_text": 16}[family]
+    s = {"llama": 4.0, "qwen2": 4.0, "mistral": 2.5, "gpt_neox": 8.0, "gemma3_text": 8.0}[family]
+    new_theta = theta[family] * s ** (d / (d - 2))
+    want = [new_theta ** (-2 * j / d) for j in range(d // 2)]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+    assert scale == 1.0
+    assert got[-1] == pytest.approx(theta[family] ** (-(d - 2) / d) / s, rel=1e-6)  # PI at the end
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_gemma3_sliding_layers_keep_local_frequencies(method: str, tmp_root: str) -> None:
     _, rot, _ = _load("gemma3_text", method, tmp_root)
@@ -240,29 +260,34 @@ _APPLY = {
 }
 
 
-def _score(rot, method: str, q, k, m: int, n: int, shift: int, apply) -> tuple[float, float]:
-    """q.k with q at position m and k at n, and both shifted by ``shift``, in float64."""
-    positions = [m, n, m + shift, n + shift]
-    if method == "dynamic":  # one forward pass picks one inv_freq for all its positions
-        rot(torch.zeros(1), torch.tensor([positions]))
-    inv = rot.inv_freq.detach().double()
-    scale = float(rot.attention_scaling)
-    freqs = torch.tensor(positions, dtype=torch.float64)[:, None] * inv[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos() * scale, emb.sin() * scale
+def _score(rot, q, k, m: int, n: int, apply) -> float:
+    """q.k after transformers rotates q to position m and k to n.
 
-    def rotated(vec, i):
-        out, _ = apply(
-            vec[None, None, None, :],
-            vec[None, None, None, :],
-            cos[None, i : i + 1],
-            sin[None, i : i + 1],
-        )
-        return out.reshape(-1)
+    cos/sin come from the rotary module's own forward pass (built from our written config:
+    its inv_freq, attention scaling and, for dynamic, its sequence-length update), and the
+    rotation from the model family's own apply_rotary_pos_emb.
+    """
+    x = torch.zeros(1, dtype=torch.float64)
+    cos, sin = rot(x, torch.tensor([[m, n]]))  # shapes [1, 2, rotary_dim]
+    q_rot, _ = apply(q[None, None, None, :], q[None, None, None, :], cos[:, :1], sin[:, :1])
+    k_rot, _ = apply(k[None, None, None, :], k[None, None, None, :], cos[:, 1:], sin[:, 1:])
+    return float(q_rot.reshape(-1) @ k_rot.reshape(-1))
 
-    before = float(rotated(q, 0) @ rotated(k, 1))
-    after = float(rotated(q, 2) @ rotated(k, 3))
-    return before, after
+
+def _paper_score(q, k, distance: int, inv: np.ndarray, scale: float) -> float:
+    """The same score from the paper's closed form: a function of n - m only.
+
+    Pair i = (x_i, x_{i+h}) of a vector at position p is turned by the angle p * theta_i, and
+    R(a)u . R(b)v = u . R(b - a)v, so q.k = scale^2 sum_i [(u1 v1 + u2 v2) cos(phi_i) +
+    (u2 v1 - u1 v2) sin(phi_i)] with phi_i = (n - m) theta_i; dimensions past the rotary part
+    (partial rotary) are not turned.
+    """
+    q, k = q.numpy(), k.numpy()
+    h = len(inv)
+    u1, u2, v1, v2 = q[:h], q[h : 2 * h], k[:h], k[h : 2 * h]
+    phi = distance * inv
+    turned = np.sum((u1 * v1 + u2 * v2) * np.cos(phi) + (u2 * v1 - u1 * v2) * np.sin(phi))
+    return float(scale**2 * turned + q[2 * h :] @ k[2 * h :])
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -277,14 +302,30 @@ def _score(rot, method: str, q, k, m: int, n: int, shift: int, apply) -> tuple[f
 def test_scores_depend_only_on_distance(
     family: str, method: str, tmp_root: str, m: int, n: int, shift: int, seed: int
 ) -> None:
-    _, rot, _ = _load(family, method, tmp_root)
+    """Shifting both positions leaves q.k unchanged, and q.k is the paper's function of n - m.
+
+    The second check is what makes this fail for a wrong writer: any frequencies give shift
+    invariance, only the paper's frequencies give the paper's scores.
+    """
+    _, loaded, _ = _load(family, method, tmp_root)
     head_dim = 16 if family == "llama" else 32
     rng = np.random.default_rng(seed)
     q = torch.from_numpy(rng.standard_normal(head_dim))
     k = torch.from_numpy(rng.standard_normal(head_dim))
-    before, after = _score(rot, method, q, k, m, n, shift, _APPLY[family])
-    bound = float(q.norm() * k.norm()) * 1e-9
-    assert abs(before - after) <= bound
+    scores = []
+    for first, second in ((m, n), (m + shift, n + shift)):
+        # dynamic NTK keeps the longest length it has seen: a fresh module per forward pass
+        rot = type(loaded)(loaded.config) if method == "dynamic" else loaded
+        seq_len = max(first, second) + 1 if method == "dynamic" else None
+        inv, scale = _expected(family, method, seq_len)
+        got = _score(rot, q, k, first, second, _APPLY[family])
+        want = _paper_score(q, k, second - first, inv, scale)
+        # transformers turns positions into angles in float32: |error| <= ~2e-3 rad here
+        bound = float(q.norm() * k.norm()) * scale**2 * 5e-3
+        assert abs(got - want) <= bound, (first, second, got, want)
+        scores.append(got)
+    if method != "dynamic":  # dynamic rescales with the longest position, by design
+        assert abs(scores[0] - scores[1]) <= float(q.norm() * k.norm()) * 1e-2
 
 
 # --------------------------------------------------------------------------- longrope
