@@ -85,6 +85,7 @@ def extend(
     low_freq_factor: Annotated[float, typer.Option(help="llama3 low_freq_factor.")] = 1.0,
     high_freq_factor: Annotated[float, typer.Option(help="llama3 high_freq_factor.")] = 4.0,
     copy: Annotated[bool, typer.Option("--copy", help="Copy weight files.")] = False,
+    allow_pickle: AllowPickleOpt = False,
     symlink: Annotated[bool, typer.Option("--symlink", help="Symlink weight files.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the config diff; write nothing.")] = False,
@@ -116,7 +117,7 @@ def extend(
             _render_diff(plan)
             err.print("[dim]dry run: nothing written[/dim]")
         return
-    record = write_extended(plan, job)
+    record = write_extended(plan, job, allow_pickle=allow_pickle)
     if as_json:
         out.print_json(data=record)
         return

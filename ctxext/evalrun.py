@@ -104,7 +104,7 @@ def _tokenize_for(
 
     cache: dict[str, list[list[int]]] = {}
     for variant in variants:
-        path = checkpoint.resolve_model(variant.model).path
+        path = checkpoint.resolve_model(variant.model, "tokenizer").path
         if str(path) in cache:
             continue
         tok = load_tokenizer(path, trust_remote_code)
@@ -140,6 +140,7 @@ def _run_variant(
         device_map=cfg.device_map,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
+        progress=progress_factory,
     )
     tok = loaded.tokenizer
     doc_ids = token_cache[str(loaded.source.path)]
@@ -149,6 +150,7 @@ def _run_variant(
         "label": loaded.label,
         "model": loaded.source.name,
         "model_path": str(loaded.source.path),
+        "source": loaded.source.record(),
         "method": variant.extend.method if variant.extend else None,
         "extend": variant.extend.model_dump() if variant.extend else None,
         "trained_length": info.trained_length,

@@ -644,6 +644,7 @@ def run_finetune(
     """
     from accelerate import Accelerator
 
+    from ctxext import checkpoint
     from ctxext.modeling import default_device, load_tokenizer
 
     plan = plan_run(model, output, extend, cfg, resume=resume, overwrite=overwrite)
@@ -667,6 +668,7 @@ def run_finetune(
         )
     # Data first: a source too small for one batch is reported before any weight is loaded.
     report("status", {"message": "packing training data"})
+    plan.source = checkpoint.fetch(plan.source, "tokenizer")  # a Hub model: no weights yet
     tokenizer = load_tokenizer(plan.source.path, trust_remote_code)
     # PoSE windows are cut from target-length chunks; plain training reads whole chunks.
     chunk_length = plan.target_length if cfg.pose else plan.seq_length
@@ -794,8 +796,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _load(plan: Plan, cfg: FinetuneConfig, trust_remote_code: bool, allow_pickle: bool):
     """Load with the extension applied in memory. Full fine-tunes keep fp32 master weights;
     LoRA keeps the frozen base in the compute dtype (peft keeps adapters in fp32)."""
+    from ctxext import checkpoint
     from ctxext.modeling import default_device, load_causal_lm
 
+    plan.source = checkpoint.fetch(plan.source, "weights", allow_pickle=allow_pickle)
     dtype = "float32"
     if cfg.lora_rank is not None and cfg.dtype != "auto":
         dtype = cfg.dtype
@@ -1122,11 +1126,7 @@ def _provenance(
 
     return {
         "tool": "ctxext finetune",
-        "source": {
-            "model": plan.source.name,
-            "kind": plan.source.source,
-            "path": str(plan.source.path),
-        },
+        "source": plan.source.record(),
         "method": plan.method,
         "factor": plan.factor,
         "trained_length": plan.trained_length,

@@ -112,11 +112,16 @@ def load_causal_lm(
     device_map: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    progress: checkpoint.DownloadProgress | None = None,
 ) -> LoadedModel:
-    """Resolve, check and load a causal LM, optionally with a scaling method applied."""
+    """Resolve, check and load a causal LM, optionally with a scaling method applied.
+
+    A Hub model's files are fetched first (``progress`` draws the weight downloads)."""
     from transformers import AutoModelForCausalLM
 
-    source = checkpoint.resolve_model(model)
+    source = checkpoint.resolve_model(
+        model, "weights", allow_pickle=allow_pickle, progress=progress
+    )
     config_dict = checkpoint.read_config(source.path)
     check_causal_lm(config_dict, source.name)
     label = source.name
