@@ -190,7 +190,7 @@ def test_offline_mode_uses_the_populated_cache(hub, cache, tmp_path):
                              "-o", str(tmp_path / "online"))  # fmt: skip
     assert code == 0, err
     hub.clear()
-    code, out, err, _ = ctxext(hub, cache, "inspect", "org/tiny", "--json", offline=True)
+    code, _, err, _ = ctxext(hub, cache, "inspect", "org/tiny", "--json", offline=True)
     assert code == 0, err
     code, _, err, _ = ctxext(hub, cache, "extend", "org/tiny", "-m", "yarn", "--factor", "2",
                              "-o", str(tmp_path / "offline"), offline=True)  # fmt: skip
@@ -223,7 +223,7 @@ def _closed_port() -> int:
 def test_hub_errors_are_one_line_exit_2_and_fast(hub, cache, model, needle):
     endpoint = f"http://127.0.0.1:{_closed_port()}" if needle == "cannot be reached" else ""
     hub.clear()
-    code, out, err, seconds = ctxext(hub, cache, "inspect", model, endpoint=endpoint)
+    code, _, err, seconds = ctxext(hub, cache, "inspect", model, endpoint=endpoint)
     assert code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert needle in err
