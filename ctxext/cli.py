@@ -17,7 +17,13 @@ import typer
 from rich.console import Console
 
 from ctxext import __version__
-from ctxext.cli_options import AllowPickleOpt, FactorOpt, TargetOpt, TrustRemoteCodeOpt
+from ctxext.cli_options import (
+    AllowPickleOpt,
+    DatasetConfigOpt,
+    FactorOpt,
+    TargetOpt,
+    TrustRemoteCodeOpt,
+)
 from ctxext.errors import CtxextError
 
 _APP_SETTINGS: dict[str, Any] = {
@@ -210,7 +216,11 @@ def eval_command(
     passkey_trials: Annotated[int, typer.Option(help="Keys per length x depth.")] = 5,
     no_base: Annotated[bool, typer.Option("--no-base", help="Skip the unscaled rows.")] = False,
     text_field: Annotated[str, typer.Option(help="Text field of .jsonl / datasets.")] = "text",
-    dataset_split: Annotated[str, typer.Option(help="Split of a HF dataset.")] = "test",
+    dataset_config: DatasetConfigOpt = None,
+    dataset_split: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Split of a dataset (default: test, else validation)."),
+    ] = None,
     fallback_encoding: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Encoding for data files that are not UTF-8, e.g. latin-1."),
@@ -240,6 +250,7 @@ def eval_command(
             "tasks": task or ["ppl"],
             "data": data,
             "text_field": text_field,
+            "dataset_config": dataset_config,
             "dataset_split": dataset_split,
             "fallback_encoding": fallback_encoding,
             "stride": stride,

@@ -21,3 +21,7 @@ TrustRemoteCodeOpt = Annotated[
 AllowPickleOpt = Annotated[
     bool, typer.Option("--allow-pickle", help="Allow pickled (*.bin, *.pt) weights.")
 ]
+DatasetConfigOpt = Annotated[
+    Optional[str],  # noqa: UP045 (typer needs Optional on 3.10)
+    typer.Option(help="Config (subset) of a dataset, e.g. wikitext-103-raw-v1."),
+]

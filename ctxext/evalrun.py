@@ -62,15 +62,21 @@ def run_eval(
     progress_factory: ProgressFactory | None = None,
 ) -> dict[str, Any]:
     """Evaluate every variant; returns the results document (see README, "results.json")."""
-    from ctxext.data import data_fingerprint, load_documents
+    from ctxext.data import EVAL_SPLITS, data_fingerprint, eval_documents, open_source
 
-    docs = load_documents(
+    source = open_source(
         cfg.data,
         split="heldout",
         text_field=cfg.text_field,
+        dataset_config=cfg.dataset_config,
         dataset_split=cfg.dataset_split,
+        default_splits=EVAL_SPLITS,
         fallback_encoding=cfg.fallback_encoding,
     )
+    long_enough = None
+    if source.streamed and "ppl" in cfg.tasks:
+        long_enough = _long_enough(variants[0], cfg, trust_remote_code)
+    docs = eval_documents(source, seed=cfg.seed, num_docs=cfg.num_docs, long_enough=long_enough)
     started = time.time()
     token_cache = _tokenize_for(variants, docs, cfg, trust_remote_code)
     runs = [
@@ -85,12 +91,24 @@ def run_eval(
         "config": cfg.model_dump(mode="json"),
         "data": {
             "source": cfg.data or "stdlib (held-out part of the bundled model's corpus)",
+            "split": source.split,
             "fingerprint": data_fingerprint(docs),
             "n_documents": len(docs),
         },
         "protocol": _protocol_summary(runs),
         "runs": runs,
     }
+
+
+def _long_enough(variant: Variant, cfg: EvalConfig, trust_remote_code: bool) -> Any:
+    """Whether a document is long enough for every length (a BOS is prepended when scoring):
+    a streamed dataset is walked until --num-docs such documents are found."""
+    from ctxext.modeling import load_tokenizer
+
+    path = checkpoint.resolve_model(variant.model, "tokenizer").path
+    tok = load_tokenizer(path, trust_remote_code)
+    need = max(cfg.lengths) - (tok.bos_token_id is not None)
+    return lambda doc: len(tok(doc.text, add_special_tokens=False)["input_ids"]) >= need
 
 
 def _tokenize_for(

@@ -31,6 +31,7 @@ This module imports no torch at import time: recipes reuse :class:`FinetuneConfi
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -38,7 +39,8 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +48,7 @@ from typing import Any, Literal
 from pydantic import field_validator, model_validator
 
 from ctxext.config import Dtype, ExtendConfig, StrictModel, known_encoding
+from ctxext.data import DEFAULT_SHUFFLE_BUFFER
 from ctxext.errors import CtxextError
 
 __all__ = [
@@ -138,12 +141,18 @@ class FinetuneConfig(StrictModel):
     folder, a .jsonl file or a Hugging Face dataset name."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.json files and datasets."""
+    dataset_config: str | None = None
+    """Config (subset) of a Hugging Face dataset, e.g. wikitext-103-raw-v1."""
+    dataset_split: str | None = None
+    """Split of a Hugging Face dataset; None reads train."""
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    """Documents in the seeded shuffle buffer a streamed dataset is read through."""
     fallback_encoding: str | None = None
     """Encoding for data files that are not UTF-8 (e.g. latin-1); None refuses them."""
     dtype: Dtype = "auto"
     """Compute dtype: auto = bf16 autocast on CUDA (fp32 master weights), fp32 on CPU."""
 
-    @field_validator("steps", "batch_size", "grad_accum")
+    @field_validator("steps", "batch_size", "grad_accum", "shuffle_buffer")
     @classmethod
     def _positive_int(cls, v: int) -> int:
         if v <= 0:
@@ -329,6 +338,7 @@ class TrainData:
     documents: int
     fingerprint: str
     source: str
+    split: str | None = None  # the dataset split read (None: not a split dataset)
 
 
 def load_train_data(
@@ -336,45 +346,79 @@ def load_train_data(
 ) -> TrainData:
     """Pack the training part of the source into chunks; tokenize only as much as the run reads.
 
-    Documents are shuffled with the seed first, so stopping early still samples the whole
-    source, and the same options always give the same chunks.
+    Documents come in a seeded order, so stopping early still samples the whole source and the
+    same options always give the same chunks (which is what makes --resume exact: the resumed
+    run rebuilds them and continues at its sample count). A small source is shuffled whole; a
+    streamed dataset through a seeded shuffle buffer, and reading stops at the tokens the run
+    needs (held as int64, 8 bytes a token).
     """
     import torch
 
-    from ctxext.data import data_fingerprint, load_documents, tokenize_documents
+    from ctxext.data import TRAIN_SPLITS, Fingerprint, open_source
 
-    docs = load_documents(
+    source = open_source(
         cfg.data,
         split="train",
         text_field=cfg.text_field,
+        dataset_config=cfg.dataset_config,
+        dataset_split=cfg.dataset_split,
+        default_splits=TRAIN_SPLITS,
         fallback_encoding=cfg.fallback_encoding,
     )
-    random.Random(f"ctxext-docs:{cfg.seed}").shuffle(docs)
     wanted = cfg.steps * global_batch * chunk_length
-    stream: list[int] = []
-    used = 0
-    while used < len(docs) and len(stream) < wanted:
-        batch = docs[used : used + 16]
-        ids = tokenize_documents(tokenizer, batch)
-        stream.extend(pack_documents(ids, tokenizer.bos_token_id, tokenizer.eos_token_id))
-        used += len(batch)
+    stream, used, fingerprint = _pack_until(
+        _training_order(source, cfg), tokenizer, wanted, Fingerprint()
+    )
     n_chunks = len(stream) // chunk_length
-    source = cfg.data or "stdlib"
+    name = cfg.data or "stdlib"
     if n_chunks < global_batch:
         need = global_batch * chunk_length
         raise CtxextError(
-            f"the training data ({source}) has {len(stream):,} tokens after packing, but one batch "
+            f"the training data ({name}) has {len(stream):,} tokens after packing, but one batch "
             f"of {global_batch} x {chunk_length} tokens needs at least {need:,}: add data or lower "
             "--batch-size/--grad-accum/--target-length"
         )
-    chunks = torch.tensor(stream[: n_chunks * chunk_length], dtype=torch.long)
+    chunks = torch.frombuffer(stream, dtype=torch.long)[: n_chunks * chunk_length].clone()
     return TrainData(
         chunks=chunks.view(n_chunks, chunk_length),
         tokens=len(stream),
         documents=used,
-        fingerprint=data_fingerprint(docs[:used]),
-        source=source,
+        fingerprint=fingerprint.hexdigest(),
+        source=name,
+        split=source.split,
     )
+
+
+def _training_order(source: Any, cfg: FinetuneConfig) -> Iterator[Any]:
+    """The documents in the run's seeded order (see :func:`load_train_data`)."""
+    if source.streamed:
+        return source.walk(cfg.seed, cfg.shuffle_buffer)
+    docs = list(source.documents)
+    random.Random(f"ctxext-docs:{cfg.seed}").shuffle(docs)
+    return iter(docs)
+
+
+def _pack_until(
+    docs: Iterator[Any], tokenizer: Any, wanted: int, fingerprint: Any, batch: int = 16
+) -> tuple[array, int, Any]:
+    """Tokenize and pack documents, ``batch`` at a time, until ``wanted`` tokens (or the end).
+
+    Returns the packed tokens, how many documents were read, and ``fingerprint`` fed with them.
+    """
+    from ctxext.data import tokenize_documents
+
+    stream = array("q")
+    used = 0
+    while len(stream) < wanted:
+        chunk = list(itertools.islice(docs, batch))
+        if not chunk:
+            break
+        ids = tokenize_documents(tokenizer, chunk)
+        stream.extend(pack_documents(ids, tokenizer.bos_token_id, tokenizer.eos_token_id))
+        for doc in chunk:
+            fingerprint.update(doc)
+        used += len(chunk)
+    return stream, used, fingerprint
 
 
 # --------------------------------------------------------------------------- planning
@@ -715,6 +759,7 @@ def run_finetune(
         "parameters": total,
         "data": {
             "source": data.source,
+            "split": data.split,
             "fingerprint": data.fingerprint,
             "documents": data.documents,
             "tokens": data.tokens,
