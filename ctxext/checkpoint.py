@@ -280,7 +280,7 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
             else f"the Hub ({constants.ENDPOINT}) cannot be reached"
         )
         raise CtxextError(
-            f"Hub model '{repo_id}{at}' is not (completely) in the local Hugging Face cache and "
+            f"Hub model '{repo_id}{at}' is not in the local Hugging Face cache (or only in part) and "
             f"{why}; download it on a connected machine (hf download {repo_id}) or pass a "
             "local folder"
         ) from e
