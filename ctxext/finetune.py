@@ -56,6 +56,7 @@ __all__ = [
     "PackedSamples",
     "ProgressFn",
     "pack_documents",
+    "pack_until",
     "pose_position_ids",
     "run_finetune",
     "work_dir",
@@ -366,8 +367,12 @@ def load_train_data(
         fallback_encoding=cfg.fallback_encoding,
     )
     wanted = cfg.steps * global_batch * chunk_length
-    stream, used, fingerprint = _pack_until(
-        _training_order(source, cfg), tokenizer, wanted, Fingerprint()
+    # Small sources are tokenized 16 documents at a time (fast, and the chunks of the existing
+    # runs stay what they were); a streamed dataset's documents can be whole books, so one at a
+    # time: the run tokenizes little more than the tokens it needs.
+    batch = 1 if source.streamed else 16
+    stream, used, fingerprint = pack_until(
+        _training_order(source, cfg), tokenizer, wanted, Fingerprint(), batch
     )
     n_chunks = len(stream) // chunk_length
     name = cfg.data or "stdlib"
@@ -398,7 +403,7 @@ def _training_order(source: Any, cfg: FinetuneConfig) -> Iterator[Any]:
     return iter(docs)
 
 
-def _pack_until(
+def pack_until(
     docs: Iterator[Any], tokenizer: Any, wanted: int, fingerprint: Any, batch: int = 16
 ) -> tuple[array, int, Any]:
     """Tokenize and pack documents, ``batch`` at a time, until ``wanted`` tokens (or the end).
