@@ -213,13 +213,13 @@ def _download(repo_id: str, commit: str, file: str, progress: DownloadProgress |
 
     # huggingface_hub's own bars are off in the CLI (HF_HUB_DISABLE_PROGRESS_BARS): weight
     # files get exactly one bar, ours (a class that is not huggingface_hub's is always shown).
-    bar = _progress_class(progress) if progress is not None else None
+    bar = _progress_class(progress, f"download {file}") if progress is not None else None
     if bar is None and _is_weight(file):
         from tqdm.auto import tqdm as bar
     hf_hub_download(repo_id, file, revision=commit, tqdm_class=bar)
 
 
-def _progress_class(progress: DownloadProgress) -> type:
+def _progress_class(progress: DownloadProgress, description: str) -> type:
     """A tqdm class that draws nothing itself and reports its count to ``progress``."""
     from tqdm.auto import tqdm
 
@@ -227,7 +227,7 @@ def _progress_class(progress: DownloadProgress) -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.pop("name", None)
             super().__init__(*args, **{**kwargs, "file": open(os.devnull, "w")})  # noqa: SIM115
-            self._report = progress(f"download {self.desc}", int(self.total or 0))
+            self._report = progress(description, int(self.total or 0))
 
         def update(self, n: float | None = 1) -> bool | None:
             shown = super().update(n)

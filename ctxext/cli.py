@@ -311,8 +311,11 @@ def evaluate_and_report(
     with token_progress(err) as progress:
 
         def factory(what: str, total: int):
-            task_id = progress.add_task(what, total=total)
-            return lambda done: progress.update(task_id, completed=done)
+            # Weight downloads report bytes: shown in MiB (the rate column reads per second).
+            scale = 2**20 if what.startswith("download ") else 1
+            label = f"{what} (MiB)" if scale > 1 else what
+            task_id = progress.add_task(label, total=total / scale)
+            return lambda done: progress.update(task_id, completed=done / scale)
 
         results = run_eval(
             variants,

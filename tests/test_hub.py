@@ -242,3 +242,29 @@ def test_pickled_weights_only_with_allow_pickle(hub, cache, tmp_path):
                              "-o", str(tmp_path / "allowed"), "--allow-pickle")  # fmt: skip
     assert code == 0, err
     assert _fetched(hub) == (TOKENIZER - CONFIG) | {"pytorch_model.bin"}  # config was cached
+
+
+def test_weight_downloads_report_progress_once(hub, cache, tmp_path):
+    """One bar per weight file, none for the small files, and none of huggingface_hub's own."""
+    script = (
+        "import json; from ctxext import checkpoint\n"
+        "events = []\n"
+        "def bar(what, total):\n"
+        "    events.append([what, total, 0])\n"
+        "    return lambda done, e=events[-1]: e.__setitem__(2, done)\n"
+        "checkpoint.resolve_model('org/tiny', 'weights', progress=bar)\n"
+        "print(json.dumps(events))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env |= {"HF_ENDPOINT": hub.url, "HF_HOME": str(cache), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    events = json.loads(proc.stdout)
+    weights = sorted(f for f in SHARDS if f.endswith(".safetensors"))
+    assert [e[0] for e in events] == [f"download {f}" for f in weights]
+    assert all(total > 0 and done == total for _, total, done in events)
+    # The CLI: our bars (tqdm, one per weight file) and not huggingface_hub's aggregate bars.
+    code, _, err, _ = ctxext(hub, tmp_path / "fresh", "extend", "org/tiny", "-m", "yarn",
+                             "--factor", "2", "-o", str(tmp_path / "o"))  # fmt: skip
+    assert code == 0, err
+    assert all(f in err for f in weights) and "Fetching" not in err and "Download" not in err
