@@ -60,9 +60,10 @@ __all__ = [
     "tokenize_documents",
 ]
 
-#: Documents held by a streamed dataset's shuffle buffer (books are large: a few hundred of
-#: them is already a good mix and far below 1 GB).
-DEFAULT_SHUFFLE_BUFFER = 256
+#: Documents held by a streamed dataset's shuffle buffer. Documents can be whole books: 64
+#: Gutenberg books (about 0.4 MB each) cost about 120 MB of RSS, 256 of them 420 MB
+#: (benchmarks/bench_data.py); the shards of a Hub dataset are shuffled as well.
+DEFAULT_SHUFFLE_BUFFER = 64
 #: Local .jsonl files above this are streamed through ``datasets`` instead of read whole.
 LARGE_FILE_BYTES = 256 * 2**20
 #: The split a command reads when none is given: the first of these the dataset has.
