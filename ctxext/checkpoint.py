@@ -135,8 +135,10 @@ def fetch(
         return model
     with _hub_errors(model.repo_id, model.revision):
         # The config files first, always: they resolve the revision to a commit (recorded in
-        # the cache's refs/ for offline use) and cache the repository's file listing.
-        path = _snapshot(model.repo_id, model.revision, list(CONFIG_FILES))
+        # the cache's refs/ for offline use) and cache the repository's file listing. Once the
+        # commit is known it is used: a branch that moves meanwhile cannot mix two commits.
+        revision = model.commit or model.revision
+        path = _snapshot(model.repo_id, revision, list(CONFIG_FILES))
         commit = path.name
         files = [f for f in CONFIG_FILES if (path / f).is_file()]
         if need != "config":
