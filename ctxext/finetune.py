@@ -726,7 +726,7 @@ def run_finetune(
     if resume:
         _check_same_run(plan.work, identity)
     report("status", {"message": f"loading {plan.source.name}"})
-    loaded, lm = _load(plan, cfg, trust_remote_code, allow_pickle)
+    loaded, lm = _load(plan, cfg, trust_remote_code, allow_pickle, report)
     net, trainable, total = prepare_model(lm, cfg)
     opt = make_optimizer(net, cfg)
     import torch
@@ -843,13 +843,21 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _load(plan: Plan, cfg: FinetuneConfig, trust_remote_code: bool, allow_pickle: bool):
+def _load(
+    plan: Plan,
+    cfg: FinetuneConfig,
+    trust_remote_code: bool,
+    allow_pickle: bool,
+    report: ProgressFn,
+):
     """Load with the extension applied in memory. Full fine-tunes keep fp32 master weights;
     LoRA keeps the frozen base in the compute dtype (peft keeps adapters in fp32)."""
     from ctxext import checkpoint
     from ctxext.modeling import default_device, load_causal_lm
 
-    plan.source = checkpoint.fetch(plan.source, "weights", allow_pickle=allow_pickle)
+    plan.source = checkpoint.fetch(
+        plan.source, "weights", allow_pickle=allow_pickle, progress=_download_status(report)
+    )
     dtype = "float32"
     if cfg.lora_rank is not None and cfg.dtype != "auto":
         dtype = cfg.dtype
@@ -863,6 +871,19 @@ def _load(plan: Plan, cfg: FinetuneConfig, trust_remote_code: bool, allow_pickle
         allow_pickle=allow_pickle,
     )
     return loaded, loaded.model
+
+
+def _download_status(report: ProgressFn) -> Callable[[str, int], Callable[[int], None]]:
+    """Weight downloads as "status" events (the CLI shows them in its spinner line)."""
+
+    def bar(what: str, total: int) -> Callable[[int], None]:
+        def update(done: int) -> None:
+            message = f"{what}: {done / 2**20:,.0f} / {total / 2**20:,.0f} MiB"
+            report("status", {"message": message})
+
+        return update
+
+    return bar
 
 
 def _loader(data: TrainData, cfg: FinetuneConfig, plan: Plan, start: int, global_batch: int):
