@@ -19,6 +19,7 @@ from rich.console import Console
 from ctxext import __version__
 from ctxext.cli_options import (
     AllowPickleOpt,
+    DatasetConfigOpt,
     FactorOpt,
     OverwriteOpt,
     TargetOpt,
@@ -102,6 +103,7 @@ def extend(
         FactorFileOpt, typer.Option(help="longrope: factors up to the trained length (default 1).")
     ] = None,
     copy: Annotated[bool, typer.Option("--copy", help="Copy weight files.")] = False,
+    allow_pickle: AllowPickleOpt = False,
     symlink: Annotated[bool, typer.Option("--symlink", help="Symlink weight files.")] = False,
     overwrite: OverwriteOpt = False,
     dry_run: Annotated[
@@ -142,7 +144,7 @@ def extend(
             _render_diff(plan)
             err.print("[dim]dry run: nothing written[/dim]")
         return
-    record = write_extended(plan, job)
+    record = write_extended(plan, job, allow_pickle=allow_pickle)
     if as_json:
         out.print_json(data=record)
         return
@@ -275,7 +277,11 @@ def eval_command(
     ] = "auto",
     no_base: Annotated[bool, typer.Option("--no-base", help="Skip the unscaled rows.")] = False,
     text_field: Annotated[str, typer.Option(help="Text field of .jsonl / datasets.")] = "text",
-    dataset_split: Annotated[str, typer.Option(help="Split of a HF dataset.")] = "test",
+    dataset_config: DatasetConfigOpt = None,
+    dataset_split: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Split of a dataset (default: test, else validation)."),
+    ] = None,
     fallback_encoding: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Encoding for data files that are not UTF-8, e.g. latin-1."),
@@ -305,6 +311,7 @@ def eval_command(
             "tasks": task or ["ppl"],
             "data": data,
             "text_field": text_field,
+            "dataset_config": dataset_config,
             "dataset_split": dataset_split,
             "fallback_encoding": fallback_encoding,
             "stride": stride,
@@ -379,8 +386,11 @@ def evaluate_and_report(
     with token_progress(err) as progress:
 
         def factory(what: str, total: int):
-            task_id = progress.add_task(what, total=total)
-            return lambda done: progress.update(task_id, completed=done)
+            # Weight downloads report bytes: shown in MiB (the rate column reads per second).
+            scale = 2**20 if what.startswith("download ") else 1
+            label = f"{what} (MiB)" if scale > 1 else what
+            task_id = progress.add_task(label, total=total / scale)
+            return lambda done: progress.update(task_id, completed=done / scale)
 
         results = run_eval(
             variants,

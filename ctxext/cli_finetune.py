@@ -13,7 +13,14 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from ctxext.cli_options import AllowPickleOpt, FactorOpt, TargetOpt, TrustRemoteCodeOpt
+from ctxext.cli_options import (
+    AllowPickleOpt,
+    DatasetConfigOpt,
+    FactorOpt,
+    TargetOpt,
+    TrustRemoteCodeOpt,
+)
+from ctxext.data import DEFAULT_SHUFFLE_BUFFER
 
 _out = Console()
 _err = Console(stderr=True)
@@ -58,6 +65,14 @@ def finetune(
         ),
     ] = None,
     text_field: Annotated[str, typer.Option(help="Text field of .jsonl files/datasets.")] = "text",
+    dataset_config: DatasetConfigOpt = None,
+    dataset_split: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Split of a dataset (default: train)."),
+    ] = None,
+    shuffle_buffer: Annotated[
+        int, typer.Option(help="Documents in a streamed dataset's seeded shuffle buffer.")
+    ] = DEFAULT_SHUFFLE_BUFFER,
     fallback_encoding: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Encoding for data files that are not UTF-8, e.g. latin-1."),
@@ -129,6 +144,9 @@ def finetune(
             "grad_accum": grad_accum,
             "data": data,
             "text_field": text_field,
+            "dataset_config": dataset_config,
+            "dataset_split": dataset_split,
+            "shuffle_buffer": shuffle_buffer,
             "fallback_encoding": fallback_encoding,
             "lora_rank": lora_rank,
             "lora_alpha": lora_alpha,
@@ -251,7 +269,8 @@ def _render_summary(summary: dict[str, Any]) -> None:
         ),
         (
             "data",
-            f"{summary['data']['source']} ({summary['data']['tokens']:,} tokens, "
+            f"{summary['data']['source']}{_split(summary['data'])} "
+            f"({summary['data']['tokens']:,} tokens, "
             f"fingerprint {summary['data']['fingerprint']})",
         ),
     ]
@@ -260,3 +279,7 @@ def _render_summary(summary: dict[str, Any]) -> None:
     for key, value in rows:
         table.add_row(key, str(value))
     _out.print(table)
+
+
+def _split(data: dict[str, Any]) -> str:
+    return f" [{data['split']}]" if data.get("split") else ""

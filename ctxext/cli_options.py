@@ -24,3 +24,7 @@ AllowPickleOpt = Annotated[
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Replace an existing output folder.")
 ]
+DatasetConfigOpt = Annotated[
+    Optional[str],  # noqa: UP045 (typer needs Optional on 3.10)
+    typer.Option(help="Config (subset) of a dataset, e.g. wikitext-103-raw-v1."),
+]

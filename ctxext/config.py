@@ -163,8 +163,10 @@ class EvalConfig(StrictModel):
     (the bundled model's held-out stdlib files)."""
     text_field: str = "text"
     """Field holding the text in .jsonl files and datasets."""
-    dataset_split: str = "test"
-    """Split of a Hugging Face dataset."""
+    dataset_config: str | None = None
+    """Config (subset) of a Hugging Face dataset, e.g. wikitext-103-raw-v1."""
+    dataset_split: str | None = None
+    """Split of a Hugging Face dataset; None reads test, else validation."""
     fallback_encoding: str | None = None
     """Encoding for data files that are not UTF-8 (e.g. latin-1); None refuses them."""
     stride: int | None = None

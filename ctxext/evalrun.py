@@ -79,7 +79,7 @@ def run_eval(
     """
     from ctxext.data import data_fingerprint
 
-    docs, token_cache = preflight(variants, cfg, trust_remote_code, allow_pickle)
+    source, docs, token_cache = preflight(variants, cfg, trust_remote_code, allow_pickle)
     started = time.time()
     runs = [
         _run_variant(v, cfg, token_cache, trust_remote_code, allow_pickle, progress_factory)
@@ -93,6 +93,7 @@ def run_eval(
         "config": cfg.model_dump(mode="json"),
         "data": {
             "source": cfg.data or "stdlib (held-out part of the bundled model's corpus)",
+            "split": source.split,
             "fingerprint": data_fingerprint(docs),
             "n_documents": len(docs),
         },
@@ -126,35 +127,53 @@ def _who(variant: Variant) -> str:
 
 def preflight(
     variants: list[Variant], cfg: EvalConfig, trust_remote_code: bool, allow_pickle: bool
-) -> tuple[list, dict[str, _Tokens]]:
+) -> tuple[Any, list, dict[str, _Tokens]]:
     """Check every model x method x length before anything slow; returns the data, tokenized.
 
     Cheapest first: every config.json (already scaled, length not beyond the trained length,
     not a causal LM, no weights, no tokenizer files), then the data, then each tokenizer with
     the lengths (too-short data, a passkey prompt that does not fit). No weights are loaded.
     """
-    from ctxext.data import load_documents
+    from ctxext.data import EVAL_SPLITS, eval_documents, open_source
     from ctxext.modeling import check_tokenizer_files, check_weights, resolve_scaled
 
     paths: dict[str, str] = {}
     for variant in variants:
         with _naming(_who(variant)):
-            source, _, _ = resolve_scaled(variant.model, variant.extend)
-            check_weights(source.path, allow_pickle)
+            source, _, _ = resolve_scaled(variant.model, variant.extend, "tokenizer")
+            if source.repo_id is None:  # a Hub model's weights are checked when fetched
+                check_weights(source.path, allow_pickle)
             check_tokenizer_files(source.path)
         paths.setdefault(str(source.path), source.name)
-    docs = load_documents(
+    source = open_source(
         cfg.data,
         split="heldout",
         text_field=cfg.text_field,
+        dataset_config=cfg.dataset_config,
         dataset_split=cfg.dataset_split,
+        default_splits=EVAL_SPLITS,
         fallback_encoding=cfg.fallback_encoding,
     )
+    long_enough = None
+    if source.streamed and "ppl" in cfg.tasks:
+        long_enough = _long_enough(variants[0], cfg, trust_remote_code)
+    docs = eval_documents(source, seed=cfg.seed, num_docs=cfg.num_docs, long_enough=long_enough)
     cache = {}
     for path, name in paths.items():
         with _naming(name):
             cache[path] = _tokenize_and_check(Path(path), docs, cfg, trust_remote_code)
-    return docs, cache
+    return source, docs, cache
+
+
+def _long_enough(variant: Variant, cfg: EvalConfig, trust_remote_code: bool) -> Any:
+    """Whether a document is long enough for every length (a BOS is prepended when scoring):
+    a streamed dataset is walked until --num-docs such documents are found."""
+    from ctxext.modeling import load_tokenizer
+
+    path = checkpoint.resolve_model(variant.model, "tokenizer").path
+    tok = load_tokenizer(path, trust_remote_code)
+    need = max(cfg.lengths) - (tok.bos_token_id is not None)
+    return lambda doc: len(tok(doc.text, add_special_tokens=False)["input_ids"]) >= need
 
 
 def _tokenize_and_check(
@@ -224,6 +243,7 @@ def _run_variant(
         device_map=cfg.device_map,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
+        progress=progress_factory,
     )
     tokens = token_cache[str(loaded.source.path)]
     info = rope.analyze(loaded.config)
@@ -231,6 +251,7 @@ def _run_variant(
         "label": loaded.label,
         "model": loaded.source.name,
         "model_path": str(loaded.source.path),
+        "source": loaded.source.record(),
         "method": variant.extend.method if variant.extend else None,
         "extend": variant.extend.model_dump() if variant.extend else None,
         "trained_length": info.trained_length,

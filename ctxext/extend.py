@@ -71,9 +71,16 @@ def _generation_config(gen: dict[str, Any], new_length: int) -> dict[str, Any]:
     return gen
 
 
-def write_extended(plan: ExtendPlan, job: ExtendJob) -> dict[str, Any]:
-    """Write the extended checkpoint atomically; returns the provenance record."""
+def write_extended(
+    plan: ExtendPlan, job: ExtendJob, *, allow_pickle: bool = False
+) -> dict[str, Any]:
+    """Write the extended checkpoint atomically; returns the provenance record.
+
+    A Hub model's weights are fetched only now (the plan needed its config alone), and only
+    the files a loader needs reach the output (never ``original/``, GGUF or duplicate pickles).
+    """
     out = checkpoint.check_output_path(job.output, [plan.source.path], job.overwrite)
+    plan.source = checkpoint.fetch(plan.source, "weights", allow_pickle=allow_pickle)
     started = time.time()
     with checkpoint.atomic_output(out) as tmp:
         record = write_checkpoint_files(plan, job, tmp)
@@ -84,7 +91,9 @@ def write_extended(plan: ExtendPlan, job: ExtendJob) -> dict[str, Any]:
 def write_checkpoint_files(plan: ExtendPlan, job: ExtendJob, folder: Path) -> dict[str, Any]:
     """Fill ``folder`` (a temporary output being built) with the extended checkpoint."""
     skip = (*checkpoint.REWRITTEN_FILES, checkpoint.PROVENANCE_FILE)
-    placed = checkpoint.link_model_files(plan.source.path, folder, job.link_mode, skip)
+    placed = checkpoint.link_model_files(
+        plan.source.path, folder, job.link_mode, skip, only=plan.source.files
+    )
     checkpoint.write_json(folder / "config.json", plan.after)
     if plan.tokenizer_config is not None:
         checkpoint.write_json(folder / "tokenizer_config.json", plan.tokenizer_config)
@@ -99,11 +108,7 @@ def provenance(plan: ExtendPlan, job: ExtendJob, placed: dict[str, str]) -> dict
     """What was done, from what, with which versions: enough to reproduce or audit it."""
     return {
         "tool": "ctxext extend",
-        "source": {
-            "model": plan.source.name,
-            "kind": plan.source.source,
-            "path": str(plan.source.path),
-        },
+        "source": plan.source.record(),
         "method": job.extend.method,
         "factor": plan.factor,
         "trained_length": rope.analyze(plan.before).trained_length,

@@ -31,6 +31,7 @@ This module imports no torch at import time: recipes reuse :class:`FinetuneConfi
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -38,7 +39,8 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +49,7 @@ from pydantic import field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from ctxext.config import Dtype, ExtendConfig, StrictModel, known_encoding
+from ctxext.data import DEFAULT_SHUFFLE_BUFFER
 from ctxext.errors import CtxextError
 
 __all__ = [
@@ -54,6 +57,7 @@ __all__ = [
     "PackedSamples",
     "ProgressFn",
     "pack_documents",
+    "pack_until",
     "pose_position_ids",
     "run_finetune",
     "work_dir",
@@ -142,12 +146,18 @@ class FinetuneConfig(StrictModel):
     folder, a .jsonl file or a Hugging Face dataset name."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.json files and datasets."""
+    dataset_config: str | None = None
+    """Config (subset) of a Hugging Face dataset, e.g. wikitext-103-raw-v1."""
+    dataset_split: str | None = None
+    """Split of a Hugging Face dataset; None reads train."""
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    """Documents in the seeded shuffle buffer a streamed dataset is read through."""
     fallback_encoding: str | None = None
     """Encoding for data files that are not UTF-8 (e.g. latin-1); None refuses them."""
     dtype: Dtype = "auto"
     """Compute dtype: auto = bf16 autocast on CUDA (fp32 master weights), fp32 on CPU."""
 
-    @field_validator("steps", "batch_size", "grad_accum")
+    @field_validator("steps", "batch_size", "grad_accum", "shuffle_buffer")
     @classmethod
     def _positive_int(cls, v: int) -> int:
         if v <= 0:
@@ -360,6 +370,7 @@ class TrainData:
     documents: int
     fingerprint: str
     source: str
+    split: str | None = None  # the dataset split read (None: not a split dataset)
 
 
 def load_train_data(
@@ -367,45 +378,83 @@ def load_train_data(
 ) -> TrainData:
     """Pack the training part of the source into chunks; tokenize only as much as the run reads.
 
-    Documents are shuffled with the seed first, so stopping early still samples the whole
-    source, and the same options always give the same chunks.
+    Documents come in a seeded order, so stopping early still samples the whole source and the
+    same options always give the same chunks (which is what makes --resume exact: the resumed
+    run rebuilds them and continues at its sample count). A small source is shuffled whole; a
+    streamed dataset through a seeded shuffle buffer, and reading stops at the tokens the run
+    needs (held as int64, 8 bytes a token).
     """
     import torch
 
-    from ctxext.data import data_fingerprint, load_documents, tokenize_documents
+    from ctxext.data import TRAIN_SPLITS, Fingerprint, open_source
 
-    docs = load_documents(
+    source = open_source(
         cfg.data,
         split="train",
         text_field=cfg.text_field,
+        dataset_config=cfg.dataset_config,
+        dataset_split=cfg.dataset_split,
+        default_splits=TRAIN_SPLITS,
         fallback_encoding=cfg.fallback_encoding,
     )
-    random.Random(f"ctxext-docs:{cfg.seed}").shuffle(docs)
     wanted = cfg.steps * global_batch * chunk_length
-    stream: list[int] = []
-    used = 0
-    while used < len(docs) and len(stream) < wanted:
-        batch = docs[used : used + 16]
-        ids = tokenize_documents(tokenizer, batch)
-        stream.extend(pack_documents(ids, tokenizer.bos_token_id, tokenizer.eos_token_id))
-        used += len(batch)
+    # Small sources are tokenized 16 documents at a time (fast, and the chunks of the existing
+    # runs stay what they were); a streamed dataset's documents can be whole books, so one at a
+    # time: the run tokenizes little more than the tokens it needs.
+    batch = 1 if source.streamed else 16
+    stream, used, fingerprint = pack_until(
+        _training_order(source, cfg), tokenizer, wanted, Fingerprint(), batch
+    )
     n_chunks = len(stream) // chunk_length
-    source = cfg.data or "stdlib"
+    name = cfg.data or "stdlib"
     if n_chunks < global_batch:
         need = global_batch * chunk_length
         raise CtxextError(
-            f"the training data ({source}) has {len(stream):,} tokens after packing, but one batch "
+            f"the training data ({name}) has {len(stream):,} tokens after packing, but one batch "
             f"of {global_batch} x {chunk_length} tokens needs at least {need:,}: add data or lower "
             "--batch-size/--grad-accum/--target-length"
         )
-    chunks = torch.tensor(stream[: n_chunks * chunk_length], dtype=torch.long)
+    chunks = torch.frombuffer(stream, dtype=torch.long)[: n_chunks * chunk_length].clone()
     return TrainData(
         chunks=chunks.view(n_chunks, chunk_length),
         tokens=len(stream),
         documents=used,
-        fingerprint=data_fingerprint(docs[:used]),
-        source=source,
+        fingerprint=fingerprint.hexdigest(),
+        source=name,
+        split=source.split,
     )
+
+
+def _training_order(source: Any, cfg: FinetuneConfig) -> Iterator[Any]:
+    """The documents in the run's seeded order (see :func:`load_train_data`)."""
+    if source.streamed:
+        return source.walk(cfg.seed, cfg.shuffle_buffer)
+    docs = list(source.documents)
+    random.Random(f"ctxext-docs:{cfg.seed}").shuffle(docs)
+    return iter(docs)
+
+
+def pack_until(
+    docs: Iterator[Any], tokenizer: Any, wanted: int, fingerprint: Any, batch: int = 16
+) -> tuple[array, int, Any]:
+    """Tokenize and pack documents, ``batch`` at a time, until ``wanted`` tokens (or the end).
+
+    Returns the packed tokens, how many documents were read, and ``fingerprint`` fed with them.
+    """
+    from ctxext.data import tokenize_documents
+
+    stream = array("q")
+    used = 0
+    while len(stream) < wanted:
+        chunk = list(itertools.islice(docs, batch))
+        if not chunk:
+            break
+        ids = tokenize_documents(tokenizer, chunk)
+        stream.extend(pack_documents(ids, tokenizer.bos_token_id, tokenizer.eos_token_id))
+        for doc in chunk:
+            fingerprint.update(doc)
+        used += len(chunk)
+    return stream, used, fingerprint
 
 
 # --------------------------------------------------------------------------- planning
@@ -677,6 +726,7 @@ def run_finetune(
     plan = plan_run(model, output, extend, cfg, resume=resume, overwrite=overwrite)
     from accelerate import Accelerator  # only now: a refused request never waits for torch
 
+    from ctxext import checkpoint
     from ctxext.modeling import default_device, load_tokenizer
 
     device = default_device()
@@ -699,6 +749,7 @@ def run_finetune(
         )
     # Data first: a source too small for one batch is reported before any weight is loaded.
     report("status", {"message": "packing training data"})
+    plan.source = checkpoint.fetch(plan.source, "tokenizer")  # a Hub model: no weights yet
     tokenizer = load_tokenizer(plan.source.path, trust_remote_code)
     # PoSE windows are cut from target-length chunks; plain training reads whole chunks.
     chunk_length = plan.target_length if cfg.pose else plan.seq_length
@@ -707,7 +758,7 @@ def run_finetune(
     if resume:
         _check_same_run(plan.work, identity)
     report("status", {"message": f"loading {plan.source.name}"})
-    loaded, lm = _load(plan, cfg, trust_remote_code, allow_pickle)
+    loaded, lm = _load(plan, cfg, trust_remote_code, allow_pickle, report)
     net, trainable, total = prepare_model(lm, cfg)
     opt = make_optimizer(net, cfg)
     import torch
@@ -746,6 +797,7 @@ def run_finetune(
         "parameters": total,
         "data": {
             "source": data.source,
+            "split": data.split,
             "fingerprint": data.fingerprint,
             "documents": data.documents,
             "tokens": data.tokens,
@@ -824,11 +876,21 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _load(plan: Plan, cfg: FinetuneConfig, trust_remote_code: bool, allow_pickle: bool):
+def _load(
+    plan: Plan,
+    cfg: FinetuneConfig,
+    trust_remote_code: bool,
+    allow_pickle: bool,
+    report: ProgressFn,
+):
     """Load with the extension applied in memory. Full fine-tunes keep fp32 master weights;
     LoRA keeps the frozen base in the compute dtype (peft keeps adapters in fp32)."""
+    from ctxext import checkpoint
     from ctxext.modeling import default_device, load_causal_lm
 
+    plan.source = checkpoint.fetch(
+        plan.source, "weights", allow_pickle=allow_pickle, progress=_download_status(report)
+    )
     dtype = "float32"
     if cfg.lora_rank is not None and cfg.dtype != "auto":
         dtype = cfg.dtype
@@ -842,6 +904,19 @@ def _load(plan: Plan, cfg: FinetuneConfig, trust_remote_code: bool, allow_pickle
         allow_pickle=allow_pickle,
     )
     return loaded, loaded.model
+
+
+def _download_status(report: ProgressFn) -> Callable[[str, int], Callable[[int], None]]:
+    """Weight downloads as "status" events (the CLI shows them in its spinner line)."""
+
+    def bar(what: str, total: int) -> Callable[[int], None]:
+        def update(done: int) -> None:
+            message = f"{what}: {done / 2**20:,.0f} / {total / 2**20:,.0f} MiB"
+            report("status", {"message": message})
+
+        return update
+
+    return bar
 
 
 def _loader(data: TrainData, cfg: FinetuneConfig, plan: Plan, start: int, global_batch: int):
@@ -1170,11 +1245,7 @@ def _provenance(
 
     return {
         "tool": "ctxext finetune",
-        "source": {
-            "model": plan.source.name,
-            "kind": plan.source.source,
-            "path": str(plan.source.path),
-        },
+        "source": plan.source.record(),
         "method": plan.method,
         "factor": plan.factor,
         "trained_length": plan.trained_length,

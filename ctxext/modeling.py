@@ -105,14 +105,19 @@ def build_config(
 
 
 def resolve_scaled(
-    model: str | None, extend: ExtendConfig | None = None
+    model: str | None,
+    extend: ExtendConfig | None = None,
+    need: checkpoint.Need = "config",
+    *,
+    allow_pickle: bool = False,
+    progress: checkpoint.DownloadProgress | None = None,
 ) -> tuple[checkpoint.ResolvedModel, dict[str, Any], str]:
     """Where the model is, its config dict after the in-memory rewrite, and its row label.
 
     Reads config.json only (no torch, no transformers), so callers can check every model and
-    method before anything slow runs.
+    method before anything slow runs; a Hub model's files are fetched up to ``need``.
     """
-    source = checkpoint.resolve_model(model)
+    source = checkpoint.resolve_model(model, need, allow_pickle=allow_pickle, progress=progress)
     config_dict = checkpoint.read_config(source.path)
     check_causal_lm(config_dict, source.name)
     if extend is None:
@@ -133,11 +138,16 @@ def load_causal_lm(
     device_map: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    progress: checkpoint.DownloadProgress | None = None,
 ) -> LoadedModel:
-    """Resolve, check and load a causal LM, optionally with a scaling method applied."""
+    """Resolve, check and load a causal LM, optionally with a scaling method applied.
+
+    A Hub model's files are fetched first (``progress`` draws the weight downloads)."""
     from transformers import AutoModelForCausalLM
 
-    source, config_dict, label = resolve_scaled(model, extend)
+    source, config_dict, label = resolve_scaled(
+        model, extend, "weights", allow_pickle=allow_pickle, progress=progress
+    )
     use_safetensors = check_weights(source.path, allow_pickle)
     tokenizer = load_tokenizer(source.path, trust_remote_code)
     device = default_device()

@@ -7,10 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from ctxext import data
 from ctxext.corpus import Document
 from ctxext.data import (
+    TRAIN_SPLITS,
     data_fingerprint,
+    eval_documents,
     load_documents,
+    open_source,
     parse_dataset_spec,
     tokenize_documents,
 )
@@ -80,24 +84,86 @@ def test_json(tmp_path, payload, texts):
     assert [d.text for d in load_documents(str(f))] == texts
 
 
-def test_hf_dataset_spec_and_loading(monkeypatch):
+def write_dataset(folder: Path, splits: dict[str, list[str]], field: str = "text") -> Path:
+    """A local dataset folder as `datasets` reads a Hub repo: one .jsonl file per split."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, texts in splits.items():
+        lines = [json.dumps({field: t, "n": i}) for i, t in enumerate(texts)]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+SPLITS = {
+    "train": [f"train doc {i}" for i in range(40)],
+    "validation": ["valid doc 0", "", "valid doc 2"],
+    "test": ["test doc 0", "test doc 1"],
+}
+
+
+def test_dataset_folder_is_streamed_through_datasets_with_default_splits(tmp_path):
+    folder = write_dataset(tmp_path / "books", SPLITS)
+    train = open_source(str(folder), default_splits=TRAIN_SPLITS)
+    assert train.streamed and train.split == "train"
+    assert [d.text for d in train.all_documents()] == SPLITS["train"]
+    # Evaluation reads test, else validation; empty records are dropped; names carry the split.
+    docs = load_documents(str(folder))
+    assert [d.text for d in docs] == SPLITS["test"]
+    assert docs[0].name == f"{folder}[test]#0"
+    no_test = write_dataset(tmp_path / "no-test", {k: SPLITS[k] for k in ("train", "validation")})
+    assert [d.text for d in load_documents(str(no_test))] == ["valid doc 0", "valid doc 2"]
+    assert load_documents(str(no_test), dataset_split="train")[0].text == "train doc 0"
+    only_train = write_dataset(tmp_path / "only-train", {"train": SPLITS["train"]})
+    with pytest.raises(CtxextError, match=r"no test or validation split \(it has: train\)"):
+        load_documents(str(only_train))
+    with pytest.raises(CtxextError, match=r"no split 'dev' \(it has: "):
+        load_documents(str(folder), dataset_split="dev")
+    with pytest.raises(CtxextError, match=r"record 0 has no 'body' field \(found: text, n\)"):
+        load_documents(str(folder), text_field="body")
+
+
+def test_streamed_walk_is_a_seeded_permutation(tmp_path):
+    source = open_source(str(write_dataset(tmp_path / "d", SPLITS)), default_splits=TRAIN_SPLITS)
+    first = [d.text for d in source.walk(seed=1, buffer_size=8)]
+    assert first == [d.text for d in source.walk(seed=1, buffer_size=8)]
+    assert first != [d.text for d in source.walk(seed=2, buffer_size=8)]
+    assert first != SPLITS["train"] and sorted(first) == sorted(SPLITS["train"])
+
+
+def test_eval_walks_a_stream_until_it_has_num_docs_long_enough(tmp_path):
+    texts = [("long " * 50 if i % 3 == 0 else "short") + f" {i}" for i in range(60)]
+    source = open_source(str(write_dataset(tmp_path / "d", {"test": texts})))
+    seen = []
+
+    def long_enough(doc):
+        seen.append(doc.text)
+        return doc.text.startswith("long")
+
+    docs = eval_documents(source, seed=3, num_docs=4, long_enough=long_enough)
+    assert len(docs) == 4 and all(d.text.startswith("long") for d in docs)
+    assert seen[-1] == docs[-1].text and len(seen) < len(texts)  # stopped at the 4th
+    assert docs == eval_documents(source, seed=3, num_docs=4, long_enough=long_enough)
+    assert [d.text for d in eval_documents(source, seed=3, num_docs=None)] == texts
+
+
+def test_parquet_and_large_jsonl_files_are_streamed(tmp_path, monkeypatch):
     import datasets
 
-    calls = []
+    pq = tmp_path / "docs.parquet"
+    datasets.Dataset.from_dict({"text": ["a", "b"]}).to_parquet(str(pq))
+    source = open_source(str(pq))
+    assert source.streamed and source.split is None
+    assert [d.text for d in source.all_documents()] == ["a", "b"]
+    jsonl = tmp_path / "big.jsonl"
+    jsonl.write_text('{"text": "x"}\n{"text": "y"}\n')
+    assert not open_source(str(jsonl)).streamed  # small: read as before
+    monkeypatch.setattr(data, "LARGE_FILE_BYTES", 10)
+    source = open_source(str(jsonl))
+    assert source.streamed and [d.text for d in source.all_documents()] == ["x", "y"]
 
-    def fake_load_dataset(name, config, split):
-        calls.append((name, config, split))
-        return datasets.Dataset.from_dict({"text": ["first doc", "", "second"], "n": [1, 2, 3]})
 
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    docs = load_documents("org/books:full@validation")
-    assert calls == [("org/books", "full", "validation")]
-    assert [d.text for d in docs] == ["first doc", "second"]
-    assert docs[0].name == "org/books[validation]#0"
-    load_documents("pg19", dataset_split="train")
-    assert calls[-1] == ("pg19", None, "train")
-    with pytest.raises(CtxextError, match=r"no 'body' column \(columns: text, n\)"):
-        load_documents("pg19", text_field="body")
+def test_dataset_config_given_twice_must_agree():
+    with pytest.raises(CtxextError, match="give it once"):
+        open_source("wikitext:a", dataset_config="b")
 
 
 def test_parse_dataset_spec():

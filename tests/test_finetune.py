@@ -221,15 +221,33 @@ CPU_ONLY = pytest.mark.skipif(
 )
 
 
+def stdlib_dataset(folder: Path, n: int = 120) -> Path:
+    """A local dataset folder (read by `datasets`, streamed): stdlib training files as a
+    train.jsonl split."""
+    from ctxext.corpus import stdlib_documents
+
+    folder.mkdir(parents=True)
+    docs = itertools.islice(stdlib_documents("train"), n)
+    lines = [json.dumps({"text": d.text, "path": d.name}) for d in docs]
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
 @CPU_ONLY
-def test_resume_after_sigkill_gives_the_same_weights(tmp_path, tiny_llama_session):
+@pytest.mark.parametrize("streamed", [False, True], ids=["stdlib", "streamed-dataset"])
+def test_resume_after_sigkill_gives_the_same_weights(tmp_path, tiny_llama_session, streamed):
     args = ["--method", "yarn", "--factor", "2", "--steps", "24", "--lr", "1e-3",
             "--warmup-steps", "3", "--lr-schedule", "cosine", "--save-every", "3", "--seed", "5"]  # fmt: skip
+    data = {}
+    if streamed:  # a seeded shuffle buffer over a stream: resuming must rebuild the same samples
+        data = {"data": str(stdlib_dataset(tmp_path / "ds")), "shuffle_buffer": 8}
+        args += ["--data", data["data"], "--shuffle-buffer", "8"]
     cfg = FinetuneConfig(
-        steps=24, lr=1e-3, warmup_steps=3, lr_schedule="cosine", save_every=3, seed=5
+        steps=24, lr=1e-3, warmup_steps=3, lr_schedule="cosine", save_every=3, seed=5, **data
     )
     ref = tmp_path / "ref"
-    run_finetune(str(tiny_llama_session), ref, YARN2, cfg)
+    ref_summary = run_finetune(str(tiny_llama_session), ref, YARN2, cfg)
+    assert ref_summary["data"]["split"] == ("train" if streamed else None)
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(

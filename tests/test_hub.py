@@ -1,0 +1,270 @@
+"""Hub models: each command downloads exactly the files it needs, from a fake Hub on 127.0.0.1.
+
+The real huggingface_hub client (in a `ctxext` subprocess, because huggingface_hub reads
+HF_ENDPOINT and HF_HUB_OFFLINE when it is imported) talks to tests/hub_server.py, which logs
+every request. The repo holds the bundled model's config and tokenizer, its weights as two
+safetensors shards with an index, and bait no command may touch: a pytorch_model.bin,
+original/consolidated.00.pth and a .gguf.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BUNDLED
+from hub_server import FakeHub, FakeRepo, commit_sha
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = commit_sha("main")
+V1 = commit_sha("v1")
+CONFIG = {"config.json", "generation_config.json", "tokenizer_config.json"}
+TOKENIZER = {*CONFIG, "tokenizer.json"}
+SHARDS = {
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+    "model.safetensors.index.json",
+}
+BAIT = {"pytorch_model.bin", "original/consolidated.00.pth", "original/params.json",
+        "stdlib-llama.Q8_0.gguf"}  # fmt: skip
+
+
+def _sharded_weights() -> dict[str, bytes]:
+    """The bundled weights split into two safetensors shards plus the index transformers reads."""
+    from safetensors.torch import load_file, save
+
+    tensors = load_file(str(BUNDLED / "model.safetensors"))
+    names = sorted(tensors)
+    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+    files: dict[str, bytes] = {}
+    weight_map = {}
+    for i, part in enumerate(halves, start=1):
+        shard = f"model-{i:05d}-of-00002.safetensors"
+        files[shard] = save({k: tensors[k].contiguous() for k in part}, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    files["model.safetensors.index.json"] = json.dumps(index).encode()
+    return files
+
+
+def _repo_files(config_override: dict | None = None) -> dict[str, bytes]:
+    files = {
+        name: (BUNDLED / name).read_bytes()
+        for name in ("config.json", "generation_config.json", "tokenizer.json",
+                     "tokenizer_config.json")
+    }  # fmt: skip
+    if config_override:
+        config = json.loads(files["config.json"]) | config_override
+        files["config.json"] = json.dumps(config).encode()
+    files |= _sharded_weights()
+    files |= {name: f"bait: never download {name}".encode() for name in BAIT}
+    files["README.md"] = b"# tiny\n"
+    return files
+
+
+@pytest.fixture(scope="module")
+def hub():
+    tiny = FakeRepo(
+        commits={MAIN: _repo_files(), V1: _repo_files({"max_position_embeddings": 128})},
+        refs={"main": MAIN, "v1": V1},
+    )
+    pickled_files = {k: v for k, v in _repo_files().items() if k not in SHARDS}
+    repos = {
+        "org/tiny": tiny,
+        "org/gated": FakeRepo(commits={MAIN: _repo_files()}, refs={"main": MAIN}, gated=True),
+        "org/pickled": FakeRepo(commits={MAIN: pickled_files}, refs={"main": MAIN}),
+    }
+    server = FakeHub(repos).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    return tmp_path / "hf-home"
+
+
+def ctxext(hub: FakeHub, cache: Path, *args: str, offline: bool = False, endpoint: str = ""):
+    """Run the CLI in a subprocess against the fake Hub; returns (code, stdout, stderr, s)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env |= {
+        "HF_ENDPOINT": endpoint or hub.url,
+        "HF_HOME": str(cache),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "NO_PROXY": "127.0.0.1",
+        "PYTHONPATH": str(ROOT),
+    }
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxext", *args], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    return proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - started
+
+
+def _fetched(hub: FakeHub) -> set[str]:
+    """Files whose bytes were downloaded (GET), and no file only looked at (HEAD) either."""
+    got, looked = hub.downloaded("GET"), hub.downloaded("HEAD")
+    assert looked <= got, looked - got
+    return got
+
+
+def test_inspect_and_dry_run_fetch_the_config_only(hub, cache):
+    hub.clear()
+    code, out, err, _ = ctxext(hub, cache, "inspect", "org/tiny", "--json")
+    assert code == 0, err
+    assert json.loads(out)["trained_length"] == 256
+    assert _fetched(hub) == CONFIG
+
+    hub.clear()
+    code, _, err, _ = ctxext(hub, cache, "extend", "org/tiny", "-m", "yarn", "--factor", "2",
+                             "-o", str(cache.parent / "x"), "--dry-run")  # fmt: skip
+    assert code == 0, err
+    assert _fetched(hub) <= CONFIG  # cached already: nothing more than the config files
+    assert not (cache.parent / "x").exists()
+
+
+def test_extend_fetches_only_safetensors_and_links_only_them(hub, cache, tmp_path):
+    hub.clear()
+    out = tmp_path / "ext"
+    code, _, err, _ = ctxext(hub, cache, "extend", "org/tiny", "-m", "yarn", "--factor", "2",
+                             "-o", str(out))  # fmt: skip
+    assert code == 0, err
+    assert _fetched(hub) == TOKENIZER | SHARDS
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert written == TOKENIZER | SHARDS | {"ctxext_provenance.json"}
+    source = json.loads((out / "ctxext_provenance.json").read_text())["source"]
+    assert source["repo_id"] == "org/tiny" and source["commit"] == MAIN
+
+
+@pytest.mark.slow
+def test_eval_and_finetune_fetch_only_safetensors(hub, cache, tmp_path):
+    hub.clear()
+    res = tmp_path / "res"
+    code, _, err, _ = ctxext(hub, cache, "eval", "org/tiny", "--lengths", "64", "--num-docs",
+                             "2", "-o", str(res))  # fmt: skip
+    assert code == 0, err
+    assert _fetched(hub) == TOKENIZER | SHARDS
+    run = json.loads((res / "results.json").read_text())["runs"][0]
+    assert run["source"]["commit"] == MAIN
+
+    cache2 = tmp_path / "hf-home-2"  # a fresh cache: finetune fetches on its own
+    hub.clear()
+    out = tmp_path / "ft"
+    code, _, err, _ = ctxext(hub, cache2, "finetune", "org/tiny", "-m", "yarn", "--factor",
+                             "2", "--steps", "1", "--warmup-steps", "0", "--save-every", "0",
+                             "--train-length", "64", "-o", str(out))  # fmt: skip
+    assert code == 0, err
+    assert _fetched(hub) == TOKENIZER | SHARDS
+    source = json.loads((out / "ctxext_provenance.json").read_text())["source"]
+    assert source["commit"] == MAIN
+
+
+def test_revision_pin_reads_that_commit_and_records_it(hub, cache, tmp_path):
+    hub.clear()
+    code, out, err, _ = ctxext(hub, cache, "inspect", "org/tiny@v1", "--json")
+    assert code == 0, err
+    assert json.loads(out)["trained_length"] == 128  # v1's config, not main's
+    paths = {p for m, p in hub.requests if "/resolve/" in p}
+    assert paths and all(f"/resolve/{V1}/" in p for p in paths)
+
+    ext = tmp_path / "ext-v1"
+    code, _, err, _ = ctxext(hub, cache, "extend", f"org/tiny@{V1}", "-m", "linear",
+                             "--factor", "2", "-o", str(ext))  # fmt: skip
+    assert code == 0, err
+    source = json.loads((ext / "ctxext_provenance.json").read_text())["source"]
+    assert source["commit"] == V1 and source["revision"] == V1
+
+
+def test_offline_mode_uses_the_populated_cache(hub, cache, tmp_path):
+    code, _, err, _ = ctxext(hub, cache, "extend", "org/tiny", "-m", "yarn", "--factor", "2",
+                             "-o", str(tmp_path / "online"))  # fmt: skip
+    assert code == 0, err
+    hub.clear()
+    code, _, err, _ = ctxext(hub, cache, "inspect", "org/tiny", "--json", offline=True)
+    assert code == 0, err
+    code, _, err, _ = ctxext(hub, cache, "extend", "org/tiny", "-m", "yarn", "--factor", "2",
+                             "-o", str(tmp_path / "offline"), offline=True)  # fmt: skip
+    assert code == 0, err
+    assert hub.requests == []  # not one request
+    assert {p.name for p in (tmp_path / "offline").iterdir()} == {
+        p.name for p in (tmp_path / "online").iterdir()
+    }
+    # Offline, a model that was never downloaded is one clear line.
+    code, _, err, _ = ctxext(hub, cache, "inspect", "org/other", offline=True)
+    assert code == 2 and "HF_HUB_OFFLINE" in err and len(err.splitlines()) == 1
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("model", "needle"),
+    [
+        ("org/gated", "is gated"),
+        ("org/missing", "does not exist"),
+        ("org/tiny@no-such-branch", "no revision 'no-such-branch'"),
+        ("org/tiny", "cannot be reached"),
+    ],
+    ids=["gated-401", "missing-404", "missing-revision", "unreachable"],
+)
+def test_hub_errors_are_one_line_exit_2_and_fast(hub, cache, model, needle):
+    endpoint = f"http://127.0.0.1:{_closed_port()}" if needle == "cannot be reached" else ""
+    hub.clear()
+    code, _, err, seconds = ctxext(hub, cache, "inspect", model, endpoint=endpoint)
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert needle in err
+    assert seconds < 5
+    assert len(hub.requests) <= 2  # no retry storm
+
+
+def test_pickled_weights_only_with_allow_pickle(hub, cache, tmp_path):
+    hub.clear()
+    code, _, err, _ = ctxext(hub, cache, "extend", "org/pickled", "-m", "yarn", "--factor", "2",
+                             "-o", str(tmp_path / "refused"))  # fmt: skip
+    assert code == 2 and "--allow-pickle" in err and len(err.splitlines()) == 1
+    assert "pytorch_model.bin" not in _fetched(hub)
+    hub.clear()
+    code, _, err, _ = ctxext(hub, cache, "extend", "org/pickled", "-m", "yarn", "--factor", "2",
+                             "-o", str(tmp_path / "allowed"), "--allow-pickle")  # fmt: skip
+    assert code == 0, err
+    assert _fetched(hub) == (TOKENIZER - CONFIG) | {"pytorch_model.bin"}  # config was cached
+
+
+def test_weight_downloads_report_progress_once(hub, cache, tmp_path):
+    """One bar per weight file, none for the small files, and none of huggingface_hub's own."""
+    script = (
+        "import json; from ctxext import checkpoint\n"
+        "events = []\n"
+        "def bar(what, total):\n"
+        "    events.append([what, total, 0])\n"
+        "    return lambda done, e=events[-1]: e.__setitem__(2, done)\n"
+        "checkpoint.resolve_model('org/tiny', 'weights', progress=bar)\n"
+        "print(json.dumps(events))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env |= {"HF_ENDPOINT": hub.url, "HF_HOME": str(cache), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    events = json.loads(proc.stdout)
+    weights = sorted(f for f in SHARDS if f.endswith(".safetensors"))
+    assert [e[0] for e in events] == [f"download {f}" for f in weights]
+    assert all(total > 0 and done == total for _, total, done in events)
+    # The CLI: our bars (tqdm, one per weight file) and not huggingface_hub's aggregate bars.
+    code, _, err, _ = ctxext(hub, tmp_path / "fresh", "extend", "org/tiny", "-m", "yarn",
+                             "--factor", "2", "-o", str(tmp_path / "o"))  # fmt: skip
+    assert code == 0, err
+    assert all(f in err for f in weights) and "Fetching" not in err and "Download" not in err
