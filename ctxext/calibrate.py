@@ -31,13 +31,29 @@ from typing import Any
 from ctxext.errors import CtxextError
 from ctxext.plan import Calibration, parse_bytes
 
-__all__ = ["available_memory", "cache_dir", "load_calibration", "measure_runtime"]
+__all__ = [
+    "PESSIMISTIC",
+    "available_memory",
+    "cache_dir",
+    "cached_calibration",
+    "load_calibration",
+    "measure_runtime",
+]
 
 MEMORY_LIMIT_ENV = "CTXEXT_MEMORY_LIMIT"
 CACHE_ENV = "CTXEXT_CACHE_DIR"
 _VERSION = 2
 _SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 _ATTENTION_LENGTHS = (512, 1024, 2048, 4096)
+#: A deliberately slow, memory-hungry stand-in used before this machine is measured: a run
+#: that fits and is short even by it needs no calibration (see cli_plan._calibration).
+PESSIMISTIC = Calibration(
+    device="cpu (not measured yet)",
+    matmul_flops={64: 2e8, 4096: 5e9},
+    attention_flops={512: 5e8, 4096: 2e9},
+    bandwidth=1e9,
+    runtime=dict.fromkeys(("eval", "finetune", "lora"), 2**30),
+)
 #: CUDA context + caching allocator reserve, not measurable without a GPU here: 0.5 GiB.
 _CUDA_RUNTIME = 512 * 2**20
 
@@ -64,18 +80,27 @@ def _cache_file(device: str) -> Path:
     return cache_dir() / f"calibration-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
+def cached_calibration() -> Calibration | None:
+    """This machine's calibration if it was measured before, else None."""
+    path = _cache_file(_device())
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("matmul_flops", "attention_flops"):
+            data[key] = {int(k): v for k, v in data[key].items()}
+        return Calibration(**data)
+    except (ValueError, KeyError, TypeError):
+        return None  # an older or damaged cache: measure again
+
+
 def load_calibration(refresh: bool = False) -> Calibration:
     """The cached calibration of this machine, measured now if missing (or ``refresh``)."""
+    cached = None if refresh else cached_calibration()
+    if cached is not None:
+        return cached
     device = _device()
     path = _cache_file(device)
-    if not refresh and path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            for key in ("matmul_flops", "attention_flops"):
-                data[key] = {int(k): v for k, v in data[key].items()}
-            return Calibration(**data)
-        except (ValueError, KeyError, TypeError):
-            pass  # an older or damaged cache: measure again
     calib = _measure(device)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

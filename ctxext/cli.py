@@ -6,6 +6,7 @@ imported inside the commands so that `ctxext --help` is instant.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -17,7 +18,15 @@ import typer
 from rich.console import Console
 
 from ctxext import __version__
-from ctxext.cli_options import AllowPickleOpt, FactorOpt, TargetOpt, TrustRemoteCodeOpt
+from ctxext.cli_options import (
+    AllowPickleOpt,
+    FactorOpt,
+    ForceOpt,
+    MemoryLimitOpt,
+    PlanOnlyOpt,
+    TargetOpt,
+    TrustRemoteCodeOpt,
+)
 from ctxext.errors import CtxextError
 
 _APP_SETTINGS: dict[str, Any] = {
@@ -91,6 +100,7 @@ def extend(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Write a context-extended copy of MODEL (config-only: weights are linked, never loaded)."""
+    from ctxext import checkpoint
     from ctxext.config import ExtendJob
     from ctxext.extend import plan_extend, write_extended
 
@@ -116,7 +126,8 @@ def extend(
             _render_diff(plan)
             err.print("[dim]dry run: nothing written[/dim]")
         return
-    record = write_extended(plan, job)
+    with checkpoint.output_lock(job.output):
+        record = write_extended(plan, job)
     if as_json:
         out.print_json(data=record)
         return
@@ -228,8 +239,12 @@ def eval_command(
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
+    force: ForceOpt = False,
+    memory_limit: MemoryLimitOpt = None,
+    plan_only: PlanOnlyOpt = False,
 ) -> None:
     """Perplexity (and passkey retrieval) at several lengths, models and methods side by side."""
+    from ctxext.cli_plan import GuardOptions
     from ctxext.config import EvalConfig, parse_model, positive_int_list
 
     cfg = parse_model(
@@ -268,6 +283,7 @@ def eval_command(
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
         quiet=as_json,
+        guard=GuardOptions(force, memory_limit, plan_only, as_json),
     )
     if as_json:
         out.print_json(data=results)
@@ -284,17 +300,36 @@ def evaluate_and_report(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     quiet: bool = False,
+    guard: Any = None,
 ) -> dict[str, Any]:
     """Run the evaluation with a progress bar, render it, and write the output folder."""
     from ctxext import checkpoint
-    from ctxext.evalrun import plan_variants, run_eval
-    from ctxext.report import passkey_table, ppl_table, terminal_plot, write_outputs
+    from ctxext.cli_plan import GuardOptions, check_eval
+    from ctxext.evalrun import plan_variants
 
     variants = plan_variants(models, methods, options, cfg)
-    if output is not None:
+    guard = guard or GuardOptions()
+    if output is not None and not guard.plan_only:
         inputs = [checkpoint.resolve_model(m).path for m in models]
         output = checkpoint.check_output_path(output, inputs, overwrite)
+    preflight = check_eval(models, cfg, guard, len(variants) // len(models))
+    with checkpoint.output_lock(output) if output is not None else contextlib.nullcontext():
+        return _evaluate(variants, cfg, output, preflight, quiet, trust_remote_code, allow_pickle)
+
+
+def _evaluate(
+    variants: list[Any],
+    cfg: Any,
+    output: Path | None,
+    preflight: Any,
+    quiet: bool,
+    trust_remote_code: bool,
+    allow_pickle: bool,
+) -> dict[str, Any]:
+    from ctxext import checkpoint
     from ctxext.cli_progress import token_progress
+    from ctxext.evalrun import run_eval
+    from ctxext.report import passkey_table, ppl_table, terminal_plot, write_outputs
 
     with token_progress(err) as progress:
 
@@ -308,6 +343,7 @@ def evaluate_and_report(
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
             progress_factory=factory,
+            preflight=preflight,
         )
     console = err if quiet else out
     if "ppl" in cfg.tasks:
@@ -326,10 +362,13 @@ def evaluate_and_report(
 
 
 from ctxext.cli_finetune import finetune  # noqa: E402 (registered after app exists)
+from ctxext.cli_plan import plan as plan_command  # noqa: E402
 from ctxext.cli_recipes import recipes_app, run  # noqa: E402
 
 app.command("finetune")(finetune)
 app.command("run")(run)
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+app.command("plan", context_settings=_PASS_THROUGH)(plan_command)
 app.add_typer(recipes_app, name="recipes")
 
 

@@ -6,6 +6,7 @@ Only typer and rich are imported at module level, so `ctxext --help` stays insta
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -13,7 +14,15 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from ctxext.cli_options import AllowPickleOpt, FactorOpt, TargetOpt, TrustRemoteCodeOpt
+from ctxext.cli_options import (
+    AllowPickleOpt,
+    FactorOpt,
+    ForceOpt,
+    MemoryLimitOpt,
+    PlanOnlyOpt,
+    TargetOpt,
+    TrustRemoteCodeOpt,
+)
 
 _out = Console()
 _err = Console(stderr=True)
@@ -81,6 +90,9 @@ def finetune(
     grad_ckpt: Annotated[
         bool, typer.Option("--grad-ckpt", help="Gradient checkpointing (less memory).")
     ] = False,
+    max_grad_norm: Annotated[
+        float, typer.Option(help="Clip the global gradient norm to this (recorded).")
+    ] = 1.0,
     save_every: Annotated[
         int, typer.Option(help="Resumable checkpoint every N steps (0: never).")
     ] = 50,
@@ -97,6 +109,9 @@ def finetune(
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    force: ForceOpt = False,
+    memory_limit: MemoryLimitOpt = None,
+    plan_only: PlanOnlyOpt = False,
 ) -> None:
     """Fine-tune MODEL at its extended length (full or LoRA, optionally PoSE); write a merged
     checkpoint. Run it under `accelerate launch -m ctxext finetune ...` for data parallelism."""
@@ -130,14 +145,22 @@ def finetune(
             "pose": pose,
             "train_length": train_length,
             "grad_ckpt": grad_ckpt,
+            "max_grad_norm": max_grad_norm,
             "save_every": save_every,
             "seed": seed,
             "dtype": dtype,
         },
         "finetune options",
     )
+    from ctxext import checkpoint
+    from ctxext.cli_plan import GuardOptions, check_finetune
+
+    guard = GuardOptions(force, memory_limit, plan_only, as_json)
+    if _is_main_process():
+        check_finetune(model, output, extend, cfg, guard)
     _quiet_transformers()
-    with _ProgressBar(enabled=_is_main_process() and not as_json) as bar:
+    lock = checkpoint.output_lock(output) if _is_main_process() else contextlib.nullcontext()
+    with lock, _ProgressBar(enabled=_is_main_process() and not as_json) as bar:
         summary = run_finetune(
             model,
             output,
@@ -211,6 +234,10 @@ class _ProgressBar:
                 completed=info["step"],
                 loss=f"{info['loss']:.4f}",
                 tps=f"{info['tokens_per_s']:,.0f}",
+            )
+        elif event == "warning":
+            (self.progress.console if self.progress is not None else _err).print(
+                f"[yellow]warning:[/yellow] {info['message']}"
             )
         elif event in ("status", "checkpoint") and self.progress is not None:
             text = info.get("message") or f"checkpoint {info['path']}"

@@ -21,3 +21,15 @@ TrustRemoteCodeOpt = Annotated[
 AllowPickleOpt = Annotated[
     bool, typer.Option("--allow-pickle", help="Allow pickled (*.bin, *.pt) weights.")
 ]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Run even if the memory estimate exceeds the limit.")
+]
+MemoryLimitOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        help="Memory budget for the pre-run check, e.g. 20GB (default: available RAM or GPU "
+        "memory; also $CTXEXT_MEMORY_LIMIT).",
+        show_default=False,
+    ),
+]
+PlanOnlyOpt = Annotated[bool, typer.Option("--plan-only", hidden=True)]

@@ -13,7 +13,13 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from ctxext.cli_options import AllowPickleOpt, TrustRemoteCodeOpt
+from ctxext.cli_options import (
+    AllowPickleOpt,
+    ForceOpt,
+    MemoryLimitOpt,
+    PlanOnlyOpt,
+    TrustRemoteCodeOpt,
+)
 
 __all__ = ["recipes_app", "run"]
 
@@ -56,6 +62,9 @@ def run(
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
+    force: ForceOpt = False,
+    memory_limit: MemoryLimitOpt = None,
+    plan_only: PlanOnlyOpt = False,
 ) -> None:
     """Run a recipe: extend -> fine-tune -> eval, then results, plots, report and model card.
 
@@ -69,9 +78,16 @@ def run(
         _print_resolved(loaded)
         _err.print(f"[dim]dry run: {loaded.recipe.summary()}; would write {out}[/dim]")
         return
+    from ctxext import checkpoint
+    from ctxext.cli_plan import GuardOptions, check_recipe
     from ctxext.cli_progress import token_progress
 
-    with token_progress(_err) as progress, _FinetuneBar(progress, enabled=not as_json) as bar:
+    check_recipe(loaded, GuardOptions(force, memory_limit, plan_only, as_json))
+    with (
+        checkpoint.output_lock(out),
+        token_progress(_err) as progress,
+        _FinetuneBar(progress, enabled=not as_json) as bar,
+    ):
         hooks = _hooks(progress, bar, quiet=as_json)
         summary = run_recipe(
             loaded,
@@ -125,6 +141,8 @@ class _FinetuneBar:
                 completed=info["step"],
                 description=f"finetune loss {info['loss']:.3f}",
             )
+        elif event == "warning":
+            self.progress.console.print(f"[yellow]  warning:[/yellow] {info['message']}")
         elif event in ("status", "checkpoint"):
             text = info.get("message") or f"checkpoint {info.get('path')}"
             self.progress.console.print(f"[dim]  {text}[/dim]")

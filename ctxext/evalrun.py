@@ -60,8 +60,13 @@ def run_eval(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     progress_factory: ProgressFactory | None = None,
+    preflight: Callable[[dict[str, list[list[int]]]], None] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every variant; returns the results document (see README, "results.json")."""
+    """Evaluate every variant; returns the results document (see README, "results.json").
+
+    ``preflight(token_cache)`` runs once the data is tokenized, before any model is loaded
+    (the CLI's memory and time check).
+    """
     from ctxext.data import data_fingerprint, load_documents
 
     docs = load_documents(
@@ -73,6 +78,8 @@ def run_eval(
     )
     started = time.time()
     token_cache = _tokenize_for(variants, docs, cfg, trust_remote_code)
+    if preflight is not None:
+        preflight(token_cache)
     runs = [
         _run_variant(v, cfg, docs, token_cache, trust_remote_code, allow_pickle, progress_factory)
         for v in variants
