@@ -313,7 +313,8 @@ def evaluate_and_report(
         inputs = [checkpoint.resolve_model(m).path for m in models]
         output = checkpoint.check_output_path(output, inputs, overwrite)
     preflight = check_eval(models, cfg, guard, len(variants) // len(models))
-    with checkpoint.output_lock(output) if output is not None else contextlib.nullcontext():
+    locked = output is not None and not guard.plan_only
+    with checkpoint.output_lock(output) if locked else contextlib.nullcontext():
         return _evaluate(variants, cfg, output, preflight, quiet, trust_remote_code, allow_pickle)
 
 

@@ -156,11 +156,13 @@ def finetune(
     from ctxext.cli_plan import GuardOptions, check_finetune
 
     guard = GuardOptions(force, memory_limit, plan_only, as_json)
-    if _is_main_process():
-        check_finetune(model, output, extend, cfg, guard)
-    _quiet_transformers()
-    lock = checkpoint.output_lock(output) if _is_main_process() else contextlib.nullcontext()
-    with lock, _ProgressBar(enabled=_is_main_process() and not as_json) as bar:
+    main = _is_main_process()
+    # One writer per output (the main process holds the lock); then the memory/time check.
+    lock = checkpoint.output_lock(output) if main and not plan_only else contextlib.nullcontext()
+    with lock, _ProgressBar(enabled=main and not as_json) as bar:
+        if main:
+            check_finetune(model, output, extend, cfg, guard)
+        _quiet_transformers()
         summary = run_finetune(
             model,
             output,
@@ -216,6 +218,11 @@ class _ProgressBar:
         )
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event == "warning":  # printed even with --json (on stderr)
+            (self.progress.console if self.progress is not None else _err).print(
+                f"[yellow]warning:[/yellow] {info['message']}", soft_wrap=True
+            )
+            return
         if not self.enabled:
             return
         if event == "status" and self.progress is None:
@@ -234,10 +241,6 @@ class _ProgressBar:
                 completed=info["step"],
                 loss=f"{info['loss']:.4f}",
                 tps=f"{info['tokens_per_s']:,.0f}",
-            )
-        elif event == "warning":
-            (self.progress.console if self.progress is not None else _err).print(
-                f"[yellow]warning:[/yellow] {info['message']}"
             )
         elif event in ("status", "checkpoint") and self.progress is not None:
             text = info.get("message") or f"checkpoint {info['path']}"

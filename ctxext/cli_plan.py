@@ -227,7 +227,7 @@ def _decide(run: RunPlan, opts: GuardOptions) -> None:
         )
         if not opts.force:
             raise CtxextError(message)
-        _err.print(f"[yellow]warning:[/yellow] {message} (--force: running anyway)")
+        _err.print(f"[yellow]warning:[/yellow] {message} (--force: running anyway)", soft_wrap=True)
     if seconds is None or seconds > ANNOUNCE_SECONDS:
         _err.print(_table(run, rows, calib, limit, where))
 

@@ -6,6 +6,7 @@ import time, so `ctxext --help` stays instant.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -82,20 +83,17 @@ def run(
     from ctxext.cli_plan import GuardOptions, check_recipe
     from ctxext.cli_progress import token_progress
 
-    check_recipe(loaded, GuardOptions(force, memory_limit, plan_only, as_json))
-    with (
-        checkpoint.output_lock(out),
-        token_progress(_err) as progress,
-        _FinetuneBar(progress, enabled=not as_json) as bar,
-    ):
-        hooks = _hooks(progress, bar, quiet=as_json)
-        summary = run_recipe(
-            loaded,
-            overwrite=overwrite,
-            hooks=hooks,
-            trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
-        )
+    lock = checkpoint.output_lock(out) if not plan_only else contextlib.nullcontext()
+    with lock:  # one writer per output; then the memory/time check
+        check_recipe(loaded, GuardOptions(force, memory_limit, plan_only, as_json))
+        with token_progress(_err) as progress, _FinetuneBar(progress, enabled=not as_json) as bar:
+            summary = run_recipe(
+                loaded,
+                overwrite=overwrite,
+                hooks=_hooks(progress, bar, quiet=as_json),
+                trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
+            )
     if as_json:
         _out.print_json(data=_jsonable(summary))
         return
@@ -142,7 +140,9 @@ class _FinetuneBar:
                 description=f"finetune loss {info['loss']:.3f}",
             )
         elif event == "warning":
-            self.progress.console.print(f"[yellow]  warning:[/yellow] {info['message']}")
+            self.progress.console.print(
+                f"[yellow]  warning:[/yellow] {info['message']}", soft_wrap=True
+            )
         elif event in ("status", "checkpoint"):
             text = info.get("message") or f"checkpoint {info.get('path')}"
             self.progress.console.print(f"[dim]  {text}[/dim]")
