@@ -38,6 +38,7 @@ __all__ = [
     "cached_calibration",
     "load_calibration",
     "measure_runtime",
+    "measure_speed",
 ]
 
 MEMORY_LIMIT_ENV = "CTXEXT_MEMORY_LIMIT"
@@ -110,21 +111,26 @@ def load_calibration(refresh: bool = False) -> Calibration:
 
 
 def _measure(device: str) -> Calibration:
+    cuda = device.startswith("cuda")
+    runtime = dict.fromkeys(("eval", "finetune", "lora"), _CUDA_RUNTIME)
+    if not cuda:
+        runtime = measure_runtime()
+    return measure_speed(Calibration(device, {}, {}, 0.0, runtime))
+
+
+def measure_speed(base: Calibration) -> Calibration:
+    """``base`` with its throughputs measured now (a few seconds; the runtime is kept)."""
     import torch
 
-    cuda = device.startswith("cuda")
+    cuda = base.device.startswith("cuda")
     dev = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
-    rates = {k: _matmul_rate(k, dev, dtype) for k in _SIZES}
-    runtime = measure_runtime() if not cuda else dict.fromkeys(("eval", "finetune", "lora"), 0)
-    if cuda:
-        runtime = dict.fromkeys(runtime, _CUDA_RUNTIME)
     return Calibration(
-        device=device,
-        matmul_flops=rates,
+        device=base.device,
+        matmul_flops={k: _matmul_rate(k, dev, dtype) for k in _SIZES},
         attention_flops=_attention_rates(dev, dtype),
         bandwidth=_bandwidth(dev),
-        runtime=runtime,
+        runtime=base.runtime,
     )
 
 
