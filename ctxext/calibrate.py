@@ -43,7 +43,7 @@ __all__ = [
 
 MEMORY_LIMIT_ENV = "CTXEXT_MEMORY_LIMIT"
 CACHE_ENV = "CTXEXT_CACHE_DIR"
-_VERSION = 2
+_VERSION = 3
 _SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 _ATTENTION_LENGTHS = (512, 1024, 2048, 4096)
 #: A deliberately slow, memory-hungry stand-in used before this machine is measured: a run
@@ -54,6 +54,7 @@ PESSIMISTIC = Calibration(
     attention_flops={512: 5e8, 4096: 2e9},
     bandwidth=1e9,
     runtime=dict.fromkeys(("eval", "finetune", "lora"), 2**30),
+    op_seconds=1e-3,
 )
 #: CUDA context + caching allocator reserve, not measurable without a GPU here: 0.5 GiB.
 _CUDA_RUNTIME = 512 * 2**20
@@ -119,23 +120,30 @@ def _measure(device: str) -> Calibration:
 
 
 def measure_speed(base: Calibration) -> Calibration:
-    """``base`` with its throughputs measured now (a few seconds; the runtime is kept)."""
+    """``base`` with its throughputs measured now (a few seconds; the runtime is kept).
+
+    The op latency is measured first and taken out of every timed call, so that the
+    throughputs are the arithmetic's and the latency is counted once, per kernel, by the plan.
+    """
     import torch
 
     cuda = base.device.startswith("cuda")
     dev = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
+    latency = _op_latency(dev)
     return Calibration(
         device=base.device,
-        matmul_flops={k: _matmul_rate(k, dev, dtype) for k in _SIZES},
-        attention_flops=_attention_rates(dev, dtype),
-        bandwidth=_bandwidth(dev),
+        matmul_flops={k: _matmul_rate(k, dev, dtype, latency) for k in _SIZES},
+        attention_flops=_attention_rates(dev, dtype, latency),
+        bandwidth=_bandwidth(dev, latency),
         runtime=base.runtime,
+        op_seconds=latency,
     )
 
 
-def _timed(fn: Any, dev: str, budget: float = 0.15) -> float:
-    """Seconds per call of ``fn``, after a warm-up, over at least ``budget`` seconds."""
+def _timed(fn: Any, dev: str, budget: float = 0.15, latency: float = 0.0) -> float:
+    """Seconds per call of ``fn``, after a warm-up, over at least ``budget`` seconds, less
+    ``latency`` (floored at a tenth of the call)."""
     import torch
 
     def sync() -> None:
@@ -151,20 +159,21 @@ def _timed(fn: Any, dev: str, budget: float = 0.15) -> float:
         sync()
         elapsed = time.perf_counter() - start
         if elapsed >= budget:
-            return elapsed / n
+            per_call = elapsed / n
+            return max(per_call - latency, per_call / 10)
 
 
-def _matmul_rate(k: int, dev: str, dtype: Any) -> float:
+def _matmul_rate(k: int, dev: str, dtype: Any, latency: float) -> float:
     import torch
 
     # As many rows as a few-thousand-token sequence: small products are overhead-bound.
     m = 4096 if k <= 1024 else 1024 if k <= 2048 else 256
     a = torch.randn(m, k, device=dev, dtype=dtype)
     b = torch.randn(k, k, device=dev, dtype=dtype)
-    return 2.0 * m * k * k / _timed(lambda: a @ b, dev)
+    return 2.0 * m * k * k / _timed(lambda: a @ b, dev, latency=latency)
 
 
-def _attention_rates(dev: str, dtype: Any) -> dict[int, float]:
+def _attention_rates(dev: str, dtype: Any, latency: float) -> dict[int, float]:
     import torch
     import torch.nn.functional as F
 
@@ -173,18 +182,27 @@ def _attention_rates(dev: str, dtype: Any) -> dict[int, float]:
         q, k, v = (torch.randn(1, heads, length, dim, device=dev, dtype=dtype) for _ in range(3))
         with torch.inference_mode():
             sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: B023, E731
-            seconds = _timed(sdpa, dev)
+            seconds = _timed(sdpa, dev, latency=latency)
         rates[length] = 2.0 * 2.0 * (length / 2) * heads * dim * length / seconds
     return rates
 
 
-def _bandwidth(dev: str) -> float:
+def _bandwidth(dev: str, latency: float) -> float:
     import torch
 
-    n = 16 * 2**20  # 64 MiB of fp32
+    n = 32 * 2**20  # 128 MiB of fp32: long enough that the op latency is a small part
     a, b = torch.randn(n, device=dev), torch.randn(n, device=dev)
     # a.add_(b): read a and b, write a.
-    return 3 * 4 * n / _timed(lambda: a.add_(b, alpha=0.5), dev)
+    return 3 * 4 * n / _timed(lambda: a.add_(b, alpha=0.5), dev, latency=latency)
+
+
+def _op_latency(dev: str) -> float:
+    import torch
+
+    # 64k elements: above torch's parallel grain, so the threads are woken and joined, as for
+    # the model's own elementwise kernels; the arithmetic itself is negligible.
+    x = torch.randn(256, 256, device=dev)
+    return _timed(lambda: x + x, dev, budget=0.3)
 
 
 def measure_runtime() -> dict[str, int]:

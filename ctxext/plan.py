@@ -58,6 +58,17 @@ _FULL_PASSES, _LORA_PASSES = 3.0, 2.0
 _ATTN_BACKWARD = 2.5
 #: AdamW reads parameter, gradient, two moments and writes three of them: 7 fp32 touches.
 _ADAM_TOUCHES = 7 * 4
+#: Multi-threaded kernels per decoder layer forward (RMSNorm ~6 x2, q/k/v/o, RoPE ~10, SDPA,
+#: the output copy, residual adds, gate/up/SiLU/product/down), outside the layers (embedding,
+#: rotary tables, final norm, head, loss), and per large parameter tensor in AdamW's step
+#: (single-tensor on CPU: ~7 kernels each). Each costs the calibrated op latency: microseconds
+#: on an idle machine, a scheduler slice on a busy one, where it dominates small models.
+_OPS_PER_LAYER, _OPS_OUTSIDE, _ADAM_OPS_PER_TENSOR = 40, 12, 7
+#: Tensors below this many elements run on one thread (torch's parallel grain): no latency.
+_PARALLEL_GRAIN = 32768
+#: A training step's backward moves about twice the forward's elementwise traffic, in about
+#: as many kernels (autograd's elementwise gradients come fused in fewer, larger kernels).
+_BACKWARD_ELEMENTWISE, _BACKWARD_OPS = 2.0, 1.0
 
 Kind = Literal["eval", "finetune"]
 
@@ -152,6 +163,18 @@ class ModelShape:
         """Causal attention forward: QK^T and PV over on average L/2 keys, every head, layer."""
         return 2.0 * 2.0 * (length / 2) * self.q_dim * self.layers
 
+    def large_tensors(self) -> int:
+        """Weight matrices of at least _PARALLEL_GRAIN elements (AdamW's multi-threaded loops)."""
+        per_layer = sum(a * b >= _PARALLEL_GRAIN for a, b in self.linears())
+        head = self.vocab * self.hidden >= _PARALLEL_GRAIN
+        return self.layers * per_layer + head * (1 if self.tied else 2)
+
+    def elementwise_per_token(self) -> int:
+        """Elements read + written by the non-matmul work of one layer for one token: the two
+        RMSNorms (~6 passes over H each), the residual adds, RoPE on q and k (~6 passes), the
+        attention output's transposed copy, SiLU and the gate * up product."""
+        return 18 * self.hidden + 8 * self.q_dim + 6 * self.kv_dim + 5 * self.intermediate
+
     def saved_per_token(self) -> int:
         """Elements autograd saves per token in one decoder layer (Llama-style, SDPA).
 
@@ -205,6 +228,8 @@ class Calibration:
     runtime: dict[str, int] = field(default_factory=dict)
     """Resident bytes of the process before any model-sized tensor: Python, torch, transformers,
     ctxext and its libraries, a tiny model run once ("eval", "finetune", "lora")."""
+    op_seconds: float = 0.0
+    """Latency of one small multi-threaded kernel (launch, thread wake-up and barrier)."""
 
     def rate(self, k: float) -> float:
         """Matmul FLOP/s at inner size k, interpolated in log-log between calibrated sizes."""
@@ -364,16 +389,32 @@ def _runtime(calib: Calibration, work: Workload) -> int:
 
 
 def _step_seconds(shape: ModelShape, work: Workload, calib: Calibration) -> float:
-    """Forward (eval) or forward + backward + AdamW (finetune) of one optimizer step."""
+    """Forward (eval) or forward + backward + AdamW (finetune) of one optimizer step:
+    matmul and attention FLOPs at their measured throughput, elementwise traffic at the
+    measured bandwidth, and kernel launches at the measured op latency."""
     tokens = work.length * work.batch * work.grad_accum
     matmul = _matmul_seconds(shape, calib) * tokens
     attn = shape.attention_flops_per_token(work.length) * tokens / calib.attention_rate(work.length)
+    # Elementwise work of the layers plus the loss's passes over [tokens, vocab] fp32 logits
+    # (log-softmax: max, exp-sum, subtract, gather).
+    elements = shape.layers * shape.elementwise_per_token() * DTYPE_BYTES[work.compute_dtype]
+    elements += 4 * shape.vocab * 4
+    traffic = elements * tokens / calib.bandwidth
+    ops = (shape.layers * _OPS_PER_LAYER + _OPS_OUTSIDE) * work.grad_accum * calib.op_seconds
     if work.kind == "eval":
-        return matmul + attn
+        return matmul + attn + traffic + ops
     passes = _LORA_PASSES if work.lora_rank else _FULL_PASSES
     recompute = 1.0 if work.grad_ckpt else 0.0
     adam = _ADAM_TOUCHES * _trainable(shape, work) / calib.bandwidth
-    return matmul * (passes + recompute) + attn * (1 + _ATTN_BACKWARD + recompute) + adam
+    tensors = shape.large_tensors() if work.lora_rank is None else 1  # LoRA: the embedding
+    adam += _ADAM_OPS_PER_TENSOR * tensors * calib.op_seconds
+    return (
+        matmul * (passes + recompute)
+        + attn * (1 + _ATTN_BACKWARD + recompute)
+        + traffic * (1 + _BACKWARD_ELEMENTWISE + recompute)
+        + ops * (1 + _BACKWARD_OPS + recompute)
+        + adam
+    )
 
 
 def _matmul_seconds(shape: ModelShape, calib: Calibration) -> float:
@@ -420,7 +461,7 @@ def suggest_changes(
         found.append(" ".join(name for name, _ in options))
     shorter = _longest_fitting(work, fits)
     if shorter is not None:
-        flag = "--lengths" if work.kind == "eval" else "--target-length/--train-length"
+        flag = "--lengths" if work.kind == "eval" else "--target-length"
         found.append(f"{flag} {shorter}")
     return found[:3]
 
