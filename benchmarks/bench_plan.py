@@ -13,8 +13,8 @@ each in a fresh subprocess through the real pipeline (``evalrun.run_eval`` /
 ``finetune.run_finetune``), and compares
 
 * peak RSS (the subprocess's own ``ru_maxrss``) with ``plan.estimate(...).peak``;
-* time: eval, seconds per token between the first and the last forward pass (from the progress
-  callback, so loading and tokenizing are not counted); finetune, seconds per optimizer step
+* time: eval, seconds per token from the model being loaded to the last forward pass (from
+  the progress callback, so loading and tokenizing are not counted); finetune, seconds per optimizer step
   after the first (warm-up) step, from the training log;
 
 against this machine's calibration, measured afresh at the start (``--cached`` reuses the
@@ -76,12 +76,14 @@ def worker_eval(args: argparse.Namespace) -> dict:
     ticks: list[tuple[float, int]] = []
 
     def factory(what: str, total: int):
+        # Called once the model is loaded, right before the first forward pass.
+        ticks.append((time.perf_counter(), 0))
         return lambda done: ticks.append((time.perf_counter(), done))
 
     variants = evalrun.plan_variants([args.model], [], {}, cfg)
     evalrun.run_eval(variants, cfg, progress_factory=factory)
     (t0, n0), (t1, n1) = ticks[0], ticks[-1]
-    return {"peak_rss": _peak_rss(), "seconds_per_token": (t1 - t0) / max(1, n1 - n0)}
+    return {"peak_rss": _peak_rss(), "seconds_per_token": (t1 - t0) / (n1 - n0)}
 
 
 def worker_finetune(args: argparse.Namespace) -> dict:
@@ -154,7 +156,7 @@ def _cases(name: str) -> list[tuple[str, str, dict, dict]]:
     return out
 
 
-def _measure_model(name: str, model: str, calib, tmp: Path) -> list[dict]:
+def _measure_model(name: str, model: str, calib, tmp: Path, kinds: tuple[str, ...]) -> list[dict]:
     from ctxext import calibrate, checkpoint, plan
 
     shape = plan.ModelShape.from_config(
@@ -162,6 +164,8 @@ def _measure_model(name: str, model: str, calib, tmp: Path) -> list[dict]:
     )
     rows = []
     for label, kind, args, work in _cases(name):
+        if kind not in kinds:
+            continue
         if kind == "finetune":
             args = {**args, "out": tmp / f"{name}-{len(rows)}"}
         # Throughput re-measured right before the run: the shared cores' load changes by the
@@ -242,6 +246,7 @@ def main() -> None:
     p.add_argument("--out")
     p.add_argument("--only", choices=["bundled", "qwen2"])
     p.add_argument("--cached", action="store_true", help="Reuse the cached calibration.")
+    p.add_argument("--kinds", default="eval,finetune", help="eval, finetune or both.")
     args = p.parse_args()
     if args.worker:
         result = (worker_eval if args.worker == "eval" else worker_finetune)(args)
@@ -250,6 +255,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from ctxext import calibrate
 
+    kinds = tuple(args.kinds.split(","))
     load = os.getloadavg()
     started = time.time()
     calib = calibrate.load_calibration(refresh=not args.cached)
@@ -261,10 +267,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "bundled"):
-            rows += _measure_model("bundled", "stdlib-llama", calib, Path(tmp))
+            rows += _measure_model("bundled", "stdlib-llama", calib, Path(tmp), kinds)
         if args.only in (None, "qwen2"):
             model = build_qwen2(Path(tmp) / "qwen2-110m")
-            rows += _measure_model("qwen2", str(model), calib, Path(tmp))
+            rows += _measure_model("qwen2", str(model), calib, Path(tmp), kinds)
     mem = [r["pred_rss"] / r["meas_rss"] for r in rows]
     tim = [r["pred_time_now"] / r["meas_time"] for r in rows]
     print(
