@@ -304,7 +304,7 @@ def evaluate_and_report(
 ) -> dict[str, Any]:
     """Run the evaluation with a progress bar, render it, and write the output folder."""
     from ctxext import checkpoint
-    from ctxext.cli_plan import GuardOptions, check_eval
+    from ctxext.cli_plan import Announcement, GuardOptions, check_eval
     from ctxext.evalrun import plan_variants
 
     variants = plan_variants(models, methods, options, cfg)
@@ -312,17 +312,19 @@ def evaluate_and_report(
     if output is not None and not guard.plan_only:
         inputs = [checkpoint.resolve_model(m).path for m in models]
         output = checkpoint.check_output_path(output, inputs, overwrite)
-    preflight = check_eval(models, cfg, guard, len(variants) // len(models))
+    announce = Announcement()
+    preflight = check_eval(models, cfg, guard, len(variants) // len(models), announce)
     locked = output is not None and not guard.plan_only
     with checkpoint.output_lock(output) if locked else contextlib.nullcontext():
-        return _evaluate(variants, cfg, output, preflight, quiet, trust_remote_code, allow_pickle)
+        checks = (preflight, announce)
+        return _evaluate(variants, cfg, output, checks, quiet, trust_remote_code, allow_pickle)
 
 
 def _evaluate(
     variants: list[Any],
     cfg: Any,
     output: Path | None,
-    preflight: Any,
+    checks: tuple[Any, Any],
     quiet: bool,
     trust_remote_code: bool,
     allow_pickle: bool,
@@ -332,9 +334,11 @@ def _evaluate(
     from ctxext.evalrun import run_eval
     from ctxext.report import passkey_table, ppl_table, terminal_plot, write_outputs
 
+    preflight, announce = checks  # the memory/time check, and a long run's estimate
     with token_progress(err) as progress:
 
         def factory(what: str, total: int):
+            announce.show(progress.console)  # once the first model is loaded
             task_id = progress.add_task(what, total=total)
             return lambda done: progress.update(task_id, completed=done)
 

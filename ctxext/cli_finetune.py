@@ -161,7 +161,7 @@ def finetune(
     lock = checkpoint.output_lock(output) if main and not plan_only else contextlib.nullcontext()
     with lock, _ProgressBar(enabled=main and not as_json) as bar:
         if main:
-            check_finetune(model, output, extend, cfg, guard)
+            bar.announce = check_finetune(model, output, extend, cfg, guard)
         _quiet_transformers()
         summary = run_finetune(
             model,
@@ -194,6 +194,7 @@ class _ProgressBar:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
+        self.announce: Any = None  # cli_plan.Announcement: shown when training starts
         self.progress: Any = None
         self.task: Any = None
         self.status: Any = None
@@ -223,6 +224,9 @@ class _ProgressBar:
                 f"[yellow]warning:[/yellow] {info['message']}", soft_wrap=True
             )
             return
+        if event == "start" and self.announce is not None:
+            self._stop_status()
+            self.announce.show(_err)
         if not self.enabled:
             return
         if event == "status" and self.progress is None:

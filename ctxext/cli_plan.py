@@ -20,7 +20,15 @@ from rich.console import Console
 
 from ctxext.errors import CtxextError
 
-__all__ = ["GuardOptions", "RunPlan", "check_eval", "check_finetune", "check_recipe", "plan"]
+__all__ = [
+    "Announcement",
+    "GuardOptions",
+    "RunPlan",
+    "check_eval",
+    "check_finetune",
+    "check_recipe",
+    "plan",
+]
 
 _out = Console()
 _err = Console(stderr=True)
@@ -39,6 +47,19 @@ class GuardOptions:
     memory_limit: str | None = None
     plan_only: bool = False
     as_json: bool = False
+
+
+@dataclass
+class Announcement:
+    """The estimate of a long run, printed once, when the work starts (after every cheap check
+    and the model load, so that a bad input still fails with its one line)."""
+
+    table: Any = None
+
+    def show(self, console: Any) -> None:
+        if self.table is not None:
+            console.print(self.table)
+            self.table = None
 
 
 @dataclass
@@ -76,16 +97,18 @@ def plan(
     raise typer.Exit(_run_app([command, *ctx.args, "--plan-only"]))
 
 
-def check_finetune(model: str | None, output: Any, extend: Any, cfg: Any, opts: GuardOptions):
+def check_finetune(
+    model: str | None, output: Any, extend: Any, cfg: Any, opts: GuardOptions
+) -> Announcement:
     """Before `finetune` loads anything: its workload against this machine."""
     from ctxext.finetune import plan_run
 
     # overwrite=True: the output rules are checked by the run itself, not by its plan.
     run = plan_run(model, output, extend, cfg, resume=False, overwrite=True)
-    _decide(_finetune_plan(run.source, run.trained_length, run.seq_length, cfg), opts)
+    return _decide(_finetune_plan(run.source, run.trained_length, run.seq_length, cfg), opts)
 
 
-def check_recipe(loaded: Any, opts: GuardOptions) -> None:
+def check_recipe(loaded: Any, opts: GuardOptions) -> Announcement:
     """Before `run` does anything slow: its fine-tune and eval phases against this machine."""
     from ctxext import checkpoint, rope
 
@@ -106,19 +129,22 @@ def check_recipe(loaded: Any, opts: GuardOptions) -> None:
         ev = _eval_plan([recipe.model], recipe.eval, None)
         run.shape = ev.shape
         run.phases += [(f"eval {label}", w) for label, w in ev.phases]
-    if run.phases:
-        _decide(run, opts)
+    return _decide(run, opts) if run.phases else Announcement()
 
 
 def check_eval(
-    models: list[str | None], cfg: Any, opts: GuardOptions, variants_per_model: int
+    models: list[str | None],
+    cfg: Any,
+    opts: GuardOptions,
+    variants_per_model: int,
+    announce: Announcement,
 ) -> Callable[[dict[str, list[list[int]]]], None]:
     """The check `run_eval` makes once the data is tokenized (the token counts give the time),
-    before any model is loaded."""
+    before any model is loaded; a long run's estimate goes to ``announce``."""
 
     def preflight(token_cache: dict[str, list[list[int]]]) -> None:
         tokens = _eval_tokens(models, cfg, token_cache, variants_per_model)
-        _decide(_eval_plan(models, cfg, tokens), opts)
+        announce.table = _decide(_eval_plan(models, cfg, tokens), opts).table
 
     return preflight
 
@@ -203,7 +229,7 @@ def _device() -> str:
 # --------------------------------------------------------------------------- the decision
 
 
-def _decide(run: RunPlan, opts: GuardOptions) -> None:
+def _decide(run: RunPlan, opts: GuardOptions) -> Announcement:
     """Print the plan (plan-only), refuse an over-budget run, or announce a long one."""
     from ctxext import plan
 
@@ -229,7 +255,8 @@ def _decide(run: RunPlan, opts: GuardOptions) -> None:
             raise CtxextError(message)
         _err.print(f"[yellow]warning:[/yellow] {message} (--force: running anyway)", soft_wrap=True)
     if seconds is None or seconds > ANNOUNCE_SECONDS:
-        _err.print(_table(run, rows, calib, limit, where))
+        return Announcement(_table(run, rows, calib, limit, where))
+    return Announcement()
 
 
 def _limit(opts: GuardOptions) -> tuple[int, str]:

@@ -85,12 +85,12 @@ def run(
 
     lock = checkpoint.output_lock(out) if not plan_only else contextlib.nullcontext()
     with lock:  # one writer per output; then the memory/time check
-        check_recipe(loaded, GuardOptions(force, memory_limit, plan_only, as_json))
+        announce = check_recipe(loaded, GuardOptions(force, memory_limit, plan_only, as_json))
         with token_progress(_err) as progress, _FinetuneBar(progress, enabled=not as_json) as bar:
             summary = run_recipe(
                 loaded,
                 overwrite=overwrite,
-                hooks=_hooks(progress, bar, quiet=as_json),
+                hooks=_hooks(progress, bar, quiet=as_json, announce=announce),
                 trust_remote_code=trust_remote_code,
                 allow_pickle=allow_pickle,
             )
@@ -100,14 +100,18 @@ def run(
     _render(summary, loaded)
 
 
-def _hooks(progress: Any, bar: _FinetuneBar, quiet: bool) -> Any:
+def _hooks(progress: Any, bar: _FinetuneBar, quiet: bool, announce: Any = None) -> Any:
     from ctxext.recipes import RunHooks
+
+    bar.announce = announce
 
     def status(message: str) -> None:
         if not quiet:
             progress.console.print(f"[bold cyan]>[/bold cyan] {message}")
 
     def factory(what: str, total: int):
+        if announce is not None:  # a long run's estimate, when the work starts
+            announce.show(progress.console)
         task_id = progress.add_task(what, total=total)
         return lambda done: progress.update(task_id, completed=done)
 
@@ -119,6 +123,7 @@ class _FinetuneBar:
 
     def __init__(self, progress: Any, enabled: bool) -> None:
         self.progress, self.enabled, self.task = progress, enabled, None
+        self.announce: Any = None
 
     def __enter__(self) -> _FinetuneBar:
         return self
@@ -129,6 +134,8 @@ class _FinetuneBar:
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if event == "start" and self.announce is not None:
+            self.announce.show(self.progress.console)
         if event == "start":
             self.task = self.progress.add_task(
                 "finetune", total=info["total"], completed=info["completed"]
