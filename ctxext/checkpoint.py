@@ -199,6 +199,11 @@ def output_lock(out: Path) -> Iterator[None]:
     import fcntl
 
     path = lock_path(out)
+    if not _can_create_in(path.parent):
+        # An output that cannot be written: the command's own output checks say why, in one
+        # line (and there is nothing to protect).
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -228,6 +233,13 @@ def output_lock(out: Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(path)
         os.close(fd)
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether ``folder`` exists writable, or could be made under a writable folder."""
+    while not folder.exists():
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
 
 
 @contextlib.contextmanager
