@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import tempfile
@@ -370,6 +371,70 @@ def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> Path:
     return out
 
 
+LOCK_SUFFIX = ".lock"
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file of output ``out``: a hidden sibling, ``.OUT.lock``."""
+    out = out.expanduser().absolute()
+    return out.parent / f".{out.name}{LOCK_SUFFIX}"
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold the one-writer lock of ``out`` (an exclusive flock on ``.OUT.lock``) meanwhile.
+
+    A second process aimed at the same output is refused with one line naming the holder. The
+    kernel drops a flock when its process dies, so the lock file a killed run leaves behind is
+    stale and simply taken over; stale temporaries of killed runs are then cleaned up (see
+    :func:`remove_stale_temporaries`). The file is removed when the holder is done.
+    """
+    import fcntl
+
+    path = lock_path(out)
+    if not _can_create_in(path.parent):
+        # An output that cannot be written: the command's own output checks say why, in one
+        # line (and there is nothing to protect).
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise CtxextError(
+                f"{out} is being written by another ctxext run ({holder}); wait for it to "
+                f"finish or stop it (lock file {path})"
+            ) from None
+        # The holder we waited on may have removed the file: lock the file at the path.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {platform.node()}".encode())
+        remove_stale_temporaries(out.expanduser().absolute())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether ``folder`` exists writable, or could be made under a writable folder."""
+    while not folder.exists():
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+
+
 @contextlib.contextmanager
 def atomic_output(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``out``; on success it replaces ``out`` in one rename.
@@ -399,11 +464,26 @@ def atomic_output(out: Path) -> Iterator[Path]:
 
 
 def remove_stale_temporaries(out: Path) -> None:
-    """Delete temporary siblings left by runs that were killed (their process is gone)."""
+    """Clean up after runs that were killed (their process is gone).
+
+    Temporary siblings (``.OUT.tmp-PID-*``) are deleted. A ``.OUT.old-PID-*`` folder is what
+    --overwrite moved aside: if the kill came between its two renames OUT is missing, and the
+    old folder is put back (the replacement never completed); otherwise it is deleted.
+    """
     for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = tmp.name.removeprefix(f".{out.name}.tmp-").split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if _dead_owner(tmp, f".{out.name}.tmp-"):
             shutil.rmtree(tmp, ignore_errors=True)
+    for trash in out.parent.glob(f".{out.name}.old-*"):
+        if not _dead_owner(trash, f".{out.name}.old-"):
+            continue
+        if not out.exists() and (trash / "old").is_dir():
+            os.rename(trash / "old", out)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _dead_owner(path: Path, prefix: str) -> bool:
+    pid = path.name.removeprefix(prefix).split("-")[0]
+    return pid.isdigit() and not _alive(int(pid))
 
 
 def _alive(pid: int) -> bool:
@@ -421,7 +501,8 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.rename(tmp, out)
         return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    # The pid in the name lets a later run recognise it as stale (see remove_stale_temporaries).
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     os.rename(out, trash / "old")
     os.rename(tmp, out)
     shutil.rmtree(trash, ignore_errors=True)

@@ -6,6 +6,7 @@ imported inside the commands so that `ctxext --help` is instant.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -21,7 +22,10 @@ from ctxext.cli_options import (
     AllowPickleOpt,
     DatasetConfigOpt,
     FactorOpt,
+    ForceOpt,
+    MemoryLimitOpt,
     OverwriteOpt,
+    PlanOnlyOpt,
     TargetOpt,
     TrustRemoteCodeOpt,
 )
@@ -112,6 +116,7 @@ def extend(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Write a context-extended copy of MODEL (config-only: weights are linked, never loaded)."""
+    from ctxext import checkpoint
     from ctxext.cli_tune import read_factor_file
     from ctxext.config import ExtendJob
     from ctxext.extend import plan_extend, write_extended
@@ -144,7 +149,8 @@ def extend(
             _render_diff(plan)
             err.print("[dim]dry run: nothing written[/dim]")
         return
-    record = write_extended(plan, job, allow_pickle=allow_pickle)
+    with checkpoint.output_lock(job.output):
+        record = write_extended(plan, job, allow_pickle=allow_pickle)
     if as_json:
         out.print_json(data=record)
         return
@@ -300,8 +306,12 @@ def eval_command(
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
+    force: ForceOpt = False,
+    memory_limit: MemoryLimitOpt = None,
+    plan_only: PlanOnlyOpt = False,
 ) -> None:
     """Perplexity (and passkey retrieval) at several lengths, models and methods side by side."""
+    from ctxext.cli_plan import GuardOptions
     from ctxext.config import EvalConfig, parse_model, positive_int_list
 
     cfg = parse_model(
@@ -345,6 +355,7 @@ def eval_command(
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
         quiet=as_json,
+        guard=GuardOptions(force, memory_limit, plan_only, as_json),
     )
     if as_json:
         from ctxext.report import strict_json
@@ -363,10 +374,38 @@ def evaluate_and_report(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     quiet: bool = False,
+    guard: Any = None,
 ) -> dict[str, Any]:
     """Run the evaluation with a progress bar, render it, and write the output folder."""
     from ctxext import checkpoint
-    from ctxext.evalrun import plan_variants, run_eval
+    from ctxext.cli_plan import Announcement, GuardOptions, check_eval
+    from ctxext.evalrun import plan_variants
+
+    variants = plan_variants(models, methods, options, cfg)
+    guard = guard or GuardOptions()
+    if output is not None and not guard.plan_only:
+        inputs = [checkpoint.resolve_model(m).path for m in models]
+        output = checkpoint.check_output_path(output, inputs, overwrite)
+    announce = Announcement()
+    budget_check = check_eval(models, cfg, guard, len(variants) // len(models), announce)
+    locked = output is not None and not guard.plan_only
+    with checkpoint.output_lock(output) if locked else contextlib.nullcontext():
+        checks = (budget_check, announce)
+        return _evaluate(variants, cfg, output, checks, quiet, trust_remote_code, allow_pickle)
+
+
+def _evaluate(
+    variants: list[Any],
+    cfg: Any,
+    output: Path | None,
+    checks: tuple[Any, Any],
+    quiet: bool,
+    trust_remote_code: bool,
+    allow_pickle: bool,
+) -> dict[str, Any]:
+    from ctxext import checkpoint
+    from ctxext.cli_progress import token_progress
+    from ctxext.evalrun import run_eval
     from ctxext.report import (
         context_use_table,
         effective_length_line,
@@ -377,15 +416,11 @@ def evaluate_and_report(
         write_outputs,
     )
 
-    variants = plan_variants(models, methods, options, cfg)
-    if output is not None:
-        inputs = [checkpoint.resolve_model(m).path for m in models]
-        output = checkpoint.check_output_path(output, inputs, overwrite)
-    from ctxext.cli_progress import token_progress
-
+    budget_check, announce = checks  # the memory/time check, and a long run's estimate
     with token_progress(err) as progress:
 
         def factory(what: str, total: int):
+            announce.show(progress.console)  # once the first model is loaded
             # Weight downloads report bytes: shown in MiB (the rate column reads per second).
             scale = 2**20 if what.startswith("download ") else 1
             label = f"{what} (MiB)" if scale > 1 else what
@@ -398,6 +433,7 @@ def evaluate_and_report(
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
             progress_factory=factory,
+            budget_check=budget_check,
         )
     console = err if quiet else out
     if "ppl" in cfg.tasks:
@@ -420,12 +456,15 @@ def evaluate_and_report(
 
 
 from ctxext.cli_finetune import finetune  # noqa: E402 (registered after app exists)
+from ctxext.cli_plan import plan as plan_command  # noqa: E402
 from ctxext.cli_recipes import recipes_app, run  # noqa: E402
 from ctxext.cli_tune import tune  # noqa: E402
 
 app.command("finetune")(finetune)
 app.command("tune")(tune)
 app.command("run")(run)
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+app.command("plan", context_settings=_PASS_THROUGH)(plan_command)
 app.add_typer(recipes_app, name="recipes")
 
 

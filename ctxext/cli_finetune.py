@@ -6,6 +6,7 @@ Only typer and rich are imported at module level, so `ctxext --help` stays insta
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -17,6 +18,9 @@ from ctxext.cli_options import (
     AllowPickleOpt,
     DatasetConfigOpt,
     FactorOpt,
+    ForceOpt,
+    MemoryLimitOpt,
+    PlanOnlyOpt,
     TargetOpt,
     TrustRemoteCodeOpt,
 )
@@ -99,6 +103,9 @@ def finetune(
     grad_ckpt: Annotated[
         bool, typer.Option("--grad-ckpt", help="Gradient checkpointing (less memory).")
     ] = False,
+    max_grad_norm: Annotated[
+        float, typer.Option(help="Clip the global gradient norm to this (recorded).")
+    ] = 1.0,
     save_every: Annotated[
         int, typer.Option(help="Resumable checkpoint every N steps (0: never).")
     ] = 50,
@@ -115,6 +122,9 @@ def finetune(
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    force: ForceOpt = False,
+    memory_limit: MemoryLimitOpt = None,
+    plan_only: PlanOnlyOpt = False,
 ) -> None:
     """Fine-tune MODEL at its extended length (full or LoRA, optionally PoSE).
 
@@ -154,13 +164,23 @@ def finetune(
             "pose": pose,
             "train_length": train_length,
             "grad_ckpt": grad_ckpt,
+            "max_grad_norm": max_grad_norm,
             "save_every": save_every,
             "seed": seed,
             "dtype": dtype,
         },
         "finetune options",
     )
-    with _ProgressBar(enabled=_is_main_process() and not as_json) as bar:
+    from ctxext import checkpoint
+    from ctxext.cli_plan import GuardOptions, check_finetune
+
+    guard = GuardOptions(force, memory_limit, plan_only, as_json)
+    main = _is_main_process()
+    # One writer per output (the main process holds the lock); then the memory/time check.
+    lock = checkpoint.output_lock(output) if main and not plan_only else contextlib.nullcontext()
+    with lock, _ProgressBar(enabled=main and not as_json) as bar:
+        if main:
+            bar.announce = check_finetune(model, output, extend, cfg, guard)
         summary = run_finetune(
             model,
             output,
@@ -185,6 +205,7 @@ class _ProgressBar:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
+        self.announce: Any = None  # cli_plan.Announcement: shown when training starts
         self.progress: Any = None
         self.task: Any = None
         self.status: Any = None
@@ -209,6 +230,14 @@ class _ProgressBar:
         )
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event == "warning":  # printed even with --json (on stderr)
+            (self.progress.console if self.progress is not None else _err).print(
+                f"[yellow]warning:[/yellow] {info['message']}", soft_wrap=True
+            )
+            return
+        if event == "start" and self.announce is not None:
+            self._stop_status()
+            self.announce.show(_err)
         if not self.enabled:
             return
         if event == "status" and self.progress is None:

@@ -28,3 +28,15 @@ DatasetConfigOpt = Annotated[
     Optional[str],  # noqa: UP045 (typer needs Optional on 3.10)
     typer.Option(help="Config (subset) of a dataset, e.g. wikitext-103-raw-v1."),
 ]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Run even if the memory estimate exceeds the limit.")
+]
+MemoryLimitOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        help="Memory budget for the pre-run check, e.g. 20GB (default: available RAM or GPU "
+        "memory; also $CTXEXT_MEMORY_LIMIT).",
+        show_default=False,
+    ),
+]
+PlanOnlyOpt = Annotated[bool, typer.Option("--plan-only", hidden=True)]

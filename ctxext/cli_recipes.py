@@ -6,6 +6,7 @@ import time, so `ctxext --help` stays instant.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -14,7 +15,14 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from ctxext.cli_options import AllowPickleOpt, OverwriteOpt, TrustRemoteCodeOpt
+from ctxext.cli_options import (
+    AllowPickleOpt,
+    ForceOpt,
+    MemoryLimitOpt,
+    OverwriteOpt,
+    PlanOnlyOpt,
+    TrustRemoteCodeOpt,
+)
 
 __all__ = ["recipes_app", "run"]
 
@@ -55,6 +63,9 @@ def run(
     trust_remote_code: TrustRemoteCodeOpt = False,
     allow_pickle: AllowPickleOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
+    force: ForceOpt = False,
+    memory_limit: MemoryLimitOpt = None,
+    plan_only: PlanOnlyOpt = False,
 ) -> None:
     """Run a recipe: extend -> fine-tune -> eval, then results, plots, report and model card.
 
@@ -68,31 +79,39 @@ def run(
         _print_resolved(loaded)
         _err.print(f"[dim]dry run: {loaded.recipe.summary()}; would write {out}[/dim]")
         return
+    from ctxext import checkpoint
+    from ctxext.cli_plan import GuardOptions, check_recipe
     from ctxext.cli_progress import token_progress
 
-    with token_progress(_err) as progress, _FinetuneBar(progress, enabled=not as_json) as bar:
-        hooks = _hooks(progress, bar, quiet=as_json)
-        summary = run_recipe(
-            loaded,
-            overwrite=overwrite,
-            hooks=hooks,
-            trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
-        )
+    lock = checkpoint.output_lock(out) if not plan_only else contextlib.nullcontext()
+    with lock:  # one writer per output; then the memory/time check
+        announce = check_recipe(loaded, GuardOptions(force, memory_limit, plan_only, as_json))
+        with token_progress(_err) as progress, _FinetuneBar(progress, enabled=not as_json) as bar:
+            summary = run_recipe(
+                loaded,
+                overwrite=overwrite,
+                hooks=_hooks(progress, bar, quiet=as_json, announce=announce),
+                trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
+            )
     if as_json:
         _out.print_json(data=_jsonable(summary))
         return
     _render(summary, loaded)
 
 
-def _hooks(progress: Any, bar: _FinetuneBar, quiet: bool) -> Any:
+def _hooks(progress: Any, bar: _FinetuneBar, quiet: bool, announce: Any = None) -> Any:
     from ctxext.recipes import RunHooks
+
+    bar.announce = announce
 
     def status(message: str) -> None:
         if not quiet:
             progress.console.print(f"[bold cyan]>[/bold cyan] {message}")
 
     def factory(what: str, total: int):
+        if announce is not None:  # a long run's estimate, when the work starts
+            announce.show(progress.console)
         task_id = progress.add_task(what, total=total)
         return lambda done: progress.update(task_id, completed=done)
 
@@ -104,6 +123,7 @@ class _FinetuneBar:
 
     def __init__(self, progress: Any, enabled: bool) -> None:
         self.progress, self.enabled, self.task = progress, enabled, None
+        self.announce: Any = None
 
     def __enter__(self) -> _FinetuneBar:
         return self
@@ -114,6 +134,8 @@ class _FinetuneBar:
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if event == "start" and self.announce is not None:
+            self.announce.show(self.progress.console)
         if event == "start":
             self.task = self.progress.add_task(
                 "finetune", total=info["total"], completed=info["completed"]
@@ -123,6 +145,10 @@ class _FinetuneBar:
                 self.task,
                 completed=info["step"],
                 description=f"finetune loss {info['loss']:.3f}",
+            )
+        elif event == "warning":
+            self.progress.console.print(
+                f"[yellow]  warning:[/yellow] {info['message']}", soft_wrap=True
             )
         elif event in ("status", "checkpoint"):
             text = info.get("message") or f"checkpoint {info.get('path')}"

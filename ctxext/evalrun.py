@@ -71,16 +71,20 @@ def run_eval(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     progress_factory: ProgressFactory | None = None,
+    budget_check: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate every variant; returns the results document (see README, "results.json").
 
     Everything that can be refused is checked first (:func:`preflight`), so a bad request
-    fails in seconds, before the first model is loaded.
+    fails in seconds, before the first model is loaded. ``budget_check(token_cache)`` runs once
+    the data is tokenized, before any model is loaded (the CLI's memory and time check).
     """
     from ctxext.data import data_fingerprint
 
     source, docs, token_cache = preflight(variants, cfg, trust_remote_code, allow_pickle)
     started = time.time()
+    if budget_check is not None:
+        budget_check(token_cache)
     runs = [
         _run_variant(v, cfg, token_cache, trust_remote_code, allow_pickle, progress_factory)
         for v in variants

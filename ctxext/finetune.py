@@ -90,6 +90,22 @@ TOKENIZER_FILES = (
 )
 # Options that may differ between the first attempt and a --resume of the same run.
 _RESUME_FREE = ("save_every",)
+MANIFEST_FILE = "manifest.json"
+#: Fault injection for tests and drills: the loss of this optimizer step (1-based) is made NaN
+#: (read once per run; the divergence check then stops the run as it would a real blow-up).
+INJECT_NAN_ENV = "CTXEXT_INJECT_NAN_AT_STEP"
+
+
+class TrainingDiverged(CtxextError):
+    """A non-finite loss or gradient norm: the run stops (exit code 1), checkpoints intact."""
+
+    exit_code = 1
+
+
+class _NonFinite(Exception):
+    def __init__(self, what: str, value: float) -> None:
+        super().__init__(what)
+        self.what, self.value = what, value
 
 
 # --------------------------------------------------------------------------- configuration
@@ -474,6 +490,7 @@ class Plan:
     seq_length: int  # tokens per training sequence (W with PoSE)
     out: Path
     work: Path
+    nan_at_step: int | None = None  # fault injection ($CTXEXT_INJECT_NAN_AT_STEP)
 
 
 def work_dir(out: Path) -> Path:
@@ -531,7 +548,13 @@ def plan_run(
         seq_length=seq,
         out=out,
         work=work,
+        nan_at_step=_injected_nan_step(),
     )
+
+
+def _injected_nan_step() -> int | None:
+    value = os.environ.get(INJECT_NAN_ENV, "").strip()
+    return int(value) if value.isdigit() else None
 
 
 def _existing_extension(info: Any, name: str) -> tuple[str, float]:
@@ -591,6 +614,94 @@ def newest_checkpoint(work: Path) -> Path | None:
         if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()
     ]
     return max(done, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)), default=None)
+
+
+def newest_intact_checkpoint(work: Path, report: ProgressFn | None = None) -> Path | None:
+    """The newest complete checkpoint whose files match its manifest (sizes, sha256) and
+    whose safetensors files are whole; each damaged newer one is reported and skipped."""
+    folder = work / "checkpoints"
+    done = sorted(
+        (p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX))
+        if folder.is_dir()
+        else [],
+        key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)),
+        reverse=True,
+    )
+    skipped: list[str] = []
+    for ckpt in done:
+        if not (ckpt / STATE_FILE).is_file():
+            continue
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            if skipped and report is not None:
+                report("warning", {"message": f"{'; '.join(skipped)}; resuming from {ckpt.name}"})
+            return ckpt
+        skipped.append(f"skipping damaged checkpoint {ckpt.name} ({problem})")
+    if skipped:
+        raise CtxextError(
+            f"--resume: every checkpoint in {work} is damaged ({skipped[-1]}); start over "
+            "with --overwrite"
+        )
+    return None
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    from ctxext.checkpoint import file_sha256
+
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel not in (MANIFEST_FILE, STATE_FILE):
+            files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    return {"files": files}
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why ``ckpt`` cannot be resumed from (None if it can): a file missing, of another size
+    or hash than its manifest says, or a safetensors file whose header and size disagree."""
+    from ctxext.checkpoint import file_sha256
+
+    path = ckpt / MANIFEST_FILE
+    listed: dict[str, Any] = {}
+    if path.is_file():  # checkpoints of older versions have none: check what can be checked
+        try:
+            listed = json.loads(path.read_text(encoding="utf-8"))["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{MANIFEST_FILE} is unreadable"
+    for rel, want in listed.items():
+        file = ckpt / rel
+        if not file.is_file():
+            return f"{rel} is missing"
+        size = file.stat().st_size
+        if size != want["size"]:
+            return f"{rel} has {size:,} bytes, the manifest says {want['size']:,}"
+    for file in sorted(ckpt.rglob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem is not None:
+            return f"{file.relative_to(ckpt).as_posix()} {problem}"
+    for rel, want in listed.items():  # sizes first: hashing is the slow part
+        if file_sha256(ckpt / rel) != want["sha256"]:
+            return f"{rel} does not match its sha256 in the manifest"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is 8 bytes of header length, the JSON header, then the tensor data;
+    the last tensor's end offset must be exactly where the file ends."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                return f"is truncated ({size:,} bytes)"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return "has an unreadable header"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        return f"is truncated ({size:,} of {expected:,} bytes)"
+    return None
 
 
 # --------------------------------------------------------------------------- model
@@ -766,7 +877,7 @@ def run_finetune(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
 
     state = _State()
-    ckpt = newest_checkpoint(plan.work) if resume else None
+    ckpt = newest_intact_checkpoint(plan.work, report) if resume else None
     if ckpt is not None:
         state = _State(**json.loads((ckpt / STATE_FILE).read_text()))
         state.resumed_from = state.step
@@ -955,7 +1066,11 @@ def _train(
     try:
         while state.step < cfg.steps:
             lr = opt.param_groups[0]["lr"]
-            loss_value = _one_step(acc, net, opt, sched, batches, cfg)
+            poison = plan.nan_at_step == state.step + 1
+            try:
+                loss_value, grad_norm = _one_step(acc, net, opt, sched, batches, cfg, poison)
+            except _NonFinite as e:
+                raise _diverged(plan.work, state.step + 1, e) from None
             state.step += 1
             state.samples += global_batch
             state.tokens += tokens_per_step
@@ -964,6 +1079,7 @@ def _train(
             record = {
                 "step": state.step,
                 "loss": round(loss_value, 6),
+                "grad_norm": round(grad_norm, 6),
                 "lr": lr,
                 "tokens": state.tokens,
                 "tokens_per_s": round((state.tokens - tokens_at_start) / max(run_time, 1e-9), 1),
@@ -982,22 +1098,52 @@ def _train(
     return loss_value
 
 
-def _one_step(acc: Any, net: Any, opt: Any, sched: Any, batches: Any, cfg: FinetuneConfig):
-    """grad_accum micro-steps and one optimizer step; the loss averaged over all processes."""
+def _one_step(
+    acc: Any, net: Any, opt: Any, sched: Any, batches: Any, cfg: FinetuneConfig, poison: bool
+) -> tuple[float, float]:
+    """grad_accum micro-steps and one optimizer step; returns the loss averaged over all
+    processes and the global gradient norm before clipping.
+
+    Both are checked before the optimizer steps: a non-finite one raises _NonFinite and the
+    weights, optimizer state and schedule stay as the previous step left them.
+    """
     total = 0.0
+    mean, norm = math.nan, math.nan
     for _ in range(cfg.grad_accum):
         inputs, context = _model_inputs(acc, next(batches))
         with acc.accumulate(net), context:
             loss = net(**inputs).loss
+            if poison:  # fault injection: a real NaN, through the real backward pass
+                loss = loss * math.nan
             acc.backward(loss)
             if acc.sync_gradients:
-                if cfg.max_grad_norm is not None:
-                    acc.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+                step_loss = (total + loss.detach()) / cfg.grad_accum
+                mean = acc.reduce(step_loss, reduction="mean").item()
+                # max_norm=inf measures the norm without scaling the gradients.
+                limit = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+                norm = float(acc.clip_grad_norm_(net.parameters(), limit))
+                for what, value in (("loss", mean), ("gradient norm", norm)):
+                    if not math.isfinite(value):
+                        raise _NonFinite(what, value)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
         total = total + loss.detach()
-    return acc.reduce(total / cfg.grad_accum, reduction="mean").item()
+    return mean, norm
+
+
+def _diverged(work: Path, step: int, e: _NonFinite) -> TrainingDiverged:
+    last = newest_checkpoint(work)
+    where = (
+        f"the last complete checkpoint is {last} (continue with --resume)"
+        if last is not None
+        else "no checkpoint was written yet (--save-every)"
+    )
+    return TrainingDiverged(
+        f"training diverged at step {step}: the {e.what} is {e.value}; that step was not "
+        f"applied and the run stopped; {where}, or start over with a lower --lr or "
+        "--max-grad-norm (--overwrite)"
+    )
 
 
 def _cp_size(acc: Any) -> int:
@@ -1051,6 +1197,8 @@ def _save_checkpoint(acc: Any, work: Path, state: _State) -> Path:
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
+        # Sizes and hashes of every file, so a resume can tell a damaged checkpoint.
+        _write_json_atomic(tmp / MANIFEST_FILE, _manifest(tmp))
         saved = {k: v for k, v in state.__dict__.items() if k != "resumed_from"}
         _write_json_atomic(tmp / STATE_FILE, saved)
         _fsync_dir(tmp)

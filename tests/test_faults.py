@@ -158,3 +158,63 @@ def test_atomic_output_cleans_up_on_error(tmp_path):
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
     os.sync()
+
+
+_KILL_AT_SECOND_RENAME = """
+import os, signal, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+renames = []
+
+def hook(event, args):
+    # The audit event fires before the rename runs: once the old folder was moved aside, the
+    # rename that would put the new folder in its place kills the process instead.
+    if event == "os.rename" and ".old-" in os.fsdecode(args[1]):
+        renames.append("aside")
+    elif event == "os.rename" and renames and Path(os.fsdecode(args[1])) == out:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+sys.addaudithook(hook)
+from ctxext.cli import main
+main(sys.argv[2:])
+"""
+
+
+def test_kill_between_overwrite_renames_leaves_nothing_after_the_next_run(tmp_path, tiny_llama):
+    out = tmp_path / "out"
+    subprocess.run(_extend_cmd(tiny_llama, out), check=True, capture_output=True)
+    first = json.loads((out / "config.json").read_text())
+    cmd = _extend_cmd(tiny_llama, out, "--overwrite")[3:]  # the CLI arguments only
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_AT_SECOND_RENAME, str(out), *cmd], env=env,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # Killed between the renames: the old output moved aside, the new one not yet in place.
+    assert not out.exists()
+    assert [p.name for p in tmp_path.glob(".out.old-*")], "the kill came too early or late"
+    assert [p.name for p in tmp_path.glob(".out.tmp-*")]
+    res = subprocess.run(
+        _extend_cmd(tiny_llama, out, "--overwrite"), capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny-llama"]
+    assert json.loads((out / "config.json").read_text()) == first
+
+
+def test_next_run_puts_back_what_a_killed_overwrite_moved_aside(tmp_path, tiny_llama):
+    # The same kill, then a run that does not replace OUT (no --overwrite): the old output is
+    # restored (the replacement never completed), so that run is refused as before the kill.
+    out = tmp_path / "out"
+    subprocess.run(_extend_cmd(tiny_llama, out), check=True, capture_output=True)
+    before = tree_hash(out)
+    cmd = _extend_cmd(tiny_llama, out, "--overwrite")[3:]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run([sys.executable, "-c", _KILL_AT_SECOND_RENAME, str(out), *cmd], env=env)
+    assert not out.exists()
+    res = subprocess.run(_extend_cmd(tiny_llama, out), capture_output=True, text=True)
+    assert res.returncode == 2 and "already exists" in res.stderr
+    assert tree_hash(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny-llama"]

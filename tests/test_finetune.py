@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 
 from ctxext.config import ExtendConfig
 from ctxext.finetune import (
+    LOG_FILE,
     FinetuneConfig,
     PackedSamples,
     newest_checkpoint,
@@ -368,3 +370,137 @@ def test_output_and_resume_rules(tmp_path, tiny_llama_session, capsys):
     code, _, err = run_cli(capsys, *flags, "--steps", "1")
     assert code == 2 and "already exists" in err and "--overwrite" in err
     assert run_cli(capsys, *flags, "--steps", "1", "--overwrite", "--json")[0] == 0
+
+
+# --------------------------------------------------------------------------- guard rails
+
+
+def _nan_flags(model: Path, out: Path) -> list:
+    return ["finetune", model, "-o", out, "-m", "yarn", "-f", "2", "--steps", "6", "--lr",
+            "1e-3", "--warmup-steps", "1", "--save-every", "2", "--max-grad-norm", "0.5"]  # fmt: skip
+
+
+@pytest.fixture
+def reference_run(tmp_path, tiny_llama_session, capsys) -> Path:
+    """The same six steps, never interrupted."""
+    ref = tmp_path / "ref"
+    code, _, err = run_cli(capsys, *_nan_flags(tiny_llama_session, ref))
+    assert code == 0, err
+    return ref
+
+
+def test_nan_stops_with_the_checkpoint_intact_and_resumable(
+    tmp_path, tiny_llama_session, capsys, monkeypatch, reference_run
+):
+    out = tmp_path / "nan"
+    monkeypatch.setenv("CTXEXT_INJECT_NAN_AT_STEP", "5")
+    code, _, err = run_cli(capsys, *_nan_flags(tiny_llama_session, out))
+    assert code == 1, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: training diverged at step 5: the loss is nan")
+    last = work_dir(out) / "checkpoints" / "step-000004"
+    assert str(last) in line and "--resume" in line and "Traceback" not in err
+    assert not out.exists()
+    log = [json.loads(x) for x in (work_dir(out) / LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]  # the diverged step is not logged
+    monkeypatch.delenv("CTXEXT_INJECT_NAN_AT_STEP")
+    code, stdout, err = run_cli(capsys, *_nan_flags(tiny_llama_session, out), "--resume", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["resumed_from_step"] == 4
+    # The NaN step changed nothing: the weights are those of the uninterrupted run.
+    assert _max_diff(_weights(out), _weights(reference_run)) <= 1e-6
+    prov = json.loads((out / "ctxext_provenance.json").read_text())
+    assert prov["finetune"]["max_grad_norm"] == 0.5
+    log = [json.loads(x) for x in (out / "training_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in log)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip-a-byte"])
+def test_damaged_checkpoint_is_skipped_on_resume(
+    tmp_path, tiny_llama_session, capsys, monkeypatch, reference_run, damage
+):
+    out = tmp_path / "o"
+    monkeypatch.setenv("CTXEXT_INJECT_NAN_AT_STEP", "5")
+    assert run_cli(capsys, *_nan_flags(tiny_llama_session, out))[0] == 1
+    monkeypatch.delenv("CTXEXT_INJECT_NAN_AT_STEP")
+    weights = work_dir(out) / "checkpoints" / "step-000004" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "truncate":  # a disk that filled up, a copy cut short
+        weights.write_bytes(data[: len(data) // 2])
+    else:  # same size, one bit of one weight changed
+        data[-5] ^= 0x01
+        weights.write_bytes(bytes(data))
+    code, stdout, err = run_cli(capsys, *_nan_flags(tiny_llama_session, out), "--resume", "--json")
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if "step-000004" in line]
+    assert len(warning) == 1 and "skipping damaged checkpoint" in warning[0]
+    assert "model.safetensors" in warning[0] and "resuming from step-000002" in warning[0]
+    assert json.loads(stdout)["resumed_from_step"] == 2
+    assert _max_diff(_weights(out), _weights(reference_run)) <= 1e-6
+
+
+def test_checkpoint_problem_reads_safetensors_headers_without_a_manifest(tmp_path):
+    from safetensors.torch import save_file
+
+    from ctxext.finetune import checkpoint_problem
+
+    ckpt = tmp_path / "step-000001"
+    ckpt.mkdir()
+    save_file({"w": torch.ones(64, 64)}, str(ckpt / "model.safetensors"))
+    assert checkpoint_problem(ckpt) is None
+    path = ckpt / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    assert "is truncated" in checkpoint_problem(ckpt)
+
+
+def test_two_finetunes_to_one_output_refuse_the_second(tmp_path, tiny_llama_session):
+    out = tmp_path / "shared"
+    args = [*CLI, "finetune", str(tiny_llama_session), "-o", str(out), "-m", "yarn", "-f", "2",
+            "--steps", "100000", "--save-every", "0"]  # fmt: skip
+    first = subprocess.Popen(
+        args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        lock = tmp_path / ".shared.lock"
+        deadline = time.time() + 120
+        while not (lock.is_file() and lock.read_text().startswith("pid")):
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.05)
+        second = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is being written by another ctxext run" in lines[0]
+        assert f"pid {first.pid}" in lines[0]
+        assert first.poll() is None  # the first run is untouched
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 130
+    assert not lock.exists()  # released on exit
+
+
+def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path, tiny_llama_session, capsys):
+    out = tmp_path / "o"
+    lock = tmp_path / ".o.lock"
+    holder = subprocess.Popen(  # holds the lock as a real run does, then is killed
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from ctxext.checkpoint import output_lock\n"
+         "with output_lock(Path(sys.argv[1])):\n print('locked', flush=True); time.sleep(600)",
+         str(out)],
+        env=_env(), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    flags = ["finetune", tiny_llama_session, "-o", out, "-m", "yarn", "-f", "2", "--steps", "1"]
+    code, _, err = run_cli(capsys, *flags)
+    assert code == 2 and f"pid {holder.pid}" in err
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert lock.is_file()  # a killed holder leaves its file behind...
+    code, _, err = run_cli(capsys, *flags)
+    assert code == 0, err  # ...and the next run takes it over
+    assert out.is_dir() and not lock.exists()

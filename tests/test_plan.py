@@ -1,0 +1,208 @@
+"""`ctxext plan` and the pre-run memory check: the estimator's counts against transformers, and
+runs refused before anything is loaded.
+
+The refusal tests use a model folder that has a real config and tokenizer but *no weights*: a
+run that got as far as loading would fail with "no weight files"; a refused one never gets there.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import BUNDLED, run_cli
+
+from ctxext import plan
+from ctxext.checkpoint import read_config
+
+LLAMA2_7B = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+    "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_theta": 10000.0,
+    "torch_dtype": "float16",
+}  # fmt: skip
+QWEN2_SMALL = {
+    "model_type": "qwen2", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 3,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
+    "tie_word_embeddings": False,
+}  # fmt: skip
+MISTRAL_SMALL = {
+    "model_type": "mistral", "hidden_size": 128, "intermediate_size": 352,
+    "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+    "vocab_size": 500, "tie_word_embeddings": True,
+}  # fmt: skip
+#: A fixed device so that the pure estimator's tests do not depend on this machine.
+FIXED = plan.Calibration(
+    device="cpu:test",
+    matmul_flops={64: 1e9, 4096: 1e11},
+    attention_flops={512: 1e10, 4096: 3e10},
+    bandwidth=1e10,
+    runtime={"eval": 400 * 2**20, "finetune": 450 * 2**20, "lora": 480 * 2**20},
+)
+
+
+def _transformers_params(config: dict, lora_rank: int | None = None) -> tuple[int, int]:
+    """(total, trainable) as transformers + peft count them, built on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ctxext.finetune import FinetuneConfig, prepare_model
+    from ctxext.modeling import build_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(build_config(config, False))
+    if lora_rank is None:
+        return sum(p.numel() for p in model.parameters()), 0
+    _, trainable, total = prepare_model(model, FinetuneConfig(lora_rank=lora_rank))
+    return total, trainable
+
+
+@pytest.mark.parametrize(
+    "config",
+    [read_config(BUNDLED), QWEN2_SMALL, MISTRAL_SMALL, LLAMA2_7B],
+    ids=["bundled-llama", "qwen2", "mistral", "llama2-7b"],
+)
+def test_parameter_counts_match_transformers_and_peft(config):
+    shape = plan.ModelShape.from_config(config)
+    total, _ = _transformers_params(config)
+    assert shape.total_params() == total
+    work = plan.Workload("finetune", 64, lora_rank=8)
+    est = plan.estimate(shape, work, FIXED)
+    lora_total, lora_trainable = _transformers_params(config, lora_rank=8)
+    assert est.params_total == lora_total
+    assert est.params_trainable == lora_trainable
+
+
+def test_llama2_7b_figures_follow_the_memory_model():
+    shape = plan.ModelShape.from_config(LLAMA2_7B)
+    assert shape.total_params() == 6_738_415_616  # Llama-2-7B's published count
+    full = plan.estimate(shape, plan.Workload("finetune", 32768), FIXED)
+    assert full.weights == 4 * shape.total_params()
+    assert full.optimizer == 8 * shape.total_params() and full.gradients == 4 * full.weights // 4
+    # [32k, 32000] fp32 logits x3 (logits, log-softmax, its gradient) = 11.7 GiB.
+    assert full.loss == 3 * 32768 * 32000 * 4
+    ckpt = plan.estimate(shape, plan.Workload("finetune", 32768, grad_ckpt=True), FIXED)
+    assert ckpt.activations < full.activations / 10
+    assert ckpt.activations_other == full.activations
+    lora = plan.estimate(shape, plan.Workload("finetune", 32768, lora_rank=16), FIXED)
+    assert lora.optimizer < full.optimizer / 10
+    # eval's chunked loss never holds more than the 256 MiB budget, whatever the length.
+    ev = plan.estimate(shape, plan.Workload("eval", 32768), FIXED)
+    assert ev.loss <= 256 * 2**20 and ev.gradients == ev.optimizer == 0
+
+
+def test_suggestions_fit_and_prefer_the_least_intrusive_change():
+    shape = plan.ModelShape.from_config(LLAMA2_7B)
+    work = plan.Workload("finetune", 32768, compute_dtype="bfloat16")
+    full = plan.estimate(shape, work, FIXED)
+    limit = int(full.peak * 0.5)
+    fixes = plan.suggest_changes(shape, work, FIXED, limit, trained_length=4096)
+    assert fixes, "some change must fit in half the memory"
+    for fix in fixes:  # every suggestion, applied, fits
+        changed = work
+        if "--grad-ckpt" in fix:
+            changed = plan.Workload(**{**changed.__dict__, "grad_ckpt": True})
+        if "--lora-rank" in fix:
+            changed = plan.Workload(**{**changed.__dict__, "lora_rank": 16})
+        if "--pose" in fix:
+            changed = plan.Workload(**{**changed.__dict__, "length": 4096})
+        if "--target-length" in fix:
+            changed = plan.Workload(**{**changed.__dict__, "length": int(fix.split()[-1])})
+        assert plan.estimate(shape, changed, FIXED).peak <= limit, fix
+
+
+@pytest.mark.parametrize(
+    "text,expected", [("512MB", 512e6), ("2GiB", 2 * 2**30), ("1e9", 1e9), ("80 GB", 80e9)]
+)
+def test_parse_bytes(text, expected):
+    assert plan.parse_bytes(text) == int(expected)
+    with pytest.raises(ValueError):
+        plan.parse_bytes("lots")
+
+
+@pytest.fixture
+def weightless(tmp_path) -> Path:
+    """The bundled model's config and tokenizer, without its weights."""
+    path = tmp_path / "no-weights"
+    shutil.copytree(BUNDLED, path, ignore=shutil.ignore_patterns("*.safetensors"))
+    return path
+
+
+@pytest.fixture
+def calibrated(monkeypatch):
+    """This machine's calibration, as users get it: measured once per machine (~30 s) into the
+    user cache dir, then read from there."""
+    from ctxext import calibrate
+
+    monkeypatch.delenv("CTXEXT_MEMORY_LIMIT", raising=False)
+    return calibrate.load_calibration()
+
+
+def test_weightless_model_fails_at_loading_without_a_limit(weightless, capsys, calibrated):
+    # The control: with memory to spare the run proceeds until it needs the weights.
+    code, _, err = run_cli(capsys, "eval", weightless, "--lengths", "64", "--num-docs", "1")
+    assert code == 2 and "no weight files" in err
+
+
+@pytest.mark.parametrize("how", ["env", "option"])
+def test_over_budget_eval_is_refused_before_loading(
+    weightless, capsys, calibrated, monkeypatch, how
+):
+    args = ["eval", weightless, "--lengths", "64,1024", "--num-docs", "1"]
+    if how == "env":
+        monkeypatch.setenv("CTXEXT_MEMORY_LIMIT", "1MB")
+    else:
+        args += ["--memory-limit", "1MB"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "needs ~" in lines[0] and "977 KiB is available" in lines[0]
+    assert "eval 1,024 tokens" in lines[0]  # the phase that decides the peak
+    assert "no weight files" not in err and out == ""
+
+
+def test_over_budget_finetune_is_refused_with_what_would_fit(tmp_path, capsys, calibrated):
+    # Measure the full fine-tune, then give it 15% less than it needs: gradient checkpointing
+    # or LoRA must be named, and the run must not start (no work folder, no output).
+    base = ["finetune", "-o", tmp_path / "out", "-m", "yarn", "-t", "4096", "--steps", "2"]
+    code, out, err = run_cli(capsys, "plan", *base, "--json")
+    assert code == 0, err
+    need = json.loads(out)["peak"]
+    code, _, err = run_cli(capsys, *base, "--memory-limit", str(int(need * 0.85)))
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1
+    assert "would fit:" in err and ("--grad-ckpt" in err or "--lora-rank" in err)
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out.ctxext-work").exists()
+    assert not any(p.name.endswith(".lock") for p in tmp_path.iterdir())
+
+
+def test_plan_prints_every_component_without_loading(weightless, tmp_path, capsys, calibrated):
+    code, out, err = run_cli(
+        capsys, "plan", "finetune", weightless, "-o", tmp_path / "o", "-m", "yarn",
+        "-f", "4", "--steps", "10", "--lora-rank", "8", "--grad-ckpt", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    data = json.loads(out)
+    phase = data["phases"][0]
+    for key in ("weights", "optimizer", "gradients", "activations", "activations_other",
+                "attention", "loss", "runtime", "peak", "seconds_per_step", "seconds"):  # fmt: skip
+        assert phase[key] > 0 or key == "attention", key
+    assert phase["params_trainable"] < phase["params_total"]
+    assert phase["activations"] < phase["activations_other"]  # checkpointing saves memory
+    assert data["fits"] is True and data["seconds"] == pytest.approx(10 * phase["seconds_per_step"])
+    assert not (tmp_path / "o").exists()
+    # The table form names every component.
+    code, out, _ = run_cli(capsys, "plan", "eval", weightless, "--lengths", "256,512")
+    assert code == 0
+    for word in ("weights", "activations", "loss", "peak", "time per token", "total time"):
+        assert word in out
+
+
+def test_plan_refuses_unknown_commands(capsys):
+    code, _, err = run_cli(capsys, "plan", "extend", "-o", "x")
+    assert code == 2 and "use eval, finetune or run" in err
