@@ -659,12 +659,7 @@ def run_finetune(
     )
     report = _reporter(progress, acc.is_main_process)
     global_batch = cfg.batch_size * cfg.grad_accum * _data_parallel_size(acc)
-    if plan.seq_length % (2 * _cp_size(acc)):
-        raise CtxextError(
-            f"context parallelism over {_cp_size(acc)} ranks needs sequences divisible by "
-            f"{2 * _cp_size(acc)} tokens (load-balanced slices); {plan.seq_length} is not: "
-            "change --target-length/--train-length"
-        )
+    _check_parallelism(acc, plan.seq_length)
     # Data first: a source too small for one batch is reported before any weight is loaded.
     report("status", {"message": "packing training data"})
     tokenizer = load_tokenizer(plan.source.path, trust_remote_code)
@@ -677,18 +672,13 @@ def run_finetune(
     report("status", {"message": f"loading {plan.source.name}"})
     loaded, lm = _load(plan, cfg, trust_remote_code, allow_pickle)
     net, trainable, total = prepare_model(lm, cfg)
-    opt = make_optimizer(net, cfg)
-    import torch
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-
     state = _State()
     ckpt = newest_checkpoint(plan.work) if resume else None
     if ckpt is not None:
         state = _State(**json.loads((ckpt / STATE_FILE).read_text()))
         state.resumed_from = state.step
     loader = _loader(data, cfg, plan, state.samples, global_batch)
-    net, opt, loader, sched = acc.prepare(net, opt, loader, sched)
+    net, opt, loader, sched = _prepare(acc, net, loader, cfg)
     if not resume:  # only now: a run that fails to start leaves nothing behind
         _create_work_dir(acc, plan, identity)
     if ckpt is not None:
@@ -709,6 +699,7 @@ def run_finetune(
         "global_batch": global_batch,
         "num_processes": acc.num_processes,
         "data_parallel_size": _data_parallel_size(acc),
+        "fsdp": _fsdp_mode(acc),
         "trainable_parameters": trainable,
         "parameters": total,
         "data": {
@@ -892,6 +883,66 @@ def _one_step(acc: Any, net: Any, opt: Any, sched: Any, batches: Any, cfg: Finet
     return acc.reduce(total / cfg.grad_accum, reduction="mean").item()
 
 
+def _check_parallelism(acc: Any, seq_length: int) -> None:
+    """Refuse, in one line and before anything is loaded, sharding setups that cannot run here.
+
+    Context parallelism (torch's ring attention under FSDP2) needs CUDA devices (NCCL) and
+    SDPA's flash / memory-efficient / cuDNN kernels; on CPU processes (gloo) it is refused
+    rather than run untested. FSDP on CPU processes is checked by fsdp.cpu_fsdp_plugin.
+    """
+    from ctxext import fsdp
+
+    fsdp.cpu_fsdp_plugin(acc)  # raises on FSDP options the CPU path does not implement
+    cp = _cp_size(acc)
+    if cp == 1:
+        return
+    if acc.device.type != "cuda":
+        raise CtxextError(
+            f"context parallelism (cp_size {cp}) needs CUDA GPUs with SDPA flash/efficient "
+            f"attention; these processes run on {acc.device.type}: remove parallelism_config_cp_size"
+        )
+    if seq_length % (2 * cp):
+        raise CtxextError(
+            f"context parallelism over {cp} ranks needs sequences divisible by "
+            f"{2 * cp} tokens (load-balanced slices); {seq_length} is not: "
+            "change --target-length/--train-length"
+        )
+
+
+def _prepare(acc: Any, net: Any, loader: Any, cfg: FinetuneConfig) -> tuple[Any, Any, Any, Any]:
+    """Shard or wrap the model, then build the optimizer and schedule and hand them to Accelerate.
+
+    With an FSDP config on CPU processes (which Accelerate runs as plain data parallel),
+    ctxext shards the model with FSDP2 itself and the optimizer is built over the shards; the
+    sharded model and optimizer are saved/loaded by hooks on Accelerate's save/load_state.
+    """
+    import torch
+
+    from ctxext import fsdp
+
+    plugin = fsdp.cpu_fsdp_plugin(acc)
+    if plugin is not None:
+        net = fsdp.shard(net, plugin)
+    opt = make_optimizer(net, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    if plugin is None:
+        return acc.prepare(net, opt, loader, sched)
+    loader, sched = acc.prepare(loader, sched)
+    fsdp.register_checkpoint_hooks(acc, net, opt)
+    return net, opt, loader, sched
+
+
+def _fsdp_mode(acc: Any) -> str | None:
+    """How the model is sharded: Accelerate's FSDP2 (GPUs), ctxext's FSDP2 (CPU), or None."""
+    from accelerate.utils import DistributedType
+
+    from ctxext import fsdp
+
+    if acc.distributed_type == DistributedType.FSDP:
+        return "accelerate"
+    return "ctxext-cpu" if fsdp.cpu_fsdp_plugin(acc) is not None else None
+
+
 def _cp_size(acc: Any) -> int:
     pc = getattr(acc, "parallelism_config", None)
     return pc.cp_size if pc is not None and pc.cp_enabled else 1
@@ -1027,9 +1078,14 @@ def _final_model(acc: Any, net: Any, loaded: Any, cfg: FinetuneConfig) -> Any:
     """
     from accelerate.utils import DistributedType
 
-    if acc.distributed_type != DistributedType.FSDP:
+    from ctxext import fsdp
+
+    if fsdp.cpu_fsdp_plugin(acc) is not None:
+        state = fsdp.full_state_dict(net, acc.is_main_process)  # a collective
+    elif acc.distributed_type != DistributedType.FSDP:
         return acc.unwrap_model(net) if acc.is_main_process else None
-    state = acc.get_state_dict(net)  # a collective: all ranks call it
+    else:
+        state = acc.get_state_dict(net)  # a collective: all ranks call it
     if not acc.is_main_process:
         return None
     return rebuild_model(loaded.config, cfg, state)
