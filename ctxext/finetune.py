@@ -648,6 +648,7 @@ def run_finetune(
 
     plan = plan_run(model, output, extend, cfg, resume=resume, overwrite=overwrite)
     device = default_device()
+    _check_context_parallel_device(device)  # before Accelerate, which refuses it with a traceback
     acc = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=_mixed_precision(cfg.dtype, device),
@@ -884,28 +885,30 @@ def _one_step(acc: Any, net: Any, opt: Any, sched: Any, batches: Any, cfg: Finet
 
 
 def _check_parallelism(acc: Any, seq_length: int) -> None:
-    """Refuse, in one line and before anything is loaded, sharding setups that cannot run here.
-
-    Context parallelism (torch's ring attention under FSDP2) needs CUDA devices (NCCL) and
-    SDPA's flash / memory-efficient / cuDNN kernels; on CPU processes (gloo) it is refused
-    rather than run untested. FSDP on CPU processes is checked by fsdp.cpu_fsdp_plugin.
-    """
+    """Refuse, in one line and before anything is loaded, sharding setups that cannot run here:
+    FSDP options the CPU path does not implement, CP slices that do not divide the sequence."""
     from ctxext import fsdp
 
     fsdp.cpu_fsdp_plugin(acc)  # raises on FSDP options the CPU path does not implement
     cp = _cp_size(acc)
-    if cp == 1:
-        return
-    if acc.device.type != "cuda":
-        raise CtxextError(
-            f"context parallelism (cp_size {cp}) needs CUDA GPUs with SDPA flash/efficient "
-            f"attention; these processes run on {acc.device.type}: remove parallelism_config_cp_size"
-        )
-    if seq_length % (2 * cp):
+    if cp > 1 and seq_length % (2 * cp):
         raise CtxextError(
             f"context parallelism over {cp} ranks needs sequences divisible by "
             f"{2 * cp} tokens (load-balanced slices); {seq_length} is not: "
             "change --target-length/--train-length"
+        )
+
+
+def _check_context_parallel_device(device: str) -> None:
+    """Context parallelism (torch's ring attention under FSDP2) runs on CUDA GPUs only: it
+    exchanges keys/values over NCCL and dispatches SDPA's flash / memory-efficient / cuDNN
+    kernels. Elsewhere (CPU processes, gloo) it is refused here, in one line."""
+    cp = int(os.environ.get("PARALLELISM_CONFIG_CP_SIZE", "1") or 1)
+    if cp > 1 and not device.startswith("cuda"):
+        raise CtxextError(
+            f"context parallelism (parallelism_config_cp_size: {cp}) needs CUDA GPUs with SDPA "
+            f"flash/memory-efficient attention; this process runs on {device}: remove "
+            "parallelism_config_cp_size from the accelerate config (or use --pose for long targets)"
         )
 
 
