@@ -38,7 +38,7 @@ YARN2 = ExtendConfig(method="yarn", factor=2)  # 128 -> 256
 # sharded checkpoints every 3 steps. 10 steps: the kill test needs steps left after step 3.
 FULL = {"steps": 10, "lr": 1e-3, "warmup_steps": 2, "lr_schedule": "cosine", "seed": 3,
         "pose": True, "train_length": 64, "grad_ckpt": True, "save_every": 3}  # fmt: skip
-LORA = {"steps": 5, "lr": 1e-3, "warmup_steps": 1, "seed": 4, "lora_rank": 4,
+LORA = {"steps": 5, "lr": 1e-3, "warmup_steps": 1, "seed": 4, "lora_rank": 4, "grad_accum": 2,
         "grad_ckpt": True, "pose": True, "train_length": 64, "save_every": 2}  # fmt: skip
 
 pytestmark = pytest.mark.skipif(
@@ -102,7 +102,8 @@ def _losses(path: Path) -> list[float]:
 
 
 def _single(model: Path, out: Path, opts: dict) -> None:
-    """The 1-process reference: batch 2 = the 2-process run's global batch."""
+    """The 1-process reference: 2 sequences per micro-step (both ranks' together), the same
+    accumulation, so the same global batch and samples per optimizer step."""
     run_finetune(str(model), out, YARN2, FinetuneConfig(**{**opts, "batch_size": 2}))
 
 
