@@ -13,13 +13,17 @@
    tokenizer) fine-tuned by `ctxext finetune` in 1 process, 2 data-parallel processes
    (``accelerate launch --multi_gpu``, gloo) and 2 FSDP2 processes (the shipped
    ``fsdp_cpu_2proc.yaml``), 1 thread per process, same global batch per step (1 sequence
-   per process). Per rank: tokens/s (global, from ctxext's log), peak RSS, and the bytes of
-   parameters + gradients + AdamW state the rank holds after an optimizer step (counted
-   tensor by tensor; under FSDP the rank's local shards).
+   per process). Per rank, in one fresh process: first the training state alone (load,
+   shard or DDP-wrap, 2 optimizer steps): the bytes of parameters + gradients + AdamW state
+   the rank holds (counted tensor by tensor; under FSDP its local shards) and the peak RSS so
+   far; then `run_finetune` end to end: tokens/s (global, from ctxext's log, first step
+   untimed) and the peak RSS of the whole process.
 
     python benchmarks/bench_finetune.py                # the bundled model, yarn x8
     python benchmarks/bench_finetune.py --model PATH --factor 4 --repeats 5
     python benchmarks/bench_finetune.py --scaling --skip-throughput --skip-memory
+    python benchmarks/bench_finetune.py --scaling --skip-throughput --skip-memory \
+        --malloc-mmap-threshold 65536
 
 Targets (issue 5): ours >= 0.8x the bare loop's tokens/s; PoSE peak RSS <= 1.2x plain W-length.
 Issue 19: per-rank parameters + gradients + optimizer state drop with the number of FSDP ranks.
@@ -155,9 +159,9 @@ def _local_bytes(tensors) -> int:
 
 
 def _state_bytes(args: argparse.Namespace, cfg) -> dict:
-    """Parameters, gradients and AdamW state one rank holds after a step, built the way
-    run_finetune builds them (ctxext.finetune.prepare_model/make_optimizer, ctxext.fsdp.shard
-    under an FSDP config); the process group run_finetune set up is reused."""
+    """Parameters, gradients and AdamW state one rank holds after two optimizer steps, built
+    the way run_finetune builds them (ctxext.finetune.prepare_model/make_optimizer,
+    ctxext.fsdp.shard under an FSDP config, DDP for data parallel)."""
     import torch
     from accelerate.utils import FullyShardedDataParallelPlugin
 
@@ -167,12 +171,17 @@ def _state_bytes(args: argparse.Namespace, cfg) -> dict:
 
     lm = load_causal_lm(args.model, extend=_extend(args.method, args.factor), dtype="float32")
     net, _, _ = prepare_model(lm.model, cfg)
+    vocab = net.config.vocab_size
     if args.kind == "fsdp":
         net = fsdp.shard(net, FullyShardedDataParallelPlugin())
+    elif args.kind == "dp":  # DDP adds its gradient buckets (not counted below, seen in RSS)
+        net = torch.nn.parallel.DistributedDataParallel(net)
     opt = make_optimizer(net, cfg)
-    ids = torch.randint(0, net.config.vocab_size, (1, args.train_length))
-    net(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        ids = torch.randint(0, vocab, (1, args.train_length), generator=gen)
+        net(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
     params = list(net.parameters())
     return {
         "params_mb": _local_bytes(params) / 2**20,
@@ -184,22 +193,34 @@ def _state_bytes(args: argparse.Namespace, cfg) -> dict:
 
 def worker_dist(args: argparse.Namespace) -> dict:
     """One rank of the scaling comparison (under accelerate launch, or a lone process)."""
+    import gc
     import resource
 
+    from accelerate import PartialState
+
     from ctxext.finetune import FinetuneConfig, read_log, run_finetune
+
+    def peak() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     cfg = FinetuneConfig(
         steps=args.steps, lr=2e-5, warmup_steps=1, save_every=0, train_length=args.train_length
     )
+    PartialState(cpu=True)  # the process group; run_finetune's Accelerator joins it
+    # First the training state alone (fresh process: its peak is load + shard + 2 steps) ...
+    state = _state_bytes(args, cfg)
+    state_peak = peak()
+    gc.collect()
+    # ... then ctxext finetune end to end (its peak is the process's peak so far).
     out = Path(args.out)
     run_finetune(args.model, out, _extend(args.method, args.factor), cfg)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rank = int(os.environ.get("RANK", "0"))
     tps = None
     if rank == 0:
         log = read_log(out / "training_log.jsonl")
         tps = (log[-1]["tokens"] - log[0]["tokens"]) / (log[-1]["elapsed"] - log[0]["elapsed"])
-    return {"rank": rank, "tokens_per_s": tps, "peak_rss_mb": peak, **_state_bytes(args, cfg)}
+    return {"rank": rank, "tokens_per_s": tps, "state_peak_rss_mb": state_peak,
+            "peak_rss_mb": peak(), **state}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -284,6 +305,10 @@ def run_dist(kind: str, args: argparse.Namespace, model: Path, tmp: Path) -> lis
            "--factor", str(args.factor), "--steps", str(args.scaling_steps),
            "--train-length", str(args.scaling_length)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if args.malloc_mmap_threshold:
+        # glibc then returns every freed block above this size to the OS at once: RSS shows
+        # what is live, not the per-layer all-gather buffers the allocator keeps around.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if res.returncode != 0:
         raise SystemExit(f"scaling run {kind} failed:\n{res.stderr[-3000:]}")
@@ -302,9 +327,16 @@ def scaling(args: argparse.Namespace, tmp: Path) -> list[str]:
     lines = [
         f"Scaling out: random Llama, {n / 1e6:.0f}M parameters, fp32, {args.scaling_length}-token "
         f"sequences, 1 sequence per process per step, {args.scaling_steps} steps (first untimed), "
-        "1 thread per process\n",
-        "| run | tokens/s (all ranks) | rank | params + grads + AdamW (MB) | peak RSS (MB) |",
-        "|---|---:|---:|---:|---:|",
+        "1 thread per process"
+        + (
+            f", glibc MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}"
+            if args.malloc_mmap_threshold
+            else ", default glibc malloc"
+        )
+        + "\n",
+        "| run | tokens/s (all ranks) | rank | params + grads + AdamW (MB) | peak RSS, load + 2 "
+        "steps (MB) | peak RSS, + ctxext finetune run (MB) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     started = time.perf_counter()
     for kind, name in names.items():
@@ -313,7 +345,8 @@ def scaling(args: argparse.Namespace, tmp: Path) -> list[str]:
             tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] is not None else ""
             lines.append(
                 f"| {name} | {tps} | {r['rank']} | {state:,.0f} ({r['params_mb']:,.0f} + "
-                f"{r['grads_mb']:,.0f} + {r['optim_mb']:,.0f}) | {r['peak_rss_mb']:,.0f} |"
+                f"{r['grads_mb']:,.0f} + {r['optim_mb']:,.0f}) | {r['state_peak_rss_mb']:,.0f} | "
+                f"{r['peak_rss_mb']:,.0f} |"
             )
             print(lines[-1], file=sys.stderr, flush=True)
     lines.append(f"\n({time.perf_counter() - started:.0f} s in all)")
@@ -334,6 +367,9 @@ def main() -> None:
     ap.add_argument("--scaling", action="store_true", help="1 process vs 2 DP vs 2 FSDP ranks")
     ap.add_argument("--scaling-steps", type=int, default=4, help="steps per scaling run")
     ap.add_argument("--scaling-length", type=int, default=128, help="tokens per sequence")
+    ap.add_argument(
+        "--malloc-mmap-threshold", type=int, help="scaling runs: glibc MALLOC_MMAP_THRESHOLD_"
+    )
     # worker-only options
     ap.add_argument("--worker", choices=["ours", "bare", "dist"])
     ap.add_argument("--kind", choices=["single", "dp", "fsdp"])
@@ -345,7 +381,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         fn = {"ours": worker_ours, "bare": worker_bare, "dist": worker_dist}[args.worker]
-        print(json.dumps(fn(args)))
+        # One write per line: ranks of a launch share the pipe (no interleaving below 4 KiB).
+        sys.stdout.write(json.dumps(fn(args)) + "\n")
+        sys.stdout.flush()
         return
 
     from ctxext import checkpoint, rope
