@@ -887,9 +887,16 @@ def _one_step(acc: Any, net: Any, opt: Any, sched: Any, batches: Any, cfg: Finet
 def _check_parallelism(acc: Any, seq_length: int) -> None:
     """Refuse, in one line and before anything is loaded, sharding setups that cannot run here:
     FSDP options the CPU path does not implement, CP slices that do not divide the sequence."""
+    from accelerate.utils import DistributedType
+
     from ctxext import fsdp
 
     fsdp.cpu_fsdp_plugin(acc)  # raises on FSDP options the CPU path does not implement
+    if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
+        raise CtxextError(
+            "ctxext runs FSDP2 only (the accelerate config has fsdp_version: 1): set "
+            "fsdp_version: 2"
+        )
     cp = _cp_size(acc)
     if cp > 1 and seq_length % (2 * cp):
         raise CtxextError(

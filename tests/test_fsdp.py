@@ -236,6 +236,24 @@ def test_context_parallelism_off_cuda_is_refused_in_one_line(
     assert not out.exists() and not work_dir(out).exists()
 
 
+def test_fsdp1_on_cpu_processes_is_refused_in_one_line(tiny_llama_session, tmp_path):
+    """What `accelerate launch` exports for an FSDP config with fsdp_version: 1 (a world of one
+    CPU process, so Accelerate picks MULTI_CPU as with more)."""
+    env = {
+        **_env(), "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "LOCAL_RANK": "0",
+        "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    }  # fmt: skip
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "ctxext", "finetune", str(tiny_llama_session), "-o", str(out),
+           "-m", "yarn", "-f", "2"]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "FSDP2 only" in lines[0] and "fsdp_version: 2" in lines[0]
+    assert "Traceback" not in res.stderr
+    assert not out.exists() and not work_dir(out).exists()
+
+
 @pytest.mark.parametrize(
     ("name", "processes", "machines", "cpu"),
     [("fsdp_cpu_2proc", 2, 1, True), ("fsdp_8gpu", 8, 1, False), ("fsdp_2node_8gpu", 16, 2, False)],
