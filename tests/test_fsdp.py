@@ -138,6 +138,7 @@ def _assert_plain_checkpoint(out: Path, reference: Path) -> None:
     assert not work_dir(out).exists()
 
 
+@pytest.mark.slow
 def test_fsdp_full_finetune_equals_one_process(fsdp_full, tiny_llama_session, tmp_path):
     out, summary = fsdp_full
     assert summary["fsdp"] == "ctxext-cpu"  # sharded, not silently data-parallel
