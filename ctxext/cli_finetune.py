@@ -128,8 +128,12 @@ def finetune(
 ) -> None:
     """Fine-tune MODEL at its extended length (full or LoRA, optionally PoSE).
 
-    Writes a merged checkpoint. Run it under `accelerate launch -m ctxext finetune ...` for data
-    parallelism.
+    Writes a merged checkpoint. Several processes: `accelerate launch --multi_gpu
+    --num_processes N -m ctxext finetune ...` (data parallel); FSDP2: `accelerate launch
+    --config_file ctxext/accelerate_configs/fsdp_8gpu.yaml -m ctxext finetune ...` (GPUs; on CPU
+    processes use fsdp_cpu_2proc.yaml). Context parallelism (parallelism_config_cp_size > 1)
+    needs CUDA GPUs with SDPA flash/memory-efficient attention and FSDP2; it is refused
+    elsewhere.
     """
     from ctxext.config import ExtendConfig, parse_model
     from ctxext.errors import CtxextError

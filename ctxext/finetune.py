@@ -841,6 +841,7 @@ def run_finetune(
     from ctxext.modeling import default_device, load_tokenizer
 
     device = default_device()
+    _check_context_parallel_device(device)  # before Accelerate, which refuses it with a traceback
     acc = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=_mixed_precision(cfg.dtype, device),
@@ -852,12 +853,7 @@ def run_finetune(
     )
     report = _reporter(progress, acc.is_main_process)
     global_batch = cfg.batch_size * cfg.grad_accum * _data_parallel_size(acc)
-    if plan.seq_length % (2 * _cp_size(acc)):
-        raise CtxextError(
-            f"context parallelism over {_cp_size(acc)} ranks needs sequences divisible by "
-            f"{2 * _cp_size(acc)} tokens (load-balanced slices); {plan.seq_length} is not: "
-            "change --target-length/--train-length"
-        )
+    _check_parallelism(acc, plan.seq_length)
     # Data first: a source too small for one batch is reported before any weight is loaded.
     report("status", {"message": "packing training data"})
     plan.source = checkpoint.fetch(plan.source, "tokenizer")  # a Hub model: no weights yet
@@ -871,18 +867,13 @@ def run_finetune(
     report("status", {"message": f"loading {plan.source.name}"})
     loaded, lm = _load(plan, cfg, trust_remote_code, allow_pickle, report)
     net, trainable, total = prepare_model(lm, cfg)
-    opt = make_optimizer(net, cfg)
-    import torch
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-
     state = _State()
     ckpt = newest_intact_checkpoint(plan.work, report) if resume else None
     if ckpt is not None:
         state = _State(**json.loads((ckpt / STATE_FILE).read_text()))
         state.resumed_from = state.step
     loader = _loader(data, cfg, plan, state.samples, global_batch)
-    net, opt, loader, sched = acc.prepare(net, opt, loader, sched)
+    net, opt, loader, sched = _prepare(acc, net, loader, cfg)
     if not resume:  # only now: a run that fails to start leaves nothing behind
         _create_work_dir(acc, plan, identity)
     if ckpt is not None:
@@ -904,6 +895,7 @@ def run_finetune(
         "warmup_steps": cfg.warmup(),
         "num_processes": acc.num_processes,
         "data_parallel_size": _data_parallel_size(acc),
+        "fsdp": _fsdp_mode(acc),
         "trainable_parameters": trainable,
         "parameters": total,
         "data": {
@@ -1146,6 +1138,75 @@ def _diverged(work: Path, step: int, e: _NonFinite) -> TrainingDiverged:
     )
 
 
+def _check_parallelism(acc: Any, seq_length: int) -> None:
+    """Refuse, in one line and before anything is loaded, sharding setups that cannot run here:
+    FSDP options the CPU path does not implement, CP slices that do not divide the sequence."""
+    from accelerate.utils import DistributedType
+
+    from ctxext import fsdp
+
+    fsdp.cpu_fsdp_plugin(acc)  # raises on FSDP options the CPU path does not implement
+    if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
+        raise CtxextError(
+            "ctxext runs FSDP2 only (the accelerate config has fsdp_version: 1): set "
+            "fsdp_version: 2"
+        )
+    cp = _cp_size(acc)
+    if cp > 1 and seq_length % (2 * cp):
+        raise CtxextError(
+            f"context parallelism over {cp} ranks needs sequences divisible by "
+            f"{2 * cp} tokens (load-balanced slices); {seq_length} is not: "
+            "change --target-length/--train-length"
+        )
+
+
+def _check_context_parallel_device(device: str) -> None:
+    """Context parallelism (torch's ring attention under FSDP2) runs on CUDA GPUs only: it
+    exchanges keys/values over NCCL and dispatches SDPA's flash / memory-efficient / cuDNN
+    kernels. Elsewhere (CPU processes, gloo) it is refused here, in one line."""
+    cp = int(os.environ.get("PARALLELISM_CONFIG_CP_SIZE", "1") or 1)
+    if cp > 1 and not device.startswith("cuda"):
+        raise CtxextError(
+            f"context parallelism (parallelism_config_cp_size: {cp}) needs CUDA GPUs with SDPA "
+            f"flash/memory-efficient attention; this process runs on {device}: remove "
+            "parallelism_config_cp_size from the accelerate config (or use --pose for long targets)"
+        )
+
+
+def _prepare(acc: Any, net: Any, loader: Any, cfg: FinetuneConfig) -> tuple[Any, Any, Any, Any]:
+    """Shard or wrap the model, then build the optimizer and schedule and hand them to Accelerate.
+
+    With an FSDP config on CPU processes (which Accelerate runs as plain data parallel),
+    ctxext shards the model with FSDP2 itself and the optimizer is built over the shards; the
+    sharded model and optimizer are saved/loaded by hooks on Accelerate's save/load_state.
+    """
+    import torch
+
+    from ctxext import fsdp
+
+    plugin = fsdp.cpu_fsdp_plugin(acc)
+    if plugin is not None:
+        net = fsdp.shard(net, plugin)
+    opt = make_optimizer(net, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    if plugin is None:
+        return acc.prepare(net, opt, loader, sched)
+    loader, sched = acc.prepare(loader, sched)
+    fsdp.register_checkpoint_hooks(acc, net, opt)
+    return net, opt, loader, sched
+
+
+def _fsdp_mode(acc: Any) -> str | None:
+    """How the model is sharded: Accelerate's FSDP2 (GPUs), ctxext's FSDP2 (CPU), or None."""
+    from accelerate.utils import DistributedType
+
+    from ctxext import fsdp
+
+    if acc.distributed_type == DistributedType.FSDP:
+        return "accelerate"
+    return "ctxext-cpu" if fsdp.cpu_fsdp_plugin(acc) is not None else None
+
+
 def _cp_size(acc: Any) -> int:
     pc = getattr(acc, "parallelism_config", None)
     return pc.cp_size if pc is not None and pc.cp_enabled else 1
@@ -1283,9 +1344,14 @@ def _final_model(acc: Any, net: Any, loaded: Any, cfg: FinetuneConfig) -> Any:
     """
     from accelerate.utils import DistributedType
 
-    if acc.distributed_type != DistributedType.FSDP:
+    from ctxext import fsdp
+
+    if fsdp.cpu_fsdp_plugin(acc) is not None:
+        state = fsdp.full_state_dict(net, acc.is_main_process)  # a collective
+    elif acc.distributed_type != DistributedType.FSDP:
         return acc.unwrap_model(net) if acc.is_main_process else None
-    state = acc.get_state_dict(net)  # a collective: all ranks call it
+    else:
+        state = acc.get_state_dict(net)  # a collective: all ranks call it
     if not acc.is_main_process:
         return None
     return rebuild_model(loaded.config, cfg, state)
