@@ -150,7 +150,7 @@ def _max_rel_diff(a: dict, b: dict) -> float:
     return max(diffs)
 
 
-def sweep(threads: int | None, repeats: int) -> tuple[str, list[dict]]:
+def sweep(threads: int | None, repeats: int, num_docs: int | None) -> tuple[str, list[dict]]:
     """One-pass sweep vs per-length sweep vs the longest length alone, per method."""
     import torch
 
@@ -168,7 +168,11 @@ def sweep(threads: int | None, repeats: int) -> tuple[str, list[dict]]:
     for method in SWEEP_METHODS:
         extend = ExtendConfig(method=method, target_length=SWEEP[-1]) if method else None
         model = load_causal_lm(None, extend=extend, dtype="float32").model
-        common = {"bos_token_id": tok.bos_token_id, "token_bytes": data.token_bytes}
+        common = {
+            "bos_token_id": tok.bos_token_id,
+            "token_bytes": data.token_bytes,
+            "num_docs": num_docs,  # a seeded sample: the same documents in every mode
+        }
         modes = {
             "longest": (SWEEP[-1:], True),
             "one_pass": (SWEEP, True),
@@ -231,7 +235,7 @@ def sweep_table(rows: list[dict], threads: int) -> str:
     return "\n".join(lines) + (
         f"\n\nbundled model, fp32, {threads} threads, median of {len(rows[0]['times']['longest'])} "
         f"interleaved runs per mode, {rows[0]['n_docs']} held-out files "
-        "(every one with at least 2048 tokens, the same at every length), lengths "
+        "(with at least 2048 tokens, the same at every length), lengths "
         f"{'/'.join(map(str, SWEEP))}, every method x8; evaluation only (model loading excluded); "
         "relative differences of perplexity over every length and position bucket."
     )
@@ -246,13 +250,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the Markdown table here")
     ap.add_argument("--json", type=Path, help="also write every raw measurement here")
     ap.add_argument("--sweep", action="store_true", help="time a length sweep (issue 14)")
+    ap.add_argument("--num-docs", type=int, help="--sweep: a seeded sample of the documents")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child, args.lengths[0], args.repeats, args.warmup, args.threads)
         return
     if args.sweep:
-        text, raw = sweep(args.threads, args.repeats)
+        text, raw = sweep(args.threads, args.repeats, args.num_docs)
         print(text)
         if args.out:
             args.out.write_text(text + "\n")
