@@ -359,8 +359,9 @@ def _activation_bytes(shape: ModelShape, work: Workload, ckpt: bool) -> int:
         return tokens * (3 * shape.intermediate + 3 * shape.hidden) * a
     layer = shape.saved_per_token() * a * tokens
     if work.lora_rank is not None:
-        # peft adds each adapter's rank-r intermediate and its output before the sum.
-        layer += tokens * a * sum(work.lora_rank + out for _, out in shape.linears())
+        # peft saves each adapter's rank-r intermediate (for lora_B's gradient); lora_A reads
+        # the projection's input, which is saved already, and its output sum is not saved.
+        layer += tokens * a * work.lora_rank * len(shape.linears())
     # The embedding output and the final norm's input/output sit outside the layers.
     outside = 3 * shape.hidden * a * tokens
     if ckpt:
