@@ -183,8 +183,10 @@ def finetune(
     # One writer per output (the main process holds the lock); then the memory/time check.
     lock = checkpoint.output_lock(output) if main and not plan_only else contextlib.nullcontext()
     with lock, _ProgressBar(enabled=main and not as_json) as bar:
-        if main:
+
+        def budget() -> None:  # after finetune's cheap checks, before anything is loaded
             bar.announce = check_finetune(model, output, extend, cfg, guard)
+
         summary = run_finetune(
             model,
             output,
@@ -195,6 +197,7 @@ def finetune(
             progress=bar,
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
+            budget_check=budget if main else None,
         )
     if not _is_main_process():
         return

@@ -828,13 +828,18 @@ def run_finetune(
     progress: ProgressFn | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    budget_check: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` at the extended length and write a merged checkpoint to ``output``.
 
     Under ``accelerate launch`` every process runs this; they train data-parallel and only the
     main process writes files. Returns the summary (the same on every process).
+    ``budget_check()`` (the CLI's memory/time check) runs once the cheap checks have passed,
+    before torch is imported.
     """
     plan = plan_run(model, output, extend, cfg, resume=resume, overwrite=overwrite)
+    if budget_check is not None:
+        budget_check()
     from accelerate import Accelerator  # only now: a refused request never waits for torch
 
     from ctxext import checkpoint
