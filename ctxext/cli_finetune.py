@@ -244,7 +244,8 @@ def _render_summary(summary: dict[str, Any]) -> None:
         (
             "training",
             f"{lora}{pose}, {summary['steps']} steps x {summary['global_batch']} "
-            f"sequences of {summary['train_length']} tokens ({summary['num_processes']} process(es))",
+            f"sequences of {summary['train_length']} tokens ({summary['num_processes']} process(es)"
+            f"{', FSDP2 sharded' if summary.get('fsdp') else ''})",
         ),
         ("trainable", f"{summary['trainable_parameters']:,} of {summary['parameters']:,}"),
         ("final loss", "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"),
