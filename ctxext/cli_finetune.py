@@ -295,7 +295,8 @@ def _render_summary(summary: dict[str, Any]) -> None:
             "training",
             f"{lora}{pose}, {plural(summary['steps'], 'step')} x "
             f"{plural(summary['global_batch'], 'sequence')} of {summary['train_length']} tokens "
-            f"({plural(summary['num_processes'], 'process', 'processes')})",
+            f"({plural(summary['num_processes'], 'process', 'processes')}"
+            f"{', FSDP2 sharded' if summary.get('fsdp') else ''})",
         ),
         ("trainable", f"{summary['trainable_parameters']:,} of {summary['parameters']:,}"),
         ("final loss", "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"),

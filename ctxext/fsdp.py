@@ -47,6 +47,11 @@ def cpu_fsdp_plugin(acc: Any) -> Any | None:
         )
     if plugin.cpu_offload is not None and getattr(plugin.cpu_offload, "offload_params", False):
         raise CtxextError("fsdp_offload_params has no meaning on CPU processes: set it to false")
+    if acc.mixed_precision != "no":  # the unprepared model gets no autocast from Accelerate
+        raise CtxextError(
+            f"FSDP on CPU processes trains in float32, not {acc.mixed_precision}: pass "
+            "--dtype auto or --dtype float32"
+        )
     if plugin.activation_checkpointing:
         raise CtxextError(
             "fsdp_activation_checkpointing is not applied on CPU processes: set it to false and "

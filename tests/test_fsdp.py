@@ -237,20 +237,26 @@ def test_context_parallelism_off_cuda_is_refused_in_one_line(
     assert not out.exists() and not work_dir(out).exists()
 
 
-def test_fsdp1_on_cpu_processes_is_refused_in_one_line(tiny_llama_session, tmp_path):
-    """What `accelerate launch` exports for an FSDP config with fsdp_version: 1 (a world of one
-    CPU process, so Accelerate picks MULTI_CPU as with more)."""
+@pytest.mark.parametrize(
+    ("version", "flags", "needle"),
+    [("1", [], "FSDP2 only"), ("2", ["--dtype", "bfloat16"], "trains in float32")],
+)
+def test_fsdp_options_cpu_processes_cannot_run_are_refused_in_one_line(
+    tiny_llama_session, tmp_path, version, flags, needle
+):
+    """What `accelerate launch` exports for an FSDP config (a world of one CPU process, so
+    Accelerate picks MULTI_CPU as with more): fsdp_version 1, or bf16 compute."""
     env = {
-        **_env(), "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "LOCAL_RANK": "0",
+        **_env(), "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": version, "LOCAL_RANK": "0",
         "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
     }  # fmt: skip
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "ctxext", "finetune", str(tiny_llama_session), "-o", str(out),
-           "-m", "yarn", "-f", "2"]  # fmt: skip
+           "-m", "yarn", "-f", "2", *flags]  # fmt: skip
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr[-3000:]
     lines = [x for x in res.stderr.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and "FSDP2 only" in lines[0] and "fsdp_version: 2" in lines[0]
+    assert len(lines) == 1 and needle in lines[0], res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     assert not out.exists() and not work_dir(out).exists()
 
