@@ -263,7 +263,7 @@ def effective_length_line(run: dict[str, Any]) -> str | None:
     if "effective_length" not in run:
         return None
     reach = run["effective_length"]
-    read = f"reads to {reach}" if reach else "reads to no evaluated length"
+    read = f"reads to {reach}" if reach else "reads to none of the lengths"
     return f"{run['label']}: extended to {run.get('context_length', '?')}, {read}"
 
 
@@ -278,8 +278,8 @@ def context_use_table(results: dict[str, Any]):  # -> rich.table.Table | None
     window = next(iter(runs[0]["context_use"].values()))["window"]
     table = Table(
         title=f"far-context gain, last bucket (bits/token; local window {window})",
-        caption="positive: the model uses text more than the window back; "
-        "eff. = effective context length",
+        caption="positive: the model uses text more than the window back; *: 95% interval "
+        "excludes 0; eff.: effective context length",
     )
     table.add_column("model / method")
     for n in lengths:
@@ -293,7 +293,9 @@ def context_use_table(results: dict[str, Any]):  # -> rich.table.Table | None
                 cells.append("-")
                 continue
             last = res["buckets"][-1]
-            cells.append(f"{last['gain_bits']:+.3f} [{last['ci_low']:+.2f},{last['ci_high']:+.2f}]")
+            # * marks a gain whose 95% interval excludes 0 (the interval is in results.json).
+            sure = last["ci_low"] > 0 or last["ci_high"] < 0
+            cells.append(f"{last['gain_bits']:+.3f}{'*' if sure else ' '}")
         eff = run.get("effective_length")
         table.add_row(run["label"], *cells, str(eff) if eff else "none")
     return table
