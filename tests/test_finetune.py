@@ -380,15 +380,16 @@ def _nan_flags(model: Path, out: Path) -> list:
             "1e-3", "--warmup-steps", "1", "--save-every", "2", "--max-grad-norm", "0.5"]  # fmt: skip
 
 
-@pytest.fixture
-def reference_run(tmp_path, tiny_llama_session, capsys) -> Path:
-    """The same six steps, never interrupted."""
-    ref = tmp_path / "ref"
-    code, _, err = run_cli(capsys, *_nan_flags(tiny_llama_session, ref))
-    assert code == 0, err
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_llama_session) -> Path:
+    """The same six steps as _nan_flags, never interrupted (through the API: same weights)."""
+    ref = tmp_path_factory.mktemp("ref") / "ref"
+    cfg = _cfg(steps=6, save_every=2, max_grad_norm=0.5)
+    run_finetune(str(tiny_llama_session), ref, YARN2, cfg)
     return ref
 
 
+@pytest.mark.slow
 def test_nan_stops_with_the_checkpoint_intact_and_resumable(
     tmp_path, tiny_llama_session, capsys, monkeypatch, reference_run
 ):
@@ -416,6 +417,7 @@ def test_nan_stops_with_the_checkpoint_intact_and_resumable(
     assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in log)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "flip-a-byte"])
 def test_damaged_checkpoint_is_skipped_on_resume(
     tmp_path, tiny_llama_session, capsys, monkeypatch, reference_run, damage
@@ -454,6 +456,7 @@ def test_checkpoint_problem_reads_safetensors_headers_without_a_manifest(tmp_pat
     assert "is truncated" in checkpoint_problem(ckpt)
 
 
+@pytest.mark.slow
 def test_two_finetunes_to_one_output_refuse_the_second(tmp_path, tiny_llama_session):
     out = tmp_path / "shared"
     args = [*CLI, "finetune", str(tiny_llama_session), "-o", str(out), "-m", "yarn", "-f", "2",
