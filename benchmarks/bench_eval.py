@@ -101,7 +101,6 @@ def child(mode: str, length: int, repeats: int, warmup: int, threads: int | None
                 "peak_rss_mb": peak / 2**20,
                 "tok_s": length / statistics.median(times),
                 "times": times,
-                "walls": walls,
                 "mean_nll": mean_nll,
             }
         )
