@@ -241,8 +241,9 @@ def sweep_table(rows: list[dict], threads: int) -> str:
         f"\n\nbundled model, fp32, {threads} threads, median of {len(rows[0]['times']['longest'])} "
         f"interleaved runs per mode, {rows[0]['n_docs']} held-out files "
         "(with at least 2048 tokens, the same at every length), lengths "
-        f"{'/'.join(map(str, SWEEP))}, every method x8; evaluation only (model loading excluded); "
-        "relative differences of perplexity over every length and position bucket."
+        f"{'/'.join(map(str, SWEEP))}, every method x8; CPU seconds of the process for the "
+        "evaluation only (model loading excluded); relative differences of perplexity over every "
+        "length and position bucket."
     )
 
 
