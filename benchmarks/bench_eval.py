@@ -17,9 +17,10 @@ Targets (issue): at 16k, ours peak RSS <= 40% of the straightforward approach's,
 yarn, dynamic (each x8, to 2048), every held-out file of at least 2048 tokens (the same
 documents at every length), evaluated three ways on the same loaded model: the sweep
 256/512/1024/2048 in one pass per document (ctxext's default), the same sweep with separate
-passes per length, and 2048 alone. Only evaluation is timed (model loading is not):
+passes per length, and 2048 alone. Only evaluation is timed, in CPU seconds of the process
+(model loading is not):
 
-    python benchmarks/bench_eval.py --sweep --repeats 3 --out bench_sweep.md
+    python benchmarks/bench_eval.py --sweep --threads 1 --repeats 3 --out bench_sweep.md
 
 Target: the sweep takes <= 1.1x the 2048-only run, with the same numbers.
 """
