@@ -558,6 +558,34 @@ def _quiet_libraries(debug: bool) -> None:
             hf_logging.set_verbosity_error()
 
 
+class _Interrupts:
+    """Notes every SIGINT (still raising KeyboardInterrupt, as Python's own handler does)."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self.seen = False
+        self.installed = False
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return  # someone else handles Ctrl-C (an embedding program): leave it alone
+        with contextlib.suppress(ValueError):  # ValueError: not the main thread
+            signal.signal(signal.SIGINT, self._handler)
+            self.installed = True
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __call__(self) -> bool:
+        return self.seen
+
+    def restore(self) -> None:
+        import signal
+
+        if self.installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors with exit code 2 (1 for resource failures), 130 on Ctrl-C."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -569,6 +597,7 @@ def main(argv: list[str] | None = None) -> None:
             "warning: --trust-remote-code: Python files from the model folder or Hub repo may "
             "be imported and run in this process"
         )
+    interrupted = _Interrupts()
     try:
         code = _run_app(args)
     except CtxextError as e:
@@ -589,6 +618,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             _one_line(f"error: {e.strerror or e} ({e.filename or ''}); add --debug for details")
         code = 1
+    except Exception:
+        # Ctrl-C inside an import can leave a library half-initialised, and the error that
+        # follows is not a KeyboardInterrupt (numpy: a RecursionError): still an interruption.
+        if debug or not interrupted():
+            raise
+        _one_line("interrupted")
+        code = 130
     if code == 130:
         # Leave now, with 130 as promised: the interrupted work has already cleaned up (every
         # output is built in a temporary sibling). A normal exit could still die of SIGINT
@@ -596,4 +632,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
+    interrupted.restore()
     sys.exit(code)

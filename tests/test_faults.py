@@ -43,20 +43,44 @@ def _kill_when(proc: subprocess.Popen, ready, delay: float, timeout: float = 30.
     proc.wait()
 
 
+_KILL_AT_WRITE = """
+import os, signal, sys
+k, ops = int(sys.argv[1]), []
+
+def hook(event, args):
+    # open / copy / link / rename of anything inside the temporary folder is part of the write.
+    if event in ("open", "shutil.copyfile", "os.link", "os.symlink", "os.rename"):
+        if any(isinstance(a, (str, bytes, os.PathLike)) and ".tmp-" in os.fsdecode(a)
+               for a in args):
+            ops.append(event)
+            if len(ops) == k:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+sys.addaudithook(hook)
+from ctxext.cli import main
+main(sys.argv[2:])
+"""
+
+
 def test_kill_9_at_random_points_leaves_nothing_or_a_complete_checkpoint(tmp_path, tiny_llama):
     before = tree_hash(tiny_llama)
     rng = random.Random(0)
     outcomes = {"absent": 0, "complete": 0, "killed mid-write": 0}
     for i in range(10):
         out = tmp_path / f"out{i}"
-        proc = subprocess.Popen(_extend_cmd(tiny_llama, out, "--copy"), stderr=subprocess.DEVNULL)
         if i % 2:
             # Python start-up and imports take most of a second; spread kills over the run.
-            _kill_when(proc, lambda: True, rng.uniform(0.3, 2.5))
+            cmd = _extend_cmd(tiny_llama, out, "--copy")
+            proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+            _kill_when(proc, lambda: True, rng.uniform(0.05, 1.0))
         else:
-            # The write itself is milliseconds long: aim at it, once the temporary exists.
-            _kill_when(
-                proc, lambda o=out: bool(_temporaries(o.parent, o.name)), rng.uniform(0, 0.01)
+            # The write itself takes about a millisecond, too short to hit by timing: the
+            # process kills itself at its k-th file operation inside the temporary folder.
+            cmd = _extend_cmd(tiny_llama, out, "--copy")[3:]
+            k = str(rng.randint(1, 5))
+            env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+            subprocess.run(
+                [sys.executable, "-c", _KILL_AT_WRITE, k, *cmd], env=env, capture_output=True
             )
         if _temporaries(tmp_path, out.name):
             # killed while the output was being written: nothing may be at the final path

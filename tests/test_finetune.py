@@ -478,12 +478,12 @@ def test_two_finetunes_to_one_output_refuse_the_second(tmp_path, tiny_llama_sess
         assert f"pid {first.pid}" in lines[0]
         assert first.poll() is None  # the first run is untouched
         first.send_signal(signal.SIGINT)
-        first.communicate(timeout=60)
+        _, first_err = first.communicate(timeout=60)
     finally:
         if first.poll() is None:
             first.kill()
             first.communicate()
-    assert first.returncode == 130
+    assert first.returncode == 130, first_err
     assert not lock.exists()  # released on exit
 
 

@@ -1,8 +1,9 @@
 """`ctxext plan` and the pre-run memory check: the estimator's counts against transformers, and
 runs refused before anything is loaded.
 
-The refusal tests use a model folder that has a real config and tokenizer but *no weights*: a
-run that got as far as loading would fail with "no weight files"; a refused one never gets there.
+The refusal tests use a model folder that has a real config and tokenizer but a weight file that
+cannot be loaded: a run that got as far as loading would fail with "could not load the weights";
+a refused one never gets there.
 """
 
 from __future__ import annotations
@@ -125,9 +126,11 @@ def test_parse_bytes(text, expected):
 
 @pytest.fixture
 def weightless(tmp_path) -> Path:
-    """The bundled model's config and tokenizer, without its weights."""
+    """The bundled model's config and tokenizer with a weight file that cannot be loaded: the
+    pre-flight sees weights, and any attempt to load them would fail with another error."""
     path = tmp_path / "no-weights"
     shutil.copytree(BUNDLED, path, ignore=shutil.ignore_patterns("*.safetensors"))
+    (path / "model.safetensors").write_bytes(b"not a safetensors file")
     return path
 
 
@@ -144,7 +147,7 @@ def calibrated(monkeypatch):
 def test_weightless_model_fails_at_loading_without_a_limit(weightless, capsys, calibrated):
     # The control: with memory to spare the run proceeds until it needs the weights.
     code, _, err = run_cli(capsys, "eval", weightless, "--lengths", "64", "--num-docs", "1")
-    assert code == 2 and "no weight files" in err
+    assert code == 2 and "could not load the weights" in err
 
 
 @pytest.mark.parametrize("how", ["env", "option"])
@@ -162,7 +165,7 @@ def test_over_budget_eval_is_refused_before_loading(
     assert len(lines) == 1, err
     assert "needs ~" in lines[0] and "977 KiB is available" in lines[0]
     assert "eval 1,024 tokens" in lines[0]  # the phase that decides the peak
-    assert "no weight files" not in err and out == ""
+    assert "could not load the weights" not in err and out == ""
 
 
 def test_over_budget_finetune_is_refused_with_what_would_fit(tmp_path, capsys, calibrated):
