@@ -518,8 +518,7 @@ def plot_leaderboard(lines: list[dict[str, Any]], target: int, trained: int, pat
     ax.barh(y + 0.2, [r["ppl_target"] for r in lines][::-1], 0.4, label=f"ppl @ {target}")
     ax.barh(y - 0.2, [r["ppl_trained"] for r in lines][::-1], 0.4, label=f"ppl @ {trained}")
     ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("perplexity on the report documents (log scale, lower is better)")
+    ax.set_xlabel("perplexity on the report documents (lower is better)")
     ax.set_title("ctxext tune leaderboard (report documents, unseen by the search)")
     ax.legend(fontsize=8)
     ax.grid(True, axis="x", which="both", alpha=0.3)
@@ -579,27 +578,41 @@ def _calibrate(scorer: Scorer, trained: int) -> tuple[float, float]:
     return t_target, t_trained
 
 
-def run_tune(
-    cfg: TuneConfig,
-    prepared: Prepared,
-    progress: Progress,
-    on_plan: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
-    """Search, then evaluate the leaderboard on the report documents; returns tune.json."""
-    from ctxext.data import data_fingerprint, load_documents, tokenize_documents
-    from ctxext.modeling import load_causal_lm, load_tokenizer
+@dataclass
+class _Inputs:
+    """The documents, their token ids and the search / report split."""
+
+    docs: list[Any]
+    ids: list[list[int]]
+    bos: int | None
+    search: list[int]
+    report: list[int]
+
+
+def _inputs(cfg: TuneConfig, prepared: Prepared) -> _Inputs:
+    """Load, tokenize and split the documents (before the model loads: a bad split is cheap)."""
+    from ctxext.data import load_documents, tokenize_documents
+    from ctxext.modeling import load_tokenizer
 
     docs = load_documents(cfg.data, split="heldout")
     tokenizer = load_tokenizer(prepared.source.path)
-    bos = tokenizer.bos_token_id
     ids = tokenize_documents(tokenizer, docs)
-    search_idx, report_idx = split_documents(ids, cfg, bos)  # before the model loads
-    loaded = load_causal_lm(str(prepared.source.path))
-    n, trained = cfg.target_length, prepared.info.trained_length
-    scorer = Scorer(loaded.model, prepared.config, [ids[i] for i in search_idx], bos, n)
+    search, report = split_documents(ids, cfg, tokenizer.bos_token_id)
+    return _Inputs(docs, ids, tokenizer.bos_token_id, search, report)
+
+
+def _search(
+    cfg: TuneConfig,
+    prepared: Prepared,
+    scorer: Scorer,
+    progress: Progress,
+    on_plan: Callable[[int], None] | None,
+) -> tuple[Search, dict[str, Trial], dict[str, Any]]:
+    """Calibrate, plan and run the search; returns it, each method's best, plan and timing."""
+    trained = prepared.info.trained_length
     t_target, t_trained = _calibrate(scorer, trained)
     # Counted by tokens, not by the clock, so a given --budget-evals always buys the same plan.
-    scorer.cost_ratio = trained / n
+    scorer.cost_ratio = trained / cfg.target_length
     budget = cfg.budget_evals or max(12, int(cfg.budget_minutes * 60 / t_target))
     plan = plan_search(cfg, budget, scorer.cost_ratio)
     if on_plan is not None:
@@ -607,18 +620,43 @@ def run_tune(
     search = Search(scorer, cfg, prepared.info, np.random.default_rng(cfg.seed), progress)
     started = time.time()
     best = run_search(search, plan)
-    search_seconds = time.time() - started
     if not best:
         raise CtxextError(
             f"every candidate cost more than {cfg.guard:.0%} at the trained length {trained}: "
             "raise --guard or --budget-minutes"
         )
+    timing = {
+        "forward_seconds_at_target": t_target,
+        "forward_seconds_at_trained": t_trained,
+        "search_seconds": round(time.time() - started, 1),
+        "forwards_spent": round(scorer.spent, 1),
+    }
+    return search, best, {"plan": plan.__dict__, "timing": timing}
+
+
+def run_tune(
+    cfg: TuneConfig,
+    prepared: Prepared,
+    progress: Progress,
+    on_plan: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Search, then evaluate the leaderboard on the report documents; returns tune.json."""
+    from ctxext.data import data_fingerprint
+    from ctxext.modeling import load_causal_lm
+
+    data = _inputs(cfg, prepared)
+    model = load_causal_lm(str(prepared.source.path)).model
+    n, trained = cfg.target_length, prepared.info.trained_length
+
+    def scorer(which: list[int]) -> Scorer:
+        return Scorer(model, prepared.config, [data.ids[i] for i in which], data.bos, n)
+
+    search, best, run = _search(cfg, prepared, scorer(data.search), progress, on_plan)
     chosen = min(best, key=lambda m: best[m].ppl_target)
-    report_scorer = Scorer(loaded.model, prepared.config, [ids[i] for i in report_idx], bos, n)
     lengths = sorted(set(cfg.report_lengths or [trained, n]) | {trained, n})
     started = time.time()
-    runs = evaluate_rows(report_scorer, leaderboard_candidates(best), lengths)
-    guard_ref = search.guard_ref(list(range(cfg.search_docs)))
+    runs = evaluate_rows(scorer(data.report), leaderboard_candidates(best), lengths)
+    run["timing"]["report_seconds"] = round(time.time() - started, 1)
     return {
         "ctxext_tune": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -627,20 +665,13 @@ def run_tune(
         "model": {"name": prepared.source.name, "trained_length": trained},
         "data": {
             "source": cfg.data or "stdlib (held-out part of the bundled model's corpus)",
-            "fingerprint": data_fingerprint(docs),
-            "search_documents": [docs[i].name for i in search_idx],
-            "report_documents": [docs[i].name for i in report_idx],
+            "fingerprint": data_fingerprint(data.docs),
+            "search_documents": [data.docs[i].name for i in data.search],
+            "report_documents": [data.docs[i].name for i in data.report],
         },
         "protocol": _protocol(cfg, trained, runs),
-        "plan": plan.__dict__,
-        "timing": {
-            "forward_seconds_at_target": t_target,
-            "forward_seconds_at_trained": t_trained,
-            "search_seconds": round(search_seconds, 1),
-            "report_seconds": round(time.time() - started, 1),
-            "forwards_spent": round(scorer.spent, 1),
-        },
-        "guard_reference_ppl": guard_ref,
+        **run,
+        "guard_reference_ppl": search.guard_ref(list(range(cfg.search_docs))),
         "candidates": [t.record() for t in search.trials.values()],
         "best_per_method": {m: t.record() for m, t in best.items()},
         "chosen": {"method": chosen, "extend": best[chosen].candidate.spec(n).model_dump()},
