@@ -81,6 +81,19 @@ def _local_windows(length: int, window: int, stride: int) -> list[tuple[int, int
     return windows
 
 
+def _accumulate(progress: Progress | None) -> Callable[[int], None]:
+    """A tick(n) that adds n tokens and reports the running total to ``progress``."""
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done)
+
+    return tick
+
+
 def local_nll(
     model: Any,
     seq: Sequence[int],
@@ -179,13 +192,7 @@ def context_use(
         raise ValueError("every sequence must have the same length")
     stride = stride or max(1, window // 4)
     fulls, locals_ = [], []
-    done = 0
-
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done)
+    tick = _accumulate(progress)
 
     from ctxext.evaluate import reset_rotary_state
 
@@ -285,13 +292,7 @@ def context_use_sweep(
     seqs = [list(s[:longest]) for s in sequences]
     if any(len(s) < longest for s in seqs):
         raise ValueError("every sequence must hold the longest length")
-    done = 0
-
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done)
+    tick = _accumulate(progress)
 
     fulls: dict[int, list[torch.Tensor]] = {n: [] for n in todo}
     locals_: list[torch.Tensor] = []
