@@ -31,20 +31,17 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+def _tiny_llama(**overrides):
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    heads = dict(num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(vocab_size=VOCAB, **sizes, **heads, **overrides)
+    return LlamaForCausalLM(config).eval()
+
+
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).eval()
+    return _tiny_llama(max_position_embeddings=64, attn_implementation="sdpa")
 
 
 @pytest.fixture(scope="module")
@@ -236,18 +233,8 @@ def test_sweep_with_dynamic_ntk_is_exact_per_length(seqs):
     from ctxext.context_use import context_use_sweep
 
     def fresh():
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=32,
-            rope_parameters={"rope_type": "dynamic", "factor": 3.0, "rope_theta": 10000.0},
-        )
-        return LlamaForCausalLM(config).eval()
+        dynamic = {"rope_type": "dynamic", "factor": 3.0, "rope_theta": 10000.0}
+        return _tiny_llama(max_position_embeddings=32, rope_parameters=dynamic)
 
     model = fresh()
     sweep = context_use_sweep(model, seqs, [48, 96], window=32, stride=8, one_pass=False)
