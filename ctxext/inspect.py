@@ -14,6 +14,8 @@ def inspect_model(model: str | None, target_length: int | None = None) -> dict[s
     config = checkpoint.read_config(source.path)
     info = rope.analyze(config)
     report: dict[str, Any] = {"model": source.name, "path": str(source.path)}
+    if source.commit is not None:  # a Hub model: the commit its files came from
+        report["revision"] = f"{source.revision or 'main'} @ {source.commit}"
     report.update(rope.summarize(info))
     if info.scheme != "rope":
         return report

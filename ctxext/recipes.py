@@ -887,7 +887,13 @@ def _provenance(run: _Run) -> dict[str, Any]:
             "documents": ft["documents"],
             "tokens": ft["tokens"],
         }
-    models = {"base": {"model": run.pre.name, **_model_hashes(run.pre.source.path)}}
+    models = {
+        "base": {
+            "model": run.pre.name,
+            "source": run.pre.source.record(),  # for a Hub model: repo, revision and commit
+            **_model_hashes(run.pre.source.path),
+        }
+    }
     if run.ckpt is not None and run._ckpt_ready():
         models["output"] = {
             "folder": run.recipe.outputs.checkpoint,

@@ -174,6 +174,7 @@ def test_revision_pin_reads_that_commit_and_records_it(hub, cache, tmp_path):
     code, out, err, _ = ctxext(hub, cache, "inspect", "org/tiny@v1", "--json")
     assert code == 0, err
     assert json.loads(out)["trained_length"] == 128  # v1's config, not main's
+    assert json.loads(out)["revision"] == f"v1 @ {V1}"
     paths = {p for m, p in hub.requests if "/resolve/" in p}
     assert paths and all(f"/resolve/{V1}/" in p for p in paths)
 

@@ -302,6 +302,7 @@ def test_tiny_yarn_end_to_end_and_reproducible(capsys, tmp_path, monkeypatch, e2
     weights = prov["models"]["output"]["weights_sha256"]
     assert weights and all(len(h) == 64 for h in weights.values())
     assert prov["models"]["base"]["config_sha256"] != prov["models"]["output"]["config_sha256"]
+    assert prov["models"]["base"]["source"]["kind"] in ("bundled", "local")
 
     # The checkpoint is a plain extended HF checkpoint with a model card.
     config = json.loads((run1 / "model" / "config.json").read_text())
