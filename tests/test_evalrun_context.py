@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import run_cli
+from conftest import run_cli
 
 
 def test_context_use_and_retrieval_results(tmp_path, tiny_llama_session, capsys):
