@@ -951,53 +951,10 @@ def _card_info(run: _Run, provenance: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- report
 
 
-def _fmt(value: float | None) -> str:
-    import math
-
-    if value is None:
-        return "-"
-    if not math.isfinite(value):
-        return "inf"
-    return f"{value:.2f}" if value < 1000 else f"{value:.3g}"
-
-
-def ppl_markdown(results: dict[str, Any]) -> str:
-    """Perplexity table: one row per variant, one column per length (with 95% intervals)."""
-    lengths = results["config"]["lengths"]
-    head = "| variant | " + " | ".join(str(n) for n in lengths) + " |"
-    rule = "|---|" + "---:|" * len(lengths)
-    rows = []
-    for run in results["runs"]:
-        cells = []
-        for n in lengths:
-            res = run["ppl"].get(str(n))
-            cells.append(
-                "-"
-                if res is None
-                else f"{_fmt(res['ppl'])} ({_fmt(res['ci_low'])}-{_fmt(res['ci_high'])})"
-            )
-        rows.append(f"| {run['label']} | " + " | ".join(cells) + " |")
-    return "\n".join([head, rule, *rows])
-
-
-def passkey_markdown(results: dict[str, Any]) -> str | None:
-    runs = [r for r in results["runs"] if "passkey" in r]
-    if not runs:
-        return None
-    lengths = results["config"]["lengths"]
-    head = "| variant | " + " | ".join(str(n) for n in lengths) + " |"
-    rule = "|---|" + "---:|" * len(lengths)
-    rows = [
-        f"| {r['label']} | "
-        + " | ".join(f"{r['passkey']['mean_by_length'][str(n)]:.0%}" for n in lengths)
-        + " |"
-        for r in runs
-    ]
-    return "\n".join([head, rule, *rows])
-
-
 def render_report(run: _Run, summary: dict[str, Any]) -> str:
     """report.md: what was done, the tables, the plots, provenance."""
+    from ctxext.report import passkey_markdown, ppl_markdown
+
     recipe, pre = run.recipe, run.pre
     prov = summary["provenance"]
     lines = [f"# ctxext run: {run.loaded.name}", ""]

@@ -419,3 +419,51 @@ def plot_loss(rows: list[dict[str, Any]], png_path: Path) -> Path | None:
     fig.savefig(png_path, dpi=100)
     pyplot().close(fig)
     return png_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown (report.md of a recipe run, the model card)
+
+
+def _md_number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return "inf"
+    return f"{value:.2f}" if value < 1000 else f"{value:.3g}"
+
+
+def ppl_markdown(results: dict[str, Any]) -> str:
+    """Perplexity table: one row per variant, one column per length (with 95% intervals)."""
+    lengths = results["config"]["lengths"]
+    head = "| variant | " + " | ".join(str(n) for n in lengths) + " |"
+    rule = "|---|" + "---:|" * len(lengths)
+    rows = []
+    for run in results["runs"]:
+        cells = []
+        for n in lengths:
+            res = run["ppl"].get(str(n))
+            cells.append(
+                "-"
+                if res is None
+                else f"{_md_number(res['ppl'])} ({_md_number(res['ci_low'])}-{_md_number(res['ci_high'])})"
+            )
+        rows.append(f"| {run['label']} | " + " | ".join(cells) + " |")
+    return "\n".join([head, rule, *rows])
+
+
+def passkey_markdown(results: dict[str, Any]) -> str | None:
+    """Passkey accuracy table (mean over depths), or None without passkey results."""
+    runs = [r for r in results["runs"] if "passkey" in r]
+    if not runs:
+        return None
+    lengths = results["config"]["lengths"]
+    head = "| variant | " + " | ".join(str(n) for n in lengths) + " |"
+    rule = "|---|" + "---:|" * len(lengths)
+    rows = [
+        f"| {r['label']} | "
+        + " | ".join(f"{r['passkey']['mean_by_length'][str(n)]:.0%}" for n in lengths)
+        + " |"
+        for r in runs
+    ]
+    return "\n".join([head, rule, *rows])
