@@ -39,6 +39,8 @@ from ctxext.errors import CtxextError
 from ctxext.evaluate import (
     BOOTSTRAP_RESAMPLES,
     PasskeyPrompt,
+    _passkey_correct,
+    bootstrap_ratio,
     bucket_edges,
     build_passkey_prompt,
     token_nll,
@@ -54,6 +56,7 @@ __all__ = [
     "effective_length",
     "evaluate_retrieval",
     "local_nll",
+    "planned_sweep_tokens",
 ]
 
 Progress = Callable[[int], None]
@@ -92,6 +95,18 @@ def _accumulate(progress: Progress | None) -> Callable[[int], None]:
             progress(done)
 
     return tick
+
+
+def planned_sweep_tokens(
+    n_docs: int, lengths: Sequence[int], window: int, stride: int, one_pass: bool
+) -> int:
+    """Tokens ``context_use_sweep`` feeds (its progress total): the full passes (one at the
+    longest length, or one per length past the window) and the local windows, per document."""
+    far = sorted(n for n in set(lengths) if n > window)
+    if not far:
+        return 0
+    full = far[-1] if one_pass else sum(far)
+    return n_docs * (full + window * len(_local_windows(far[-1], window, stride)))
 
 
 def local_nll(
@@ -161,13 +176,8 @@ def _gain_interval(
     """Token-weighted mean of per-document sums, and its 95% percentile bootstrap over docs."""
     if count.sum() == 0:
         return 0.0, 0.0, 0.0
-    mean = float(diff.sum() / count.sum())
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diff), size=(resamples, len(diff)))
-    n = count[idx].sum(axis=1)
-    boots = np.where(n > 0, diff[idx].sum(axis=1) / np.maximum(n, 1), 0.0)
-    low, high = np.percentile(boots, [2.5, 97.5])
-    return mean, float(low), float(high)
+    low, high = bootstrap_ratio(diff, count, seed, resamples)
+    return float(diff.sum() / count.sum()), low, high
 
 
 def context_use(
@@ -395,14 +405,6 @@ def build_code_retrieval_prompt(
     return PasskeyPrompt(input_ids=ids, answer_start=len(ids) - len(answer), key=key)
 
 
-@torch.inference_mode()
-def _correct(model: Any, prompt: PasskeyPrompt) -> bool:
-    """Teacher-forced greedy: the argmax at every answer position is the answer's token."""
-    from ctxext.evaluate import _passkey_correct
-
-    return _passkey_correct(model, prompt)
-
-
 @dataclass
 class RetrievalResult:
     """Accuracy per length x depth (``accuracy[i][j]``: lengths[i] at depths[j])."""
@@ -468,7 +470,7 @@ def evaluate_retrieval(
                     )
                 else:
                     prompt = build_passkey_prompt(tokenizer, length, depth, key)
-                correct[i][j] += _correct(model, prompt)
+                correct[i][j] += _passkey_correct(model, prompt)
                 done += length
                 if progress is not None:
                     progress(done)

@@ -293,20 +293,27 @@ def _run_variant(
             seed=cfg.seed,
             progress=tick,
         ).to_dict()
+    gains, retrieval = {}, None
     if "context-use" in cfg.tasks:
-        run["context_use"] = _context_use(loaded, tokens, cfg, info, progress_factory)
+        gains, fingerprint = _context_use(loaded, tokens, cfg, info, progress_factory)
+        run["context_use"] = {
+            str(n): {**g.to_dict(), "doc_fingerprint": fingerprint} for n, g in gains.items()
+        }
     if "retrieval" in cfg.tasks:
-        run["retrieval"] = _retrieval(loaded, tokens, cfg, progress_factory)
+        retrieval = _retrieval(loaded, tokens, cfg, progress_factory)
+        run["retrieval"] = retrieval.to_dict()
     if "context-use" in cfg.tasks or "retrieval" in cfg.tasks:
+        from ctxext.context_use import effective_length
+
         run["context_length"] = _context_length(info)
-        run["effective_length"] = _effective(run, cfg)
+        run["effective_length"] = effective_length(cfg.lengths, retrieval, gains)
     del loaded
     return run
 
 
 def _context_use(loaded, tokens: _Tokens, cfg: EvalConfig, info, progress_factory):
     from ctxext import evaluate
-    from ctxext.context_use import context_use_sweep
+    from ctxext.context_use import context_use_sweep, planned_sweep_tokens
 
     bos = tokens.bos_token_id
     prefix = [] if bos is None else [bos]
@@ -316,9 +323,7 @@ def _context_use(loaded, tokens: _Tokens, cfg: EvalConfig, info, progress_factor
     window = cfg.local_window or info.trained_length
     stride = cfg.local_stride or max(1, window // 4)
     one_pass = not evaluate.length_dependent_rope(loaded.model)
-    far = [n for n in cfg.lengths if n > window]
-    passes = [longest] if one_pass else far
-    total = len(seqs) * (sum(passes) + window * sum(1 for _ in range(window + 1, longest, stride)))
+    total = planned_sweep_tokens(len(seqs), cfg.lengths, window, stride, one_pass)
     results = context_use_sweep(
         loaded.model,
         seqs,
@@ -329,11 +334,10 @@ def _context_use(loaded, tokens: _Tokens, cfg: EvalConfig, info, progress_factor
         one_pass=one_pass,
         progress=_ticker(progress_factory, f"{loaded.label} context-use", max(total, 1)),
     )
-    fingerprint = evaluate.doc_fingerprint(docs, tokens.docs.ids)
-    return {str(n): {**res.to_dict(), "doc_fingerprint": fingerprint} for n, res in results.items()}
+    return results, evaluate.doc_fingerprint(docs, tokens.docs.ids)
 
 
-def _retrieval(loaded, tokens: _Tokens, cfg: EvalConfig, progress_factory) -> dict[str, Any]:
+def _retrieval(loaded, tokens: _Tokens, cfg: EvalConfig, progress_factory) -> Any:
     from ctxext.context_use import evaluate_retrieval
 
     total = sum(cfg.lengths) * len(cfg.passkey_depths) * cfg.passkey_trials
@@ -347,27 +351,13 @@ def _retrieval(loaded, tokens: _Tokens, cfg: EvalConfig, progress_factory) -> di
         trials=cfg.passkey_trials,
         seed=cfg.seed,
         progress=_ticker(progress_factory, f"{loaded.label} retrieval", total),
-    ).to_dict()
+    )
 
 
 def _context_length(info) -> int:
     """The length the variant's config claims: the trained length times its scaling factor."""
     factor = float((info.existing_scaling or {}).get("factor") or 1.0)
     return max(info.max_position_embeddings, round(info.trained_length * factor))
-
-
-def _effective(run: dict[str, Any], cfg: EvalConfig) -> int | None:
-    from ctxext.context_use import ContextUseResult, RetrievalResult, effective_length
-
-    retrieval = None
-    if "retrieval" in run:
-        r = {k: v for k, v in run["retrieval"].items() if k != "mean_by_length"}
-        retrieval = RetrievalResult(**r)
-    gains = {
-        int(n): ContextUseResult(**{k: v for k, v in g.items() if k != "doc_fingerprint"})
-        for n, g in run.get("context_use", {}).items()
-    }
-    return effective_length(cfg.lengths, retrieval, gains)
 
 
 def _ticker(factory: ProgressFactory | None, what: str, total: int) -> Callable[[int], None]:

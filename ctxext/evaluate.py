@@ -67,6 +67,7 @@ __all__ = [
     "PasskeyResult",
     "PerplexityResult",
     "TokenizedDocs",
+    "bootstrap_ratio",
     "bucket_edges",
     "build_passkey_prompt",
     "default_chunk_size",
@@ -558,16 +559,26 @@ def _bpb(nll_sum: float, n_bytes: int | None) -> float | None:
     return nll_sum / (math.log(2) * n_bytes) if n_bytes else None
 
 
+def bootstrap_ratio(
+    num: np.ndarray, den: np.ndarray, seed: int, resamples: int = BOOTSTRAP_RESAMPLES
+) -> tuple[float, float]:
+    """Percentile 95% interval of sum(num) / sum(den), resampling documents with replacement
+    (a resample whose denominator is 0 counts as 0)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(num), size=(resamples, len(num)))
+    n = den[idx].sum(axis=1)
+    ratios = np.where(n > 0, num[idx].sum(axis=1) / np.maximum(n, 1), 0.0)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def _bootstrap(
     doc_nll: np.ndarray, doc_tokens: np.ndarray, seed: int, resamples: int
 ) -> tuple[float, float]:
     """Percentile 95% interval of the token-weighted PPL, resampling documents."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(doc_nll), size=(resamples, len(doc_nll)))
-    mean_nll = doc_nll[idx].sum(axis=1) / doc_tokens[idx].sum(axis=1)
-    low, high = np.percentile(mean_nll, [2.5, 97.5])
+    low, high = bootstrap_ratio(doc_nll, doc_tokens, seed, resamples)
     # Percentiles of the mean NLL map to percentiles of PPL (exp is monotonic).
-    return _ppl(float(low), 1), _ppl(float(high), 1)
+    return _ppl(low, 1), _ppl(high, 1)
 
 
 def doc_fingerprint(doc_indices: Sequence[int], doc_token_ids: Sequence[Sequence[int]]) -> str:

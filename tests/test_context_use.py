@@ -241,3 +241,16 @@ def test_sweep_with_dynamic_ntk_is_exact_per_length(seqs):
     for n in (96, 48):  # the longer first: stale frequencies would show at 48
         alone = context_use(fresh(), [s[:n] for s in seqs], window=32, stride=8)
         assert math.isclose(sweep[n].gain_bits, alone.gain_bits, rel_tol=1e-5, abs_tol=1e-7)
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_sweep_progress_ends_at_the_planned_total(llama, seqs, one_pass):
+    from ctxext.context_use import context_use_sweep, planned_sweep_tokens
+
+    seen: list[int] = []
+    lengths = [16, 48, 96]
+    context_use_sweep(
+        llama, seqs, lengths, window=16, stride=6, one_pass=one_pass, progress=seen.append
+    )
+    assert seen[-1] == planned_sweep_tokens(len(seqs), lengths, 16, 6, one_pass)
+    assert planned_sweep_tokens(len(seqs), [16], 16, 6, one_pass) == 0

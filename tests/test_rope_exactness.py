@@ -107,11 +107,9 @@ def _rotary(model):
     return module
 
 
-@functools.cache
-def _load(family: str, method: str, tmp_root: str):
-    """Write the extended config, load it in transformers; returns (config dict, rotary, logs)."""
-    cfg = extend_config(TINY[family], method, **REQUEST[family])
-    folder = Path(tmp_root) / f"{family}-{method}"
+def _build_from_written(cfg: dict, folder: Path):
+    """Write ``cfg`` as config.json in ``folder`` and build the model transformers makes of it;
+    returns (model, the warnings transformers logged while reading it)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(cfg))
     records = _Records()
@@ -122,7 +120,16 @@ def _load(family: str, method: str, tmp_root: str):
         model = transformers.AutoModelForCausalLM.from_config(hf_config)
     finally:
         tf_logger.removeHandler(records)
-    return cfg, _rotary(model), tuple(records.messages)
+    return model, tuple(records.messages)
+
+
+@functools.cache
+def _load(family: str, method: str, tmp_root: str):
+    """Write the extended config, load it in transformers; returns (config dict, rotary, logs)."""
+    cfg = extend_config(TINY[family], method, **REQUEST[family])
+    folder = Path(tmp_root) / f"{family}-{method}"
+    model, messages = _build_from_written(cfg, folder)
+    return cfg, _rotary(model), messages
 
 
 @pytest.fixture(scope="module")
@@ -353,17 +360,8 @@ def _load_longrope(family: str, attention_factor: float | None, tmp_root: str):
         attention_factor=attention_factor,
     )
     folder = Path(tmp_root) / f"{family}-longrope-{attention_factor}"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    records = _Records()
-    tf_logger = logging.getLogger("transformers")
-    tf_logger.addHandler(records)
-    try:
-        hf_config = transformers.AutoConfig.from_pretrained(folder)
-        model = transformers.AutoModelForCausalLM.from_config(hf_config)
-    finally:
-        tf_logger.removeHandler(records)
-    return cfg, _rotary(model), tuple(records.messages), long, short
+    model, messages = _build_from_written(cfg, folder)
+    return cfg, _rotary(model), messages, long, short
 
 
 def _longrope_used(rot, layer: str | None, seq_len: int) -> tuple[np.ndarray, float]:
