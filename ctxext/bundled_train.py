@@ -112,6 +112,42 @@ def training_chunks(stream: list[int], bos_id: int, bos_per_chunk: bool):  # -> 
     return torch.cat([torch.full((n, 1), bos_id), pieces], dim=1)
 
 
+def retrieval_prompts(tokenizer, stream: list[int], n: int, seed: int) -> list:
+    """``n`` code retrieval prompts (``ctxext.context_use``) at TRAIN_LENGTH from ``stream``."""
+    import numpy as np
+
+    from ctxext.context_use import build_code_retrieval_prompt
+
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(n):
+        start = int(rng.integers(0, len(stream) - TRAIN_LENGTH))
+        key = str(int(rng.integers(10_000, 100_000)))
+        name = f"TOKEN_{int(rng.integers(0, 16**4)):04X}"
+        window = stream[start : start + TRAIN_LENGTH]
+        prompts.append(
+            build_code_retrieval_prompt(tokenizer, window, TRAIN_LENGTH, rng.random(), key, name)
+        )
+    return prompts
+
+
+def retrieval_probe(model, prompts: list) -> float:
+    """Teacher-forced retrieval accuracy on ``prompts`` (every key token the argmax)."""
+    import torch
+
+    ids = torch.tensor([p.input_ids for p in prompts])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        pred = model(input_ids=ids).logits.argmax(-1)
+    model.train(was_training)
+    hits = [
+        bool((pred[i, p.answer_start - 1 : -1] == ids[i, p.answer_start :]).all())
+        for i, p in enumerate(prompts)
+    ]
+    return sum(hits) / len(hits)
+
+
 def retrieval_chunks(tokenizer, stream: list[int], n: int, seed: int):  # -> LongTensor
     """[n, TRAIN_LENGTH] synthetic retrieval sequences for the ``--retrieval-mix``.
 
@@ -121,21 +157,9 @@ def retrieval_chunks(tokenizer, stream: list[int], n: int, seed: int):  # -> Lon
     with the ordinary next-token loss, so the model learns to copy a value it saw earlier
     (at distances < TRAIN_LENGTH only, like everything else it sees).
     """
-    import numpy as np
     import torch
 
-    from ctxext.context_use import build_code_retrieval_prompt
-
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(n):
-        start = int(rng.integers(0, len(stream) - TRAIN_LENGTH))
-        key = str(int(rng.integers(10_000, 100_000)))
-        name = f"TOKEN_{int(rng.integers(0, 16**4)):04X}"
-        prompt = build_code_retrieval_prompt(
-            tokenizer, stream[start : start + TRAIN_LENGTH], TRAIN_LENGTH, rng.random(), key, name
-        )
-        rows.append(prompt.input_ids)
+    rows = [p.input_ids for p in retrieval_prompts(tokenizer, stream, n, seed)]
     return torch.tensor(rows, dtype=torch.long).view(n, TRAIN_LENGTH)
 
 
@@ -169,6 +193,9 @@ def train(
         n_retrieval = round(n_text * retrieval_mix / (1 - retrieval_mix))
         chunks = torch.cat([chunks, retrieval_chunks(tokenizer, stream, n_retrieval, seed)])
     n_chunks = len(chunks)
+    # A probe of 64 retrieval prompts hidden in held-out code, logged with the loss.
+    held_out = packed_stream(tokenizer, [d.text for d in stdlib_documents("heldout")])
+    probe = retrieval_prompts(tokenizer, held_out, 64, seed + 1)
     print(
         f"train tokens {len(stream):,} -> {n_text:,} chunks of {TRAIN_LENGTH}"
         f" + {n_chunks - n_text:,} retrieval chunks",
@@ -226,9 +253,13 @@ def train(
         if step % 50 == 0 or step == steps - 1:
             elapsed = time.time() - t0
             tps = (step + 1) * batch_size * TRAIN_LENGTH / elapsed
-            log.append({"step": step, "loss": round(loss.item(), 4), "tokens_per_s": round(tps)})
+            entry = {"step": step, "loss": round(loss.item(), 4), "tokens_per_s": round(tps)}
+            if step % 250 == 0 or step == steps - 1:
+                entry["retrieval_probe"] = retrieval_probe(model, probe)
+            log.append(entry)
             print(
                 f"step {step:5d} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
+                f"retrieval {entry.get('retrieval_probe', float('nan')):.2f} "
                 f"{tps:,.0f} tok/s elapsed {elapsed / 60:.1f} min",
                 flush=True,
             )
