@@ -72,7 +72,7 @@ def eval_results(info: dict[str, Any]) -> list[Any]:
 
 
 def _body(info: dict[str, Any]) -> str:
-    from ctxext.report import passkey_markdown, ppl_markdown
+    from ctxext.report import context_use_markdown, passkey_markdown, ppl_markdown
 
     base = info["base_model"]
     base_ref = f"[{base}](https://huggingface.co/{base})" if info["base_is_hub"] else f"`{base}`"
@@ -118,6 +118,9 @@ def _body(info: dict[str, Any]) -> str:
         pk = passkey_markdown(results)
         if pk:
             lines += ["Passkey retrieval accuracy (mean over depths):", "", pk, ""]
+        use = context_use_markdown(results)
+        if use:
+            lines += ["### Context use", "", use, ""]
     prov = info["provenance"]
     versions = ", ".join(f"{k} {v}" for k, v in prov["versions"].items())
     lines += [

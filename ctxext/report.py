@@ -467,3 +467,53 @@ def passkey_markdown(results: dict[str, Any]) -> str | None:
         for r in runs
     ]
     return "\n".join([head, rule, *rows])
+
+
+def context_use_markdown(results: dict[str, Any]) -> str | None:
+    """Context use for report.md and model cards: the effective context length of every variant,
+    the far-context gain of the last position bucket and the retrieval accuracy (None without
+    context-use or retrieval results)."""
+    lines = [line for run in results["runs"] if (line := effective_length_line(run))]
+    gain_runs = [r for r in results["runs"] if r.get("context_use")]
+    if gain_runs:
+        lengths = sorted({int(n) for r in gain_runs for n in r["context_use"]})
+        window = next(iter(gain_runs[0]["context_use"].values()))["window"]
+        rows = []
+        for run in gain_runs:
+            cells = []
+            for n in lengths:
+                res = run["context_use"].get(str(n))
+                if res is None or n <= res["window"]:
+                    cells.append("-")
+                    continue
+                last = res["buckets"][-1]
+                cells.append(
+                    f"{last['gain_bits']:+.3f} ({last['ci_low']:+.3f} to {last['ci_high']:+.3f})"
+                )
+            rows.append(f"| {run['label']} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"Far-context gain in the last position bucket (bits per token, 95% interval): the "
+            f"loss with only the last {window} tokens minus the loss with the full context; "
+            "positive means the model uses text more than that far back.",
+            "",
+            "| variant | " + " | ".join(str(n) for n in lengths) + " |",
+            "|---|" + "---:|" * len(lengths),
+            *rows,
+        ]
+    rt_runs = [r for r in results["runs"] if "retrieval" in r]
+    if rt_runs:
+        rt0 = rt_runs[0]["retrieval"]
+        lines += [
+            "",
+            f"Retrieval accuracy ({rt0['template']} template, {rt0['trials']} trials per cell; "
+            "mean over depths, worst depth in brackets):",
+            "",
+            "| variant | " + " | ".join(str(n) for n in rt0["lengths"]) + " |",
+            "|---|" + "---:|" * len(rt0["lengths"]),
+        ]
+        for run in rt_runs:
+            acc = run["retrieval"]["accuracy"]
+            cells = [f"{sum(row) / len(row):.0%} ({min(row):.0%})" for row in acc]
+            lines.append(f"| {run['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines).strip("\n") or None

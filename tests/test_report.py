@@ -1,0 +1,57 @@
+"""report: the Markdown that report.md and model cards carry."""
+
+from __future__ import annotations
+
+from ctxext.report import context_use_markdown
+
+
+def _bucket(gain: float, low: float, high: float) -> dict:
+    return {"start": 512, "end": 1024, "gain_bits": gain, "ci_low": low, "ci_high": high}
+
+
+def _results() -> dict:
+    use = {
+        "512": {"length": 512, "window": 256, "buckets": [_bucket(0.25, 0.125, 0.5)]},
+        "1024": {"length": 1024, "window": 256, "buckets": [_bucket(-0.5, -0.75, -0.25)]},
+    }
+    retrieval = {
+        "template": "code",
+        "lengths": [512, 1024],
+        "depths": [0.0, 1.0],
+        "trials": 4,
+        "accuracy": [[1.0, 0.5], [0.25, 0.0]],
+    }
+    runs = [
+        {"label": "base", "ppl": {}},
+        {
+            "label": "m + yarn x4",
+            "context_use": use,
+            "retrieval": retrieval,
+            "context_length": 1024,
+            "effective_length": 512,
+        },
+        {
+            "label": "m + ntk x4",
+            "context_use": use,
+            "context_length": 1024,
+            "effective_length": None,
+        },
+    ]
+    return {"config": {"lengths": [512, 1024]}, "runs": runs}
+
+
+def test_context_use_markdown_states_effective_length_gain_and_retrieval():
+    md = context_use_markdown(_results())
+    lines = md.splitlines()
+    assert lines[0] == "m + yarn x4: extended to 1024, reads to 512"
+    assert lines[1] == "m + ntk x4: extended to 1024, reads to none of the lengths"
+    assert "| m + yarn x4 | +0.250 (+0.125 to +0.500) | -0.500 (-0.750 to -0.250) |" in lines
+    assert "| m + ntk x4 | +0.250 (+0.125 to +0.500) | -0.500 (-0.750 to -0.250) |" in lines
+    assert "last 256 tokens" in md and "4 trials per cell" in md
+    # Mean over depths, worst depth in brackets.
+    assert "| m + yarn x4 | 75% (50%) | 12% (0%) |" in lines
+    assert not any(line.startswith("| base |") for line in lines)
+
+
+def test_context_use_markdown_is_none_without_context_tasks():
+    assert context_use_markdown({"config": {"lengths": [256]}, "runs": [{"label": "b"}]}) is None
