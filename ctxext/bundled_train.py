@@ -148,18 +148,90 @@ def retrieval_probe(model, prompts: list) -> float:
     return sum(hits) / len(hits)
 
 
-def retrieval_chunks(tokenizer, stream: list[int], n: int, seed: int):  # -> LongTensor
+def multi_needle_ids(tokenizer, filler: list[int], rng, needles: int) -> list[int]:
+    """TRAIN_LENGTH tokens: code with ``needles`` lines ``TOKEN_XXXX = KEY`` at random line
+    boundaries, then one ``assert TOKEN_XXXX == KEY`` line per needle, in a random order.
+
+    The evaluation prompt (``build_code_retrieval_prompt``) is the one-needle case; several
+    needles per sequence give the copy task several answers to learn from per sequence, and
+    force the model to match the name rather than copy the only number it saw.
+    """
+    from ctxext.context_use import CODE_NEEDLE, CODE_QUESTION, _encode, _line_starts
+
+    pairs = {f"TOKEN_{int(rng.integers(0, 16**4)):04X}": "" for _ in range(needles)}
+    pairs = {name: str(int(rng.integers(10_000, 100_000))) for name in pairs}
+    lines = [
+        _encode(tokenizer, "\n" + CODE_NEEDLE.format(name=n, key=k) + "\n")
+        for n, k in pairs.items()
+    ]
+    order = rng.permutation(len(pairs))
+    names = list(pairs)
+    asks = [
+        _encode(tokenizer, "\n" + CODE_QUESTION.format(name=names[i]) + " " + pairs[names[i]])
+        for i in order
+    ]
+    bos = [tokenizer.bos_token_id]
+    n_filler = TRAIN_LENGTH - len(bos) - sum(map(len, lines)) - sum(map(len, asks))
+    body = list(filler[:n_filler])
+    starts = _line_starts(tokenizer, body)
+    cuts = sorted(int(c) for c in rng.choice(starts, size=len(lines), replace=True))
+    out, prev = list(bos), 0
+    for cut, line in zip(cuts, lines, strict=True):
+        out += body[prev:cut] + line
+        prev = cut
+    out += body[prev:]
+    for ask in asks:
+        out += ask
+    return out
+
+
+def retrieval_chunks(
+    tokenizer, stream: list[int], n: int, seed: int, needles: int = 1
+):  # -> LongTensor
     """[n, TRAIN_LENGTH] synthetic retrieval sequences for the ``--retrieval-mix``.
 
     Each is the code retrieval prompt of ``ctxext.context_use`` at TRAIN_LENGTH tokens: a random
     window of the packed training stream, a line ``TOKEN_XXXX = KEY`` inserted at a uniform
     random depth (on a line boundary) and ``assert TOKEN_XXXX == KEY`` at the end. Trained on
     with the ordinary next-token loss, so the model learns to copy a value it saw earlier
-    (at distances < TRAIN_LENGTH only, like everything else it sees).
+    (at distances < TRAIN_LENGTH only, like everything else it sees). With ``needles`` > 1,
+    see multi_needle_ids.
     """
+    import numpy as np
     import torch
 
-    rows = [p.input_ids for p in retrieval_prompts(tokenizer, stream, n, seed)]
+    if needles == 1:
+        rows = [p.input_ids for p in retrieval_prompts(tokenizer, stream, n, seed)]
+    else:
+        rng = np.random.default_rng(seed)
+        rows = []
+        for _ in range(n):
+            start = int(rng.integers(0, len(stream) - TRAIN_LENGTH))
+            rows.append(
+                multi_needle_ids(tokenizer, stream[start : start + TRAIN_LENGTH], rng, needles)
+            )
+    return torch.tensor(rows, dtype=torch.long).view(n, TRAIN_LENGTH)
+
+
+def copy_chunks(stream: list[int], bos_id: int, n: int, seed: int):  # -> LongTensor
+    """[n, TRAIN_LENGTH] sequences of BOS + 127 tokens + the same 128 tokens again.
+
+    The tokens are drawn independently from the corpus (its unigram distribution), so the
+    second half is predictable only by looking back 128 tokens and copying: the cheapest data
+    that makes a small model form induction heads (Olsson et al. 2022), the circuit key-value
+    retrieval builds on. Without it the model never learned to copy a value within this
+    training budget (6M tokens), and copies of real code did not teach it either (the model
+    can predict code without looking back).
+    """
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed + 2)
+    half = TRAIN_LENGTH // 2
+    rows = []
+    for _ in range(n):
+        piece = [stream[i] for i in rng.integers(0, len(stream), half)]
+        rows.append([bos_id, *piece[1:], *piece])
     return torch.tensor(rows, dtype=torch.long).view(n, TRAIN_LENGTH)
 
 
@@ -175,6 +247,9 @@ def train(
     arch: dict | None = None,
     weight_decay: float = 0.1,
     retrieval_mix: float = 0.0,
+    retrieval_needles: int = 1,
+    probe_every: int = 250,
+    copy_mix: float = 0.0,
 ) -> dict:
     import torch
     from transformers import LlamaForCausalLM
@@ -188,17 +263,24 @@ def train(
     stream = packed_stream(tokenizer, texts)
     chunks = training_chunks(stream, tokenizer.bos_token_id, bos_per_chunk)
     n_text = len(chunks)
-    if retrieval_mix > 0:
-        # A fraction `retrieval_mix` of all sequences are retrieval prompts (see retrieval_chunks).
-        n_retrieval = round(n_text * retrieval_mix / (1 - retrieval_mix))
-        chunks = torch.cat([chunks, retrieval_chunks(tokenizer, stream, n_retrieval, seed)])
+    # Fractions `retrieval_mix` and `copy_mix` of all sequences are synthetic: retrieval prompts
+    # (see retrieval_chunks) and copies (see copy_chunks); the rest is the packed corpus.
+    synthetic = retrieval_mix + copy_mix
+    n_retrieval = round(n_text * retrieval_mix / (1 - synthetic))
+    n_copy = round(n_text * copy_mix / (1 - synthetic))
+    if n_retrieval:
+        chunks = torch.cat(
+            [chunks, retrieval_chunks(tokenizer, stream, n_retrieval, seed, retrieval_needles)]
+        )
+    if n_copy:
+        chunks = torch.cat([chunks, copy_chunks(stream, tokenizer.bos_token_id, n_copy, seed)])
     n_chunks = len(chunks)
     # A probe of 64 retrieval prompts hidden in held-out code, logged with the loss.
     held_out = packed_stream(tokenizer, [d.text for d in stdlib_documents("heldout")])
     probe = retrieval_prompts(tokenizer, held_out, 64, seed + 1)
     print(
         f"train tokens {len(stream):,} -> {n_text:,} chunks of {TRAIN_LENGTH}"
-        f" + {n_chunks - n_text:,} retrieval chunks",
+        f" + {n_retrieval:,} retrieval + {n_copy:,} copy chunks",
         flush=True,
     )
 
@@ -254,7 +336,7 @@ def train(
             elapsed = time.time() - t0
             tps = (step + 1) * batch_size * TRAIN_LENGTH / elapsed
             entry = {"step": step, "loss": round(loss.item(), 4), "tokens_per_s": round(tps)}
-            if step % 250 == 0 or step == steps - 1:
+            if step % probe_every == 0 or step == steps - 1:
                 entry["retrieval_probe"] = retrieval_probe(model, probe)
             log.append(entry)
             print(
@@ -282,6 +364,8 @@ def train(
         "arch": arch or {},
         "weight_decay": weight_decay,
         "retrieval_mix": retrieval_mix,
+        "retrieval_needles": retrieval_needles,
+        "copy_mix": copy_mix,
         "minutes": round((time.time() - t0) / 60, 1),
         "torch": torch.__version__,
         "log": log,
@@ -311,6 +395,19 @@ def main() -> None:
         help="fraction of training sequences that are code retrieval prompts (0 <= f < 1)",
     )
     ap.add_argument(
+        "--retrieval-needles",
+        type=int,
+        default=1,
+        help="key/value pairs per retrieval sequence (each asked for at the end)",
+    )
+    ap.add_argument(
+        "--copy-mix",
+        type=float,
+        default=0.0,
+        help="fraction of training sequences that repeat their first half (induction data)",
+    )
+    ap.add_argument("--probe-every", type=int, default=250, help="steps between retrieval probes")
+    ap.add_argument(
         "--arch",
         action="append",
         default=[],
@@ -318,8 +415,12 @@ def main() -> None:
         help="override a LlamaConfig size field, e.g. --arch hidden_size=192 (repeatable)",
     )
     args = ap.parse_args()
-    if not 0.0 <= args.retrieval_mix < 1.0:
-        ap.error(f"--retrieval-mix must be in [0, 1), got {args.retrieval_mix}")
+    if not (
+        args.retrieval_mix >= 0.0
+        and args.copy_mix >= 0.0
+        and args.retrieval_mix + args.copy_mix < 1.0
+    ):
+        ap.error("--retrieval-mix and --copy-mix must be >= 0 with a sum below 1")
     arch = {k: int(v) for k, v in (item.split("=", 1) for item in args.arch)}
     import torch
 
@@ -336,6 +437,9 @@ def main() -> None:
         arch=arch,
         weight_decay=args.weight_decay,
         retrieval_mix=args.retrieval_mix,
+        retrieval_needles=args.retrieval_needles,
+        probe_every=args.probe_every,
+        copy_mix=args.copy_mix,
     )
 
 
