@@ -144,7 +144,7 @@ def sample_candidates(
 
 def method_factors(spec: ExtendConfig, info: rope.RopeInfo, target_length: int) -> np.ndarray:
     """Any method's effect written as LongRoPE per-pair divisors lambda_j (reference maths)."""
-    from ctxext import rope_reference as ref
+    from ctxext.rope import formulas as ref
 
     s = target_length / info.trained_length if spec.factor is None else spec.factor
     if spec.method == "ntk" and spec.theta_multiplier is not None:

@@ -11,7 +11,8 @@ LOWER = [
     "ctxext.calibrate", "ctxext.checkpoint", "ctxext.config", "ctxext.context_use",
     "ctxext.corpus", "ctxext.data", "ctxext.evalrun", "ctxext.evaluate", "ctxext.extend",
     "ctxext.finetune", "ctxext.fsdp", "ctxext.inspect", "ctxext.modelcard", "ctxext.modeling",
-    "ctxext.plan", "ctxext.recipes", "ctxext.report", "ctxext.rope", "ctxext.rope_reference",
+    "ctxext.plan", "ctxext.recipes", "ctxext.report", "ctxext.rope", "ctxext.rope.formulas",
+    "ctxext.rope.methods", "ctxext.rope.read", "ctxext.rope.write",
     "ctxext.tune",
 ]  # fmt: skip
 
