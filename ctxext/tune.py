@@ -225,7 +225,7 @@ class Scorer:
         self._applied = key
 
     def nll(self, cand: Candidate | None, doc: int, length: int) -> tuple[float, int]:
-        from ctxext.evaluate import evaluate_perplexity
+        from ctxext.evaluate.perplexity import evaluate_perplexity
 
         memo_key = ("base" if cand is None else cand.key, doc, length)
         if memo_key not in self._memo:
@@ -459,7 +459,7 @@ def evaluate_rows(
     scorer: Scorer, rows: list[tuple[str, Candidate | None]], lengths: list[int]
 ) -> list[dict[str, Any]]:
     """Each row on all of the scorer's documents at every length (the same documents)."""
-    from ctxext.evaluate import evaluate_perplexity
+    from ctxext.evaluate.perplexity import evaluate_perplexity
 
     runs = []
     for label, cand in rows:

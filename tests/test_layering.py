@@ -9,7 +9,9 @@ import sys
 
 LOWER = [
     "ctxext.calibrate", "ctxext.checkpoint", "ctxext.config", "ctxext.context_use",
-    "ctxext.corpus", "ctxext.data", "ctxext.evalrun", "ctxext.evaluate", "ctxext.extend",
+    "ctxext.corpus", "ctxext.data", "ctxext.evalrun", "ctxext.evaluate",
+    "ctxext.evaluate.loss", "ctxext.evaluate.passkey", "ctxext.evaluate.perplexity",
+    "ctxext.evaluate.protocol", "ctxext.extend",
     "ctxext.finetune", "ctxext.fsdp", "ctxext.inspect", "ctxext.modelcard", "ctxext.modeling",
     "ctxext.plan", "ctxext.recipes", "ctxext.report", "ctxext.rope", "ctxext.rope.formulas",
     "ctxext.rope.methods", "ctxext.rope.read", "ctxext.rope.write",

@@ -94,7 +94,7 @@ def test_written_config_is_the_chosen_candidate(tuned, tiny_llama_session):
 def test_the_written_checkpoint_reproduces_the_reported_score(tuned):
     """Loading OUT from disk scores exactly what the leaderboard reports for the tuned row."""
     from ctxext.data import load_documents, tokenize_documents
-    from ctxext.evaluate import evaluate_perplexity
+    from ctxext.evaluate.perplexity import evaluate_perplexity
     from ctxext.modeling import load_causal_lm
 
     out, result = tuned
