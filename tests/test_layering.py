@@ -15,7 +15,7 @@ LOWER = [
     "ctxext.finetune", "ctxext.fsdp", "ctxext.inspect", "ctxext.modelcard", "ctxext.modeling",
     "ctxext.plan", "ctxext.recipes", "ctxext.report", "ctxext.rope", "ctxext.rope.formulas",
     "ctxext.rope.methods", "ctxext.rope.read", "ctxext.rope.write",
-    "ctxext.tune",
+    "ctxext.tune", "ctxext.tune.leaderboard", "ctxext.tune.run", "ctxext.tune.search",
 ]  # fmt: skip
 
 
