@@ -42,10 +42,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, get_args
 
 import numpy as np
 
+from ctxext.config import DocSelection  # the schema's names: same, per-length
 from ctxext.errors import CtxextError
 
 #: The first position bucket is [0, 256); each next one doubles: [256, 512), [512, 1024), ...
@@ -112,9 +113,6 @@ def _token_bytes(text: str, offsets: Sequence[Sequence[int]]) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------
 # Which documents, which forward passes
-
-
-DocSelection = Literal["same", "per-length"]
 
 
 @dataclass(frozen=True)
@@ -222,7 +220,7 @@ def _plan(
     """
     lengths = sorted(set(lengths))
     _check_request(lengths, stride, num_docs)
-    if doc_selection not in ("same", "per-length"):
+    if doc_selection not in get_args(DocSelection):
         raise CtxextError(f"unknown document selection {doc_selection!r}; use same or per-length")
     prefix = [] if bos_token_id is None else [bos_token_id]
     if doc_selection == "same":
