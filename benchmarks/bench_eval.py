@@ -68,7 +68,7 @@ def child(mode: str, length: int, repeats: int, warmup: int, threads: int | None
     import psutil
     import torch
 
-    from ctxext.evaluate import token_nll
+    from ctxext.evaluate.loss import token_nll
 
     if threads:
         torch.set_num_threads(threads)
@@ -158,7 +158,8 @@ def sweep(threads: int | None, repeats: int, num_docs: int | None) -> tuple[str,
     from ctxext.checkpoint import resolve_model
     from ctxext.config import ExtendConfig
     from ctxext.data import load_documents
-    from ctxext.evaluate import evaluate_lengths, tokenize_for_eval
+    from ctxext.evaluate.perplexity import evaluate_lengths
+    from ctxext.evaluate.protocol import tokenize_for_eval
     from ctxext.modeling import load_causal_lm, load_tokenizer
 
     if threads:

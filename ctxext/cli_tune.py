@@ -58,7 +58,8 @@ def tune(
 ) -> None:
     """Search every method's hyperparameters (and LongRoPE factors) on held-out perplexity."""
     from ctxext.config import parse_model, positive_int_list
-    from ctxext.tune import TuneConfig, prepare
+    from ctxext.tune.run import prepare
+    from ctxext.tune.search import TuneConfig
 
     cfg = parse_model(
         TuneConfig,
@@ -81,7 +82,7 @@ def tune(
     )
     prepared = prepare(cfg, output, overwrite)  # every cheap check before the model loads
     result = _search_with_progress(cfg, prepared)
-    from ctxext.tune import write_tune_output
+    from ctxext.tune.run import write_tune_output
 
     write_tune_output(result, prepared, "copy" if copy else "hardlink")
     if as_json:
@@ -95,7 +96,7 @@ def tune(
 
 def _search_with_progress(cfg: Any, prepared: Any) -> dict[str, Any]:
     from ctxext.cli_progress import search_progress
-    from ctxext.tune import run_tune
+    from ctxext.tune.run import run_tune
 
     with search_progress(_err) as progress:
         task = progress.add_task("tune: calibrating", total=None, best="")

@@ -15,9 +15,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from ctxext.errors import CtxextError
+from ctxext.rope.methods import ALL_METHODS, OPTION_DEFAULTS
 from ctxext.text import plural
 
-Method = Literal["linear", "ntk", "yarn", "dynamic", "llama3", "longrope"]
+Method = Literal[ALL_METHODS]  # type: ignore[valid-type]  # the names defined in ctxext.rope
 LinkMode = Literal["hardlink", "copy", "symlink"]
 Task = Literal["ppl", "passkey", "context-use", "retrieval"]
 RetrievalTemplate = Literal["auto", "code", "text"]
@@ -59,22 +60,22 @@ class ExtendConfig(StrictModel):
     """Scale factor s = new context length / trained length (> 1)."""
     target_length: int | None = None
     """New context length in tokens; the factor is derived from it. Give factor or this."""
-    beta_fast: float = 32.0
+    beta_fast: float = OPTION_DEFAULTS["beta_fast"]
     """YaRN: pairs turning more than beta_fast times within the trained length are kept."""
-    beta_slow: float = 1.0
+    beta_slow: float = OPTION_DEFAULTS["beta_slow"]
     """YaRN: pairs turning fewer than beta_slow times are fully interpolated."""
-    attention_factor: float | None = None
+    attention_factor: float | None = OPTION_DEFAULTS["attention_factor"]
     """YaRN and longrope: scale of cos/sin (softmax temperature); default 0.1 ln(s) + 1 (YaRN),
     sqrt(1 + ln s / ln L) (longrope; vLLM reads only this default)."""
-    low_freq_factor: float = 1.0
+    low_freq_factor: float = OPTION_DEFAULTS["low_freq_factor"]
     """llama3: wavelengths above trained_length / low_freq_factor are divided by s."""
-    high_freq_factor: float = 4.0
+    high_freq_factor: float = OPTION_DEFAULTS["high_freq_factor"]
     """llama3: wavelengths below trained_length / high_freq_factor are kept."""
-    theta_multiplier: float | None = None
+    theta_multiplier: float | None = OPTION_DEFAULTS["theta_multiplier"]
     """ntk: rope_theta is multiplied by this; default s ** (d / (d - 2)) (bloc97's rule)."""
-    long_factor: list[float] | None = None
+    long_factor: list[float] | None = OPTION_DEFAULTS["long_factor"]
     """longrope: rotary_dim/2 divisors of the pair frequencies, used past the trained length."""
-    short_factor: list[float] | None = None
+    short_factor: list[float] | None = OPTION_DEFAULTS["short_factor"]
     """longrope: the divisors used up to the trained length; default all 1 (unchanged)."""
 
     @field_validator("factor")

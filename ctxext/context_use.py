@@ -36,15 +36,10 @@ import numpy as np
 import torch
 
 from ctxext.errors import CtxextError
-from ctxext.evaluate import (
-    BOOTSTRAP_RESAMPLES,
-    PasskeyPrompt,
-    _passkey_correct,
-    bootstrap_ratio,
-    bucket_edges,
-    build_passkey_prompt,
-    token_nll,
-)
+from ctxext.evaluate.loss import token_nll
+from ctxext.evaluate.passkey import PasskeyPrompt, _passkey_correct, build_passkey_prompt
+from ctxext.evaluate.perplexity import bootstrap_ratio
+from ctxext.evaluate.protocol import BOOTSTRAP_RESAMPLES, bucket_edges
 
 __all__ = [
     "RETRIEVAL_THRESHOLD",
@@ -129,7 +124,7 @@ def local_nll(
             f"--local-window ({window}) must be >= 1 and --local-stride ({stride}) between 1 "
             "and the window"
         )
-    from ctxext.evaluate import _eval_mode, _final_hidden, _nll_from_hidden
+    from ctxext.evaluate.loss import _eval_mode, _final_hidden, _nll_from_hidden
 
     ids = torch.tensor([list(seq)])
     if full is None:
@@ -204,7 +199,7 @@ def context_use(
     fulls, locals_ = [], []
     tick = _accumulate(progress)
 
-    from ctxext.evaluate import reset_rotary_state
+    from ctxext.evaluate.loss import reset_rotary_state
 
     for seq in sequences:
         reset_rotary_state(model)  # a length-dependent rope starts from its initial state
@@ -292,7 +287,7 @@ def context_use_sweep(
     one at the longest length when the rope is static (``one_pass``); a length-dependent rope
     (dynamic NTK) gets a fresh pass per length, after its rotary state is reset.
     """
-    from ctxext.evaluate import reset_rotary_state
+    from ctxext.evaluate.loss import reset_rotary_state
 
     stride = stride or max(1, window // 4)
     todo = sorted(n for n in set(lengths) if n > window)

@@ -6,6 +6,9 @@ import math
 from typing import Any
 
 from ctxext import checkpoint, rope
+from ctxext.errors import CtxextError
+from ctxext.rope.methods import METHODS
+from ctxext.rope.write import check_factor
 
 
 def inspect_model(model: str | None, target_length: int | None = None) -> dict[str, Any]:
@@ -16,17 +19,15 @@ def inspect_model(model: str | None, target_length: int | None = None) -> dict[s
     report: dict[str, Any] = {"model": source.name, "path": str(source.path)}
     if source.commit is not None:  # a Hub model: the commit its files came from
         report["revision"] = f"{source.revision or 'main'} @ {source.commit}"
-    report.update(rope.summarize(info))
+    report.update(summarize(info))
     if info.scheme != "rope":
         return report
     if target_length is None:
         target_length = info.trained_length * 4
     elif target_length <= 0:
-        from ctxext.errors import CtxextError
-
         raise CtxextError(f"--target-length must be a positive integer (got {target_length})")
     report["target_length"] = target_length
-    report["pairs"] = rope.pair_table(info, target_length)
+    report["pairs"] = pair_table(info, target_length)
     report["longrope"] = longrope_rows(info)
     return report
 
@@ -36,7 +37,7 @@ def longrope_rows(info: rope.RopeInfo) -> list[dict[str, Any]] | None:
     existing = info.existing_scaling or {}
     if existing.get("rope_type") != "longrope":
         return None
-    from ctxext.rope_reference import default_inv_freq
+    from ctxext.rope.formulas import default_inv_freq
 
     wavelengths = 2 * math.pi / default_inv_freq(info.rope_theta, info.rotary_dim)
     pairs = zip(wavelengths, existing["short_factor"], existing["long_factor"], strict=True)
@@ -51,6 +52,118 @@ def longrope_rows(info: rope.RopeInfo) -> list[dict[str, Any]] | None:
         }
         for j, (w, short, long) in enumerate(pairs)
     ]
+
+
+def _require_rope(info: rope.RopeInfo) -> None:
+    if info.scheme != "rope" or info.rotary_dim < 4:
+        raise CtxextError(
+            info.refusal or f"model_type '{info.model_type}' has no usable RoPE to inspect"
+        )
+
+
+def _regime(stretch: float, s: float) -> str:
+    """How a pair's wavelength changed: kept (extrapolated), x s (interpolated), or between."""
+    if math.isclose(stretch, 1.0, rel_tol=1e-9):
+        return "extrapolated"
+    if math.isclose(stretch, s, rel_tol=1e-9):
+        return "interpolated"
+    return "blended"
+
+
+def pair_table(
+    info: rope.RopeInfo,
+    target_length: int,
+    methods: tuple[str, ...] | list[str] = METHODS,
+    factor: float | None = None,
+) -> list[dict]:
+    """One row per rotary pair: wavelength, turns within training, and each method's effect.
+
+    ``factor`` defaults to target_length / trained_length. Each row's ``methods[m]`` holds the new
+    wavelength, its stretch (new / old), turns within the target length and a regime:
+    "extrapolated" (unchanged), "interpolated" (x s) or "blended"; yarn and llama3 also give
+    ``ramp`` (their interpolation weight, 0 = kept, 1 = divided by s). Dynamic is shown at
+    seq_len = target_length.
+    """
+    _require_rope(info)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise CtxextError(f"unknown method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+    s = check_factor(factor) if factor is not None else target_length / info.trained_length
+    if factor is None and target_length <= info.trained_length:
+        raise CtxextError(
+            f"target length {target_length} is not longer than the trained length "
+            f"{info.trained_length}: pass a larger target length"
+        )
+    from ctxext.rope import formulas
+
+    theta, d, length = info.rope_theta, info.rotary_dim, info.trained_length
+    base = formulas.default_inv_freq(theta, d)
+    ramps = {
+        "yarn": formulas.yarn_ramp(theta, d, length),
+        "llama3": formulas.llama3_blend(theta, d, length),
+    }
+    scaled = {
+        m: formulas.reference_inv_freq(
+            m, theta, d, s, length, seq_len=target_length if m == "dynamic" else None
+        )[0]
+        for m in methods
+    }
+    rows = []
+    for j, inv in enumerate(base):
+        wavelength = 2 * math.pi / float(inv)
+        row: dict[str, Any] = {
+            "pair": j,
+            "inv_freq": float(inv),
+            "wavelength": wavelength,
+            "turns_in_trained": length / wavelength,
+            "completes_turn": bool(wavelength <= length),
+            "methods": {},
+        }
+        for m in methods:
+            new_wavelength = 2 * math.pi / float(scaled[m][j])
+            stretch = new_wavelength / wavelength
+            cell = {
+                "wavelength": new_wavelength,
+                "stretch": stretch,
+                "turns_at_target": target_length / new_wavelength,
+                "regime": _regime(stretch, s),
+            }
+            if m in ramps:
+                cell["ramp"] = float(ramps[m][j])
+            row["methods"][m] = cell
+        rows.append(row)
+    return rows
+
+
+def summarize(info: rope.RopeInfo) -> dict:
+    """JSON-ready summary for ``ctxext inspect``: scheme, theta, dims, lengths, turn counts."""
+    out: dict[str, Any] = {
+        "model_type": info.model_type,
+        "scheme": info.scheme,
+        "rope_theta": info.rope_theta,
+        "head_dim": info.head_dim,
+        "rotary_dim": info.rotary_dim,
+        "partial_rotary_factor": info.partial_rotary_factor,
+        "trained_length": info.trained_length,
+        "max_position_embeddings": info.max_position_embeddings,
+        "layer_types": list(info.layer_types) if info.layer_types else None,
+        "sliding_rope_theta": info.sliding_rope_theta,
+        "existing_scaling": info.existing_scaling,
+        "allowed_methods": list(info.allowed_methods),
+        "refusal": info.refusal,
+        "pairs": None,
+        "pairs_completing_turn": None,
+        "pairs_never_completing_turn": None,
+    }
+    if info.scheme == "rope" and info.rotary_dim >= 4 and info.rotary_dim % 2 == 0:
+        from ctxext.rope.formulas import default_inv_freq
+
+        wavelengths = 2 * math.pi / default_inv_freq(info.rope_theta, info.rotary_dim)
+        complete = int((wavelengths <= info.trained_length).sum())
+        out["pairs"] = info.rotary_dim // 2
+        out["pairs_completing_turn"] = complete
+        out["pairs_never_completing_turn"] = info.rotary_dim // 2 - complete
+    return out
 
 
 def render_inspect(report: dict[str, Any], console: Any) -> None:

@@ -517,3 +517,42 @@ def context_use_markdown(results: dict[str, Any]) -> str | None:
             cells = [f"{sum(row) / len(row):.0%} ({min(row):.0%})" for row in acc]
             lines.append(f"| {run['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines).strip("\n") or None
+
+
+# ---------------------------------------------------------------------------------------------
+# `ctxext tune`'s leaderboard (leaderboard.md and leaderboard.png)
+
+
+def leaderboard_markdown(lines: list[dict[str, Any]], target: int, trained: int) -> str:
+    """Ranked rows (``tune.leaderboard.ranked_rows``) as a Markdown table."""
+    head = (
+        f"| rank | configuration | ppl @ {trained} | ppl @ {target} (95% CI) | "
+        f"vs paper YaRN @ {target} |\n|---:|---|---:|---:|---:|\n"
+    )
+    body = "".join(
+        f"| {i} | {r['label']} | {r['ppl_trained']:.2f} | {r['ppl_target']:.2f} "
+        f"({r['ci_target'][0]:.2f}-{r['ci_target'][1]:.2f}) | {r['vs_paper_yarn']:+.1%} |\n"
+        for i, r in enumerate(lines, 1)
+    )
+    return head + body
+
+
+def plot_leaderboard(lines: list[dict[str, Any]], target: int, trained: int, path: Path) -> Path:
+    """Horizontal bars: perplexity at the target (and at the trained length) per row."""
+    import numpy as np
+
+    plt = pyplot()
+    labels = [r["label"] for r in lines][::-1]
+    y = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(7.5, 0.4 * len(labels) + 1.5), dpi=120)
+    ax.barh(y + 0.2, [r["ppl_target"] for r in lines][::-1], 0.4, label=f"ppl @ {target}")
+    ax.barh(y - 0.2, [r["ppl_trained"] for r in lines][::-1], 0.4, label=f"ppl @ {trained}")
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlabel("perplexity on the report documents (lower is better)")
+    ax.set_title("ctxext tune leaderboard (report documents, unseen by the search)")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

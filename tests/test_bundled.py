@@ -45,7 +45,7 @@ LENGTHS = [256, 1024]
 
 
 def _sweep(heldout, extend=None):
-    from ctxext.evaluate import evaluate_lengths
+    from ctxext.evaluate.perplexity import evaluate_lengths
     from ctxext.modeling import load_causal_lm
 
     tok, ids = heldout

@@ -70,7 +70,7 @@ def test_stride_one_equals_explicit_per_token_windows(llama, seqs, window):
 
 def test_cut_context_differs_from_full_context(llama, seqs):
     """The local NLL really cuts: it differs from the full context past the window."""
-    from ctxext.evaluate import token_nll
+    from ctxext.evaluate.loss import token_nll
 
     full = token_nll(llama, torch.tensor([seqs[0]]))
     local = local_nll(llama, seqs[0], 16, stride=4)
@@ -110,7 +110,7 @@ def test_gain_is_zero_when_window_covers_the_length(llama, seqs):
 def test_gain_sign_and_buckets(llama, seqs):
     res = context_use(llama, seqs, window=16, stride=8)
     by_hand = []
-    from ctxext.evaluate import token_nll
+    from ctxext.evaluate.loss import token_nll
 
     for s in seqs:
         full = token_nll(llama, torch.tensor([s])).double()

@@ -2,7 +2,7 @@
 
 For every method x model family we write config.json, load it with AutoConfig, build a tiny model
 and read the inv_freq / attention_scaling its rotary module really uses, then compare with the
-independent float64 references in ctxext.rope_reference.
+independent float64 references in ctxext.rope.formulas.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from ctxext.rope import METHODS, analyze, extend_config  # noqa: E402
-from ctxext.rope_reference import reference_inv_freq  # noqa: E402
+from ctxext.rope.formulas import reference_inv_freq  # noqa: E402
 
 L = 2048  # trained length of every tiny config
 COMMON = {
@@ -177,7 +177,7 @@ def _theta(family: str) -> float:
 
 @pytest.mark.parametrize("family", list(TINY))
 def test_ntk_matches_bloc97_formula_written_out(family: str, tmp_root: str) -> None:
-    """NTK against theta' = theta * s^(d/(d-2)) typed here, not through rope_reference.
+    """NTK against theta' = theta * s^(d/(d-2)) typed here, not through ctxext.rope.formulas.
 
     The writer computes the new base with ntk_theta, and so does the reference: comparing the
     two alone could never catch a wrong ntk_theta.
@@ -413,7 +413,7 @@ def test_longrope_either_half_alone(family: str, drop: str, tmp_root: str, tmp_p
 
 def test_longrope_reference_reproduces_pi_ntk_yarn() -> None:
     """The per-pair view is exact: PI, NTK and YaRN written as factors give their frequencies."""
-    from ctxext.rope_reference import rescale_factors
+    from ctxext.rope.formulas import rescale_factors
 
     theta, d, s = 10000.0, 64, 8.0
     for method in ("linear", "ntk", "yarn"):

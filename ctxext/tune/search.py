@@ -1,49 +1,26 @@
-"""`ctxext tune`: search each scaling method's hyperparameters on held-out perplexity.
-
-Protocol (every number in the output says which documents it comes from):
-
-* The data's documents with at least ``target_length`` tokens are shuffled with the seed and
-  split into a *search* set (the search sees only these) and a disjoint *report* set (the
-  leaderboard is measured only on these). Both lists of names go into ``tune.json``.
-* A candidate is a method plus hyperparameters, applied in memory: the config dict is
-  rewritten by :func:`ctxext.rope.extend_config` (as `extend` writes it) and only the model's
-  rotary embedding modules are rebuilt from it, so scoring a candidate and loading the written
-  checkpoint run the same maths.
-* Score: token-weighted perplexity at ``target_length`` (``evaluate_perplexity``'s truncate
-  protocol: each document's first N tokens). Guard: perplexity at the trained length L on the
-  same documents; a candidate costing more than ``guard`` (default 5%) over the unscaled model
-  there is rejected.
-* Parametric methods (yarn, ntk, linear, llama3) go through successive halving: every
-  candidate on two documents, the best third on twice as many, ..., the last rung on all search
-  documents. LongRoPE per-pair factors are found by an evolutionary search (LongRoPE, Ding et
-  al. 2024) on a few documents, seeded with PI, NTK and YaRN (paper and tuned) written as
-  factors; factors are kept in [1, 1.25 s] and non-decreasing with wavelength. Its best few are
-  then scored on all search documents.
-* Everything random draws from ``numpy.random.default_rng(seed)``; the budget is counted in
-  document forwards at N, so ``--budget-evals`` (recorded in tune.json) replays a search exactly.
-"""
+"""Candidates, LongRoPE factors, scoring on one loaded model, and the search itself
+(successive halving for the parametric methods, LongRoPE's evolution; see :mod:`ctxext.tune`)."""
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import Field
 
-from ctxext import checkpoint, rope
+from ctxext import rope
 from ctxext.config import ExtendConfig, StrictModel, parse_model
 from ctxext.errors import CtxextError
+from ctxext.rope.methods import FACTOR_LIST_METHODS, METHODS
 
 PARAMETRIC = ("yarn", "ntk", "linear", "llama3")
-SEARCHABLE = (*PARAMETRIC, "longrope")
+SEARCHABLE = (*PARAMETRIC, *FACTOR_LIST_METHODS)
 #: Paper defaults shown in the leaderboard (longrope has no default: its factors are searched).
-DEFAULT_ROWS = ("linear", "ntk", "yarn", "dynamic", "llama3")
+DEFAULT_ROWS = METHODS
 #: Candidates per method are split in this proportion (more hyperparameters, more candidates).
 _WEIGHT = {"yarn": 3, "llama3": 2, "ntk": 1, "linear": 1}
 _ETA = 3  # successive halving keeps the best 1/eta at each rung
@@ -144,7 +121,7 @@ def sample_candidates(
 
 def method_factors(spec: ExtendConfig, info: rope.RopeInfo, target_length: int) -> np.ndarray:
     """Any method's effect written as LongRoPE per-pair divisors lambda_j (reference maths)."""
-    from ctxext import rope_reference as ref
+    from ctxext.rope import formulas as ref
 
     s = target_length / info.trained_length if spec.factor is None else spec.factor
     if spec.method == "ntk" and spec.theta_multiplier is not None:
@@ -211,7 +188,8 @@ class Scorer:
     _memo: dict[tuple[str, int, int], tuple[float, int]] = field(default_factory=dict)
     _applied: str | None = None  # the candidate whose rope the model has; None: not known
 
-    def _apply(self, cand: Candidate | None) -> None:
+    def apply(self, cand: Candidate | None) -> None:
+        """Give the model ``cand``'s rope (None: the unscaled config); no-op if it has it."""
         key = "base" if cand is None else cand.key
         if key == self._applied:
             return
@@ -225,11 +203,11 @@ class Scorer:
         self._applied = key
 
     def nll(self, cand: Candidate | None, doc: int, length: int) -> tuple[float, int]:
-        from ctxext.evaluate import evaluate_perplexity
+        from ctxext.evaluate.perplexity import evaluate_perplexity
 
         memo_key = ("base" if cand is None else cand.key, doc, length)
         if memo_key not in self._memo:
-            self._apply(cand)
+            self.apply(cand)
             res = evaluate_perplexity(self.model, [self.docs[doc]], length, bos_token_id=self.bos)
             self._memo[memo_key] = (res.nll_sum, res.n_tokens)
             self.spent += 1.0 if length == self.target_length else self.cost_ratio
@@ -425,307 +403,3 @@ def _longrope_seeds(search: Search, best: dict[str, Trial]) -> list[np.ndarray]:
     specs = [Candidate(m).spec(n) for m in ("linear", "ntk", "yarn")]
     specs += [t.candidate.spec(n) for t in best.values()]
     return [method_factors(spec, search.info, n) for spec in specs]
-
-
-# --------------------------------------------------------------------------- report
-
-
-def split_documents(
-    ids: list[list[int]], cfg: TuneConfig, bos: int | None
-) -> tuple[list[int], list[int]]:
-    """Seeded, disjoint search and report sets among documents long enough for the target."""
-    prefix = 0 if bos is None else 1
-    eligible = [i for i, t in enumerate(ids) if len(t) + prefix >= cfg.target_length]
-    need = cfg.search_docs + cfg.report_docs
-    if len(eligible) < need:
-        raise CtxextError(
-            f"only {len(eligible)} documents have at least {cfg.target_length} tokens, and "
-            f"--search-docs {cfg.search_docs} + --report-docs {cfg.report_docs} = {need} are "
-            "needed: lower them, lower --target-length, or pass longer --data"
-        )
-    order = np.random.default_rng(cfg.seed).permutation(eligible).tolist()
-    return order[: cfg.search_docs], order[cfg.search_docs : need]
-
-
-def leaderboard_candidates(best: dict[str, Trial]) -> list[tuple[str, Candidate | None]]:
-    """Rows: the unscaled model, every method's paper default, every tuned best."""
-    rows: list[tuple[str, Candidate | None]] = [("base (unscaled)", None)]
-    rows += [(f"{m} (paper default)", Candidate(m)) for m in DEFAULT_ROWS]
-    rows += [(f"{m} (tuned)", t.candidate) for m, t in best.items()]
-    return rows
-
-
-def evaluate_rows(
-    scorer: Scorer, rows: list[tuple[str, Candidate | None]], lengths: list[int]
-) -> list[dict[str, Any]]:
-    """Each row on all of the scorer's documents at every length (the same documents)."""
-    from ctxext.evaluate import evaluate_perplexity
-
-    runs = []
-    for label, cand in rows:
-        scorer._apply(cand)
-        ppl = {}
-        for n in lengths:
-            res = evaluate_perplexity(scorer.model, scorer.docs, n, bos_token_id=scorer.bos)
-            ppl[str(n)] = res.to_dict()
-        spec = None if cand is None else cand.spec(scorer.target_length).model_dump()
-        runs.append({"label": label, "method": cand and cand.method, "extend": spec, "ppl": ppl})
-    return runs
-
-
-def ranked_rows(runs: list[dict[str, Any]], target: int, trained: int) -> list[dict[str, Any]]:
-    """Leaderboard lines sorted by perplexity at the target, with the change vs paper YaRN."""
-    yarn = next(r for r in runs if r["label"] == "yarn (paper default)")
-    ref = yarn["ppl"][str(target)]["ppl"]
-    lines = []
-    for run in runs:
-        at_n, at_l = run["ppl"][str(target)], run["ppl"][str(trained)]
-        lines.append(
-            {
-                "label": run["label"],
-                "ppl_trained": at_l["ppl"],
-                "ppl_target": at_n["ppl"],
-                "ci_target": [at_n["ci_low"], at_n["ci_high"]],
-                "vs_paper_yarn": at_n["ppl"] / ref - 1.0,
-            }
-        )
-    return sorted(lines, key=lambda r: r["ppl_target"])
-
-
-def leaderboard_markdown(lines: list[dict[str, Any]], target: int, trained: int) -> str:
-    head = (
-        f"| rank | configuration | ppl @ {trained} | ppl @ {target} (95% CI) | "
-        f"vs paper YaRN @ {target} |\n|---:|---|---:|---:|---:|\n"
-    )
-    body = "".join(
-        f"| {i} | {r['label']} | {r['ppl_trained']:.2f} | {r['ppl_target']:.2f} "
-        f"({r['ci_target'][0]:.2f}-{r['ci_target'][1]:.2f}) | {r['vs_paper_yarn']:+.1%} |\n"
-        for i, r in enumerate(lines, 1)
-    )
-    return head + body
-
-
-def plot_leaderboard(lines: list[dict[str, Any]], target: int, trained: int, path: Path) -> Path:
-    """Horizontal bars: perplexity at the target (and at the trained length) per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [r["label"] for r in lines][::-1]
-    y = np.arange(len(labels))
-    fig, ax = plt.subplots(figsize=(7.5, 0.4 * len(labels) + 1.5), dpi=120)
-    ax.barh(y + 0.2, [r["ppl_target"] for r in lines][::-1], 0.4, label=f"ppl @ {target}")
-    ax.barh(y - 0.2, [r["ppl_trained"] for r in lines][::-1], 0.4, label=f"ppl @ {trained}")
-    ax.set_yticks(y, labels, fontsize=8)
-    ax.set_xlabel("perplexity on the report documents (lower is better)")
-    ax.set_title("ctxext tune leaderboard (report documents, unseen by the search)")
-    ax.legend(fontsize=8)
-    ax.grid(True, axis="x", which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-# --------------------------------------------------------------------------- the pipeline
-
-
-@dataclass
-class Prepared:
-    """What the cheap checks found, before anything slow runs."""
-
-    source: checkpoint.ResolvedModel
-    config: dict[str, Any]
-    info: rope.RopeInfo
-    output: Path
-
-
-def prepare(cfg: TuneConfig, output: Path, overwrite: bool) -> Prepared:
-    """Every cheap check: model, RoPE, target length, methods, lengths, output path."""
-    unknown = [m for m in cfg.methods if m not in SEARCHABLE]
-    if unknown or not cfg.methods:
-        raise CtxextError(
-            f"--methods: unknown method {unknown[0] if unknown else '(none)'!r}; choose from "
-            f"{','.join(SEARCHABLE)}"
-        )
-    if cfg.search_docs < 1 or cfg.report_docs < 1 or not 0 <= cfg.guard < 10:
-        raise CtxextError("--search-docs and --report-docs must be >= 1 and --guard in [0, 10)")
-    source = checkpoint.resolve_model(cfg.model)
-    config = checkpoint.read_config(source.path)
-    info = rope.analyze(config)
-    rope.validate_request(info, "yarn", None, cfg.target_length)
-    bad = [n for n in cfg.report_lengths or [] if not 2 <= n <= cfg.target_length]
-    if bad:
-        raise CtxextError(
-            f"--report-lengths {bad[0]} is outside [2, target length {cfg.target_length}]"
-        )
-    out = checkpoint.check_output_path(output, [source.path], overwrite)
-    return Prepared(source, config, info, out)
-
-
-def _calibrate(scorer: Scorer, trained: int) -> tuple[float, float]:
-    """Seconds of one forward at N and at L (the unscaled model on the first search doc)."""
-    scorer.nll(None, 0, trained)  # warm-up; also the guard reference
-    started = time.perf_counter()
-    scorer._memo.pop(("base", 0, trained))
-    scorer.nll(None, 0, trained)
-    t_trained = time.perf_counter() - started
-    started = time.perf_counter()
-    scorer.nll(None, 0, scorer.target_length)
-    t_target = time.perf_counter() - started
-    scorer.spent = 0.0
-    return t_target, t_trained
-
-
-@dataclass
-class _Inputs:
-    """The documents, their token ids and the search / report split."""
-
-    docs: list[Any]
-    ids: list[list[int]]
-    bos: int | None
-    search: list[int]
-    report: list[int]
-
-
-def _inputs(cfg: TuneConfig, prepared: Prepared) -> _Inputs:
-    """Load, tokenize and split the documents (before the model loads: a bad split is cheap)."""
-    from ctxext.data import load_documents, tokenize_documents
-    from ctxext.modeling import load_tokenizer
-
-    docs = load_documents(cfg.data, split="heldout")
-    tokenizer = load_tokenizer(prepared.source.path)
-    ids = tokenize_documents(tokenizer, docs)
-    search, report = split_documents(ids, cfg, tokenizer.bos_token_id)
-    return _Inputs(docs, ids, tokenizer.bos_token_id, search, report)
-
-
-def _search(
-    cfg: TuneConfig,
-    prepared: Prepared,
-    scorer: Scorer,
-    progress: Progress,
-    on_plan: Callable[[int], None] | None,
-) -> tuple[Search, dict[str, Trial], dict[str, Any]]:
-    """Calibrate, plan and run the search; returns it, each method's best, plan and timing."""
-    trained = prepared.info.trained_length
-    t_target, t_trained = _calibrate(scorer, trained)
-    # Counted by tokens, not by the clock, so a given --budget-evals always buys the same plan.
-    scorer.cost_ratio = trained / cfg.target_length
-    budget = cfg.budget_evals or max(12, int(cfg.budget_minutes * 60 / t_target))
-    plan = plan_search(cfg, budget, scorer.cost_ratio)
-    if on_plan is not None:
-        on_plan(budget)
-    search = Search(scorer, cfg, prepared.info, np.random.default_rng(cfg.seed), progress)
-    started = time.time()
-    best = run_search(search, plan)
-    if not best:
-        raise CtxextError(
-            f"every candidate cost more than {cfg.guard:.0%} at the trained length {trained}: "
-            "raise --guard or --budget-minutes"
-        )
-    timing = {
-        "forward_seconds_at_target": t_target,
-        "forward_seconds_at_trained": t_trained,
-        "search_seconds": round(time.time() - started, 1),
-        "forwards_spent": round(scorer.spent, 1),
-    }
-    return search, best, {"plan": plan.__dict__, "timing": timing}
-
-
-def run_tune(
-    cfg: TuneConfig,
-    prepared: Prepared,
-    progress: Progress,
-    on_plan: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
-    """Search, then evaluate the leaderboard on the report documents; returns tune.json."""
-    from ctxext.data import data_fingerprint
-    from ctxext.modeling import load_causal_lm
-
-    data = _inputs(cfg, prepared)
-    model = load_causal_lm(str(prepared.source.path)).model
-    n, trained = cfg.target_length, prepared.info.trained_length
-
-    def scorer(which: list[int]) -> Scorer:
-        return Scorer(model, prepared.config, [data.ids[i] for i in which], data.bos, n)
-
-    search, best, run = _search(cfg, prepared, scorer(data.search), progress, on_plan)
-    chosen = min(best, key=lambda m: best[m].ppl_target)
-    lengths = sorted(set(cfg.report_lengths or [trained, n]) | {trained, n})
-    started = time.time()
-    runs = evaluate_rows(scorer(data.report), leaderboard_candidates(best), lengths)
-    run["timing"]["report_seconds"] = round(time.time() - started, 1)
-    return {
-        "ctxext_tune": 1,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": checkpoint.versions(),
-        "config": cfg.model_dump(mode="json"),
-        "model": {"name": prepared.source.name, "trained_length": trained},
-        "data": {
-            "source": cfg.data or "stdlib (held-out part of the bundled model's corpus)",
-            "fingerprint": data_fingerprint(data.docs),
-            "search_documents": [data.docs[i].name for i in data.search],
-            "report_documents": [data.docs[i].name for i in data.report],
-        },
-        "protocol": _protocol(cfg, trained, runs),
-        **run,
-        "guard_reference_ppl": search.guard_ref(list(range(cfg.search_docs))),
-        "candidates": [t.record() for t in search.trials.values()],
-        "best_per_method": {m: t.record() for m, t in best.items()},
-        "chosen": {"method": chosen, "extend": best[chosen].candidate.spec(n).model_dump()},
-        "report": {"lengths": lengths, "runs": runs},
-        "leaderboard": ranked_rows(runs, n, trained),
-    }
-
-
-def _protocol(cfg: TuneConfig, trained: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    first = next(iter(runs[0]["ppl"].values()))["protocol"]
-    return {
-        "ppl": first["name"],
-        "description": first["description"],
-        "search_score": f"token-weighted ppl at {cfg.target_length} on the search documents",
-        "guard": f"ppl at {trained} on the same documents <= (1 + {cfg.guard}) x the unscaled "
-        "model's; otherwise rejected",
-        "report": "every leaderboard row on the same report documents at every length; no "
-        "report document was seen by the search",
-    }
-
-
-def recipe_snippet(result: dict[str, Any]) -> str:
-    """A recipe (`ctxext run`) whose extend: block reproduces the chosen configuration."""
-    import yaml
-
-    spec = {k: v for k, v in result["chosen"]["extend"].items() if v is not None}
-    defaults = ExtendConfig.model_fields
-    spec = {k: v for k, v in spec.items() if k == "method" or v != defaults[k].default}
-    best = result["leaderboard"][0]
-    lines = [
-        f"# written by ctxext tune (seed {result['config']['seed']}): the best configuration",
-        f"# found for {result['model']['name']} at {result['config']['target_length']} tokens",
-        f"# (report-document ppl {best['ppl_target']:.2f}; see tune.json for the protocol).",
-    ]
-    body = {"model": result["model"]["name"], "extend": spec}
-    text = yaml.safe_dump(body, sort_keys=False, default_flow_style=None, width=100)
-    return "\n".join(lines) + "\n" + text
-
-
-def write_tune_output(result: dict[str, Any], prepared: Prepared, link_mode: str) -> Path:
-    """The extended checkpoint plus tune.json, recipe.yaml, leaderboard.md and .png, atomically."""
-    from ctxext.config import ExtendJob
-    from ctxext.extend import plan_extend, write_checkpoint_files
-
-    spec = ExtendConfig.model_validate(result["chosen"]["extend"])
-    job = ExtendJob(
-        model=str(prepared.source.path), output=prepared.output, extend=spec,
-        link_mode=link_mode, overwrite=True,
-    )  # fmt: skip
-    n, trained = result["config"]["target_length"], result["model"]["trained_length"]
-    with checkpoint.atomic_output(prepared.output) as tmp:
-        write_checkpoint_files(plan_extend(job.model, spec), job, tmp)
-        (tmp / "tune.json").write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
-        (tmp / "recipe.yaml").write_text(recipe_snippet(result))
-        (tmp / "leaderboard.md").write_text(leaderboard_markdown(result["leaderboard"], n, trained))
-        plot_leaderboard(result["leaderboard"], n, trained, tmp / "leaderboard.png")
-    return prepared.output

@@ -1,8 +1,15 @@
-"""Reference RoPE frequencies for each scaling method, written from the papers.
+"""The papers' RoPE frequencies for each scaling method, in float64 (shared, not test-only).
 
-These functions are deliberately independent of transformers: the tests compare what transformers
-computes from a config written by :func:`ctxext.rope.extend_config` against these, and
-``ctxext inspect`` uses them to show what each method does to each dimension pair.
+The one place these formulas live. Production uses them where ctxext itself must compute a
+frequency: the static NTK theta written by :mod:`ctxext.rope.write` (there is no ``ntk``
+rope_type for transformers to compute it), ``ctxext inspect``'s per-pair table and tune's
+LongRoPE view of every method. The exactness tests (tests/test_rope_exactness.py) compare what
+*transformers* computes from a config written by :func:`ctxext.rope.extend_config` against these:
+the two sides are independent because the written config holds only the method's parameters
+(factor, betas, ...) and transformers derives the frequencies with its own code. The one value we
+write that comes from here, NTK's theta, is checked against bloc97's formula typed out in the
+test itself, not through this module. A second copy of these formulas inside the package would
+only be a duplicate that could drift.
 
 Notation used throughout:
 
@@ -22,17 +29,19 @@ from typing import Any
 
 import numpy as np
 
-REFERENCE_METHODS = ("default", "linear", "ntk", "yarn", "dynamic", "llama3", "longrope")
+from ctxext.rope import methods
 
-# Keyword options each method accepts, with the defaults of the papers / reference code.
+REFERENCE_METHODS = ("default", *methods.ALL_METHODS)
+
+# Keyword options each formula accepts, with the papers' defaults: each method's options except
+# ntk's theta_multiplier, a tuned replacement for the formula's own s ** (d / (d - 2)).
 OPTION_DEFAULTS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "linear": {},
-    "ntk": {},
-    "dynamic": {},
-    "yarn": {"beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None},
-    "llama3": {"low_freq_factor": 1.0, "high_freq_factor": 4.0},
-    "longrope": {"long_factor": None, "short_factor": None, "attention_factor": None},
+    m: {
+        name: methods.OPTION_DEFAULTS[name]
+        for name in methods.OPTIONS_OF.get(m, ())
+        if name != "theta_multiplier"
+    }
+    for m in REFERENCE_METHODS
 }
 
 

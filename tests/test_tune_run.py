@@ -1,7 +1,8 @@
-"""`ctxext tune`: a real search on a real (tiny) model, replayed, reloaded and fine-tuned.
+"""ctxext.tune.run (`ctxext tune`): a real search on a real (tiny) model, replayed, reloaded
+and fine-tuned.
 
-The tiny Llama of conftest (trained length 128) is tuned for 256 tokens with a small budget;
-the bundled model (trained at 256, so its trained length means something) checks the guard.
+The tiny Llama of conftest (trained length 128) is tuned for 256 tokens with a small budget
+(the guard is checked on the bundled model in test_tune_search.py).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def test_written_config_is_the_chosen_candidate(tuned, tiny_llama_session):
 def test_the_written_checkpoint_reproduces_the_reported_score(tuned):
     """Loading OUT from disk scores exactly what the leaderboard reports for the tuned row."""
     from ctxext.data import load_documents, tokenize_documents
-    from ctxext.evaluate import evaluate_perplexity
+    from ctxext.evaluate.perplexity import evaluate_perplexity
     from ctxext.modeling import load_causal_lm
 
     out, result = tuned
@@ -117,7 +118,8 @@ def test_search_is_deterministic_for_a_seed(tuned, tiny_llama_session, tmp_path,
     strip = lambda r: {k: v for k, v in r.items() if k not in VOLATILE}  # noqa: E731
     assert strip(again) == strip(first)
     # Another seed draws another split (checked without a second search: it is the first step).
-    from ctxext.tune import TuneConfig, split_documents
+    from ctxext.tune.run import split_documents
+    from ctxext.tune.search import TuneConfig
 
     ids = [[0] * 300] * 12
     splits = {
@@ -182,39 +184,6 @@ def test_finetune_runs_on_a_longrope_checkpoint(tiny_llama_session, tmp_path, ca
         read_config(tmp_path / "ft")["rope_parameters"]["long_factor"]
         == read_config(ext)["rope_parameters"]["long_factor"]
     )
-
-
-# --------------------------------------------------------------------------- the guard
-
-
-@pytest.fixture(scope="module")
-def bundled_search():
-    """A Search on the bundled model (trained at 256) for target 512, on two documents."""
-    from ctxext.data import load_documents, tokenize_documents
-    from ctxext.modeling import load_causal_lm
-    from ctxext.tune import Scorer, Search, TuneConfig
-
-    loaded = load_causal_lm(str(BUNDLED))
-    docs = load_documents(None, split="heldout")
-    ids = [t for t in tokenize_documents(loaded.tokenizer, docs) if len(t) >= 512][:2]
-    config = read_config(BUNDLED)
-    cfg = TuneConfig(target_length=512, search_docs=2, report_docs=1)
-    scorer = Scorer(loaded.model, config, ids, loaded.tokenizer.bos_token_id, 512)
-    return Search(scorer, cfg, rope.analyze(config), np.random.default_rng(0), lambda *a: None)
-
-
-def test_the_guard_rejects_a_candidate_that_breaks_the_trained_length(bundled_search):
-    from ctxext.tune import Candidate
-
-    pi16 = Candidate("linear", (("factor", 16.0),), "test")  # 16x interpolation at 256 tokens
-    trial = bundled_search.score(pi16, [0, 1])
-    assert trial.rejected and trial.ppl_trained > 1.05 * trial.guard_ref
-    assert trial.ppl_target == math.inf  # never scored at the target, never chosen
-    kept = bundled_search.score(Candidate("dynamic"), [0, 1])  # unchanged up to 256 tokens
-    assert not kept.rejected and math.isfinite(kept.ppl_target)
-    assert kept.ppl_trained == pytest.approx(kept.guard_ref, rel=1e-6)
-    survivors = bundled_search.halving([pi16, Candidate("dynamic")], [2])
-    assert [t.candidate.method for t in survivors] == ["dynamic"]
 
 
 @pytest.mark.parametrize(
