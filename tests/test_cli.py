@@ -20,7 +20,7 @@ def test_version_and_help(capsys):
 
 
 def test_help_is_fast_and_imports_no_torch():
-    code = "import sys; from ctxext.cli import app; print('torch' in sys.modules)"
+    code = "import sys; from ctxext.cli.app import app; print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False"
 
@@ -29,7 +29,7 @@ def test_single_command_app_parses_like_the_full_app():
     # main() builds only the command argv names (start-up time); it must be the same command.
     from typer.main import get_command
 
-    from ctxext.cli import _app_for, app
+    from ctxext.cli.app import _app_for, app
 
     full = get_command(app)
     for name in ("extend", "inspect", "eval", "finetune", "run"):

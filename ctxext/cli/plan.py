@@ -92,7 +92,7 @@ def plan(
     """
     if command not in ("eval", "finetune", "run"):
         raise CtxextError(f"plan: unknown command '{command}'; use eval, finetune or run")
-    from ctxext.cli import _run_app
+    from ctxext.cli.app import _run_app
 
     raise typer.Exit(_run_app([command, *ctx.args, "--plan-only"]))
 

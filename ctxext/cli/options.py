@@ -6,6 +6,13 @@ from typing import Annotated, Optional
 
 import typer
 
+ModelArg = Annotated[
+    Optional[str],  # noqa: UP045 (typer needs Optional on 3.10)
+    typer.Argument(
+        help="Model folder, Hub id, or 'stdlib-llama' (the bundled model, the default).",
+        show_default=False,
+    ),
+]
 FactorOpt = Annotated[
     Optional[float],  # noqa: UP045 (typer needs Optional on 3.10)
     typer.Option("--factor", "-f", help="Scale factor s = new length / trained length (> 1)."),
