@@ -11,16 +11,6 @@ from rich.console import Console
 from rich.progress import Progress
 
 
-@pytest.fixture
-def data_file(tmp_path):
-    from ctxext.corpus import stdlib_documents
-
-    docs = [d for d in stdlib_documents("heldout") if len(d.text) > 4000][:2]
-    path = tmp_path / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in docs))
-    return path
-
-
 def _squeezed(text: str) -> str:
     # Rich wraps and folds long lines at 80 columns when not on a terminal.
     return "".join(text.split())
@@ -28,12 +18,12 @@ def _squeezed(text: str) -> str:
 
 @pytest.mark.parametrize("as_json", [False, True])
 def test_tables_go_to_stdout_or_stderr_and_the_output_is_named(
-    capsys, tmp_path, monkeypatch, tiny_llama, data_file, as_json
+    capsys, tmp_path, monkeypatch, tiny_llama, as_json
 ):
     monkeypatch.chdir(tmp_path)
     flags = ["--json"] if as_json else []
     code, out, err = run_cli(
-        capsys, "eval", tiny_llama, "--lengths", "128,256", "--data", data_file, "-o", "res",
+        capsys, "eval", tiny_llama, "--lengths", "128,256", "--num-docs", "2", "-o", "res",
         *flags,
     )  # fmt: skip
     assert code == 0, err

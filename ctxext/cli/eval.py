@@ -17,6 +17,8 @@ from rich.console import Console
 
 from ctxext.cli.options import (
     AllowPickleOpt,
+    BetaFastOpt,
+    BetaSlowOpt,
     DatasetConfigOpt,
     FactorOpt,
     ForceOpt,
@@ -55,8 +57,8 @@ def eval_command(
             "--target-length", "-t", help="New length for --method (default: the longest length)."
         ),
     ] = None,
-    beta_fast: Annotated[float, typer.Option(help="YaRN beta_fast.")] = 32.0,
-    beta_slow: Annotated[float, typer.Option(help="YaRN beta_slow.")] = 1.0,
+    beta_fast: BetaFastOpt = 32.0,
+    beta_slow: BetaSlowOpt = 1.0,
     attention_factor: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(help="YaRN attention factor."),

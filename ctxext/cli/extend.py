@@ -14,6 +14,8 @@ from rich.console import Console
 
 from ctxext.cli.options import (
     AllowPickleOpt,
+    BetaFastOpt,
+    BetaSlowOpt,
     FactorOpt,
     ModelArg,
     OverwriteOpt,
@@ -43,8 +45,8 @@ def extend(
     method: MethodOpt = ...,  # type: ignore[assignment]
     factor: FactorOpt = None,
     target_length: TargetOpt = None,
-    beta_fast: Annotated[float, typer.Option(help="YaRN beta_fast.")] = 32.0,
-    beta_slow: Annotated[float, typer.Option(help="YaRN beta_slow.")] = 1.0,
+    beta_fast: BetaFastOpt = 32.0,
+    beta_slow: BetaSlowOpt = 1.0,
     attention_factor: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(help="YaRN attention factor (default 0.1 ln s + 1)."),

@@ -21,6 +21,8 @@ TargetOpt = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option("--target-length", "-t", help="New context length (instead of --factor)."),
 ]
+BetaFastOpt = Annotated[float, typer.Option(help="YaRN beta_fast.")]
+BetaSlowOpt = Annotated[float, typer.Option(help="YaRN beta_slow.")]
 TrustRemoteCodeOpt = Annotated[
     bool,
     typer.Option("--trust-remote-code", help="Allow (and run) code from the model folder."),
