@@ -11,6 +11,7 @@ import sys
 import pytest
 
 LOWER = [
+    "ctxext.budget",
     "ctxext.calibrate", "ctxext.checkpoint", "ctxext.config", "ctxext.context_use",
     "ctxext.corpus", "ctxext.data", "ctxext.evalrun", "ctxext.evaluate", "ctxext.extend",
     "ctxext.finetune", "ctxext.fsdp", "ctxext.inspect", "ctxext.modelcard", "ctxext.modeling",

@@ -6,13 +6,14 @@ where it would load weights and prints the estimate instead. Without that flag t
 estimate guards the run: printed when it will take more than a minute, and a run whose peak
 exceeds the memory available (``--memory-limit``, ``$CTXEXT_MEMORY_LIMIT``, else free RAM or
 free GPU memory) is refused with one line naming the cheapest changes that would fit, unless
-``--force``.
+``--force``. The workloads and the estimate are :mod:`ctxext.budget`'s; this module renders
+its verdict.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
@@ -23,7 +24,6 @@ from ctxext.errors import CtxextError
 __all__ = [
     "Announcement",
     "GuardOptions",
-    "RunPlan",
     "check_eval",
     "check_finetune",
     "check_recipe",
@@ -32,11 +32,6 @@ __all__ = [
 
 _out = Console()
 _err = Console(stderr=True)
-#: Runs predicted to take longer than this print their estimate before starting.
-ANNOUNCE_SECONDS = 60.0
-#: Without a cached calibration, a run this far below the limits by a pessimistic guess
-#: is let through without measuring the machine (a tiny test run should not pay ~30 s).
-_GUESS_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -62,22 +57,6 @@ class Announcement:
             self.table = None
 
 
-@dataclass
-class RunPlan:
-    """The workloads of one command (one per length or phase) on one model shape."""
-
-    command: str
-    model: str
-    shape: Any  # plan.ModelShape
-    trained_length: int
-    phases: list[tuple[str, Any]] = field(default_factory=list)  # (label, plan.Workload)
-
-    def estimates(self, calib: Any) -> list[tuple[str, Any]]:
-        from ctxext.plan import estimate
-
-        return [(label, estimate(self.shape, work, calib)) for label, work in self.phases]
-
-
 # --------------------------------------------------------------------------- the commands
 
 
@@ -101,34 +80,16 @@ def check_finetune(
     model: str | None, output: Any, extend: Any, cfg: Any, opts: GuardOptions
 ) -> Announcement:
     """Before `finetune` loads anything: its workload against this machine."""
-    from ctxext.finetune import plan_run
+    from ctxext.budget import finetune_run
 
-    # overwrite=True: the output rules are checked by the run itself, not by its plan.
-    run = plan_run(model, output, extend, cfg, resume=False, overwrite=True)
-    return _decide(_finetune_plan(run.source, run.trained_length, run.seq_length, cfg), opts)
+    return _decide(finetune_run(model, output, extend, cfg), opts)
 
 
 def check_recipe(loaded: Any, opts: GuardOptions) -> Announcement:
     """Before `run` does anything slow: its fine-tune and eval phases against this machine."""
-    from ctxext import checkpoint, rope
+    from ctxext.budget import recipe_run
 
-    recipe = loaded.recipe
-    source = checkpoint.resolve_model(recipe.model)
-    info = rope.analyze(checkpoint.read_config(source.path))
-    target = info.trained_length
-    if recipe.extend is not None:
-        ext = recipe.extend
-        factor = rope.validate_request(info, ext.method, ext.factor, ext.target_length)
-        target = round(info.trained_length * factor)
-    run = RunPlan("run", source.name, None, info.trained_length)
-    if recipe.finetune is not None:
-        seq = recipe.finetune.train_length or target
-        run = _finetune_plan(source, info.trained_length, seq, recipe.finetune)
-        run.command = "run"
-    if recipe.eval is not None:
-        ev = _eval_plan([recipe.model], recipe.eval, None)
-        run.shape = ev.shape
-        run.phases += [(f"eval {label}", w) for label, w in ev.phases]
+    run = recipe_run(loaded)
     return _decide(run, opts) if run.phases else Announcement()
 
 
@@ -143,189 +104,68 @@ def check_eval(
     before any model is loaded; a long run's estimate goes to ``announce``."""
 
     def preflight(token_cache: dict[str, Any]) -> None:
-        tokens = _eval_tokens(models, cfg, token_cache, variants_per_model)
-        announce.table = _decide(_eval_plan(models, cfg, tokens), opts).table
+        from ctxext.budget import eval_run, eval_tokens
+
+        tokens = eval_tokens(models, cfg, token_cache, variants_per_model)
+        announce.table = _decide(eval_run(models, cfg, tokens), opts).table
 
     return preflight
 
 
-# --------------------------------------------------------------------------- workloads
-
-
-def _finetune_plan(source: Any, trained: int, seq: int, cfg: Any) -> RunPlan:
-    from ctxext import checkpoint
-    from ctxext.plan import ModelShape, Workload
-
-    shape = ModelShape.from_config(checkpoint.read_config(source.path))
-    cuda = _device().startswith("cuda")
-    compute = "bfloat16" if cuda and cfg.dtype == "auto" else _fp(cfg.dtype)
-    weights = "float32"
-    if cfg.lora_rank is not None:  # finetune._load: the frozen base in the compute dtype
-        weights = compute
-    work = Workload(
-        "finetune", seq, batch=cfg.batch_size, compute_dtype=compute, weight_dtype=weights,
-        lora_rank=cfg.lora_rank, lora_trainable=tuple(cfg.lora_trainable),
-        grad_ckpt=cfg.grad_ckpt, steps=cfg.steps, grad_accum=cfg.grad_accum,
-    )  # fmt: skip
-    label = f"finetune {seq:,} tokens x {cfg.steps} steps"
-    return RunPlan("finetune", source.name, shape, trained, [(label, work)])
-
-
-def _eval_plan(models: list[str | None], cfg: Any, tokens: dict[int, int] | None) -> RunPlan:
-    """One workload per length, on the largest of the models (the one that decides the peak)."""
-    from ctxext import checkpoint, rope
-    from ctxext.plan import ModelShape, Workload
-
-    configs = [checkpoint.read_config(checkpoint.resolve_model(m).path) for m in models]
-    shapes = [ModelShape.from_config(c) for c in configs]
-    biggest = max(range(len(shapes)), key=lambda i: shapes[i].total_params())
-    cuda = _device().startswith("cuda")
-    dtype = "bfloat16" if cuda and cfg.dtype == "auto" else _fp(cfg.dtype)
-    phases = []
-    for n in cfg.lengths:
-        work = Workload(
-            "eval", n, compute_dtype=dtype, weight_dtype=dtype,
-            tokens=None if tokens is None else tokens.get(n, 0),
-            device_map_auto=cfg.device_map == "auto",
-        )  # fmt: skip
-        phases.append((f"eval {n:,} tokens", work))
-    trained = rope.analyze(configs[biggest]).trained_length
-    name = checkpoint.resolve_model(models[biggest]).name
-    return RunPlan("eval", name, shapes[biggest], trained, phases)
-
-
-def _eval_tokens(
-    models: list[str | None], cfg: Any, token_cache: dict[str, Any], per_model: int
-) -> dict[int, int]:
-    """Tokens every length feeds, over all models and variants (as the progress bar counts)."""
-    from ctxext import checkpoint, evaluate
-
-    out: dict[int, int] = {}
-    if "ppl" not in cfg.tasks:
-        return out
-    for model in models:
-        tokens = token_cache[str(checkpoint.resolve_model(model).path)]  # evalrun's _Tokens
-        ids, bos = tokens.docs.ids, tokens.bos_token_id
-        for n in cfg.lengths:
-            count = evaluate.planned_tokens(
-                ids, n, bos_token_id=bos, stride=cfg.stride, num_docs=cfg.num_docs, seed=cfg.seed
-            )
-            out[n] = out.get(n, 0) + count * per_model
-    return out
-
-
-def _fp(dtype: str) -> str:
-    return "float32" if dtype == "auto" else dtype
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# --------------------------------------------------------------------------- the decision
-
-
-def _decide(run: RunPlan, opts: GuardOptions) -> Announcement:
+def _decide(run: Any, opts: GuardOptions) -> Announcement:
     """Print the plan (plan-only), refuse an over-budget run, or announce a long one."""
-    from ctxext import plan
+    from ctxext.budget import assess
 
-    limit, where = _limit(opts)
-    calib = _calibration(run, limit, measure=opts.plan_only)
-    rows = run.estimates(calib)
-    peak = max(e.peak for _, e in rows)
-    seconds = _total_seconds(rows)
+    verdict = assess(run, opts.memory_limit, measure=opts.plan_only, status=_err.status)
     if opts.plan_only:
-        _print_plan(run, rows, calib, limit, where, opts.as_json)
+        _print_plan(verdict, opts.as_json)
         raise typer.Exit(0)
-    if peak > limit:
-        worst = max(rows, key=lambda r: r[1].peak)
-        work = dict(run.phases)[worst[0]]
-        fixes = plan.suggest_changes(run.shape, work, calib, limit, run.trained_length)
-        fix = f"would fit: {' | '.join(fixes)}" if fixes else "no single change fits"
-        message = (
-            f"{run.command} needs ~{plan.format_bytes(peak)} at its peak ({worst[0]}) but "
-            f"{plan.format_bytes(limit)} is available ({where}); {fix}; or pass --force "
-            f"(details: ctxext plan {run.command} ...)"
-        )
+    refusal = verdict.refusal()
+    if refusal is not None:
         if not opts.force:
-            raise CtxextError(message)
-        _err.print(f"[yellow]warning:[/yellow] {message} (--force: running anyway)", soft_wrap=True)
-    if seconds is None or seconds > ANNOUNCE_SECONDS:
-        return Announcement(_table(run, rows, calib, limit, where))
-    return Announcement()
-
-
-def _limit(opts: GuardOptions) -> tuple[int, str]:
-    from ctxext import calibrate, plan
-
-    if opts.memory_limit is not None:
-        try:
-            return plan.parse_bytes(opts.memory_limit), "--memory-limit"
-        except ValueError as e:
-            raise CtxextError(f"--memory-limit: {e}") from None
-    return calibrate.available_memory(_device())
-
-
-def _calibration(run: RunPlan, limit: int, measure: bool) -> Any:
-    """The cached calibration; else a pessimistic guess, measured only if the guess is close."""
-    from ctxext import calibrate
-
-    cached = calibrate.cached_calibration()
-    if cached is not None:
-        return cached
-    if not measure:
-        rows = run.estimates(calibrate.PESSIMISTIC)
-        seconds = _total_seconds(rows)
-        peak = max(e.peak for _, e in rows)
-        if seconds is not None and seconds <= ANNOUNCE_SECONDS and peak <= _GUESS_FRACTION * limit:
-            return calibrate.PESSIMISTIC
-    with _err.status("measuring this machine once (matmul, attention, memory; ~30 s)"):
-        return calibrate.load_calibration()
-
-
-def _total_seconds(rows: list[tuple[str, Any]]) -> float | None:
-    if any(e.seconds is None for _, e in rows):
-        return None
-    return sum(e.seconds for _, e in rows)
+            raise CtxextError(refusal)
+        _err.print(f"[yellow]warning:[/yellow] {refusal} (--force: running anyway)", soft_wrap=True)
+    return Announcement(_table(verdict)) if verdict.long else Announcement()
 
 
 # --------------------------------------------------------------------------- rendering
 
 
-def _print_plan(
-    run: RunPlan, rows: list[tuple[str, Any]], calib: Any, limit: int, where: str, as_json: bool
-) -> None:
+def _print_plan(verdict: Any, as_json: bool) -> None:
     from ctxext import plan
 
-    peak = max(e.peak for _, e in rows)
-    verdict = "fits" if peak <= limit else "does not fit"
+    run, rows, limit, where, peak = (
+        verdict.run, verdict.rows, verdict.limit, verdict.where, verdict.peak
+    )  # fmt: skip
     if as_json:
         _out.print_json(
             data={
                 "command": run.command,
                 "model": run.model,
-                "device": calib.device,
+                "device": verdict.calib.device,
                 "phases": [{"label": label, **e.to_dict()} for label, e in rows],
                 "peak": peak,
-                "seconds": _total_seconds(rows),
+                "seconds": verdict.seconds,
                 "limit": limit,
                 "limit_source": where,
                 "fits": peak <= limit,
             }
         )
         return
-    _out.print(_table(run, rows, calib, limit, where))
-    _out.print(f"peak {plan.format_bytes(peak)}: {verdict} in {plan.format_bytes(limit)} ({where})")
+    fits = "fits" if peak <= limit else "does not fit"
+    _out.print(_table(verdict))
+    _out.print(f"peak {plan.format_bytes(peak)}: {fits} in {plan.format_bytes(limit)} ({where})")
 
 
-def _table(run: RunPlan, rows: list[tuple[str, Any]], calib: Any, limit: int, where: str) -> Any:
+def _table(verdict: Any) -> Any:
     """Components down, phases (lengths) across."""
     from rich.table import Table
 
     from ctxext.plan import format_bytes
 
+    run, rows, calib, limit, where = (
+        verdict.run, verdict.rows, verdict.calib, verdict.limit, verdict.where
+    )  # fmt: skip
     e0 = rows[0][1]
     table = Table(
         title=f"ctxext plan {run.command}: {run.model} on {calib.device}",
@@ -372,7 +212,7 @@ def _table(run: RunPlan, rows: list[tuple[str, Any]], calib: Any, limit: int, wh
     table.add_row(step, *(_duration(e.seconds_per_step) for _, e in rows))
     table.add_row("time per token", *(f"{e.seconds_per_token * 1e3:.3g} ms" for _, e in rows))
     table.add_row("time", *("?" if e.seconds is None else _duration(e.seconds) for _, e in rows))
-    total = _total_seconds(rows)
+    total = verdict.seconds
     table.add_row("[bold]total time[/bold]", "unknown" if total is None else _duration(total))
     return table
 
