@@ -47,7 +47,7 @@ print("OPTIME", time.perf_counter() - t, file=sys.stderr)
 
 OURS = """
 import sys, time
-from ctxext.cli import main
+from ctxext.cli.app import main
 t = time.perf_counter()
 try:
     main(["extend", sys.argv[1], "-o", sys.argv[2], "--method", "yarn", "--factor", "4"])

@@ -48,7 +48,7 @@ _VERSION = 3
 _SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 _ATTENTION_LENGTHS = (512, 1024, 2048, 4096)
 #: A deliberately slow, memory-hungry stand-in used before this machine is measured: a run
-#: that fits and is short even by it needs no calibration (see cli_plan._calibration).
+#: that fits and is short even by it needs no calibration (see budget._calibration).
 PESSIMISTIC = Calibration(
     device="cpu (not measured yet)",
     matmul_flops={64: 2e8, 4096: 5e9},

@@ -1,5 +1,8 @@
 """`ctxext eval` pipeline: several checkpoints x several scaling methods x several lengths.
 
+:func:`evaluate_and_report` is the whole command below the CLI (variants, output checks, the
+evaluation, the output folder); :func:`run_eval` is the evaluation alone (the recipe runner's).
+
 Each *variant* is a checkpoint, optionally with a scaling method applied in memory (the config
 is rewritten before the model is built; nothing is written). Every variant is measured with
 the same data and protocol, and the results carry enough provenance to be compared later.
@@ -104,6 +107,71 @@ def run_eval(
         "protocol": _protocol_summary(runs),
         "runs": runs,
     }
+
+
+@dataclass(frozen=True)
+class EvalHooks:
+    """What the caller shows around :func:`evaluate_and_report` (the CLI: its memory/time
+    check, a progress bar, tables); every hook is optional."""
+
+    #: variants per model -> ``budget_check(token_cache)`` for :func:`run_eval`.
+    budget: Callable[[int], Callable[[dict[str, Any]], None]] | None = None
+    #: a context manager around the evaluation that yields its progress factory (or None).
+    progress: Callable[[], contextlib.AbstractContextManager[ProgressFactory | None]] = (
+        contextlib.nullcontext
+    )
+    #: called with the results before the output folder is written.
+    render: Callable[[dict[str, Any]], None] | None = None
+    #: called with the output folder (made absolute) once it is written.
+    written: Callable[[Path], None] | None = None
+    #: the check prints a plan and stops the run: no output folder is checked or locked.
+    plan_only: bool = False
+
+
+def evaluate_and_report(
+    models: list[str | None],
+    methods: list[str],
+    options: dict[str, Any],
+    cfg: EvalConfig,
+    output: Path | None,
+    overwrite: bool,
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    hooks: EvalHooks | None = None,
+) -> dict[str, Any]:
+    """Evaluate every model x method and write results.json/.csv and plots to ``output``.
+
+    The output folder is checked before anything slow and written atomically while it is
+    locked (one writer per output).
+    """
+    from ctxext.report import write_outputs
+
+    hooks = hooks or EvalHooks()
+    variants = plan_variants(models, methods, options, cfg)
+    locked = output is not None and not hooks.plan_only
+    if locked:
+        inputs = [checkpoint.resolve_model(m).path for m in models]
+        output = checkpoint.check_output_path(output, inputs, overwrite)
+    budget_check = hooks.budget(len(variants) // len(models)) if hooks.budget else None
+    with checkpoint.output_lock(output) if locked else contextlib.nullcontext():
+        with hooks.progress() as progress_factory:
+            results = run_eval(
+                variants,
+                cfg,
+                trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
+                progress_factory=progress_factory,
+                budget_check=budget_check,
+            )
+        if hooks.render is not None:
+            hooks.render(results)
+        if output is not None:
+            with checkpoint.atomic_output(output) as tmp:
+                write_outputs(results, tmp)
+            if hooks.written is not None:
+                hooks.written(output)
+    return results
 
 
 @dataclass(frozen=True)

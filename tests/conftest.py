@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ctxext.cli import main
+from ctxext.cli.app import main
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GUTENBERG = SHARED / "corpus" / "gutenberg"

@@ -359,7 +359,7 @@ def test_cheap_checks_come_before_torch(tmp_path, tiny_llama):
         argvs[name] = [str(a) for a in CASES[name].make(folder, model)]
     script = (
         "import json, sys\n"
-        "from ctxext.cli import main\n"
+        "from ctxext.cli.app import main\n"
         "report = {}\n"
         "for name, argv in json.loads(sys.argv[1]).items():\n"
         "    try:\n"

@@ -1,4 +1,4 @@
-"""Progress bars (ctxext/cli_progress.py): shown on terminals, gone when the command fails."""
+"""Progress bars (ctxext/cli/progress.py): shown on terminals, gone when the command fails."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import pytest
 from rich.console import Console
 
-from ctxext.cli_progress import step_progress, token_progress
+from ctxext.cli.progress import step_progress, token_progress
 
 
 def _terminal() -> Console:

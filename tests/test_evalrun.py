@@ -202,6 +202,70 @@ def test_results_json_is_strict(tmp_path, tiny_llama, data_file):
     ]
 
 
+def test_evaluate_and_report_calls_its_hooks_in_order(tmp_path, monkeypatch, tiny_llama, data_file):
+    """The pipeline below the CLI: the check gets the variants per model, progress wraps the
+    evaluation, rendering sees the results before the folder exists, the folder is written
+    atomically and then announced by its absolute path."""
+    import contextlib
+
+    from ctxext.evalrun import EvalHooks, evaluate_and_report
+
+    cfg = EvalConfig(lengths=[128, 256], data=str(data_file))
+    out = tmp_path / "res"
+    events: list[tuple] = []
+
+    def budget(per_model):
+        events.append(("budget", per_model))
+        return lambda token_cache: events.append(("check", sorted(token_cache)))
+
+    @contextlib.contextmanager
+    def progress():
+        events.append(("progress",))
+
+        def factory(what, total):
+            events.append(("task", what))
+            return lambda done: None
+
+        yield factory
+        events.append(("progress done",))
+
+    def render(results):
+        events.append(("render", len(results["runs"]), out.exists()))
+
+    def written(path):
+        events.append(("written", path, (path / "results.json").is_file()))
+
+    monkeypatch.chdir(tmp_path)  # a relative output is announced made absolute
+    hooks = EvalHooks(budget, progress, render, written)
+    results = evaluate_and_report(
+        [str(tiny_llama)], ["yarn"], {}, cfg, out.relative_to(tmp_path), False, hooks=hooks
+    )
+    assert [r["label"] for r in results["runs"]] == [f"{tiny_llama}", f"{tiny_llama}+yarn x2"]
+    names = [e[0] for e in events]
+    assert names[:3] == ["budget", "progress", "check"] and events[0] == ("budget", 2)
+    assert events[2] == ("check", [str(tiny_llama)])
+    assert names.index("task") < names.index("progress done") < names.index("render")
+    assert events[-2:] == [("render", 2, False), ("written", out, True)]
+    assert json.loads((out / "results.json").read_text())["runs"] == json.loads(
+        json.dumps(results["runs"])
+    )
+
+
+def test_evaluate_and_report_checks_the_output_before_anything_slow(tmp_path, tiny_llama):
+    from ctxext.errors import CtxextError
+    from ctxext.evalrun import EvalHooks, evaluate_and_report
+
+    (tmp_path / "taken").mkdir()
+    called = []
+    hooks = EvalHooks(budget=lambda n: called.append(n), progress=lambda: called.append(1))
+    cfg = EvalConfig(lengths=[128])
+    with pytest.raises(CtxextError, match="already exists"):
+        evaluate_and_report([str(tiny_llama)], [], {}, cfg, tmp_path / "taken", False, hooks=hooks)
+    with pytest.raises(CtxextError, match="inside the input"):
+        evaluate_and_report([str(tiny_llama)], [], {}, cfg, tiny_llama / "o", True, hooks=hooks)
+    assert called == [] and not (tiny_llama / "o").exists()
+
+
 def test_preflight_refuses_the_readme_example_in_seconds(tmp_path):
     """`ctxext eval stdlib-llama OUT -m yarn`, OUT already extended: refused before any model
     loads, in one line naming OUT and the method (a fresh process, imports included)."""

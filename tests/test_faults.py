@@ -57,7 +57,7 @@ def hook(event, args):
                 os.kill(os.getpid(), signal.SIGKILL)
 
 sys.addaudithook(hook)
-from ctxext.cli import main
+from ctxext.cli.app import main
 main(sys.argv[2:])
 """
 
@@ -200,7 +200,7 @@ def hook(event, args):
         os.kill(os.getpid(), signal.SIGKILL)
 
 sys.addaudithook(hook)
-from ctxext.cli import main
+from ctxext.cli.app import main
 main(sys.argv[2:])
 """
 

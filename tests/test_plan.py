@@ -1,19 +1,10 @@
-"""`ctxext plan` and the pre-run memory check: the estimator's counts against transformers, and
-runs refused before anything is loaded.
-
-The refusal tests use a model folder that has a real config and tokenizer but a weight file that
-cannot be loaded: a run that got as far as loading would fail with "could not load the weights";
-a refused one never gets there.
-"""
+"""The estimator (ctxext/plan.py): its counts against transformers and peft, its memory model,
+its suggestions and byte sizes. The command and the pre-run check are in test_cli_plan.py."""
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 import pytest
-from conftest import BUNDLED, run_cli
+from conftest import BUNDLED
 
 from ctxext import plan
 from ctxext.checkpoint import read_config
@@ -122,90 +113,3 @@ def test_parse_bytes(text, expected):
     assert plan.parse_bytes(text) == int(expected)
     with pytest.raises(ValueError):
         plan.parse_bytes("lots")
-
-
-@pytest.fixture
-def weightless(tmp_path) -> Path:
-    """The bundled model's config and tokenizer with a weight file that cannot be loaded: the
-    pre-flight sees weights, and any attempt to load them would fail with another error."""
-    path = tmp_path / "no-weights"
-    shutil.copytree(BUNDLED, path, ignore=shutil.ignore_patterns("*.safetensors"))
-    (path / "model.safetensors").write_bytes(b"not a safetensors file")
-    return path
-
-
-@pytest.fixture
-def calibrated(monkeypatch):
-    """This machine's calibration, as users get it: measured once per machine (~30 s) into the
-    user cache dir, then read from there."""
-    from ctxext import calibrate
-
-    monkeypatch.delenv("CTXEXT_MEMORY_LIMIT", raising=False)
-    return calibrate.load_calibration()
-
-
-def test_weightless_model_fails_at_loading_without_a_limit(weightless, capsys, calibrated):
-    # The control: with memory to spare the run proceeds until it needs the weights.
-    code, _, err = run_cli(capsys, "eval", weightless, "--lengths", "64", "--num-docs", "1")
-    assert code == 2 and "could not load the weights" in err
-
-
-@pytest.mark.parametrize("how", ["env", "option"])
-def test_over_budget_eval_is_refused_before_loading(
-    weightless, capsys, calibrated, monkeypatch, how
-):
-    args = ["eval", weightless, "--lengths", "64,1024", "--num-docs", "1"]
-    if how == "env":
-        monkeypatch.setenv("CTXEXT_MEMORY_LIMIT", "1MB")
-    else:
-        args += ["--memory-limit", "1MB"]
-    code, out, err = run_cli(capsys, *args)
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "needs ~" in lines[0] and "977 KiB is available" in lines[0]
-    assert "eval 1,024 tokens" in lines[0]  # the phase that decides the peak
-    assert "could not load the weights" not in err and out == ""
-
-
-def test_over_budget_finetune_is_refused_with_what_would_fit(tmp_path, capsys, calibrated):
-    # Measure the full fine-tune, then give it 15% less than it needs: gradient checkpointing
-    # or LoRA must be named, and the run must not start (no work folder, no output).
-    base = ["finetune", "-o", tmp_path / "out", "-m", "yarn", "-t", "4096", "--steps", "2"]
-    code, out, err = run_cli(capsys, "plan", *base, "--json")
-    assert code == 0, err
-    need = json.loads(out)["peak"]
-    code, _, err = run_cli(capsys, *base, "--memory-limit", str(int(need * 0.85)))
-    assert code == 2, err
-    assert len(err.strip().splitlines()) == 1
-    assert "would fit:" in err and ("--grad-ckpt" in err or "--lora-rank" in err)
-    assert not (tmp_path / "out").exists()
-    assert not (tmp_path / "out.ctxext-work").exists()
-    assert not any(p.name.endswith(".lock") for p in tmp_path.iterdir())
-
-
-def test_plan_prints_every_component_without_loading(weightless, tmp_path, capsys, calibrated):
-    code, out, err = run_cli(
-        capsys, "plan", "finetune", weightless, "-o", tmp_path / "o", "-m", "yarn",
-        "-f", "4", "--steps", "10", "--lora-rank", "8", "--grad-ckpt", "--json",
-    )  # fmt: skip
-    assert code == 0, err
-    data = json.loads(out)
-    phase = data["phases"][0]
-    for key in ("weights", "optimizer", "gradients", "activations", "activations_other",
-                "attention", "loss", "runtime", "peak", "seconds_per_step", "seconds"):  # fmt: skip
-        assert phase[key] > 0 or key == "attention", key
-    assert phase["params_trainable"] < phase["params_total"]
-    assert phase["activations"] < phase["activations_other"]  # checkpointing saves memory
-    assert data["fits"] is True and data["seconds"] == pytest.approx(10 * phase["seconds_per_step"])
-    assert not (tmp_path / "o").exists()
-    # The table form names every component.
-    code, out, _ = run_cli(capsys, "plan", "eval", weightless, "--lengths", "256,512")
-    assert code == 0
-    for word in ("weights", "activations", "loss", "peak", "time per token", "total time"):
-        assert word in out
-
-
-def test_plan_refuses_unknown_commands(capsys):
-    code, _, err = run_cli(capsys, "plan", "extend", "-o", "x")
-    assert code == 2 and "use eval, finetune or run" in err

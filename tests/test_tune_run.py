@@ -20,7 +20,7 @@ from conftest import BUNDLED, run_cli
 
 from ctxext import rope
 from ctxext.checkpoint import read_config
-from ctxext.cli import main
+from ctxext.cli.app import main
 
 TARGET = 256
 ARGS = ["--target-length", str(TARGET), "--methods", "yarn,ntk,linear,longrope",

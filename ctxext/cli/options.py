@@ -6,6 +6,13 @@ from typing import Annotated, Optional
 
 import typer
 
+ModelArg = Annotated[
+    Optional[str],  # noqa: UP045 (typer needs Optional on 3.10)
+    typer.Argument(
+        help="Model folder, Hub id, or 'stdlib-llama' (the bundled model, the default).",
+        show_default=False,
+    ),
+]
 FactorOpt = Annotated[
     Optional[float],  # noqa: UP045 (typer needs Optional on 3.10)
     typer.Option("--factor", "-f", help="Scale factor s = new length / trained length (> 1)."),
@@ -14,6 +21,8 @@ TargetOpt = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option("--target-length", "-t", help="New context length (instead of --factor)."),
 ]
+BetaFastOpt = Annotated[float, typer.Option(help="YaRN beta_fast.")]
+BetaSlowOpt = Annotated[float, typer.Option(help="YaRN beta_slow.")]
 TrustRemoteCodeOpt = Annotated[
     bool,
     typer.Option("--trust-remote-code", help="Allow (and run) code from the model folder."),

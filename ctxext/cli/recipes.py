@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from ctxext.cli_options import (
+from ctxext.cli.options import (
     AllowPickleOpt,
     ForceOpt,
     MemoryLimitOpt,
@@ -80,8 +80,8 @@ def run(
         _err.print(f"[dim]dry run: {loaded.recipe.summary()}; would write {out}[/dim]")
         return
     from ctxext import checkpoint
-    from ctxext.cli_plan import GuardOptions, check_recipe
-    from ctxext.cli_progress import token_progress
+    from ctxext.cli.plan import GuardOptions, check_recipe
+    from ctxext.cli.progress import token_progress
 
     lock = checkpoint.output_lock(out) if not plan_only else contextlib.nullcontext()
     with lock:  # one writer per output; then the memory/time check

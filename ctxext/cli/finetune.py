@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from ctxext.cli_options import (
+from ctxext.cli.options import (
     AllowPickleOpt,
     DatasetConfigOpt,
     FactorOpt,
@@ -176,7 +176,7 @@ def finetune(
         "finetune options",
     )
     from ctxext import checkpoint
-    from ctxext.cli_plan import GuardOptions, check_finetune
+    from ctxext.cli.plan import GuardOptions, check_finetune
 
     guard = GuardOptions(force, memory_limit, plan_only, as_json)
     main = _is_main_process()
@@ -212,7 +212,7 @@ class _ProgressBar:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.announce: Any = None  # cli_plan.Announcement: shown when training starts
+        self.announce: Any = None  # cli.plan.Announcement: shown when training starts
         self.progress: Any = None
         self.task: Any = None
         self.status: Any = None
@@ -227,8 +227,8 @@ class _ProgressBar:
 
     def _start(self, total: int, completed: int) -> None:
         # Started only when training starts: an early error then prints nothing but its line
-        # (and the bar itself vanishes if training fails: see cli_progress._Progress).
-        from ctxext.cli_progress import step_progress
+        # (and the bar itself vanishes if training fails: see cli.progress._Progress).
+        from ctxext.cli.progress import step_progress
 
         self.progress = step_progress(_err)
         self.progress.__enter__()

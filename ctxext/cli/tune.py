@@ -10,20 +10,14 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from ctxext.errors import CtxextError
+from ctxext.cli.options import ModelArg
 
 _out = Console()
 _err = Console(stderr=True)
 
 
 def tune(
-    model: Annotated[
-        Optional[str],  # noqa: UP045 (typer needs Optional on 3.10)
-        typer.Argument(
-            help="Model folder, Hub id, or 'stdlib-llama' (the bundled model, the default).",
-            show_default=False,
-        ),
-    ] = None,
+    model: ModelArg = None,
     target_length: Annotated[
         int, typer.Option("--target-length", "-t", help="Context length to tune for.")
     ] = ...,  # type: ignore[assignment]
@@ -95,7 +89,7 @@ def tune(
 
 
 def _search_with_progress(cfg: Any, prepared: Any) -> dict[str, Any]:
-    from ctxext.cli_progress import search_progress
+    from ctxext.cli.progress import search_progress
     from ctxext.tune.run import run_tune
 
     with search_progress(_err) as progress:
@@ -136,22 +130,3 @@ def _render(result: dict[str, Any]) -> None:
             f"{row['vs_paper_yarn']:+.1%}",
         )
     _out.print(table)
-
-
-def read_factor_file(path: Path | None, what: str) -> list[float] | None:
-    """A JSON list of numbers, or numbers separated by commas / whitespace."""
-    if path is None:
-        return None
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise CtxextError(f"{what} {path}: cannot read it ({e.strerror}); check the path") from None
-    try:
-        values = (
-            json.loads(text) if text.lstrip().startswith("[") else text.replace(",", " ").split()
-        )
-        return [float(v) for v in values]
-    except (ValueError, TypeError):
-        raise CtxextError(
-            f"{what} {path}: expected a JSON list of numbers or numbers separated by commas/spaces"
-        ) from None

@@ -1,0 +1,237 @@
+"""The memory/time check every eval, finetune and run makes first: each command's workloads
+(one per length or phase) built from its typed configs, estimated on this machine and set
+against the memory available.
+
+The CLI (:mod:`ctxext.cli.plan`) renders the verdict: a plan (``ctxext plan``), a refusal, a
+warning under ``--force``, or the estimate of a long run. No torch at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ctxext.errors import CtxextError
+
+#: Runs predicted to take longer than this print their estimate before starting.
+ANNOUNCE_SECONDS = 60.0
+#: Without a cached calibration, a run this far below the limits by a pessimistic guess
+#: is let through without measuring the machine (a tiny test run should not pay ~30 s).
+_GUESS_FRACTION = 0.5
+
+#: status(message) -> a context manager shown while the machine is measured (a spinner).
+Status = Callable[[str], contextlib.AbstractContextManager[Any]]
+
+
+@dataclass
+class RunPlan:
+    """The workloads of one command (one per length or phase) on one model shape."""
+
+    command: str
+    model: str
+    shape: Any  # plan.ModelShape
+    trained_length: int
+    phases: list[tuple[str, Any]] = field(default_factory=list)  # (label, plan.Workload)
+
+    def estimates(self, calib: Any) -> list[tuple[str, Any]]:
+        from ctxext.plan import estimate
+
+        return [(label, estimate(self.shape, work, calib)) for label, work in self.phases]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A run's estimates against the memory available."""
+
+    run: RunPlan
+    rows: list[tuple[str, Any]]  # (label, plan.Estimate) per phase
+    calib: Any  # calibrate.Calibration
+    limit: int
+    where: str  # where the limit comes from
+
+    @property
+    def peak(self) -> int:
+        return max(e.peak for _, e in self.rows)
+
+    @property
+    def seconds(self) -> float | None:
+        return total_seconds(self.rows)
+
+    @property
+    def long(self) -> bool:
+        """Unknown or over a minute: worth announcing before it starts."""
+        return self.seconds is None or self.seconds > ANNOUNCE_SECONDS
+
+    def refusal(self) -> str | None:
+        """Why the run does not fit and the cheapest changes that would; None when it fits."""
+        from ctxext import plan
+
+        if self.peak <= self.limit:
+            return None
+        run = self.run
+        worst = max(self.rows, key=lambda r: r[1].peak)
+        work = dict(run.phases)[worst[0]]
+        fixes = plan.suggest_changes(run.shape, work, self.calib, self.limit, run.trained_length)
+        fix = f"would fit: {' | '.join(fixes)}" if fixes else "no single change fits"
+        return (
+            f"{run.command} needs ~{plan.format_bytes(self.peak)} at its peak ({worst[0]}) but "
+            f"{plan.format_bytes(self.limit)} is available ({self.where}); {fix}; or pass "
+            f"--force (details: ctxext plan {run.command} ...)"
+        )
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def finetune_run(model: str | None, output: Any, extend: Any, cfg: Any) -> RunPlan:
+    """Before `finetune` loads anything: its workload."""
+    from ctxext.finetune import plan_run
+
+    # overwrite=True: the output rules are checked by the run itself, not by its plan.
+    run = plan_run(model, output, extend, cfg, resume=False, overwrite=True)
+    return _finetune_plan(run.source, run.trained_length, run.seq_length, cfg)
+
+
+def recipe_run(loaded: Any) -> RunPlan:
+    """Before `run` does anything slow: its fine-tune and eval phases."""
+    from ctxext import checkpoint, rope
+
+    recipe = loaded.recipe
+    source = checkpoint.resolve_model(recipe.model)
+    info = rope.analyze(checkpoint.read_config(source.path))
+    target = info.trained_length
+    if recipe.extend is not None:
+        ext = recipe.extend
+        factor = rope.validate_request(info, ext.method, ext.factor, ext.target_length)
+        target = round(info.trained_length * factor)
+    run = RunPlan("run", source.name, None, info.trained_length)
+    if recipe.finetune is not None:
+        seq = recipe.finetune.train_length or target
+        run = _finetune_plan(source, info.trained_length, seq, recipe.finetune)
+        run.command = "run"
+    if recipe.eval is not None:
+        ev = eval_run([recipe.model], recipe.eval, None)
+        run.shape = ev.shape
+        run.phases += [(f"eval {label}", w) for label, w in ev.phases]
+    return run
+
+
+def _finetune_plan(source: Any, trained: int, seq: int, cfg: Any) -> RunPlan:
+    from ctxext import checkpoint
+    from ctxext.plan import ModelShape, Workload
+
+    shape = ModelShape.from_config(checkpoint.read_config(source.path))
+    cuda = _device().startswith("cuda")
+    compute = "bfloat16" if cuda and cfg.dtype == "auto" else _fp(cfg.dtype)
+    weights = "float32"
+    if cfg.lora_rank is not None:  # finetune._load: the frozen base in the compute dtype
+        weights = compute
+    work = Workload(
+        "finetune", seq, batch=cfg.batch_size, compute_dtype=compute, weight_dtype=weights,
+        lora_rank=cfg.lora_rank, lora_trainable=tuple(cfg.lora_trainable),
+        grad_ckpt=cfg.grad_ckpt, steps=cfg.steps, grad_accum=cfg.grad_accum,
+    )  # fmt: skip
+    label = f"finetune {seq:,} tokens x {cfg.steps} steps"
+    return RunPlan("finetune", source.name, shape, trained, [(label, work)])
+
+
+def eval_run(models: list[str | None], cfg: Any, tokens: dict[int, int] | None) -> RunPlan:
+    """One workload per length, on the largest of the models (the one that decides the peak)."""
+    from ctxext import checkpoint, rope
+    from ctxext.plan import ModelShape, Workload
+
+    configs = [checkpoint.read_config(checkpoint.resolve_model(m).path) for m in models]
+    shapes = [ModelShape.from_config(c) for c in configs]
+    biggest = max(range(len(shapes)), key=lambda i: shapes[i].total_params())
+    cuda = _device().startswith("cuda")
+    dtype = "bfloat16" if cuda and cfg.dtype == "auto" else _fp(cfg.dtype)
+    phases = []
+    for n in cfg.lengths:
+        work = Workload(
+            "eval", n, compute_dtype=dtype, weight_dtype=dtype,
+            tokens=None if tokens is None else tokens.get(n, 0),
+            device_map_auto=cfg.device_map == "auto",
+        )  # fmt: skip
+        phases.append((f"eval {n:,} tokens", work))
+    trained = rope.analyze(configs[biggest]).trained_length
+    name = checkpoint.resolve_model(models[biggest]).name
+    return RunPlan("eval", name, shapes[biggest], trained, phases)
+
+
+def eval_tokens(
+    models: list[str | None], cfg: Any, token_cache: dict[str, Any], per_model: int
+) -> dict[int, int]:
+    """Tokens every length feeds, over all models and variants (as the progress bar counts)."""
+    from ctxext import checkpoint, evaluate
+
+    out: dict[int, int] = {}
+    if "ppl" not in cfg.tasks:
+        return out
+    for model in models:
+        tokens = token_cache[str(checkpoint.resolve_model(model).path)]  # evalrun's _Tokens
+        ids, bos = tokens.docs.ids, tokens.bos_token_id
+        for n in cfg.lengths:
+            count = evaluate.planned_tokens(
+                ids, n, bos_token_id=bos, stride=cfg.stride, num_docs=cfg.num_docs, seed=cfg.seed
+            )
+            out[n] = out.get(n, 0) + count * per_model
+    return out
+
+
+def _fp(dtype: str) -> str:
+    return "float32" if dtype == "auto" else dtype
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --------------------------------------------------------------------------- the verdict
+
+
+def assess(
+    run: RunPlan, memory_limit: str | None, measure: bool, status: Status | None = None
+) -> Verdict:
+    """The run's estimates against the limit (``memory_limit``, else the memory available);
+    ``measure``: calibrate this machine if no calibration is cached (``ctxext plan``)."""
+    limit, where = _limit(memory_limit)
+    calib = _calibration(run, limit, measure, status or (lambda _: contextlib.nullcontext()))
+    return Verdict(run, run.estimates(calib), calib, limit, where)
+
+
+def _limit(memory_limit: str | None) -> tuple[int, str]:
+    from ctxext import calibrate, plan
+
+    if memory_limit is not None:
+        try:
+            return plan.parse_bytes(memory_limit), "--memory-limit"
+        except ValueError as e:
+            raise CtxextError(f"--memory-limit: {e}") from None
+    return calibrate.available_memory(_device())
+
+
+def _calibration(run: RunPlan, limit: int, measure: bool, status: Status) -> Any:
+    """The cached calibration; else a pessimistic guess, measured only if the guess is close."""
+    from ctxext import calibrate
+
+    cached = calibrate.cached_calibration()
+    if cached is not None:
+        return cached
+    if not measure:
+        rows = run.estimates(calibrate.PESSIMISTIC)
+        seconds = total_seconds(rows)
+        peak = max(e.peak for _, e in rows)
+        if seconds is not None and seconds <= ANNOUNCE_SECONDS and peak <= _GUESS_FRACTION * limit:
+            return calibrate.PESSIMISTIC
+    with status("measuring this machine once (matmul, attention, memory; ~30 s)"):
+        return calibrate.load_calibration()
+
+
+def total_seconds(rows: list[tuple[str, Any]]) -> float | None:
+    if any(e.seconds is None for _, e in rows):
+        return None
+    return sum(e.seconds for _, e in rows)

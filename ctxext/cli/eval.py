@@ -1,0 +1,247 @@
+"""`ctxext eval`: flags -> :class:`ctxext.config.EvalConfig` ->
+:func:`ctxext.evalrun.evaluate_and_report` -> tables, a terminal plot and the output folder.
+
+Only typer and rich are imported at module level, so `ctxext --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from ctxext.cli.options import (
+    AllowPickleOpt,
+    BetaFastOpt,
+    BetaSlowOpt,
+    DatasetConfigOpt,
+    FactorOpt,
+    ForceOpt,
+    MemoryLimitOpt,
+    OverwriteOpt,
+    PlanOnlyOpt,
+    TrustRemoteCodeOpt,
+)
+
+_out = Console()
+_err = Console(stderr=True)
+
+
+def eval_command(
+    models: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Argument(
+            help="Model folders / Hub ids (default: the bundled model).", show_default=False
+        ),
+    ] = None,
+    lengths: Annotated[
+        str, typer.Option(help="Comma-separated lengths, e.g. 256,512,1k,2k.")
+    ] = "256,512,1024,2048",
+    data: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Text file, folder, .jsonl, or dataset name (default: held-out stdlib)."),
+    ] = None,
+    method: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--method", "-m", help="Scaling method(s) applied in memory; repeatable."),
+    ] = None,
+    factor: FactorOpt = None,
+    target_length: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            "--target-length", "-t", help="New length for --method (default: the longest length)."
+        ),
+    ] = None,
+    beta_fast: BetaFastOpt = 32.0,
+    beta_slow: BetaSlowOpt = 1.0,
+    attention_factor: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(help="YaRN attention factor."),
+    ] = None,
+    task: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--task",
+            help="ppl, passkey, context-use (far-context gain) and/or retrieval; repeatable "
+            "(default ppl).",
+        ),
+    ] = None,
+    stride: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Sliding-window stride (default: first L tokens per document)."),
+    ] = None,
+    num_docs: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            help="At most this many documents (a seeded sample; the same at every length)."
+        ),
+    ] = None,
+    doc_selection: Annotated[
+        str,
+        typer.Option(
+            help="same: the documents long enough for the longest length, at every length (YaRN "
+            "protocol); per-length: every document long enough for each length."
+        ),
+    ] = "same",
+    passkey_trials: Annotated[int, typer.Option(help="Keys per length x depth.")] = 5,
+    local_window: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="context-use: tokens the local run may read (default: trained length)."),
+    ] = None,
+    local_stride: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="context-use: stride of the local windows (default window/4; 1 exact)."),
+    ] = None,
+    retrieval_template: Annotated[
+        str,
+        typer.Option(help="retrieval: code | text | auto (code on the default stdlib corpus)."),
+    ] = "auto",
+    no_base: Annotated[bool, typer.Option("--no-base", help="Skip the unscaled rows.")] = False,
+    text_field: Annotated[str, typer.Option(help="Text field of .jsonl / datasets.")] = "text",
+    dataset_config: DatasetConfigOpt = None,
+    dataset_split: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Split of a dataset (default: test, else validation)."),
+    ] = None,
+    fallback_encoding: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Encoding for data files that are not UTF-8, e.g. latin-1."),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
+    device_map: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="e.g. 'auto' to spread a large model over devices (accelerate)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for sampling, bootstrap, passkeys.")] = 0,
+    output: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--output", "-o", help="Folder for results.json/.csv and plots."),
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
+    force: ForceOpt = False,
+    memory_limit: MemoryLimitOpt = None,
+    plan_only: PlanOnlyOpt = False,
+) -> None:
+    """Perplexity (and passkey retrieval) at several lengths, models and methods side by side."""
+    from ctxext.cli.plan import GuardOptions
+    from ctxext.config import EvalConfig, parse_model, positive_int_list
+    from ctxext.evalrun import evaluate_and_report
+
+    cfg = parse_model(
+        EvalConfig,
+        {
+            "lengths": positive_int_list(lengths),
+            "tasks": task or ["ppl"],
+            "data": data,
+            "text_field": text_field,
+            "dataset_config": dataset_config,
+            "dataset_split": dataset_split,
+            "fallback_encoding": fallback_encoding,
+            "stride": stride,
+            "num_docs": num_docs,
+            "doc_selection": doc_selection,
+            "passkey_trials": passkey_trials,
+            "local_window": local_window,
+            "local_stride": local_stride,
+            "retrieval_template": retrieval_template,
+            "include_base": not no_base,
+            "dtype": dtype,
+            "device_map": device_map,
+            "seed": seed,
+        },
+        "eval options",
+    )
+    options = {
+        "factor": factor,
+        "target_length": target_length,
+        "beta_fast": beta_fast,
+        "beta_slow": beta_slow,
+        "attention_factor": attention_factor,
+    }
+    guard = GuardOptions(force, memory_limit, plan_only, as_json)
+    results = evaluate_and_report(
+        models or [None],
+        method or [],
+        options,
+        cfg,
+        output,
+        overwrite,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        hooks=_hooks(models or [None], cfg, guard),
+    )
+    if as_json:
+        from ctxext.report import strict_json
+
+        _out.print_json(json.dumps(strict_json(results), allow_nan=False))
+
+
+def _hooks(models: list[str | None], cfg: Any, guard: Any) -> Any:
+    """The memory/time check, a token progress bar (stderr) and the tables (stderr with
+    --json, so stdout stays the JSON document)."""
+    from ctxext.cli.plan import Announcement, check_eval
+    from ctxext.evalrun import EvalHooks
+
+    announce = Announcement()  # a long run's estimate, shown once the first model is loaded
+
+    def budget(variants_per_model: int) -> Any:
+        return check_eval(models, cfg, guard, variants_per_model, announce)
+
+    @contextlib.contextmanager
+    def progress() -> Iterator[Any]:
+        from ctxext.cli.progress import token_progress
+
+        with token_progress(_err) as bar:
+            yield _progress_factory(bar, announce)
+
+    def render(results: dict[str, Any]) -> None:
+        _render(results, cfg, _err if guard.as_json else _out)
+
+    def written(output: Path) -> None:
+        _err.print(f"[green]wrote[/green] {output}/results.json, results.csv and plots")
+
+    return EvalHooks(budget, progress, render, written, plan_only=guard.plan_only)
+
+
+def _progress_factory(progress: Any, announce: Any) -> Any:
+    def factory(what: str, total: int):
+        announce.show(progress.console)  # once the first model is loaded
+        # Weight downloads report bytes: shown in MiB (the rate column reads per second).
+        scale = 2**20 if what.startswith("download ") else 1
+        label = f"{what} (MiB)" if scale > 1 else what
+        task_id = progress.add_task(label, total=total / scale)
+        return lambda done: progress.update(task_id, completed=done / scale)
+
+    return factory
+
+
+def _render(results: dict[str, Any], cfg: Any, console: Console) -> None:
+    from ctxext.report import (
+        context_use_table,
+        effective_length_line,
+        passkey_table,
+        ppl_table,
+        retrieval_table,
+        terminal_plot,
+    )
+
+    if "ppl" in cfg.tasks:
+        console.print(ppl_table(results))
+        from rich.text import Text
+
+        console.print(Text.from_ansi(terminal_plot(results)))
+    for table in (passkey_table(results), retrieval_table(results), context_use_table(results)):
+        if table is not None:
+            console.print(table)
+    for row in results["runs"]:
+        line = effective_length_line(row)
+        if line is not None:
+            console.print(f"effective context: {line}")

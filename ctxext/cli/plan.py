@@ -1,0 +1,225 @@
+"""`ctxext plan COMMAND ...` and the memory/time check every eval, finetune and run makes first.
+
+`ctxext plan eval|finetune|run ARGS` runs the command's own parsing and validation (so it
+accepts exactly the command's arguments) with a hidden ``--plan-only`` flag: the command stops
+where it would load weights and prints the estimate instead. Without that flag the same
+estimate guards the run: printed when it will take more than a minute, and a run whose peak
+exceeds the memory available (``--memory-limit``, ``$CTXEXT_MEMORY_LIMIT``, else free RAM or
+free GPU memory) is refused with one line naming the cheapest changes that would fit, unless
+``--force``. The workloads and the estimate are :mod:`ctxext.budget`'s; this module renders
+its verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from ctxext.errors import CtxextError
+
+__all__ = [
+    "Announcement",
+    "GuardOptions",
+    "check_eval",
+    "check_finetune",
+    "check_recipe",
+    "plan",
+]
+
+_out = Console()
+_err = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class GuardOptions:
+    """The flags every guarded command shares."""
+
+    force: bool = False
+    memory_limit: str | None = None
+    plan_only: bool = False
+    as_json: bool = False
+
+
+@dataclass
+class Announcement:
+    """The estimate of a long run, printed once, when the work starts (after every cheap check
+    and the model load, so that a bad input still fails with its one line)."""
+
+    table: Any = None
+
+    def show(self, console: Any) -> None:
+        if self.table is not None:
+            console.print(self.table)
+            self.table = None
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+def plan(
+    ctx: typer.Context,
+    command: Annotated[str, typer.Argument(help="eval, finetune or run.", show_default=False)],
+) -> None:
+    """Print the memory and time COMMAND would need, without loading weights.
+
+    Takes exactly the arguments of `ctxext eval`, `ctxext finetune` or `ctxext run`, e.g.
+    `ctxext plan finetune -o out -m yarn -t 32768 --lora-rank 16 --grad-ckpt`.
+    """
+    if command not in ("eval", "finetune", "run"):
+        raise CtxextError(f"plan: unknown command '{command}'; use eval, finetune or run")
+    from ctxext.cli.app import _run_app
+
+    raise typer.Exit(_run_app([command, *ctx.args, "--plan-only"]))
+
+
+def check_finetune(
+    model: str | None, output: Any, extend: Any, cfg: Any, opts: GuardOptions
+) -> Announcement:
+    """Before `finetune` loads anything: its workload against this machine."""
+    from ctxext.budget import finetune_run
+
+    return _decide(finetune_run(model, output, extend, cfg), opts)
+
+
+def check_recipe(loaded: Any, opts: GuardOptions) -> Announcement:
+    """Before `run` does anything slow: its fine-tune and eval phases against this machine."""
+    from ctxext.budget import recipe_run
+
+    run = recipe_run(loaded)
+    return _decide(run, opts) if run.phases else Announcement()
+
+
+def check_eval(
+    models: list[str | None],
+    cfg: Any,
+    opts: GuardOptions,
+    variants_per_model: int,
+    announce: Announcement,
+) -> Callable[[dict[str, Any]], None]:
+    """The check `run_eval` makes once the data is tokenized (the token counts give the time),
+    before any model is loaded; a long run's estimate goes to ``announce``."""
+
+    def preflight(token_cache: dict[str, Any]) -> None:
+        from ctxext.budget import eval_run, eval_tokens
+
+        tokens = eval_tokens(models, cfg, token_cache, variants_per_model)
+        announce.table = _decide(eval_run(models, cfg, tokens), opts).table
+
+    return preflight
+
+
+def _decide(run: Any, opts: GuardOptions) -> Announcement:
+    """Print the plan (plan-only), refuse an over-budget run, or announce a long one."""
+    from ctxext.budget import assess
+
+    verdict = assess(run, opts.memory_limit, measure=opts.plan_only, status=_err.status)
+    if opts.plan_only:
+        _print_plan(verdict, opts.as_json)
+        raise typer.Exit(0)
+    refusal = verdict.refusal()
+    if refusal is not None:
+        if not opts.force:
+            raise CtxextError(refusal)
+        _err.print(f"[yellow]warning:[/yellow] {refusal} (--force: running anyway)", soft_wrap=True)
+    return Announcement(_table(verdict)) if verdict.long else Announcement()
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _print_plan(verdict: Any, as_json: bool) -> None:
+    from ctxext import plan
+
+    run, rows, limit, where, peak = (
+        verdict.run, verdict.rows, verdict.limit, verdict.where, verdict.peak
+    )  # fmt: skip
+    if as_json:
+        _out.print_json(
+            data={
+                "command": run.command,
+                "model": run.model,
+                "device": verdict.calib.device,
+                "phases": [{"label": label, **e.to_dict()} for label, e in rows],
+                "peak": peak,
+                "seconds": verdict.seconds,
+                "limit": limit,
+                "limit_source": where,
+                "fits": peak <= limit,
+            }
+        )
+        return
+    fits = "fits" if peak <= limit else "does not fit"
+    _out.print(_table(verdict))
+    _out.print(f"peak {plan.format_bytes(peak)}: {fits} in {plan.format_bytes(limit)} ({where})")
+
+
+def _table(verdict: Any) -> Any:
+    """Components down, phases (lengths) across."""
+    from rich.table import Table
+
+    from ctxext.plan import format_bytes
+
+    run, rows, calib, limit, where = (
+        verdict.run, verdict.rows, verdict.calib, verdict.limit, verdict.where
+    )  # fmt: skip
+    e0 = rows[0][1]
+    table = Table(
+        title=f"ctxext plan {run.command}: {run.model} on {calib.device}",
+        caption=f"peak = runtime + weights + optimizer + max(gradients, activations + attention "
+        f"+ loss); limit {format_bytes(limit)} ({where})",
+    )
+    table.add_column("")
+    for label, _ in rows:
+        table.add_column(label, justify="right")
+    table.add_row("parameters", *(f"{e.params_total:,}" for _, e in rows))
+    table.add_row("trainable", *(f"{e.params_trainable:,}" for _, e in rows))
+    works = [w for _, w in run.phases]
+    training = e0.params_trainable > 0
+    memory = [("runtime (Python, torch, libraries)", "runtime"), ("weights", "weights")]
+    if training:
+        memory += [("optimizer state", "optimizer"), ("gradients", "gradients")]
+    for name, key in memory:
+        table.add_row(name, *(format_bytes(getattr(e, key)) for _, e in rows))
+    if training:
+        on = [
+            e.activations if w.grad_ckpt else e.activations_other
+            for (_, e), w in zip(rows, works, strict=True)
+        ]
+        off = [
+            e.activations_other if w.grad_ckpt else e.activations
+            for (_, e), w in zip(rows, works, strict=True)
+        ]
+        mark = ["*" if w.grad_ckpt else "" for w in works]
+        table.add_row(
+            "activations, grad ckpt",
+            *(f"{format_bytes(x)}{m}" for x, m in zip(on, mark, strict=True)),
+        )
+        mark = ["" if w.grad_ckpt else "*" for w in works]
+        table.add_row(
+            "activations, no grad ckpt",
+            *(f"{format_bytes(x)}{m}" for x, m in zip(off, mark, strict=True)),
+        )
+    else:
+        table.add_row("activations", *(format_bytes(e.activations) for _, e in rows))
+    table.add_row("attention", *(format_bytes(e.attention) for _, e in rows))
+    table.add_row("loss (logits)", *(format_bytes(e.loss) for _, e in rows))
+    table.add_row("[bold]peak[/bold]", *(f"[bold]{format_bytes(e.peak)}[/bold]" for _, e in rows))
+    step = "time per step" if training else "time per forward"
+    table.add_row(step, *(_duration(e.seconds_per_step) for _, e in rows))
+    table.add_row("time per token", *(f"{e.seconds_per_token * 1e3:.3g} ms" for _, e in rows))
+    table.add_row("time", *("?" if e.seconds is None else _duration(e.seconds) for _, e in rows))
+    total = verdict.seconds
+    table.add_row("[bold]total time[/bold]", "unknown" if total is None else _duration(total))
+    return table
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

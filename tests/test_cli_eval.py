@@ -1,0 +1,58 @@
+"""`ctxext eval` (ctxext/cli/eval.py): what the command prints and where, around the pipeline
+(:func:`ctxext.evalrun.evaluate_and_report`, tested in test_evalrun.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_cli
+from rich.console import Console
+from rich.progress import Progress
+
+
+def _squeezed(text: str) -> str:
+    # Rich wraps and folds long lines at 80 columns when not on a terminal.
+    return "".join(text.split())
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_tables_go_to_stdout_or_stderr_and_the_output_is_named(
+    capsys, tmp_path, monkeypatch, tiny_llama, as_json
+):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--json"] if as_json else []
+    code, out, err = run_cli(
+        capsys, "eval", tiny_llama, "--lengths", "128,256", "--num-docs", "2", "-o", "res",
+        *flags,
+    )  # fmt: skip
+    assert code == 0, err
+    tables, other = (err, out) if as_json else (out, err)
+    assert "perplexity" in tables and "perplexity" not in other
+    assert "perplexity vs context length" in tables  # the terminal plot, with the table
+    # The folder is announced on stderr by its absolute path once written.
+    written = f"wrote {tmp_path / 'res'}/results.json, results.csv and plots"
+    assert _squeezed(written) in _squeezed(err)
+    if as_json:  # stdout is exactly the results document; the tables came before the files
+        assert _squeezed(err).index("perplexity") < _squeezed(err).index(_squeezed(written))
+        document = json.loads(out)
+        assert document == json.loads((tmp_path / "res" / "results.json").read_text())
+
+
+def test_downloads_are_counted_in_mib_and_the_estimate_is_shown_first():
+    from ctxext.cli.eval import _progress_factory
+    from ctxext.cli.plan import Announcement
+
+    console = Console(record=True, width=120, force_terminal=False)
+    announce = Announcement(table="estimate: 3 min")
+    with Progress(console=console, disable=True) as progress:
+        factory = _progress_factory(progress, announce)
+        update = factory("download model.safetensors", 3 * 2**20)
+        update(2**20)
+        factory("ppl 128", 500)(250)
+        tasks = {t.description: t for t in progress.tasks}
+    assert console.export_text().splitlines() == ["estimate: 3 min"]  # shown once
+    mib = tasks["download model.safetensors (MiB)"]
+    assert (mib.total, mib.completed) == (3.0, 1.0)
+    tokens = tasks["ppl 128"]
+    assert (tokens.total, tokens.completed) == (500, 250)
