@@ -101,7 +101,7 @@ def check_finetune(
     model: str | None, output: Any, extend: Any, cfg: Any, opts: GuardOptions
 ) -> Announcement:
     """Before `finetune` loads anything: its workload against this machine."""
-    from ctxext.finetune import plan_run
+    from ctxext.finetune.plan import plan_run
 
     # overwrite=True: the output rules are checked by the run itself, not by its plan.
     run = plan_run(model, output, extend, cfg, resume=False, overwrite=True)

@@ -1,7 +1,7 @@
 """Recipes: one YAML file reproduces a whole extend -> fine-tune -> eval run.
 
 A recipe holds the same typed sections the single commands build from their flags
-(:class:`~ctxext.config.ExtendConfig`, :class:`~ctxext.finetune.FinetuneConfig`,
+(:class:`~ctxext.config.ExtendConfig`, :class:`~ctxext.config.FinetuneConfig`,
 :class:`~ctxext.config.EvalConfig`), so a recipe says nothing the commands cannot and the other
 way round. ``ctxext run RECIPE [key.sub=value ...]`` loads it (``yaml.safe_load`` semantics,
 keys tracked to their line), applies the overrides, validates everything (unknown keys are
@@ -45,13 +45,13 @@ from pydantic_core import PydanticCustomError
 from ctxext.config import (
     EvalConfig,
     ExtendConfig,
+    FinetuneConfig,
     Method,
     StrictModel,
     format_validation_error,
     keys_of,
 )
 from ctxext.errors import CtxextError
-from ctxext.finetune import FinetuneConfig
 from ctxext.text import plural
 
 __all__ = [
@@ -697,7 +697,7 @@ class _Run:
         self.extend_record = write_extended(plan, job)
 
     def _finetune(self) -> None:
-        from ctxext.finetune import run_finetune
+        from ctxext.finetune.loop import run_finetune
 
         assert self.ckpt is not None and self.recipe.finetune is not None
         self.hooks.status("finetune: training at the extended length")

@@ -32,8 +32,8 @@ def test_extend_tokenizer_length_matches_the_config(capsys, tmp_path, method):
 
 
 def test_recipe_and_finetune_plan_use_the_same_length(tmp_path):
-    from ctxext.config import ExtendConfig
-    from ctxext.finetune import FinetuneConfig, plan_run
+    from ctxext.config import ExtendConfig, FinetuneConfig
+    from ctxext.finetune.plan import plan_run
     from ctxext.recipes import _preflight, load_recipe
 
     path = tmp_path / "r.yaml"

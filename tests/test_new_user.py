@@ -137,7 +137,8 @@ def test_flag_errors_share_the_recipe_formatter(capsys):
     [(5, None, 1), (400, None, 20), (30, 5, 5), (10, 0.25, 3), (3, 0, 0), (4, 4.0, 4)],
 )
 def test_warmup_is_steps_or_a_fraction_like_transformers(steps, warmup, resolved):
-    from ctxext.finetune import FinetuneConfig, lr_factor
+    from ctxext.config import FinetuneConfig
+    from ctxext.finetune.optim import lr_factor
 
     given = {} if warmup is None else {"warmup_steps": warmup}
     cfg = FinetuneConfig(steps=steps, **given)
