@@ -1,5 +1,6 @@
-"""The data flows one way: lower modules never import the CLI, and rendering never imports the
-recipe runner (the modelcard -> recipes -> modelcard cycle is gone)."""
+"""The data flows one way: lower modules never import the CLI, rendering never imports the
+recipe runner or the fine-tune (the modelcard -> recipes -> modelcard cycle is gone), the
+schemas import no pipeline, and no two modules import each other."""
 
 from __future__ import annotations
 
@@ -7,32 +8,88 @@ import json
 import subprocess
 import sys
 
-LOWER = [
-    "ctxext.calibrate", "ctxext.checkpoint", "ctxext.config", "ctxext.context_use",
-    "ctxext.corpus", "ctxext.data", "ctxext.evalrun", "ctxext.evaluate", "ctxext.extend",
-    "ctxext.finetune", "ctxext.fsdp", "ctxext.inspect", "ctxext.modelcard", "ctxext.modeling",
-    "ctxext.plan", "ctxext.recipes", "ctxext.report", "ctxext.rope", "ctxext.rope_reference",
-    "ctxext.tune",
+import pytest
+
+FINETUNE = [
+    "ctxext.finetune", "ctxext.finetune.data", "ctxext.finetune.export", "ctxext.finetune.loop",
+    "ctxext.finetune.model", "ctxext.finetune.optim", "ctxext.finetune.parallel",
+    "ctxext.finetune.plan", "ctxext.finetune.state",
 ]  # fmt: skip
+RECIPES = [
+    "ctxext.recipes", "ctxext.recipes.loader", "ctxext.recipes.provenance",
+    "ctxext.recipes.render", "ctxext.recipes.runner", "ctxext.recipes.schema",
+]  # fmt: skip
+LOWER = [
+    "ctxext.bundled_train", "ctxext.calibrate", "ctxext.checkpoint", "ctxext.config",
+    "ctxext.context_use", "ctxext.corpus", "ctxext.data", "ctxext.evalrun", "ctxext.evaluate",
+    "ctxext.extend", *FINETUNE, "ctxext.fsdp", "ctxext.inspect", "ctxext.modelcard",
+    "ctxext.modeling", "ctxext.plan", *RECIPES, "ctxext.report", "ctxext.rope",
+    "ctxext.rope_reference", "ctxext.tune",
+]  # fmt: skip
+#: Modules that must not import torch at import time (the CLI's --help stays instant).
+NO_TORCH = ["ctxext.config", *FINETUNE, *RECIPES]
 
 
-def _loaded_after_importing(modules: list[str]) -> list[str]:
+@pytest.fixture(scope="module")
+def alone() -> dict[str, list[str]]:
+    return _imported_alone(LOWER)
+
+
+def _imported_alone(modules: list[str]) -> dict[str, list[str]]:
+    """module -> the ctxext modules loaded by importing it alone.
+
+    One interpreter: before each import every ctxext module is dropped from sys.modules, so
+    each is imported as in a fresh interpreter (third-party modules stay cached, which changes
+    nothing about which ctxext modules load). Also reports "torch" under the key "torch" when
+    importing ``NO_TORCH`` first, alone, loaded torch.
+    """
     code = (
         "import importlib, json, sys\n"
-        f"for m in {modules!r}: importlib.import_module(m)\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('ctxext'))))"
+        "def drop():\n"
+        "    for k in [k for k in sys.modules if k == 'ctxext' or k.startswith('ctxext.')]:\n"
+        "        del sys.modules[k]\n"
+        f"for m in {NO_TORCH!r}: importlib.import_module(m)\n"
+        "out = {'torch': ['torch'] if 'torch' in sys.modules else []}\n"
+        f"for m in {modules!r}:\n"
+        "    drop()\n"
+        "    importlib.import_module(m)\n"
+        "    out[m] = sorted(k for k in sys.modules if k.startswith('ctxext.'))\n"
+        "print(json.dumps(out))"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
 
-def test_lower_modules_never_import_the_cli():
-    loaded = _loaded_after_importing(LOWER)
-    assert set(LOWER) <= set(loaded)
-    assert not [m for m in loaded if m.startswith("ctxext.cli")], loaded
+def _under(loaded: list[str], *packages: str) -> list[str]:
+    return [m for m in loaded if any(m == p or m.startswith(f"{p}.") for p in packages)]
 
 
-def test_rendering_does_not_import_the_recipe_runner():
-    loaded = _loaded_after_importing(["ctxext.report", "ctxext.modelcard"])
-    assert "ctxext.recipes" not in loaded and "ctxext.finetune" not in loaded, loaded
+def test_lower_modules_never_import_the_cli(alone):
+    for module in LOWER:
+        assert module in alone[module]
+        assert not _under(alone[module], "ctxext.cli"), (module, alone[module])
+        assert not [m for m in alone[module] if m.startswith("ctxext.cli_")], module
+
+
+def test_rendering_does_not_import_the_recipe_runner_or_finetune(alone):
+    for module in ("ctxext.report", "ctxext.modelcard"):
+        assert not _under(alone[module], "ctxext.recipes", "ctxext.finetune"), alone[module]
+
+
+def test_schemas_import_no_pipeline_and_packages_stay_light(alone):
+    assert alone["torch"] == []  # config, finetune and recipes import no torch at import time
+    assert not _under(alone["ctxext.config"], "ctxext.finetune", "ctxext.recipes")
+    for module in ("ctxext.recipes.schema", "ctxext.recipes.loader"):
+        assert not _under(alone[module], "ctxext.finetune"), (module, alone[module])
+    for module in FINETUNE:
+        assert not _under(alone[module], "ctxext.recipes"), (module, alone[module])
+    assert alone["ctxext.finetune"] == ["ctxext.finetune"]  # __init__: a docstring only
+    assert alone["ctxext.recipes"] == ["ctxext.recipes"]
+
+
+def test_no_two_modules_import_each_other(alone):
+    for a in LOWER:
+        for b in alone[a]:
+            if b != a and b in alone:
+                assert a not in alone[b], f"import cycle: {a} <-> {b}"

@@ -51,7 +51,7 @@ def pose_position_ids(target_length: int, window: int, rng: random.Random) -> tu
 
 
 class PackedSamples:
-    """Map-style dataset of one run's samples ``start .. start+count-1`` (see the package docstring).
+    """Map-style dataset of a run's samples ``start .. start+count-1`` (see the package docstring).
 
     ``chunks`` is a LongTensor [n_chunks, target_length] of packed text. Without PoSE a sample
     is a whole chunk. With PoSE (``window`` set) it is the chunk's tokens *at* the PoSE
