@@ -8,7 +8,7 @@ import random
 import torch
 from conftest import run_cli
 
-from ctxext.finetune.data import PackedSamples, pose_position_ids
+from ctxext.finetune.data import PackedSamples, pack_documents, pose_position_ids
 from ctxext.finetune.state import work_dir
 
 
@@ -72,3 +72,10 @@ def test_too_little_data_says_how_many_tokens(tmp_path, tiny_llama_session, caps
     assert code == 2 and err.count("\n") == 1
     assert "needs at least 1,024" in err
     assert not (tmp_path / "o").exists() and not work_dir(tmp_path / "o").exists()
+
+
+def test_pack_documents_frames_every_document_with_bos_and_eos():
+    assert pack_documents([[5, 6], [7]], 0, 1) == [0, 5, 6, 1, 0, 7, 1]  # id 0 is a real BOS
+    assert pack_documents([[5, 6], [7]], None, 1) == [5, 6, 1, 7, 1]  # no BOS token
+    assert pack_documents([[5, 6], [7]], 0, None) == [0, 5, 6, 0, 7]  # no EOS token
+    assert pack_documents([], 0, 1) == []
