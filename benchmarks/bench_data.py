@@ -76,7 +76,7 @@ def worker(mode: str, data: str) -> dict:
     """The data stage of a finetune run, streamed (ctxext) or non-streaming (the old load)."""
     from ctxext import checkpoint
     from ctxext.data import TRAIN_SPLITS, Fingerprint, open_source
-    from ctxext.finetune import pack_until
+    from ctxext.finetune.data import pack_until
     from ctxext.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(checkpoint.bundled_path())

@@ -57,7 +57,9 @@ def worker_ours(args: argparse.Namespace) -> dict:
     """run_finetune end to end; throughput from its per-step log, after the warm-up step."""
     import resource
 
-    from ctxext.finetune import FinetuneConfig, read_log, run_finetune
+    from ctxext.config import FinetuneConfig
+    from ctxext.finetune.loop import run_finetune
+    from ctxext.finetune.state import read_log
 
     out = Path(args.out)
     cfg = FinetuneConfig(
@@ -160,13 +162,14 @@ def _local_bytes(tensors) -> int:
 
 def _state_bytes(args: argparse.Namespace, cfg) -> dict:
     """Parameters, gradients and AdamW state one rank holds after two optimizer steps, built
-    the way run_finetune builds them (ctxext.finetune.prepare_model/make_optimizer,
+    the way run_finetune builds them (ctxext.finetune.model.prepare_model, optim.make_optimizer,
     ctxext.fsdp.shard under an FSDP config, DDP for data parallel)."""
     import torch
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     from ctxext import fsdp
-    from ctxext.finetune import make_optimizer, prepare_model
+    from ctxext.finetune.model import prepare_model
+    from ctxext.finetune.optim import make_optimizer
     from ctxext.modeling import load_causal_lm
 
     lm = load_causal_lm(args.model, extend=_extend(args.method, args.factor), dtype="float32")
@@ -198,7 +201,9 @@ def worker_dist(args: argparse.Namespace) -> dict:
 
     from accelerate import PartialState
 
-    from ctxext.finetune import FinetuneConfig, read_log, run_finetune
+    from ctxext.config import FinetuneConfig
+    from ctxext.finetune.loop import run_finetune
+    from ctxext.finetune.state import read_log
 
     def peak() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -87,8 +87,9 @@ def worker_eval(args: argparse.Namespace) -> dict:
 
 
 def worker_finetune(args: argparse.Namespace) -> dict:
-    from ctxext.config import ExtendConfig
-    from ctxext.finetune import FinetuneConfig, read_log, run_finetune
+    from ctxext.config import ExtendConfig, FinetuneConfig
+    from ctxext.finetune.loop import run_finetune
+    from ctxext.finetune.state import read_log
 
     cfg = FinetuneConfig(
         steps=args.steps, lr=1e-5, warmup_steps=1, save_every=0, lora_rank=args.lora_rank,

@@ -87,7 +87,7 @@ class Verdict:
 
 def finetune_run(model: str | None, output: Any, extend: Any, cfg: Any) -> RunPlan:
     """Before `finetune` loads anything: its workload."""
-    from ctxext.finetune import plan_run
+    from ctxext.finetune.plan import plan_run
 
     # overwrite=True: the output rules are checked by the run itself, not by its plan.
     run = plan_run(model, output, extend, cfg, resume=False, overwrite=True)

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
+
+from ctxext.finetune.data import pack_documents
+from ctxext.finetune.optim import adamw, schedule_factor
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 TRAIN_LENGTH = 256
@@ -83,13 +86,10 @@ def model_config(
 
 
 def packed_stream(tokenizer, texts: Iterable[str]) -> list[int]:
-    """BOS + tokens + EOS for every document, concatenated (the usual pre-training packing)."""
-    out: list[int] = []
-    for text in texts:
-        out.append(tokenizer.bos_token_id)
-        out.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        out.append(tokenizer.eos_token_id)
-    return out
+    """BOS + tokens + EOS for every document, concatenated (the usual pre-training packing,
+    the same as `ctxext finetune`'s)."""
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    return pack_documents(ids, tokenizer.bos_token_id, tokenizer.eos_token_id)
 
 
 def training_chunks(stream: list[int], bos_id: int, bos_per_chunk: bool):  # -> LongTensor
@@ -297,25 +297,11 @@ def train(
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters {n_params:,}", flush=True)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=lr,
-        betas=(0.9, 0.95),
-    )
+    # AdamW with decay on matrices only; linear warm-up, then cosine decay to 10% of the peak:
+    # the usual LLM recipe, and the same code as `ctxext finetune --lr-schedule cosine`.
+    opt = adamw(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     warmup = max(1, steps // 50)
-
-    def schedule(step: int) -> float:
-        # Linear warm-up, then cosine decay to 10% of the peak: the usual LLM recipe.
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
-
+    schedule = partial(schedule_factor, warmup=warmup, steps=steps, schedule="cosine")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n_chunks, generator=gen)

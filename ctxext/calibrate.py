@@ -231,8 +231,9 @@ def _runtime_probe() -> None:
     for each the peak RSS minus what :func:`ctxext.plan.estimate` attributes to the model."""
     import tempfile
 
-    from ctxext import checkpoint, evalrun, finetune, plan
-    from ctxext.config import EvalConfig, ExtendConfig
+    from ctxext import checkpoint, evalrun, plan
+    from ctxext.config import EvalConfig, ExtendConfig, FinetuneConfig
+    from ctxext.finetune.loop import run_finetune
 
     shape = plan.ModelShape.from_config(checkpoint.read_config(checkpoint.bundled_path()))
     zero = Calibration("cpu", {64: 1.0}, {64: 1.0}, 1.0, {})
@@ -243,8 +244,8 @@ def _runtime_probe() -> None:
     extend = ExtendConfig(method="linear", factor=1.25)  # 256 -> 320 tokens
     with tempfile.TemporaryDirectory() as tmp:
         for key, rank in (("finetune", None), ("lora", 4)):
-            ft = finetune.FinetuneConfig(steps=1, save_every=0, lora_rank=rank, train_length=64)
-            finetune.run_finetune(None, Path(tmp) / key, extend, ft)
+            ft = FinetuneConfig(steps=1, save_every=0, lora_rank=rank, train_length=64)
+            run_finetune(None, Path(tmp) / key, extend, ft)
             work = plan.Workload("finetune", 64, lora_rank=rank)
             out[key] = _peak_rss() - plan.estimate(shape, work, zero).peak
     print(json.dumps(out))

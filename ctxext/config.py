@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from ctxext.data import DEFAULT_SHUFFLE_BUFFER
 from ctxext.errors import CtxextError
 from ctxext.rope.methods import ALL_METHODS, OPTION_DEFAULTS
 from ctxext.text import plural
@@ -247,6 +249,182 @@ class EvalConfig(StrictModel):
         return v
 
 
+LrSchedule = Literal["constant", "cosine", "linear"]
+TrainablePart = Literal["embed", "norm"]
+# Options that may differ between the first attempt and a --resume of the same run.
+_RESUME_FREE = ("save_every",)
+
+
+class FinetuneConfig(StrictModel):
+    """`ctxext finetune` options (also the ``finetune:`` section of a recipe)."""
+
+    steps: int = 400
+    """Optimizer steps (YaRN: 400)."""
+    lr: float = 2e-5
+    """Peak learning rate (YaRN: 2e-5; a tiny model or LoRA usually wants more)."""
+    warmup_steps: int | float = 0.05
+    """Linear warm-up from 0 to lr, read as transformers' TrainingArguments reads it: a whole
+    number of steps (YaRN: 20), or a fraction below 1 of ``steps``, rounded up. The default 0.05
+    is YaRN's 20 of 400 steps, and 1 step of a 5-step test run (a fixed 20 would keep such a
+    run at a fraction of lr throughout). More warm-up steps than steps is refused."""
+    lr_schedule: LrSchedule = "constant"
+    """After warm-up: constant (YaRN), cosine (to 10% of lr) or linear (to 0)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay, applied to matrices only (YaRN: 0)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1 (YaRN: 0.9)."""
+    adam_beta2: float = 0.95
+    """AdamW beta2 (YaRN: 0.95)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (None: no clipping)."""
+    batch_size: int = 1
+    """Sequences per process per micro-step; global batch = batch_size x processes x grad_accum."""
+    grad_accum: int = 1
+    """Micro-steps accumulated per optimizer step."""
+    train_length: int | None = None
+    """Tokens per training sequence (default: the target length). With pose: the window W."""
+    pose: bool = False
+    """PoSE: train on train_length-token windows whose position ids are spread over the whole
+    target length (two chunks, the second shifted by a random skip)."""
+    lora_rank: int | None = None
+    """LoRA rank on every linear projection; None fine-tunes all weights."""
+    lora_alpha: float | None = None
+    """LoRA alpha (default: 2 x rank)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_trainable: tuple[TrainablePart, ...] = ("embed", "norm")
+    """With LoRA, also train these fully (LongLoRA: embeddings and norms matter for long
+    context); give an empty list or 'none' to train the adapters only."""
+    grad_ckpt: bool = False
+    """Gradient checkpointing: recompute activations in the backward pass (less memory)."""
+    save_every: int = 50
+    """Write a resumable checkpoint every N optimizer steps (0: never)."""
+    seed: int = 0
+    """Seed of data order, PoSE skips and LoRA initialisation."""
+    data: str | None = None
+    """Training text: 'stdlib' (default: the bundled model's training part), a text file, a
+    folder, a .jsonl file or a Hugging Face dataset name."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl/.json files and datasets."""
+    dataset_config: str | None = None
+    """Config (subset) of a Hugging Face dataset, e.g. wikitext-103-raw-v1."""
+    dataset_split: str | None = None
+    """Split of a Hugging Face dataset; None reads train."""
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    """Documents in the seeded shuffle buffer a streamed dataset is read through."""
+    fallback_encoding: str | None = None
+    """Encoding for data files that are not UTF-8 (e.g. latin-1); None refuses them."""
+    dtype: Dtype = "auto"
+    """Compute dtype: auto = bf16 autocast on CUDA (fp32 master weights), fp32 on CPU."""
+
+    @field_validator("steps", "batch_size", "grad_accum", "shuffle_buffer")
+    @classmethod
+    def _positive_int(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"must be a positive integer (got {v})")
+        return v
+
+    _encoding = field_validator("fallback_encoding")(known_encoding)
+
+    @field_validator("save_every")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be 0 or a positive integer (got {v})")
+        return v
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup(cls, v: int | float) -> int | float:
+        if not math.isfinite(v) or v < 0 or (v >= 1 and v != int(v)):
+            raise ValueError(
+                f"must be a whole number of steps or a fraction below 1 of steps (got {v}), "
+                "e.g. 20 or 0.05"
+            )
+        return int(v) if v >= 1 else v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"must be a finite number > 0 (got {v}), e.g. 2e-5")
+        return v
+
+    @field_validator("weight_decay", "lora_dropout")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not math.isfinite(v) or not 0 <= v < 1:
+            raise ValueError(f"must be in [0, 1) (got {v})")
+        return v
+
+    @field_validator("adam_beta1", "adam_beta2")
+    @classmethod
+    def _beta(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError(f"must be in [0, 1) (got {v})")
+        return v
+
+    @field_validator("max_grad_norm", "lora_alpha")
+    @classmethod
+    def _positive_float(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or v <= 0):
+            raise ValueError(f"must be a finite number > 0 (got {v})")
+        return v
+
+    @field_validator("lora_rank")
+    @classmethod
+    def _rank(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"must be a positive integer (got {v}); omit it for a full fine-tune")
+        return v
+
+    @field_validator("train_length")
+    @classmethod
+    def _train_length(cls, v: int | None) -> int | None:
+        if v is not None and v < 2:
+            raise ValueError(f"must be at least 2 tokens (got {v})")
+        return v
+
+    @field_validator("lora_trainable", mode="before")
+    @classmethod
+    def _parts(cls, v: Any) -> Any:
+        # The CLI and recipes may write "embed,norm"; "none" or "" means adapters only.
+        if isinstance(v, str):
+            items = [p.strip() for p in v.split(",") if p.strip()]
+            return () if items in ([], ["none"]) else tuple(items)
+        return v
+
+    @model_validator(mode="after")
+    def _warmup_within_steps(self) -> FinetuneConfig:
+        if self.warmup() > self.steps:
+            # ctx["at"]: the error names finetune.warmup_steps (and its recipe line)
+            raise PydanticCustomError(
+                "warmup_too_long",
+                "{warmup} warm-up steps are more than steps ({steps}): lr would never be "
+                "reached; give fewer warm-up steps or a fraction of steps such as 0.05",
+                {"warmup": self.warmup(), "steps": self.steps, "at": ("warmup_steps",)},
+            )
+        return self
+
+    def warmup(self) -> int:
+        """Warm-up steps of this run: warmup_steps itself, or that fraction of steps."""
+        w = self.warmup_steps
+        return int(w) if w >= 1 else math.ceil(w * self.steps)
+
+    @model_validator(mode="after")
+    def _pose_needs_window(self) -> FinetuneConfig:
+        if self.pose and self.train_length is None:
+            raise ValueError(
+                "pose needs train_length (the window W, e.g. the trained length): "
+                "add --train-length"
+            )
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """The options that define a run (a resume must repeat them)."""
+        return self.model_dump(mode="json", exclude=set(_RESUME_FREE))
+
+
 def parse_model(cls: type[BaseModel], data: dict, where: str) -> BaseModel:
     """Validate ``data`` into ``cls``; a failure becomes one CtxextError line naming the key."""
     try:
@@ -351,6 +529,7 @@ __all__ = [
     "EvalConfig",
     "ExtendConfig",
     "ExtendJob",
+    "FinetuneConfig",
     "format_validation_error",
     "keys_of",
     "length_word",

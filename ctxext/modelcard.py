@@ -137,7 +137,7 @@ def _body(info: dict[str, Any]) -> str:
 
 
 def build_model_card(info: dict[str, Any]) -> Any:  # -> huggingface_hub.ModelCard
-    """The card for one checkpoint (see :func:`ctxext.recipes._card_info` for ``info``)."""
+    """The card for one checkpoint (``info``: :func:`ctxext.recipes.provenance.card_info`)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     tags = ["ctxext", "long-context", "rope-scaling"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,3 +83,36 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
         main([str(a) for a in args])
     captured = capsys.readouterr()
     return exc.value.code, captured.out, captured.err
+
+
+# --------------------------------------------------------------------------- fine-tune runs
+
+
+def finetune_cfg(**kw: Any):  # -> FinetuneConfig
+    """A short test fine-tune: 4 steps at lr 1e-3 after 1 warm-up step, no checkpoints."""
+    from ctxext.config import FinetuneConfig
+
+    base = {"steps": 4, "lr": 1e-3, "warmup_steps": 1, "save_every": 0}
+    return FinetuneConfig(**{**base, **kw})
+
+
+def model_weights(path: Path) -> dict:
+    """The tensors of ``path``/model.safetensors."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def max_weight_diff(a: dict, b: dict) -> float:
+    """The largest absolute difference between two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def subprocess_env() -> dict[str, str]:
+    """Subprocesses import this checkout and use this process's thread count, so that their
+    float sums run in the same order as the in-process reference runs (bitwise comparable)."""
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    return {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(torch.get_num_threads())}

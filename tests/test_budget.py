@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 
 from ctxext import budget, plan
-from ctxext.config import EvalConfig, ExtendConfig
+from ctxext.config import EvalConfig, ExtendConfig, FinetuneConfig
 from ctxext.errors import CtxextError
-from ctxext.finetune import FinetuneConfig
 
 
 @pytest.fixture

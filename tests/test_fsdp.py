@@ -25,8 +25,9 @@ import torch
 from conftest import run_cli
 from safetensors.torch import load_file
 
-from ctxext.config import ExtendConfig
-from ctxext.finetune import FinetuneConfig, newest_checkpoint, run_finetune, work_dir
+from ctxext.config import ExtendConfig, FinetuneConfig
+from ctxext.finetune.loop import run_finetune
+from ctxext.finetune.state import newest_checkpoint, work_dir
 from ctxext.fsdp import SHARDS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,8 @@
 """The data flows one way: lower modules (the eval pipeline, evalrun, included) never import the
-CLI, the CLI's modules import no torch at import time, and rendering never imports the recipe
-runner (the modelcard -> recipes -> modelcard cycle is gone)."""
+CLI, the CLI's modules import no torch at import time, rendering never imports the recipe
+runner or the fine-tune (the modelcard -> recipes -> modelcard cycle is gone), the schemas
+import no pipeline, and no two modules import each other. Every module is imported first and
+alone (a cycle inside a package shows only when one of its submodules is imported first)."""
 
 from __future__ import annotations
 
@@ -10,16 +12,26 @@ import sys
 
 import pytest
 
-LOWER = [
-    "ctxext.budget",
-    "ctxext.calibrate", "ctxext.checkpoint", "ctxext.config", "ctxext.context_use",
-    "ctxext.corpus", "ctxext.data", "ctxext.evalrun", "ctxext.evaluate",
-    "ctxext.evaluate.loss", "ctxext.evaluate.passkey", "ctxext.evaluate.perplexity",
-    "ctxext.evaluate.protocol", "ctxext.extend",
-    "ctxext.finetune", "ctxext.fsdp", "ctxext.inspect", "ctxext.modelcard", "ctxext.modeling",
-    "ctxext.plan", "ctxext.recipes", "ctxext.report", "ctxext.rope", "ctxext.rope.formulas",
-    "ctxext.rope.methods", "ctxext.rope.read", "ctxext.rope.write",
+FINETUNE = [
+    "ctxext.finetune", "ctxext.finetune.data", "ctxext.finetune.export", "ctxext.finetune.loop",
+    "ctxext.finetune.model", "ctxext.finetune.optim", "ctxext.finetune.parallel",
+    "ctxext.finetune.plan", "ctxext.finetune.state",
+]  # fmt: skip
+RECIPES = [
+    "ctxext.recipes", "ctxext.recipes.loader", "ctxext.recipes.provenance",
+    "ctxext.recipes.render", "ctxext.recipes.runner", "ctxext.recipes.schema",
+]  # fmt: skip
+SPLIT = [
+    "ctxext.evaluate", "ctxext.evaluate.loss", "ctxext.evaluate.passkey",
+    "ctxext.evaluate.perplexity", "ctxext.evaluate.protocol", "ctxext.rope",
+    "ctxext.rope.formulas", "ctxext.rope.methods", "ctxext.rope.read", "ctxext.rope.write",
     "ctxext.tune", "ctxext.tune.leaderboard", "ctxext.tune.run", "ctxext.tune.search",
+]  # fmt: skip
+LOWER = [
+    "ctxext.budget", "ctxext.bundled_train", "ctxext.calibrate", "ctxext.checkpoint",
+    "ctxext.config", "ctxext.context_use", "ctxext.corpus", "ctxext.data", "ctxext.evalrun",
+    "ctxext.extend", *FINETUNE, "ctxext.fsdp", "ctxext.inspect", "ctxext.modelcard",
+    "ctxext.modeling", "ctxext.plan", *RECIPES, "ctxext.report", *SPLIT,
 ]  # fmt: skip
 #: The command line: one module per command, plus the app, shared options and progress bars.
 CLI = [
@@ -27,54 +39,85 @@ CLI = [
     "ctxext.cli.finetune", "ctxext.cli.inspect", "ctxext.cli.options", "ctxext.cli.plan",
     "ctxext.cli.progress", "ctxext.cli.recipes", "ctxext.cli.tune",
 ]  # fmt: skip
+#: Modules that must not import torch at import time (the CLI's --help stays instant).
+NO_TORCH = ["ctxext.config", *FINETUNE, *RECIPES]
 
 
-def _loaded_after_importing(modules: list[str], prefix: str = "ctxext") -> list[str]:
+@pytest.fixture(scope="module")
+def alone() -> dict[str, list[str]]:
+    return _imported_alone(LOWER)
+
+
+def _imported_alone(modules: list[str]) -> dict[str, list[str]]:
+    """module -> the ctxext modules loaded by importing it alone.
+
+    One interpreter: before each import every ctxext module is dropped from sys.modules, so
+    each is imported as in a fresh interpreter (third-party modules stay cached, which changes
+    nothing about which ctxext modules load). Also reports "torch" under the key "torch" when
+    importing ``NO_TORCH`` first, alone, loaded torch.
+    """
     code = (
         "import importlib, json, sys\n"
-        f"for m in {modules!r}: importlib.import_module(m)\n"
-        f"print(json.dumps(sorted(m for m in sys.modules if m.startswith({prefix!r}))))"
+        "def drop():\n"
+        "    for k in [k for k in sys.modules if k == 'ctxext' or k.startswith('ctxext.')]:\n"
+        "        del sys.modules[k]\n"
+        f"for m in {NO_TORCH!r}: importlib.import_module(m)\n"
+        "out = {'torch': ['torch'] if 'torch' in sys.modules else []}\n"
+        f"for m in {modules!r}:\n"
+        "    drop()\n"
+        "    importlib.import_module(m)\n"
+        "    out[m] = sorted(k for k in sys.modules if k.startswith('ctxext.'))\n"
+        "print(json.dumps(out))"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
 
-@pytest.mark.parametrize("module", LOWER)
-def test_lower_modules_never_import_the_cli(module):
-    # Each alone, in a fresh interpreter: one module's import cannot hide another's.
-    loaded = _loaded_after_importing([module])
-    assert module in loaded
-    assert not [m for m in loaded if m.startswith("ctxext.cli")], loaded
+def _under(loaded: list[str], *packages: str) -> list[str]:
+    return [m for m in loaded if any(m == p or m.startswith(f"{p}.") for p in packages)]
+
+
+def test_lower_modules_never_import_the_cli(alone):
+    for module in LOWER:
+        assert module in alone[module]
+        assert not _under(alone[module], "ctxext.cli"), (module, alone[module])
+        assert not [m for m in alone[module] if m.startswith("ctxext.cli_")], module
+
+
+def test_rendering_does_not_import_the_recipe_runner_or_finetune(alone):
+    for module in ("ctxext.report", "ctxext.modelcard"):
+        assert not _under(alone[module], "ctxext.recipes", "ctxext.finetune"), alone[module]
+
+
+def test_schemas_import_no_pipeline_and_packages_stay_light(alone):
+    assert alone["torch"] == []  # config, finetune and recipes import no torch at import time
+    assert not _under(alone["ctxext.config"], "ctxext.finetune", "ctxext.recipes")
+    for module in ("ctxext.recipes.schema", "ctxext.recipes.loader"):
+        assert not _under(alone[module], "ctxext.finetune"), (module, alone[module])
+    for module in FINETUNE:
+        assert not _under(alone[module], "ctxext.recipes"), (module, alone[module])
+    assert alone["ctxext.finetune"] == ["ctxext.finetune"]  # __init__: a docstring only
+    assert alone["ctxext.recipes"] == ["ctxext.recipes"]
+
+
+def test_no_two_modules_import_each_other(alone):
+    for a in LOWER:
+        for b in alone[a]:
+            if b != a and b in alone:
+                assert a not in alone[b], f"import cycle: {a} <-> {b}"
 
 
 @pytest.mark.parametrize("module", CLI)
 def test_cli_modules_import_alone_without_torch(module):
     # `ctxext --help` stays instant: the commands import torch / transformers when they run.
-    loaded = _loaded_after_importing([module], prefix="")
-    heavy = [m for m in loaded if m.split(".")[0] in ("torch", "transformers", "numpy")]
-    assert module in loaded and not heavy, heavy
-
-
-def test_rendering_does_not_import_the_recipe_runner():
-    loaded = _loaded_after_importing(["ctxext.report", "ctxext.modelcard"])
-    assert "ctxext.recipes" not in loaded and "ctxext.finetune" not in loaded, loaded
-
-
-#: Packages split from one module each (issue 17): every module must import first and alone
-#: (a cycle inside a package shows only when one of its submodules is imported first).
-SPLIT = [
-    "ctxext.evaluate.loss", "ctxext.evaluate.passkey", "ctxext.evaluate.perplexity",
-    "ctxext.evaluate.protocol", "ctxext.rope.formulas", "ctxext.rope.methods", "ctxext.rope.read",
-    "ctxext.rope.write", "ctxext.tune.leaderboard", "ctxext.tune.run", "ctxext.tune.search",
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("module", SPLIT)
-def test_each_split_module_imports_alone(module):
-    loaded = _loaded_after_importing([module])
-    assert module in loaded
-    assert not [m for m in loaded if m.startswith("ctxext.cli")], loaded
+    code = (
+        f"import importlib, json, sys; importlib.import_module({module!r})\n"
+        "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules)))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == []
 
 
 def test_rope_and_the_schemas_load_without_numpy_or_torch():

@@ -32,9 +32,10 @@ def test_extend_tokenizer_length_matches_the_config(capsys, tmp_path, method):
 
 
 def test_recipe_and_finetune_plan_use_the_same_length(tmp_path):
-    from ctxext.config import ExtendConfig
-    from ctxext.finetune import FinetuneConfig, plan_run
-    from ctxext.recipes import _preflight, load_recipe
+    from ctxext.config import ExtendConfig, FinetuneConfig
+    from ctxext.finetune.plan import plan_run
+    from ctxext.recipes.loader import load_recipe
+    from ctxext.recipes.runner import _preflight
 
     path = tmp_path / "r.yaml"
     path.write_text("model: stdlib-llama\nextend: {method: yarn, factor: 1.001}\n")

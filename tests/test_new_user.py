@@ -40,14 +40,14 @@ def test_help_fits_80_columns_without_type_noise(capsys, monkeypatch, command):
 
 
 def _shipped() -> list[str]:
-    from ctxext.recipes import shipped_recipes
+    from ctxext.recipes.loader import shipped_recipes
 
     return list(shipped_recipes())
 
 
 @pytest.mark.parametrize("name", _shipped())
 def test_recipes_show_prints_the_file_unchanged(capsys, name):
-    from ctxext.recipes import find_recipe
+    from ctxext.recipes.loader import find_recipe
 
     code, out, err = run_cli(capsys, "recipes", "show", name)
     assert code == 0, err
@@ -58,7 +58,7 @@ def test_recipes_show_prints_the_file_unchanged(capsys, name):
 def test_recipes_show_resolved_is_complete_yaml(capsys):
     import yaml
 
-    from ctxext.recipes import load_recipe
+    from ctxext.recipes.loader import load_recipe
 
     code, out, err = run_cli(capsys, "recipes", "show", "llama2-7b-yarn-128k", "--resolved")
     assert code == 0, err
@@ -137,7 +137,8 @@ def test_flag_errors_share_the_recipe_formatter(capsys):
     [(5, None, 1), (400, None, 20), (30, 5, 5), (10, 0.25, 3), (3, 0, 0), (4, 4.0, 4)],
 )
 def test_warmup_is_steps_or_a_fraction_like_transformers(steps, warmup, resolved):
-    from ctxext.finetune import FinetuneConfig, lr_factor
+    from ctxext.config import FinetuneConfig
+    from ctxext.finetune.optim import lr_factor
 
     given = {} if warmup is None else {"warmup_steps": warmup}
     cfg = FinetuneConfig(steps=steps, **given)
@@ -208,7 +209,7 @@ def test_terminal_plot_needs_two_lengths():
 
 
 def test_recipe_lengths_take_the_cli_forms(tmp_path):
-    from ctxext.recipes import load_recipe
+    from ctxext.recipes.loader import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text("model: stdlib-llama\neval: {lengths: [256, 1k, 2K]}\n")

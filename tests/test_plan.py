@@ -41,7 +41,8 @@ def _transformers_params(config: dict, lora_rank: int | None = None) -> tuple[in
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ctxext.finetune import FinetuneConfig, prepare_model
+    from ctxext.config import FinetuneConfig
+    from ctxext.finetune.model import prepare_model
     from ctxext.modeling import build_config
 
     with torch.device("meta"):

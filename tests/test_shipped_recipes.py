@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from ctxext.recipes import VARIANT_WORDS, load_recipe, shipped_recipes
+from ctxext.recipes.loader import load_recipe, shipped_recipes
+from ctxext.recipes.schema import VARIANT_WORDS
 
 SHIPPED = sorted(shipped_recipes())
 # Finetuning recipes take a few seconds more than config-only ones: marked slow, still in CI.

@@ -135,9 +135,9 @@ def finetune(
     needs CUDA GPUs with SDPA flash/memory-efficient attention and FSDP2; it is refused
     elsewhere.
     """
-    from ctxext.config import ExtendConfig, parse_model
+    from ctxext.config import ExtendConfig, FinetuneConfig, parse_model
     from ctxext.errors import CtxextError
-    from ctxext.finetune import FinetuneConfig, run_finetune
+    from ctxext.finetune.loop import run_finetune
 
     extend = None
     if method is None and (factor is not None or target_length is not None):

@@ -71,7 +71,8 @@ def run(
 
     Writes output_dir atomically: recipe.yaml, model/ + README.md, results.json/.csv, plots, report.md.
     """
-    from ctxext.recipes import load_recipe, run_recipe
+    from ctxext.recipes.loader import load_recipe
+    from ctxext.recipes.runner import run_recipe
 
     loaded = load_recipe(recipe, overrides or [], output_dir=output_dir)
     out = loaded.output_dir()
@@ -101,7 +102,7 @@ def run(
 
 
 def _hooks(progress: Any, bar: _FinetuneBar, quiet: bool, announce: Any = None) -> Any:
-    from ctxext.recipes import RunHooks
+    from ctxext.recipes.runner import RunHooks
 
     bar.announce = announce
 
@@ -225,7 +226,7 @@ def list_recipes(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """The shipped recipes: name, model and what each one does."""
-    from ctxext.recipes import load_recipe, shipped_recipes
+    from ctxext.recipes.loader import load_recipe, shipped_recipes
 
     rows = []
     for name in shipped_recipes():
@@ -264,7 +265,7 @@ def show(
     ] = False,
 ) -> None:
     """Print a recipe: the file as written (with its comments), or --resolved."""
-    from ctxext.recipes import find_recipe, load_recipe
+    from ctxext.recipes.loader import find_recipe, load_recipe
 
     loaded = load_recipe(name, overrides or [])  # validates: an invalid recipe exits 2
     if resolved or overrides:
@@ -283,7 +284,7 @@ def validate(
 
     Exit code 0 when valid, else 2 with the file, key, line and what was expected.
     """
-    from ctxext.recipes import load_recipe
+    from ctxext.recipes.loader import load_recipe
 
     loaded = load_recipe(file, overrides or [])
     _out.print(f"[green]valid[/green] {loaded.path}: {loaded.recipe.summary()}")

@@ -1,31 +1,24 @@
-"""Recipes: every shipped recipe validates; bad recipes exit 2 naming file, key and line;
-overrides; `tiny-yarn` end to end; the same seed reproduces results.json's numbers exactly."""
+"""ctxext.recipes.loader: every shipped recipe is found and validates; bad recipes exit 2 naming
+file, key and line; overrides are YAML values applied before validation."""
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
-from conftest import BUNDLED, build_tiny_model, run_cli
+from conftest import run_cli
 
-from ctxext.errors import CtxextError
-from ctxext.recipes import (
+from ctxext.recipes.loader import (
     RECIPES_DIR,
-    Recipe,
     apply_overrides,
     load_recipe,
     parse_override,
-    seeded,
     shipped_recipes,
     validate_recipe,
 )
 
 SHIPPED = sorted(shipped_recipes())
-
-
-# --------------------------------------------------------------------------- shipped recipes
 
 
 def test_the_shipped_recipes_are_all_there():
@@ -60,20 +53,6 @@ def test_every_shipped_recipe_validates(capsys, name):
     assert again == loaded.recipe
 
 
-def test_published_setups_carry_the_papers_numbers():
-    """The reproduction recipes state their source and the published figures as comments."""
-    text = (RECIPES_DIR / "llama2-7b-yarn-64k.yaml").read_text()
-    assert "2.42" in text and "lr: 2.0e-5" in text and "steps: 400" in text
-    ntk = load_recipe("codellama-style-ntk").recipe.extend
-    assert ntk is not None and ntk.method == "ntk"
-    theta = 1e4 * ntk.factor ** (128 / 126)  # ntk: theta' = theta * s^(d/(d-2)), d = 128
-    assert theta == pytest.approx(1e6, rel=1e-12)
-    llama3 = load_recipe("llama31-style-llama3").recipe.extend
-    assert (llama3.factor, llama3.low_freq_factor, llama3.high_freq_factor) == (8.0, 1.0, 4.0)
-    pose = load_recipe("llama-7b-pose-32k").recipe.finetune
-    assert pose.pose and pose.train_length == 2048
-
-
 def test_recipes_list_and_show(capsys):
     code, out, _ = run_cli(capsys, "recipes", "list", "--json")
     assert code == 0
@@ -84,8 +63,6 @@ def test_recipes_list_and_show(capsys):
     code, out, _ = run_cli(capsys, "recipes", "show", "tiny-yarn", "--resolved", "seed=7")
     assert code == 0 and "seed: 7" in out and "lora_trainable" in out  # every default
 
-
-# --------------------------------------------------------------------------- invalid recipes
 
 BASE = "model: stdlib-llama\nextend:\n  method: yarn\n  factor: 8\n"
 
@@ -191,9 +168,6 @@ def test_unknown_recipe_name(capsys):
     assert code == 2 and "tiny-yarn" in err and "recipes list" in err
 
 
-# --------------------------------------------------------------------------- overrides
-
-
 def test_override_values_are_yaml():
     assert parse_override("finetune.steps=10") == (("finetune", "steps"), 10)
     assert parse_override("eval.lengths=[256, 512]") == (("eval", "lengths"), [256, 512])
@@ -218,116 +192,3 @@ def test_overrides_apply_before_validation():
     data: dict = {}
     apply_overrides(data, ["eval.lengths=[256]", "eval.num_docs=2"])
     assert data == {"eval": {"lengths": [256], "num_docs": 2}}
-
-
-def test_default_variants_follow_the_sections():
-    recipe = Recipe.model_validate(
-        {"extend": {"method": "yarn", "factor": 2}, "eval": {"lengths": [256]}}
-    )
-    assert recipe.variants() == ["base", "extended"]
-    recipe = Recipe.model_validate(
-        {"eval": {"lengths": [256], "compare": ["base", "ntk"]}}
-        | {"extend": {"method": "yarn", "factor": 2}}
-    )
-    assert recipe.variants() == ["base", "ntk"]
-    with pytest.raises(CtxextError, match="extend factor"):
-        validate_recipe({"eval": {"lengths": [256], "compare": ["linear"]}}, "r.yaml")
-
-
-def test_seeded_restores_the_callers_random_state():
-    import numpy as np
-    import torch
-
-    random.seed(123)
-    before = (random.random(), np.random.rand(), torch.rand(1).item())
-    random.seed(123)
-    np.random.seed(None)
-    with seeded(0):
-        inside = (random.random(), np.random.rand(), torch.rand(1).item())
-    with seeded(0):
-        assert (random.random(), np.random.rand(), torch.rand(1).item()) == inside
-    assert random.random() == before[0]
-    assert not torch.are_deterministic_algorithms_enabled()
-
-
-# --------------------------------------------------------------------------- end to end
-
-
-@pytest.fixture(scope="module")
-def e2e_model(tmp_path_factory, tiny_tokenizer_dir) -> tuple[str, list[str]]:
-    """The bundled model when it is installed, else a tiny Llama; overrides that shrink the
-    tiny-yarn recipe to a few seconds (extend 2x, 2 fine-tune steps, 2 lengths, 2 documents)."""
-    if (BUNDLED / "config.json").is_file():
-        return "stdlib-llama", ["extend.factor=2", "eval.lengths=[256,512]"]
-    path = build_tiny_model(tmp_path_factory.mktemp("e2e") / "tiny", tiny_tokenizer_dir)
-    return str(path), ["extend.factor=2", "eval.lengths=[128,256]"]
-
-
-def _numbers(results: dict) -> list:
-    """Every measured number of results.json (no timings, dates or paths)."""
-    return [
-        (run["label"], run["variant"], run["ppl"], run.get("passkey"), run["config_sha256"])
-        for run in results["runs"]
-    ]
-
-
-def test_tiny_yarn_end_to_end_and_reproducible(capsys, tmp_path, monkeypatch, e2e_model):
-    from huggingface_hub import ModelCard
-
-    model, shrink = e2e_model
-    monkeypatch.chdir(tmp_path)
-    overrides = [f"model={model}", *shrink, "finetune.steps=2", "finetune.warmup_steps=1"]
-    overrides.append("eval.num_docs=2")
-    code, out, err = run_cli(capsys, "run", "tiny-yarn", *overrides, "--output-dir", "run1")
-    assert code == 0, err
-    assert "perplexity" in out  # the results table
-    run1 = tmp_path / "run1"
-    names = {p.name for p in run1.iterdir()}
-    assert {"recipe.yaml", "results.json", "results.csv", "ppl_vs_length.png", "report.md"} <= names
-    assert "model" in names and not any(n.startswith(".") for n in names)
-    assert not list(tmp_path.glob(".run1*"))  # the temporary sibling was renamed away
-
-    # The resolved recipe validates and records the overrides' effect and every default.
-    again = load_recipe(str(run1 / "recipe.yaml"))
-    assert again.recipe.finetune.steps == 2 and again.recipe.extend.factor == 2.0
-    assert again.recipe.output_dir == Path("run1")
-
-    results = json.loads((run1 / "results.json").read_text())
-    assert [r["variant"] for r in results["runs"]] == ["base", "extended", "finetuned"]
-    prov = results["provenance"]
-    assert {"ctxext", "transformers", "torch", "accelerate"} <= set(prov["versions"])
-    assert prov["seed"] == 0
-    assert len(prov["recipe"]["resolved_sha256"]) == 64
-    assert prov["data"]["eval"]["fingerprint_sha256"] and prov["data"]["finetune"]
-    weights = prov["models"]["output"]["weights_sha256"]
-    assert weights and all(len(h) == 64 for h in weights.values())
-    assert prov["models"]["base"]["config_sha256"] != prov["models"]["output"]["config_sha256"]
-    assert prov["models"]["base"]["source"]["kind"] in ("bundled", "local")
-
-    # The checkpoint is a plain extended HF checkpoint with a model card.
-    config = json.loads((run1 / "model" / "config.json").read_text())
-    assert config["rope_parameters"]["rope_type"] == "yarn"
-    card = ModelCard.load(run1 / "model" / "README.md")
-    assert card.data.base_model
-    assert "ctxext" in card.data.tags and "yarn" in card.data.tags
-    ppl = [r for r in card.data.eval_results if r.metric_type == "perplexity"]
-    lengths = json.loads(json.dumps(results["config"]["lengths"]))
-    assert len(ppl) == len(lengths)
-    finetuned = results["runs"][2]["ppl"]
-    assert ppl[0].metric_value == pytest.approx(finetuned[str(lengths[0])]["ppl"], rel=1e-4)
-
-    report = (run1 / "report.md").read_text()
-    assert "ppl_vs_length.png" in report and "model/README.md" in report
-    assert all(r["label"] in report for r in results["runs"])
-
-    # An existing output folder is refused without --overwrite (and left alone) ...
-    code, _, err = run_cli(capsys, "run", "tiny-yarn", *overrides, "--output-dir", "run1")
-    assert code == 2 and "--overwrite" in err
-    # ... and the same recipe and seed reproduce every number exactly.
-    code, _, err = run_cli(capsys, "run", "tiny-yarn", *overrides, "--output-dir", "run2")
-    assert code == 0, err
-    results2 = json.loads((tmp_path / "run2" / "results.json").read_text())
-    assert _numbers(results2) == _numbers(results)
-    prov2 = results2["provenance"]
-    assert prov2["models"]["output"]["weights_sha256"] == weights
-    assert prov2["recipe"]["resolved_sha256"] != prov["recipe"]["resolved_sha256"]  # output_dir

@@ -1,0 +1,137 @@
+"""What a fine-tune will do, decided before any weight is loaded or any file written."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ctxext.config import ExtendConfig, FinetuneConfig
+from ctxext.errors import CtxextError
+from ctxext.finetune.state import newest_checkpoint, work_dir
+
+#: Fault injection for tests and drills: the loss of this optimizer step (1-based) is made NaN
+#: (read once per run; the divergence check then stops the run as it would a real blow-up).
+INJECT_NAN_ENV = "CTXEXT_INJECT_NAN_AT_STEP"
+
+
+@dataclass
+class Plan:
+    """Everything decided before any weight is loaded or any file written."""
+
+    source: Any  # checkpoint.ResolvedModel
+    config_before: dict[str, Any]
+    extend: ExtendConfig | None
+    method: str
+    factor: float
+    trained_length: int
+    target_length: int
+    seq_length: int  # tokens per training sequence (W with PoSE)
+    out: Path
+    work: Path
+    nan_at_step: int | None = None  # fault injection ($CTXEXT_INJECT_NAN_AT_STEP)
+
+
+def plan_run(
+    model: str | None,
+    output: Path,
+    extend: ExtendConfig | None,
+    cfg: FinetuneConfig,
+    *,
+    resume: bool,
+    overwrite: bool,
+) -> Plan:
+    """Validate the request against the model's config and the file system (no writes)."""
+    from ctxext import checkpoint, rope
+    from ctxext.modeling import check_causal_lm
+
+    source = checkpoint.resolve_model(model)
+    config = checkpoint.read_config(source.path)
+    check_causal_lm(config, source.name)
+    info = rope.analyze(config)
+    if extend is not None and info.existing_scaling is not None:
+        raise CtxextError(
+            f"{source.name} is already extended ({info.existing_scaling.get('rope_type')}): omit "
+            "--method/--factor to fine-tune it at its extended length, or pass the base model"
+        )
+    if extend is not None:
+        factor = rope.validate_request(info, extend.method, extend.factor, extend.target_length)
+        method = extend.method
+    else:
+        method, factor = _existing_extension(info, source.name)
+    target = rope.new_length(info.trained_length, factor)
+    seq = cfg.train_length or target
+    if seq > target:
+        raise CtxextError(
+            f"train length {seq} is longer than the target length {target}: pass "
+            f"--train-length <= {target} (PoSE windows are usually the trained length, "
+            f"{info.trained_length})"
+        )
+    out = checkpoint.check_output_path(output, [source.path], overwrite=True)
+    work = work_dir(out)
+    _check_output_state(out, work, resume=resume, overwrite=overwrite)
+    return Plan(
+        source=source,
+        config_before=config,
+        extend=extend,
+        method=method,
+        factor=factor,
+        trained_length=info.trained_length,
+        target_length=target,
+        seq_length=seq,
+        out=out,
+        work=work,
+        nan_at_step=_injected_nan_step(),
+    )
+
+
+def _injected_nan_step() -> int | None:
+    value = os.environ.get(INJECT_NAN_ENV, "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def _existing_extension(info: Any, name: str) -> tuple[str, float]:
+    """Method and factor of a checkpoint `ctxext extend` already wrote (no --method given)."""
+    existing = info.existing_scaling
+    if existing is None:
+        raise CtxextError(
+            f"{name} is not extended yet: pass --method and --factor (or --target-length), or a "
+            "checkpoint written by `ctxext extend`"
+        )
+    kind = str(existing.get("rope_type", "default"))
+    if kind == "default":  # ctxext's static NTK: theta enlarged, lengths recorded
+        return "ntk", existing["max_position_embeddings"] / info.trained_length
+    factor = existing.get("factor")
+    if not isinstance(factor, (int, float)) or factor <= 1:
+        raise CtxextError(
+            f"{name} has rope scaling {kind} without a factor > 1; pass the base model with "
+            "--method and --factor instead"
+        )
+    return kind, float(factor)
+
+
+def _check_output_state(out: Path, work: Path, *, resume: bool, overwrite: bool) -> None:
+    """The output/--resume/--overwrite rules, checked before anything is loaded."""
+    if resume and overwrite:
+        raise CtxextError("--resume and --overwrite exclude each other: pick one")
+    if resume:
+        if newest_checkpoint(work) is None:
+            done = " (the run already finished)" if out.exists() and not work.exists() else ""
+            raise CtxextError(
+                f"--resume: no complete checkpoint in {work}{done}; start without --resume "
+                "(checkpoints are written every --save-every steps)"
+            )
+        return
+    if overwrite:
+        return
+    if newest_checkpoint(work) is not None:
+        raise CtxextError(
+            f"an interrupted run of {out} is in {work}: pass --resume to continue it or "
+            "--overwrite to start over"
+        )
+    if out.exists():
+        raise CtxextError(
+            f"output folder {out} already exists; pass --overwrite to replace it (or --resume "
+            "to continue an interrupted run)"
+        )

@@ -1,0 +1,117 @@
+"""report.md of a recipe run: what was done, the tables, the plots, provenance."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ctxext.text import plural
+
+if TYPE_CHECKING:
+    from ctxext.recipes.runner import RecipeRun
+
+
+def render_report(run: RecipeRun, summary: dict[str, Any]) -> str:
+    """report.md: what was done, the tables, the plots, provenance."""
+    from ctxext.report import passkey_markdown, ppl_markdown
+
+    recipe, pre = run.recipe, run.pre
+    prov = summary["provenance"]
+    lines = [f"# ctxext run: {run.loaded.name}", ""]
+    if recipe.description:
+        lines += [" ".join(recipe.description.split()), ""]
+    lines += ["## What was done", ""]
+    lines.append(
+        f"- **Model**: `{recipe.model or pre.name}` (trained length {pre.trained_length} tokens)."
+    )
+    if recipe.extend is not None:
+        spec = recipe.extend
+        opts = {
+            k: v
+            for k, v in spec.rope_options().items()
+            if v is not None and k in _method_option_names(spec.method)
+        }
+        extra = f", {', '.join(f'{k}={v:g}' for k, v in opts.items())}" if opts else ""
+        lines.append(
+            f"- **Extend**: {spec.method}, factor {pre.factor:g}{extra}: "
+            f"{pre.trained_length} -> {pre.new_length} tokens (config rewrite; weights untouched)."
+        )
+    if recipe.finetune is not None and run.finetune_summary is not None:
+        ft, s = recipe.finetune, run.finetune_summary
+        kind = f"LoRA rank {ft.lora_rank}" if ft.lora_rank else "full fine-tune"
+        pose = f", PoSE with {ft.train_length}-token windows" if ft.pose else ""
+        loss = "-" if s.get("final_loss") is None else f"{s['final_loss']:.4f}"
+        lines.append(
+            f"- **Fine-tune**: {kind}{pose}; {plural(ft.steps, 'step')} x "
+            f"{plural(s['global_batch'], 'sequence')} of {s['train_length']} tokens; lr "
+            f"{ft.lr:g}, {plural(s['warmup_steps'], 'warm-up step')}, "
+            f"{ft.lr_schedule}, AdamW ({ft.adam_beta1}, {ft.adam_beta2}); final loss {loss}; "
+            f"{s['tokens_per_s'] or 0:,.0f} tokens/s; data {s['data']['source']} "
+            f"({s['data']['tokens']:,} tokens). Loss curve: "
+            f"[{recipe.outputs.checkpoint}/loss.png]({recipe.outputs.checkpoint}/loss.png)."
+        )
+    if run.results is not None:
+        cfg = run.results["config"]
+        lines.append(
+            f"- **Eval**: {', '.join(cfg['tasks'])} at {', '.join(map(str, cfg['lengths']))} "
+            f"tokens on {run.results['data']['source']} "
+            f"(fingerprint `{run.results['data']['fingerprint']}`), seed {cfg['seed']}."
+        )
+    if run.ckpt is not None:
+        name = recipe.outputs.checkpoint
+        lines.append(
+            f"- **Checkpoint**: [`{name}/`]({name}/) with its model card "
+            f"[`{name}/README.md`]({name}/README.md)."
+        )
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in run.timings.items())
+    lines += [f"- **Time**: {summary['seconds']:.1f}s ({timings}).", ""]
+    if run.results is not None:
+        proto = run.results.get("protocol", {}).get("ppl", {})
+        if "ppl" in run.results["config"]["tasks"]:
+            lines += ["## Perplexity (95% bootstrap interval over documents)", ""]
+            if proto.get("description"):
+                lines += [f"Protocol: {proto['description']}", ""]
+            lines += [
+                ppl_markdown(run.results),
+                "",
+                "![perplexity vs length](ppl_vs_length.png)",
+                "",
+            ]
+        pk = passkey_markdown(run.results)
+        if pk:
+            lines += [
+                "## Passkey retrieval (mean over depths)",
+                "",
+                pk,
+                "",
+                "![passkey](passkey_heatmap.png)",
+                "",
+            ]
+    versions = ", ".join(f"{k} {v}" for k, v in prov["versions"].items())
+    lines += [
+        "## Provenance",
+        "",
+        f"- Recipe: `recipe.yaml` (resolved; sha256 `{prov['recipe']['resolved_sha256'][:16]}`)"
+        + (f", overrides `{' '.join(run.loaded.overrides)}`" if run.loaded.overrides else ""),
+        f"- Seed {prov['seed']}; {versions}; Python {prov['python']}; "
+        f"{prov['torch_threads']} torch threads.",
+        f"- Base model config sha256 `{prov['models']['base']['config_sha256'][:16]}`"
+        + (
+            f"; output config sha256 `{prov['models']['output']['config_sha256'][:16]}`"
+            if "output" in prov["models"]
+            else ""
+        )
+        + ". Weight-file hashes are in `results.json` (provenance.models).",
+        "",
+        "Repeat: `ctxext run recipe.yaml --output-dir NEW_FOLDER`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _method_option_names(method: str) -> tuple[str, ...]:
+    return {
+        "yarn": ("beta_fast", "beta_slow", "attention_factor"),
+        "llama3": ("low_freq_factor", "high_freq_factor"),
+        "ntk": ("theta_multiplier",),
+        "longrope": ("attention_factor",),  # the factor lists are in recipe.yaml
+    }.get(method, ())

@@ -1,0 +1,110 @@
+"""ctxext.recipes.runner: `tiny-yarn` end to end (outputs, provenance, model card, report); the
+same seed reproduces results.json's numbers exactly; seeding restores the caller's state."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from conftest import BUNDLED, build_tiny_model, run_cli
+
+from ctxext.recipes.loader import load_recipe
+from ctxext.recipes.runner import seeded
+
+
+def test_seeded_restores_the_callers_random_state():
+    import numpy as np
+    import torch
+
+    random.seed(123)
+    before = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(123)
+    np.random.seed(None)
+    with seeded(0):
+        inside = (random.random(), np.random.rand(), torch.rand(1).item())
+    with seeded(0):
+        assert (random.random(), np.random.rand(), torch.rand(1).item()) == inside
+    assert random.random() == before[0]
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.fixture(scope="module")
+def e2e_model(tmp_path_factory, tiny_tokenizer_dir) -> tuple[str, list[str]]:
+    """The bundled model when it is installed, else a tiny Llama; overrides that shrink the
+    tiny-yarn recipe to a few seconds (extend 2x, 2 fine-tune steps, 2 lengths, 2 documents)."""
+    if (BUNDLED / "config.json").is_file():
+        return "stdlib-llama", ["extend.factor=2", "eval.lengths=[256,512]"]
+    path = build_tiny_model(tmp_path_factory.mktemp("e2e") / "tiny", tiny_tokenizer_dir)
+    return str(path), ["extend.factor=2", "eval.lengths=[128,256]"]
+
+
+def _numbers(results: dict) -> list:
+    """Every measured number of results.json (no timings, dates or paths)."""
+    return [
+        (run["label"], run["variant"], run["ppl"], run.get("passkey"), run["config_sha256"])
+        for run in results["runs"]
+    ]
+
+
+def test_tiny_yarn_end_to_end_and_reproducible(capsys, tmp_path, monkeypatch, e2e_model):
+    from huggingface_hub import ModelCard
+
+    model, shrink = e2e_model
+    monkeypatch.chdir(tmp_path)
+    overrides = [f"model={model}", *shrink, "finetune.steps=2", "finetune.warmup_steps=1"]
+    overrides.append("eval.num_docs=2")
+    code, out, err = run_cli(capsys, "run", "tiny-yarn", *overrides, "--output-dir", "run1")
+    assert code == 0, err
+    assert "perplexity" in out  # the results table
+    run1 = tmp_path / "run1"
+    names = {p.name for p in run1.iterdir()}
+    assert {"recipe.yaml", "results.json", "results.csv", "ppl_vs_length.png", "report.md"} <= names
+    assert "model" in names and not any(n.startswith(".") for n in names)
+    assert not list(tmp_path.glob(".run1*"))  # the temporary sibling was renamed away
+
+    # The resolved recipe validates and records the overrides' effect and every default.
+    again = load_recipe(str(run1 / "recipe.yaml"))
+    assert again.recipe.finetune.steps == 2 and again.recipe.extend.factor == 2.0
+    assert again.recipe.output_dir == Path("run1")
+
+    results = json.loads((run1 / "results.json").read_text())
+    assert [r["variant"] for r in results["runs"]] == ["base", "extended", "finetuned"]
+    prov = results["provenance"]
+    assert {"ctxext", "transformers", "torch", "accelerate"} <= set(prov["versions"])
+    assert prov["seed"] == 0
+    assert len(prov["recipe"]["resolved_sha256"]) == 64
+    assert prov["data"]["eval"]["fingerprint_sha256"] and prov["data"]["finetune"]
+    weights = prov["models"]["output"]["weights_sha256"]
+    assert weights and all(len(h) == 64 for h in weights.values())
+    assert prov["models"]["base"]["config_sha256"] != prov["models"]["output"]["config_sha256"]
+    assert prov["models"]["base"]["source"]["kind"] in ("bundled", "local")
+
+    # The checkpoint is a plain extended HF checkpoint with a model card.
+    config = json.loads((run1 / "model" / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "yarn"
+    card = ModelCard.load(run1 / "model" / "README.md")
+    assert card.data.base_model
+    assert "ctxext" in card.data.tags and "yarn" in card.data.tags
+    ppl = [r for r in card.data.eval_results if r.metric_type == "perplexity"]
+    lengths = json.loads(json.dumps(results["config"]["lengths"]))
+    assert len(ppl) == len(lengths)
+    finetuned = results["runs"][2]["ppl"]
+    assert ppl[0].metric_value == pytest.approx(finetuned[str(lengths[0])]["ppl"], rel=1e-4)
+
+    report = (run1 / "report.md").read_text()
+    assert "ppl_vs_length.png" in report and "model/README.md" in report
+    assert all(r["label"] in report for r in results["runs"])
+
+    # An existing output folder is refused without --overwrite (and left alone) ...
+    code, _, err = run_cli(capsys, "run", "tiny-yarn", *overrides, "--output-dir", "run1")
+    assert code == 2 and "--overwrite" in err
+    # ... and the same recipe and seed reproduce every number exactly.
+    code, _, err = run_cli(capsys, "run", "tiny-yarn", *overrides, "--output-dir", "run2")
+    assert code == 0, err
+    results2 = json.loads((tmp_path / "run2" / "results.json").read_text())
+    assert _numbers(results2) == _numbers(results)
+    prov2 = results2["provenance"]
+    assert prov2["models"]["output"]["weights_sha256"] == weights
+    assert prov2["recipe"]["resolved_sha256"] != prov["recipe"]["resolved_sha256"]  # output_dir
