@@ -105,7 +105,7 @@ def recipe_run(loaded: Any) -> RunPlan:
     if recipe.extend is not None:
         ext = recipe.extend
         factor = rope.validate_request(info, ext.method, ext.factor, ext.target_length)
-        target = round(info.trained_length * factor)
+        target = rope.new_length(info.trained_length, factor)
     run = RunPlan("run", source.name, None, info.trained_length)
     if recipe.finetune is not None:
         seq = recipe.finetune.train_length or target

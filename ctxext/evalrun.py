@@ -424,8 +424,12 @@ def _retrieval(loaded, tokens: _Tokens, cfg: EvalConfig, progress_factory) -> An
 
 def _context_length(info) -> int:
     """The length the variant's config claims: the trained length times its scaling factor."""
+    from ctxext import rope
+
     factor = float((info.existing_scaling or {}).get("factor") or 1.0)
-    return max(info.max_position_embeddings, round(info.trained_length * factor))
+    if factor <= 1.0:
+        return info.max_position_embeddings
+    return max(info.max_position_embeddings, rope.new_length(info.trained_length, factor))
 
 
 def _ticker(factory: ProgressFactory | None, what: str, total: int) -> Callable[[int], None]:

@@ -43,7 +43,15 @@ def e2e_model(tmp_path_factory, tiny_tokenizer_dir) -> tuple[str, list[str]]:
 def _numbers(results: dict) -> list:
     """Every measured number of results.json (no timings, dates or paths)."""
     return [
-        (run["label"], run["variant"], run["ppl"], run.get("passkey"), run["config_sha256"])
+        (
+            run["label"],
+            run["variant"],
+            run["ppl"],
+            run.get("passkey"),
+            run.get("context_use"),
+            run.get("retrieval"),
+            run["config_sha256"],
+        )
         for run in results["runs"]
     ]
 
@@ -96,6 +104,19 @@ def test_tiny_yarn_end_to_end_and_reproducible(capsys, tmp_path, monkeypatch, e2
     report = (run1 / "report.md").read_text()
     assert "ppl_vs_length.png" in report and "model/README.md" in report
     assert all(r["label"] in report for r in results["runs"])
+
+    # Context use (issue 15): every variant's effective context length, in results.json, the
+    # report and the model card, with the far-context gain and the retrieval plots.
+    from ctxext.report import effective_length_line
+
+    assert {"context_use.png", "retrieval_heatmap.png"} <= {p.name for p in run1.iterdir()}
+    assert "context_use.png" in report and "retrieval_heatmap.png" in report
+    card_text = (run1 / "model" / "README.md").read_text()
+    for r in results["runs"]:
+        assert "effective_length" in r and r["context_length"] in (128, 256, 512)
+        line = effective_length_line(r)
+        assert line.startswith(f"{r['label']}: extended to {r['context_length']}, reads to ")
+        assert line in report and line in card_text
 
     # An existing output folder is refused without --overwrite (and left alone) ...
     code, _, err = run_cli(capsys, "run", "tiny-yarn", *overrides, "--output-dir", "run1")

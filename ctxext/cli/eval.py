@@ -27,6 +27,7 @@ from ctxext.cli.options import (
     PlanOnlyOpt,
     TrustRemoteCodeOpt,
 )
+from ctxext.rope.methods import OPTION_DEFAULTS
 
 _out = Console()
 _err = Console(stderr=True)
@@ -57,8 +58,8 @@ def eval_command(
             "--target-length", "-t", help="New length for --method (default: the longest length)."
         ),
     ] = None,
-    beta_fast: BetaFastOpt = 32.0,
-    beta_slow: BetaSlowOpt = 1.0,
+    beta_fast: BetaFastOpt = OPTION_DEFAULTS["beta_fast"],
+    beta_slow: BetaSlowOpt = OPTION_DEFAULTS["beta_slow"],
     attention_factor: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(help="YaRN attention factor."),

@@ -22,6 +22,7 @@ from ctxext.cli.options import (
     TargetOpt,
 )
 from ctxext.errors import CtxextError
+from ctxext.rope.methods import OPTION_DEFAULTS
 
 _out = Console()
 _err = Console(stderr=True)
@@ -45,14 +46,18 @@ def extend(
     method: MethodOpt = ...,  # type: ignore[assignment]
     factor: FactorOpt = None,
     target_length: TargetOpt = None,
-    beta_fast: BetaFastOpt = 32.0,
-    beta_slow: BetaSlowOpt = 1.0,
+    beta_fast: BetaFastOpt = OPTION_DEFAULTS["beta_fast"],
+    beta_slow: BetaSlowOpt = OPTION_DEFAULTS["beta_slow"],
     attention_factor: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(help="YaRN attention factor (default 0.1 ln s + 1)."),
     ] = None,
-    low_freq_factor: Annotated[float, typer.Option(help="llama3 low_freq_factor.")] = 1.0,
-    high_freq_factor: Annotated[float, typer.Option(help="llama3 high_freq_factor.")] = 4.0,
+    low_freq_factor: Annotated[
+        float, typer.Option(help="llama3 low_freq_factor.")
+    ] = OPTION_DEFAULTS["low_freq_factor"],
+    high_freq_factor: Annotated[
+        float, typer.Option(help="llama3 high_freq_factor.")
+    ] = OPTION_DEFAULTS["high_freq_factor"],
     theta_multiplier: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(help="ntk: multiply rope_theta by this (default s^(d/(d-2)))."),

@@ -141,8 +141,10 @@ def finetune(
 
     extend = None
     if method is None and (factor is not None or target_length is not None):
+        from ctxext.rope.methods import METHODS
+
         raise CtxextError(
-            "--factor/--target-length need --method (linear, ntk, yarn, dynamic or llama3)"
+            f"--factor/--target-length need --method ({', '.join(METHODS[:-1])} or {METHODS[-1]})"
         )
     if method is not None:
         spec = {"method": method, "factor": factor, "target_length": target_length}

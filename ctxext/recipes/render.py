@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ctxext.rope.methods import OPTIONS_OF
 from ctxext.text import plural
 
 if TYPE_CHECKING:
@@ -12,7 +13,7 @@ if TYPE_CHECKING:
 
 def render_report(run: RecipeRun, summary: dict[str, Any]) -> str:
     """report.md: what was done, the tables, the plots, provenance."""
-    from ctxext.report import passkey_markdown, ppl_markdown
+    from ctxext.report import context_use_markdown, passkey_markdown, ppl_markdown
 
     recipe, pre = run.recipe, run.pre
     prov = summary["provenance"]
@@ -28,7 +29,8 @@ def render_report(run: RecipeRun, summary: dict[str, Any]) -> str:
         opts = {
             k: v
             for k, v in spec.rope_options().items()
-            if v is not None and k in _method_option_names(spec.method)
+            # longrope's per-pair factor lists are in recipe.yaml, not on this line.
+            if v is not None and k in OPTIONS_OF[spec.method] and not isinstance(v, list | tuple)
         }
         extra = f", {', '.join(f'{k}={v:g}' for k, v in opts.items())}" if opts else ""
         lines.append(
@@ -86,6 +88,14 @@ def render_report(run: RecipeRun, summary: dict[str, Any]) -> str:
                 "![passkey](passkey_heatmap.png)",
                 "",
             ]
+        use = context_use_markdown(run.results)
+        if use:
+            lines += ["## Context use: does the model read its extended context?", "", use, ""]
+            runs = run.results["runs"]
+            if any(r.get("context_use") for r in runs):
+                lines += ["![far-context gain](context_use.png)", ""]
+            if any("retrieval" in r for r in runs):
+                lines += ["![retrieval](retrieval_heatmap.png)", ""]
     versions = ", ".join(f"{k} {v}" for k, v in prov["versions"].items())
     lines += [
         "## Provenance",
@@ -106,12 +116,3 @@ def render_report(run: RecipeRun, summary: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def _method_option_names(method: str) -> tuple[str, ...]:
-    return {
-        "yarn": ("beta_fast", "beta_slow", "attention_factor"),
-        "llama3": ("low_freq_factor", "high_freq_factor"),
-        "ntk": ("theta_multiplier",),
-        "longrope": ("attention_factor",),  # the factor lists are in recipe.yaml
-    }.get(method, ())

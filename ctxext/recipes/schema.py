@@ -22,6 +22,8 @@ FIXED_OUTPUTS = (
     "results.csv",
     "ppl_vs_length.png",
     "passkey_heatmap.png",
+    "retrieval_heatmap.png",
+    "context_use.png",
 )
 
 
