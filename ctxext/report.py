@@ -267,6 +267,26 @@ def effective_length_line(run: dict[str, Any]) -> str | None:
     return f"{run['label']}: extended to {run.get('context_length', '?')}, {read}"
 
 
+def _last_bucket_cells(run: dict[str, Any], lengths: list[int], cell: Any) -> list[str]:
+    """``cell(bucket)`` of the last position bucket at each length ("-" where the length is
+    not past the local window: nothing there is far)."""
+    cells = []
+    for n in lengths:
+        res = run["context_use"].get(str(n))
+        cells.append("-" if res is None or n <= res["window"] else cell(res["buckets"][-1]))
+    return cells
+
+
+def _gain_starred(last: dict[str, Any]) -> str:
+    # * marks a gain whose 95% interval excludes 0 (the interval is in results.json).
+    sure = last["ci_low"] > 0 or last["ci_high"] < 0
+    return f"{last['gain_bits']:+.3f}{'*' if sure else ' '}"
+
+
+def _gain_interval(last: dict[str, Any]) -> str:
+    return f"{last['gain_bits']:+.3f} ({last['ci_low']:+.3f} to {last['ci_high']:+.3f})"
+
+
 def context_use_table(results: dict[str, Any]):  # -> rich.table.Table | None
     """Far-context gain of the last position bucket (bits/token, 95% CI), per run x length."""
     from rich.table import Table
@@ -286,16 +306,7 @@ def context_use_table(results: dict[str, Any]):  # -> rich.table.Table | None
         table.add_column(str(n), justify="right")
     table.add_column("eff.", justify="right")
     for run in runs:
-        cells = []
-        for n in lengths:
-            res = run["context_use"].get(str(n))
-            if res is None or n <= res["window"]:
-                cells.append("-")
-                continue
-            last = res["buckets"][-1]
-            # * marks a gain whose 95% interval excludes 0 (the interval is in results.json).
-            sure = last["ci_low"] > 0 or last["ci_high"] < 0
-            cells.append(f"{last['gain_bits']:+.3f}{'*' if sure else ' '}")
+        cells = _last_bucket_cells(run, lengths, _gain_starred)
         eff = run.get("effective_length")
         table.add_row(run["label"], *cells, str(eff) if eff else "none")
     return table
@@ -480,16 +491,7 @@ def context_use_markdown(results: dict[str, Any]) -> str | None:
         window = next(iter(gain_runs[0]["context_use"].values()))["window"]
         rows = []
         for run in gain_runs:
-            cells = []
-            for n in lengths:
-                res = run["context_use"].get(str(n))
-                if res is None or n <= res["window"]:
-                    cells.append("-")
-                    continue
-                last = res["buckets"][-1]
-                cells.append(
-                    f"{last['gain_bits']:+.3f} ({last['ci_low']:+.3f} to {last['ci_high']:+.3f})"
-                )
+            cells = _last_bucket_cells(run, lengths, _gain_interval)
             rows.append(f"| {run['label']} | " + " | ".join(cells) + " |")
         lines += [
             "",

@@ -55,3 +55,19 @@ def test_context_use_markdown_states_effective_length_gain_and_retrieval():
 
 def test_context_use_markdown_is_none_without_context_tasks():
     assert context_use_markdown({"config": {"lengths": [256]}, "runs": [{"label": "b"}]}) is None
+
+
+def test_context_use_table_stars_sure_gains_and_states_effective_length():
+    from rich.console import Console
+
+    from ctxext.report import context_use_table
+
+    console = Console(width=100, record=True)
+    console.print(context_use_table(_results()))
+    text = console.export_text()
+    yarn = next(line for line in text.splitlines() if "yarn" in line)
+    ntk = next(line for line in text.splitlines() if "ntk" in line)
+    # Both intervals exclude 0 -> starred; the last column is the effective length.
+    assert "+0.250*" in yarn and "-0.500*" in yarn and yarn.rstrip(" │").endswith("512")
+    assert ntk.rstrip(" │").endswith("none")
+    assert "base" not in text
