@@ -142,7 +142,8 @@ def eval_run(models: list[str | None], cfg: Any, tokens: dict[int, int] | None) 
     from ctxext import checkpoint, rope
     from ctxext.plan import ModelShape, Workload
 
-    configs = [checkpoint.read_config(checkpoint.resolve_model(m).path) for m in models]
+    sources = [checkpoint.resolve_model(m) for m in models]  # once per model
+    configs = [checkpoint.read_config(src.path) for src in sources]
     shapes = [ModelShape.from_config(c) for c in configs]
     biggest = max(range(len(shapes)), key=lambda i: shapes[i].total_params())
     cuda = _device().startswith("cuda")
@@ -156,8 +157,7 @@ def eval_run(models: list[str | None], cfg: Any, tokens: dict[int, int] | None) 
         )  # fmt: skip
         phases.append((f"eval {n:,} tokens", work))
     trained = rope.analyze(configs[biggest]).trained_length
-    name = checkpoint.resolve_model(models[biggest]).name
-    return RunPlan("eval", name, shapes[biggest], trained, phases)
+    return RunPlan("eval", sources[biggest].name, shapes[biggest], trained, phases)
 
 
 def eval_tokens(
