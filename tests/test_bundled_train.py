@@ -73,3 +73,39 @@ def test_retrieval_chunks_are_seeded_code_retrieval_prompts(tok_and_texts):
         assert f"\n{name} = {key}\n" in text  # the value asked for was given earlier
         keys.add(key)
     assert len(keys) > 1  # random keys, not one memorisable constant
+
+
+def test_multi_needle_sequences_ask_for_every_value_they_give(tok_and_texts):
+    import re
+
+    from ctxext.bundled_train import retrieval_chunks
+
+    tok, texts = tok_and_texts
+    stream = packed_stream(tok, texts)
+    chunks = retrieval_chunks(tok, stream, 40, seed=1, needles=4)
+    assert chunks.shape == (40, TRAIN_LENGTH) and (chunks[:, 0] == tok.bos_token_id).all()
+    counts = set()
+    for row in chunks.tolist():
+        text = tok.decode(row)
+        given = dict(re.findall(r"\n(TOKEN_[0-9A-F]{4}) = (\d{5})\n", text))
+        asked = re.findall(r"\nassert (TOKEN_[0-9A-F]{4}) == (\d{5})", text)
+        # Every needle is asked for once, after all the code, with the value it was given.
+        assert sorted(asked) == sorted(given.items()) and text.rstrip().endswith(asked[-1][1])
+        counts.add(len(asked))
+    assert counts == {1, 2, 3, 4}  # 1 to 4 needles per sequence
+
+
+def test_copy_chunks_repeat_their_first_half_without_bos(tok_and_texts):
+    from ctxext.bundled_train import copy_chunks
+
+    tok, texts = tok_and_texts
+    stream = packed_stream(tok, texts)
+    chunks = copy_chunks(stream, 5, seed=0)
+    half = TRAIN_LENGTH // 2
+    assert chunks.shape == (5, TRAIN_LENGTH)
+    assert (chunks[:, :half] == chunks[:, half:]).all()
+    assert (chunks[:, 0] != tok.bos_token_id).any()  # no BOS at position 0 by construction
+    # Tokens drawn independently from the corpus: the first half is not a window of it.
+    first = chunks[0, :half].tolist()
+    windows = {tuple(stream[i : i + 8]) for i in range(len(stream) - 8)}
+    assert tuple(first[:8]) not in windows
