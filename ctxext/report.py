@@ -484,7 +484,8 @@ def context_use_markdown(results: dict[str, Any]) -> str | None:
     """Context use for report.md and model cards: the effective context length of every variant,
     the far-context gain of the last position bucket and the retrieval accuracy (None without
     context-use or retrieval results)."""
-    lines = [line for run in results["runs"] if (line := effective_length_line(run))]
+    # One list item per variant (consecutive plain lines would run into one paragraph).
+    lines = [f"- {line}" for run in results["runs"] if (line := effective_length_line(run))]
     gain_runs = [r for r in results["runs"] if r.get("context_use")]
     if gain_runs:
         lengths = sorted({int(n) for r in gain_runs for n in r["context_use"]})

@@ -43,8 +43,8 @@ def _results() -> dict:
 def test_context_use_markdown_states_effective_length_gain_and_retrieval():
     md = context_use_markdown(_results())
     lines = md.splitlines()
-    assert lines[0] == "m + yarn x4: extended to 1024, reads to 512"
-    assert lines[1] == "m + ntk x4: extended to 1024, reads to none of the lengths"
+    assert lines[0] == "- m + yarn x4: extended to 1024, reads to 512"
+    assert lines[1] == "- m + ntk x4: extended to 1024, reads to none of the lengths"
     assert "| m + yarn x4 | +0.250 (+0.125 to +0.500) | -0.500 (-0.750 to -0.250) |" in lines
     assert "| m + ntk x4 | +0.250 (+0.125 to +0.500) | -0.500 (-0.750 to -0.250) |" in lines
     assert "last 256 tokens" in md and "4 trials per cell" in md
