@@ -124,14 +124,14 @@ def retrieval_prompts(tokenizer, stream: list[int], n: int, seed: int) -> list:
     """``n`` code retrieval prompts (``ctxext.context_use``) at TRAIN_LENGTH from ``stream``."""
     import numpy as np
 
-    from ctxext.context_use import build_code_retrieval_prompt
+    from ctxext.context_use import build_code_retrieval_prompt, random_code_name, random_key
 
     rng = np.random.default_rng(seed)
     prompts = []
     for _ in range(n):
         start = int(rng.integers(0, len(stream) - TRAIN_LENGTH))
-        key = str(int(rng.integers(10_000, 100_000)))
-        name = f"TOKEN_{int(rng.integers(0, 16**4)):04X}"
+        key = random_key(rng)
+        name = random_code_name(rng)
         window = stream[start : start + TRAIN_LENGTH]
         prompts.append(
             build_code_retrieval_prompt(tokenizer, window, TRAIN_LENGTH, rng.random(), key, name)
@@ -140,20 +140,17 @@ def retrieval_prompts(tokenizer, stream: list[int], n: int, seed: int) -> list:
 
 
 def retrieval_probe(model, prompts: list) -> float:
-    """Teacher-forced retrieval accuracy on ``prompts`` (every key token the argmax)."""
+    """Teacher-forced retrieval accuracy on ``prompts``, scored as ``ctxext eval`` scores it."""
     import torch
 
-    ids = torch.tensor([p.input_ids for p in prompts])
+    from ctxext.evaluate.passkey import _passkey_correct
+
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        pred = model(input_ids=ids).logits.argmax(-1)
+        hits = sum(_passkey_correct(model, p) for p in prompts)
     model.train(was_training)
-    hits = [
-        bool((pred[i, p.answer_start - 1 : -1] == ids[i, p.answer_start :]).all())
-        for i, p in enumerate(prompts)
-    ]
-    return sum(hits) / len(hits)
+    return hits / len(prompts)
 
 
 def multi_needle_ids(tokenizer, filler: list[int], rng, needles: int) -> list[int]:
@@ -165,17 +162,24 @@ def multi_needle_ids(tokenizer, filler: list[int], rng, needles: int) -> list[in
     needles per sequence give the copy task several answers to learn from per sequence, and
     force the model to match the name rather than copy the only number it saw.
     """
-    from ctxext.context_use import CODE_NEEDLE, CODE_QUESTION, _encode, _line_starts
+    from ctxext.context_use import (
+        CODE_NEEDLE,
+        CODE_QUESTION,
+        _encode,
+        _line_starts,
+        random_code_name,
+        random_key,
+    )
 
     count = int(rng.integers(1, needles + 1))
-    pairs = {f"TOKEN_{int(rng.integers(0, 16**4)):04X}": "" for _ in range(count)}
-    pairs = {name: str(int(rng.integers(10_000, 100_000))) for name in pairs}
+    # Distinct names (a repeated name would ask for one of two values), then their keys.
+    names = list(dict.fromkeys(random_code_name(rng) for _ in range(count)))
+    pairs = {name: random_key(rng) for name in names}
     lines = [
         _encode(tokenizer, "\n" + CODE_NEEDLE.format(name=n, key=k) + "\n")
         for n, k in pairs.items()
     ]
     order = rng.permutation(len(pairs))
-    names = list(pairs)
     asks = [
         _encode(tokenizer, "\n" + CODE_QUESTION.format(name=names[i]) + " " + pairs[names[i]])
         for i in order
@@ -332,11 +336,12 @@ def train(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == steps - 1:
+        probe_now = step % probe_every == 0 or step == steps - 1
+        if step % 50 == 0 or probe_now:
             elapsed = time.time() - t0
             tps = (step + 1) * batch_size * TRAIN_LENGTH / elapsed
             entry = {"step": step, "loss": round(loss.item(), 4), "tokens_per_s": round(tps)}
-            if step % probe_every == 0 or step == steps - 1:
+            if probe_now:
                 entry["retrieval_probe"] = retrieval_probe(model, probe)
             log.append(entry)
             print(

@@ -364,6 +364,16 @@ def _line_starts(tokenizer: Any, ids: Sequence[int]) -> list[int]:
     return starts
 
 
+def random_key(rng: np.random.Generator) -> str:
+    """A retrieval key: a random 5-digit number (as the passkey of Mohtashami & Jaggi)."""
+    return str(int(rng.integers(10_000, 100_000)))
+
+
+def random_code_name(rng: np.random.Generator) -> str:
+    """A code retrieval name: ``TOKEN_`` and four random hex digits."""
+    return f"TOKEN_{int(rng.integers(0, 16**4)):04X}"
+
+
 def build_code_retrieval_prompt(
     tokenizer: Any, filler_ids: Sequence[int], length: int, depth: float, key: str, name: str
 ) -> PasskeyPrompt:
@@ -456,9 +466,9 @@ def evaluate_retrieval(
     for i, length in enumerate(lengths):
         for j, depth in enumerate(depths):
             for _ in range(trials):
-                key = str(int(rng.integers(10_000, 100_000)))
+                key = random_key(rng)
                 if template == "code":
-                    name = f"TOKEN_{int(rng.integers(0, 16**4)):04X}"
+                    name = random_code_name(rng)
                     filler = _code_filler(doc_token_ids, length, rng)
                     prompt = build_code_retrieval_prompt(
                         tokenizer, filler, length, depth, key, name
