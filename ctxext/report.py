@@ -267,6 +267,21 @@ def effective_length_line(run: dict[str, Any]) -> str | None:
     return f"{run['label']}: extended to {run.get('context_length', '?')}, {read}"
 
 
+def _gain_layout(results: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int], int] | None:
+    """The runs with far-context gains, every length any of them has, and the local window
+    (None without context-use results)."""
+    runs = [r for r in results["runs"] if r.get("context_use")]
+    if not runs:
+        return None
+    lengths = sorted({int(n) for r in runs for n in r["context_use"]})
+    return runs, lengths, next(iter(runs[0]["context_use"].values()))["window"]
+
+
+def _retrieval_cells(accuracy: list[list[float]]) -> list[str]:
+    """Per length: the mean accuracy over depths and, in brackets, the worst depth's."""
+    return [f"{sum(row) / len(row):.0%} ({min(row):.0%})" for row in accuracy]
+
+
 def _last_bucket_cells(run: dict[str, Any], lengths: list[int], cell: Any) -> list[str]:
     """``cell(bucket)`` of the last position bucket at each length ("-" where the length is
     not past the local window: nothing there is far)."""
@@ -291,11 +306,10 @@ def context_use_table(results: dict[str, Any]):  # -> rich.table.Table | None
     """Far-context gain of the last position bucket (bits/token, 95% CI), per run x length."""
     from rich.table import Table
 
-    runs = [r for r in results["runs"] if r.get("context_use")]
-    if not runs:
+    layout = _gain_layout(results)
+    if layout is None:
         return None
-    lengths = sorted({int(n) for r in runs for n in r["context_use"]})
-    window = next(iter(runs[0]["context_use"].values()))["window"]
+    runs, lengths, window = layout
     table = Table(
         title=f"far-context gain, last bucket (bits/token; local window {window})",
         caption="positive: the model uses text more than the window back; *: 95% interval "
@@ -326,8 +340,7 @@ def retrieval_table(results: dict[str, Any]):  # -> rich.table.Table | None
         table.add_column(str(n), justify="right")
     for run in runs:
         rt = run["retrieval"]
-        cells = [f"{sum(row) / len(row):.0%} ({min(row):.0%})" for row in rt["accuracy"]]
-        table.add_row(run["label"], *cells)
+        table.add_row(run["label"], *_retrieval_cells(rt["accuracy"]))
     return table
 
 
@@ -444,11 +457,18 @@ def _md_number(value: float | None) -> str:
     return f"{value:.2f}" if value < 1000 else f"{value:.3g}"
 
 
+def _md_head(lengths: list[int]) -> list[str]:
+    """The header and rule of a Markdown table with one row per variant, a column per length."""
+    return [
+        "| variant | " + " | ".join(str(n) for n in lengths) + " |",
+        "|---|" + "---:|" * len(lengths),
+    ]
+
+
 def ppl_markdown(results: dict[str, Any]) -> str:
     """Perplexity table: one row per variant, one column per length (with 95% intervals)."""
     lengths = results["config"]["lengths"]
-    head = "| variant | " + " | ".join(str(n) for n in lengths) + " |"
-    rule = "|---|" + "---:|" * len(lengths)
+    head, rule = _md_head(lengths)
     rows = []
     for run in results["runs"]:
         cells = []
@@ -469,8 +489,7 @@ def passkey_markdown(results: dict[str, Any]) -> str | None:
     if not runs:
         return None
     lengths = results["config"]["lengths"]
-    head = "| variant | " + " | ".join(str(n) for n in lengths) + " |"
-    rule = "|---|" + "---:|" * len(lengths)
+    head, rule = _md_head(lengths)
     rows = [
         f"| {r['label']} | "
         + " | ".join(f"{r['passkey']['mean_by_length'][str(n)]:.0%}" for n in lengths)
@@ -486,10 +505,9 @@ def context_use_markdown(results: dict[str, Any]) -> str | None:
     context-use or retrieval results)."""
     # One list item per variant (consecutive plain lines would run into one paragraph).
     lines = [f"- {line}" for run in results["runs"] if (line := effective_length_line(run))]
-    gain_runs = [r for r in results["runs"] if r.get("context_use")]
-    if gain_runs:
-        lengths = sorted({int(n) for r in gain_runs for n in r["context_use"]})
-        window = next(iter(gain_runs[0]["context_use"].values()))["window"]
+    layout = _gain_layout(results)
+    if layout is not None:
+        gain_runs, lengths, window = layout
         rows = []
         for run in gain_runs:
             cells = _last_bucket_cells(run, lengths, _gain_interval)
@@ -500,8 +518,7 @@ def context_use_markdown(results: dict[str, Any]) -> str | None:
             f"loss with only the last {window} tokens minus the loss with the full context; "
             "positive means the model uses text more than that far back.",
             "",
-            "| variant | " + " | ".join(str(n) for n in lengths) + " |",
-            "|---|" + "---:|" * len(lengths),
+            *_md_head(lengths),
             *rows,
         ]
     rt_runs = [r for r in results["runs"] if "retrieval" in r]
@@ -512,12 +529,10 @@ def context_use_markdown(results: dict[str, Any]) -> str | None:
             f"Retrieval accuracy ({rt0['template']} template, {rt0['trials']} trials per cell; "
             "mean over depths, worst depth in brackets):",
             "",
-            "| variant | " + " | ".join(str(n) for n in rt0["lengths"]) + " |",
-            "|---|" + "---:|" * len(rt0["lengths"]),
+            *_md_head(rt0["lengths"]),
         ]
         for run in rt_runs:
-            acc = run["retrieval"]["accuracy"]
-            cells = [f"{sum(row) / len(row):.0%} ({min(row):.0%})" for row in acc]
+            cells = _retrieval_cells(run["retrieval"]["accuracy"])
             lines.append(f"| {run['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines).strip("\n") or None
 
