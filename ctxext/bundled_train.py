@@ -426,6 +426,9 @@ def main() -> None:
         and args.retrieval_mix + args.copy_mix < 1.0
     ):
         ap.error("--retrieval-mix and --copy-mix must be >= 0 with a sum below 1")
+    # Checked here, before the tokenizer and the data are built (a minute of work).
+    if args.retrieval_needles < 1 or args.probe_every < 1:
+        ap.error("--retrieval-needles and --probe-every must be at least 1")
     arch = {k: int(v) for k, v in (item.split("=", 1) for item in args.arch)}
     import torch
 

@@ -109,3 +109,20 @@ def test_copy_chunks_repeat_their_first_half_without_bos(tok_and_texts):
     first = chunks[0, :half].tolist()
     windows = {tuple(stream[i : i + 8]) for i in range(len(stream) - 8)}
     assert tuple(first[:8]) not in windows
+
+
+@pytest.mark.parametrize(
+    "flags", [["--retrieval-needles", "0"], ["--probe-every", "0"], ["--copy-mix", "0.8"]]
+)
+def test_bad_mix_flags_are_refused_before_any_work(flags):
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "ctxext.bundled_train", "--out", "unused", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2 and "must be" in res.stderr.splitlines()[-1]
+    assert "train tokens" not in res.stdout  # refused before the data is built
