@@ -167,34 +167,45 @@ class NeedleTemplate:
         return self.question.format(name=name)
 
 
-#: Every template. Training forms first; the held-out forms recombine seen name shapes with
-#: seen assignment syntax, but ask with a query form or phrasing no training form uses.
-TEMPLATES: dict[str, NeedleTemplate] = {
-    t.name: t
-    for t in (
-        # -- train
-        NeedleTemplate("const", "train", "code", "upper", "{name} = {key}", "assert {name} =="),
-        NeedleTemplate(
-            "dict", "train", "code", "snake", 'cfg["{name}"] = {key}', 'assert cfg["{name}"] =='
-        ),
-        NeedleTemplate(
-            "annotated", "train", "code", "snake", "{name}: int = {key}", "if {name} !="
-        ),
-        NeedleTemplate(
-            "attribute", "train", "code", "upper", "self.{name} = {key}", "return self.{name} =="
-        ),
-        NeedleTemplate(
-            "keyword", "train", "code", "camel", "    {name}={key},", "setup({name}=", ""
-        ),
-        NeedleTemplate(
-            "prose-value",
-            "train",
-            "prose",
-            "title",
-            "# The value of {name} is {key}.",
-            "# The value of {name} is",
-        ),
-        # -- held out
+# The training forms are a grid: every code assignment x query x name shape, and every prose
+# statement x prose question (a question need not reuse its statement's words), so a model
+# trained on them learns "find the name, copy the number given with it" rather than one form.
+# (A model trained on six fixed forms retrieved 100% in them but 0% in an unseen prose phrasing
+# and 67% in an unseen code combination: ctxext.bundled_train, 2026-12-04.)
+#
+# Code: how the value is bound, and the reference a query uses for it.
+_ASSIGN = {
+    "plain": ("{name} = {key}", "{name}"),
+    "annotated": ("{name}: int = {key}", "{name}"),
+    "attr": ("self.{name} = {key}", "self.{name}"),
+    "dict": ('cfg["{name}"] = {key}', 'cfg["{name}"]'),
+    "keyword": ("    {name}={key},", "{name}"),
+}
+# Code queries: (line before the key, what joins it to the key).
+_QUERY = {
+    "assert": ("assert {ref} ==", " "),
+    "if": ("if {ref} !=", " "),
+    "return": ("return {ref} ==", " "),
+    "call": ("setup({ref}=", ""),
+}
+_CODE_SHAPES: tuple[NameShape, ...] = ("upper", "snake", "camel")
+_PROSE_STATEMENTS = {
+    "value": "# The value of {name} is {key}.",
+    "set": "# Note that {name} is set to {key}.",
+    "number": "# {name} has the number {key}.",
+}
+_PROSE_QUESTIONS = {
+    "value": "# The value of {name} is",
+    "set": "# So {name} is set to",
+    "number": "# The number of {name} is",
+}
+
+
+def _grid() -> list[NeedleTemplate]:
+    """The held-out forms, then the training grid minus the held-out combinations."""
+    held = [
+        # Seen syntax, unseen combinations: an attribute with a camelCase name asked with `if`,
+        # a plain snake_case binding asked with `return`.
         NeedleTemplate(
             "camel-attribute",
             "heldout",
@@ -206,6 +217,7 @@ TEMPLATES: dict[str, NeedleTemplate] = {
         NeedleTemplate(
             "snake-return", "heldout", "code", "snake", "{name} = {key}", "return {name} =="
         ),
+        # Unseen words: no training statement or question says "Remember", "code for", "What".
         NeedleTemplate(
             "prose-code",
             "heldout",
@@ -214,8 +226,30 @@ TEMPLATES: dict[str, NeedleTemplate] = {
             "# Remember: the code for {name} is {key}.",
             "# What is the code for {name}? It is",
         ),
-    )
-}
+    ]
+    taken = {(t.needle, t.question, t.shape) for t in held}
+    train = []
+    for (a, (needle, ref)), (q, (query, joiner)) in (
+        (x, y) for x in _ASSIGN.items() for y in _QUERY.items()
+    ):
+        question = query.format(ref=ref)
+        for shape in _CODE_SHAPES:
+            if (needle, question, shape) not in taken:
+                train.append(
+                    NeedleTemplate(
+                        f"{a}-{q}-{shape}", "train", "code", shape, needle, question, joiner
+                    )
+                )
+    for s, statement in _PROSE_STATEMENTS.items():
+        for q, question in _PROSE_QUESTIONS.items():
+            train.append(
+                NeedleTemplate(f"prose-{s}-{q}", "train", "prose", "title", statement, question)
+            )
+    return held + train
+
+
+#: Every template: 3 held-out forms and 67 training forms (58 code, 9 prose).
+TEMPLATES: dict[str, NeedleTemplate] = {t.name: t for t in _grid()}
 
 #: Selections ``--retrieval-template`` accepts besides single template names.
 _GROUPS = ("heldout", "train", "all")
@@ -229,11 +263,13 @@ def templates_of(split: Split | Literal["all"]) -> list[NeedleTemplate]:
 def resolve_templates(selection: str) -> list[NeedleTemplate]:
     """``heldout`` | ``train`` | ``all`` | comma-separated template names -> templates.
 
-    ``code`` is the original single template's old name (``const``).
+    ``code`` is the original single template (``TOKEN_7F3A = 48213`` ... ``assert TOKEN_7F3A
+    == 48213``), now ``plain-assert-upper``.
     """
     if selection in _GROUPS:
         return templates_of(selection)  # type: ignore[arg-type]
-    names = [("const" if n.strip() == "code" else n.strip()) for n in selection.split(",")]
+    names = [n.strip() for n in selection.split(",")]
+    names = ["plain-assert-upper" if n == "code" else n for n in names]
     unknown = [n for n in names if n not in TEMPLATES]
     if unknown:
         raise CtxextError(
@@ -326,10 +362,10 @@ def build_prompt(
 
     The filler is real held-out text (``filler_ids``, at least as long as needed) cut to fill
     exactly ``length`` tokens; the needle goes at the line boundary nearest the depth, so it
-    never splits a line. ``template`` defaults to ``const`` (``TOKEN_7F3A = 48213`` ...
-    ``assert TOKEN_7F3A == 48213``).
+    never splits a line. ``template`` defaults to ``plain-assert-upper`` (``TOKEN_7F3A = 48213``
+    ... ``assert TOKEN_7F3A == 48213``).
     """
-    template = template or TEMPLATES["const"]
+    template = template or TEMPLATES["plain-assert-upper"]
     if not 0.0 <= depth <= 1.0:
         raise CtxextError(f"retrieval depth {depth} is outside [0, 1]; use fractions like 0.5")
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]

@@ -63,7 +63,6 @@ def test_retrieval_chunks_are_seeded_training_form_prompts(tok_and_texts):
     import re
 
     from ctxext.bundled_train import retrieval_chunks
-    from ctxext.needles import TEMPLATES
 
     tok, texts = tok_and_texts
     stream = packed_stream(tok, texts)
@@ -71,17 +70,12 @@ def test_retrieval_chunks_are_seeded_training_form_prompts(tok_and_texts):
     assert chunks.shape == (40, TRAIN_LENGTH)
     assert (chunks[:, 0] == tok.bos_token_id).all()
     assert chunks.tolist() == retrieval_chunks(tok, stream, 40, seed=3, needles=4).tolist()
-    keys, forms = set(), set()
-    const = TEMPLATES["const"]
-    for row in chunks.tolist():
-        text = tok.decode(row)
-        for name, key in re.findall(r"\nassert (TOKEN_[0-9A-F]{4}) == (\d{5})(?=\n|$)", text):
-            assert f"\n{const.needle_text(name, key)}\n" in text  # given earlier, same value
-            keys.add(key)
-        forms |= {t.name for t in TEMPLATES.values() if t.question.split("{")[0] in text}
-    assert len(keys) > 1  # random keys, not one memorisable constant
-    assert {"const", "dict", "annotated", "keyword"} <= forms
-    assert "prose-code" not in forms and "camel-attribute" not in forms  # held out
+    texts = [tok.decode(row) for row in chunks.tolist()]
+    keys = {k for text in texts for k in re.findall(r"(?<![\d#])(\d{5})(?=\n|$)", text)}
+    assert len(keys) > 20  # random keys, not one memorisable constant
+    # The held-out prose form's words never appear (the form-level checks: test_needles.py).
+    assert not any("Remember: the code for" in text for text in texts)
+    assert sum("# The value of" in text for text in texts) > 2  # prose forms are in the mix
 
 
 def test_copy_chunks_repeat_their_first_half_without_bos(tok_and_texts):

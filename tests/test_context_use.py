@@ -162,10 +162,10 @@ def test_retrieval_known_answers(tokenizer, code_ids):
     )
     model = LlamaForCausalLM(config).eval()
     res = evaluate_retrieval(
-        model, tokenizer, [128], template="const", doc_token_ids=code_ids, trials=3, depths=(0.5,)
+        model, tokenizer, [128], template="code", doc_token_ids=code_ids, trials=3, depths=(0.5,)
     )
     assert res.accuracy == [[0.0]] and res.correct == [[0]]
-    assert res.protocol["template"] == "const" and res.templates == ["const"]
+    assert res.protocol["template"] == "code" and res.templates == ["plain-assert-upper"]
 
 
 def test_effective_length():

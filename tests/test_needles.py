@@ -45,32 +45,33 @@ SHAPES = {
 }
 
 
-def test_split_is_disjoint_and_each_side_has_code_and_prose():
+def test_split_is_disjoint_and_held_out_forms_are_unseen():
     train, held = templates_of("train"), templates_of("heldout")
-    assert {t.name for t in train}.isdisjoint(t.name for t in held)
-    assert len(train) + len(held) == len(TEMPLATES) == len(templates_of("all"))
+    assert [t.name for t in held] == ["camel-attribute", "snake-return", "prose-code"]
+    assert len(train) == 67 and len(TEMPLATES) == len(templates_of("all")) == 70
     for side in (train, held):
         assert {t.register for t in side} == {"code", "prose"}
-    # No held-out form repeats a training form's (needle, question) pair or its query.
-    train_questions = {re.sub(r"\{name\}", "", t.question) for t in train}
-    for t in held:
-        assert re.sub(r"\{name\}", "", t.question) not in train_questions, t.name
+    seen = {(t.needle, t.question, t.shape) for t in train}
+    for t in held:  # no training form is a held-out form
+        assert (t.needle, t.question, t.shape) not in seen, t.name
+    # The held-out prose form's words appear in no training form.
+    words = " ".join(t.needle + t.question for t in train)
+    assert "Remember" not in words and "code for" not in words and "What" not in words
+    # The grid: every code assignment x query x shape but the two held-out combinations.
+    assert len({(t.needle, t.question) for t in train if t.register == "code"}) == 20
 
 
-@pytest.mark.parametrize("name", list(TEMPLATES))
-@pytest.mark.parametrize("length,depth", [(128, 0.0), (301, 0.5), (200, 1.0)])
-def test_every_template_builds_an_exact_prompt_answered_by_the_key(
-    tok, filler, name, length, depth
-):
-    t = TEMPLATES[name]
+def test_every_template_builds_an_exact_prompt_answered_by_the_key(tok, filler):
     rng = np.random.default_rng(7)
-    key, who = random_key(rng), random_name(rng, t.shape)
-    p = build_prompt(tok, filler, length, depth, key, who, t)
-    assert len(p.input_ids) == length and p.input_ids[0] == tok.bos_token_id
-    text = tok.decode(p.input_ids)
-    assert "\n" + t.needle_text(who, key) + "\n" in text
-    assert text.endswith("\n" + t.question_text(who) + t.joiner + key)
-    assert tok.decode(p.answer_ids).strip() == key
+    for i, t in enumerate(TEMPLATES.values()):
+        length, depth = [(128, 0.0), (301, 0.5), (200, 1.0)][i % 3]
+        key, who = random_key(rng), random_name(rng, t.shape)
+        p = build_prompt(tok, filler, length, depth, key, who, t)
+        assert len(p.input_ids) == length and p.input_ids[0] == tok.bos_token_id, t.name
+        text = tok.decode(p.input_ids)
+        assert "\n" + t.needle_text(who, key) + "\n" in text, t.name
+        assert text.endswith("\n" + t.question_text(who) + t.joiner + key), t.name
+        assert tok.decode(p.answer_ids).strip() == key, t.name
 
 
 def test_needle_moves_with_depth_and_sits_on_a_line(tok, filler):
@@ -114,28 +115,40 @@ def test_names_have_their_shape_and_vary():
 
 def test_resolve_templates():
     assert [t.split for t in resolve_templates("heldout")] == ["heldout"] * 3
-    assert resolve_templates("code") == [TEMPLATES["const"]]  # the old single template's name
-    assert [t.name for t in resolve_templates("dict, const,dict")] == ["dict", "const"]
+    # "code": the old single template, TOKEN_7F3A = 48213 ... assert TOKEN_7F3A == 48213
+    (code,) = resolve_templates("code")
+    assert (code.needle, code.question, code.shape) == (
+        "{name} = {key}",
+        "assert {name} ==",
+        "upper",
+    )
+    names = [t.name for t in resolve_templates("dict-if-snake, code,dict-if-snake")]
+    assert names == ["dict-if-snake", "plain-assert-upper"]
     with pytest.raises(CtxextError, match="unknown retrieval template 'nope'"):
-        resolve_templates("const,nope")
+        resolve_templates("code,nope")
 
 
 def test_multi_needle_sequences_use_training_forms_and_ask_for_every_value(tok, filler):
     forms = templates_of("train")
     rng = np.random.default_rng(3)
     counts, used = set(), set()
-    for _ in range(60):
+    for _ in range(80):
         ids = multi_needle_ids(tok, filler, 256, rng, 4, forms)
         assert len(ids) == 256 and ids[0] == tok.bos_token_id
         text = tok.decode(ids[1:])
         asked = 0
+        # Forms sharing a question differ in their needle: group them by what the end shows.
+        groups: dict[tuple[str, str, str], list] = {}
         for t in TEMPLATES.values():
-            q = re.escape(t.question_text("NAME")).replace("NAME", f"({SHAPES[t.shape]})")
-            for who, key in re.findall("\n" + q + re.escape(t.joiner) + r"(\d{5})(?=\n|$)", text):
-                assert t.split == "train", t.name  # held-out forms never appear in training
-                assert "\n" + t.needle_text(who, key) + "\n" in text  # given earlier, same value
-                used.add(t.name)
+            groups.setdefault((t.question, t.joiner, t.shape), []).append(t)
+        for (question, joiner, shape), group in groups.items():
+            q = re.escape(question.format(name="NAME")).replace("NAME", f"({SHAPES[shape]})")
+            for who, key in re.findall("\n" + q + re.escape(joiner) + r"(\d{5})(?=\n|$)", text):
+                # Given earlier with the same value, in a training form.
+                given = [t for t in group if f"\n{t.needle_text(who, key)}\n" in text]
+                assert given and all(t.split == "train" for t in given), (who, key)
+                used.update(t.name for t in given)
                 asked += 1
         counts.add(asked)
     assert counts == {1, 2, 3, 4}
-    assert used == {t.name for t in forms}
+    assert len(used) > 40 and {t.register for t in forms if t.name in used} == {"code", "prose"}
