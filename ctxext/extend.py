@@ -49,6 +49,9 @@ def plan_extend(model: str | None, spec: ExtendConfig) -> ExtendPlan:
         new_length=new_length,
         diff=rope.config_diff(before, after),
     )
+    if spec.method in rope.ENGINE_WARNINGS:
+        note = rope.ENGINE_WARNINGS[spec.method]
+        plan.notes.append(note.format(trained=info.trained_length, new=new_length))
     tok_path = source.path / "tokenizer_config.json"
     if tok_path.is_file():
         tok = checkpoint.read_json(tok_path, "")

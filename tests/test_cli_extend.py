@@ -101,3 +101,23 @@ def test_partial_rotary_neox(capsys, tmp_path, tiny_tokenizer_dir):
     assert report["rotary_dim"] == 4 and len(report["pairs"]) == 2
     code, _, err = run_cli(capsys, "extend", src, "-o", tmp_path / "o", "-m", "ntk", "-f", "4")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("method", ["dynamic", "yarn", "linear", "ntk", "llama3"])
+def test_dynamic_warns_which_engines_ignore_it(capsys, tmp_path, tiny_llama, method):
+    out_dir = tmp_path / "o"
+    code, out, err = run_cli(
+        capsys, "extend", tiny_llama, "-o", out_dir, "-m", method, "-f", "4", "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["method"] == method  # the warning stays off stdout
+    warnings = [line for line in err.splitlines() if "warning" in line.lower()]
+    if method != "dynamic":
+        assert warnings == []
+        return
+    (line,) = warnings  # one line, naming each engine that does not run it as transformers does
+    assert line.startswith("warning: ")
+    for words in ("llama.cpp ignores it", "GGUF", "128-token context", "vLLM", "512", "TGI"):
+        assert words in line, words
+    code, _, err = run_cli(capsys, "extend", tiny_llama, "-o", out_dir, "-m", method, "-f", "4")
+    assert code == 2 and "warning" not in err  # a refused request says only why

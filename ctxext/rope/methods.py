@@ -35,3 +35,17 @@ OPTIONS_OF: dict[str, tuple[str, ...]] = {
     "llama3": ("low_freq_factor", "high_freq_factor"),
     "longrope": ("long_factor", "short_factor", "attention_factor"),
 }
+
+#: Methods that engines other than transformers do not run as transformers does, and what they do
+#: instead; `ctxext extend` prints it. Read in their source: llama.cpp's convert_hf_to_gguf.py
+#: (``rope_type == "dynamic"``: nothing written; tests/test_gguf_interop.py runs it), vLLM's
+#: DynamicNTKScalingRotaryEmbedding (one base computed for the longest servable length) and TGI's
+#: DynamicPositionRotaryEmbedding (recomputed only when a longer batch arrives).
+ENGINE_WARNINGS: dict[str, str] = {
+    "dynamic": (
+        "only transformers rescales dynamic per sequence: llama.cpp ignores it (its GGUF says no "
+        "rope scaling and a {trained}-token context), vLLM gives every sequence the base "
+        "transformers uses at {new} tokens, TGI keeps the base of the longest batch it has seen; "
+        "for the same model in every engine use yarn, linear, ntk or llama3"
+    ),
+}
