@@ -61,13 +61,15 @@ TINY = {
         "rotary_pct": 0.25,
         "rotary_emb_base": 10000,
     },
-    "phi": {  # as transformers 5 saves it: the rotary share only inside rope_parameters
+    # as transformers 5 saves phi: the rotary share only inside rope_parameters (not PhiConfig's
+    # default 0.5, so a reader that loses it gets other frequencies)
+    "phi": {
         **COMMON,
         "model_type": "phi",
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 10000.0,
-            "partial_rotary_factor": 0.5,
+            "partial_rotary_factor": 0.75,
         },
     },
     "gemma3_text": {
@@ -200,7 +202,7 @@ def test_ntk_matches_bloc97_formula_written_out(family: str, tmp_root: str) -> N
         "qwen2": (1e6, 16, 4.0),
         "mistral": (5e5, 32, 2.5),
         "gpt_neox": (1e4, 8, 8.0),
-        "phi": (1e4, 8, 3.0),
+        "phi": (1e4, 12, 3.0),
         "gemma3_text": (1e6, 16, 8.0),
     }[family]
     new_theta = theta * s ** (d / (d - 2))
