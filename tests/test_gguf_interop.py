@@ -55,42 +55,41 @@ CASES: dict[str, list[str]] = {
     "dynamic": ["-m", "dynamic", "-f", "4"],
 }
 
-_ARCH = "llama"
-_K = gguf.Keys.Rope
+# GGUF keys as llama.cpp names them (gguf-py's constants.py) for the llama architecture
+_CONTEXT = "llama.context_length"
 _YARN = {
-    _K.SCALING_TYPE.format(arch=_ARCH): "yarn",
-    _K.SCALING_FACTOR.format(arch=_ARCH): FACTOR,
-    _K.SCALING_ORIG_CTX_LEN.format(arch=_ARCH): TRAINED,
-    _K.FREQ_BASE.format(arch=_ARCH): THETA,
-    gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=_ARCH): EXTENDED,
+    "llama.rope.scaling.type": "yarn",
+    "llama.rope.scaling.factor": FACTOR,
+    "llama.rope.scaling.original_context_length": TRAINED,
+    "llama.rope.freq_base": THETA,
+    _CONTEXT: EXTENDED,
 }
-_UNSCALED = {_K.FREQ_BASE.format(arch=_ARCH): THETA}
-_CONTEXT = gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=_ARCH)
+_UNSCALED = {"llama.rope.freq_base": THETA}
 
 #: The rope metadata each case must convert to (context length included; rope_freqs apart).
 EXPECTED: dict[str, dict[str, object]] = {
     "yarn": {
         **_YARN,
-        _K.SCALING_YARN_BETA_FAST.format(arch=_ARCH): 32.0,
-        _K.SCALING_YARN_BETA_SLOW.format(arch=_ARCH): 1.0,
+        "llama.rope.scaling.yarn_beta_fast": 32.0,
+        "llama.rope.scaling.yarn_beta_slow": 1.0,
     },
     "yarn-options": {
         **_YARN,
-        _K.SCALING_YARN_BETA_FAST.format(arch=_ARCH): 16.0,
-        _K.SCALING_YARN_BETA_SLOW.format(arch=_ARCH): 2.0,
-        _K.SCALING_YARN_ATTN_FACTOR.format(arch=_ARCH): 1.25,
+        "llama.rope.scaling.yarn_beta_fast": 16.0,
+        "llama.rope.scaling.yarn_beta_slow": 2.0,
+        "llama.rope.scaling.yarn_attn_factor": 1.25,
     },
     # max_position_embeddings stays the trained length for linear (vLLM and SGLang serve it x
     # factor), and llama.cpp takes it as its default context: there, pass -c 1024
     "linear": {
-        _K.SCALING_TYPE.format(arch=_ARCH): "linear",
-        _K.SCALING_FACTOR.format(arch=_ARCH): FACTOR,
-        _K.FREQ_BASE.format(arch=_ARCH): THETA,
+        "llama.rope.scaling.type": "linear",
+        "llama.rope.scaling.factor": FACTOR,
+        "llama.rope.freq_base": THETA,
         _CONTEXT: TRAINED,
     },
     # a larger base, no scaling
     "ntk": {
-        _K.FREQ_BASE.format(arch=_ARCH): float(np.float32(ntk_theta(THETA, ROTARY_DIM, FACTOR))),
+        "llama.rope.freq_base": float(np.float32(ntk_theta(THETA, ROTARY_DIM, FACTOR))),
         _CONTEXT: EXTENDED,
     },
     # no scaling keys: the per-pair divisors travel as the rope_freqs tensor
@@ -237,7 +236,7 @@ def converted(converter, tmp_path_factory) -> dict[str, dict]:
 
 def _rope_metadata(fields: dict) -> dict:
     """The keys llama.cpp reads for positions: rope.* (but the head size) and the context."""
-    dims = _K.DIMENSION_COUNT.format(arch=_ARCH)
+    dims = "llama.rope.dimension_count"
     return {k: v for k, v in fields.items() if (".rope." in k and k != dims) or k == _CONTEXT}
 
 
@@ -254,7 +253,7 @@ def test_gguf_rope_keys(converted, name: str) -> None:
             assert got[key] == pytest.approx(value, rel=1e-7), key  # float32 in the file
         else:
             assert got[key] == value, key
-    assert converted[name]["fields"][_K.DIMENSION_COUNT.format(arch=_ARCH)] == ROTARY_DIM
+    assert converted[name]["fields"]["llama.rope.dimension_count"] == ROTARY_DIM
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -276,7 +275,7 @@ def _warnings(case: dict) -> list[str]:
 def test_extend_warned_of_what_llama_cpp_drops(converted) -> None:
     case = converted["dynamic"]
     assert case["config"]["rope_parameters"]["rope_type"] == "dynamic"  # written...
-    assert _K.SCALING_TYPE.format(arch=_ARCH) not in case["fields"]  # ...and not converted
+    assert "llama.rope.scaling.type" not in case["fields"]  # ...and not converted
     (warning,) = _warnings(case)
     assert "llama.cpp ignores it" in warning and f"{TRAINED}-token context" in warning
     # the YaRN options reach the GGUF (test_gguf_rope_keys) but llama.cpp's loader reads them
