@@ -49,6 +49,7 @@ def plan_extend(model: str | None, spec: ExtendConfig) -> ExtendPlan:
         new_length=new_length,
         diff=rope.config_diff(before, after),
     )
+    plan.notes = engine_warnings(spec, info.trained_length, new_length)
     tok_path = source.path / "tokenizer_config.json"
     if tok_path.is_file():
         tok = checkpoint.read_json(tok_path, "")
@@ -61,6 +62,18 @@ def plan_extend(model: str | None, spec: ExtendConfig) -> ExtendPlan:
     if gen_path.is_file():
         plan.generation_config = _generation_config(checkpoint.read_json(gen_path, ""), new_length)
     return plan
+
+
+def engine_warnings(spec: ExtendConfig, trained: int, new: int) -> list[str]:
+    """What other engines do differently with this request (:data:`rope.ENGINE_WARNINGS`)."""
+    options = spec.rope_options()
+    notes = []
+    for key, text in rope.ENGINE_WARNINGS.items():
+        method, names = (key, ()) if isinstance(key, str) else key
+        changed = [n for n in names if options[n] != rope.OPTION_DEFAULTS[n]]
+        if method == spec.method and (changed or not names):
+            notes.append(text.format(trained=trained, new=new, changed=", ".join(changed)))
+    return notes
 
 
 def _generation_config(gen: dict[str, Any], new_length: int) -> dict[str, Any]:
@@ -127,4 +140,11 @@ def run_extend(job: ExtendJob) -> tuple[ExtendPlan, dict[str, Any]]:
     return plan, write_extended(plan, job)
 
 
-__all__ = ["ExtendPlan", "plan_extend", "run_extend", "write_checkpoint_files", "write_extended"]
+__all__ = [
+    "ExtendPlan",
+    "engine_warnings",
+    "plan_extend",
+    "run_extend",
+    "write_checkpoint_files",
+    "write_extended",
+]

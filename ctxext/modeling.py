@@ -9,6 +9,7 @@ Safety: remote code runs only with ``trust_remote_code=True``; pickled weights l
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,8 @@ def build_config(
     """
     from transformers import AutoConfig
 
-    data = dict(config_dict)
+    # a deep copy: transformers 5 fills rope_theta etc. into the rope dicts it is given, in place
+    data = copy.deepcopy(dict(config_dict))
     model_type = data.pop("model_type")
     if trust_remote_code and path is not None and "AutoConfig" in data.get("auto_map", {}):
         config = AutoConfig.from_pretrained(path, trust_remote_code=True)

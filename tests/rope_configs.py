@@ -33,6 +33,18 @@ PYTHIA = {
     "rotary_emb_base": 10000,
 }
 
+PHI_V5 = {  # as transformers 5 saves phi-2: partial_rotary_factor only inside rope_parameters
+    "model_type": "phi",
+    "hidden_size": 2560,
+    "num_attention_heads": 32,
+    "max_position_embeddings": 2048,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.4,
+    },
+}
+
 GEMMA3 = {
     "model_type": "gemma3_text",
     "hidden_size": 1152,

@@ -101,3 +101,35 @@ def test_partial_rotary_neox(capsys, tmp_path, tiny_tokenizer_dir):
     assert report["rotary_dim"] == 4 and len(report["pairs"]) == 2
     code, _, err = run_cli(capsys, "extend", src, "-o", tmp_path / "o", "-m", "ntk", "-f", "4")
     assert code == 0, err
+
+
+WARNS = {  # extend arguments: words its one warning line must hold (None: no warning)
+    ("-m", "dynamic"): ("llama.cpp ignores it", "GGUF", "128-token context", "vLLM", "512", "TGI"),
+    ("-m", "yarn", "--beta-fast", "16"): ("llama.cpp (Llama models) and TGI ignore beta_fast:",),
+    ("-m", "yarn", "--attention-factor", "1"): ("ignore attention_factor:", "0.1 ln s + 1"),
+    ("-m", "yarn"): None,
+    ("-m", "yarn", "--beta-fast", "32"): None,  # the default, spelt out
+    ("-m", "linear"): None,
+    ("-m", "ntk"): None,
+    ("-m", "llama3"): None,
+}
+
+
+@pytest.mark.parametrize("args", list(WARNS), ids=" ".join)
+def test_extend_warns_what_other_engines_ignore(capsys, tmp_path, tiny_llama, args):
+    out_dir = tmp_path / "o"
+    code, out, err = run_cli(
+        capsys, "extend", tiny_llama, "-o", out_dir, *args, "-f", "4", "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["method"] == args[1]  # the warning stays off stdout
+    warnings = [line for line in err.splitlines() if "warning" in line.lower()]
+    if WARNS[args] is None:
+        assert warnings == []
+        return
+    (line,) = warnings  # one line naming each engine that does not run it as transformers does
+    assert line.startswith("warning: ")
+    for words in WARNS[args]:
+        assert words in line, words
+    code, _, err = run_cli(capsys, "extend", tiny_llama, "-o", out_dir, *args, "-f", "4")
+    assert code == 2 and "warning" not in err  # a refused request says only why

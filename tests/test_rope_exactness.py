@@ -61,6 +61,17 @@ TINY = {
         "rotary_pct": 0.25,
         "rotary_emb_base": 10000,
     },
+    # as transformers 5 saves phi: the rotary share only inside rope_parameters (not PhiConfig's
+    # default 0.5, so a reader that loses it gets other frequencies)
+    "phi": {
+        **COMMON,
+        "model_type": "phi",
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.75,
+        },
+    },
     "gemma3_text": {
         **COMMON,
         "model_type": "gemma3_text",
@@ -79,6 +90,7 @@ REQUEST = {
     "qwen2": {"target_length": 8192},
     "mistral": {"factor": 2.5},
     "gpt_neox": {"target_length": 16384},
+    "phi": {"factor": 3.0},
     "gemma3_text": {"factor": 8.0},
 }
 DYNAMIC_SEQ_LEN = 3 * L + 77  # beyond the trained length, so dynamic NTK rescales
@@ -185,14 +197,19 @@ def test_ntk_matches_bloc97_formula_written_out(family: str, tmp_root: str) -> N
     _, rot, _ = _load(family, "ntk", tmp_root)
     layer = "full_attention" if family == "gemma3_text" else None
     got, scale = _used(rot, "ntk", layer)
-    theta = {"llama": 1e4, "qwen2": 1e6, "mistral": 5e5, "gpt_neox": 1e4, "gemma3_text": 1e6}
-    d = {"llama": 16, "qwen2": 16, "mistral": 32, "gpt_neox": 8, "gemma3_text": 16}[family]
-    s = {"llama": 4.0, "qwen2": 4.0, "mistral": 2.5, "gpt_neox": 8.0, "gemma3_text": 8.0}[family]
-    new_theta = theta[family] * s ** (d / (d - 2))
+    theta, d, s = {  # each family's (theta, rotary dimension, factor), typed out
+        "llama": (1e4, 16, 4.0),
+        "qwen2": (1e6, 16, 4.0),
+        "mistral": (5e5, 32, 2.5),
+        "gpt_neox": (1e4, 8, 8.0),
+        "phi": (1e4, 12, 3.0),
+        "gemma3_text": (1e6, 16, 8.0),
+    }[family]
+    new_theta = theta * s ** (d / (d - 2))
     want = [new_theta ** (-2 * j / d) for j in range(d // 2)]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
     assert scale == 1.0
-    assert got[-1] == pytest.approx(theta[family] ** (-(d - 2) / d) / s, rel=1e-6)  # PI at the end
+    assert got[-1] == pytest.approx(theta ** (-(d - 2) / d) / s, rel=1e-6)  # PI at the end
 
 
 @pytest.mark.parametrize("method", METHODS)

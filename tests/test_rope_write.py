@@ -9,7 +9,7 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rope_configs import GEMMA3, GEMMA3_LEGACY, LLAMA, PYTHIA, QWEN2_V5
+from rope_configs import GEMMA3, GEMMA3_LEGACY, LLAMA, PHI_V5, PYTHIA, QWEN2_V5
 from rope_configs import one_line_error as _error
 
 from ctxext.rope.methods import ALL_METHODS, METHODS
@@ -97,17 +97,53 @@ def test_max_position_embeddings_per_method(method: str) -> None:
     assert by_factor["original_max_position_embeddings"] == 4096
 
 
-@pytest.mark.parametrize("method", ["linear", "dynamic", "yarn", "llama3"])
-def test_legacy_mirror_matches_rope_parameters(method: str) -> None:
-    out = extend_config(LLAMA, method, 2)
+# The keys transformers 4.57 accepts in rope_scaling per type (modeling_rope_utils._validate_*);
+# any other key logs "Unrecognized keys in `rope_scaling`" on every load. "type" counts as rope_type.
+V4_ROPE_SCALING_KEYS = {
+    "linear": {"rope_type", "factor"},
+    "dynamic": {"rope_type", "factor", "original_max_position_embeddings"},
+    "yarn": {"rope_type", "factor", "attention_factor", "beta_fast", "beta_slow"}
+    | {"original_max_position_embeddings", "mscale", "mscale_all_dim", "truncate"},
+    "llama3": {"rope_type", "factor", "original_max_position_embeddings"}
+    | {"low_freq_factor", "high_freq_factor"},
+    "longrope": {"rope_type", "short_factor", "long_factor", "attention_factor", "factor"}
+    | {"original_max_position_embeddings"},
+}
+
+
+def _extend_any(cfg: dict, method: str, factor: float) -> dict:
+    """extend_config for every method; longrope gets PI's factors (one per rotary pair)."""
+    if method != "longrope":
+        return extend_config(cfg, method, factor)
+    pairs = analyze(cfg).rotary_dim // 2
+    return extend_config(cfg, method, factor, long_factor=[factor] * pairs)
+
+
+@pytest.mark.parametrize("method", [m for m in ALL_METHODS if m != "ntk"])
+@pytest.mark.parametrize("cfg", [LLAMA, PHI_V5, PYTHIA], ids=["llama", "phi-v5", "pythia"])
+def test_legacy_mirror_holds_scaling_keys_only(cfg: dict, method: str) -> None:
+    out = _extend_any(cfg, method, 2)
     params, mirror = out["rope_parameters"], out["rope_scaling"]
     assert mirror["type"] == mirror["rope_type"] == params["rope_type"] == method
-    assert {k: v for k, v in mirror.items() if k != "type"} == params
-    assert mirror["rope_theta"] == out["rope_theta"] == params["rope_theta"] == 10000.0
+    assert set(mirror) - {"type"} <= V4_ROPE_SCALING_KEYS[method]
+    # transformers 5 lets the mirror replace rope_parameters and fills in theta and the rotary
+    # share from the top level: together they must give back the whole entry
+    if cfg is PYTHIA:
+        top = {"rope_theta": out["rotary_emb_base"], "partial_rotary_factor": out["rotary_pct"]}
+    else:
+        top = {k: out[k] for k in ("rope_theta", "partial_rotary_factor") if k in out}
+    assert {**{k: v for k, v in mirror.items() if k != "type"}, **top} == params
+    assert out["rope_theta"] == params["rope_theta"]
     for key in ("factor", "rope_theta", "low_freq_factor", "high_freq_factor", "beta_fast"):
         if key in params:
             assert type(params[key]) is float, key
     assert params["factor"] == 2.0
+
+
+def test_partial_rotary_factor_written_at_the_top_level() -> None:
+    out = extend_config(PHI_V5, "yarn", 2.0)
+    assert out["partial_rotary_factor"] == out["rope_parameters"]["partial_rotary_factor"] == 0.4
+    assert "partial_rotary_factor" not in extend_config(LLAMA, "yarn", 2.0)  # 1.0: nothing to add
 
 
 def test_linear_and_dynamic_keys() -> None:
@@ -193,7 +229,8 @@ def test_gemma3_scales_full_attention_only(cfg: dict, method: str) -> None:
 def test_stale_top_level_theta_is_rewritten() -> None:
     cfg = {**QWEN2_V5, "rope_theta": 10000.0}  # rope_parameters says 1e6
     out = extend_config(cfg, "linear", 2.0)
-    assert out["rope_theta"] == out["rope_scaling"]["rope_theta"] == 1e6
+    assert out["rope_theta"] == out["rope_parameters"]["rope_theta"] == 1e6
+    assert "rope_theta" not in out["rope_scaling"]  # the top-level copy is the one readers use
 
 
 def test_non_integral_product_rounds_length() -> None:

@@ -109,9 +109,11 @@ def extend(
         else:
             _render_diff(plan)
             _err.print("[dim]dry run: nothing written[/dim]")
+        _warn(plan.notes)
         return
     with checkpoint.output_lock(job.output):
         record = write_extended(plan, job, allow_pickle=allow_pickle)
+    _warn(plan.notes)
     if as_json:
         _out.print_json(data=record)
         return
@@ -120,6 +122,11 @@ def extend(
         f"[green]wrote[/green] {job.output} ({spec.method}, x{plan.factor:g}: "
         f"{record['trained_length']} -> {plan.new_length} tokens) in {record['seconds']:.2f}s"
     )
+
+
+def _warn(notes: list[str]) -> None:
+    for note in notes:  # on stderr, one line each, so also with --json
+        _err.print(f"[yellow]warning:[/yellow] {note}", soft_wrap=True)
 
 
 def _render_diff(plan: Any) -> None:

@@ -18,9 +18,9 @@ How transformers 5.x reads what we write (``modeling_rope_utils.py`` and the con
 * ``rope_parameters`` is the v5 home: ``{rope_type, rope_theta, factor, ...}``.
 * A legacy ``rope_scaling`` key, when truthy, REPLACES ``rope_parameters`` wholesale on load
   (``rope_scaling or rope_parameters``); the top-level ``rope_theta`` / ``partial_rotary_factor``
-  are then only ``setdefault``-ed into it. A mirror without ``rope_theta`` plus a stale top-level
-  ``rope_theta`` therefore silently changes theta, so our mirror carries ``rope_theta`` (and
-  ``partial_rotary_factor``) itself and the top-level copies are rewritten to match.
+  are then only ``setdefault``-ed into it. Our mirror holds the scaling keys only (transformers
+  4.x warns about ``rope_theta`` or ``partial_rotary_factor`` inside ``rope_scaling`` on every
+  load), so the top-level copies are always rewritten: a stale one would change theta.
 * GPT-NeoX reads theta from ``rotary_emb_base`` and the rotary share from ``rotary_pct``
   (default 0.25), never from top-level ``rope_theta``.
 * Gemma 3 nests ``{sliding_attention: {...}, full_attention: {...}}``; a legacy ``rope_scaling``
@@ -39,6 +39,7 @@ How transformers 5.x reads what we write (``modeling_rope_utils.py`` and the con
 
 from ctxext.rope.methods import (
     ALL_METHODS,
+    ENGINE_WARNINGS,
     FACTOR_LIST_METHODS,
     METHODS,
     OPTION_DEFAULTS,
@@ -49,6 +50,7 @@ from ctxext.rope.write import config_diff, extend_config, new_length, validate_r
 
 __all__ = [
     "ALL_METHODS",
+    "ENGINE_WARNINGS",
     "FACTOR_LIST_METHODS",
     "METHODS",
     "OPTIONS_OF",

@@ -35,3 +35,24 @@ OPTIONS_OF: dict[str, tuple[str, ...]] = {
     "llama3": ("low_freq_factor", "high_freq_factor"),
     "longrope": ("long_factor", "short_factor", "attention_factor"),
 }
+
+#: What engines other than transformers do instead with a method (keyed by method) or with
+#: options changed from their defaults (keyed by (method, option names)); `ctxext extend` prints
+#: it. Read in their source: llama.cpp's convert_hf_to_gguf.py writes nothing for
+#: ``rope_type == "dynamic"`` (tests/test_gguf_interop.py runs it), and its src/llama-model.cpp
+#: reads the YaRN betas and attention factor back for Grok and Mistral 3 only; vLLM's
+#: DynamicNTKScalingRotaryEmbedding computes one base for the longest servable length; TGI's
+#: DynamicPositionRotaryEmbedding recomputes only when a longer batch arrives, and its YaRN
+#: hard-codes betas 32/1 and the 0.1 ln s + 1 attention factor.
+ENGINE_WARNINGS: dict[str | tuple[str, tuple[str, ...]], str] = {
+    "dynamic": (
+        "only transformers rescales dynamic per sequence: llama.cpp ignores it (its GGUF says no "
+        "rope scaling and a {trained}-token context), vLLM gives every sequence the base "
+        "transformers uses at {new} tokens, TGI keeps the base of the longest batch it has seen; "
+        "for the same model in every engine use yarn, linear, ntk or llama3"
+    ),
+    ("yarn", ("beta_fast", "beta_slow", "attention_factor")): (
+        "llama.cpp (Llama models) and TGI ignore {changed}: they run YaRN with beta_fast 32, "
+        "beta_slow 1 and attention factor 0.1 ln s + 1"
+    ),
+}

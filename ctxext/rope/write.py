@@ -266,18 +266,26 @@ def _method_options(method: str, given: dict) -> dict:
     return opts
 
 
-def _legacy_mirror(entry: Mapping[str, Any]) -> dict | None:
-    """The ``rope_scaling`` copy for transformers 4.x, vLLM, SGLang, TGI, llama.cpp.
+#: Keys every reader takes from the top level of config.json, never from ``rope_scaling``.
+_TOP_LEVEL_KEYS = ("rope_theta", "partial_rotary_factor")
 
-    It carries ``type`` (old readers) and ``rope_type`` (new), and the whole entry including
-    rope_theta: transformers 5 lets it replace rope_parameters, so it must be complete.
-    Static NTK has no scaling to mirror: ``rope_scaling: null``, since a ``{"type": "default"}``
-    mirror breaks readers that expect a factor (TGI raises on the type and indexes ["factor"];
-    older vLLM asserts "factor" in rope_scaling).
+
+def _legacy_mirror(entry: Mapping[str, Any]) -> dict | None:
+    """The ``rope_scaling`` copy for transformers 4.x, vLLM, SGLang, TGI and older llama.cpp.
+
+    It carries ``type`` (old readers) and ``rope_type`` (new) and the scaling keys only:
+    ``rope_theta`` and ``partial_rotary_factor`` stay at the top level, where those readers look
+    (transformers 4.x logs "Unrecognized keys in `rope_scaling`" for either one on every load).
+    transformers 5, which lets ``rope_scaling`` replace ``rope_parameters``, fills both back in
+    from the top-level keys (GPT-NeoX: ``rotary_emb_base``/``rotary_pct``), and
+    :func:`extend_config` always rewrites those. Static NTK has no scaling to mirror:
+    ``rope_scaling: null``, since a ``{"type": "default"}`` mirror breaks readers that expect a
+    factor (TGI raises on the type and indexes ["factor"]; older vLLM asserts "factor" in
+    rope_scaling).
     """
     if entry["rope_type"] == "default":
         return None
-    rest = {k: v for k, v in entry.items() if k != "rope_type"}
+    rest = {k: v for k, v in entry.items() if k not in ("rope_type", *_TOP_LEVEL_KEYS)}
     return {"rope_type": entry["rope_type"], "type": entry["rope_type"], **rest}
 
 
@@ -299,8 +307,9 @@ def extend_config(
     """Return a new config dict extended by ``method``; ``config`` is not modified.
 
     Writes v5 ``rope_parameters``, the legacy ``rope_scaling`` mirror, top-level ``rope_theta``
-    (and ``rotary_emb_base``/``rotary_pct`` for GPT-NeoX, ``rope_local_base_freq`` for Gemma 3),
-    ``original_max_position_embeddings`` and the method's ``max_position_embeddings``.
+    and ``partial_rotary_factor`` (``rotary_emb_base``/``rotary_pct`` for GPT-NeoX), Gemma 3's
+    ``rope_local_base_freq``, ``original_max_position_embeddings`` and the method's
+    ``max_position_embeddings``.
     """
     info = analyze(config)
     s = validate_request(info, method, factor, target_length)
@@ -333,10 +342,13 @@ def extend_config(
     mirror = _legacy_mirror(entry)
     if mirror is not None or root.get("rope_scaling") is not None:
         root["rope_scaling"] = mirror
+    # The top-level copies complete the mirror for every reader of it (see _legacy_mirror).
     root["rope_theta"] = entry["rope_theta"]
     if model_type == "gpt_neox":
         root["rotary_emb_base"] = entry["rope_theta"]
         root["rotary_pct"] = float(info.partial_rotary_factor)
+    elif "partial_rotary_factor" in entry:
+        root["partial_rotary_factor"] = entry["partial_rotary_factor"]
     root["max_position_embeddings"] = int(max_len)
     root["original_max_position_embeddings"] = int(info.trained_length)
     return out
