@@ -1,0 +1,131 @@
+"""Data mixes: seeded draws by weight, synthetic long-range task sequences, a one-source mix
+trains exactly as that source alone, and the mix is recorded in the checkpoint's provenance.
+(Resuming a mixed run exactly: tests/test_finetune_state.py.)"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+import numpy as np
+import pytest
+from conftest import BUNDLED, finetune_cfg, max_weight_diff, model_weights
+
+from ctxext.config import ExtendConfig, TaskOptions
+from ctxext.errors import CtxextError
+from ctxext.finetune.data import mix_draws
+from ctxext.finetune.loop import run_finetune
+
+YARN2 = ExtendConfig(method="yarn", factor=2)  # 128 -> 256
+
+
+def test_draws_follow_the_weights_and_depend_on_seed_and_sample_only():
+    weights = [0.6, 0.3, 0.0, 0.1]
+    n = 20_000
+    draws = mix_draws(weights, seed=7, count=n)
+    counts = np.bincount(draws, minlength=4)
+    for k, w in enumerate(weights):
+        sigma = (n * w * (1 - w)) ** 0.5
+        assert abs(counts[k] - n * w) <= 4 * sigma + 1e-9, (k, counts[k])
+    assert counts[2] == 0  # weight 0: never drawn
+    # Sample i's source is a function of (seed, i): a longer run, or a resumed one, agrees.
+    assert mix_draws(weights, seed=7, count=500) == draws[:500]
+    assert mix_draws([6, 3, 0, 1], seed=7, count=500) == draws[:500]  # only ratios matter
+    assert mix_draws(weights, seed=8, count=500) != draws[:500]
+
+
+@pytest.fixture(scope="module")
+def bundled_tok_and_filler():
+    from ctxext.bundled_train import packed_stream
+    from ctxext.corpus import stdlib_documents
+    from ctxext.modeling import load_tokenizer
+
+    tok = load_tokenizer(BUNDLED)
+    docs = [d.text for d in itertools.islice(stdlib_documents("train"), 40)]
+    return tok, packed_stream(tok, docs)
+
+
+def _facts(text: str) -> list[tuple[str, str]]:
+    return re.findall(r"^(TOKEN_[0-9A-F]{4}) = (\w+)$", text, flags=re.M)
+
+
+@pytest.mark.parametrize("task", ["retrieval", "multikey", "multihop"])
+def test_task_sequences_spread_facts_over_the_length_and_answer_right(bundled_tok_and_filler, task):
+    from ctxext.synthetic import task_sequence
+
+    tok, stream = bundled_tok_and_filler
+    length, options = 512, TaskOptions(keys=4, queries=2, hops=3)
+    depths = []
+    for i in range(60):
+        rng = np.random.default_rng([5, i])
+        start = int(rng.integers(0, len(stream) - length))
+        seq = task_sequence(tok, task, options, stream[start : start + length], length, rng)
+        assert len(seq.input_ids) == length
+        assert seq.input_ids[0] == tok.bos_token_id
+        facts = dict(_facts(tok.decode(seq.input_ids)))
+        want = {"retrieval": 1, "multikey": 4, "multihop": 4}[task]
+        assert len(seq.needles) == len(facts) == want
+        assert len(seq.answers) == {"multikey": 2}.get(task, 1)
+        for (a, b), value in zip(seq.answers, seq.values, strict=True):
+            assert tok.decode(seq.input_ids[a:b]) == value  # the span holds the answer
+            question = tok.decode(seq.input_ids[:a]).rsplit("\n", 1)[1]
+            name = re.fullmatch(r"assert (TOKEN_[0-9A-F]{4}) ==", question).group(1)
+            while facts[name].startswith("TOKEN_"):  # multihop: follow the chain
+                name = facts[name]
+            assert value.strip() == facts[name]
+        if task == "multihop":  # the chain's facts come in chain order
+            names = [n for n, _ in _facts(tok.decode(seq.input_ids))]
+            assert all(facts[b] == a for a, b in itertools.pairwise(names))
+        depths += [p / length for p in seq.needles]
+    # Facts land over the whole sequence: every fifth of it holds a fair share of them.
+    hist = np.histogram(depths, bins=5, range=(0, 1))[0]
+    assert hist.min() >= 0.05 * len(depths), hist
+    assert min(depths) < 0.05 and max(depths) > 0.9
+
+
+def test_a_task_that_cannot_fit_is_refused(bundled_tok_and_filler):
+    from ctxext.synthetic import check_task_fits
+
+    tok, _ = bundled_tok_and_filler
+    check_task_fits(tok, "multihop", TaskOptions(hops=4), 256)
+    with pytest.raises(CtxextError, match=r"multihop task source does not fit .* 256"):
+        check_task_fits(tok, "multihop", TaskOptions(hops=40), 256)
+    with pytest.raises(CtxextError, match="--task-keys"):
+        check_task_fits(tok, "multikey", TaskOptions(keys=40, queries=40), 256)
+
+
+def test_a_mix_of_one_source_trains_exactly_as_that_source(tmp_path, tiny_llama_session):
+    plain = run_finetune(str(tiny_llama_session), tmp_path / "a", YARN2, finetune_cfg(steps=3))
+    mixed = run_finetune(
+        str(tiny_llama_session), tmp_path / "b", YARN2, finetune_cfg(steps=3, mix=["stdlib:1"])
+    )
+    assert max_weight_diff(model_weights(tmp_path / "a"), model_weights(tmp_path / "b")) == 0
+    assert plain["data"]["tokens"] == mixed["data"]["mix"]["sources"][0]["tokens"]
+
+
+def test_provenance_records_the_mix(tmp_path, tiny_llama_session):
+    mix = ["stdlib:0.5", "multikey:0.3", "multihop:0.2"]
+    cfg = finetune_cfg(steps=3, batch_size=2, seed=4, mix=mix, tasks={"keys": 3, "hops": 2})
+    summary = run_finetune(str(tiny_llama_session), tmp_path / "o", YARN2, cfg)
+    prov = json.loads((tmp_path / "o" / "ctxext_provenance.json").read_text())
+    assert prov["finetune"]["mix"] == [
+        {"source": "stdlib", "weight": 0.5},
+        {"source": "multikey", "weight": 0.3},
+        {"source": "multihop", "weight": 0.2},
+    ]
+    assert prov["finetune"]["tasks"] == {"keys": 3, "queries": 2, "hops": 2}
+    recorded = prov["training"]["data"]["mix"]
+    assert recorded == summary["data"]["mix"] and recorded["seed"] == 4
+    assert recorded["filler"] == "stdlib"
+    by_name = {s["source"]: s for s in recorded["sources"]}
+    assert sum(s["samples"] for s in by_name.values()) == 6  # 3 steps x 2
+    assert by_name["stdlib"]["kind"] == "text" and by_name["stdlib"]["fingerprint"]
+    assert by_name["multikey"]["task"]["keys"] == 3
+    hop = by_name["multihop"]["task"]
+    assert (hop["hops"], hop["length"], hop["templates"]) == (2, 256, ["code"])
+    # The draws recorded are the draws the seed makes.
+    draws = mix_draws([0.5, 0.3, 0.2], seed=4, count=6)
+    assert [by_name[n]["samples"] for n in ("stdlib", "multikey", "multihop")] == [
+        draws.count(k) for k in range(3)
+    ]
