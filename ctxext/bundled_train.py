@@ -10,11 +10,12 @@ tokenizer with BOS/EOS, weights stored in float16 as Llama 2 ships them. Trained
 with rope_theta 10000 and head_dim 64, about 60% of its frequency pairs never complete a full
 turn within the training length, the regime in which position interpolation and YaRN matter.
 
-The training mix (the defaults): 40% packed stdlib code, 30% code-retrieval sequences (1 to 4
-``TOKEN_XXXX = KEY`` lines hidden in code, each asked for at the end, see retrieval_chunks)
+The training mix (the defaults): 40% packed stdlib code, 30% retrieval sequences (1 to 4
+key/value lines in the *training* templates of ``ctxext.needles`` hidden in code, each asked
+for at the end, see retrieval_chunks; the held-out templates are never trained on)
 and 30% copy sequences (128 random corpus tokens repeated, see copy_chunks), all at 256 tokens.
 The synthetic 60% make the model able to retrieve a value from anywhere in its trained window
-(100% of code keys at 256 tokens, at every depth), so that retrieval past 256 tokens measures
+(also in templates it never saw), so that retrieval past 256 tokens measures
 the extension method rather than a model that never learned to look back; without the copy
 sequences it did not learn that within this budget, and with code alone it never did.
 """
@@ -120,22 +121,23 @@ def training_chunks(stream: list[int], bos_id: int, bos_per_chunk: bool):  # -> 
     return torch.cat([torch.full((n, 1), bos_id), pieces], dim=1)
 
 
-def retrieval_prompts(tokenizer, stream: list[int], n: int, seed: int) -> list:
-    """``n`` code retrieval prompts (``ctxext.context_use``) at TRAIN_LENGTH from ``stream``."""
+def retrieval_prompts(tokenizer, stream: list[int], n: int, seed: int, split: str) -> list:
+    """``n`` one-needle retrieval prompts at TRAIN_LENGTH from ``stream``, cycling through the
+    templates of ``split`` (``ctxext.needles``), placed and scored as ``ctxext eval`` does."""
     import numpy as np
 
-    from ctxext.context_use import build_code_retrieval_prompt, random_code_name, random_key
+    from ctxext.needles import build_prompt, random_key, random_name, templates_of
 
+    forms = templates_of(split)
     rng = np.random.default_rng(seed)
     prompts = []
-    for _ in range(n):
+    for i in range(n):
+        t = forms[i % len(forms)]
         start = int(rng.integers(0, len(stream) - TRAIN_LENGTH))
         key = random_key(rng)
-        name = random_code_name(rng)
+        name = random_name(rng, t.shape)
         window = stream[start : start + TRAIN_LENGTH]
-        prompts.append(
-            build_code_retrieval_prompt(tokenizer, window, TRAIN_LENGTH, rng.random(), key, name)
-        )
+        prompts.append(build_prompt(tokenizer, window, TRAIN_LENGTH, rng.random(), key, name, t))
     return prompts
 
 
@@ -153,78 +155,31 @@ def retrieval_probe(model, prompts: list) -> float:
     return hits / len(prompts)
 
 
-def multi_needle_ids(tokenizer, filler: list[int], rng, needles: int) -> list[int]:
-    """TRAIN_LENGTH tokens: BOS + code with 1 to ``needles`` lines ``TOKEN_XXXX = KEY``, each
-    at a uniform random depth (the nearest line boundary, as the evaluation places its one),
-    then one ``assert TOKEN_XXXX == KEY`` line per needle, in a random order.
-
-    The evaluation prompt (``build_code_retrieval_prompt``) is the one-needle case; several
-    needles per sequence give the copy task several answers to learn from per sequence, and
-    force the model to match the name rather than copy the only number it saw.
-    """
-    from ctxext.context_use import (
-        CODE_NEEDLE,
-        CODE_QUESTION,
-        _encode,
-        _line_starts,
-        random_code_name,
-        random_key,
-    )
-
-    count = int(rng.integers(1, needles + 1))
-    # Distinct names (a repeated name would ask for one of two values), then their keys.
-    names = list(dict.fromkeys(random_code_name(rng) for _ in range(count)))
-    pairs = {name: random_key(rng) for name in names}
-    lines = [
-        _encode(tokenizer, "\n" + CODE_NEEDLE.format(name=n, key=k) + "\n")
-        for n, k in pairs.items()
-    ]
-    order = rng.permutation(len(pairs))
-    asks = [
-        _encode(tokenizer, "\n" + CODE_QUESTION.format(name=names[i]) + " " + pairs[names[i]])
-        for i in order
-    ]
-    bos = [tokenizer.bos_token_id]
-    n_filler = TRAIN_LENGTH - len(bos) - sum(map(len, lines)) - sum(map(len, asks))
-    body = list(filler[:n_filler])
-    starts = _line_starts(tokenizer, body)
-    depths = rng.random(len(lines)) * len(body)
-    cuts = sorted(min(starts, key=lambda b, d=d: abs(b - d)) for d in depths)
-    out, prev = list(bos), 0
-    for cut, line in zip(cuts, lines, strict=True):
-        out += body[prev:cut] + line
-        prev = cut
-    out += body[prev:]
-    for ask in asks:
-        out += ask
-    return out
-
-
 def retrieval_chunks(
     tokenizer, stream: list[int], n: int, seed: int, needles: int = 1
 ):  # -> LongTensor
     """[n, TRAIN_LENGTH] synthetic retrieval sequences for the ``--retrieval-mix``.
 
-    Each is the code retrieval prompt of ``ctxext.context_use`` at TRAIN_LENGTH tokens: a random
-    window of the packed training stream, a line ``TOKEN_XXXX = KEY`` inserted at a uniform
-    random depth (on a line boundary) and ``assert TOKEN_XXXX == KEY`` at the end. Trained on
-    with the ordinary next-token loss, so the model learns to copy a value it saw earlier
-    (at distances < TRAIN_LENGTH only, like everything else it sees). With ``needles`` > 1,
-    see multi_needle_ids.
+    Each is a random window of the packed training stream with 1 to ``needles`` key/value
+    lines in the *training* templates of ``ctxext.needles`` (a random form per needle) at
+    uniform random depths (on line boundaries), each asked for at the end
+    (``needles.multi_needle_ids``). Trained on with the ordinary next-token loss, so the model
+    learns to find a name and copy the value it saw with it (at distances < TRAIN_LENGTH only,
+    like everything else it sees). The held-out templates never appear: ``ctxext eval``
+    scores them, so retrieval measures the skill, not a memorised form.
     """
     import numpy as np
     import torch
 
-    if needles == 1:
-        rows = [p.input_ids for p in retrieval_prompts(tokenizer, stream, n, seed)]
-    else:
-        rng = np.random.default_rng(seed)
-        rows = []
-        for _ in range(n):
-            start = int(rng.integers(0, len(stream) - TRAIN_LENGTH))
-            rows.append(
-                multi_needle_ids(tokenizer, stream[start : start + TRAIN_LENGTH], rng, needles)
-            )
+    from ctxext.needles import multi_needle_ids, templates_of
+
+    forms = templates_of("train")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        start = int(rng.integers(0, len(stream) - TRAIN_LENGTH))
+        window = stream[start : start + TRAIN_LENGTH]
+        rows.append(multi_needle_ids(tokenizer, window, TRAIN_LENGTH, rng, needles, forms))
     return torch.tensor(rows, dtype=torch.long).view(n, TRAIN_LENGTH)
 
 
@@ -293,9 +248,13 @@ def train(
     if n_copy:
         chunks = torch.cat([chunks, copy_chunks(stream, n_copy, seed)])
     n_chunks = len(chunks)
-    # A probe of 64 retrieval prompts hidden in held-out code, logged with the loss.
+    # Two probes of 60 retrieval prompts hidden in held-out code, logged with the loss: one in
+    # the training templates, one in the held-out templates (never trained on).
     held_out = packed_stream(tokenizer, [d.text for d in stdlib_documents("heldout")])
-    probe = retrieval_prompts(tokenizer, held_out, 64, seed + 1)
+    probes = {
+        split: retrieval_prompts(tokenizer, held_out, 60, seed + 1, split)
+        for split in ("train", "heldout")
+    }
     print(
         f"train tokens {len(stream):,} -> {n_text:,} chunks of {TRAIN_LENGTH}"
         f" + {n_retrieval:,} retrieval + {n_copy:,} copy chunks",
@@ -342,11 +301,13 @@ def train(
             tps = (step + 1) * batch_size * TRAIN_LENGTH / elapsed
             entry = {"step": step, "loss": round(loss.item(), 4), "tokens_per_s": round(tps)}
             if probe_now:
-                entry["retrieval_probe"] = retrieval_probe(model, probe)
+                for split, probe in probes.items():
+                    entry[f"retrieval_probe_{split}"] = retrieval_probe(model, probe)
             log.append(entry)
             print(
                 f"step {step:5d} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
-                f"retrieval {entry.get('retrieval_probe', float('nan')):.2f} "
+                f"retrieval train {entry.get('retrieval_probe_train', float('nan')):.2f} "
+                f"held-out {entry.get('retrieval_probe_heldout', float('nan')):.2f} "
                 f"{tps:,.0f} tok/s elapsed {elapsed / 60:.1f} min",
                 flush=True,
             )

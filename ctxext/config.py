@@ -24,7 +24,6 @@ from ctxext.text import plural
 Method = Literal[ALL_METHODS]  # type: ignore[valid-type]  # the names defined in ctxext.rope
 LinkMode = Literal["hardlink", "copy", "symlink"]
 Task = Literal["ppl", "passkey", "context-use", "retrieval"]
-RetrievalTemplate = Literal["auto", "code", "text"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DocSelection = Literal["same", "per-length"]
 
@@ -191,9 +190,10 @@ class EvalConfig(StrictModel):
     length of each model)."""
     local_stride: int | None = None
     """context-use: stride of the local windows (default: local_window // 4; 1 is exact)."""
-    retrieval_template: RetrievalTemplate = "auto"
-    """retrieval: code (a Python constant hidden in held-out code), text (the passkey), or auto
-    (code on the default stdlib corpus, text on other data)."""
+    retrieval_template: str = "auto"
+    """retrieval: the key/value templates (ctxext.needles) hidden in the evaluation documents:
+    heldout (the forms no ctxext training uses), train, all, or comma-separated template names;
+    text (the natural-language passkey in its own filler); auto = heldout."""
     include_base: bool = True
     """Also evaluate each model unscaled when scaling methods are given."""
     dtype: Dtype = "auto"
@@ -238,9 +238,19 @@ class EvalConfig(StrictModel):
     @property
     def template(self) -> str:
         """The retrieval template in force (auto resolved against the data)."""
-        if self.retrieval_template != "auto":
-            return self.retrieval_template
-        return "code" if self.data is None else "text"
+        return "heldout" if self.retrieval_template == "auto" else self.retrieval_template
+
+    @field_validator("retrieval_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if v not in ("auto", "text"):
+            from ctxext.needles import resolve_templates
+
+            try:
+                resolve_templates(v)
+            except CtxextError as e:
+                raise ValueError(str(e)) from None
+        return v
 
     @field_validator("passkey_depths")
     @classmethod

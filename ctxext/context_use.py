@@ -17,9 +17,11 @@ last few hundred: both can keep a flat perplexity. Three measurements can:
   more than W tokens back. Zero or negative: it only extrapolates (or is hurt by the far text).
 * **Retrieval** (``evaluate_retrieval``): a key hidden at a depth of the context, asked for at the
   end, scored teacher-forced on the key's tokens (correct iff every answer token is the argmax).
-  Two templates: ``text`` (the natural-language passkey of Mohtashami & Jaggi) and ``code``
-  (a Python constant ``TOKEN_7F3A = 48213`` hidden at a line boundary of real held-out code, and
-  at the end ``assert TOKEN_7F3A == 48213``), the in-domain version for code models.
+  The key/value forms are ``ctxext.needles`` templates (code and prose, several name shapes,
+  assignment syntaxes and query forms), split into forms ctxext trains on and forms it never
+  does; the default scores the held-out ones hidden in real held-out documents, so a model that
+  memorised one form does not pass. ``text`` is the natural-language passkey of Mohtashami &
+  Jaggi in its own filler.
 * **Effective context length** (``effective_length``): the longest evaluated length up to which
   (at it and at every shorter evaluated length) retrieval is >= 90% at every depth and the
   far-context gain of the last bucket is positive (its bootstrap interval lies above 0).
@@ -30,23 +32,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from ctxext.errors import CtxextError
 from ctxext.evaluate.loss import token_nll
-from ctxext.evaluate.passkey import PasskeyPrompt, _passkey_correct, build_passkey_prompt
+from ctxext.evaluate.passkey import _passkey_correct, build_passkey_prompt
 from ctxext.evaluate.perplexity import bootstrap_ratio
 from ctxext.evaluate.protocol import BOOTSTRAP_RESAMPLES, bucket_edges
+from ctxext.needles import TEMPLATES, build_prompt, random_key, random_name, resolve_templates
 
 __all__ = [
     "KEY_TOKEN_NATS",
     "RETRIEVAL_THRESHOLD",
     "ContextUseResult",
     "RetrievalResult",
-    "build_code_retrieval_prompt",
     "context_use",
     "context_use_sweep",
     "effective_length",
@@ -57,7 +59,6 @@ __all__ = [
 ]
 
 Progress = Callable[[int], None]
-Template = Literal["text", "code"]
 #: Retrieval accuracy at every depth needed for a length to count as read.
 RETRIEVAL_THRESHOLD = 0.9
 #: A key token's NLL drops by more than this (nats) from the local window to the full context
@@ -382,69 +383,6 @@ def context_use_protocol(window: int, stride: int, seed: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Retrieval: text (passkey) and code templates
 
-CODE_NEEDLE = "{name} = {key}"
-CODE_QUESTION = "assert {name} =="
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
-
-def _line_starts(tokenizer: Any, ids: Sequence[int]) -> list[int]:
-    """Token offsets after a line break (a token ending in a newline, maybe plus indentation:
-    byte-level BPE merges ``"\n    "`` into one token)."""
-    starts = [0]
-    for i, tid in enumerate(ids):
-        if tokenizer.decode([tid]).rstrip(" \t").endswith("\n"):
-            starts.append(i + 1)
-    return starts
-
-
-def random_key(rng: np.random.Generator) -> str:
-    """A retrieval key: a random 5-digit number (as the passkey of Mohtashami & Jaggi)."""
-    return str(int(rng.integers(10_000, 100_000)))
-
-
-def random_code_name(rng: np.random.Generator) -> str:
-    """A code retrieval name: ``TOKEN_`` and four random hex digits."""
-    return f"TOKEN_{int(rng.integers(0, 16**4)):04X}"
-
-
-def build_code_retrieval_prompt(
-    tokenizer: Any, filler_ids: Sequence[int], length: int, depth: float, key: str, name: str
-) -> PasskeyPrompt:
-    """BOS + code + ``NAME = KEY`` line (at ``depth``) + code + ``assert NAME == KEY``.
-
-    The code is real held-out source (``filler_ids``, at least as long as needed) cut to fill
-    exactly ``length`` tokens; the needle line goes at the line boundary nearest the depth.
-    """
-    if not 0.0 <= depth <= 1.0:
-        raise CtxextError(f"retrieval depth {depth} is outside [0, 1]; use fractions like 0.5")
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    needle = _encode(tokenizer, "\n" + CODE_NEEDLE.format(name=name, key=key) + "\n")
-    question = _encode(tokenizer, "\n" + CODE_QUESTION.format(name=name))
-    joint = _encode(tokenizer, "\n" + CODE_QUESTION.format(name=name) + " " + key)
-    if joint[: len(question)] == question and len(joint) > len(question):
-        answer = joint[len(question) :]
-    else:  # the tokenizer merges across the join: score the key as encoded on its own
-        answer = _encode(tokenizer, " " + key)
-    n_filler = length - len(bos) - len(needle) - len(question) - len(answer)
-    if n_filler < 0:
-        raise CtxextError(
-            f"retrieval length {length} is too short for the code prompt; use longer lengths"
-        )
-    if len(filler_ids) < n_filler:
-        raise CtxextError(
-            f"the code filler has {len(filler_ids)} tokens, {n_filler} are needed at length "
-            f"{length}; use longer data or shorter lengths"
-        )
-    filler = list(filler_ids[:n_filler])
-    # Line starts only (0 included), so the needle never splits a line of the code.
-    starts = _line_starts(tokenizer, filler)
-    cut = min(starts, key=lambda b: abs(b - depth * n_filler))
-    ids = bos + filler[:cut] + needle + filler[cut:] + question + answer
-    return PasskeyPrompt(input_ids=ids, answer_start=len(ids) - len(answer), key=key)
-
 
 @dataclass
 class RetrievalResult:
@@ -456,6 +394,10 @@ class RetrievalResult:
     trials: int
     accuracy: list[list[float]]
     correct: list[list[int]]
+    templates: list[str] = field(default_factory=list)
+    """The templates pooled in each cell (``text`` for the passkey)."""
+    by_template: dict[str, list[list[float]]] = field(default_factory=dict)
+    """Accuracy per template, length and depth."""
     protocol: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -484,64 +426,88 @@ def evaluate_retrieval(
     tokenizer: Any,
     lengths: Sequence[int],
     *,
-    template: Template,
+    template: str,
     doc_token_ids: Sequence[Sequence[int]] | None = None,
     depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     trials: int = 5,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> RetrievalResult:
-    """Retrieval accuracy for every length x depth, ``trials`` random 5-digit keys each."""
+    """Retrieval accuracy for every length x depth: ``trials`` random 5-digit keys per template.
+
+    ``template``: ``text`` (the natural-language passkey in its own filler), or a selection of
+    ``ctxext.needles`` templates hidden in ``doc_token_ids`` (``heldout``, ``train``, ``all``
+    or comma-separated names). A cell's accuracy pools every selected template's trials; the
+    per-template accuracies are kept in ``by_template``.
+    """
     if trials < 1:
         raise CtxextError(f"--trials must be at least 1, got {trials}")
-    if template == "code" and not doc_token_ids:
-        raise CtxextError("the code retrieval template needs documents to hide the key in")
+    forms = None if template == "text" else resolve_templates(template)
+    if forms is not None and not doc_token_ids:
+        raise CtxextError("the retrieval templates need documents to hide the key in")
+    names = ["text"] if forms is None else [t.name for t in forms]
     rng = np.random.default_rng(seed)
-    correct = [[0] * len(depths) for _ in lengths]
+    correct = {n: [[0] * len(depths) for _ in lengths] for n in names}
     done = 0
     for i, length in enumerate(lengths):
         for j, depth in enumerate(depths):
             for _ in range(trials):
-                key = random_key(rng)
-                if template == "code":
-                    name = random_code_name(rng)
-                    filler = _code_filler(doc_token_ids, length, rng)
-                    prompt = build_code_retrieval_prompt(
-                        tokenizer, filler, length, depth, key, name
+                for t in forms or [None]:
+                    key = random_key(rng)
+                    if t is None:
+                        prompt = build_passkey_prompt(tokenizer, length, depth, key)
+                    else:
+                        name = random_name(rng, t.shape)
+                        filler = _code_filler(doc_token_ids, length, rng)
+                        prompt = build_prompt(tokenizer, filler, length, depth, key, name, t)
+                    correct["text" if t is None else t.name][i][j] += _passkey_correct(
+                        model, prompt
                     )
-                else:
-                    prompt = build_passkey_prompt(tokenizer, length, depth, key)
-                correct[i][j] += _passkey_correct(model, prompt)
-                done += length
-                if progress is not None:
-                    progress(done)
+                    done += length
+                    if progress is not None:
+                        progress(done)
+    pooled = [
+        [sum(correct[n][i][j] for n in names) for j in range(len(depths))]
+        for i in range(len(lengths))
+    ]
+    per = trials * len(names)
     return RetrievalResult(
         template=template,
         lengths=list(lengths),
         depths=list(depths),
-        trials=trials,
-        accuracy=[[c / trials for c in row] for row in correct],
-        correct=correct,
-        protocol=retrieval_protocol(template, seed),
+        trials=per,
+        accuracy=[[c / per for c in row] for row in pooled],
+        correct=pooled,
+        templates=names,
+        by_template={n: [[c / trials for c in row] for row in correct[n]] for n in names},
+        protocol=retrieval_protocol(template, names, seed),
     )
 
 
-def retrieval_protocol(template: str, seed: int) -> dict[str, Any]:
-    prompt = (
-        "BOS + held-out code cut at a line boundary + '\\nTOKEN_XXXX = KEY\\n' at the depth + "
-        "code + '\\nassert TOKEN_XXXX == KEY'"
-        if template == "code"
-        else "BOS + task + filler + 'The pass key is KEY...' at the depth + filler + question "
-        "+ KEY (Mohtashami & Jaggi)"
-    )
+def retrieval_protocol(template: str, names: Sequence[str], seed: int) -> dict[str, Any]:
+    if template == "text":
+        prompt = (
+            "BOS + task + filler + 'The pass key is KEY...' at the depth + filler + question "
+            "+ KEY (Mohtashami & Jaggi)"
+        )
+    else:
+        forms = [TEMPLATES[n] for n in names]
+        prompt = (
+            "BOS + held-out documents cut at line boundaries + '\\nNEEDLE\\n' at the depth + "
+            "documents + '\\nQUESTION KEY', per template: "
+            + "; ".join(f"{t.name} ({t.split}): {t.needle!r} ... {t.question!r}" for t in forms)
+        )
     return {
         "name": f"retrieval-{template}",
         "template": template,
+        "templates": list(names),
+        "split": sorted({TEMPLATES[n].split for n in names}) if template != "text" else [],
         "prompt": prompt + "; exactly `length` tokens including the answer",
         "depth": "fraction of the filler tokens placed before the needle",
         "scoring": "teacher-forced greedy: correct iff the argmax at every answer position is "
-        "the answer's token",
-        "keys": f"uniform 5-digit integers (and 4-hex-digit names), numpy default_rng(seed={seed})",
+        "the answer's token; a cell pools every template's trials",
+        "keys": f"uniform 5-digit integers (and random names of each template's shape), numpy "
+        f"default_rng(seed={seed})",
     }
 
 

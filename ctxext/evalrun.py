@@ -262,12 +262,13 @@ def _tokenize_and_check(
     if "passkey" in cfg.tasks or ("retrieval" in cfg.tasks and cfg.template == "text"):
         for n in cfg.lengths:  # raises if a length cannot hold the prompt
             evaluate.build_passkey_prompt(tok, n, 0.5, "12345")
-    if "retrieval" in cfg.tasks and cfg.template == "code":
-        from ctxext.context_use import build_code_retrieval_prompt
+    if "retrieval" in cfg.tasks and cfg.template != "text":
+        from ctxext.needles import build_prompt, resolve_templates
 
         longest = max(tokens.ids, key=len, default=[])
-        for n in cfg.lengths:  # raises if the code is too short or a length too small
-            build_code_retrieval_prompt(tok, longest, n, 0.5, "12345", "TOKEN_0000")
+        for t in resolve_templates(cfg.template):
+            for n in cfg.lengths:  # raises if the text is too short or a length too small
+                build_prompt(tok, longest, n, 0.5, "12345", "Falcon Ridge 255", t)
     if "context-use" in cfg.tasks:  # raises when no document holds the longest length
         evaluate.select_documents(tokens.ids, cfg.lengths, **_selection(cfg, bos))
     return _Tokens(tokens, bos, _token_fingerprint(tokens.ids, bos))

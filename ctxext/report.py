@@ -395,15 +395,25 @@ def key_token_markdown(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _templates_label(rt: dict[str, Any]) -> str:
+    """``heldout templates: a, b, c`` (or the one template's name)."""
+    names = rt.get("templates") or [rt["template"]]
+    if names == [rt["template"]]:
+        return f"{rt['template']} template"
+    return f"{rt['template']} templates: {', '.join(names)}"
+
+
 def retrieval_table(results: dict[str, Any]):  # -> rich.table.Table | None
     from rich.table import Table
 
     runs = [r for r in results["runs"] if "retrieval" in r]
     if not runs:
         return None
-    template = runs[0]["retrieval"]["template"]
     lengths = runs[0]["retrieval"]["lengths"]
-    table = Table(title=f"retrieval accuracy ({template} template; mean over depths, min depth)")
+    table = Table(
+        title=f"retrieval accuracy ({_templates_label(runs[0]['retrieval'])}; mean over depths, "
+        "min depth)"
+    )
     table.add_column("model / method")
     for n in lengths:
         table.add_column(str(n), justify="right")
@@ -596,7 +606,7 @@ def context_use_markdown(results: dict[str, Any]) -> str | None:
         rt0 = rt_runs[0]["retrieval"]
         lines += [
             "",
-            f"Retrieval accuracy ({rt0['template']} template, {rt0['trials']} trials per cell; "
+            f"Retrieval accuracy ({_templates_label(rt0)}, {rt0['trials']} trials per cell; "
             "mean over depths, worst depth in brackets):",
             "",
             *_md_head(rt0["lengths"]),

@@ -13,7 +13,6 @@ from ctxext.context_use import (
     RetrievalResult,
     _gain_result,
     _local_windows,
-    build_code_retrieval_prompt,
     context_use,
     effective_length,
     evaluate_retrieval,
@@ -162,37 +161,6 @@ def code_ids(tokenizer):
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in docs]
 
 
-@pytest.mark.parametrize("length", [128, 301])
-@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
-def test_code_prompt_exact_length_and_answer(tokenizer, code_ids, length, depth):
-    filler = max(code_ids, key=len)
-    p = build_code_retrieval_prompt(tokenizer, filler, length, depth, "48213", "TOKEN_7F3A")
-    assert len(p.input_ids) == length
-    text = tokenizer.decode(p.input_ids)
-    assert "\nTOKEN_7F3A = 48213\n" in text
-    assert text.endswith("\nassert TOKEN_7F3A == 48213")
-    assert tokenizer.decode(p.answer_ids).strip() == "48213"
-
-
-def test_code_needle_moves_with_depth_and_sits_on_a_line(tokenizer, code_ids):
-    filler = max(code_ids, key=len)
-    where = []
-    for depth in (0.0, 0.5, 1.0):
-        p = build_code_retrieval_prompt(tokenizer, filler, 200, depth, "11111", "TOKEN_0001")
-        text = tokenizer.decode(p.input_ids)
-        i = text.index("TOKEN_0001 = 11111")
-        # The needle's own line break follows BOS or a line of code (plus indentation).
-        before = text[: i - 1]
-        assert before == tokenizer.bos_token or before.rstrip(" \t").endswith("\n")
-        where.append(i)
-    assert where[0] < where[1] < where[2]
-
-
-def test_code_prompt_refuses_short_filler(tokenizer):
-    with pytest.raises(CtxextError, match="code filler"):
-        build_code_retrieval_prompt(tokenizer, [5] * 10, 200, 0.5, "11111", "TOKEN_0001")
-
-
 def test_retrieval_known_answers(tokenizer, code_ids):
     """A 'model' whose argmax is always the next token of its input would be perfect; a random
     model is (almost surely) never right. Checked through the real scoring path."""
@@ -208,10 +176,10 @@ def test_retrieval_known_answers(tokenizer, code_ids):
     )
     model = LlamaForCausalLM(config).eval()
     res = evaluate_retrieval(
-        model, tokenizer, [128], template="code", doc_token_ids=code_ids, trials=3, depths=(0.5,)
+        model, tokenizer, [128], template="const", doc_token_ids=code_ids, trials=3, depths=(0.5,)
     )
     assert res.accuracy == [[0.0]] and res.correct == [[0]]
-    assert res.protocol["template"] == "code"
+    assert res.protocol["template"] == "const" and res.templates == ["const"]
 
 
 def test_effective_length():

@@ -13,6 +13,8 @@ def test_context_use_and_retrieval_results(tmp_path, tiny_llama_session, capsys)
         capsys, "eval", tiny_llama_session, "--task", "context-use", "--task", "retrieval",
         "--lengths", "64,128,192", "--local-window", "32", "--local-stride", "16",
         "--num-docs", "2", "--passkey-trials", "1", "-o", out, "--json",
+        # The held-out code forms (the prose one needs more than 64 of this tokenizer's tokens).
+        "--retrieval-template", "camel-attribute,snake-return",
     )  # fmt: skip
     assert code == 0, err
     results = json.loads(stdout)
@@ -23,30 +25,35 @@ def test_context_use_and_retrieval_results(tmp_path, tiny_llama_session, capsys)
     assert gains["64"]["n_docs"] == gains["192"]["n_docs"] == 2
     assert gains["192"]["window"] == 32 and gains["192"]["stride"] == 16
     assert [b["end"] for b in gains["192"]["buckets"]] == [192]
-    assert run["retrieval"]["template"] == "code"  # default corpus: code
+    assert run["retrieval"]["template"] == "camel-attribute,snake-return"
+    assert run["retrieval"]["templates"] == ["camel-attribute", "snake-return"]
+    assert sorted(run["retrieval"]["by_template"]) == sorted(run["retrieval"]["templates"])
     assert run["retrieval"]["lengths"] == [64, 128, 192]
     assert run["context_length"] == 128
     # A random-weight model retrieves nothing, so it reads to no evaluated length.
     assert run["effective_length"] is None
     proto = results["protocol"]
     assert proto["context_use"]["local_window"] == 32
-    assert proto["retrieval"]["template"] == "code"
+    assert proto["retrieval"]["split"] == ["heldout"]
     assert "90%" in proto["effective_length"]
     for name in ("results.json", "results.csv", "context_use.png", "retrieval_heatmap.png"):
         assert (out / name).is_file()
     csv_text = (out / "results.csv").read_text()
-    assert "far-context-gain-bits" in csv_text and "retrieval-code" in csv_text
+    assert (
+        "far-context-gain-bits" in csv_text and "retrieval-camel-attribute,snake-return" in csv_text
+    )
 
 
-def test_text_template_on_other_data(tmp_path, tiny_llama_session, capsys):
+def test_templates_on_other_data_and_the_passkey_on_request(tmp_path, tiny_llama_session, capsys):
     data = tmp_path / "d.txt"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 200)
-    code, stdout, err = run_cli(
-        capsys, "eval", tiny_llama_session, "--task", "retrieval", "--data", data,
-        "--lengths", "256", "--passkey-trials", "1", "--json",
-    )  # fmt: skip
-    assert code == 0, err
-    assert json.loads(stdout)["runs"][0]["retrieval"]["template"] == "text"
+    for flags, template in (([], "heldout"), (["--retrieval-template", "text"], "text")):
+        code, stdout, err = run_cli(
+            capsys, "eval", tiny_llama_session, "--task", "retrieval", "--data", data,
+            "--lengths", "256", "--passkey-trials", "1", "--json", *flags,
+        )  # fmt: skip
+        assert code == 0, err
+        assert json.loads(stdout)["runs"][0]["retrieval"]["template"] == template
 
 
 def test_local_stride_above_window_is_refused(tiny_llama_session, capsys):
@@ -55,3 +62,15 @@ def test_local_stride_above_window_is_refused(tiny_llama_session, capsys):
         "--local-window", "16", "--local-stride", "32",
     )  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and "local_stride" in err
+
+
+def test_retrieval_scores_held_out_templates_by_default_and_refuses_unknown_ones():
+    import pytest
+
+    from ctxext.config import EvalConfig, parse_model
+    from ctxext.errors import CtxextError
+
+    assert EvalConfig(lengths=[256]).template == "heldout"
+    assert EvalConfig(lengths=[256], retrieval_template="text").template == "text"
+    with pytest.raises(CtxextError, match="unknown retrieval template 'nope'"):
+        parse_model(EvalConfig, {"lengths": [256], "retrieval_template": "const,nope"}, "eval")

@@ -4,9 +4,9 @@ trains exactly as that source alone, and the mix is recorded in the checkpoint's
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
-import re
 
 import numpy as np
 import pytest
@@ -46,38 +46,43 @@ def bundled_tok_and_filler():
     return tok, packed_stream(tok, docs)
 
 
-def _facts(text: str) -> list[tuple[str, str]]:
-    return re.findall(r"^(TOKEN_[0-9A-F]{4}) = (\w+)$", text, flags=re.M)
-
-
 @pytest.mark.parametrize("task", ["retrieval", "multikey", "multihop"])
 def test_task_sequences_spread_facts_over_the_length_and_answer_right(bundled_tok_and_filler, task):
-    from ctxext.synthetic import task_sequence
+    from ctxext.needles import templates_of
+    from ctxext.synthetic import draw_task, needle_ids, task_sequence
 
     tok, stream = bundled_tok_and_filler
     length, options = 512, TaskOptions(keys=4, queries=2, hops=3)
-    depths = []
+    train = {t.name for t in templates_of("train")}
+    depths, used = [], set()
     for i in range(60):
         rng = np.random.default_rng([5, i])
-        start = int(rng.integers(0, len(stream) - length))
-        seq = task_sequence(tok, task, options, stream[start : start + length], length, rng)
+        filler = stream[(start := int(rng.integers(0, len(stream) - length))) : start + length]
+        twin = copy.deepcopy(rng)
+        draw = draw_task(task, options, rng)
+        seq = needle_ids(tok, filler, length, draw)
+        assert task_sequence(tok, task, options, filler, length, twin) == seq
         assert len(seq.input_ids) == length
         assert seq.input_ids[0] == tok.bos_token_id
-        facts = dict(_facts(tok.decode(seq.input_ids)))
-        want = {"retrieval": 1, "multikey": 4, "multihop": 4}[task]
-        assert len(seq.needles) == len(facts) == want
+        facts = {}
+        for (template, name, value), at in zip(draw.facts, seq.needles, strict=True):
+            line = "\n" + template.needle_text(name, value) + "\n"
+            assert tok.decode(seq.input_ids[at:]).startswith(line)  # where it says it is
+            facts[name] = value
+            used.add(template.name)
+        assert len(draw.facts) == {"retrieval": 1, "multikey": 4, "multihop": 4}[task]
         assert len(seq.answers) == {"multikey": 2}.get(task, 1)
-        for (a, b), value in zip(seq.answers, seq.values, strict=True):
-            assert tok.decode(seq.input_ids[a:b]) == value  # the span holds the answer
-            question = tok.decode(seq.input_ids[:a]).rsplit("\n", 1)[1]
-            name = re.fullmatch(r"assert (TOKEN_[0-9A-F]{4}) ==", question).group(1)
-            while facts[name].startswith("TOKEN_"):  # multihop: follow the chain
+        for (a, b), (template, name, value) in zip(seq.answers, draw.asks, strict=True):
+            assert tok.decode(seq.input_ids[:a]).endswith(template.question_text(name))
+            assert tok.decode(seq.input_ids[a:b]).strip() == value
+            while name in facts:  # multihop: follow the chain to the key
                 name = facts[name]
-            assert value.strip() == facts[name]
+            assert name == value and value.isdigit() and len(value) == 5
         if task == "multihop":  # the chain's facts come in chain order
-            names = [n for n, _ in _facts(tok.decode(seq.input_ids))]
-            assert all(facts[b] == a for a, b in itertools.pairwise(names))
+            assert seq.needles == sorted(seq.needles)
+            assert len({t.name for t, _, _ in draw.facts}) == 1
         depths += [p / length for p in seq.needles]
+    assert used <= train and (task == "multihop" or len(used) >= 3)  # training templates only
     # Facts land over the whole sequence: every fifth of it holds a fair share of them.
     hist = np.histogram(depths, bins=5, range=(0, 1))[0]
     assert hist.min() >= 0.05 * len(depths), hist
@@ -105,6 +110,8 @@ def test_a_mix_of_one_source_trains_exactly_as_that_source(tmp_path, tiny_llama_
 
 
 def test_provenance_records_the_mix(tmp_path, tiny_llama_session):
+    from ctxext.needles import templates_of
+
     mix = ["stdlib:0.5", "multikey:0.3", "multihop:0.2"]
     cfg = finetune_cfg(steps=3, batch_size=2, seed=4, mix=mix, tasks={"keys": 3, "hops": 2})
     summary = run_finetune(str(tiny_llama_session), tmp_path / "o", YARN2, cfg)
@@ -123,7 +130,8 @@ def test_provenance_records_the_mix(tmp_path, tiny_llama_session):
     assert by_name["stdlib"]["kind"] == "text" and by_name["stdlib"]["fingerprint"]
     assert by_name["multikey"]["task"]["keys"] == 3
     hop = by_name["multihop"]["task"]
-    assert (hop["hops"], hop["length"], hop["templates"]) == (2, 256, ["code"])
+    assert (hop["hops"], hop["length"]) == (2, 256)
+    assert hop["templates"] == [t.name for t in templates_of("train")]
     # The draws recorded are the draws the seed makes.
     draws = mix_draws([0.5, 0.3, 0.2], seed=4, count=6)
     assert [by_name[n]["samples"] for n in ("stdlib", "multikey", "multihop")] == [

@@ -100,7 +100,10 @@ def eval_command(
     ] = None,
     retrieval_template: Annotated[
         str,
-        typer.Option(help="retrieval: code | text | auto (code on the default stdlib corpus)."),
+        typer.Option(
+            help="retrieval: heldout | train | all | template names (ctxext.needles) | text "
+            "(the passkey) | auto (= heldout)."
+        ),
     ] = "auto",
     no_base: Annotated[bool, typer.Option("--no-base", help="Skip the unscaled rows.")] = False,
     text_field: Annotated[str, typer.Option(help="Text field of .jsonl / datasets.")] = "text",

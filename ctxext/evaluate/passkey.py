@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ctxext.errors import CtxextError
 from ctxext.evaluate.loss import Progress, _eval_mode, _final_hidden, _head, reset_rotary_state
+from ctxext.needles import PasskeyPrompt, _encode
 
 PASSKEY_TASK = (
     "There is an important info hidden inside a lot of irrelevant text. "
@@ -24,27 +25,6 @@ PASSKEY_FILLER = (
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
 DEFAULT_DEPTHS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-@dataclass(frozen=True)
-class PasskeyPrompt:
-    """One passkey trial: ``input_ids`` (exactly ``length`` tokens, answer included).
-
-    ``input_ids[answer_start:]`` are the answer's tokens; the model must predict each of them
-    greedily from the tokens before it.
-    """
-
-    input_ids: list[int]
-    answer_start: int
-    key: str
-
-    @property
-    def answer_ids(self) -> list[int]:
-        return self.input_ids[self.answer_start :]
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def _separator(tokenizer: Any) -> str:

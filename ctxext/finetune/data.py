@@ -298,6 +298,8 @@ class MixPart:
 
 def task_record(task: str, tasks: TaskOptions, length: int) -> dict[str, Any]:
     """The parameters of a task source, as provenance records them."""
+    from ctxext.synthetic import train_templates
+
     params = {
         "retrieval": {"keys": 1, "queries": 1},
         "multikey": {"keys": tasks.keys, "queries": tasks.queries},
@@ -307,16 +309,11 @@ def task_record(task: str, tasks: TaskOptions, length: int) -> dict[str, Any]:
         "name": task,
         **params,
         "length": length,
-        "depths": "uniform over the filler, each fact at the nearest line start",
+        "depths": "uniform over the filler; each fact at the nearest line start (mid-line "
+        "where none is within 5% of the filler)",
         "filler": "the first text source of the mix",
-        "templates": list(_train_template_names()),
+        "templates": [t.name for t in train_templates()],
     }
-
-
-def _train_template_names() -> tuple[str, ...]:
-    from ctxext.synthetic import train_templates
-
-    return tuple(t.name for t in train_templates())
 
 
 @dataclass

@@ -1,0 +1,410 @@
+"""Key/value retrieval templates: several surface forms, split into training and held-out ones.
+
+A model that retrieves ``TOKEN_7F3A = 48213`` when asked ``assert TOKEN_7F3A ==`` may only have
+memorised that one template. Retrieval measures a *skill* when the model is scored on templates
+it never saw in training. So every template here has a split:
+
+* ``train``: the forms the bundled model (``ctxext.bundled_train``) and the fine-tune's synthetic
+  retrieval source (``ctxext finetune --mix``) train on;
+* ``heldout``: forms no ctxext training data contains. ``ctxext eval --task retrieval`` scores
+  these by default.
+
+A template varies four things, each mixed differently across the split so that the held-out
+forms are new *combinations* (and a new query form and prose phrasing), not new vocabulary:
+the name's shape (``TOKEN_7F3A``, ``max_retry_3a``, ``maxRetry3A``, ``Falcon Ridge``), the
+assignment syntax (``=``, ``: int =``, ``self.x =``, ``cfg["x"] =``, keyword argument, prose),
+the query form (``assert x ==``, ``if x !=``, ``return x ==``, a call, prose) and the register
+(code or prose). Keys are random 5-digit numbers, as in the passkey test of Mohtashami & Jaggi.
+
+Every prompt is BOS + filler (real held-out text, cut at line boundaries) with the needle line at
+a depth + the question + the key, exactly ``length`` tokens; the key's tokens are scored
+teacher-forced (``ctxext.evaluate.passkey``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from ctxext.errors import CtxextError
+
+if TYPE_CHECKING:  # numpy only for annotations: the config layer imports this module
+    import numpy as np
+
+__all__ = [
+    "TEMPLATES",
+    "NeedleTemplate",
+    "PasskeyPrompt",
+    "build_prompt",
+    "distinct_names",
+    "line_starts",
+    "multi_needle_ids",
+    "place_lines",
+    "random_key",
+    "random_name",
+    "resolve_templates",
+    "templates_of",
+]
+
+Split = Literal["train", "heldout"]
+NameShape = Literal["upper", "snake", "camel", "title"]
+
+# Identifier words for snake/camel names and prose names: common in code, so that the name is
+# made of ordinary tokens and the model must match it, not spot a rare token.
+_WORDS = [
+    "max",
+    "min",
+    "size",
+    "count",
+    "limit",
+    "retry",
+    "timeout",
+    "buffer",
+    "cache",
+    "index",
+    "offset",
+    "width",
+    "height",
+    "depth",
+    "level",
+    "port",
+    "block",
+    "chunk",
+    "page",
+    "batch",
+    "queue",
+    "delay",
+    "score",
+    "total",
+    "value",
+    "rate",
+    "step",
+    "window",
+    "frame",
+    "seed",
+]
+_PLACES = [
+    "Falcon",
+    "Harbor",
+    "Cedar",
+    "Willow",
+    "Granite",
+    "Amber",
+    "Silver",
+    "Maple",
+    "Raven",
+    "Summit",
+    "Hollow",
+    "Meadow",
+    "Copper",
+    "Orchid",
+    "Beacon",
+    "Marble",
+    "Juniper",
+    "Canyon",
+    "Crystal",
+    "Lantern",
+]
+_PLACE_KINDS = [
+    "Ridge",
+    "Bay",
+    "Point",
+    "Lake",
+    "Station",
+    "Gate",
+    "Valley",
+    "Court",
+    "Field",
+    "Tower",
+]
+
+
+def random_key(rng: np.random.Generator) -> str:
+    """A retrieval key: a random 5-digit number (as the passkey of Mohtashami & Jaggi)."""
+    return str(int(rng.integers(10_000, 100_000)))
+
+
+def random_name(rng: np.random.Generator, shape: NameShape = "upper") -> str:
+    """A random name of the given shape.
+
+    upper: ``TOKEN_7F3A`` (four hex digits); snake: ``max_retry_3a``; camel: ``maxRetry3A``;
+    title: ``Falcon Ridge 42``. Each has thousands of values, so a sequence with several
+    needles rarely repeats one (callers deduplicate anyway).
+    """
+    if shape == "upper":
+        return f"TOKEN_{int(rng.integers(0, 16**4)):04X}"
+    a, b = (_WORDS[i] for i in rng.choice(len(_WORDS), 2, replace=False))
+    tag = int(rng.integers(0, 256))
+    if shape == "snake":
+        return f"{a}_{b}_{tag:02x}"
+    if shape == "camel":
+        return f"{a}{b.capitalize()}{tag:02X}"
+    if shape == "title":
+        place = _PLACES[int(rng.integers(0, len(_PLACES)))]
+        kind = _PLACE_KINDS[int(rng.integers(0, len(_PLACE_KINDS)))]
+        return f"{place} {kind} {tag}"
+    raise CtxextError(f"unknown name shape {shape!r}")
+
+
+@dataclass(frozen=True)
+class NeedleTemplate:
+    """One surface form of a key/value pair and of the question that asks for it."""
+
+    name: str
+    split: Split
+    register: Literal["code", "prose"]
+    shape: NameShape
+    needle: str
+    """The line holding the value: ``{name}`` and ``{key}`` are filled in."""
+    question: str
+    """The line asking for it, ending just before the key."""
+    joiner: str = " "
+    """What separates the question from the key (nothing after a keyword argument's ``=``)."""
+
+    def needle_text(self, name: str, key: str) -> str:
+        return self.needle.format(name=name, key=key)
+
+    def question_text(self, name: str) -> str:
+        return self.question.format(name=name)
+
+
+#: Every template. Training forms first; the held-out forms recombine seen name shapes with
+#: seen assignment syntax, but ask with a query form or phrasing no training form uses.
+TEMPLATES: dict[str, NeedleTemplate] = {
+    t.name: t
+    for t in (
+        # -- train
+        NeedleTemplate("const", "train", "code", "upper", "{name} = {key}", "assert {name} =="),
+        NeedleTemplate(
+            "dict", "train", "code", "snake", 'cfg["{name}"] = {key}', 'assert cfg["{name}"] =='
+        ),
+        NeedleTemplate(
+            "annotated", "train", "code", "snake", "{name}: int = {key}", "if {name} !="
+        ),
+        NeedleTemplate(
+            "attribute", "train", "code", "upper", "self.{name} = {key}", "return self.{name} =="
+        ),
+        NeedleTemplate(
+            "keyword", "train", "code", "camel", "    {name}={key},", "setup({name}=", ""
+        ),
+        NeedleTemplate(
+            "prose-value",
+            "train",
+            "prose",
+            "title",
+            "# The value of {name} is {key}.",
+            "# The value of {name} is",
+        ),
+        # -- held out
+        NeedleTemplate(
+            "camel-attribute",
+            "heldout",
+            "code",
+            "camel",
+            "self.{name} = {key}",
+            "if self.{name} !=",
+        ),
+        NeedleTemplate(
+            "snake-return", "heldout", "code", "snake", "{name} = {key}", "return {name} =="
+        ),
+        NeedleTemplate(
+            "prose-code",
+            "heldout",
+            "prose",
+            "title",
+            "# Remember: the code for {name} is {key}.",
+            "# What is the code for {name}? It is",
+        ),
+    )
+}
+
+#: Selections ``--retrieval-template`` accepts besides single template names.
+_GROUPS = ("heldout", "train", "all")
+
+
+def templates_of(split: Split | Literal["all"]) -> list[NeedleTemplate]:
+    """The templates of one split (or all), in registry order."""
+    return [t for t in TEMPLATES.values() if split == "all" or t.split == split]
+
+
+def resolve_templates(selection: str) -> list[NeedleTemplate]:
+    """``heldout`` | ``train`` | ``all`` | comma-separated template names -> templates.
+
+    ``code`` is the original single template's old name (``const``).
+    """
+    if selection in _GROUPS:
+        return templates_of(selection)  # type: ignore[arg-type]
+    names = [("const" if n.strip() == "code" else n.strip()) for n in selection.split(",")]
+    unknown = [n for n in names if n not in TEMPLATES]
+    if unknown:
+        raise CtxextError(
+            f"unknown retrieval template {unknown[0]!r}; use heldout, train, all, text or "
+            f"names from: {', '.join(TEMPLATES)}"
+        )
+    return [TEMPLATES[n] for n in dict.fromkeys(names)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building prompts
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def line_starts(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    """Token offsets after a line break (a token ending in a newline, maybe plus indentation:
+    byte-level BPE merges ``"\\n    "`` into one token). 0 is always one."""
+    starts = [0]
+    for i, tid in enumerate(ids):
+        if tokenizer.decode([tid]).rstrip(" \t").endswith("\n"):
+            starts.append(i + 1)
+    return starts
+
+
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    """One retrieval trial: ``input_ids`` (exactly ``length`` tokens, answer included).
+
+    ``input_ids[answer_start:]`` are the answer's tokens; the model must predict each of them
+    greedily from the tokens before it.
+    """
+
+    input_ids: list[int]
+    answer_start: int
+    key: str
+
+    @property
+    def answer_ids(self) -> list[int]:
+        return self.input_ids[self.answer_start :]
+
+
+def _question_and_answer(
+    tokenizer: Any, template: NeedleTemplate, name: str, key: str
+) -> tuple[list[int], list[int]]:
+    """The question's tokens and the key's tokens as they follow it.
+
+    Encoded jointly so the key's tokens are the ones the text would really have; when the
+    tokenizer merges across the join, the key is scored as encoded on its own.
+    """
+    q_text = "\n" + template.question_text(name)
+    question = _encode(tokenizer, q_text)
+    joint = _encode(tokenizer, q_text + template.joiner + key)
+    if joint[: len(question)] == question and len(joint) > len(question):
+        return question, joint[len(question) :]
+    return question, _encode(tokenizer, template.joiner + key)
+
+
+def _cut(starts: list[int], target: float, slack: float) -> int:
+    """The line boundary nearest ``target``; the token position itself when none is within
+    ``slack`` tokens (text without line breaks, e.g. one long paragraph)."""
+    best = min(starts, key=lambda b: abs(b - target))
+    return best if abs(best - target) <= slack else round(target)
+
+
+def place_lines(
+    tokenizer: Any, body: list[int], lines: list[list[int]], depths: Sequence[float]
+) -> tuple[list[int], list[int]]:
+    """Insert each line at the line boundary of ``body`` nearest its depth (fraction of body),
+    or mid-line where no boundary is within 5% of the body. Returns the ids and where each
+    line starts in them (lines at the same cut keep their order)."""
+    starts = line_starts(tokenizer, body)
+    cuts = [_cut(starts, d * len(body), 0.05 * len(body)) for d in depths]
+    out, prev, at = [], 0, [0] * len(lines)
+    for cut, i in sorted(zip(cuts, range(len(lines)), strict=True), key=lambda x: x[0]):
+        out += body[prev:cut]
+        at[i] = len(out)
+        out += lines[i]
+        prev = cut
+    return out + body[prev:], at
+
+
+def distinct_names(templates: Sequence[NeedleTemplate], rng: np.random.Generator) -> list[str]:
+    """A name per template, in its shape; none repeated (a repeat would ask for one of two
+    values, so it is drawn again)."""
+    names: list[str] = []
+    for t in templates:
+        name = random_name(rng, t.shape)
+        while name in names:
+            name = random_name(rng, t.shape)
+        names.append(name)
+    return names
+
+
+def build_prompt(
+    tokenizer: Any,
+    filler_ids: Sequence[int],
+    length: int,
+    depth: float,
+    key: str,
+    name: str,
+    template: NeedleTemplate | None = None,
+) -> PasskeyPrompt:
+    """BOS + filler + needle line (at ``depth``) + filler + question + key: ``length`` tokens.
+
+    The filler is real held-out text (``filler_ids``, at least as long as needed) cut to fill
+    exactly ``length`` tokens; the needle goes at the line boundary nearest the depth, so it
+    never splits a line. ``template`` defaults to ``const`` (``TOKEN_7F3A = 48213`` ...
+    ``assert TOKEN_7F3A == 48213``).
+    """
+    template = template or TEMPLATES["const"]
+    if not 0.0 <= depth <= 1.0:
+        raise CtxextError(f"retrieval depth {depth} is outside [0, 1]; use fractions like 0.5")
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    needle = _encode(tokenizer, "\n" + template.needle_text(name, key) + "\n")
+    question, answer = _question_and_answer(tokenizer, template, name, key)
+    n_filler = length - len(bos) - len(needle) - len(question) - len(answer)
+    if n_filler < 0:
+        raise CtxextError(
+            f"retrieval length {length} is too short for the {template.name} prompt; use "
+            "longer lengths"
+        )
+    if len(filler_ids) < n_filler:
+        raise CtxextError(
+            f"the retrieval filler has {len(filler_ids)} tokens, {n_filler} are needed at "
+            f"length {length}; use longer data or shorter lengths"
+        )
+    body, _ = place_lines(tokenizer, list(filler_ids[:n_filler]), [needle], [depth])
+    ids = bos + body + question + answer
+    return PasskeyPrompt(input_ids=ids, answer_start=len(ids) - len(answer), key=key)
+
+
+def multi_needle_ids(
+    tokenizer: Any,
+    filler: Sequence[int],
+    length: int,
+    rng: np.random.Generator,
+    needles: int,
+    templates: Sequence[NeedleTemplate],
+    *,
+    bos: bool = True,
+) -> list[int]:
+    """``length`` tokens: BOS + filler with 1 to ``needles`` key/value lines, each in a random
+    template of ``templates`` at a uniform random depth (on a line boundary), then one question
+    + key per needle, in a random order. Trained on with the ordinary next-token loss.
+
+    ``build_prompt`` is the one-needle case. Several needles per sequence give several answers
+    to learn from per sequence, and force the model to match the name rather than copy the only
+    number it saw; mixing templates within a sequence forces it to match the name, not the form.
+    """
+    count = int(rng.integers(1, needles + 1))
+    chosen = [templates[int(i)] for i in rng.integers(0, len(templates), count)]
+    names = distinct_names(chosen, rng)
+    keys = [random_key(rng) for _ in chosen]
+    lines = [
+        _encode(tokenizer, "\n" + t.needle_text(n, k) + "\n")
+        for t, n, k in zip(chosen, names, keys, strict=True)
+    ]
+    asks = []
+    for i in rng.permutation(count):
+        question, answer = _question_and_answer(tokenizer, chosen[i], names[i], keys[i])
+        asks += question + answer
+    head = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
+    n_filler = length - len(head) - sum(map(len, lines)) - len(asks)
+    if n_filler < 0:
+        raise CtxextError(
+            f"{count} needles do not fit in {length} tokens; use fewer needles or longer sequences"
+        )
+    body, _ = place_lines(tokenizer, list(filler[:n_filler]), lines, list(rng.random(count)))
+    return head + body + asks
