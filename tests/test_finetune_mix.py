@@ -7,6 +7,9 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import resource
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -98,6 +101,32 @@ def test_a_task_that_cannot_fit_is_refused(bundled_tok_and_filler):
         check_task_fits(tok, "multihop", TaskOptions(hops=40), 256)
     with pytest.raises(CtxextError, match="--task-keys"):
         check_task_fits(tok, "multikey", TaskOptions(keys=40, queries=40), 256)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--mix", "stdlib:1", "--mix", "multihop:1", "--task-hops", "60"],
+            "the multihop task source does not fit the training length 512",
+        ),
+        (["--loss", "longce", "--longce-window", "512"], "not shorter than the training length"),
+        (["--mix", "stdlib:1", "--mix", "multikey:-1"], "weights must be finite numbers >= 0"),
+    ],
+)
+def test_refused_in_seconds_before_anything_loads(tmp_path, flags, message):
+    """A fresh process, imports included, on the bundled model (trained 256, here 512). Timed
+    in CPU seconds of the child (user + system): on a machine shared with other jobs its wall
+    time says more about them than about the work done before refusing."""
+    cmd = [sys.executable, "-m", "ctxext", "finetune", "-o", str(tmp_path / "o"), "-m", "yarn"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run([*cmd, "-f", "2", *flags], capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+    assert seconds < 3, f"refusal took {seconds:.1f} CPU seconds"
 
 
 def test_a_mix_of_one_source_trains_exactly_as_that_source(tmp_path, tiny_llama_session):
