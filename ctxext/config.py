@@ -7,6 +7,7 @@ checkpoint (trained length, architecture) lives in :mod:`ctxext.rope`.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -261,8 +262,97 @@ class EvalConfig(StrictModel):
 
 LrSchedule = Literal["constant", "cosine", "linear"]
 TrainablePart = Literal["embed", "norm"]
+Loss = Literal["ce", "longce"]
 # Options that may differ between the first attempt and a --resume of the same run.
 _RESUME_FREE = ("save_every",)
+#: Names of the synthetic task sources of a data mix (see :mod:`ctxext.synthetic`); these names
+#: mean the task even where a file or folder of that name exists (write ./retrieval for it).
+TASK_SOURCES = ("retrieval", "multikey", "multihop")
+# Options added after run.json existed: left out of a run's identity at their defaults, so an
+# interrupted run of an older version still resumes.
+_NEW_OPTIONS = ("mix", "tasks", "loss", "longce_window", "longce_stride")
+
+
+class TaskOptions(StrictModel):
+    """Parameters of the synthetic task sources (see :mod:`ctxext.synthetic`)."""
+
+    keys: int = 4
+    """multikey: facts (NAME = KEY lines) hidden per sequence."""
+    queries: int = 2
+    """multikey: how many of them are asked for at the end."""
+    hops: int = 4
+    """multihop: references in the chain NAME_0 = KEY, NAME_1 = NAME_0, ... (hops + 1 facts)."""
+
+    @field_validator("keys", "queries", "hops")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be a positive integer (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _queries_within_keys(self) -> TaskOptions:
+        if self.queries > self.keys:
+            raise ValueError(f"queries ({self.queries}) must not exceed keys ({self.keys})")
+        return self
+
+
+class MixSource(StrictModel):
+    """One source of a data mix and its weight (a sample's chance is weight / sum of weights)."""
+
+    source: str
+    """stdlib, a text file, folder, .jsonl or dataset name (as ``data`` takes), or a task:
+    retrieval, multikey or multihop."""
+    weight: float
+    """Relative weight (>= 0; the weights must sum to a positive number)."""
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("a mix source must not be empty")
+        close = difflib.get_close_matches(v, TASK_SOURCES, n=1, cutoff=0.75)
+        if close and v not in TASK_SOURCES and not Path(v).expanduser().exists():
+            raise ValueError(
+                f"unknown mix source {v!r}: did you mean the task {close[0]!r}? (tasks: "
+                f"{', '.join(TASK_SOURCES)}; text: stdlib, a path or a dataset name)"
+            )
+        return v
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"mix weights must be finite numbers >= 0 (got {v})")
+        return v
+
+    @property
+    def is_task(self) -> bool:
+        return self.source in TASK_SOURCES
+
+
+def _mix_items(v: Any) -> Any:
+    """The mix as the CLI and recipes may write it: ["stdlib:0.6", "retrieval:0.4"] (the
+    weight after the last colon), or a mapping {stdlib: 0.6, retrieval: 0.4}."""
+    if isinstance(v, dict):
+        return [{"source": k, "weight": w} for k, w in v.items()]
+    if not isinstance(v, (list, tuple)):
+        return v
+    out = []
+    for item in v:
+        if isinstance(item, str):
+            source, sep, weight = item.rpartition(":")
+            try:
+                value = float(weight)
+            except ValueError:
+                value = None
+            if not sep or not source or value is None:
+                raise ValueError(
+                    f"mix items are SOURCE:WEIGHT, e.g. stdlib:0.6 or retrieval:0.4 (got {item!r})"
+                )
+            item = {"source": source, "weight": value}
+        out.append(item)
+    return out
 
 
 class FinetuneConfig(StrictModel):
@@ -326,6 +416,27 @@ class FinetuneConfig(StrictModel):
     """Encoding for data files that are not UTF-8 (e.g. latin-1); None refuses them."""
     dtype: Dtype = "auto"
     """Compute dtype: auto = bf16 autocast on CUDA (fp32 master weights), fp32 on CPU."""
+    mix: tuple[MixSource, ...] | None = None
+    """A seeded mixture of sources by weight, instead of ``data``: sample i of the run comes
+    from a source drawn with probability weight / sum (a function of seed and i, so a resumed
+    run draws the same). Text sources are read as ``data`` is (text_field, dataset_config,
+    dataset_split, fallback_encoding apply to each), and only as far as their share needs;
+    task sources (retrieval, multikey, multihop) are synthetic sequences built at the training
+    length with filler text from the first text source (which may have weight 0)."""
+    tasks: TaskOptions = TaskOptions()
+    """Parameters of the task sources."""
+    loss: Loss = "ce"
+    """ce: cross-entropy. longce: LongCE (Fang et al. 2024), cross-entropy re-weighted per token
+    by min(exp(NLL with the last longce_window tokens - NLL with the full context), 5)."""
+    longce_window: int | None = None
+    """longce: tokens of context of the short pass (default: the model's trained length)."""
+    longce_stride: int | None = None
+    """longce: stride of the short pass's windows (default: half the window)."""
+
+    @field_validator("mix", mode="before")
+    @classmethod
+    def _mix_written(cls, v: Any) -> Any:
+        return _mix_items(v)
 
     @field_validator("steps", "batch_size", "grad_accum", "shuffle_buffer")
     @classmethod
@@ -395,6 +506,36 @@ class FinetuneConfig(StrictModel):
             raise ValueError(f"must be at least 2 tokens (got {v})")
         return v
 
+    @field_validator("longce_window", "longce_stride")
+    @classmethod
+    def _window(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"must be a positive integer (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _mix_sources(self) -> FinetuneConfig:
+        if self.mix is None:
+            return self
+        problem = _mix_problem(self)
+        if problem:
+            raise PydanticCustomError("mix", problem, {"at": ("mix",)})
+        return self
+
+    @model_validator(mode="after")
+    def _longce(self) -> FinetuneConfig:
+        w, s = self.longce_window, self.longce_stride
+        if self.loss != "longce" and (w is not None or s is not None):
+            raise ValueError("longce_window and longce_stride apply only to loss longce")
+        if self.loss == "longce" and self.pose:
+            raise ValueError(
+                "loss longce reads each sample as contiguous text and PoSE samples are not: "
+                "drop --pose or use --loss ce"
+            )
+        if w is not None and s is not None and s > w:
+            raise ValueError(f"longce_stride ({s}) must not exceed longce_window ({w})")
+        return self
+
     @field_validator("lora_trainable", mode="before")
     @classmethod
     def _parts(cls, v: Any) -> Any:
@@ -432,7 +573,44 @@ class FinetuneConfig(StrictModel):
 
     def identity(self) -> dict[str, Any]:
         """The options that define a run (a resume must repeat them)."""
-        return self.model_dump(mode="json", exclude=set(_RESUME_FREE))
+        out = self.model_dump(mode="json", exclude=set(_RESUME_FREE))
+        for key in _NEW_OPTIONS:
+            if getattr(self, key) == type(self).model_fields[key].default:
+                del out[key]
+        return out
+
+    def text_sources(self) -> list[str | None]:
+        """The text sources read, the first one first (``[data]`` without a mix)."""
+        if self.mix is None:
+            return [self.data]
+        return [m.source for m in self.mix if not m.is_task]
+
+
+def _mix_problem(cfg: FinetuneConfig) -> str | None:
+    """What is wrong with a data mix as a whole (None: nothing)."""
+    mix = cfg.mix or ()
+    if not mix:
+        return "give at least one SOURCE:WEIGHT, e.g. stdlib:0.6 and retrieval:0.4"
+    if cfg.data is not None:
+        return "give the text sources in the mix (the first is the tasks' filler), not also data"
+    if not sum(m.weight for m in mix) > 0:
+        return "the mix weights sum to 0: give at least one source a positive weight"
+    names = [m.source for m in mix]
+    repeated = next((n for n in names if names.count(n) > 1), None)
+    if repeated is not None:
+        return f"{repeated!r} is listed twice; give each source once with its total weight"
+    tasks = [m.source for m in mix if m.is_task]
+    if tasks and len(tasks) == len(mix):
+        return (
+            "the task sources need a text source for their filler: add one, e.g. stdlib:0 "
+            "(weight 0: filler only)"
+        )
+    if tasks and cfg.pose:
+        return (
+            f"task sources ({', '.join(tasks)}) are built at the training length and PoSE "
+            "windows would cut them: drop --pose or the task sources"
+        )
+    return None
 
 
 def parse_model(cls: type[BaseModel], data: dict, where: str) -> BaseModel:
@@ -536,10 +714,13 @@ def positive_int_list(text: str, what: str = "--lengths") -> list[int]:
 
 
 __all__ = [
+    "TASK_SOURCES",
     "EvalConfig",
     "ExtendConfig",
     "ExtendJob",
     "FinetuneConfig",
+    "MixSource",
+    "TaskOptions",
     "format_validation_error",
     "keys_of",
     "length_word",

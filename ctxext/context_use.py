@@ -45,6 +45,7 @@ from ctxext.evaluate.protocol import BOOTSTRAP_RESAMPLES, bucket_edges
 from ctxext.needles import TEMPLATES, build_prompt, random_key, random_name, resolve_templates
 
 __all__ = [
+    "KEY_TOKEN_NATS",
     "RETRIEVAL_THRESHOLD",
     "ContextUseResult",
     "RetrievalResult",
@@ -52,6 +53,7 @@ __all__ = [
     "context_use_sweep",
     "effective_length",
     "evaluate_retrieval",
+    "key_token_ppl",
     "local_nll",
     "planned_sweep_tokens",
 ]
@@ -59,6 +61,9 @@ __all__ = [
 Progress = Callable[[int], None]
 #: Retrieval accuracy at every depth needed for a length to count as read.
 RETRIEVAL_THRESHOLD = 0.9
+#: A key token's NLL drops by more than this (nats) from the local window to the full context
+#: (the long-short difference threshold of LongPPL, Fang et al. 2024).
+KEY_TOKEN_NATS = 2.0
 _LN2 = math.log(2.0)
 
 
@@ -157,6 +162,11 @@ class ContextUseResult:
     ci_high: float
     buckets: list[dict[str, Any]] = field(default_factory=list)
     protocol: dict[str, Any] = field(default_factory=dict)
+    key_ppl: float | None = None
+    """Perplexity (full context) over the key tokens; None when there are none."""
+    key_fraction: float = 0.0
+    """Key tokens / tokens scored."""
+    key_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -255,6 +265,7 @@ def _gain_result(
     total_mean, total_low, total_high = _gain_interval(
         diff.sum(axis=1), np.full(len(fulls), far), seed, BOOTSTRAP_RESAMPLES
     )
+    key_ppl, key_tokens = key_token_ppl(fulls, locals_)
     return ContextUseResult(
         length=length,
         window=window,
@@ -265,7 +276,24 @@ def _gain_result(
         ci_high=total_high,
         buckets=buckets,
         protocol=context_use_protocol(window, stride, seed),
+        key_ppl=key_ppl,
+        key_fraction=key_tokens / (len(fulls) * (length - 1)),
+        key_tokens=key_tokens,
     )
+
+
+def key_token_ppl(
+    fulls: Sequence[torch.Tensor], locals_: Sequence[torch.Tensor]
+) -> tuple[float | None, int]:
+    """LongPPL-style perplexity: exp of the mean full-context NLL over the key tokens, those
+    whose NLL drops by more than KEY_TOKEN_NATS from the local window to the full context;
+    and how many there are (None and 0 when none)."""
+    nll, count = 0.0, 0
+    for full, local in zip(fulls, locals_, strict=True):
+        key = (local.double() - full.double()) > KEY_TOKEN_NATS
+        nll += float(full.double()[key].sum())
+        count += int(key.sum())
+    return (math.exp(nll / count) if count else None), count
 
 
 def context_use_sweep(
@@ -339,6 +367,14 @@ def context_use_protocol(window: int, stride: int, seed: int) -> dict[str, Any]:
         "local_window": window,
         "local_stride": stride,
         "gain_bits": "token-weighted over the tokens more than the window from the start",
+        "key_token_nats": KEY_TOKEN_NATS,
+        "key_tokens": (
+            f"LongPPL-style (Fang et al. 2024): key tokens are those whose NLL drops by more "
+            f"than {KEY_TOKEN_NATS:g} nats from the local window to the full context (the "
+            "model is its own judge; the paper's second condition on the full-context "
+            "probability is not applied); key_ppl is exp(mean full-context NLL) over them, "
+            "key_fraction their share of all scored tokens"
+        ),
         "interval": f"95% percentile bootstrap over documents, {BOOTSTRAP_RESAMPLES} "
         f"resamples, seed {seed} (+ bucket index per bucket)",
     }

@@ -37,8 +37,10 @@ __all__ = [
     "NeedleTemplate",
     "PasskeyPrompt",
     "build_prompt",
+    "distinct_names",
     "line_starts",
     "multi_needle_ids",
+    "place_lines",
     "random_key",
     "random_name",
     "resolve_templates",
@@ -337,16 +339,33 @@ def _cut(starts: list[int], target: float, slack: float) -> int:
     return best if abs(best - target) <= slack else round(target)
 
 
-def _place(tokenizer: Any, body: list[int], lines: list[list[int]], depths: Sequence[float]):
+def place_lines(
+    tokenizer: Any, body: list[int], lines: list[list[int]], depths: Sequence[float]
+) -> tuple[list[int], list[int]]:
     """Insert each line at the line boundary of ``body`` nearest its depth (fraction of body),
-    or mid-line where no boundary is within 5% of the body."""
+    or mid-line where no boundary is within 5% of the body. Returns the ids and where each
+    line starts in them (lines at the same cut keep their order)."""
     starts = line_starts(tokenizer, body)
     cuts = [_cut(starts, d * len(body), 0.05 * len(body)) for d in depths]
-    out, prev = [], 0
-    for cut, line in sorted(zip(cuts, lines, strict=True), key=lambda x: x[0]):
-        out += body[prev:cut] + line
+    out, prev, at = [], 0, [0] * len(lines)
+    for cut, i in sorted(zip(cuts, range(len(lines)), strict=True), key=lambda x: x[0]):
+        out += body[prev:cut]
+        at[i] = len(out)
+        out += lines[i]
         prev = cut
-    return out + body[prev:]
+    return out + body[prev:], at
+
+
+def distinct_names(templates: Sequence[NeedleTemplate], rng: np.random.Generator) -> list[str]:
+    """A name per template, in its shape; none repeated (a repeat would ask for one of two
+    values, so it is drawn again)."""
+    names: list[str] = []
+    for t in templates:
+        name = random_name(rng, t.shape)
+        while name in names:
+            name = random_name(rng, t.shape)
+        names.append(name)
+    return names
 
 
 def build_prompt(
@@ -382,7 +401,7 @@ def build_prompt(
             f"the retrieval filler has {len(filler_ids)} tokens, {n_filler} are needed at "
             f"length {length}; use longer data or shorter lengths"
         )
-    body = _place(tokenizer, list(filler_ids[:n_filler]), [needle], [depth])
+    body, _ = place_lines(tokenizer, list(filler_ids[:n_filler]), [needle], [depth])
     ids = bos + body + question + answer
     return PasskeyPrompt(input_ids=ids, answer_start=len(ids) - len(answer), key=key)
 
@@ -407,12 +426,7 @@ def multi_needle_ids(
     """
     count = int(rng.integers(1, needles + 1))
     chosen = [templates[int(i)] for i in rng.integers(0, len(templates), count)]
-    names: list[str] = []
-    for t in chosen:  # distinct names: a repeated name would ask for one of two values
-        name = random_name(rng, t.shape)
-        while name in names:
-            name = random_name(rng, t.shape)
-        names.append(name)
+    names = distinct_names(chosen, rng)
     keys = [random_key(rng) for _ in chosen]
     lines = [
         _encode(tokenizer, "\n" + t.needle_text(n, k) + "\n")
@@ -428,5 +442,5 @@ def multi_needle_ids(
         raise CtxextError(
             f"{count} needles do not fit in {length} tokens; use fewer needles or longer sequences"
         )
-    body = _place(tokenizer, list(filler[:n_filler]), lines, list(rng.random(count)))
+    body, _ = place_lines(tokenizer, list(filler[:n_filler]), lines, list(rng.random(count)))
     return head + body + asks

@@ -326,6 +326,75 @@ def context_use_table(results: dict[str, Any]):  # -> rich.table.Table | None
     return table
 
 
+def _key_layout(
+    results: dict[str, Any],
+) -> tuple[list[dict[str, Any]], list[int], int, float] | None:
+    """As :func:`_gain_layout`, plus the key-token threshold in nats; None unless the results
+    have key-token figures (results.json files of older versions do not)."""
+    layout = _gain_layout(results)
+    if layout is None:
+        return None
+    runs, lengths, window = layout
+    found = [res for r in runs for res in r["context_use"].values() if "key_fraction" in res]
+    if not found:
+        return None
+    return runs, lengths, window, found[0]["protocol"].get("key_token_nats", 2.0)
+
+
+def _key_cells(run: dict[str, Any], lengths: list[int]) -> list[str]:
+    """Per length: the key tokens' perplexity and their share of the tokens ("-" where the
+    length is not past the local window, "none" where no token is a key token)."""
+    cells = []
+    for n in lengths:
+        res = run["context_use"].get(str(n))
+        if res is None or n <= res["window"] or "key_fraction" not in res:
+            cells.append("-")
+        elif res["key_ppl"] is None:
+            cells.append("none")
+        else:
+            cells.append(f"{_md_number(res['key_ppl'])} ({res['key_fraction']:.1%})")
+    return cells
+
+
+def key_token_table(results: dict[str, Any]):  # -> rich.table.Table | None
+    """LongPPL-style perplexity on the key tokens (and their share), per run x length."""
+    from rich.table import Table
+
+    layout = _key_layout(results)
+    if layout is None:
+        return None
+    runs, lengths, window, nats = layout
+    table = Table(
+        title=f"key tokens: perplexity (share of tokens); local window {window}",
+        caption=f"key token: its NLL drops by > {nats:g} nats from the last {window} tokens to "
+        "the full context (LongPPL-style, Fang et al. 2024); perplexity with the full context",
+    )
+    table.add_column("model / method")
+    for n in lengths:
+        table.add_column(str(n), justify="right")
+    for run in runs:
+        table.add_row(run["label"], *_key_cells(run, lengths))
+    return table
+
+
+def key_token_markdown(results: dict[str, Any]) -> list[str]:
+    """The key-token table of report.md, with its protocol (no lines without figures)."""
+    layout = _key_layout(results)
+    if layout is None:
+        return []
+    runs, lengths, window, nats = layout
+    return [
+        "",
+        f"Key tokens (LongPPL-style, Fang et al. 2024): the tokens whose loss drops by more than "
+        f"{nats:g} nats when the model reads the full context instead of the last {window} "
+        "tokens; their perplexity with the full context, and in brackets their share of all "
+        "scored tokens.",
+        "",
+        *_md_head(lengths),
+        *(f"| {run['label']} | " + " | ".join(_key_cells(run, lengths)) + " |" for run in runs),
+    ]
+
+
 def _templates_label(rt: dict[str, Any]) -> str:
     """``heldout templates: a, b, c`` (or the one template's name)."""
     names = rt.get("templates") or [rt["template"]]
@@ -511,8 +580,8 @@ def passkey_markdown(results: dict[str, Any]) -> str | None:
 
 def context_use_markdown(results: dict[str, Any]) -> str | None:
     """Context use for report.md and model cards: the effective context length of every variant,
-    the far-context gain of the last position bucket and the retrieval accuracy (None without
-    context-use or retrieval results)."""
+    the far-context gain of the last position bucket, the key tokens' perplexity and the
+    retrieval accuracy (None without context-use or retrieval results)."""
     # One list item per variant (consecutive plain lines would run into one paragraph).
     lines = [f"- {line}" for run in results["runs"] if (line := effective_length_line(run))]
     layout = _gain_layout(results)
@@ -530,6 +599,7 @@ def context_use_markdown(results: dict[str, Any]) -> str | None:
             "",
             *_md_head(lengths),
             *rows,
+            *key_token_markdown(results),
         ]
     rt_runs = [r for r in results["runs"] if "retrieval" in r]
     if rt_runs:

@@ -263,6 +263,29 @@ CASES: dict[str, Case] = {
         lambda t, m: [*_finetune(m, t)[:3], _existing_output(t), *_finetune(m, t)[4:]], "exists"
     ),
     "finetune resume without checkpoint": Case(lambda t, m: _finetune(m, t, "--resume"), "resume"),
+    "finetune unknown mix source": Case(
+        lambda t, m: _finetune(m, t, "--mix", "stdlib:1", "--mix", "retreival:1"),
+        "unknown mix source",
+    ),
+    "finetune negative mix weight": Case(
+        lambda t, m: _finetune(m, t, "--mix", "stdlib:1", "--mix", "multikey:-0.5"), ">= 0"
+    ),
+    "finetune mix weights sum to zero": Case(
+        lambda t, m: _finetune(m, t, "--mix", "stdlib:0", "--mix", "multikey:0"), "sum to 0"
+    ),
+    "finetune mix item without weight": Case(
+        lambda t, m: _finetune(m, t, "--mix", "stdlib"), "source:weight"
+    ),
+    "finetune task longer than the training length": Case(
+        lambda t, m: _finetune(
+            m, t, "--mix", "stdlib:1", "--mix", "multihop:1", "--task-hops", "40"
+        ),
+        "does not fit the training length 256",
+    ),
+    "finetune longce window not below the training length": Case(
+        lambda t, m: _finetune(m, t, "--loss", "longce", "--longce-window", "256"),
+        "not shorter than the training length 256",
+    ),
     # --- recipes
     "recipe unknown key": Case(
         lambda t, m: _recipe(t, RECIPE.format(model=m, out=t / "out") + "learning_rate: 1\n"),

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ctxext.context_use import (
     RetrievalResult,
+    _gain_result,
     _local_windows,
     context_use,
     effective_length,
@@ -120,6 +121,19 @@ def test_gain_sign_and_buckets(llama, seqs):
     assert res.ci_low <= res.gain_bits <= res.ci_high
     assert res.protocol["local_window"] == 16 and res.protocol["local_stride"] == 8
     assert sum(b["n_tokens"] for b in res.buckets) == len(seqs) * (len(seqs[0]) - 1)
+
+
+def test_key_tokens_are_those_whose_nll_drops_by_more_than_two_nats():
+    # Positions 1..9 of two documents; window 4, so only positions 5..9 can differ.
+    full = [torch.tensor([1.0, 2, 1, 1, 0.5, 1.5, 0.25, 3, 1]), torch.full((9,), 2.0)]
+    local = [f.clone() for f in full]
+    local[0][4:] += torch.tensor([2.5, 1.0, 4.0, 2.0, 0.0])  # key: 0.5 and 0.25 (> 2 nats)
+    local[1][8] += 2.01  # key: 2.0
+    res = _gain_result(full, local, 10, 4, 1, 0)
+    assert res.key_tokens == 3 and res.key_fraction == pytest.approx(3 / 18)
+    assert res.key_ppl == pytest.approx(math.exp((0.5 + 0.25 + 2.0) / 3))
+    none = _gain_result(full, [f.clone() for f in full], 10, 4, 1, 0)
+    assert (none.key_ppl, none.key_tokens, none.key_fraction) == (None, 0, 0.0)
 
 
 def test_bad_window_is_refused(llama, seqs):

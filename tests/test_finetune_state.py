@@ -40,20 +40,30 @@ def stdlib_dataset(folder: Path, n: int = 120) -> Path:
 
 
 @CPU_ONLY
-@pytest.mark.parametrize("streamed", [False, True], ids=["stdlib", "streamed-dataset"])
-def test_resume_after_sigkill_gives_the_same_weights(tmp_path, tiny_llama_session, streamed):
+@pytest.mark.parametrize("data", ["stdlib", "streamed", "mix"])
+def test_resume_after_sigkill_gives_the_same_weights(tmp_path, tiny_llama_session, data):
     args = ["--method", "yarn", "--factor", "2", "--steps", "24", "--lr", "1e-3",
             "--warmup-steps", "3", "--lr-schedule", "cosine", "--save-every", "3", "--seed", "5"]  # fmt: skip
-    data = {}
-    if streamed:  # a seeded shuffle buffer over a stream: resuming must rebuild the same samples
-        data = {"data": str(stdlib_dataset(tmp_path / "ds")), "shuffle_buffer": 8}
-        args += ["--data", data["data"], "--shuffle-buffer", "8"]
+    options: dict = {}
+    if data != "stdlib":  # a seeded shuffle buffer over a stream: resuming must rebuild it
+        options = {"data": str(stdlib_dataset(tmp_path / "ds")), "shuffle_buffer": 8}
+        args += ["--shuffle-buffer", "8"]
+    if data == "mix":  # and the mix's draws, and its task sequences (filler from the stream)
+        mix = [f"{options.pop('data')}:0.4", "stdlib:0.2", "multikey:0.25", "multihop:0.15"]
+        options["mix"] = mix
+        args += [x for m in mix for x in ("--mix", m)]
+    elif "data" in options:
+        args += ["--data", options["data"]]
     cfg = FinetuneConfig(
-        steps=24, lr=1e-3, warmup_steps=3, lr_schedule="cosine", save_every=3, seed=5, **data
+        steps=24, lr=1e-3, warmup_steps=3, lr_schedule="cosine", save_every=3, seed=5, **options
     )
     ref = tmp_path / "ref"
     ref_summary = run_finetune(str(tiny_llama_session), ref, YARN2, cfg)
-    assert ref_summary["data"]["split"] == ("train" if streamed else None)
+    if data == "mix":
+        drawn = {s["source"]: s["samples"] for s in ref_summary["data"]["mix"]["sources"]}
+        assert all(drawn.values()) and sum(drawn.values()) == 24  # every source drawn
+    else:
+        assert ref_summary["data"]["split"] == ("train" if data == "streamed" else None)
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(

@@ -15,8 +15,8 @@ import pytest
 
 FINETUNE = [
     "ctxext.finetune", "ctxext.finetune.data", "ctxext.finetune.export", "ctxext.finetune.loop",
-    "ctxext.finetune.model", "ctxext.finetune.optim", "ctxext.finetune.parallel",
-    "ctxext.finetune.plan", "ctxext.finetune.state",
+    "ctxext.finetune.loss", "ctxext.finetune.model", "ctxext.finetune.optim",
+    "ctxext.finetune.parallel", "ctxext.finetune.plan", "ctxext.finetune.state",
 ]  # fmt: skip
 RECIPES = [
     "ctxext.recipes", "ctxext.recipes.loader", "ctxext.recipes.provenance",
@@ -32,7 +32,7 @@ LOWER = [
     "ctxext.budget", "ctxext.bundled_train", "ctxext.calibrate", "ctxext.checkpoint",
     "ctxext.config", "ctxext.context_use", "ctxext.corpus", "ctxext.data", "ctxext.evalrun",
     "ctxext.extend", *FINETUNE, "ctxext.fsdp", "ctxext.inspect", "ctxext.modelcard",
-    "ctxext.modeling", "ctxext.plan", *RECIPES, "ctxext.report", *SPLIT,
+    "ctxext.modeling", "ctxext.plan", *RECIPES, "ctxext.report", *SPLIT, "ctxext.synthetic",
 ]  # fmt: skip
 #: The command line: one module per command, plus the app, shared options and progress bars.
 CLI = [

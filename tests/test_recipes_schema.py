@@ -35,3 +35,34 @@ def test_default_variants_follow_the_sections():
     assert recipe.variants() == ["base", "ntk"]
     with pytest.raises(CtxextError, match="extend factor"):
         validate_recipe({"eval": {"lengths": [256], "compare": ["linear"]}}, "r.yaml")
+
+
+def test_a_recipe_mix_in_any_written_form_resolves_to_one_and_round_trips(tmp_path):
+    import yaml
+
+    forms = [
+        "mix: [stdlib:0.6, multikey:0.4]",
+        "mix: {stdlib: 0.6, multikey: 0.4}",
+        "mix:\n    - {source: stdlib, weight: 0.6}\n    - {source: multikey, weight: 0.4}",
+    ]
+    resolved = []
+    for i, form in enumerate(forms):
+        path = tmp_path / f"r{i}.yaml"
+        path.write_text(
+            "extend: {method: yarn, factor: 2}\n"
+            f"finetune:\n  steps: 3\n  loss: longce\n  tasks: {{keys: 3}}\n  {form}\n"
+        )
+        loaded = load_recipe(str(path))
+        resolved.append(loaded.resolved())
+        assert "LongCE, mix stdlib 0.6 + multikey 0.4" in loaded.recipe.summary()
+    assert resolved[0] == resolved[1] == resolved[2]
+    assert resolved[0]["finetune"]["mix"] == [
+        {"source": "stdlib", "weight": 0.6},
+        {"source": "multikey", "weight": 0.4},
+    ]
+    # What recipe.yaml records reads back as the same recipe.
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(resolved[0]))
+    assert load_recipe(str(again)).resolved() == resolved[0]
+    with pytest.raises(CtxextError, match=r"finetune\.mix.*sum to 0"):
+        validate_recipe({"finetune": {"mix": ["stdlib:0"]}}, "r.yaml")

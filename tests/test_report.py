@@ -71,3 +71,29 @@ def test_context_use_table_stars_sure_gains_and_states_effective_length():
     assert "+0.250*" in yarn and "-0.500*" in yarn and yarn.rstrip(" │").endswith("512")
     assert ntk.rstrip(" │").endswith("none")
     assert "base" not in text
+
+
+def _with_key_tokens() -> dict:
+    results = _results()
+    for run in results["runs"]:
+        for n, res in run.get("context_use", {}).items():
+            res["protocol"] = {"key_token_nats": 2.0}
+            res["key_ppl"], res["key_fraction"] = (3.25, 0.0412) if n == "512" else (None, 0.0)
+    return results
+
+
+def test_key_tokens_in_the_report_and_the_terminal_table():
+    from rich.console import Console
+
+    from ctxext.report import key_token_table
+
+    md = context_use_markdown(_with_key_tokens())
+    assert "| m + yarn x4 | 3.25 (4.1%) | none |" in md.splitlines()
+    assert "more than 2 nats" in md and "last 256 tokens" in md and "LongPPL" in md
+    console = Console(width=120, record=True)
+    console.print(key_token_table(_with_key_tokens()))
+    yarn = next(line for line in console.export_text().splitlines() if "yarn" in line)
+    assert "3.25 (4.1%)" in yarn and "none" in yarn
+    # results.json files without key-token figures render as before.
+    assert "LongPPL" not in context_use_markdown(_results())
+    assert key_token_table(_results()) is None

@@ -231,6 +231,7 @@ def _render(results: dict[str, Any], cfg: Any, console: Console) -> None:
     from ctxext.report import (
         context_use_table,
         effective_length_line,
+        key_token_table,
         passkey_table,
         ppl_table,
         retrieval_table,
@@ -242,7 +243,8 @@ def _render(results: dict[str, Any], cfg: Any, console: Console) -> None:
         from rich.text import Text
 
         console.print(Text.from_ansi(terminal_plot(results)))
-    for table in (passkey_table(results), retrieval_table(results), context_use_table(results)):
+    tables = (passkey_table, retrieval_table, context_use_table, key_token_table)
+    for table in (make(results) for make in tables):
         if table is not None:
             console.print(table)
     for row in results["runs"]:

@@ -68,6 +68,37 @@ def finetune(
             help="Training text: stdlib (default), a text file, folder, .jsonl or dataset name."
         ),
     ] = None,
+    mix: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--mix",
+            help="SOURCE:WEIGHT, repeatable, instead of --data: a seeded mixture by weight. "
+            "SOURCE: what --data takes, or a synthetic task: retrieval, multikey, multihop "
+            "(filler text from the first text source), e.g. --mix stdlib:0.6 --mix multikey:0.4.",
+            show_default=False,
+        ),
+    ] = None,
+    task_keys: Annotated[int, typer.Option(help="multikey task: facts hidden per sequence.")] = 4,
+    task_queries: Annotated[
+        int, typer.Option(help="multikey task: facts asked for per sequence.")
+    ] = 2,
+    task_hops: Annotated[
+        int, typer.Option(help="multihop task: references in the chain (hops + 1 facts).")
+    ] = 4,
+    loss: Annotated[
+        str,
+        typer.Option(
+            help="ce (cross-entropy) | longce (LongCE: tokens re-weighted by long-context gain)."
+        ),
+    ] = "ce",
+    longce_window: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="longce: tokens of context of the short pass (default: trained length)."),
+    ] = None,
+    longce_stride: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="longce: stride of the short pass's windows (default: window/2)."),
+    ] = None,
     text_field: Annotated[str, typer.Option(help="Text field of .jsonl files/datasets.")] = "text",
     dataset_config: DatasetConfigOpt = None,
     dataset_split: Annotated[
@@ -174,6 +205,11 @@ def finetune(
             "save_every": save_every,
             "seed": seed,
             "dtype": dtype,
+            "mix": mix or None,
+            "tasks": {"keys": task_keys, "queries": task_queries, "hops": task_hops},
+            "loss": loss,
+            "longce_window": longce_window,
+            "longce_stride": longce_stride,
         },
         "finetune options",
     )
@@ -313,6 +349,9 @@ def _render_summary(summary: dict[str, Any]) -> None:
             f"fingerprint {summary['data']['fingerprint']})",
         ),
     ]
+    loss = summary.get("loss")
+    if loss is not None:
+        rows.append(("loss", f"LongCE (short window {loss['window']}, stride {loss['stride']})"))
     if summary["resumed_from_step"] is not None:
         rows.append(("resumed", f"from step {summary['resumed_from_step']}"))
     for key, value in rows:

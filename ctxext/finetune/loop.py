@@ -13,6 +13,7 @@ from ctxext.config import ExtendConfig, FinetuneConfig
 from ctxext.errors import CtxextError
 from ctxext.finetune.data import load_train_data, train_loader
 from ctxext.finetune.export import finish
+from ctxext.finetune.loss import LONGCE_MAX_WEIGHT
 from ctxext.finetune.model import prepare_model
 from ctxext.finetune.parallel import (
     check_context_parallel_device,
@@ -92,7 +93,7 @@ def run_finetune(
     )
     report = _reporter(progress, acc.is_main_process)
     global_batch = cfg.batch_size * cfg.grad_accum * data_parallel_size(acc)
-    check_parallelism(acc, plan.seq_length)
+    check_parallelism(acc, plan.seq_length, cfg.loss)
     # Data first: a source too small for one batch is reported before any weight is loaded.
     report("status", {"message": "packing training data"})
     plan.source = checkpoint.fetch(plan.source, "tokenizer")  # a Hub model: no weights yet
@@ -137,17 +138,20 @@ def run_finetune(
         "fsdp": fsdp_mode(acc),
         "trainable_parameters": trainable,
         "parameters": total,
-        "data": {
-            "source": data.source,
-            "split": data.split,
-            "fingerprint": data.fingerprint,
-            "documents": data.documents,
-            "tokens": data.tokens,
-            "chunks": int(data.chunks.shape[0]),
-        },
+        "data": data.summary(),
     }
+    if cfg.loss == "longce":
+        summary_base["loss"] = {
+            "name": "longce",
+            "window": plan.longce_window,
+            "stride": plan.longce_stride,
+            "max_weight": LONGCE_MAX_WEIGHT,
+        }
     report("start", {"total": cfg.steps, "completed": state.step})
-    last_loss = _train(acc, net, opt, sched, loader, state, cfg, plan, global_batch, report)
+    loss_fn = _loss_function(acc, net, cfg, plan)
+    last_loss = _train(
+        acc, net, opt, sched, loader, state, cfg, plan, global_batch, report, loss_fn
+    )
     summary = {
         **summary_base,
         "steps": cfg.steps,
@@ -213,6 +217,24 @@ def _download_status(report: ProgressFn) -> Callable[[str, int], Callable[[int],
     return bar
 
 
+LossFn = Callable[[dict[str, Any]], tuple[Any, float | None]]
+
+
+def _loss_function(acc: Any, net: Any, cfg: FinetuneConfig, plan: Plan) -> LossFn:
+    """inputs -> (the loss to minimise, its plain CE when that is another number)."""
+    if cfg.loss == "ce":
+        return lambda inputs: (net(**inputs).loss, None)
+    from ctxext.finetune.loss import longce_loss
+
+    model = acc.unwrap_model(net)  # the short pass calls the decoder directly, under no_grad
+
+    def longce(inputs: dict[str, Any]) -> tuple[Any, float | None]:
+        window, stride = plan.longce_window, plan.longce_stride
+        return longce_loss(net, model, inputs, window, stride, acc.autocast())
+
+    return longce
+
+
 def _train(
     acc: Any,
     net: Any,
@@ -224,6 +246,7 @@ def _train(
     plan: Plan,
     global_batch: int,
     report: ProgressFn,
+    loss_fn: LossFn,
 ) -> float | None:
     """The optimizer-step loop; returns the last step's loss (mean over the global batch)."""
     tokens_per_step = global_batch * plan.seq_length
@@ -236,7 +259,9 @@ def _train(
             lr = opt.param_groups[0]["lr"]
             poison = plan.nan_at_step == state.step + 1
             try:
-                loss_value, grad_norm = _one_step(acc, net, opt, sched, batches, cfg, poison)
+                loss_value, grad_norm, ce = _one_step(
+                    acc, net, opt, sched, batches, cfg, poison, loss_fn
+                )
             except _NonFinite as e:
                 raise _diverged(plan.work, state.step + 1, e) from None
             state.step += 1
@@ -253,6 +278,8 @@ def _train(
                 "tokens_per_s": round((state.tokens - tokens_at_start) / max(run_time, 1e-9), 1),
                 "elapsed": round(state.elapsed, 3),
             }
+            if ce is not None:  # LongCE: the plain cross-entropy of the same step, beside it
+                record["ce"] = round(ce, 6)
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -267,26 +294,37 @@ def _train(
 
 
 def _one_step(
-    acc: Any, net: Any, opt: Any, sched: Any, batches: Any, cfg: FinetuneConfig, poison: bool
-) -> tuple[float, float]:
+    acc: Any,
+    net: Any,
+    opt: Any,
+    sched: Any,
+    batches: Any,
+    cfg: FinetuneConfig,
+    poison: bool,
+    loss_fn: LossFn,
+) -> tuple[float, float, float | None]:
     """grad_accum micro-steps and one optimizer step; returns the loss averaged over all
-    processes and the global gradient norm before clipping.
+    processes, the global gradient norm before clipping, and (LongCE) the mean plain CE.
 
     Both are checked before the optimizer steps: a non-finite one raises _NonFinite and the
     weights, optimizer state and schedule stay as the previous step left them.
     """
-    total = 0.0
-    mean, norm = math.nan, math.nan
+    total, ce_total = 0.0, 0.0
+    mean, norm, ce_mean = math.nan, math.nan, None
     for _ in range(cfg.grad_accum):
         inputs, context = model_inputs(acc, next(batches))
         with acc.accumulate(net), context:
-            loss = net(**inputs).loss
+            loss, ce = loss_fn(inputs)
+            if ce is not None:
+                ce_total += ce
             if poison:  # fault injection: a real NaN, through the real backward pass
                 loss = loss * math.nan
             acc.backward(loss)
             if acc.sync_gradients:
                 step_loss = (total + loss.detach()) / cfg.grad_accum
                 mean = acc.reduce(step_loss, reduction="mean").item()
+                if ce is not None:
+                    ce_mean = acc.reduce(_tensor(ce_total / cfg.grad_accum, loss), "mean").item()
                 # max_norm=inf measures the norm without scaling the gradients.
                 limit = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
                 norm = float(acc.clip_grad_norm_(net.parameters(), limit))
@@ -297,7 +335,13 @@ def _one_step(
                 sched.step()
                 opt.zero_grad(set_to_none=True)
         total = total + loss.detach()
-    return mean, norm
+    return mean, norm, ce_mean
+
+
+def _tensor(value: float, like: Any) -> Any:
+    import torch
+
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
 
 
 def _diverged(work: Path, step: int, e: _NonFinite) -> TrainingDiverged:

@@ -18,9 +18,10 @@ def mixed_precision(dtype: str, device: str) -> str:
     return {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[dtype]
 
 
-def check_parallelism(acc: Any, seq_length: int) -> None:
+def check_parallelism(acc: Any, seq_length: int, loss: str = "ce") -> None:
     """Refuse, in one line and before anything is loaded, sharding setups that cannot run here:
-    FSDP options the CPU path does not implement, CP slices that do not divide the sequence."""
+    FSDP options the CPU path does not implement, CP slices that do not divide the sequence,
+    LongCE under CP (its short pass reads whole sequences, which CP ranks do not hold)."""
     from accelerate.utils import DistributedType
 
     from ctxext import fsdp
@@ -32,6 +33,12 @@ def check_parallelism(acc: Any, seq_length: int) -> None:
             "fsdp_version: 2"
         )
     cp = _cp_size(acc)
+    if cp > 1 and loss == "longce":
+        raise CtxextError(
+            "--loss longce does not run under context parallelism (each rank holds a slice of "
+            "a sequence; the short pass reads whole ones): use --loss ce or drop "
+            "parallelism_config_cp_size"
+        )
     if cp > 1 and seq_length % (2 * cp):
         raise CtxextError(
             f"context parallelism over {cp} ranks needs sequences divisible by "

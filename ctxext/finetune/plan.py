@@ -31,6 +31,8 @@ class Plan:
     out: Path
     work: Path
     nan_at_step: int | None = None  # fault injection ($CTXEXT_INJECT_NAN_AT_STEP)
+    longce_window: int | None = None  # loss longce: the short pass's window and stride
+    longce_stride: int | None = None
 
 
 def plan_run(
@@ -68,6 +70,8 @@ def plan_run(
             f"--train-length <= {target} (PoSE windows are usually the trained length, "
             f"{info.trained_length})"
         )
+    longce = _longce_windows(cfg, info.trained_length, seq)
+    _check_tasks_fit(cfg, source.path, seq)
     out = checkpoint.check_output_path(output, [source.path], overwrite=True)
     work = work_dir(out)
     _check_output_state(out, work, resume=resume, overwrite=overwrite)
@@ -83,7 +87,40 @@ def plan_run(
         out=out,
         work=work,
         nan_at_step=_injected_nan_step(),
+        longce_window=longce[0],
+        longce_stride=longce[1],
     )
+
+
+def _longce_windows(cfg: FinetuneConfig, trained: int, seq: int) -> tuple[int | None, int | None]:
+    """LongCE's short window (default: the trained length) and stride (default: half of it),
+    refused when the window is not shorter than the training sequences (nothing to cut)."""
+    if cfg.loss != "longce":
+        return None, None
+    window = cfg.longce_window or trained
+    if window >= seq:
+        default = "" if cfg.longce_window else f" (default: the trained length {trained})"
+        raise CtxextError(
+            f"--loss longce: the short window {window}{default} is not shorter than the "
+            f"training length {seq}, so no token's context is cut: pass --longce-window "
+            f"below {seq} or train longer sequences"
+        )
+    return window, cfg.longce_stride or max(1, window // 2)
+
+
+def _check_tasks_fit(cfg: FinetuneConfig, folder: Path, length: int) -> None:
+    """Task sources of the mix that cannot fit the training length, refused from the model's
+    tokenizer.json alone (no torch); without one, the run checks with the real tokenizer
+    before it reads any data (:func:`ctxext.finetune.data.load_mix`)."""
+    tasks = [m.source for m in cfg.mix or () if m.is_task]
+    path = folder / "tokenizer.json"
+    if not tasks or not path.is_file():
+        return
+    from ctxext.synthetic import TokenCounter, check_task_fits
+
+    counter = TokenCounter(path)
+    for task in tasks:
+        check_task_fits(counter, task, cfg.tasks, length)
 
 
 def _injected_nan_step() -> int | None:

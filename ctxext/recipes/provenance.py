@@ -61,6 +61,8 @@ def provenance(run: RecipeRun) -> dict[str, Any]:
             "documents": ft["documents"],
             "tokens": ft["tokens"],
         }
+        if "mix" in ft:  # the sources, weights, draws and task parameters
+            data["finetune"]["mix"] = ft["mix"]
     models = {
         "base": {
             "model": run.pre.name,

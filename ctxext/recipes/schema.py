@@ -189,7 +189,11 @@ class Recipe(StrictModel):
             ft = self.finetune
             kind = f"LoRA r={ft.lora_rank}" if ft.lora_rank else "full"
             pose = f", PoSE window {ft.train_length}" if ft.pose else ""
-            parts.append(f"finetune {plural(ft.steps, 'step')} ({kind}{pose})")
+            loss = ", LongCE" if ft.loss == "longce" else ""
+            mix = ""
+            if ft.mix is not None:
+                mix = ", mix " + " + ".join(f"{m.source} {m.weight:g}" for m in ft.mix)
+            parts.append(f"finetune {plural(ft.steps, 'step')} ({kind}{pose}{loss}{mix})")
         if self.eval is not None:
             lengths = ",".join(str(n) for n in self.eval.lengths)
             parts.append(f"eval {' vs '.join(self.variants())} at {lengths}")
