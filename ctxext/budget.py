@@ -221,6 +221,10 @@ def _calibration(run: RunPlan, limit: int, measure: bool, status: Status) -> Any
     cached = calibrate.cached_calibration()
     if cached is not None:
         return cached
+    if calibrate.launched_rank() not in (None, 0):
+        # Rank 0 measures (its check is the one that decides and prints); another rank measuring
+        # at the same time would slow both measurements and the run's start.
+        return calibrate.PESSIMISTIC
     if not measure:
         rows = run.estimates(calibrate.PESSIMISTIC)
         seconds = total_seconds(rows)

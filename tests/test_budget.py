@@ -10,14 +10,6 @@ from ctxext.config import EvalConfig, ExtendConfig, FinetuneConfig
 from ctxext.errors import CtxextError
 
 
-@pytest.fixture
-def calibrated(monkeypatch):
-    from ctxext import calibrate
-
-    monkeypatch.delenv("CTXEXT_MEMORY_LIMIT", raising=False)
-    return calibrate.load_calibration()
-
-
 def test_eval_run_has_one_phase_per_length_with_the_tokens_fed():
     cfg = EvalConfig(lengths=[256, 1024])
     run = budget.eval_run([None], cfg, {256: 1000, 1024: 4000})

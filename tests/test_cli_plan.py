@@ -26,16 +26,6 @@ def weightless(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture
-def calibrated(monkeypatch):
-    """This machine's calibration, as users get it: measured once per machine (~30 s) into the
-    user cache dir, then read from there."""
-    from ctxext import calibrate
-
-    monkeypatch.delenv("CTXEXT_MEMORY_LIMIT", raising=False)
-    return calibrate.load_calibration()
-
-
 def test_weightless_model_fails_at_loading_without_a_limit(weightless, capsys, calibrated):
     # The control: with memory to spare the run proceeds until it needs the weights.
     code, _, err = run_cli(capsys, "eval", weightless, "--lengths", "64", "--num-docs", "1")
