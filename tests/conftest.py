@@ -37,15 +37,15 @@ def _isolated_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def calibration(_isolated_cache):  # -> plan.Calibration
+def calibration(_isolated_cache):  # -> estimate.Calibration
     """This machine, measured once per session into the session's cache (~30 s on a quiet
     machine) as rank 0 of `accelerate launch` measures it: with the variables torchrun exports
     to its workers set. The port they name is held by a socket here, so a runtime probe that
     joined the launcher's process group fails at once (address in use) instead of waiting for
-    a rank 1 until it is killed; see test_calibrate.py."""
+    a rank 1 until it is killed; see test_resources_calibrate.py."""
     import socket
 
-    from ctxext import calibrate
+    from ctxext.resources import calibrate
 
     with socket.socket() as held, pytest.MonkeyPatch.context() as mp:
         held.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ import pytest
 FINETUNE = [
     "ctxext.finetune", "ctxext.finetune.data", "ctxext.finetune.export", "ctxext.finetune.loop",
     "ctxext.finetune.model", "ctxext.finetune.optim", "ctxext.finetune.parallel",
-    "ctxext.finetune.plan", "ctxext.finetune.state",
+    "ctxext.finetune.setup", "ctxext.finetune.state",
 ]  # fmt: skip
 RECIPES = [
     "ctxext.recipes", "ctxext.recipes.loader", "ctxext.recipes.provenance",
@@ -28,11 +28,15 @@ SPLIT = [
     "ctxext.rope.formulas", "ctxext.rope.methods", "ctxext.rope.read", "ctxext.rope.write",
     "ctxext.tune", "ctxext.tune.leaderboard", "ctxext.tune.run", "ctxext.tune.search",
 ]  # fmt: skip
+RESOURCES = [
+    "ctxext.resources", "ctxext.resources.calibrate", "ctxext.resources.estimate",
+    "ctxext.resources.guard",
+]  # fmt: skip
 LOWER = [
-    "ctxext.budget", "ctxext.bundled_train", "ctxext.calibrate", "ctxext.checkpoint",
-    "ctxext.config", "ctxext.context_use", "ctxext.corpus", "ctxext.data", "ctxext.evalrun",
-    "ctxext.extend", *FINETUNE, "ctxext.fsdp", "ctxext.inspect", "ctxext.modelcard",
-    "ctxext.modeling", "ctxext.plan", *RECIPES, "ctxext.report", *SPLIT,
+    "ctxext.bundled_train", "ctxext.checkpoint", "ctxext.config", "ctxext.context_use",
+    "ctxext.corpus", "ctxext.data", "ctxext.evalrun", "ctxext.extend", *FINETUNE, "ctxext.fsdp",
+    "ctxext.inspect", "ctxext.modelcard", "ctxext.modeling", *RECIPES, "ctxext.report",
+    *RESOURCES, *SPLIT,
 ]  # fmt: skip
 #: The command line: one module per command, plus the app, shared options and progress bars.
 CLI = [
@@ -41,7 +45,7 @@ CLI = [
     "ctxext.cli.progress", "ctxext.cli.recipes", "ctxext.cli.tune",
 ]  # fmt: skip
 #: Modules that must not import torch at import time (the CLI's --help stays instant).
-NO_TORCH = ["ctxext.config", *FINETUNE, *RECIPES]
+NO_TORCH = ["ctxext.config", *FINETUNE, *RECIPES, *RESOURCES]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ where it would load weights and prints the estimate instead. Without that flag t
 estimate guards the run: printed when it will take more than a minute, and a run whose peak
 exceeds the memory available (``--memory-limit``, ``$CTXEXT_MEMORY_LIMIT``, else free RAM or
 free GPU memory) is refused with one line naming the cheapest changes that would fit, unless
-``--force``. The workloads and the estimate are :mod:`ctxext.budget`'s; this module renders
+``--force``. The workloads and the verdict are :mod:`ctxext.resources.guard`'s; this module renders
 its verdict.
 """
 
@@ -80,16 +80,16 @@ def check_finetune(
     model: str | None, output: Any, extend: Any, cfg: Any, opts: GuardOptions
 ) -> Announcement:
     """Before `finetune` loads anything: its workload against this machine."""
-    from ctxext.budget import finetune_run
+    from ctxext.resources.guard import finetune_workloads
 
-    return _decide(finetune_run(model, output, extend, cfg), opts)
+    return _decide(finetune_workloads(model, output, extend, cfg), opts)
 
 
 def check_recipe(loaded: Any, opts: GuardOptions) -> Announcement:
     """Before `run` does anything slow: its fine-tune and eval phases against this machine."""
-    from ctxext.budget import recipe_run
+    from ctxext.resources.guard import recipe_workloads
 
-    run = recipe_run(loaded)
+    run = recipe_workloads(loaded)
     return _decide(run, opts) if run.phases else Announcement()
 
 
@@ -104,17 +104,17 @@ def check_eval(
     before any model is loaded; a long run's estimate goes to ``announce``."""
 
     def preflight(token_cache: dict[str, Any]) -> None:
-        from ctxext.budget import eval_run, eval_tokens
+        from ctxext.resources.guard import eval_tokens, eval_workloads
 
         tokens = eval_tokens(models, cfg, token_cache, variants_per_model)
-        announce.table = _decide(eval_run(models, cfg, tokens), opts).table
+        announce.table = _decide(eval_workloads(models, cfg, tokens), opts).table
 
     return preflight
 
 
 def _decide(run: Any, opts: GuardOptions) -> Announcement:
     """Print the plan (plan-only), refuse an over-budget run, or announce a long one."""
-    from ctxext.budget import assess
+    from ctxext.resources.guard import assess
 
     verdict = assess(run, opts.memory_limit, measure=opts.plan_only, status=_err.status)
     if opts.plan_only:
@@ -132,7 +132,7 @@ def _decide(run: Any, opts: GuardOptions) -> Announcement:
 
 
 def _print_plan(verdict: Any, as_json: bool) -> None:
-    from ctxext import plan
+    from ctxext.resources.estimate import format_bytes
 
     run, rows, limit, where, peak = (
         verdict.run, verdict.rows, verdict.limit, verdict.where, verdict.peak
@@ -154,14 +154,14 @@ def _print_plan(verdict: Any, as_json: bool) -> None:
         return
     fits = "fits" if peak <= limit else "does not fit"
     _out.print(_table(verdict))
-    _out.print(f"peak {plan.format_bytes(peak)}: {fits} in {plan.format_bytes(limit)} ({where})")
+    _out.print(f"peak {format_bytes(peak)}: {fits} in {format_bytes(limit)} ({where})")
 
 
 def _table(verdict: Any) -> Any:
     """Components down, phases (lengths) across."""
     from rich.table import Table
 
-    from ctxext.plan import format_bytes
+    from ctxext.resources.estimate import format_bytes
 
     run, rows, calib, limit, where = (
         verdict.run, verdict.rows, verdict.calib, verdict.limit, verdict.where

@@ -103,10 +103,10 @@ def _search_with_progress(cfg: Any, prepared: Any) -> dict[str, Any]:
                 last[0] = time.time()
                 _err.print(f"tune: {spent:.0f} forwards, {best}", highlight=False)
 
-        def on_plan(total: int) -> None:
+        def on_budget(total: int) -> None:
             progress.update(task, total=total)
 
-        return run_tune(cfg, prepared, update, on_plan)
+        return run_tune(cfg, prepared, update, on_budget)
 
 
 def _render(result: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ from ctxext.config import FinetuneConfig
 from ctxext.errors import CtxextError
 
 if TYPE_CHECKING:
-    from ctxext.finetune.plan import Plan
+    from ctxext.finetune.setup import RunSetup
 
 
 def pack_documents(
@@ -210,7 +210,9 @@ def pack_until(
     return stream, used, fingerprint
 
 
-def train_loader(data: TrainData, cfg: FinetuneConfig, plan: Plan, start: int, global_batch: int):
+def train_loader(
+    data: TrainData, cfg: FinetuneConfig, setup: RunSetup, start: int, global_batch: int
+):
     """Sequential batches over the run's remaining samples; accelerate shards them by process."""
     from torch.utils.data import DataLoader
 
@@ -220,6 +222,6 @@ def train_loader(data: TrainData, cfg: FinetuneConfig, plan: Plan, start: int, g
         start=start,
         count=remaining,
         seed=cfg.seed,
-        window=plan.seq_length if cfg.pose else None,
+        window=setup.seq_length if cfg.pose else None,
     )
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=0)

@@ -351,8 +351,8 @@ def _halving_cost(rungs: list[int]) -> float:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """How the budget is spent (recorded in tune.json)."""
+class BudgetAllocation:
+    """How the budget is spent (recorded in tune.json under "plan")."""
 
     budget_evals: int
     per_method: dict[str, int]
@@ -361,7 +361,7 @@ class Plan:
     longrope_docs: int
 
 
-def plan_search(cfg: TuneConfig, budget_evals: int, cost_ratio: float) -> Plan:
+def allocate_budget(cfg: TuneConfig, budget_evals: int, cost_ratio: float) -> BudgetAllocation:
     """Split the budget: parametric methods by successive halving, then LongRoPE's evolution."""
     rungs = _rungs(cfg.search_docs)
     params = [m for m in cfg.methods if m in PARAMETRIC]
@@ -375,20 +375,22 @@ def plan_search(cfg: TuneConfig, budget_evals: int, cost_ratio: float) -> Plan:
     final = _LONGROPE_FINALISTS * (cfg.search_docs - evo_docs) * (1.0 + cost_ratio)
     evo_budget = budget_evals * (0.95 - share) - final if longrope else 0.0
     children = int(max(0.0, evo_budget) / (evo_docs * (1.0 + cost_ratio)))
-    return Plan(budget_evals, per_method, rungs, max(children, 6) if longrope else 0, evo_docs)
+    return BudgetAllocation(
+        budget_evals, per_method, rungs, max(children, 6) if longrope else 0, evo_docs
+    )
 
 
-def run_search(search: Search, plan: Plan) -> dict[str, Trial]:
+def run_search(search: Search, allocation: BudgetAllocation) -> dict[str, Trial]:
     """Every method's best guard-passing trial on all search documents."""
     best: dict[str, Trial] = {}
-    for method, n in plan.per_method.items():
+    for method, n in allocation.per_method.items():
         cands = sample_candidates(method, n, search.s, search.info.rotary_dim, search.rng)
-        survivors = search.halving(cands, plan.rungs)
+        survivors = search.halving(cands, allocation.rungs)
         if survivors:
             best[method] = survivors[0]
-    if plan.longrope_children:
-        docs = list(range(plan.longrope_docs))
-        evolved = search.evolve(_longrope_seeds(search, best), plan.longrope_children, docs)
+    if allocation.longrope_children:
+        docs = list(range(allocation.longrope_docs))
+        evolved = search.evolve(_longrope_seeds(search, best), allocation.longrope_children, docs)
         everything = list(range(search.cfg.search_docs))
         finals = [search.score(t.candidate, everything) for t in evolved[:_LONGROPE_FINALISTS]]
         finals = sorted((t for t in finals if not t.rejected), key=lambda t: t.ppl_target)

@@ -1,4 +1,4 @@
-"""Measure this device once (a few seconds) for :mod:`ctxext.plan`; cache the result per machine.
+"""Measure this device once (a few seconds) for :mod:`~ctxext.resources.estimate`; cache the result per machine.
 
 What is measured, on the device ctxext would run on (CUDA if present, else CPU), in the dtype a
 run computes in there (bf16 on CUDA, fp32 on CPU):
@@ -15,7 +15,7 @@ host name, device, torch version and thread count: another machine or another to
 again. Available memory: ``$CTXEXT_MEMORY_LIMIT`` (e.g. ``2GB``) overrides what is measured.
 
 Under a launcher (torchrun, ``accelerate launch``) only rank 0 measures (see
-:func:`ctxext.budget.assess`), and the runtime probe's subprocess runs as a plain process: it
+:func:`ctxext.resources.guard.assess`), and the runtime probe's subprocess runs as a plain process: it
 inherits none of the launcher's variables, which would make it join the run's process group.
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ctxext.errors import CtxextError
-from ctxext.plan import Calibration, parse_bytes
+from ctxext.resources.estimate import Calibration, parse_bytes
 
 __all__ = [
     "PESSIMISTIC",
@@ -53,7 +53,7 @@ _VERSION = 3
 _SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 _ATTENTION_LENGTHS = (512, 1024, 2048, 4096)
 #: A deliberately slow, memory-hungry stand-in used before this machine is measured: a run
-#: that fits and is short even by it needs no calibration (see budget._calibration).
+#: that fits and is short even by it needs no calibration (see guard._calibration).
 PESSIMISTIC = Calibration(
     device="cpu (not measured yet)",
     matmul_flops={64: 2e8, 4096: 5e9},
@@ -245,7 +245,7 @@ def measure_runtime(timeout: float = _PROBE_TIMEOUT) -> dict[str, int]:
     The process is a plain one even when this one was started by a launcher (see
     :data:`_LAUNCHER_VARS`); it is killed after ``timeout`` seconds.
     """
-    code = "from ctxext.calibrate import _runtime_probe; _runtime_probe()"
+    code = "from ctxext.resources.calibrate import _runtime_probe; _runtime_probe()"
     env = {**_standalone_env(), "TRANSFORMERS_VERBOSITY": "error"}
     try:
         res = subprocess.run(
@@ -270,26 +270,27 @@ def _peak_rss() -> int:
 
 def _runtime_probe() -> None:
     """Run the bundled model through eval, a full and a LoRA fine-tune at 64 tokens; print
-    for each the peak RSS minus what :func:`ctxext.plan.estimate` attributes to the model."""
+    for each the peak RSS minus what :func:`ctxext.resources.estimate.estimate` attributes to the model."""
     import tempfile
 
-    from ctxext import checkpoint, evalrun, plan
+    from ctxext import checkpoint, evalrun
     from ctxext.config import EvalConfig, ExtendConfig, FinetuneConfig
     from ctxext.finetune.loop import run_finetune
+    from ctxext.resources.estimate import ModelShape, Workload, estimate
 
-    shape = plan.ModelShape.from_config(checkpoint.read_config(checkpoint.bundled_path()))
+    shape = ModelShape.from_config(checkpoint.read_config(checkpoint.bundled_path()))
     zero = Calibration("cpu", {64: 1.0}, {64: 1.0}, 1.0, {})
     out: dict[str, int] = {}
     cfg = EvalConfig(lengths=[64], num_docs=1)
     evalrun.run_eval(evalrun.plan_variants([None], [], {}, cfg), cfg)
-    out["eval"] = _peak_rss() - plan.estimate(shape, plan.Workload("eval", 64), zero).peak
+    out["eval"] = _peak_rss() - estimate(shape, Workload("eval", 64), zero).peak
     extend = ExtendConfig(method="linear", factor=1.25)  # 256 -> 320 tokens
     with tempfile.TemporaryDirectory() as tmp:
         for key, rank in (("finetune", None), ("lora", 4)):
             ft = FinetuneConfig(steps=1, save_every=0, lora_rank=rank, train_length=64)
             run_finetune(None, Path(tmp) / key, extend, ft)
-            work = plan.Workload("finetune", 64, lora_rank=rank)
-            out[key] = _peak_rss() - plan.estimate(shape, work, zero).peak
+            work = Workload("finetune", 64, lora_rank=rank)
+            out[key] = _peak_rss() - estimate(shape, work, zero).peak
     print(json.dumps(out))
 
 

@@ -1,4 +1,5 @@
-"""Measuring this machine (ctxext/calibrate.py) under a launcher, and where its cache lives.
+"""Measuring this machine (ctxext/resources/calibrate.py) under a launcher, and where its cache
+lives.
 
 `accelerate launch ... -m ctxext finetune` on a machine without a calibration cache used to hang
 for 5 minutes: rank 0's runtime probe (a subprocess) inherited the launcher's RANK, WORLD_SIZE
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import launcher_env
 
-from ctxext import budget, calibrate
 from ctxext.config import EvalConfig
+from ctxext.resources import calibrate, guard
 
 
 def test_tests_never_touch_the_user_cache():
@@ -44,8 +45,8 @@ def test_other_ranks_never_measure(monkeypatch, tmp_path):
     def status(message: str):  # entered just before the machine would be measured
         raise AssertionError(f"rank 1 started measuring: {message}")
 
-    run = budget.eval_run([None], EvalConfig(lengths=[256, 1024]), None)
-    verdict = budget.assess(run, None, measure=True, status=status)
+    run = guard.eval_workloads([None], EvalConfig(lengths=[256, 1024]), None)
+    verdict = guard.assess(run, None, measure=True, status=status)
     assert verdict.calib is calibrate.PESSIMISTIC
     assert not (tmp_path / "empty").exists()
 
@@ -63,6 +64,6 @@ def test_a_plain_process_measures_when_asked(monkeypatch, tmp_path):
     def status(message: str):
         raise Measured(message)
 
-    run = budget.eval_run([None], EvalConfig(lengths=[256, 1024]), None)
+    run = guard.eval_workloads([None], EvalConfig(lengths=[256, 1024]), None)
     with pytest.raises(Measured, match="measuring this machine"):
-        budget.assess(run, None, measure=True, status=status)
+        guard.assess(run, None, measure=True, status=status)
