@@ -1,5 +1,5 @@
-"""`ctxext plan` and the pre-run memory check (ctxext/cli/plan.py): runs refused before anything
-is loaded, and plans printed without loading.
+"""`ctxext plan` (ctxext/cli/app.py) and the pre-run memory check (ctxext/cli/guard.py): runs
+refused before anything is loaded, and plans printed without loading.
 
 The refusal tests use a model folder that has a real config and tokenizer but a weight file that
 cannot be loaded: a run that got as far as loading would fail with "could not load the weights";

@@ -132,7 +132,7 @@ def eval_command(
     plan_only: PlanOnlyOpt = False,
 ) -> None:
     """Perplexity (and passkey retrieval) at several lengths, models and methods side by side."""
-    from ctxext.cli.plan import GuardOptions
+    from ctxext.cli.guard import GuardOptions
     from ctxext.config import EvalConfig, parse_model, positive_int_list
     from ctxext.evalrun import evaluate_and_report
 
@@ -188,7 +188,7 @@ def eval_command(
 def _hooks(models: list[str | None], cfg: Any, guard: Any) -> Any:
     """The memory/time check, a token progress bar (stderr) and the tables (stderr with
     --json, so stdout stays the JSON document)."""
-    from ctxext.cli.plan import Announcement, check_eval
+    from ctxext.cli.guard import Announcement, check_eval
     from ctxext.evalrun import EvalHooks
 
     announce = Announcement()  # a long run's estimate, shown once the first model is loaded

@@ -178,7 +178,7 @@ def finetune(
         "finetune options",
     )
     from ctxext import checkpoint
-    from ctxext.cli.plan import GuardOptions, check_finetune
+    from ctxext.cli.guard import GuardOptions, check_finetune
 
     guard = GuardOptions(force, memory_limit, plan_only, as_json)
     main = _is_main_process()
@@ -214,7 +214,7 @@ class _ProgressBar:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.announce: Any = None  # cli.plan.Announcement: shown when training starts
+        self.announce: Any = None  # cli.guard.Announcement: shown when training starts
         self.progress: Any = None
         self.task: Any = None
         self.status: Any = None

@@ -2,7 +2,7 @@
 (one per length or phase) built from its typed configs, estimated on this machine and set
 against the memory available.
 
-The CLI (:mod:`ctxext.cli.plan`) renders the verdict: a plan (``ctxext plan``), a refusal, a
+The CLI (:mod:`ctxext.cli.guard`) renders the verdict: a plan (``ctxext plan``), a refusal, a
 warning under ``--force``, or the estimate of a long run. No torch at import time.
 """
 

@@ -1,20 +1,19 @@
-"""`ctxext plan COMMAND ...` and the memory/time check every eval, finetune and run makes first.
+"""The memory/time check every eval, finetune and run makes first, and its rendering.
 
-`ctxext plan eval|finetune|run ARGS` runs the command's own parsing and validation (so it
-accepts exactly the command's arguments) with a hidden ``--plan-only`` flag: the command stops
-where it would load weights and prints the estimate instead. Without that flag the same
-estimate guards the run: printed when it will take more than a minute, and a run whose peak
-exceeds the memory available (``--memory-limit``, ``$CTXEXT_MEMORY_LIMIT``, else free RAM or
-free GPU memory) is refused with one line naming the cheapest changes that would fit, unless
-``--force``. The workloads and the verdict are :mod:`ctxext.resources.guard`'s; this module renders
-its verdict.
+Before a command loads weights, its workloads are estimated on this machine
+(:mod:`ctxext.resources.guard`): the estimate is printed when the run will take more than a
+minute, and a run whose peak exceeds the memory available (``--memory-limit``,
+``$CTXEXT_MEMORY_LIMIT``, else free RAM or free GPU memory) is refused with one line naming the
+cheapest changes that would fit, unless ``--force``. With the hidden ``--plan-only`` flag (what
+`ctxext plan COMMAND ...` passes, see :mod:`ctxext.cli.app`) the command prints the estimate
+instead and stops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -27,7 +26,6 @@ __all__ = [
     "check_eval",
     "check_finetune",
     "check_recipe",
-    "plan",
 ]
 
 _out = Console()
@@ -57,23 +55,7 @@ class Announcement:
             self.table = None
 
 
-# --------------------------------------------------------------------------- the commands
-
-
-def plan(
-    ctx: typer.Context,
-    command: Annotated[str, typer.Argument(help="eval, finetune or run.", show_default=False)],
-) -> None:
-    """Print the memory and time COMMAND would need, without loading weights.
-
-    Takes exactly the arguments of `ctxext eval`, `ctxext finetune` or `ctxext run`, e.g.
-    `ctxext plan finetune -o out -m yarn -t 32768 --lora-rank 16 --grad-ckpt`.
-    """
-    if command not in ("eval", "finetune", "run"):
-        raise CtxextError(f"plan: unknown command '{command}'; use eval, finetune or run")
-    from ctxext.cli.app import _run_app
-
-    raise typer.Exit(_run_app([command, *ctx.args, "--plan-only"]))
+# --------------------------------------------------------------------------- the checks
 
 
 def check_finetune(
