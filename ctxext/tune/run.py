@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ctxext import checkpoint, rope
-from ctxext.config import ExtendConfig
+from ctxext.config import ExtendConfig, TuneConfig
 from ctxext.errors import CtxextError
 from ctxext.tune.leaderboard import (
     evaluate_rows,
@@ -27,7 +27,6 @@ from ctxext.tune.search import (
     Scorer,
     Search,
     Trial,
-    TuneConfig,
     allocate_budget,
     run_search,
 )

@@ -10,43 +10,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydantic import Field
 
 from ctxext import rope
-from ctxext.config import ExtendConfig, StrictModel, parse_model
+from ctxext.config import TUNE_METHODS, ExtendConfig, TuneConfig, parse_model
 from ctxext.errors import CtxextError
 from ctxext.rope.methods import FACTOR_LIST_METHODS, METHODS
 
-PARAMETRIC = ("yarn", "ntk", "linear", "llama3")
-SEARCHABLE = (*PARAMETRIC, *FACTOR_LIST_METHODS)
+SEARCHABLE = TUNE_METHODS
+#: Searched by successive halving (the others, longrope, by evolution).
+PARAMETRIC = tuple(m for m in SEARCHABLE if m not in FACTOR_LIST_METHODS)
 #: Paper defaults shown in the leaderboard (longrope has no default: its factors are searched).
 DEFAULT_ROWS = METHODS
-#: Candidates per method are split in this proportion (more hyperparameters, more candidates).
-_WEIGHT = {"yarn": 3, "llama3": 2, "ntk": 1, "linear": 1}
+#: Candidates per method are split in this proportion (more hyperparameters, more candidates;
+#: 1 for the others).
+_WEIGHT = {"yarn": 3, "llama3": 2}
 _ETA = 3  # successive halving keeps the best 1/eta at each rung
 _LONGROPE_FINALISTS = 3
-
-
-class TuneConfig(StrictModel):
-    """`ctxext tune`: what to search, on which data, with which budget."""
-
-    model: str | None = None
-    target_length: int
-    methods: list[str] = Field(default_factory=lambda: list(SEARCHABLE))
-    budget_minutes: float = 15.0
-    """Wall-clock budget of the search (the report afterwards is extra)."""
-    budget_evals: int | None = None
-    """Budget in document forwards at the target length; overrides budget_minutes and makes a
-    search machine-independent (tune.json records the one used)."""
-    search_docs: int = 8
-    report_docs: int = 16
-    guard: float = 0.05
-    """Reject candidates whose perplexity at the trained length exceeds the unscaled model's by
-    more than this fraction."""
-    report_lengths: list[int] | None = None
-    """Leaderboard lengths (default: the trained length and the target length)."""
-    data: str | None = None
-    seed: int = 0
 
 
 # --------------------------------------------------------------------------- candidates
@@ -369,8 +348,8 @@ def allocate_budget(cfg: TuneConfig, budget_evals: int, cost_ratio: float) -> Bu
     share = (0.45 if longrope else 0.95) if params else 0.0
     per_cand = _halving_cost(rungs) * (1.0 + cost_ratio)
     n_param = int(budget_evals * share / per_cand)
-    weight = sum(_WEIGHT[m] for m in params) or 1
-    per_method = {m: max(3, n_param * _WEIGHT[m] // weight) for m in params}
+    weight = sum(_WEIGHT.get(m, 1) for m in params) or 1
+    per_method = {m: max(3, n_param * _WEIGHT.get(m, 1) // weight) for m in params}
     evo_docs = rungs[1] if len(rungs) > 1 else rungs[0]
     final = _LONGROPE_FINALISTS * (cfg.search_docs - evo_docs) * (1.0 + cost_ratio)
     evo_budget = budget_evals * (0.95 - share) - final if longrope else 0.0
