@@ -199,6 +199,46 @@ def test_no_module_below_the_cli_imports_it_even_inside_a_function():
             assert not _under(sorted(targets), "ctxext.cli"), (module, targets)
 
 
+def test_method_names_are_listed_once():
+    """ctxext/rope/methods.py is the table of scaling methods: no other tuple, list or set of
+    four or more of their names, and no help or message text naming four or more, in the
+    source (docstrings aside). Tables keyed by method (one implementation each) are not lists;
+    tune's default methods (config.TUNE_METHODS) are its search order, which a search's seeded
+    draws follow."""
+    import re
+
+    import ctxext
+    from ctxext.rope.methods import ALL_METHODS
+
+    root = Path(ctxext.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        where = path.relative_to(root.parent).as_posix()
+        if where == "ctxext/rope/methods.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                items = [e.value for e in node.elts if isinstance(e, ast.Constant)]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                items = [] if id(node) in docstrings else re.findall(r"[a-z0-9]+", node.value)
+            else:
+                continue
+            if len(set(items) & set(ALL_METHODS)) >= 4:
+                found.append(f"{where}:{node.lineno}")
+    tune_order = next(
+        f"ctxext/config.py:{n.lineno}"
+        for n in ast.parse((root / "config.py").read_text()).body
+        if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "TUNE_METHODS"
+    )
+    assert found == [tune_order]
+
+
 @pytest.mark.parametrize("module", CLI)
 def test_cli_modules_import_alone_without_torch(module):
     # `ctxext --help` stays instant: the commands import torch / transformers when they run.
