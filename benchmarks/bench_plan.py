@@ -12,7 +12,7 @@ intermediate 2048, vocabulary 32,000, untied head, q/k/v biases: 110M parameters
 each in a fresh subprocess through the real pipeline (``evalrun.run_eval`` /
 ``finetune.run_finetune``), and compares
 
-* peak RSS (the subprocess's own ``ru_maxrss``) with ``plan.estimate(...).peak``;
+* peak RSS (the subprocess's own ``ru_maxrss``) with ``estimate.estimate(...).peak``;
 * time: eval, seconds per token from the model being loaded to the last forward pass (from
   the progress callback, so loading and tokenizing are not counted); finetune, seconds per optimizer step
   after the first (warm-up) step, from the training log;
@@ -137,7 +137,7 @@ def build_qwen2(path: Path) -> Path:
 
 
 def _cases(name: str) -> list[tuple[str, str, dict, dict]]:
-    """(label, worker kind, worker arguments, plan.Workload arguments)."""
+    """(label, worker kind, worker arguments, estimate.Workload arguments)."""
     out = []
     for length, docs in EVAL_DOCS[name].items():
         out.append((f"eval {length}", "eval", {"length": length, "docs": docs},
@@ -158,9 +158,10 @@ def _cases(name: str) -> list[tuple[str, str, dict, dict]]:
 
 
 def _measure_model(name: str, model: str, calib, tmp: Path, kinds: tuple[str, ...]) -> list[dict]:
-    from ctxext import calibrate, checkpoint, plan
+    from ctxext import checkpoint
+    from ctxext.resources import calibrate, estimate
 
-    shape = plan.ModelShape.from_config(
+    shape = estimate.ModelShape.from_config(
         checkpoint.read_config(checkpoint.resolve_model(model).path)
     )
     rows = []
@@ -173,8 +174,8 @@ def _measure_model(name: str, model: str, calib, tmp: Path, kinds: tuple[str, ..
         # minute, and this separates the time model's error from the neighbours' load.
         now = calibrate.measure_speed(calib)
         measured = _run_worker(kind, model=model, **args)
-        est = plan.estimate(shape, plan.Workload(**work), calib)
-        est_now = plan.estimate(shape, plan.Workload(**work), now)
+        est = estimate.estimate(shape, estimate.Workload(**work), calib)
+        est_now = estimate.estimate(shape, estimate.Workload(**work), now)
         key = "seconds_per_token" if kind == "eval" else "seconds_per_step"
         row = {
             "model": name, "run": label, "pred_rss": est.peak, "meas_rss": measured["peak_rss"],
@@ -200,16 +201,16 @@ def _format_row(r: dict) -> str:
 
 
 def llama2_7b_table() -> list[str]:
-    from ctxext import plan
+    from ctxext.resources import estimate
 
-    gpu = plan.Calibration(
+    gpu = estimate.Calibration(
         device="cuda (80 GB, not calibrated: memory only)",
         matmul_flops={64: 1.0},
         attention_flops={64: 1.0},
         bandwidth=1.0,
         runtime=dict.fromkeys(("eval", "finetune", "lora"), 512 * 2**20),
     )
-    shape = plan.ModelShape.from_config(LLAMA2_7B)
+    shape = estimate.ModelShape.from_config(LLAMA2_7B)
     base = {"kind": "finetune", "length": 32768, "compute_dtype": "bfloat16"}
     cases = {
         "full (fp32 master weights, bf16 autocast)": {},
@@ -223,7 +224,7 @@ def llama2_7b_table() -> list[str]:
     ]
     gib = 2**30
     for label, kw in cases.items():
-        e = plan.estimate(shape, plan.Workload(**base, **kw), gpu)
+        e = estimate.estimate(shape, estimate.Workload(**base, **kw), gpu)
         lines.append(
             f"| {label} | {e.weights / gib:.1f} GiB | {e.optimizer / gib:.1f} GiB | "
             f"{e.gradients / gib:.1f} GiB | {e.activations / gib:.1f} GiB | {e.loss / gib:.1f} GiB "
@@ -254,7 +255,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     sys.path.insert(0, str(ROOT))
-    from ctxext import calibrate
+    from ctxext.resources import calibrate
 
     kinds = tuple(args.kinds.split(","))
     load = os.getloadavg()

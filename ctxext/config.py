@@ -13,12 +13,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from ctxext.data import DEFAULT_SHUFFLE_BUFFER
 from ctxext.errors import CtxextError
-from ctxext.rope.methods import ALL_METHODS, OPTION_DEFAULTS
+from ctxext.rope.methods import ALL_METHODS, FACTOR_LIST_METHODS, OPTION_DEFAULTS
 from ctxext.text import plural
 
 Method = Literal[ALL_METHODS]  # type: ignore[valid-type]  # the names defined in ctxext.rope
@@ -613,6 +620,34 @@ def _mix_problem(cfg: FinetuneConfig) -> str | None:
     return None
 
 
+#: What `ctxext tune` searches unless told, in this order (a search's seeded draws follow it):
+#: every method but dynamic, which rescales at run time and has nothing to tune.
+TUNE_METHODS: tuple[str, ...] = ("yarn", "ntk", "linear", "llama3", *FACTOR_LIST_METHODS)
+
+
+class TuneConfig(StrictModel):
+    """`ctxext tune`: what to search, on which data, with which budget."""
+
+    model: str | None = None
+    target_length: int
+    methods: list[str] = Field(default_factory=lambda: list(TUNE_METHODS))
+    """Methods to search (see TUNE_METHODS)."""
+    budget_minutes: float = 15.0
+    """Wall-clock budget of the search (the report afterwards is extra)."""
+    budget_evals: int | None = None
+    """Budget in document forwards at the target length; overrides budget_minutes and makes a
+    search machine-independent (tune.json records the one used)."""
+    search_docs: int = 8
+    report_docs: int = 16
+    guard: float = 0.05
+    """Reject candidates whose perplexity at the trained length exceeds the unscaled model's by
+    more than this fraction."""
+    report_lengths: list[int] | None = None
+    """Leaderboard lengths (default: the trained length and the target length)."""
+    data: str | None = None
+    seed: int = 0
+
+
 def parse_model(cls: type[BaseModel], data: dict, where: str) -> BaseModel:
     """Validate ``data`` into ``cls``; a failure becomes one CtxextError line naming the key."""
     try:
@@ -715,12 +750,14 @@ def positive_int_list(text: str, what: str = "--lengths") -> list[int]:
 
 __all__ = [
     "TASK_SOURCES",
+    "TUNE_METHODS",
     "EvalConfig",
     "ExtendConfig",
     "ExtendJob",
     "FinetuneConfig",
     "MixSource",
     "TaskOptions",
+    "TuneConfig",
     "format_validation_error",
     "keys_of",
     "length_word",

@@ -26,6 +26,54 @@ TINY_SIZES = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """The calibration cache (and any other ctxext cache) in a folder of this session, for the
+    tests and the subprocesses they start: the user's ~/.cache/ctxext is never read or written,
+    and every session measures this machine afresh, as a new user's first run does."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CTXEXT_CACHE_DIR", str(tmp_path_factory.mktemp("ctxext-cache")))
+        yield
+
+
+@pytest.fixture(scope="session")
+def calibration(_isolated_cache):  # -> estimate.Calibration
+    """This machine, measured once per session into the session's cache (~30 s on a quiet
+    machine) as rank 0 of `accelerate launch` measures it: with the variables torchrun exports
+    to its workers set. The port they name is held by a socket here, so a runtime probe that
+    joined the launcher's process group fails at once (address in use) instead of waiting for
+    a rank 1 until it is killed; see test_resources_calibrate.py."""
+    import socket
+
+    from ctxext.resources import calibrate
+
+    with socket.socket() as held, pytest.MonkeyPatch.context() as mp:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        for key, value in launcher_env(rank=0, port=held.getsockname()[1]).items():
+            mp.setenv(key, value)
+        return calibrate.load_calibration()
+
+
+@pytest.fixture
+def calibrated(monkeypatch, calibration):
+    """The session's calibration, with the memory limit left to what is measured."""
+    monkeypatch.delenv("CTXEXT_MEMORY_LIMIT", raising=False)
+    return calibration
+
+
+def launcher_env(rank: int, port: int) -> dict[str, str]:
+    """What torchrun exports to the worker of ``rank`` in a world of two under `accelerate
+    launch` with the shipped FSDP config (fsdp_cpu_2proc.yaml)."""
+    env = {
+        "RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2,
+        "GROUP_RANK": 0, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+        "TORCHELASTIC_RUN_ID": "none", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": 2,
+        "ACCELERATE_USE_CPU": "true",
+    }  # fmt: skip
+    return {k: str(v) for k, v in env.items()}
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A real byte-level BPE tokenizer (vocab 320) trained on a few stdlib files."""

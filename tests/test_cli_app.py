@@ -36,6 +36,41 @@ def test_single_command_app_parses_like_the_full_app():
         assert _app_for(argv) is app
 
 
+def test_option_defaults_are_the_config_models_defaults():
+    """A flag left out means what the same key left out of a recipe means: every option named
+    after a field of the command's config model has that field's default (lists as the
+    comma-separated text the option takes; --no-base is include_base negated)."""
+    from typer.main import get_command
+
+    from ctxext.cli.app import app
+    from ctxext.config import EvalConfig, ExtendConfig, FinetuneConfig, TuneConfig
+
+    def as_option(value):
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+
+    commands = get_command(app).commands
+    checked = 0
+    for name, models in (
+        ("eval", [EvalConfig, ExtendConfig]),
+        ("finetune", [FinetuneConfig]),
+        ("tune", [TuneConfig]),
+        ("extend", [ExtendConfig]),
+    ):
+        for param in commands[name].params:
+            field = next(
+                (m.model_fields[param.name] for m in models if param.name in m.model_fields), None
+            )
+            if field is None or field.is_required() or param.name == "model":
+                continue
+            expected = as_option(field.get_default(call_default_factory=True))
+            assert param.default == expected, (name, param.name, param.default, expected)
+            checked += 1
+        if name == "eval":
+            no_base = next(p for p in commands[name].params if p.name == "no_base")
+            assert no_base.default is not EvalConfig.model_fields["include_base"].default
+    assert checked >= 60  # 61 when written
+
+
 def test_missing_and_malformed_config(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(

@@ -41,7 +41,7 @@ def test_tables_go_to_stdout_or_stderr_and_the_output_is_named(
 
 def test_downloads_are_counted_in_mib_and_the_estimate_is_shown_first():
     from ctxext.cli.eval import _progress_factory
-    from ctxext.cli.plan import Announcement
+    from ctxext.cli.guard import Announcement
 
     console = Console(record=True, width=120, force_terminal=False)
     announce = Announcement(table="estimate: 3 min")

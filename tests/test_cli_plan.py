@@ -1,5 +1,5 @@
-"""`ctxext plan` and the pre-run memory check (ctxext/cli/plan.py): runs refused before anything
-is loaded, and plans printed without loading.
+"""`ctxext plan` (ctxext/cli/app.py) and the pre-run memory check (ctxext/cli/guard.py): runs
+refused before anything is loaded, and plans printed without loading.
 
 The refusal tests use a model folder that has a real config and tokenizer but a weight file that
 cannot be loaded: a run that got as far as loading would fail with "could not load the weights";
@@ -24,16 +24,6 @@ def weightless(tmp_path) -> Path:
     shutil.copytree(BUNDLED, path, ignore=shutil.ignore_patterns("*.safetensors"))
     (path / "model.safetensors").write_bytes(b"not a safetensors file")
     return path
-
-
-@pytest.fixture
-def calibrated(monkeypatch):
-    """This machine's calibration, as users get it: measured once per machine (~30 s) into the
-    user cache dir, then read from there."""
-    from ctxext import calibrate
-
-    monkeypatch.delenv("CTXEXT_MEMORY_LIMIT", raising=False)
-    return calibrate.load_calibration()
 
 
 def test_weightless_model_fails_at_loading_without_a_limit(weightless, capsys, calibrated):

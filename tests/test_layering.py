@@ -1,22 +1,26 @@
 """The data flows one way: lower modules (the eval pipeline, evalrun, included) never import the
 CLI, the CLI's modules import no torch at import time, rendering never imports the recipe
 runner or the fine-tune (the modelcard -> recipes -> modelcard cycle is gone), the schemas
-import no pipeline, and no two modules import each other. Every module is imported first and
-alone (a cycle inside a package shows only when one of its submodules is imported first)."""
+import no pipeline, and no two modules import each other, at module level or inside functions.
+Every module is imported first and alone (a cycle inside a package shows only when one of its
+submodules is imported first); the import statements are also read from the source, functions
+included."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 FINETUNE = [
     "ctxext.finetune", "ctxext.finetune.data", "ctxext.finetune.export", "ctxext.finetune.loop",
-    "ctxext.finetune.loss", "ctxext.finetune.model", "ctxext.finetune.optim",
-    "ctxext.finetune.parallel", "ctxext.finetune.plan", "ctxext.finetune.state",
+    "ctxext.finetune.loss", "ctxext.finetune.model", "ctxext.finetune.optim", "ctxext.finetune.parallel",
+    "ctxext.finetune.setup", "ctxext.finetune.state",
 ]  # fmt: skip
 RECIPES = [
     "ctxext.recipes", "ctxext.recipes.loader", "ctxext.recipes.provenance",
@@ -28,20 +32,25 @@ SPLIT = [
     "ctxext.rope.formulas", "ctxext.rope.methods", "ctxext.rope.read", "ctxext.rope.write",
     "ctxext.tune", "ctxext.tune.leaderboard", "ctxext.tune.run", "ctxext.tune.search",
 ]  # fmt: skip
-LOWER = [
-    "ctxext.budget", "ctxext.bundled_train", "ctxext.calibrate", "ctxext.checkpoint",
-    "ctxext.config", "ctxext.context_use", "ctxext.corpus", "ctxext.data", "ctxext.evalrun",
-    "ctxext.extend", *FINETUNE, "ctxext.fsdp", "ctxext.inspect", "ctxext.modelcard",
-    "ctxext.modeling", "ctxext.plan", *RECIPES, "ctxext.report", *SPLIT, "ctxext.synthetic",
+RESOURCES = [
+    "ctxext.resources", "ctxext.resources.calibrate", "ctxext.resources.estimate",
+    "ctxext.resources.guard",
 ]  # fmt: skip
-#: The command line: one module per command, plus the app, shared options and progress bars.
+LOWER = [
+    "ctxext.bundled_train", "ctxext.checkpoint", "ctxext.config", "ctxext.context_use",
+    "ctxext.corpus", "ctxext.data", "ctxext.evalrun", "ctxext.extend", *FINETUNE, "ctxext.fsdp",
+    "ctxext.inspect", "ctxext.modelcard", "ctxext.modeling", "ctxext.needles", *RECIPES,
+    "ctxext.report", *RESOURCES, *SPLIT, "ctxext.synthetic",
+]  # fmt: skip
+#: The command line: one module per command (`plan` is in the app, which it re-enters), the
+#: pre-run check, shared options and progress bars.
 CLI = [
     "ctxext.cli", "ctxext.cli.app", "ctxext.cli.eval", "ctxext.cli.extend",
-    "ctxext.cli.finetune", "ctxext.cli.inspect", "ctxext.cli.options", "ctxext.cli.plan",
+    "ctxext.cli.finetune", "ctxext.cli.guard", "ctxext.cli.inspect", "ctxext.cli.options",
     "ctxext.cli.progress", "ctxext.cli.recipes", "ctxext.cli.tune",
 ]  # fmt: skip
 #: Modules that must not import torch at import time (the CLI's --help stays instant).
-NO_TORCH = ["ctxext.config", *FINETUNE, *RECIPES]
+NO_TORCH = ["ctxext.config", *FINETUNE, *RECIPES, *RESOURCES]
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +111,40 @@ def test_schemas_import_no_pipeline_and_packages_stay_light(alone):
     assert alone["ctxext.recipes"] == ["ctxext.recipes"]
 
 
-def _module_level_imports() -> dict[str, set[str]]:
-    """ctxext module -> the ctxext modules it imports at module level (read from the source:
-    imports inside functions run on use and cannot make an import-time cycle).
+def _is_type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    )
+
+
+def _imported_names(tree: ast.AST) -> Iterator[str]:
+    """Every module an import statement anywhere in ``tree`` names: at module level and inside
+    functions and methods (a function-level import runs on first use, and a cycle through one
+    is a cycle all the same: only the order of first use decides whether it fails). Imports
+    under ``if TYPE_CHECKING:`` never run (annotations only) and are skipped."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if _is_type_checking(node):
+            stack.extend(node.orelse)  # type: ignore[attr-defined]
+            continue
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.module
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """ctxext module -> the ctxext modules it imports, read from the source (see
+    :func:`_imported_names`).
 
     A package's __init__ re-exporting its own submodules, and a submodule's implicit import of
     its parent package, are how packages work, not edges of a cycle between modules.
     """
-    import ast
-
     import ctxext
 
     root = Path(ctxext.__file__).parent
@@ -123,28 +157,23 @@ def _module_level_imports() -> dict[str, set[str]]:
     for name, path in names.items():
         is_package = path.name == "__init__.py"
         edges = set()
-        for node in ast.parse(path.read_text()).body:  # module level only
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            else:
+        for target in _imported_names(ast.parse(path.read_text())):
+            if target not in names or target == name:
                 continue
-            for target in targets:
-                if target not in names or target == name:
-                    continue
-                if is_package and target.startswith(f"{name}."):
-                    continue  # a package re-exporting its submodules
-                if name.startswith(f"{target}."):
-                    continue  # a submodule and its parent package
-                edges.add(target)
+            if is_package and target.startswith(f"{name}."):
+                continue  # a package re-exporting its submodules
+            if name.startswith(f"{target}."):
+                continue  # a submodule and its parent package
+            edges.add(target)
         graph[name] = edges
     return graph
 
 
 def test_no_import_cycle_between_modules():
-    graph = _module_level_imports()
-    assert graph.get("ctxext.rope.write")  # the parse sees imports
+    graph = _import_graph()
+    assert graph.get("ctxext.rope.write")  # the parse sees module-level imports,
+    assert "ctxext.cli.guard" in graph["ctxext.cli.eval"]  # those inside functions,
+    assert "ctxext.finetune.setup" not in graph["ctxext.finetune.state"]  # not TYPE_CHECKING's
 
     # Depth-first search for a back edge: any cycle, of any length.
     state: dict[str, int] = {}
@@ -160,6 +189,54 @@ def test_no_import_cycle_between_modules():
     for node in sorted(graph):
         if node not in state:
             visit(node, [])
+
+
+def test_no_module_below_the_cli_imports_it_even_inside_a_function():
+    graph = _import_graph()
+    assert graph["ctxext.__main__"] == {"ctxext.cli.app"}  # `python -m ctxext`: above the CLI
+    for module, targets in graph.items():
+        if module != "ctxext.__main__" and not module.startswith("ctxext.cli"):
+            assert not _under(sorted(targets), "ctxext.cli"), (module, targets)
+
+
+def test_method_names_are_listed_once():
+    """ctxext/rope/methods.py is the table of scaling methods: no other tuple, list or set of
+    four or more of their names, and no help or message text naming four or more, in the
+    source (docstrings aside). Tables keyed by method (one implementation each) are not lists;
+    tune's default methods (config.TUNE_METHODS) are its search order, which a search's seeded
+    draws follow."""
+    import re
+
+    import ctxext
+    from ctxext.rope.methods import ALL_METHODS
+
+    root = Path(ctxext.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        where = path.relative_to(root.parent).as_posix()
+        if where == "ctxext/rope/methods.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                items = [e.value for e in node.elts if isinstance(e, ast.Constant)]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                items = [] if id(node) in docstrings else re.findall(r"[a-z0-9]+", node.value)
+            else:
+                continue
+            if len(set(items) & set(ALL_METHODS)) >= 4:
+                found.append(f"{where}:{node.lineno}")
+    tune_order = next(
+        f"ctxext/config.py:{n.lineno}"
+        for n in ast.parse((root / "config.py").read_text()).body
+        if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "TUNE_METHODS"
+    )
+    assert found == [tune_order]
 
 
 @pytest.mark.parametrize("module", CLI)

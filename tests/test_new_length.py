@@ -31,9 +31,9 @@ def test_extend_tokenizer_length_matches_the_config(capsys, tmp_path, method):
     assert config["max_position_embeddings"] == (256 if method in ("linear", "dynamic") else 257)
 
 
-def test_recipe_and_finetune_plan_use_the_same_length(tmp_path):
+def test_recipe_and_finetune_setup_use_the_same_length(tmp_path):
     from ctxext.config import ExtendConfig, FinetuneConfig
-    from ctxext.finetune.plan import plan_run
+    from ctxext.finetune.setup import setup_run
     from ctxext.recipes.loader import load_recipe
     from ctxext.recipes.runner import _preflight
 
@@ -41,5 +41,5 @@ def test_recipe_and_finetune_plan_use_the_same_length(tmp_path):
     path.write_text("model: stdlib-llama\nextend: {method: yarn, factor: 1.001}\n")
     assert _preflight(load_recipe(str(path)).recipe).new_length == 257
     spec = ExtendConfig(method="yarn", factor=1.001)
-    plan = plan_run(None, tmp_path / "o", spec, FinetuneConfig(), resume=False, overwrite=False)
-    assert plan.target_length == 257
+    setup = setup_run(None, tmp_path / "o", spec, FinetuneConfig(), resume=False, overwrite=False)
+    assert setup.target_length == 257

@@ -118,8 +118,8 @@ def test_search_is_deterministic_for_a_seed(tuned, tiny_llama_session, tmp_path,
     strip = lambda r: {k: v for k, v in r.items() if k not in VOLATILE}  # noqa: E731
     assert strip(again) == strip(first)
     # Another seed draws another split (checked without a second search: it is the first step).
+    from ctxext.config import TuneConfig
     from ctxext.tune.run import split_documents
-    from ctxext.tune.search import TuneConfig
 
     ids = [[0] * 300] * 12
     splits = {

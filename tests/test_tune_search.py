@@ -10,11 +10,11 @@ from conftest import BUNDLED
 
 from ctxext import rope
 from ctxext.checkpoint import read_config
+from ctxext.config import TuneConfig
 from ctxext.tune.search import (
     Candidate,
     Scorer,
     Search,
-    TuneConfig,
     crossover,
     method_factors,
     mutate,

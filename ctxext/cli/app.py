@@ -1,7 +1,9 @@
 """The Typer app and :func:`main`: registration of the commands, one-line errors, exit codes.
 
 Each command lives in its own module (:mod:`ctxext.cli.extend`, ...) and imports heavy
-libraries (torch, transformers) inside the command, so that `ctxext --help` is instant.
+libraries (torch, transformers) inside the command, so that `ctxext --help` is instant. `plan`
+lives here: it runs another command through this app (the check it prints is
+:mod:`ctxext.cli.guard`'s).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from ctxext.cli.eval import eval_command
 from ctxext.cli.extend import extend
 from ctxext.cli.finetune import finetune
 from ctxext.cli.inspect import inspect
-from ctxext.cli.plan import plan as plan_command
 from ctxext.cli.recipes import recipes_app, run
 from ctxext.cli.tune import tune
 from ctxext.errors import CtxextError
@@ -53,6 +54,22 @@ def _root(
 
     Add --debug anywhere to see full tracebacks.
     """
+
+
+def plan_command(
+    ctx: typer.Context,
+    command: Annotated[str, typer.Argument(help="eval, finetune or run.", show_default=False)],
+) -> None:
+    """Print the memory and time COMMAND would need, without loading weights.
+
+    Takes exactly the arguments of `ctxext eval`, `ctxext finetune` or `ctxext run`, e.g.
+    `ctxext plan finetune -o out -m yarn -t 32768 --lora-rank 16 --grad-ckpt`.
+    """
+    # The command's own parsing and validation run (so plan accepts exactly its arguments);
+    # the hidden --plan-only makes it stop where it would load weights and print the estimate.
+    if command not in ("eval", "finetune", "run"):
+        raise CtxextError(f"plan: unknown command '{command}'; use eval, finetune or run")
+    raise typer.Exit(_run_app([command, *ctx.args, "--plan-only"]))
 
 
 # Registered in this order: help lists the commands so.

@@ -1,7 +1,8 @@
 """`ctxext eval`: flags -> :class:`ctxext.config.EvalConfig` ->
 :func:`ctxext.evalrun.evaluate_and_report` -> tables, a terminal plot and the output folder.
 
-Only typer and rich are imported at module level, so `ctxext --help` stays instant.
+Only typer, rich and the config models (pydantic, whose defaults the options take) are imported
+at module level, so `ctxext --help` stays instant.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ from ctxext.cli.options import (
     OverwriteOpt,
     PlanOnlyOpt,
     TrustRemoteCodeOpt,
+    field_defaults,
 )
+from ctxext.config import EvalConfig
 from ctxext.rope.methods import OPTION_DEFAULTS
 
 _out = Console()
 _err = Console(stderr=True)
+_DEFAULT = field_defaults(EvalConfig)
 
 
 def eval_command(
@@ -46,7 +50,7 @@ def eval_command(
     data: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Text file, folder, .jsonl, or dataset name (default: held-out stdlib)."),
-    ] = None,
+    ] = _DEFAULT.data,
     method: Annotated[
         Optional[list[str]],  # noqa: UP045
         typer.Option("--method", "-m", help="Scaling method(s) applied in memory; repeatable."),
@@ -75,53 +79,63 @@ def eval_command(
     stride: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="Sliding-window stride (default: first L tokens per document)."),
-    ] = None,
+    ] = _DEFAULT.stride,
     num_docs: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(
             help="At most this many documents (a seeded sample; the same at every length)."
         ),
-    ] = None,
+    ] = _DEFAULT.num_docs,
     doc_selection: Annotated[
         str,
         typer.Option(
             help="same: the documents long enough for the longest length, at every length (YaRN "
             "protocol); per-length: every document long enough for each length."
         ),
-    ] = "same",
-    passkey_trials: Annotated[int, typer.Option(help="Keys per length x depth.")] = 5,
+    ] = _DEFAULT.doc_selection,
+    passkey_trials: Annotated[
+        int, typer.Option(help="Keys per length x depth.")
+    ] = _DEFAULT.passkey_trials,
     local_window: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="context-use: tokens the local run may read (default: trained length)."),
-    ] = None,
+    ] = _DEFAULT.local_window,
     local_stride: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="context-use: stride of the local windows (default window/4; 1 exact)."),
-    ] = None,
+    ] = _DEFAULT.local_stride,
     retrieval_template: Annotated[
         str,
         typer.Option(
             help="retrieval: heldout | train | all | template names (ctxext.needles) | text "
             "(the passkey) | auto (= heldout)."
         ),
-    ] = "auto",
-    no_base: Annotated[bool, typer.Option("--no-base", help="Skip the unscaled rows.")] = False,
-    text_field: Annotated[str, typer.Option(help="Text field of .jsonl / datasets.")] = "text",
-    dataset_config: DatasetConfigOpt = None,
+    ] = _DEFAULT.retrieval_template,
+    no_base: Annotated[
+        bool, typer.Option("--no-base", help="Skip the unscaled rows.")
+    ] = not _DEFAULT.include_base,
+    text_field: Annotated[
+        str, typer.Option(help="Text field of .jsonl / datasets.")
+    ] = _DEFAULT.text_field,
+    dataset_config: DatasetConfigOpt = _DEFAULT.dataset_config,
     dataset_split: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Split of a dataset (default: test, else validation)."),
-    ] = None,
+    ] = _DEFAULT.dataset_split,
     fallback_encoding: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Encoding for data files that are not UTF-8, e.g. latin-1."),
-    ] = None,
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
+    ] = _DEFAULT.fallback_encoding,
+    dtype: Annotated[
+        str, typer.Option(help="auto | float32 | bfloat16 | float16.")
+    ] = _DEFAULT.dtype,
     device_map: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="e.g. 'auto' to spread a large model over devices (accelerate)."),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for sampling, bootstrap, passkeys.")] = 0,
+    ] = _DEFAULT.device_map,
+    seed: Annotated[
+        int, typer.Option(help="Seed for sampling, bootstrap, passkeys.")
+    ] = _DEFAULT.seed,
     output: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option("--output", "-o", help="Folder for results.json/.csv and plots."),
@@ -135,15 +149,15 @@ def eval_command(
     plan_only: PlanOnlyOpt = False,
 ) -> None:
     """Perplexity (and passkey retrieval) at several lengths, models and methods side by side."""
-    from ctxext.cli.plan import GuardOptions
-    from ctxext.config import EvalConfig, parse_model, positive_int_list
+    from ctxext.cli.guard import GuardOptions
+    from ctxext.config import parse_model, positive_int_list
     from ctxext.evalrun import evaluate_and_report
 
     cfg = parse_model(
         EvalConfig,
         {
             "lengths": positive_int_list(lengths),
-            "tasks": task or ["ppl"],
+            **({"tasks": task} if task else {}),  # else the model's default
             "data": data,
             "text_field": text_field,
             "dataset_config": dataset_config,
@@ -191,7 +205,7 @@ def eval_command(
 def _hooks(models: list[str | None], cfg: Any, guard: Any) -> Any:
     """The memory/time check, a token progress bar (stderr) and the tables (stderr with
     --json, so stdout stays the JSON document)."""
-    from ctxext.cli.plan import Announcement, check_eval
+    from ctxext.cli.guard import Announcement, check_eval
     from ctxext.evalrun import EvalHooks
 
     announce = Announcement()  # a long run's estimate, shown once the first model is loaded

@@ -22,14 +22,12 @@ from ctxext.cli.options import (
     TargetOpt,
 )
 from ctxext.errors import CtxextError
-from ctxext.rope.methods import OPTION_DEFAULTS
+from ctxext.rope.methods import ALL_METHODS, OPTION_DEFAULTS
 
 _out = Console()
 _err = Console(stderr=True)
 
-MethodOpt = Annotated[
-    str, typer.Option("--method", "-m", help="linear | ntk | yarn | dynamic | llama3 | longrope")
-]
+MethodOpt = Annotated[str, typer.Option("--method", "-m", help=" | ".join(ALL_METHODS))]
 FactorFileOpt = Optional[Path]  # noqa: UP045
 
 

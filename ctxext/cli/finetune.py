@@ -1,7 +1,8 @@
 """`ctxext finetune`: flags -> typed configs -> :func:`ctxext.finetune.run_finetune`.
 
-Only typer and rich are imported at module level, so `ctxext --help` stays instant. Under
-`accelerate launch` every process runs this command; only the main process draws and prints.
+Only typer, rich and the config models (pydantic, whose defaults the options take) are imported
+at module level, so `ctxext --help` stays instant. Under `accelerate launch` every process runs
+this command; only the main process draws and prints.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ from ctxext.cli.options import (
     PlanOnlyOpt,
     TargetOpt,
     TrustRemoteCodeOpt,
+    field_defaults,
 )
-from ctxext.data import DEFAULT_SHUFFLE_BUFFER
+from ctxext.config import FinetuneConfig
+from ctxext.rope.methods import METHODS
 
 _out = Console()
 _err = Console(stderr=True)
+_DEFAULT = field_defaults(FinetuneConfig)
 
 
 def _is_main_process() -> bool:
@@ -47,27 +51,31 @@ def finetune(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = ...,  # type: ignore[assignment]
     method: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--method", "-m", help="linear | ntk | yarn | dynamic | llama3."),
+        typer.Option("--method", "-m", help=f"{' | '.join(METHODS)}."),
     ] = None,
     factor: FactorOpt = None,
     target_length: TargetOpt = None,
-    steps: Annotated[int, typer.Option(help="Optimizer steps (YaRN: 400).")] = 400,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (YaRN: 2e-5).")] = 2e-5,
+    steps: Annotated[int, typer.Option(help="Optimizer steps (YaRN: 400).")] = _DEFAULT.steps,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (YaRN: 2e-5).")] = _DEFAULT.lr,
     warmup_steps: Annotated[
         float,
         typer.Option(help="Linear warm-up: steps, or a fraction below 1 of --steps (HF's rule)."),
-    ] = 0.05,
+    ] = _DEFAULT.warmup_steps,
     lr_schedule: Annotated[
         str, typer.Option(help="After warm-up: constant | cosine | linear.")
-    ] = "constant",
-    batch_size: Annotated[int, typer.Option(help="Sequences per process per micro-step.")] = 1,
-    grad_accum: Annotated[int, typer.Option(help="Micro-steps per optimizer step.")] = 1,
+    ] = _DEFAULT.lr_schedule,
+    batch_size: Annotated[
+        int, typer.Option(help="Sequences per process per micro-step.")
+    ] = _DEFAULT.batch_size,
+    grad_accum: Annotated[
+        int, typer.Option(help="Micro-steps per optimizer step.")
+    ] = _DEFAULT.grad_accum,
     data: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
             help="Training text: stdlib (default), a text file, folder, .jsonl or dataset name."
         ),
-    ] = None,
+    ] = _DEFAULT.data,
     mix: Annotated[
         Optional[list[str]],  # noqa: UP045
         typer.Option(
@@ -78,72 +86,78 @@ def finetune(
             show_default=False,
         ),
     ] = None,
-    task_keys: Annotated[int, typer.Option(help="multikey task: facts hidden per sequence.")] = 4,
+    task_keys: Annotated[
+        int, typer.Option(help="multikey task: facts hidden per sequence.")
+    ] = _DEFAULT.tasks.keys,
     task_queries: Annotated[
         int, typer.Option(help="multikey task: facts asked for per sequence.")
-    ] = 2,
+    ] = _DEFAULT.tasks.queries,
     task_hops: Annotated[
         int, typer.Option(help="multihop task: references in the chain (hops + 1 facts).")
-    ] = 4,
+    ] = _DEFAULT.tasks.hops,
     loss: Annotated[
         str,
         typer.Option(
             help="ce (cross-entropy) | longce (LongCE: tokens re-weighted by long-context gain)."
         ),
-    ] = "ce",
+    ] = _DEFAULT.loss,
     longce_window: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="longce: tokens of context of the short pass (default: trained length)."),
-    ] = None,
+    ] = _DEFAULT.longce_window,
     longce_stride: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="longce: stride of the short pass's windows (default: window/2)."),
-    ] = None,
-    text_field: Annotated[str, typer.Option(help="Text field of .jsonl files/datasets.")] = "text",
-    dataset_config: DatasetConfigOpt = None,
+    ] = _DEFAULT.longce_stride,
+    text_field: Annotated[
+        str, typer.Option(help="Text field of .jsonl files/datasets.")
+    ] = _DEFAULT.text_field,
+    dataset_config: DatasetConfigOpt = _DEFAULT.dataset_config,
     dataset_split: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Split of a dataset (default: train)."),
-    ] = None,
+    ] = _DEFAULT.dataset_split,
     shuffle_buffer: Annotated[
         int, typer.Option(help="Documents in a streamed dataset's seeded shuffle buffer.")
-    ] = DEFAULT_SHUFFLE_BUFFER,
+    ] = _DEFAULT.shuffle_buffer,
     fallback_encoding: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Encoding for data files that are not UTF-8, e.g. latin-1."),
-    ] = None,
+    ] = _DEFAULT.fallback_encoding,
     lora_rank: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="LoRA rank (default: full fine-tune)."),
-    ] = None,
+    ] = _DEFAULT.lora_rank,
     lora_alpha: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(help="LoRA alpha (default 2 x rank)."),
-    ] = None,
+    ] = _DEFAULT.lora_alpha,
     lora_trainable: Annotated[
         str,
         typer.Option(help="With LoRA, also fully train: embed,norm (LongLoRA) or none."),
-    ] = "embed,norm",
+    ] = ",".join(_DEFAULT.lora_trainable),
     pose: Annotated[
         bool, typer.Option("--pose", help="PoSE: short windows, positions over the target.")
-    ] = False,
+    ] = _DEFAULT.pose,
     train_length: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="Tokens per training sequence (PoSE window W; default: target)."),
-    ] = None,
+    ] = _DEFAULT.train_length,
     grad_ckpt: Annotated[
         bool, typer.Option("--grad-ckpt", help="Gradient checkpointing (less memory).")
-    ] = False,
+    ] = _DEFAULT.grad_ckpt,
     max_grad_norm: Annotated[
         float, typer.Option(help="Clip the global gradient norm to this (recorded).")
-    ] = 1.0,
+    ] = _DEFAULT.max_grad_norm,
     save_every: Annotated[
         int, typer.Option(help="Resumable checkpoint every N steps (0: never).")
-    ] = 50,
-    seed: Annotated[int, typer.Option(help="Seed of data order, PoSE skips, LoRA init.")] = 0,
+    ] = _DEFAULT.save_every,
+    seed: Annotated[
+        int, typer.Option(help="Seed of data order, PoSE skips, LoRA init.")
+    ] = _DEFAULT.seed,
     dtype: Annotated[
         str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16")
-    ] = "auto",
+    ] = _DEFAULT.dtype,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")
     ] = False,
@@ -166,14 +180,12 @@ def finetune(
     needs CUDA GPUs with SDPA flash/memory-efficient attention and FSDP2; it is refused
     elsewhere.
     """
-    from ctxext.config import ExtendConfig, FinetuneConfig, parse_model
+    from ctxext.config import ExtendConfig, parse_model
     from ctxext.errors import CtxextError
     from ctxext.finetune.loop import run_finetune
 
     extend = None
     if method is None and (factor is not None or target_length is not None):
-        from ctxext.rope.methods import METHODS
-
         raise CtxextError(
             f"--factor/--target-length need --method ({', '.join(METHODS[:-1])} or {METHODS[-1]})"
         )
@@ -214,7 +226,7 @@ def finetune(
         "finetune options",
     )
     from ctxext import checkpoint
-    from ctxext.cli.plan import GuardOptions, check_finetune
+    from ctxext.cli.guard import GuardOptions, check_finetune
 
     guard = GuardOptions(force, memory_limit, plan_only, as_json)
     main = _is_main_process()
@@ -250,7 +262,7 @@ class _ProgressBar:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.announce: Any = None  # cli.plan.Announcement: shown when training starts
+        self.announce: Any = None  # cli.guard.Announcement: shown when training starts
         self.progress: Any = None
         self.task: Any = None
         self.status: Any = None

@@ -1,10 +1,28 @@
-"""Typer option types shared by several commands: one declaration, one help text."""
+"""Typer option types shared by several commands: one declaration, one help text; and the
+config models' defaults, which the commands' options take as theirs."""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from types import SimpleNamespace
+from typing import Annotated, Any, Optional
 
 import typer
+
+
+def field_defaults(model: Any) -> SimpleNamespace:
+    """The default of every optional field of a config model (:mod:`ctxext.config`), by name.
+
+    The commands take their option defaults from here, so that a flag left out means what the
+    same key left out of a recipe means, and a default is stated once, in the model.
+    """
+    return SimpleNamespace(
+        **{
+            name: field.get_default(call_default_factory=True)
+            for name, field in model.model_fields.items()
+            if not field.is_required()
+        }
+    )
+
 
 ModelArg = Annotated[
     Optional[str],  # noqa: UP045 (typer needs Optional on 3.10)

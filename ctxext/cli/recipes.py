@@ -81,7 +81,7 @@ def run(
         _err.print(f"[dim]dry run: {loaded.recipe.summary()}; would write {out}[/dim]")
         return
     from ctxext import checkpoint
-    from ctxext.cli.plan import GuardOptions, check_recipe
+    from ctxext.cli.guard import GuardOptions, check_recipe
     from ctxext.cli.progress import token_progress
 
     lock = checkpoint.output_lock(out) if not plan_only else contextlib.nullcontext()

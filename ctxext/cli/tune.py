@@ -1,4 +1,4 @@
-"""`ctxext tune`: flags -> :class:`ctxext.tune.TuneConfig` -> search -> output folder."""
+"""`ctxext tune`: flags -> :class:`ctxext.config.TuneConfig` -> search -> output folder."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from ctxext.cli.options import ModelArg
+from ctxext.cli.options import ModelArg, field_defaults
+from ctxext.config import TuneConfig
 
 _out = Console()
 _err = Console(stderr=True)
+_DEFAULT = field_defaults(TuneConfig)
+_METHODS = ",".join(_DEFAULT.methods)
 
 
 def tune(
@@ -22,19 +25,23 @@ def tune(
         int, typer.Option("--target-length", "-t", help="Context length to tune for.")
     ] = ...,  # type: ignore[assignment]
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = ...,  # type: ignore[assignment]
-    methods: Annotated[
-        str, typer.Option(help="Comma-separated: yarn,ntk,linear,llama3,longrope.")
-    ] = "yarn,ntk,linear,llama3,longrope",
-    budget_minutes: Annotated[float, typer.Option(help="Search budget (wall clock).")] = 15.0,
+    methods: Annotated[str, typer.Option(help=f"Comma-separated: {_METHODS}.")] = _METHODS,
+    budget_minutes: Annotated[
+        float, typer.Option(help="Search budget (wall clock).")
+    ] = _DEFAULT.budget_minutes,
     budget_evals: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="Budget in document forwards at the target (replays exactly)."),
-    ] = None,
-    search_docs: Annotated[int, typer.Option(help="Documents the search scores on.")] = 8,
-    report_docs: Annotated[int, typer.Option(help="Other documents for the leaderboard.")] = 16,
+    ] = _DEFAULT.budget_evals,
+    search_docs: Annotated[
+        int, typer.Option(help="Documents the search scores on.")
+    ] = _DEFAULT.search_docs,
+    report_docs: Annotated[
+        int, typer.Option(help="Other documents for the leaderboard.")
+    ] = _DEFAULT.report_docs,
     guard: Annotated[
         float, typer.Option(help="Max perplexity cost at the trained length (0.05 = 5%).")
-    ] = 0.05,
+    ] = _DEFAULT.guard,
     report_lengths: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Leaderboard lengths, e.g. 256,1k,2k (default: trained and target)."),
@@ -42,8 +49,10 @@ def tune(
     data: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="Text file, folder, .jsonl, or dataset name (default: held-out stdlib)."),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for the document split and the search.")] = 0,
+    ] = _DEFAULT.data,
+    seed: Annotated[
+        int, typer.Option(help="Seed for the document split and the search.")
+    ] = _DEFAULT.seed,
     copy: Annotated[
         bool, typer.Option("--copy", help="Copy weight files (default: link).")
     ] = False,
@@ -53,7 +62,6 @@ def tune(
     """Search every method's hyperparameters (and LongRoPE factors) on held-out perplexity."""
     from ctxext.config import parse_model, positive_int_list
     from ctxext.tune.run import prepare
-    from ctxext.tune.search import TuneConfig
 
     cfg = parse_model(
         TuneConfig,
@@ -103,10 +111,10 @@ def _search_with_progress(cfg: Any, prepared: Any) -> dict[str, Any]:
                 last[0] = time.time()
                 _err.print(f"tune: {spent:.0f} forwards, {best}", highlight=False)
 
-        def on_plan(total: int) -> None:
+        def on_budget(total: int) -> None:
             progress.update(task, total=total)
 
-        return run_tune(cfg, prepared, update, on_plan)
+        return run_tune(cfg, prepared, update, on_budget)
 
 
 def _render(result: dict[str, Any]) -> None:

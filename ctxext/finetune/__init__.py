@@ -8,7 +8,7 @@ checkpoint whose config.json is exactly what `ctxext extend` writes. Its options
 
 Modules, in the order a run uses them:
 
-- :mod:`~ctxext.finetune.plan`: what the run will do, checked before anything is loaded;
+- :mod:`~ctxext.finetune.setup`: what the run will do, checked before anything is loaded;
 - :mod:`~ctxext.finetune.data`: documents packed into chunks, PoSE position ids, samples;
 - :mod:`~ctxext.finetune.model`: the model made trainable (all weights or LoRA);
 - :mod:`~ctxext.finetune.optim`: AdamW (decay on matrices only) and the lr schedule;

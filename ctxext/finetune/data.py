@@ -21,7 +21,7 @@ from ctxext.config import FinetuneConfig, MixSource, TaskOptions
 from ctxext.errors import CtxextError
 
 if TYPE_CHECKING:
-    from ctxext.finetune.plan import Plan
+    from ctxext.finetune.setup import RunSetup
 
 
 def pack_documents(
@@ -451,13 +451,13 @@ _TASK_STREAM = 0x7A5C
 
 
 def train_loader(
-    data: TrainData | MixData, cfg: FinetuneConfig, plan: Plan, start: int, global_batch: int
+    data: TrainData | MixData, cfg: FinetuneConfig, setup: RunSetup, start: int, global_batch: int
 ):
     """Sequential batches over the run's remaining samples; accelerate shards them by process."""
     from torch.utils.data import DataLoader
 
     remaining = max(0, cfg.steps * global_batch - start)
-    window = plan.seq_length if cfg.pose else None
+    window = setup.seq_length if cfg.pose else None
     if isinstance(data, MixData):
         dataset: Any = MixedSamples(data, start=start, count=remaining, window=window)
     else:

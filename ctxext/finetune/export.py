@@ -15,7 +15,7 @@ from typing import Any
 
 from ctxext.config import FinetuneConfig
 from ctxext.finetune.model import lora_config
-from ctxext.finetune.plan import Plan
+from ctxext.finetune.setup import RunSetup
 from ctxext.finetune.state import LOG_FILE, read_log
 
 TOKENIZER_FILES = (
@@ -32,7 +32,7 @@ TOKENIZER_FILES = (
 
 
 def finish(
-    acc: Any, net: Any, loaded: Any, plan: Plan, cfg: FinetuneConfig, summary: dict[str, Any]
+    acc: Any, net: Any, loaded: Any, setup: RunSetup, cfg: FinetuneConfig, summary: dict[str, Any]
 ) -> None:
     """Merge LoRA, write the checkpoint atomically (main process), then drop the work folder."""
     acc.wait_for_everyone()
@@ -40,8 +40,8 @@ def finish(
     if acc.is_main_process:
         if cfg.lora_rank is not None:
             model = model.merge_and_unload()
-        _write_output(model, loaded, plan, cfg, summary)
-        shutil.rmtree(plan.work, ignore_errors=True)
+        _write_output(model, loaded, setup, cfg, summary)
+        shutil.rmtree(setup.work, ignore_errors=True)
     acc.wait_for_everyone()
 
 
@@ -96,26 +96,26 @@ def _save_dtype(config: dict[str, Any]):  # -> torch.dtype
 
 
 def _write_output(
-    model: Any, loaded: Any, plan: Plan, cfg: FinetuneConfig, summary: dict[str, Any]
+    model: Any, loaded: Any, setup: RunSetup, cfg: FinetuneConfig, summary: dict[str, Any]
 ) -> None:
     from ctxext import checkpoint
     from ctxext.report import plot_loss
 
-    with checkpoint.atomic_output(plan.out) as tmp:
+    with checkpoint.atomic_output(setup.out) as tmp:
         model.to(_save_dtype(loaded.config))
         model.save_pretrained(tmp)
         _usual_file_modes(tmp)
         # The config the model was built from, i.e. exactly what `ctxext extend` writes
         # (rope_parameters, legacy rope_scaling mirror, top-level rope_theta, lengths).
         checkpoint.write_json(tmp / "config.json", loaded.config)
-        _write_tokenizer(loaded.tokenizer, plan.source.path, tmp, plan.target_length)
-        _write_generation_config(plan.source.path, tmp, plan.target_length)
-        log = plan.work / LOG_FILE
+        _write_tokenizer(loaded.tokenizer, setup.source.path, tmp, setup.target_length)
+        _write_generation_config(setup.source.path, tmp, setup.target_length)
+        log = setup.work / LOG_FILE
         if log.is_file():
             shutil.copy2(log, tmp / "training_log.jsonl")
             plot_loss(read_log(log), tmp / "loss.png")
         checkpoint.write_json(
-            tmp / checkpoint.PROVENANCE_FILE, _provenance(loaded, plan, cfg, summary)
+            tmp / checkpoint.PROVENANCE_FILE, _provenance(loaded, setup, cfg, summary)
         )
 
 
@@ -163,20 +163,20 @@ def _write_generation_config(src: Path, dst: Path, new_length: int) -> None:
 
 
 def _provenance(
-    loaded: Any, plan: Plan, cfg: FinetuneConfig, summary: dict[str, Any]
+    loaded: Any, setup: RunSetup, cfg: FinetuneConfig, summary: dict[str, Any]
 ) -> dict[str, Any]:
     from ctxext import checkpoint
 
     return {
         "tool": "ctxext finetune",
-        "source": plan.source.record(),
-        "method": plan.method,
-        "factor": plan.factor,
-        "trained_length": plan.trained_length,
-        "new_length": plan.target_length,
-        "extend": plan.extend.model_dump(mode="json") if plan.extend else None,
+        "source": setup.source.record(),
+        "method": setup.method,
+        "factor": setup.factor,
+        "trained_length": setup.trained_length,
+        "new_length": setup.target_length,
+        "extend": setup.extend.model_dump(mode="json") if setup.extend else None,
         "finetune": cfg.model_dump(mode="json"),
-        "config_sha256_before": checkpoint.config_hash(plan.config_before),
+        "config_sha256_before": checkpoint.config_hash(setup.config_before),
         "config_sha256_after": checkpoint.config_hash(loaded.config),
         "training": summary,
         "versions": checkpoint.versions(),

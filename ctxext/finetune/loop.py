@@ -24,7 +24,7 @@ from ctxext.finetune.parallel import (
     model_inputs,
     prepare,
 )
-from ctxext.finetune.plan import Plan, plan_run
+from ctxext.finetune.setup import RunSetup, setup_run
 from ctxext.finetune.state import (
     LOG_FILE,
     STATE_FILE,
@@ -72,7 +72,7 @@ def run_finetune(
     ``budget_check()`` (the CLI's memory/time check) runs once the cheap checks have passed,
     before torch is imported.
     """
-    plan = plan_run(model, output, extend, cfg, resume=resume, overwrite=overwrite)
+    setup = setup_run(model, output, extend, cfg, resume=resume, overwrite=overwrite)
     if budget_check is not None:
         budget_check()
     from accelerate import Accelerator  # only now: a refused request never waits for torch
@@ -93,42 +93,42 @@ def run_finetune(
     )
     report = _reporter(progress, acc.is_main_process)
     global_batch = cfg.batch_size * cfg.grad_accum * data_parallel_size(acc)
-    check_parallelism(acc, plan.seq_length, cfg.loss)
+    check_parallelism(acc, setup.seq_length, cfg.loss)
     # Data first: a source too small for one batch is reported before any weight is loaded.
     report("status", {"message": "packing training data"})
-    plan.source = checkpoint.fetch(plan.source, "tokenizer")  # a Hub model: no weights yet
-    tokenizer = load_tokenizer(plan.source.path, trust_remote_code)
+    setup.source = checkpoint.fetch(setup.source, "tokenizer")  # a Hub model: no weights yet
+    tokenizer = load_tokenizer(setup.source.path, trust_remote_code)
     # PoSE windows are cut from target-length chunks; plain training reads whole chunks.
-    chunk_length = plan.target_length if cfg.pose else plan.seq_length
+    chunk_length = setup.target_length if cfg.pose else setup.seq_length
     data = load_train_data(tokenizer, cfg, chunk_length, global_batch)
-    identity = run_identity(plan, cfg, global_batch, data.fingerprint)
+    identity = run_identity(setup, cfg, global_batch, data.fingerprint)
     if resume:
-        check_same_run(plan.work, identity)
-    report("status", {"message": f"loading {plan.source.name}"})
-    loaded, lm = _load(plan, cfg, trust_remote_code, allow_pickle, report)
+        check_same_run(setup.work, identity)
+    report("status", {"message": f"loading {setup.source.name}"})
+    loaded, lm = _load(setup, cfg, trust_remote_code, allow_pickle, report)
     net, trainable, total = prepare_model(lm, cfg)
     state = TrainerState()
-    ckpt = newest_intact_checkpoint(plan.work, report) if resume else None
+    ckpt = newest_intact_checkpoint(setup.work, report) if resume else None
     if ckpt is not None:
         state = TrainerState(**json.loads((ckpt / STATE_FILE).read_text()))
         state.resumed_from = state.step
-    loader = train_loader(data, cfg, plan, state.samples, global_batch)
+    loader = train_loader(data, cfg, setup, state.samples, global_batch)
     net, opt, loader, sched = prepare(acc, net, loader, cfg)
     if not resume:  # only now: a run that fails to start leaves nothing behind
-        create_work_dir(acc, plan, identity)
+        create_work_dir(acc, setup, identity)
     if ckpt is not None:
         report("status", {"message": f"resuming from {ckpt.name}"})
         acc.load_state(str(ckpt))
     if acc.is_main_process:
-        trim_log(plan.work / LOG_FILE, state.step)
+        trim_log(setup.work / LOG_FILE, state.step)
 
     summary_base = {
-        "output": str(plan.out),
-        "method": plan.method,
-        "factor": plan.factor,
-        "trained_length": plan.trained_length,
-        "target_length": plan.target_length,
-        "train_length": plan.seq_length,
+        "output": str(setup.out),
+        "method": setup.method,
+        "factor": setup.factor,
+        "trained_length": setup.trained_length,
+        "target_length": setup.target_length,
+        "train_length": setup.seq_length,
         "pose": cfg.pose,
         "lora_rank": cfg.lora_rank,
         "global_batch": global_batch,
@@ -143,14 +143,14 @@ def run_finetune(
     if cfg.loss == "longce":
         summary_base["loss"] = {
             "name": "longce",
-            "window": plan.longce_window,
-            "stride": plan.longce_stride,
+            "window": setup.longce_window,
+            "stride": setup.longce_stride,
             "max_weight": LONGCE_MAX_WEIGHT,
         }
     report("start", {"total": cfg.steps, "completed": state.step})
-    loss_fn = _loss_function(acc, net, cfg, plan)
+    loss_fn = _loss_function(acc, net, cfg, setup)
     last_loss = _train(
-        acc, net, opt, sched, loader, state, cfg, plan, global_batch, report, loss_fn
+        acc, net, opt, sched, loader, state, cfg, setup, global_batch, report, loss_fn
     )
     summary = {
         **summary_base,
@@ -161,8 +161,8 @@ def run_finetune(
         "seconds": round(state.elapsed, 2),
         "tokens_per_s": round(state.tokens / state.elapsed, 1) if state.elapsed else None,
     }
-    report("status", {"message": f"writing {plan.out}"})
-    finish(acc, net, loaded, plan, cfg, summary)
+    report("status", {"message": f"writing {setup.out}"})
+    finish(acc, net, loaded, setup, cfg, summary)
     return summary
 
 
@@ -175,7 +175,7 @@ def _reporter(progress: ProgressFn | None, main: bool) -> ProgressFn:
 
 
 def _load(
-    plan: Plan,
+    setup: RunSetup,
     cfg: FinetuneConfig,
     trust_remote_code: bool,
     allow_pickle: bool,
@@ -186,8 +186,8 @@ def _load(
     from ctxext import checkpoint
     from ctxext.modeling import default_device, load_causal_lm
 
-    plan.source = checkpoint.fetch(
-        plan.source, "weights", allow_pickle=allow_pickle, progress=_download_status(report)
+    setup.source = checkpoint.fetch(
+        setup.source, "weights", allow_pickle=allow_pickle, progress=_download_status(report)
     )
     dtype = "float32"
     if cfg.lora_rank is not None and cfg.dtype != "auto":
@@ -195,8 +195,8 @@ def _load(
     elif cfg.lora_rank is not None and default_device().startswith("cuda"):
         dtype = "bfloat16"
     loaded = load_causal_lm(
-        str(plan.source.path),
-        extend=plan.extend,
+        str(setup.source.path),
+        extend=setup.extend,
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
@@ -220,7 +220,7 @@ def _download_status(report: ProgressFn) -> Callable[[str, int], Callable[[int],
 LossFn = Callable[[dict[str, Any]], tuple[Any, float | None]]
 
 
-def _loss_function(acc: Any, net: Any, cfg: FinetuneConfig, plan: Plan) -> LossFn:
+def _loss_function(acc: Any, net: Any, cfg: FinetuneConfig, setup: RunSetup) -> LossFn:
     """inputs -> (the loss to minimise, its plain CE when that is another number)."""
     if cfg.loss == "ce":
         return lambda inputs: (net(**inputs).loss, None)
@@ -229,7 +229,7 @@ def _loss_function(acc: Any, net: Any, cfg: FinetuneConfig, plan: Plan) -> LossF
     model = acc.unwrap_model(net)  # the short pass calls the decoder directly, under no_grad
 
     def longce(inputs: dict[str, Any]) -> tuple[Any, float | None]:
-        window, stride = plan.longce_window, plan.longce_stride
+        window, stride = setup.longce_window, setup.longce_stride
         return longce_loss(net, model, inputs, window, stride, acc.autocast())
 
     return longce
@@ -243,27 +243,27 @@ def _train(
     loader: Any,
     state: TrainerState,
     cfg: FinetuneConfig,
-    plan: Plan,
+    setup: RunSetup,
     global_batch: int,
     report: ProgressFn,
     loss_fn: LossFn,
 ) -> float | None:
     """The optimizer-step loop; returns the last step's loss (mean over the global batch)."""
-    tokens_per_step = global_batch * plan.seq_length
+    tokens_per_step = global_batch * setup.seq_length
     started, tokens_at_start, elapsed_at_start = time.perf_counter(), state.tokens, state.elapsed
     batches = iter(loader)
     loss_value = None
-    log = (plan.work / LOG_FILE).open("a", encoding="utf-8") if acc.is_main_process else None
+    log = (setup.work / LOG_FILE).open("a", encoding="utf-8") if acc.is_main_process else None
     try:
         while state.step < cfg.steps:
             lr = opt.param_groups[0]["lr"]
-            poison = plan.nan_at_step == state.step + 1
+            poison = setup.nan_at_step == state.step + 1
             try:
                 loss_value, grad_norm, ce = _one_step(
                     acc, net, opt, sched, batches, cfg, poison, loss_fn
                 )
             except _NonFinite as e:
-                raise _diverged(plan.work, state.step + 1, e) from None
+                raise _diverged(setup.work, state.step + 1, e) from None
             state.step += 1
             state.samples += global_batch
             state.tokens += tokens_per_step
@@ -285,7 +285,7 @@ def _train(
                 log.flush()
             report("step", record)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
-                path = save_checkpoint(acc, plan.work, state)
+                path = save_checkpoint(acc, setup.work, state)
                 report("checkpoint", {"step": state.step, "path": str(path)})
     finally:
         if log is not None:

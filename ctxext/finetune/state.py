@@ -18,7 +18,7 @@ from ctxext.config import FinetuneConfig
 from ctxext.errors import CtxextError
 
 if TYPE_CHECKING:
-    from ctxext.finetune.plan import Plan
+    from ctxext.finetune.setup import RunSetup
 
 #: progress(event, info): events "status" {message}, "start" {total, completed},
 #: "step" (a log record), "checkpoint" {step, path}.
@@ -153,27 +153,27 @@ def _safetensors_problem(path: Path) -> str | None:
 
 
 def run_identity(
-    plan: Plan, cfg: FinetuneConfig, global_batch: int, data_fingerprint: str
+    setup: RunSetup, cfg: FinetuneConfig, global_batch: int, data_fingerprint: str
 ) -> dict[str, Any]:
     from ctxext import checkpoint
 
     return {
-        "model": str(plan.source.path),
-        "config_sha256": checkpoint.config_hash(plan.config_before),
-        "extend": plan.extend.model_dump(mode="json") if plan.extend else None,
+        "model": str(setup.source.path),
+        "config_sha256": checkpoint.config_hash(setup.config_before),
+        "extend": setup.extend.model_dump(mode="json") if setup.extend else None,
         "finetune": cfg.identity(),
         "global_batch": global_batch,
         "data_fingerprint": data_fingerprint,
     }
 
 
-def create_work_dir(acc: Any, plan: Plan, identity: dict[str, Any]) -> None:
+def create_work_dir(acc: Any, setup: RunSetup, identity: dict[str, Any]) -> None:
     """A fresh work folder (replacing one without checkpoints, or any with --overwrite)."""
     if acc.is_main_process:
-        if plan.work.exists():
-            shutil.rmtree(plan.work)
-        (plan.work / "checkpoints").mkdir(parents=True)
-        _write_json_atomic(plan.work / RUN_FILE, {"identity": identity, "output": str(plan.out)})
+        if setup.work.exists():
+            shutil.rmtree(setup.work)
+        (setup.work / "checkpoints").mkdir(parents=True)
+        _write_json_atomic(setup.work / RUN_FILE, {"identity": identity, "output": str(setup.out)})
     acc.wait_for_everyone()
 
 

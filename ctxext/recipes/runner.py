@@ -19,7 +19,8 @@ from ctxext.errors import CtxextError
 from ctxext.recipes.loader import LoadedRecipe
 from ctxext.recipes.provenance import card_info, provenance
 from ctxext.recipes.render import render_report
-from ctxext.recipes.schema import METHODS, Recipe
+from ctxext.recipes.schema import Recipe
+from ctxext.rope.methods import ALL_METHODS
 
 
 @contextlib.contextmanager
@@ -275,7 +276,7 @@ class RecipeRun:
             return Variant(base, extend) if self.recipe.finetune else Variant(str(self.ckpt))
         if item == "finetuned":
             return Variant(str(self.ckpt))
-        if item in METHODS:
+        if item in ALL_METHODS:
             assert extend is not None
             if item == extend.method:
                 return Variant(base, extend)
@@ -297,7 +298,7 @@ class RecipeRun:
             return f"{name} + {scaled}"
         if item == "finetuned":
             return f"{name} + {scaled} + fine-tune" if scaled else f"{name} + fine-tune"
-        if item in METHODS:
+        if item in ALL_METHODS:
             return f"{name} + {item} x{factor:g}"
         return item
 
@@ -325,7 +326,7 @@ class RecipeRun:
         if item == "finetuned" or (item == "extended" and recipe.finetune is None):
             run["model"] = f"{recipe.outputs.checkpoint} (in output_dir)"
             run["model_path"] = str(self.out / recipe.outputs.checkpoint)
-        elif item in ("base", "extended") or item in METHODS:
+        elif item in ("base", "extended") or item in ALL_METHODS:
             run["model"] = recipe.model or run["model"]
 
 

@@ -9,10 +9,10 @@ from typing import Any
 from pydantic import field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from ctxext.config import EvalConfig, ExtendConfig, FinetuneConfig, Method, StrictModel
+from ctxext.config import EvalConfig, ExtendConfig, FinetuneConfig, StrictModel
+from ctxext.rope.methods import ALL_METHODS
 from ctxext.text import plural
 
-METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
 #: Names in ``eval.compare`` with a fixed meaning (anything else is a model folder or Hub id).
 VARIANT_WORDS = ("base", "extended", "finetuned")
 #: Files a run writes at the top of output_dir (``outputs`` may not reuse these names).
@@ -145,7 +145,7 @@ class Recipe(StrictModel):
                     problem = "'extended' needs an extend section"
                 elif item == "finetuned" and self.finetune is None:
                     problem = "'finetuned' needs a finetune section"
-                elif item in METHODS and self.extend is None:
+                elif item in ALL_METHODS and self.extend is None:
                     problem = (
                         f"the method '{item}' takes the recipe's extend factor: add an extend "
                         "section"

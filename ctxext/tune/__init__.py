@@ -1,7 +1,7 @@
 """`ctxext tune`: search each scaling method's hyperparameters on held-out perplexity.
 
 * :mod:`~ctxext.tune.search`: candidates, LongRoPE factors, scoring on one loaded model, successive
-  halving, the evolutionary search and the budget plan.
+  halving, the evolutionary search and the budget allocation.
 * :mod:`~ctxext.tune.leaderboard`: every row measured on the report documents, ranked, and the
   recipe that reproduces the winner (the Markdown table and plot are in :mod:`ctxext.report`).
 * :mod:`~ctxext.tune.run`: the cheap checks, the document split, the pipeline and the output

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ctxext import checkpoint, rope
-from ctxext.config import ExtendConfig
+from ctxext.config import ExtendConfig, TuneConfig
 from ctxext.errors import CtxextError
 from ctxext.tune.leaderboard import (
     evaluate_rows,
@@ -27,8 +27,7 @@ from ctxext.tune.search import (
     Scorer,
     Search,
     Trial,
-    TuneConfig,
-    plan_search,
+    allocate_budget,
     run_search,
 )
 
@@ -125,20 +124,21 @@ def _search(
     prepared: Prepared,
     scorer: Scorer,
     progress: Progress,
-    on_plan: Callable[[int], None] | None,
+    on_budget: Callable[[int], None] | None,
 ) -> tuple[Search, dict[str, Trial], dict[str, Any]]:
-    """Calibrate, plan and run the search; returns it, each method's best, plan and timing."""
+    """Calibrate, allocate the budget and run the search; returns it, each method's best, the
+    allocation and timing."""
     trained = prepared.info.trained_length
     t_target, t_trained = _calibrate(scorer, trained)
-    # Counted by tokens, not by the clock, so a given --budget-evals always buys the same plan.
+    # Counted by tokens, not by the clock, so a given --budget-evals always buys the same allocation.
     scorer.cost_ratio = trained / cfg.target_length
     budget = cfg.budget_evals or max(12, int(cfg.budget_minutes * 60 / t_target))
-    plan = plan_search(cfg, budget, scorer.cost_ratio)
-    if on_plan is not None:
-        on_plan(budget)
+    allocation = allocate_budget(cfg, budget, scorer.cost_ratio)
+    if on_budget is not None:
+        on_budget(budget)
     search = Search(scorer, cfg, prepared.info, np.random.default_rng(cfg.seed), progress)
     started = time.time()
-    best = run_search(search, plan)
+    best = run_search(search, allocation)
     if not best:
         raise CtxextError(
             f"every candidate cost more than {cfg.guard:.0%} at the trained length {trained}: "
@@ -150,14 +150,14 @@ def _search(
         "search_seconds": round(time.time() - started, 1),
         "forwards_spent": round(scorer.spent, 1),
     }
-    return search, best, {"plan": plan.__dict__, "timing": timing}
+    return search, best, {"plan": allocation.__dict__, "timing": timing}
 
 
 def run_tune(
     cfg: TuneConfig,
     prepared: Prepared,
     progress: Progress,
-    on_plan: Callable[[int], None] | None = None,
+    on_budget: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Search, then evaluate the leaderboard on the report documents; returns tune.json."""
     from ctxext.data import data_fingerprint
@@ -170,7 +170,7 @@ def run_tune(
     def scorer(which: list[int]) -> Scorer:
         return Scorer(model, prepared.config, [data.ids[i] for i in which], data.bos, n)
 
-    search, best, run = _search(cfg, prepared, scorer(data.search), progress, on_plan)
+    search, best, run = _search(cfg, prepared, scorer(data.search), progress, on_budget)
     chosen = min(best, key=lambda m: best[m].ppl_target)
     lengths = sorted(set(cfg.report_lengths or [trained, n]) | {trained, n})
     started = time.time()

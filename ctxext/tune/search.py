@@ -10,43 +10,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydantic import Field
 
 from ctxext import rope
-from ctxext.config import ExtendConfig, StrictModel, parse_model
+from ctxext.config import TUNE_METHODS, ExtendConfig, TuneConfig, parse_model
 from ctxext.errors import CtxextError
 from ctxext.rope.methods import FACTOR_LIST_METHODS, METHODS
 
-PARAMETRIC = ("yarn", "ntk", "linear", "llama3")
-SEARCHABLE = (*PARAMETRIC, *FACTOR_LIST_METHODS)
+SEARCHABLE = TUNE_METHODS
+#: Searched by successive halving (the others, longrope, by evolution).
+PARAMETRIC = tuple(m for m in SEARCHABLE if m not in FACTOR_LIST_METHODS)
 #: Paper defaults shown in the leaderboard (longrope has no default: its factors are searched).
 DEFAULT_ROWS = METHODS
-#: Candidates per method are split in this proportion (more hyperparameters, more candidates).
-_WEIGHT = {"yarn": 3, "llama3": 2, "ntk": 1, "linear": 1}
+#: Candidates per method are split in this proportion (more hyperparameters, more candidates;
+#: 1 for the others).
+_WEIGHT = {"yarn": 3, "llama3": 2}
 _ETA = 3  # successive halving keeps the best 1/eta at each rung
 _LONGROPE_FINALISTS = 3
-
-
-class TuneConfig(StrictModel):
-    """`ctxext tune`: what to search, on which data, with which budget."""
-
-    model: str | None = None
-    target_length: int
-    methods: list[str] = Field(default_factory=lambda: list(SEARCHABLE))
-    budget_minutes: float = 15.0
-    """Wall-clock budget of the search (the report afterwards is extra)."""
-    budget_evals: int | None = None
-    """Budget in document forwards at the target length; overrides budget_minutes and makes a
-    search machine-independent (tune.json records the one used)."""
-    search_docs: int = 8
-    report_docs: int = 16
-    guard: float = 0.05
-    """Reject candidates whose perplexity at the trained length exceeds the unscaled model's by
-    more than this fraction."""
-    report_lengths: list[int] | None = None
-    """Leaderboard lengths (default: the trained length and the target length)."""
-    data: str | None = None
-    seed: int = 0
 
 
 # --------------------------------------------------------------------------- candidates
@@ -351,8 +330,8 @@ def _halving_cost(rungs: list[int]) -> float:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """How the budget is spent (recorded in tune.json)."""
+class BudgetAllocation:
+    """How the budget is spent (recorded in tune.json under "plan")."""
 
     budget_evals: int
     per_method: dict[str, int]
@@ -361,7 +340,7 @@ class Plan:
     longrope_docs: int
 
 
-def plan_search(cfg: TuneConfig, budget_evals: int, cost_ratio: float) -> Plan:
+def allocate_budget(cfg: TuneConfig, budget_evals: int, cost_ratio: float) -> BudgetAllocation:
     """Split the budget: parametric methods by successive halving, then LongRoPE's evolution."""
     rungs = _rungs(cfg.search_docs)
     params = [m for m in cfg.methods if m in PARAMETRIC]
@@ -369,26 +348,28 @@ def plan_search(cfg: TuneConfig, budget_evals: int, cost_ratio: float) -> Plan:
     share = (0.45 if longrope else 0.95) if params else 0.0
     per_cand = _halving_cost(rungs) * (1.0 + cost_ratio)
     n_param = int(budget_evals * share / per_cand)
-    weight = sum(_WEIGHT[m] for m in params) or 1
-    per_method = {m: max(3, n_param * _WEIGHT[m] // weight) for m in params}
+    weight = sum(_WEIGHT.get(m, 1) for m in params) or 1
+    per_method = {m: max(3, n_param * _WEIGHT.get(m, 1) // weight) for m in params}
     evo_docs = rungs[1] if len(rungs) > 1 else rungs[0]
     final = _LONGROPE_FINALISTS * (cfg.search_docs - evo_docs) * (1.0 + cost_ratio)
     evo_budget = budget_evals * (0.95 - share) - final if longrope else 0.0
     children = int(max(0.0, evo_budget) / (evo_docs * (1.0 + cost_ratio)))
-    return Plan(budget_evals, per_method, rungs, max(children, 6) if longrope else 0, evo_docs)
+    return BudgetAllocation(
+        budget_evals, per_method, rungs, max(children, 6) if longrope else 0, evo_docs
+    )
 
 
-def run_search(search: Search, plan: Plan) -> dict[str, Trial]:
+def run_search(search: Search, allocation: BudgetAllocation) -> dict[str, Trial]:
     """Every method's best guard-passing trial on all search documents."""
     best: dict[str, Trial] = {}
-    for method, n in plan.per_method.items():
+    for method, n in allocation.per_method.items():
         cands = sample_candidates(method, n, search.s, search.info.rotary_dim, search.rng)
-        survivors = search.halving(cands, plan.rungs)
+        survivors = search.halving(cands, allocation.rungs)
         if survivors:
             best[method] = survivors[0]
-    if plan.longrope_children:
-        docs = list(range(plan.longrope_docs))
-        evolved = search.evolve(_longrope_seeds(search, best), plan.longrope_children, docs)
+    if allocation.longrope_children:
+        docs = list(range(allocation.longrope_docs))
+        evolved = search.evolve(_longrope_seeds(search, best), allocation.longrope_children, docs)
         everything = list(range(search.cfg.search_docs))
         finals = [search.score(t.candidate, everything) for t in evolved[:_LONGROPE_FINALISTS]]
         finals = sorted((t for t in finals if not t.rejected), key=lambda t: t.ppl_target)

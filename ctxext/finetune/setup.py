@@ -17,7 +17,7 @@ INJECT_NAN_ENV = "CTXEXT_INJECT_NAN_AT_STEP"
 
 
 @dataclass
-class Plan:
+class RunSetup:
     """Everything decided before any weight is loaded or any file written."""
 
     source: Any  # checkpoint.ResolvedModel
@@ -35,7 +35,7 @@ class Plan:
     longce_stride: int | None = None
 
 
-def plan_run(
+def setup_run(
     model: str | None,
     output: Path,
     extend: ExtendConfig | None,
@@ -43,7 +43,7 @@ def plan_run(
     *,
     resume: bool,
     overwrite: bool,
-) -> Plan:
+) -> RunSetup:
     """Validate the request against the model's config and the file system (no writes)."""
     from ctxext import checkpoint, rope
     from ctxext.modeling import check_causal_lm
@@ -75,7 +75,7 @@ def plan_run(
     out = checkpoint.check_output_path(output, [source.path], overwrite=True)
     work = work_dir(out)
     _check_output_state(out, work, resume=resume, overwrite=overwrite)
-    return Plan(
+    return RunSetup(
         source=source,
         config_before=config,
         extend=extend,

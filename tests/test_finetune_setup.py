@@ -1,4 +1,4 @@
-"""ctxext.finetune.plan: bad options and output/--resume rules are refused in one line before
+"""ctxext.finetune.setup: bad options and output/--resume rules are refused in one line before
 anything is loaded; an extended checkpoint is fine-tuned at its own length."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 (one per length or phase) built from its typed configs, estimated on this machine and set
 against the memory available.
 
-The CLI (:mod:`ctxext.cli.plan`) renders the verdict: a plan (``ctxext plan``), a refusal, a
+The CLI (:mod:`ctxext.cli.guard`) renders the verdict: a plan (``ctxext plan``), a refusal, a
 warning under ``--force``, or the estimate of a long run. No torch at import time.
 """
 
@@ -26,17 +26,17 @@ Status = Callable[[str], contextlib.AbstractContextManager[Any]]
 
 
 @dataclass
-class RunPlan:
+class CommandWorkloads:
     """The workloads of one command (one per length or phase) on one model shape."""
 
     command: str
     model: str
-    shape: Any  # plan.ModelShape
+    shape: Any  # estimate.ModelShape
     trained_length: int
-    phases: list[tuple[str, Any]] = field(default_factory=list)  # (label, plan.Workload)
+    phases: list[tuple[str, Any]] = field(default_factory=list)  # (label, estimate.Workload)
 
     def estimates(self, calib: Any) -> list[tuple[str, Any]]:
-        from ctxext.plan import estimate
+        from ctxext.resources.estimate import estimate
 
         return [(label, estimate(self.shape, work, calib)) for label, work in self.phases]
 
@@ -45,9 +45,9 @@ class RunPlan:
 class Verdict:
     """A run's estimates against the memory available."""
 
-    run: RunPlan
-    rows: list[tuple[str, Any]]  # (label, plan.Estimate) per phase
-    calib: Any  # calibrate.Calibration
+    run: CommandWorkloads
+    rows: list[tuple[str, Any]]  # (label, estimate.Estimate) per phase
+    calib: Any  # estimate.Calibration
     limit: int
     where: str  # where the limit comes from
 
@@ -66,18 +66,18 @@ class Verdict:
 
     def refusal(self) -> str | None:
         """Why the run does not fit and the cheapest changes that would; None when it fits."""
-        from ctxext import plan
+        from ctxext.resources.estimate import format_bytes, suggest_changes
 
         if self.peak <= self.limit:
             return None
         run = self.run
         worst = max(self.rows, key=lambda r: r[1].peak)
         work = dict(run.phases)[worst[0]]
-        fixes = plan.suggest_changes(run.shape, work, self.calib, self.limit, run.trained_length)
+        fixes = suggest_changes(run.shape, work, self.calib, self.limit, run.trained_length)
         fix = f"would fit: {' | '.join(fixes)}" if fixes else "no single change fits"
         return (
-            f"{run.command} needs ~{plan.format_bytes(self.peak)} at its peak ({worst[0]}) but "
-            f"{plan.format_bytes(self.limit)} is available ({self.where}); {fix}; or pass "
+            f"{run.command} needs ~{format_bytes(self.peak)} at its peak ({worst[0]}) but "
+            f"{format_bytes(self.limit)} is available ({self.where}); {fix}; or pass "
             f"--force (details: ctxext plan {run.command} ...)"
         )
 
@@ -85,16 +85,16 @@ class Verdict:
 # --------------------------------------------------------------------------- workloads
 
 
-def finetune_run(model: str | None, output: Any, extend: Any, cfg: Any) -> RunPlan:
+def finetune_workloads(model: str | None, output: Any, extend: Any, cfg: Any) -> CommandWorkloads:
     """Before `finetune` loads anything: its workload."""
-    from ctxext.finetune.plan import plan_run
+    from ctxext.finetune.setup import setup_run
 
-    # overwrite=True: the output rules are checked by the run itself, not by its plan.
-    run = plan_run(model, output, extend, cfg, resume=False, overwrite=True)
-    return _finetune_plan(run.source, run.trained_length, run.seq_length, cfg)
+    # overwrite=True: the output rules are checked by the run itself, not by its guard.
+    run = setup_run(model, output, extend, cfg, resume=False, overwrite=True)
+    return _finetune_workloads(run.source, run.trained_length, run.seq_length, cfg)
 
 
-def recipe_run(loaded: Any) -> RunPlan:
+def recipe_workloads(loaded: Any) -> CommandWorkloads:
     """Before `run` does anything slow: its fine-tune and eval phases."""
     from ctxext import checkpoint, rope
 
@@ -106,21 +106,21 @@ def recipe_run(loaded: Any) -> RunPlan:
         ext = recipe.extend
         factor = rope.validate_request(info, ext.method, ext.factor, ext.target_length)
         target = rope.new_length(info.trained_length, factor)
-    run = RunPlan("run", source.name, None, info.trained_length)
+    run = CommandWorkloads("run", source.name, None, info.trained_length)
     if recipe.finetune is not None:
         seq = recipe.finetune.train_length or target
-        run = _finetune_plan(source, info.trained_length, seq, recipe.finetune)
+        run = _finetune_workloads(source, info.trained_length, seq, recipe.finetune)
         run.command = "run"
     if recipe.eval is not None:
-        ev = eval_run([recipe.model], recipe.eval, None)
+        ev = eval_workloads([recipe.model], recipe.eval, None)
         run.shape = ev.shape
         run.phases += [(f"eval {label}", w) for label, w in ev.phases]
     return run
 
 
-def _finetune_plan(source: Any, trained: int, seq: int, cfg: Any) -> RunPlan:
+def _finetune_workloads(source: Any, trained: int, seq: int, cfg: Any) -> CommandWorkloads:
     from ctxext import checkpoint
-    from ctxext.plan import ModelShape, Workload
+    from ctxext.resources.estimate import ModelShape, Workload
 
     shape = ModelShape.from_config(checkpoint.read_config(source.path))
     cuda = _device().startswith("cuda")
@@ -134,13 +134,15 @@ def _finetune_plan(source: Any, trained: int, seq: int, cfg: Any) -> RunPlan:
         grad_ckpt=cfg.grad_ckpt, steps=cfg.steps, grad_accum=cfg.grad_accum,
     )  # fmt: skip
     label = f"finetune {seq:,} tokens x {cfg.steps} steps"
-    return RunPlan("finetune", source.name, shape, trained, [(label, work)])
+    return CommandWorkloads("finetune", source.name, shape, trained, [(label, work)])
 
 
-def eval_run(models: list[str | None], cfg: Any, tokens: dict[int, int] | None) -> RunPlan:
+def eval_workloads(
+    models: list[str | None], cfg: Any, tokens: dict[int, int] | None
+) -> CommandWorkloads:
     """One workload per length, on the largest of the models (the one that decides the peak)."""
     from ctxext import checkpoint, rope
-    from ctxext.plan import ModelShape, Workload
+    from ctxext.resources.estimate import ModelShape, Workload
 
     sources = [checkpoint.resolve_model(m) for m in models]  # once per model
     configs = [checkpoint.read_config(src.path) for src in sources]
@@ -157,7 +159,7 @@ def eval_run(models: list[str | None], cfg: Any, tokens: dict[int, int] | None) 
         )  # fmt: skip
         phases.append((f"eval {n:,} tokens", work))
     trained = rope.analyze(configs[biggest]).trained_length
-    return RunPlan("eval", sources[biggest].name, shapes[biggest], trained, phases)
+    return CommandWorkloads("eval", sources[biggest].name, shapes[biggest], trained, phases)
 
 
 def eval_tokens(
@@ -194,7 +196,7 @@ def _device() -> str:
 
 
 def assess(
-    run: RunPlan, memory_limit: str | None, measure: bool, status: Status | None = None
+    run: CommandWorkloads, memory_limit: str | None, measure: bool, status: Status | None = None
 ) -> Verdict:
     """The run's estimates against the limit (``memory_limit``, else the memory available);
     ``measure``: calibrate this machine if no calibration is cached (``ctxext plan``)."""
@@ -204,23 +206,28 @@ def assess(
 
 
 def _limit(memory_limit: str | None) -> tuple[int, str]:
-    from ctxext import calibrate, plan
+    from ctxext.resources import calibrate
+    from ctxext.resources.estimate import parse_bytes
 
     if memory_limit is not None:
         try:
-            return plan.parse_bytes(memory_limit), "--memory-limit"
+            return parse_bytes(memory_limit), "--memory-limit"
         except ValueError as e:
             raise CtxextError(f"--memory-limit: {e}") from None
     return calibrate.available_memory(_device())
 
 
-def _calibration(run: RunPlan, limit: int, measure: bool, status: Status) -> Any:
+def _calibration(run: CommandWorkloads, limit: int, measure: bool, status: Status) -> Any:
     """The cached calibration; else a pessimistic guess, measured only if the guess is close."""
-    from ctxext import calibrate
+    from ctxext.resources import calibrate
 
     cached = calibrate.cached_calibration()
     if cached is not None:
         return cached
+    if calibrate.launched_rank() not in (None, 0):
+        # Rank 0 measures (its check is the one that decides and prints); another rank measuring
+        # at the same time would slow both measurements and the run's start.
+        return calibrate.PESSIMISTIC
     if not measure:
         rows = run.estimates(calibrate.PESSIMISTIC)
         seconds = total_seconds(rows)

@@ -1,4 +1,4 @@
-"""Measure this device once (a few seconds) for :mod:`ctxext.plan`; cache the result per machine.
+"""Measure this device once (a few seconds) for :mod:`~ctxext.resources.estimate`; cache the result per machine.
 
 What is measured, on the device ctxext would run on (CUDA if present, else CPU), in the dtype a
 run computes in there (bf16 on CUDA, fp32 on CPU):
@@ -13,6 +13,10 @@ run computes in there (bf16 on CUDA, fp32 on CPU):
 The cache lives in ``$CTXEXT_CACHE_DIR`` (else the user cache dir, ``~/.cache/ctxext``), keyed by
 host name, device, torch version and thread count: another machine or another torch measures
 again. Available memory: ``$CTXEXT_MEMORY_LIMIT`` (e.g. ``2GB``) overrides what is measured.
+
+Under a launcher (torchrun, ``accelerate launch``) only rank 0 measures (see
+:func:`ctxext.resources.guard.assess`), and the runtime probe's subprocess runs as a plain process: it
+inherits none of the launcher's variables, which would make it join the run's process group.
 """
 
 from __future__ import annotations
@@ -30,13 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from ctxext.errors import CtxextError
-from ctxext.plan import Calibration, parse_bytes
+from ctxext.resources.estimate import Calibration, parse_bytes
 
 __all__ = [
     "PESSIMISTIC",
     "available_memory",
     "cache_dir",
     "cached_calibration",
+    "launched_rank",
     "load_calibration",
     "measure_runtime",
     "measure_speed",
@@ -48,7 +53,7 @@ _VERSION = 3
 _SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 _ATTENTION_LENGTHS = (512, 1024, 2048, 4096)
 #: A deliberately slow, memory-hungry stand-in used before this machine is measured: a run
-#: that fits and is short even by it needs no calibration (see budget._calibration).
+#: that fits and is short even by it needs no calibration (see guard._calibration).
 PESSIMISTIC = Calibration(
     device="cpu (not measured yet)",
     matmul_flops={64: 2e8, 4096: 5e9},
@@ -57,8 +62,20 @@ PESSIMISTIC = Calibration(
     runtime=dict.fromkeys(("eval", "finetune", "lora"), 2**30),
     op_seconds=1e-3,
 )
+#: What torchrun and `accelerate launch` export to each worker: the process group's rendezvous
+#: (a subprocess inheriting it joins the run's group as a second rank and waits for it until
+#: killed) and the launcher's options (FSDP, mixed precision, ...), which are the run's, not the
+#: probe's.
+_LAUNCHER_VARS = frozenset(
+    ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+     "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+)  # fmt: skip
+_LAUNCHER_PREFIXES = ("TORCHELASTIC_", "ACCELERATE_", "FSDP_", "PARALLELISM_CONFIG_")
 #: CUDA context + caching allocator reserve, not measurable without a GPU here: 0.5 GiB.
 _CUDA_RUNTIME = 512 * 2**20
+#: Seconds the runtime probe may take: ~30 s (13 s of CPU) on an idle 2-core machine, 350 s on
+#: one shared by a dozen busy processes.
+_PROBE_TIMEOUT = 900
 
 
 def cache_dir() -> Path:
@@ -207,13 +224,38 @@ def _op_latency(dev: str) -> float:
     return statistics.median(_timed(lambda: x + x, dev, budget=0.02) for _ in range(15))
 
 
-def measure_runtime() -> dict[str, int]:
-    """Peak resident bytes of a fresh process after running a tiny model like each command."""
-    code = "from ctxext.calibrate import _runtime_probe; _runtime_probe()"
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-    res = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
+def launched_rank() -> int | None:
+    """This process's rank under torchrun / `accelerate launch` (``$RANK``); None when plain."""
+    rank = os.environ.get("RANK", "").strip()
+    return int(rank) if rank.isdigit() else None
+
+
+def _standalone_env() -> dict[str, str]:
+    """This process's environment without the launcher's variables (a plain process's)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _LAUNCHER_VARS and not k.startswith(_LAUNCHER_PREFIXES)
+    }
+
+
+def measure_runtime(timeout: float = _PROBE_TIMEOUT) -> dict[str, int]:
+    """Peak resident bytes of a fresh process after running a tiny model like each command.
+
+    The process is a plain one even when this one was started by a launcher (see
+    :data:`_LAUNCHER_VARS`); it is killed after ``timeout`` seconds.
+    """
+    code = "from ctxext.resources.calibrate import _runtime_probe; _runtime_probe()"
+    env = {**_standalone_env(), "TRANSFORMERS_VERBOSITY": "error"}
+    try:
+        res = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise CtxextError(
+            f"could not measure the runtime's memory (no result in {timeout:g} s); try again "
+            "when the machine is less busy"
+        ) from None
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
         raise CtxextError(f"could not measure the runtime's memory ({tail}); add --debug")
@@ -228,26 +270,27 @@ def _peak_rss() -> int:
 
 def _runtime_probe() -> None:
     """Run the bundled model through eval, a full and a LoRA fine-tune at 64 tokens; print
-    for each the peak RSS minus what :func:`ctxext.plan.estimate` attributes to the model."""
+    for each the peak RSS minus what :func:`ctxext.resources.estimate.estimate` attributes to the model."""
     import tempfile
 
-    from ctxext import checkpoint, evalrun, plan
+    from ctxext import checkpoint, evalrun
     from ctxext.config import EvalConfig, ExtendConfig, FinetuneConfig
     from ctxext.finetune.loop import run_finetune
+    from ctxext.resources.estimate import ModelShape, Workload, estimate
 
-    shape = plan.ModelShape.from_config(checkpoint.read_config(checkpoint.bundled_path()))
+    shape = ModelShape.from_config(checkpoint.read_config(checkpoint.bundled_path()))
     zero = Calibration("cpu", {64: 1.0}, {64: 1.0}, 1.0, {})
     out: dict[str, int] = {}
     cfg = EvalConfig(lengths=[64], num_docs=1)
     evalrun.run_eval(evalrun.plan_variants([None], [], {}, cfg), cfg)
-    out["eval"] = _peak_rss() - plan.estimate(shape, plan.Workload("eval", 64), zero).peak
+    out["eval"] = _peak_rss() - estimate(shape, Workload("eval", 64), zero).peak
     extend = ExtendConfig(method="linear", factor=1.25)  # 256 -> 320 tokens
     with tempfile.TemporaryDirectory() as tmp:
         for key, rank in (("finetune", None), ("lora", 4)):
             ft = FinetuneConfig(steps=1, save_every=0, lora_rank=rank, train_length=64)
             run_finetune(None, Path(tmp) / key, extend, ft)
-            work = plan.Workload("finetune", 64, lora_rank=rank)
-            out[key] = _peak_rss() - plan.estimate(shape, work, zero).peak
+            work = Workload("finetune", 64, lora_rank=rank)
+            out[key] = _peak_rss() - estimate(shape, work, zero).peak
     print(json.dumps(out))
 
 

@@ -1,4 +1,4 @@
-"""The estimator (ctxext/plan.py): its counts against transformers and peft, its memory model,
+"""The estimator (ctxext/resources/estimate.py): its counts against transformers and peft, its memory model,
 its suggestions and byte sizes. The command and the pre-run check are in test_cli_plan.py."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import BUNDLED
 
-from ctxext import plan
 from ctxext.checkpoint import read_config
+from ctxext.resources import estimate
 
 LLAMA2_7B = {
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
@@ -27,7 +27,7 @@ MISTRAL_SMALL = {
     "vocab_size": 500, "tie_word_embeddings": True,
 }  # fmt: skip
 #: A fixed device so that the pure estimator's tests do not depend on this machine.
-FIXED = plan.Calibration(
+FIXED = estimate.Calibration(
     device="cpu:test",
     matmul_flops={64: 1e9, 4096: 1e11},
     attention_flops={512: 1e10, 4096: 3e10},
@@ -59,58 +59,58 @@ def _transformers_params(config: dict, lora_rank: int | None = None) -> tuple[in
     ids=["bundled-llama", "qwen2", "mistral", "llama2-7b"],
 )
 def test_parameter_counts_match_transformers_and_peft(config):
-    shape = plan.ModelShape.from_config(config)
+    shape = estimate.ModelShape.from_config(config)
     total, _ = _transformers_params(config)
     assert shape.total_params() == total
-    work = plan.Workload("finetune", 64, lora_rank=8)
-    est = plan.estimate(shape, work, FIXED)
+    work = estimate.Workload("finetune", 64, lora_rank=8)
+    est = estimate.estimate(shape, work, FIXED)
     lora_total, lora_trainable = _transformers_params(config, lora_rank=8)
     assert est.params_total == lora_total
     assert est.params_trainable == lora_trainable
 
 
 def test_llama2_7b_figures_follow_the_memory_model():
-    shape = plan.ModelShape.from_config(LLAMA2_7B)
+    shape = estimate.ModelShape.from_config(LLAMA2_7B)
     assert shape.total_params() == 6_738_415_616  # Llama-2-7B's published count
-    full = plan.estimate(shape, plan.Workload("finetune", 32768), FIXED)
+    full = estimate.estimate(shape, estimate.Workload("finetune", 32768), FIXED)
     assert full.weights == 4 * shape.total_params()
     assert full.optimizer == 8 * shape.total_params() and full.gradients == 4 * full.weights // 4
     # [32k, 32000] fp32 logits x3 (logits, log-softmax, its gradient) = 11.7 GiB.
     assert full.loss == 3 * 32768 * 32000 * 4
-    ckpt = plan.estimate(shape, plan.Workload("finetune", 32768, grad_ckpt=True), FIXED)
+    ckpt = estimate.estimate(shape, estimate.Workload("finetune", 32768, grad_ckpt=True), FIXED)
     assert ckpt.activations < full.activations / 10
     assert ckpt.activations_other == full.activations
-    lora = plan.estimate(shape, plan.Workload("finetune", 32768, lora_rank=16), FIXED)
+    lora = estimate.estimate(shape, estimate.Workload("finetune", 32768, lora_rank=16), FIXED)
     assert lora.optimizer < full.optimizer / 10
     # eval's chunked loss never holds more than the 256 MiB budget, whatever the length.
-    ev = plan.estimate(shape, plan.Workload("eval", 32768), FIXED)
+    ev = estimate.estimate(shape, estimate.Workload("eval", 32768), FIXED)
     assert ev.loss <= 256 * 2**20 and ev.gradients == ev.optimizer == 0
 
 
 def test_suggestions_fit_and_prefer_the_least_intrusive_change():
-    shape = plan.ModelShape.from_config(LLAMA2_7B)
-    work = plan.Workload("finetune", 32768, compute_dtype="bfloat16")
-    full = plan.estimate(shape, work, FIXED)
+    shape = estimate.ModelShape.from_config(LLAMA2_7B)
+    work = estimate.Workload("finetune", 32768, compute_dtype="bfloat16")
+    full = estimate.estimate(shape, work, FIXED)
     limit = int(full.peak * 0.5)
-    fixes = plan.suggest_changes(shape, work, FIXED, limit, trained_length=4096)
+    fixes = estimate.suggest_changes(shape, work, FIXED, limit, trained_length=4096)
     assert fixes, "some change must fit in half the memory"
     for fix in fixes:  # every suggestion, applied, fits
         changed = work
         if "--grad-ckpt" in fix:
-            changed = plan.Workload(**{**changed.__dict__, "grad_ckpt": True})
+            changed = estimate.Workload(**{**changed.__dict__, "grad_ckpt": True})
         if "--lora-rank" in fix:
-            changed = plan.Workload(**{**changed.__dict__, "lora_rank": 16})
+            changed = estimate.Workload(**{**changed.__dict__, "lora_rank": 16})
         if "--pose" in fix:
-            changed = plan.Workload(**{**changed.__dict__, "length": 4096})
+            changed = estimate.Workload(**{**changed.__dict__, "length": 4096})
         if "--target-length" in fix:
-            changed = plan.Workload(**{**changed.__dict__, "length": int(fix.split()[-1])})
-        assert plan.estimate(shape, changed, FIXED).peak <= limit, fix
+            changed = estimate.Workload(**{**changed.__dict__, "length": int(fix.split()[-1])})
+        assert estimate.estimate(shape, changed, FIXED).peak <= limit, fix
 
 
 @pytest.mark.parametrize(
     "text,expected", [("512MB", 512e6), ("2GiB", 2 * 2**30), ("1e9", 1e9), ("80 GB", 80e9)]
 )
 def test_parse_bytes(text, expected):
-    assert plan.parse_bytes(text) == int(expected)
+    assert estimate.parse_bytes(text) == int(expected)
     with pytest.raises(ValueError):
-        plan.parse_bytes("lots")
+        estimate.parse_bytes("lots")

@@ -1,20 +1,19 @@
-"""`ctxext plan COMMAND ...` and the memory/time check every eval, finetune and run makes first.
+"""The memory/time check every eval, finetune and run makes first, and its rendering.
 
-`ctxext plan eval|finetune|run ARGS` runs the command's own parsing and validation (so it
-accepts exactly the command's arguments) with a hidden ``--plan-only`` flag: the command stops
-where it would load weights and prints the estimate instead. Without that flag the same
-estimate guards the run: printed when it will take more than a minute, and a run whose peak
-exceeds the memory available (``--memory-limit``, ``$CTXEXT_MEMORY_LIMIT``, else free RAM or
-free GPU memory) is refused with one line naming the cheapest changes that would fit, unless
-``--force``. The workloads and the estimate are :mod:`ctxext.budget`'s; this module renders
-its verdict.
+Before a command loads weights, its workloads are estimated on this machine
+(:mod:`ctxext.resources.guard`): the estimate is printed when the run will take more than a
+minute, and a run whose peak exceeds the memory available (``--memory-limit``,
+``$CTXEXT_MEMORY_LIMIT``, else free RAM or free GPU memory) is refused with one line naming the
+cheapest changes that would fit, unless ``--force``. With the hidden ``--plan-only`` flag (what
+`ctxext plan COMMAND ...` passes, see :mod:`ctxext.cli.app`) the command prints the estimate
+instead and stops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -27,7 +26,6 @@ __all__ = [
     "check_eval",
     "check_finetune",
     "check_recipe",
-    "plan",
 ]
 
 _out = Console()
@@ -57,39 +55,23 @@ class Announcement:
             self.table = None
 
 
-# --------------------------------------------------------------------------- the commands
-
-
-def plan(
-    ctx: typer.Context,
-    command: Annotated[str, typer.Argument(help="eval, finetune or run.", show_default=False)],
-) -> None:
-    """Print the memory and time COMMAND would need, without loading weights.
-
-    Takes exactly the arguments of `ctxext eval`, `ctxext finetune` or `ctxext run`, e.g.
-    `ctxext plan finetune -o out -m yarn -t 32768 --lora-rank 16 --grad-ckpt`.
-    """
-    if command not in ("eval", "finetune", "run"):
-        raise CtxextError(f"plan: unknown command '{command}'; use eval, finetune or run")
-    from ctxext.cli.app import _run_app
-
-    raise typer.Exit(_run_app([command, *ctx.args, "--plan-only"]))
+# --------------------------------------------------------------------------- the checks
 
 
 def check_finetune(
     model: str | None, output: Any, extend: Any, cfg: Any, opts: GuardOptions
 ) -> Announcement:
     """Before `finetune` loads anything: its workload against this machine."""
-    from ctxext.budget import finetune_run
+    from ctxext.resources.guard import finetune_workloads
 
-    return _decide(finetune_run(model, output, extend, cfg), opts)
+    return _decide(finetune_workloads(model, output, extend, cfg), opts)
 
 
 def check_recipe(loaded: Any, opts: GuardOptions) -> Announcement:
     """Before `run` does anything slow: its fine-tune and eval phases against this machine."""
-    from ctxext.budget import recipe_run
+    from ctxext.resources.guard import recipe_workloads
 
-    run = recipe_run(loaded)
+    run = recipe_workloads(loaded)
     return _decide(run, opts) if run.phases else Announcement()
 
 
@@ -104,17 +86,17 @@ def check_eval(
     before any model is loaded; a long run's estimate goes to ``announce``."""
 
     def preflight(token_cache: dict[str, Any]) -> None:
-        from ctxext.budget import eval_run, eval_tokens
+        from ctxext.resources.guard import eval_tokens, eval_workloads
 
         tokens = eval_tokens(models, cfg, token_cache, variants_per_model)
-        announce.table = _decide(eval_run(models, cfg, tokens), opts).table
+        announce.table = _decide(eval_workloads(models, cfg, tokens), opts).table
 
     return preflight
 
 
 def _decide(run: Any, opts: GuardOptions) -> Announcement:
     """Print the plan (plan-only), refuse an over-budget run, or announce a long one."""
-    from ctxext.budget import assess
+    from ctxext.resources.guard import assess
 
     verdict = assess(run, opts.memory_limit, measure=opts.plan_only, status=_err.status)
     if opts.plan_only:
@@ -132,7 +114,7 @@ def _decide(run: Any, opts: GuardOptions) -> Announcement:
 
 
 def _print_plan(verdict: Any, as_json: bool) -> None:
-    from ctxext import plan
+    from ctxext.resources.estimate import format_bytes
 
     run, rows, limit, where, peak = (
         verdict.run, verdict.rows, verdict.limit, verdict.where, verdict.peak
@@ -154,14 +136,14 @@ def _print_plan(verdict: Any, as_json: bool) -> None:
         return
     fits = "fits" if peak <= limit else "does not fit"
     _out.print(_table(verdict))
-    _out.print(f"peak {plan.format_bytes(peak)}: {fits} in {plan.format_bytes(limit)} ({where})")
+    _out.print(f"peak {format_bytes(peak)}: {fits} in {format_bytes(limit)} ({where})")
 
 
 def _table(verdict: Any) -> Any:
     """Components down, phases (lengths) across."""
     from rich.table import Table
 
-    from ctxext.plan import format_bytes
+    from ctxext.resources.estimate import format_bytes
 
     run, rows, calib, limit, where = (
         verdict.run, verdict.rows, verdict.calib, verdict.limit, verdict.where

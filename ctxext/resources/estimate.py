@@ -1,8 +1,8 @@
 """Memory and time a run will need, from the model's config.json and the run's settings alone.
 
-Pure: no torch, no weights, no files. :mod:`ctxext.calibrate` measures this device once (matmul
-and attention throughput, memory bandwidth, the resident size of the Python/torch runtime) and
-this module turns a config + a workload into the figures `ctxext plan` prints.
+Pure: no torch, no weights, no files. :mod:`ctxext.resources.calibrate` measures this device once
+(matmul and attention throughput, memory bandwidth, the resident size of the Python/torch
+runtime) and this module turns a config + a workload into the figures `ctxext plan` prints.
 
 The memory model counts what PyTorch keeps alive at the peak of a step, per component:
 
@@ -216,7 +216,7 @@ class Workload:
 
 @dataclass(frozen=True)
 class Calibration:
-    """This device, measured by :mod:`ctxext.calibrate` (see there for how)."""
+    """This device, measured by :mod:`ctxext.resources.calibrate` (see there for how)."""
 
     device: str
     matmul_flops: dict[int, float]
