@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli
+import pytest
+from conftest import BUNDLED, run_cli
 
 
 def test_context_use_and_retrieval_results(tmp_path, tiny_llama_session, capsys):
@@ -26,8 +27,7 @@ def test_context_use_and_retrieval_results(tmp_path, tiny_llama_session, capsys)
     assert run["retrieval"]["template"] == "code"  # default corpus: code
     assert run["retrieval"]["lengths"] == [64, 128, 192]
     assert run["context_length"] == 128
-    # A random-weight model retrieves nothing, so it reads to no evaluated length.
-    assert run["effective_length"] is None
+    assert "effective_length" in run  # its value: the known-answer test below
     proto = results["protocol"]
     assert proto["context_use"]["local_window"] == 32
     assert proto["retrieval"]["template"] == "code"
@@ -36,6 +36,23 @@ def test_context_use_and_retrieval_results(tmp_path, tiny_llama_session, capsys)
         assert (out / name).is_file()
     csv_text = (out / "results.csv").read_text()
     assert "far-context-gain-bits" in csv_text and "retrieval-code" in csv_text
+
+
+def test_effective_length_known_answer_on_the_bundled_model(capsys):
+    """The bundled model retrieves every code key at its trained length 256 and none at 512
+    unscaled; YaRN x2 (to 512) retrieves at both (docs/context-use-bundled: YaRN x8 retrieves
+    100% at every depth up to 2048). So, on retrieval alone, base reads to 256 and YaRN to 512."""
+    if not (BUNDLED / "config.json").exists():
+        pytest.skip("bundled model not built")
+    args = ("eval", "-m", "yarn", "--lengths", "256,512", "--passkey-trials", "2", "--json")
+    code, stdout, err = run_cli(capsys, *args, "--task", "retrieval")
+    assert code == 0, err
+    base, yarn = json.loads(stdout)["runs"]
+    assert base["retrieval"]["accuracy"][0] == [1.0] * 5
+    assert max(base["retrieval"]["accuracy"][1]) < 0.9
+    assert yarn["retrieval"]["accuracy"] == [[1.0] * 5, [1.0] * 5]
+    assert (base["context_length"], base["effective_length"]) == (256, 256)
+    assert (yarn["context_length"], yarn["effective_length"]) == (512, 512)
 
 
 def test_text_template_on_other_data(tmp_path, tiny_llama_session, capsys):
