@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ctxext.context_use import (
+    ContextUseResult,
     RetrievalResult,
     _gain_result,
     _local_windows,
@@ -161,9 +162,9 @@ def code_ids(tokenizer):
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in docs]
 
 
-def test_retrieval_known_answers(tokenizer, code_ids):
-    """A 'model' whose argmax is always the next token of its input would be perfect; a random
-    model is (almost surely) never right. Checked through the real scoring path."""
+def test_random_model_retrieves_no_key(tokenizer, code_ids):
+    """The negative control: a random-weight model has no way to copy a 5-digit key (a guess is
+    right with probability ~1e-5 per trial). Only meaningful next to the positive test below."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -182,19 +183,124 @@ def test_retrieval_known_answers(tokenizer, code_ids):
     assert res.protocol["template"] == "code" and res.templates == ["plain-assert-upper"]
 
 
-def test_effective_length():
-    retr = RetrievalResult(
+@pytest.fixture(scope="module")
+def bundled_retrieval():
+    """The bundled model's code retrieval at its trained length 256 and at 512, unscaled, 4 keys
+    per depth. Issue 15 trained it to retrieve at 256 (tests/test_bundled.py: >= 90% with 20
+    keys per depth; 100% as shipped); past 256 without scaling it breaks down (0% at 512 in
+    docs/context-use-bundled)."""
+    from conftest import BUNDLED
+
+    from ctxext.data import load_documents, tokenize_documents
+    from ctxext.modeling import load_causal_lm, load_tokenizer
+
+    if not (BUNDLED / "config.json").exists():
+        pytest.skip("bundled model not built")
+    tok = load_tokenizer(BUNDLED)
+    ids = tokenize_documents(tok, load_documents(None, split="heldout"))
+    model = load_causal_lm(None, dtype="float32").model
+    return evaluate_retrieval(model, tok, [256, 512], template="code", doc_token_ids=ids, trials=4)
+
+
+def test_retrieval_known_answer_on_a_model_that_retrieves(bundled_retrieval):
+    """A model that can retrieve gets every key at its trained length, at every depth: the
+    scoring path (prompt, answer position, teacher-forced argmax) must count right answers as
+    right, which a model that never retrieves cannot show."""
+    res = bundled_retrieval
+    assert res.depths == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert res.correct[0] == [4] * 5 and res.accuracy[0] == [1.0] * 5
+    assert res.retrieves_at(256) and not res.retrieves_at(512)
+    assert res.to_dict()["mean_by_length"]["256"] == 1.0
+
+
+def test_effective_length_of_the_bundled_model_is_its_trained_length(bundled_retrieval):
+    assert effective_length([256, 512], bundled_retrieval, None) == 256
+
+
+def _retrieval(accuracy: dict[int, list[float]]) -> RetrievalResult:
+    """Hand-built retrieval results: ``accuracy[length]`` per depth (4 trials each)."""
+    rows = list(accuracy.values())
+    return RetrievalResult(
         template="code",
-        lengths=[256, 512, 1024],
-        depths=[0.0, 1.0],
-        trials=2,
-        accuracy=[[1.0, 1.0], [1.0, 0.5], [1.0, 1.0]],
-        correct=[[2, 2], [2, 1], [2, 2]],
+        lengths=list(accuracy),
+        depths=[0.0, 0.5, 1.0][: len(rows[0])],
+        trials=4,
+        accuracy=rows,
+        correct=[[round(a * 4) for a in row] for row in rows],
     )
+
+
+def _gain(length: int, last_ci_low: float, window: int = 256, total_ci_low: float = 0.0):
+    """A hand-built far-context gain whose last bucket's interval starts at ``last_ci_low``."""
+    buckets = [
+        {"start": 0, "end": window, "gain_bits": 0.0, "ci_low": -1.0, "ci_high": 1.0},
+        {"start": window, "end": length, "gain_bits": last_ci_low + 0.1,
+         "ci_low": last_ci_low, "ci_high": last_ci_low + 0.2},
+    ]  # fmt: skip
+    return ContextUseResult(
+        length=length,
+        window=window,
+        stride=window // 4,
+        n_docs=8,
+        gain_bits=total_ci_low + 0.1,
+        ci_low=total_ci_low,
+        ci_high=total_ci_low + 0.2,
+        buckets=buckets,
+    )
+
+
+LENGTHS = [256, 512, 1024, 2048]
+ALL_RETRIEVED = {n: [1.0, 1.0, 1.0] for n in LENGTHS}
+
+
+def test_effective_length_retrieval_only():
+    """The longest length such that it and every shorter one retrieve >= 90% at every depth."""
+    retr = _retrieval({256: [1.0, 1.0], 512: [1.0, 0.5], 1024: [1.0, 1.0]})
     assert effective_length([256, 512, 1024], retr, None) == 256  # 512 fails at depth 1.0
-    retr.accuracy[1] = [1.0, 0.9]
+    retr.accuracy[1] = [1.0, 0.9]  # exactly the threshold passes
     assert effective_length([256, 512, 1024], retr, None) == 1024
+    retr.accuracy[1] = [1.0, 0.89]
+    assert effective_length([256, 512, 1024], retr, None) == 256
+    # A failure at a short length ends it, even when every longer length retrieves.
+    retr = _retrieval({256: [1.0, 1.0], 512: [0.75, 1.0], 1024: [1.0, 1.0]})
+    assert effective_length([256, 512, 1024], retr, None) == 256
+    assert effective_length([256, 512, 1024], retr, None, threshold=0.75) == 1024
+    # The shortest length fails: no length qualifies.
+    retr = _retrieval({256: [0.5, 1.0], 512: [1.0, 1.0]})
+    assert effective_length([256, 512], retr, None) is None
+
+
+def test_effective_length_gain_gates_lengths_beyond_the_window():
+    retr = _retrieval(ALL_RETRIEVED)
+    gains = {512: _gain(512, 0.01), 1024: _gain(1024, 0.02), 2048: _gain(2048, -0.01)}
+    assert effective_length(LENGTHS, retr, gains) == 1024  # 2048's interval reaches below 0
+    gains[2048] = _gain(2048, 0.0)
+    assert effective_length(LENGTHS, retr, gains) == 1024  # "above 0" is strict
+    gains[2048] = _gain(2048, 0.001)
+    assert effective_length(LENGTHS, retr, gains) == 2048
+    gains[512] = _gain(512, -0.5)  # a short length's failure ends it
+    assert effective_length(LENGTHS, retr, gains) == 256
+    assert effective_length(LENGTHS, None, gains) == 256  # gains alone decide too
+
+
+def test_effective_length_reads_the_last_bucket_not_the_total():
+    retr = _retrieval({256: [1.0], 512: [1.0]})
+    sure_total = {512: _gain(512, last_ci_low=-0.1, total_ci_low=0.3)}
+    assert effective_length([256, 512], retr, sure_total) == 256
+    sure_last = {512: _gain(512, last_ci_low=0.1, total_ci_low=-0.3)}
+    assert effective_length([256, 512], retr, sure_last) == 512
+
+
+def test_effective_length_window_and_missing_measurements():
+    # A length within the window has nothing beyond it: its (negative) gain does not count.
+    retr = _retrieval({256: [1.0], 512: [1.0]})
+    assert effective_length([256, 512], retr, {512: _gain(512, -1.0, window=512)}) == 512
+    # A length whose retrieval or gain was not measured is not held against it.
+    assert effective_length([256, 512, 1024], retr, {1024: _gain(1024, 0.2)}) == 1024
+    assert effective_length([256, 512, 1024], retr, {}) == 1024
+    # Nothing measured: no effective length.
     assert effective_length([256], None, None) is None
+    assert effective_length([256], None, {}) is None
 
 
 def test_sweep_equals_separate_runs_at_each_length(llama, seqs):

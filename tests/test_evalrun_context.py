@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli
+import pytest
+from conftest import BUNDLED, run_cli
 
 
 def test_context_use_and_retrieval_results(tmp_path, tiny_llama_session, capsys):
@@ -30,8 +31,7 @@ def test_context_use_and_retrieval_results(tmp_path, tiny_llama_session, capsys)
     assert sorted(run["retrieval"]["by_template"]) == sorted(run["retrieval"]["templates"])
     assert run["retrieval"]["lengths"] == [64, 128, 192]
     assert run["context_length"] == 128
-    # A random-weight model retrieves nothing, so it reads to no evaluated length.
-    assert run["effective_length"] is None
+    assert "effective_length" in run  # its value: the known-answer test below
     proto = results["protocol"]
     assert proto["context_use"]["local_window"] == 32
     assert proto["retrieval"]["split"] == ["heldout"]
@@ -42,6 +42,24 @@ def test_context_use_and_retrieval_results(tmp_path, tiny_llama_session, capsys)
     assert (
         "far-context-gain-bits" in csv_text and "retrieval-camel-attribute,snake-return" in csv_text
     )
+
+
+def test_effective_length_known_answer_on_the_bundled_model(capsys):
+    """The bundled model retrieves every key of the held-out code templates at its trained
+    length 256 and not at 512 unscaled, so on retrieval alone it reads to 256. YaRN x2 (to 512)
+    does not retrieve at 256 in these forms (measured 0-50% per depth), so it reads to none."""
+    if not (BUNDLED / "config.json").exists():
+        pytest.skip("bundled model not built")
+    args = ("eval", "-m", "yarn", "--lengths", "256,512", "--passkey-trials", "2", "--json",
+            "--retrieval-template", "camel-attribute,snake-return")  # fmt: skip
+    code, stdout, err = run_cli(capsys, *args, "--task", "retrieval")
+    assert code == 0, err
+    base, yarn = json.loads(stdout)["runs"]
+    assert base["retrieval"]["accuracy"][0] == [1.0] * 5
+    assert max(base["retrieval"]["accuracy"][1]) < 0.9
+    assert min(yarn["retrieval"]["accuracy"][0]) < 0.9
+    assert (base["context_length"], base["effective_length"]) == (256, 256)
+    assert (yarn["context_length"], yarn["effective_length"]) == (512, None)
 
 
 def test_templates_on_other_data_and_the_passkey_on_request(tmp_path, tiny_llama_session, capsys):

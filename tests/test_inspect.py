@@ -35,7 +35,16 @@ def test_pair_table_shape_and_regimes() -> None:
         assert row["turns_in_trained"] == pytest.approx(4096 / row["wavelength"])
         assert row["methods"]["linear"]["stretch"] == pytest.approx(s)
         assert row["methods"]["linear"]["regime"] == "interpolated"
-        assert 0.0 <= row["methods"]["yarn"]["ramp"] <= 1.0
+        # YaRN's ramp is its interpolation weight: new frequency = (1 - ramp) x old + ramp x
+        # old / s, so 1/stretch = 1 - ramp + ramp/s; pairs turning more than beta_fast = 32
+        # times in the trained length are kept (0), those turning less than beta_slow = 1 are
+        # divided by s (1).
+        ramp, yarn_stretch = row["methods"]["yarn"]["ramp"], row["methods"]["yarn"]["stretch"]
+        assert 1 / yarn_stretch == pytest.approx(1 - ramp + ramp / s, rel=1e-9)
+        if row["turns_in_trained"] > 32:
+            assert ramp == 0.0
+        if row["turns_in_trained"] < 1:
+            assert ramp == 1.0
     ntk = [r["methods"]["ntk"] for r in rows]
     assert ntk[0]["regime"] == "extrapolated" and ntk[-1]["regime"] == "interpolated"
     assert all(r["regime"] == "blended" for r in ntk[1:-1])
@@ -46,6 +55,8 @@ def test_pair_table_shape_and_regimes() -> None:
         assert dynamic == pytest.approx(ntk13["methods"]["ntk"]["wavelength"])
     yarn = [r["methods"]["yarn"] for r in rows]
     assert yarn[0]["regime"] == "extrapolated" and yarn[-1]["regime"] == "interpolated"
+    ramps = [y["ramp"] for y in yarn]
+    assert ramps == sorted(ramps) and 0.0 < ramps[len(ramps) // 2] < 1.0  # a real blend between
     llama3 = [r["methods"]["llama3"]["regime"] for r in rows]
     assert llama3[0] == "extrapolated" and llama3[-1] == "interpolated" and "blended" in llama3
 
