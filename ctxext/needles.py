@@ -276,7 +276,8 @@ def resolve_templates(selection: str) -> list[NeedleTemplate]:
     if unknown:
         raise CtxextError(
             f"unknown retrieval template {unknown[0]!r}; use heldout, train, all, text or "
-            f"names from: {', '.join(TEMPLATES)}"
+            f"template names: held out {', '.join(t.name for t in templates_of('heldout'))}; "
+            "training forms BINDING-QUERY-SHAPE such as plain-assert-upper (ctxext/needles.py)"
         )
     return [TEMPLATES[n] for n in dict.fromkeys(names)]
 

@@ -91,4 +91,4 @@ def test_retrieval_scores_held_out_templates_by_default_and_refuses_unknown_ones
     assert EvalConfig(lengths=[256]).template == "heldout"
     assert EvalConfig(lengths=[256], retrieval_template="text").template == "text"
     with pytest.raises(CtxextError, match="unknown retrieval template 'nope'"):
-        parse_model(EvalConfig, {"lengths": [256], "retrieval_template": "const,nope"}, "eval")
+        parse_model(EvalConfig, {"lengths": [256], "retrieval_template": "code,nope"}, "eval")

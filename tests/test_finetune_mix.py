@@ -89,7 +89,8 @@ def test_task_sequences_spread_facts_over_the_length_and_answer_right(bundled_to
     # Facts land over the whole sequence: every fifth of it holds a fair share of them.
     hist = np.histogram(depths, bins=5, range=(0, 1))[0]
     assert hist.min() >= 0.05 * len(depths), hist
-    assert min(depths) < 0.05 and max(depths) > 0.9
+    # (The questions take the last tokens: with two prose questions up to ~10% of the length.)
+    assert min(depths) < 0.05 and max(depths) > 0.85
 
 
 def test_a_task_that_cannot_fit_is_refused(bundled_tok_and_filler):

@@ -51,7 +51,9 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, tiny_llama_sessio
     if data == "mix":  # and the mix's draws, and its task sequences (filler from the stream)
         mix = [f"{options.pop('data')}:0.4", "stdlib:0.2", "multikey:0.25", "multihop:0.15"]
         options["mix"] = mix
-        args += [x for m in mix for x in ("--mix", m)]
+        # Two hops: a 5-fact chain in the longest (prose) training form does not fit 256 tokens.
+        options["tasks"] = {"hops": 2}
+        args += [x for m in mix for x in ("--mix", m)] + ["--task-hops", "2"]
     elif "data" in options:
         args += ["--data", options["data"]]
     cfg = FinetuneConfig(
