@@ -65,9 +65,13 @@ def _overrides(name: str, data: Path, other: Path) -> list[str]:
             "finetune.grad_accum=1",
             "finetune.train_length=128",
             "finetune.save_every=0",
-            f"finetune.data={data}",
             "finetune.text_field=text",
         ]
+        # A recipe with a data mix keeps one (its text source replaced by the test's data).
+        if recipe.finetune.mix is not None:
+            out.append(f"finetune.mix=[{data}:0.7,retrieval:0.3]")
+        else:
+            out.append(f"finetune.data={data}")
     methods = {"linear", "ntk", "yarn", "dynamic", "llama3"}
     compare = [v if v in VARIANT_WORDS or v in methods else str(other) for v in recipe.variants()]
     return [*out, f"eval.compare=[{','.join(compare)}]"]
