@@ -4,17 +4,23 @@ Perplexity at length L cannot tell a model that reads all L tokens from one that
 last few hundred: both can keep a flat perplexity. Three measurements can:
 
 * **Far-context gain** (``context_use``). Every scored token's NLL is measured twice: with its
-  full context (the document's first L tokens, one forward pass), and with its context cut to
-  the last W tokens (W defaults to the trained length). The cut context comes from *fresh*
-  windows, not from a banded attention mask: in a multi-layer model each layer widens a band's
-  receptive field by W, so a mask would still let far text in through the residual stream.
-  Windows of W tokens step back from the end by a stride S; each scores the S tokens that follow
-  its last S positions, so a scored token reads between W-S+1 and W tokens (S = 1: exactly its
-  last W tokens). A token at
-  position p <= W has no text more than W tokens back, so its two NLLs are the same number and
-  its gain is exactly 0. The gain is ``(NLL_local - NLL_full) / ln 2`` bits per token, by
-  position bucket, with a percentile bootstrap over documents. Positive: the model uses text
-  more than W tokens back. Zero or negative: it only extrapolates (or is hurt by the far text).
+  full context (BOS and the document's first L-1 tokens, one forward pass of L positions), and
+  with its context cut to a local window of W positions (W defaults to the trained length).
+  The cut context comes from *fresh* windows, not from a banded attention mask: in a
+  multi-layer model each layer widens a band's receptive field by W, so a mask would still let
+  far text in through the residual stream. Both passes start alike: each window is the BOS
+  and the last W-1 tokens: a model trained with a BOS may lean on position 0 (attention
+  sinks), and a window starting mid-text would then be penalised for its odd start, not for
+  the text it lost, biasing the gain positive. So the only difference between the passes is
+  the far text that was cut. (A tokenizer without BOS: both start with plain text and a window is
+  the last W tokens.) L and W count model positions, BOS included, as the trained length does.
+  Windows step back from the end by a stride S; each scores the S tokens that follow its last
+  S positions, so a scored token reads BOS + W-S to W-1 tokens (S = 1: BOS + exactly its last
+  W-1 tokens). A token at position p <= W has no text cut (its full context is BOS + p-1 <=
+  W-1 tokens), so its two NLLs are the same number and its gain is exactly 0. The gain is
+  ``(NLL_local - NLL_full) / ln 2`` bits per token, by position bucket, with a percentile
+  bootstrap over documents. Positive: the model uses text more than W-1 tokens back. Zero or
+  negative: it only extrapolates (or is hurt by the far text).
 * **Retrieval** (``evaluate_retrieval``): a key hidden at a depth of the context, asked for at the
   end, scored teacher-forced on the key's tokens (correct iff every answer token is the argmax).
   Two templates: ``text`` (the natural-language passkey of Mohtashami & Jaggi) and ``code``
@@ -37,7 +43,7 @@ import torch
 
 from ctxext.errors import CtxextError
 from ctxext.evaluate.loss import token_nll
-from ctxext.evaluate.passkey import PasskeyPrompt, _passkey_correct, build_passkey_prompt
+from ctxext.evaluate.passkey import PasskeyPrompt, build_passkey_prompt, random_key, score_grid
 from ctxext.evaluate.perplexity import bootstrap_ratio
 from ctxext.evaluate.protocol import BOOTSTRAP_RESAMPLES, bucket_edges
 
@@ -68,7 +74,7 @@ _LN2 = math.log(2.0)
 def _local_windows(length: int, window: int, stride: int) -> list[tuple[int, int]]:
     """(last target, number of targets) per window, stepping back from the end by ``stride``.
 
-    Targets are positions p > window (only they have text more than ``window`` tokens back).
+    Targets are positions p > window (only their full context is longer than a window).
     """
     windows = []
     last = length - 1
@@ -110,12 +116,15 @@ def local_nll(
     window: int,
     stride: int,
     *,
+    bos: bool,
     full: torch.Tensor | None = None,
     chunk_size: int | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """NLL of tokens 1..L-1 of ``seq`` when each reads at most its last ``window`` tokens.
+    """NLL of tokens 1..L-1 of ``seq`` when each reads a local window of ``window`` positions.
 
+    ``bos``: ``seq[0]`` is the BOS token the full pass starts with, and every window is that
+    BOS + the last window-1 tokens (else the last ``window`` tokens); see the module docstring.
     ``full`` (the full-context NLL, ``token_nll(seq)``) fills positions <= window, whose
     context is not cut; it is computed when not given.
     """
@@ -130,12 +139,14 @@ def local_nll(
     if full is None:
         full = token_nll(model, ids, chunk_size=chunk_size)
     out = full.clone()
+    start = ids[:, :1] if bos else ids[:, :0]
     with torch.inference_mode(), _eval_mode(model):
         for last, n in _local_windows(len(seq), window, stride):
-            # Input: exactly the `window` tokens before `last` (never longer than the window, so
-            # a length-dependent rope sees a window-sized input); its last n rows predict the
-            # targets last-n+1 .. last.
-            hidden = _final_hidden(model, ids[:, last - window : last], None)
+            # Input: the start (BOS) and the tokens before `last`, exactly `window` in all
+            # (never longer, so a length-dependent rope sees a window-sized input); its last n
+            # rows predict the targets last-n+1 .. last.
+            text = ids[:, last - window + start.shape[1] : last]
+            hidden = _final_hidden(model, torch.cat([start, text], dim=1), None)
             nll = _nll_from_hidden(model, hidden[-n:], ids[0, last - n + 1 : last + 1], chunk_size)
             out[last - n : last] = nll.to(out.device)
             if progress is not None:
@@ -180,6 +191,7 @@ def context_use(
     sequences: Sequence[Sequence[int]],
     *,
     window: int,
+    bos: bool,
     stride: int | None = None,
     seed: int = 0,
     chunk_size: int | None = None,
@@ -188,7 +200,8 @@ def context_use(
     """Far-context gain over ``sequences`` (each exactly one model input of the same length L).
 
     The caller chooses the sequences (the same documents' first L tokens at every length, as
-    the perplexity protocol does); ``stride`` defaults to window // 4.
+    the perplexity protocol does); ``bos``: they start with the BOS token, which every local
+    window keeps (:func:`local_nll`); ``stride`` defaults to window // 4.
     """
     if not sequences:
         raise CtxextError("context-use needs at least one document")
@@ -199,8 +212,9 @@ def context_use(
     fulls, locals_ = [], []
     tick = _accumulate(progress)
 
-    from ctxext.evaluate.loss import reset_rotary_state
+    from ctxext.evaluate.loss import _check_head, reset_rotary_state
 
+    _check_head(model, sequences[0])
     for seq in sequences:
         reset_rotary_state(model)  # a length-dependent rope starts from its initial state
         full = token_nll(model, torch.tensor([list(seq)]), chunk_size=chunk_size)
@@ -208,10 +222,10 @@ def context_use(
         fulls.append(full.double())
         reset_rotary_state(model)  # and the windows get the frequencies of a short input
         local = local_nll(
-            model, seq, window, stride, full=full, chunk_size=chunk_size, progress=tick
+            model, seq, window, stride, bos=bos, full=full, chunk_size=chunk_size, progress=tick
         )
         locals_.append(local.double())
-    return _gain_result(fulls, locals_, length, window, stride, seed)
+    return _gain_result(fulls, locals_, length, window, stride, seed, bos)
 
 
 def _gain_result(
@@ -221,6 +235,7 @@ def _gain_result(
     window: int,
     stride: int,
     seed: int,
+    bos: bool,
 ) -> ContextUseResult:
     """Tally (local - full) / ln 2 per document and position bucket, with bootstrap intervals."""
     edges = bucket_edges(length)
@@ -263,7 +278,7 @@ def _gain_result(
         ci_low=total_low,
         ci_high=total_high,
         buckets=buckets,
-        protocol=context_use_protocol(window, stride, seed),
+        protocol=context_use_protocol(window, stride, seed, bos),
     )
 
 
@@ -273,6 +288,7 @@ def context_use_sweep(
     lengths: Sequence[int],
     *,
     window: int,
+    bos: bool,
     stride: int | None = None,
     seed: int = 0,
     one_pass: bool = True,
@@ -281,13 +297,13 @@ def context_use_sweep(
 ) -> dict[int, ContextUseResult]:
     """Far-context gain at every length longer than ``window``, on the same documents.
 
-    ``sequences`` are the documents' first max(lengths) tokens; at length L each is cut to its
-    first L. The local NLL of position p reads only tokens p-W..p-1, which are the same at every
-    length, so it is computed once per document. The full-context NLL at L is a prefix of the
+    ``sequences`` are the documents' first max(lengths) tokens (``bos``: BOS first); at length L
+    each is cut to its first L. The local NLL of position p reads only the BOS and tokens
+    p-W+1..p-1, which are the same at every length, so it is computed once per document. The full-context NLL at L is a prefix of the
     one at the longest length when the rope is static (``one_pass``); a length-dependent rope
     (dynamic NTK) gets a fresh pass per length, after its rotary state is reset.
     """
-    from ctxext.evaluate.loss import reset_rotary_state
+    from ctxext.evaluate.loss import _check_head, reset_rotary_state
 
     stride = stride or max(1, window // 4)
     todo = sorted(n for n in set(lengths) if n > window)
@@ -298,6 +314,7 @@ def context_use_sweep(
     if any(len(s) < longest for s in seqs):
         raise ValueError("every sequence must hold the longest length")
     tick = _accumulate(progress)
+    _check_head(model, seqs[0])
 
     fulls: dict[int, list[torch.Tensor]] = {n: [] for n in todo}
     locals_: list[torch.Tensor] = []
@@ -313,7 +330,8 @@ def context_use_sweep(
                 fulls[n].append(full)
         reset_rotary_state(model)  # windows are no longer than the trained length
         # Only positions > window have text to cut; the rest is each length's own full NLL.
-        locals_.append(local_nll(model, seq, window, stride, full=full, progress=tick)[window:])
+        local = local_nll(model, seq, window, stride, bos=bos, full=full, progress=tick)
+        locals_.append(local[window:])
     results = {}
     for n in todo:
         fs = [f.double() for f in fulls[n]]
@@ -321,22 +339,28 @@ def context_use_sweep(
             torch.cat([f[:window], tail[: n - 1 - window].double()])
             for f, tail in zip(fs, locals_, strict=True)
         ]
-        results[n] = _gain_result(fs, ls, n, window, stride, seed)
+        results[n] = _gain_result(fs, ls, n, window, stride, seed, bos)
     return results
 
 
-def context_use_protocol(window: int, stride: int, seed: int) -> dict[str, Any]:
+def context_use_protocol(window: int, stride: int, seed: int, bos: bool) -> dict[str, Any]:
+    if bos:
+        reads = f"BOS + {window - stride} to {window - 1} tokens"
+        start = f"BOS + the last {window - 1} tokens, starting as the full pass does"
+    else:
+        reads, start = f"{window - stride + 1} to {window} tokens", f"the last {window} tokens"
     return {
         "name": "context-use",
         "description": (
-            f"far-context gain: NLL with the context cut to the last {window} tokens minus NLL "
-            "with the full context, in bits per token (local - full) / ln 2; the cut context "
-            f"comes from fresh windows of {window} tokens stepping back by {stride} (each "
-            f"scored token reads {window - stride + 1} to {window} tokens), not from an "
-            f"attention mask; tokens at positions <= {window} have nothing to cut (gain 0)"
+            f"far-context gain: NLL with the context cut to a local window of {window} positions "
+            "minus NLL with the full context, in bits per token (local - full) / ln 2; the cut "
+            f"context comes from fresh windows ({start}) stepping back by {stride} (each "
+            f"scored token reads {reads}), not from an attention mask; tokens at positions "
+            f"<= {window} have nothing to cut (gain 0)"
         ),
         "local_window": window,
         "local_stride": stride,
+        "local_start": "BOS (as the full pass)" if bos else "text (no BOS token)",
         "gain_bits": "token-weighted over the tokens more than the window from the start",
         "interval": f"95% percentile bootstrap over documents, {BOOTSTRAP_RESAMPLES} "
         f"resamples, seed {seed} (+ bucket index per bucket)",
@@ -362,11 +386,6 @@ def _line_starts(tokenizer: Any, ids: Sequence[int]) -> list[int]:
         if tokenizer.decode([tid]).rstrip(" \t").endswith("\n"):
             starts.append(i + 1)
     return starts
-
-
-def random_key(rng: np.random.Generator) -> str:
-    """A retrieval key: a random 5-digit number (as the passkey of Mohtashami & Jaggi)."""
-    return str(int(rng.integers(10_000, 100_000)))
 
 
 def random_code_name(rng: np.random.Generator) -> str:
@@ -421,6 +440,8 @@ class RetrievalResult:
     accuracy: list[list[float]]
     correct: list[list[int]]
     protocol: dict[str, Any] = field(default_factory=dict)
+    answer_nll: list[list[float]] = field(default_factory=list)
+    """Mean over trials of the answer tokens' summed NLL (nats), per length x depth."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -442,7 +463,6 @@ def _code_filler(doc_ids: Sequence[Sequence[int]], need: int, rng: np.random.Gen
     return doc_ids[long_enough[int(rng.integers(0, len(long_enough)))]]
 
 
-@torch.inference_mode()
 def evaluate_retrieval(
     model: Any,
     tokenizer: Any,
@@ -455,30 +475,21 @@ def evaluate_retrieval(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> RetrievalResult:
-    """Retrieval accuracy for every length x depth, ``trials`` random 5-digit keys each."""
-    if trials < 1:
-        raise CtxextError(f"--trials must be at least 1, got {trials}")
+    """Retrieval accuracy for every length x depth, ``trials`` random 5-digit keys each (the
+    rotary state reset before every length, as every task does)."""
     if template == "code" and not doc_token_ids:
         raise CtxextError("the code retrieval template needs documents to hide the key in")
     rng = np.random.default_rng(seed)
-    correct = [[0] * len(depths) for _ in lengths]
-    done = 0
-    for i, length in enumerate(lengths):
-        for j, depth in enumerate(depths):
-            for _ in range(trials):
-                key = random_key(rng)
-                if template == "code":
-                    name = random_code_name(rng)
-                    filler = _code_filler(doc_token_ids, length, rng)
-                    prompt = build_code_retrieval_prompt(
-                        tokenizer, filler, length, depth, key, name
-                    )
-                else:
-                    prompt = build_passkey_prompt(tokenizer, length, depth, key)
-                correct[i][j] += _passkey_correct(model, prompt)
-                done += length
-                if progress is not None:
-                    progress(done)
+
+    def prompt_for(length: int, depth: float) -> PasskeyPrompt:
+        key = random_key(rng)
+        if template == "text":
+            return build_passkey_prompt(tokenizer, length, depth, key)
+        name = random_code_name(rng)
+        filler = _code_filler(doc_token_ids, length, rng)
+        return build_code_retrieval_prompt(tokenizer, filler, length, depth, key, name)
+
+    correct, nll = score_grid(model, lengths, depths, trials, prompt_for, progress)
     return RetrievalResult(
         template=template,
         lengths=list(lengths),
@@ -486,6 +497,7 @@ def evaluate_retrieval(
         trials=trials,
         accuracy=[[c / trials for c in row] for row in correct],
         correct=correct,
+        answer_nll=nll,
         protocol=retrieval_protocol(template, seed),
     )
 
@@ -504,7 +516,8 @@ def retrieval_protocol(template: str, seed: int) -> dict[str, Any]:
         "prompt": prompt + "; exactly `length` tokens including the answer",
         "depth": "fraction of the filler tokens placed before the needle",
         "scoring": "teacher-forced greedy: correct iff the argmax at every answer position is "
-        "the answer's token",
+        "the answer's token; answer_nll: mean over trials of the answer tokens' summed NLL "
+        "(nats)",
         "keys": f"uniform 5-digit integers (and 4-hex-digit names), numpy default_rng(seed={seed})",
     }
 

@@ -397,6 +397,7 @@ def _context_use(loaded, tokens: _Tokens, cfg: EvalConfig, info, progress_factor
         seqs,
         cfg.lengths,
         window=window,
+        bos=bos is not None,
         stride=stride,
         seed=cfg.seed,
         one_pass=one_pass,

@@ -3,7 +3,7 @@ teacher-forced greedy decoding of its tokens."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from ctxext.errors import CtxextError
-from ctxext.evaluate.loss import Progress, _eval_mode, _final_hidden, _head, reset_rotary_state
+from ctxext.evaluate.loss import (
+    Progress,
+    _check_head,
+    _eval_mode,
+    _final_hidden,
+    _head,
+    reset_rotary_state,
+)
 
 PASSKEY_TASK = (
     "There is an important info hidden inside a lot of irrelevant text. "
@@ -153,7 +160,54 @@ class PasskeyResult:
         return d
 
 
+#: prompt_for(length, depth) -> one trial's prompt (draws its random key).
+PromptFor = Callable[[int, float], PasskeyPrompt]
+
+
 @torch.inference_mode()
+def score_grid(
+    model: Any,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials: int,
+    prompt_for: PromptFor,
+    progress: Progress | None = None,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Correct answers and the mean answer NLL per length x depth, ``trials`` prompts each.
+
+    Prompts are drawn in length, depth, trial order. The rotary state is reset before every
+    length (dynamic NTK exact whatever ran before), and the chunked head is checked against the
+    model's own loss on the first prompt. ``progress(tokens_done)`` is called after each trial;
+    the total is ``sum(lengths) * len(depths) * trials``.
+    """
+    if trials < 1:
+        raise CtxextError(f"--trials must be at least 1, got {trials}")
+    correct = [[0] * len(depths) for _ in lengths]
+    nll = [[0.0] * len(depths) for _ in lengths]
+    done, checked = 0, False
+    with _eval_mode(model):
+        for i, length in enumerate(lengths):
+            reset_rotary_state(model)
+            for j, depth in enumerate(depths):
+                for _ in range(trials):
+                    prompt = prompt_for(length, depth)
+                    if not checked:  # a short input: leaves a length-dependent rope as reset
+                        _check_head(model, prompt.input_ids)
+                        checked = True
+                    ok, answer_nll = _passkey_score(model, prompt)
+                    correct[i][j] += ok
+                    nll[i][j] += answer_nll / trials
+                    done += length
+                    if progress is not None:
+                        progress(done)
+    return correct, nll
+
+
+def random_key(rng: np.random.Generator) -> str:
+    """A retrieval key: a random 5-digit number (as the passkey of Mohtashami & Jaggi)."""
+    return str(int(rng.integers(10_000, 100_000)))
+
+
 def evaluate_passkey(
     model: Any,
     tokenizer: Any,
@@ -168,25 +222,12 @@ def evaluate_passkey(
     ``progress(tokens_done)`` is called after each trial with the cumulative tokens fed; the
     total is ``sum(lengths) * len(depths) * trials``.
     """
-    if trials < 1:
-        raise CtxextError(f"--trials must be at least 1, got {trials}")
     rng = np.random.default_rng(seed)
-    correct = [[0] * len(depths) for _ in lengths]
-    nll = [[0.0] * len(depths) for _ in lengths]
-    done = 0
-    with _eval_mode(model):
-        for i, length in enumerate(lengths):
-            reset_rotary_state(model)  # exact dynamic NTK whatever ran before
-            for j, depth in enumerate(depths):
-                for _ in range(trials):
-                    key = str(int(rng.integers(10_000, 100_000)))
-                    prompt = build_passkey_prompt(tokenizer, length, depth, key)
-                    ok, answer_nll = _passkey_score(model, prompt)
-                    correct[i][j] += ok
-                    nll[i][j] += answer_nll / trials
-                    done += length
-                    if progress is not None:
-                        progress(done)
+
+    def prompt_for(length: int, depth: float) -> PasskeyPrompt:
+        return build_passkey_prompt(tokenizer, length, depth, random_key(rng))
+
+    correct, nll = score_grid(model, lengths, depths, trials, prompt_for, progress)
     return PasskeyResult(
         lengths=list(lengths),
         depths=list(depths),
