@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ctxext import budget, plan
+from ctxext.checkpoint import resolve_model
 from ctxext.config import EvalConfig, ExtendConfig, FinetuneConfig
 from ctxext.errors import CtxextError
 
@@ -20,7 +21,7 @@ def calibrated(monkeypatch):
 
 def test_eval_run_has_one_phase_per_length_with_the_tokens_fed():
     cfg = EvalConfig(lengths=[256, 1024])
-    run = budget.eval_run([None], cfg, {256: 1000, 1024: 4000})
+    run = budget.eval_run([resolve_model(None)], cfg, {256: 1000, 1024: 4000})
     assert (run.command, run.model, run.trained_length) == ("eval", "stdlib-llama", 256)
     assert [label for label, _ in run.phases] == ["eval 256 tokens", "eval 1,024 tokens"]
     assert [(w.length, w.tokens) for _, w in run.phases] == [(256, 1000), (1024, 4000)]
@@ -36,7 +37,7 @@ def test_finetune_run_trains_at_the_extended_length(tmp_path):
 
 
 def test_verdict_refuses_with_the_phase_that_decides_the_peak(calibrated):
-    run = budget.eval_run([None], EvalConfig(lengths=[256, 2048]), None)
+    run = budget.eval_run([resolve_model(None)], EvalConfig(lengths=[256, 2048]), None)
     tight = budget.assess(run, "1MB", measure=False)
     assert (tight.limit, tight.where) == (10**6, "--memory-limit")
     assert tight.peak == max(plan.estimate(run.shape, w, tight.calib).peak for _, w in run.phases)
@@ -48,6 +49,6 @@ def test_verdict_refuses_with_the_phase_that_decides_the_peak(calibrated):
 
 
 def test_a_bad_memory_limit_is_one_clear_error():
-    run = budget.eval_run([None], EvalConfig(lengths=[256]), None)
+    run = budget.eval_run([resolve_model(None)], EvalConfig(lengths=[256]), None)
     with pytest.raises(CtxextError, match="--memory-limit: "):
         budget.assess(run, "lots", measure=False)

@@ -99,15 +99,17 @@ def check_eval(
     opts: GuardOptions,
     variants_per_model: int,
     announce: Announcement,
-) -> Callable[[dict[str, Any]], None]:
+) -> Callable[[dict[str | None, Any], dict[str, Any]], None]:
     """The check `run_eval` makes once the data is tokenized (the token counts give the time),
-    before any model is loaded; a long run's estimate goes to ``announce``."""
+    before any model is loaded; a long run's estimate goes to ``announce``. ``sources``: the
+    models as `run_eval` resolved them (not resolved again)."""
 
-    def preflight(token_cache: dict[str, Any]) -> None:
+    def preflight(sources: dict[str | None, Any], token_cache: dict[str, Any]) -> None:
         from ctxext.budget import eval_run, eval_tokens
 
-        tokens = eval_tokens(models, cfg, token_cache, variants_per_model)
-        announce.table = _decide(eval_run(models, cfg, tokens), opts).table
+        resolved = [sources[m] for m in models]
+        tokens = eval_tokens(resolved, cfg, token_cache, variants_per_model)
+        announce.table = _decide(eval_run(resolved, cfg, tokens), opts).table
 
     return preflight
 
