@@ -92,7 +92,10 @@ def eval_command(
     passkey_trials: Annotated[int, typer.Option(help="Keys per length x depth.")] = 5,
     local_window: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="context-use: tokens the local run may read (default: trained length)."),
+        typer.Option(
+            help="context-use: positions of a local window, BOS + the last W-1 tokens "
+            "(default: trained length)."
+        ),
     ] = None,
     local_stride: Annotated[
         Optional[int],  # noqa: UP045
