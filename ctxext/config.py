@@ -193,8 +193,8 @@ class EvalConfig(StrictModel):
     passkey_trials: int = 5
     """Random keys per length x depth (passkey and retrieval)."""
     local_window: int | None = None
-    """context-use: tokens a scored token may read in the local run (default: the trained
-    length of each model)."""
+    """context-use: positions of a local window, BOS + the last local_window-1 tokens, as the
+    full pass starts with BOS (default: the trained length of each model)."""
     local_stride: int | None = None
     """context-use: stride of the local windows (default: local_window // 4; 1 is exact)."""
     retrieval_template: str = "auto"

@@ -4,17 +4,23 @@ Perplexity at length L cannot tell a model that reads all L tokens from one that
 last few hundred: both can keep a flat perplexity. Three measurements can:
 
 * **Far-context gain** (``context_use``). Every scored token's NLL is measured twice: with its
-  full context (the document's first L tokens, one forward pass), and with its context cut to
-  the last W tokens (W defaults to the trained length). The cut context comes from *fresh*
-  windows, not from a banded attention mask: in a multi-layer model each layer widens a band's
-  receptive field by W, so a mask would still let far text in through the residual stream.
-  Windows of W tokens step back from the end by a stride S; each scores the S tokens that follow
-  its last S positions, so a scored token reads between W-S+1 and W tokens (S = 1: exactly its
-  last W tokens). A token at
-  position p <= W has no text more than W tokens back, so its two NLLs are the same number and
-  its gain is exactly 0. The gain is ``(NLL_local - NLL_full) / ln 2`` bits per token, by
-  position bucket, with a percentile bootstrap over documents. Positive: the model uses text
-  more than W tokens back. Zero or negative: it only extrapolates (or is hurt by the far text).
+  full context (BOS and the document's first L-1 tokens, one forward pass of L positions), and
+  with its context cut to a local window of W positions (W defaults to the trained length).
+  The cut context comes from *fresh* windows, not from a banded attention mask: in a
+  multi-layer model each layer widens a band's receptive field by W, so a mask would still let
+  far text in through the residual stream. Both passes start alike: each window is the BOS
+  and the last W-1 tokens: a model trained with a BOS may lean on position 0 (attention
+  sinks), and a window starting mid-text would then be penalised for its odd start, not for
+  the text it lost, biasing the gain positive. So the only difference between the passes is
+  the far text that was cut. (A tokenizer without BOS: both start with plain text and a window is
+  the last W tokens.) L and W count model positions, BOS included, as the trained length does.
+  Windows step back from the end by a stride S; each scores the S tokens that follow its last
+  S positions, so a scored token reads BOS + W-S to W-1 tokens (S = 1: BOS + exactly its last
+  W-1 tokens). A token at position p <= W has no text cut (its full context is BOS + p-1 <=
+  W-1 tokens), so its two NLLs are the same number and its gain is exactly 0. The gain is
+  ``(NLL_local - NLL_full) / ln 2`` bits per token, by position bucket, with a percentile
+  bootstrap over documents. Positive: the model uses text more than W-1 tokens back. Zero or
+  negative: it only extrapolates (or is hurt by the far text).
 * **Retrieval** (``evaluate_retrieval``): a key hidden at a depth of the context, asked for at the
   end, scored teacher-forced on the key's tokens (correct iff every answer token is the argmax).
   The key/value forms are ``ctxext.needles`` templates (code and prose, several name shapes,
@@ -39,10 +45,17 @@ import torch
 
 from ctxext.errors import CtxextError
 from ctxext.evaluate.loss import token_nll
-from ctxext.evaluate.passkey import _passkey_correct, build_passkey_prompt
+from ctxext.evaluate.passkey import build_passkey_prompt, score_grid
 from ctxext.evaluate.perplexity import bootstrap_ratio
 from ctxext.evaluate.protocol import BOOTSTRAP_RESAMPLES, bucket_edges
-from ctxext.needles import TEMPLATES, build_prompt, random_key, random_name, resolve_templates
+from ctxext.needles import (
+    TEMPLATES,
+    PasskeyPrompt,
+    build_prompt,
+    random_key,
+    random_name,
+    resolve_templates,
+)
 
 __all__ = [
     "KEY_TOKEN_NATS",
@@ -74,7 +87,7 @@ _LN2 = math.log(2.0)
 def _local_windows(length: int, window: int, stride: int) -> list[tuple[int, int]]:
     """(last target, number of targets) per window, stepping back from the end by ``stride``.
 
-    Targets are positions p > window (only they have text more than ``window`` tokens back).
+    Targets are positions p > window (only their full context is longer than a window).
     """
     windows = []
     last = length - 1
@@ -116,12 +129,15 @@ def local_nll(
     window: int,
     stride: int,
     *,
+    bos: bool,
     full: torch.Tensor | None = None,
     chunk_size: int | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """NLL of tokens 1..L-1 of ``seq`` when each reads at most its last ``window`` tokens.
+    """NLL of tokens 1..L-1 of ``seq`` when each reads a local window of ``window`` positions.
 
+    ``bos``: ``seq[0]`` is the BOS token the full pass starts with, and every window is that
+    BOS + the last window-1 tokens (else the last ``window`` tokens); see the module docstring.
     ``full`` (the full-context NLL, ``token_nll(seq)``) fills positions <= window, whose
     context is not cut; it is computed when not given.
     """
@@ -136,12 +152,14 @@ def local_nll(
     if full is None:
         full = token_nll(model, ids, chunk_size=chunk_size)
     out = full.clone()
+    start = ids[:, :1] if bos else ids[:, :0]
     with torch.inference_mode(), _eval_mode(model):
         for last, n in _local_windows(len(seq), window, stride):
-            # Input: exactly the `window` tokens before `last` (never longer than the window, so
-            # a length-dependent rope sees a window-sized input); its last n rows predict the
-            # targets last-n+1 .. last.
-            hidden = _final_hidden(model, ids[:, last - window : last], None)
+            # Input: the start (BOS) and the tokens before `last`, exactly `window` in all
+            # (never longer, so a length-dependent rope sees a window-sized input); its last n
+            # rows predict the targets last-n+1 .. last.
+            text = ids[:, last - window + start.shape[1] : last]
+            hidden = _final_hidden(model, torch.cat([start, text], dim=1), None)
             nll = _nll_from_hidden(model, hidden[-n:], ids[0, last - n + 1 : last + 1], chunk_size)
             out[last - n : last] = nll.to(out.device)
             if progress is not None:
@@ -191,6 +209,7 @@ def context_use(
     sequences: Sequence[Sequence[int]],
     *,
     window: int,
+    bos: bool,
     stride: int | None = None,
     seed: int = 0,
     chunk_size: int | None = None,
@@ -199,7 +218,8 @@ def context_use(
     """Far-context gain over ``sequences`` (each exactly one model input of the same length L).
 
     The caller chooses the sequences (the same documents' first L tokens at every length, as
-    the perplexity protocol does); ``stride`` defaults to window // 4.
+    the perplexity protocol does); ``bos``: they start with the BOS token, which every local
+    window keeps (:func:`local_nll`); ``stride`` defaults to window // 4.
     """
     if not sequences:
         raise CtxextError("context-use needs at least one document")
@@ -210,8 +230,9 @@ def context_use(
     fulls, locals_ = [], []
     tick = _accumulate(progress)
 
-    from ctxext.evaluate.loss import reset_rotary_state
+    from ctxext.evaluate.loss import _check_head, reset_rotary_state
 
+    _check_head(model, sequences[0])
     for seq in sequences:
         reset_rotary_state(model)  # a length-dependent rope starts from its initial state
         full = token_nll(model, torch.tensor([list(seq)]), chunk_size=chunk_size)
@@ -219,10 +240,10 @@ def context_use(
         fulls.append(full.double())
         reset_rotary_state(model)  # and the windows get the frequencies of a short input
         local = local_nll(
-            model, seq, window, stride, full=full, chunk_size=chunk_size, progress=tick
+            model, seq, window, stride, bos=bos, full=full, chunk_size=chunk_size, progress=tick
         )
         locals_.append(local.double())
-    return _gain_result(fulls, locals_, length, window, stride, seed)
+    return _gain_result(fulls, locals_, length, window, stride, seed, bos)
 
 
 def _gain_result(
@@ -232,6 +253,7 @@ def _gain_result(
     window: int,
     stride: int,
     seed: int,
+    bos: bool,
 ) -> ContextUseResult:
     """Tally (local - full) / ln 2 per document and position bucket, with bootstrap intervals."""
     edges = bucket_edges(length)
@@ -275,7 +297,7 @@ def _gain_result(
         ci_low=total_low,
         ci_high=total_high,
         buckets=buckets,
-        protocol=context_use_protocol(window, stride, seed),
+        protocol=context_use_protocol(window, stride, seed, bos),
         key_ppl=key_ppl,
         key_fraction=key_tokens / (len(fulls) * (length - 1)),
         key_tokens=key_tokens,
@@ -302,6 +324,7 @@ def context_use_sweep(
     lengths: Sequence[int],
     *,
     window: int,
+    bos: bool,
     stride: int | None = None,
     seed: int = 0,
     one_pass: bool = True,
@@ -310,13 +333,13 @@ def context_use_sweep(
 ) -> dict[int, ContextUseResult]:
     """Far-context gain at every length longer than ``window``, on the same documents.
 
-    ``sequences`` are the documents' first max(lengths) tokens; at length L each is cut to its
-    first L. The local NLL of position p reads only tokens p-W..p-1, which are the same at every
-    length, so it is computed once per document. The full-context NLL at L is a prefix of the
+    ``sequences`` are the documents' first max(lengths) tokens (``bos``: BOS first); at length L
+    each is cut to its first L. The local NLL of position p reads only the BOS and tokens
+    p-W+1..p-1, which are the same at every length, so it is computed once per document. The full-context NLL at L is a prefix of the
     one at the longest length when the rope is static (``one_pass``); a length-dependent rope
     (dynamic NTK) gets a fresh pass per length, after its rotary state is reset.
     """
-    from ctxext.evaluate.loss import reset_rotary_state
+    from ctxext.evaluate.loss import _check_head, reset_rotary_state
 
     stride = stride or max(1, window // 4)
     todo = sorted(n for n in set(lengths) if n > window)
@@ -327,6 +350,7 @@ def context_use_sweep(
     if any(len(s) < longest for s in seqs):
         raise ValueError("every sequence must hold the longest length")
     tick = _accumulate(progress)
+    _check_head(model, seqs[0])
 
     fulls: dict[int, list[torch.Tensor]] = {n: [] for n in todo}
     locals_: list[torch.Tensor] = []
@@ -342,7 +366,8 @@ def context_use_sweep(
                 fulls[n].append(full)
         reset_rotary_state(model)  # windows are no longer than the trained length
         # Only positions > window have text to cut; the rest is each length's own full NLL.
-        locals_.append(local_nll(model, seq, window, stride, full=full, progress=tick)[window:])
+        local = local_nll(model, seq, window, stride, bos=bos, full=full, progress=tick)
+        locals_.append(local[window:])
     results = {}
     for n in todo:
         fs = [f.double() for f in fulls[n]]
@@ -350,22 +375,28 @@ def context_use_sweep(
             torch.cat([f[:window], tail[: n - 1 - window].double()])
             for f, tail in zip(fs, locals_, strict=True)
         ]
-        results[n] = _gain_result(fs, ls, n, window, stride, seed)
+        results[n] = _gain_result(fs, ls, n, window, stride, seed, bos)
     return results
 
 
-def context_use_protocol(window: int, stride: int, seed: int) -> dict[str, Any]:
+def context_use_protocol(window: int, stride: int, seed: int, bos: bool) -> dict[str, Any]:
+    if bos:
+        reads = f"BOS + {window - stride} to {window - 1} tokens"
+        start = f"BOS + the last {window - 1} tokens, starting as the full pass does"
+    else:
+        reads, start = f"{window - stride + 1} to {window} tokens", f"the last {window} tokens"
     return {
         "name": "context-use",
         "description": (
-            f"far-context gain: NLL with the context cut to the last {window} tokens minus NLL "
-            "with the full context, in bits per token (local - full) / ln 2; the cut context "
-            f"comes from fresh windows of {window} tokens stepping back by {stride} (each "
-            f"scored token reads {window - stride + 1} to {window} tokens), not from an "
-            f"attention mask; tokens at positions <= {window} have nothing to cut (gain 0)"
+            f"far-context gain: NLL with the context cut to a local window of {window} positions "
+            "minus NLL with the full context, in bits per token (local - full) / ln 2; the cut "
+            f"context comes from fresh windows ({start}) stepping back by {stride} (each "
+            f"scored token reads {reads}), not from an attention mask; tokens at positions "
+            f"<= {window} have nothing to cut (gain 0)"
         ),
         "local_window": window,
         "local_stride": stride,
+        "local_start": "BOS (as the full pass)" if bos else "text (no BOS token)",
         "gain_bits": "token-weighted over the tokens more than the window from the start",
         "key_token_nats": KEY_TOKEN_NATS,
         "key_tokens": (
@@ -399,6 +430,8 @@ class RetrievalResult:
     by_template: dict[str, list[list[float]]] = field(default_factory=dict)
     """Accuracy per template, length and depth."""
     protocol: dict[str, Any] = field(default_factory=dict)
+    answer_nll: list[list[float]] = field(default_factory=list)
+    """Mean over trials of the answer tokens' summed NLL (nats), per length x depth."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -420,7 +453,6 @@ def _code_filler(doc_ids: Sequence[Sequence[int]], need: int, rng: np.random.Gen
     return doc_ids[long_enough[int(rng.integers(0, len(long_enough)))]]
 
 
-@torch.inference_mode()
 def evaluate_retrieval(
     model: Any,
     tokenizer: Any,
@@ -433,43 +465,36 @@ def evaluate_retrieval(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> RetrievalResult:
-    """Retrieval accuracy for every length x depth: ``trials`` random 5-digit keys per template.
+    """Retrieval accuracy for every length x depth: ``trials`` random 5-digit keys per template
+    (the rotary state reset before every length, as every task does).
 
     ``template``: ``text`` (the natural-language passkey in its own filler), or a selection of
     ``ctxext.needles`` templates hidden in ``doc_token_ids`` (``heldout``, ``train``, ``all``
-    or comma-separated names). A cell's accuracy pools every selected template's trials; the
-    per-template accuracies are kept in ``by_template``.
+    or comma-separated names). A cell's accuracy and answer NLL pool every selected template's
+    trials; the per-template accuracies are kept in ``by_template``.
     """
-    if trials < 1:
-        raise CtxextError(f"--trials must be at least 1, got {trials}")
     forms = None if template == "text" else resolve_templates(template)
     if forms is not None and not doc_token_ids:
         raise CtxextError("the retrieval templates need documents to hide the key in")
     names = ["text"] if forms is None else [t.name for t in forms]
     rng = np.random.default_rng(seed)
-    correct = {n: [[0] * len(depths) for _ in lengths] for n in names}
-    done = 0
-    for i, length in enumerate(lengths):
-        for j, depth in enumerate(depths):
-            for _ in range(trials):
-                for t in forms or [None]:
-                    key = random_key(rng)
-                    if t is None:
-                        prompt = build_passkey_prompt(tokenizer, length, depth, key)
-                    else:
-                        name = random_name(rng, t.shape)
-                        filler = _code_filler(doc_token_ids, length, rng)
-                        prompt = build_prompt(tokenizer, filler, length, depth, key, name, t)
-                    correct["text" if t is None else t.name][i][j] += _passkey_correct(
-                        model, prompt
-                    )
-                    done += length
-                    if progress is not None:
-                        progress(done)
-    pooled = [
-        [sum(correct[n][i][j] for n in names) for j in range(len(depths))]
-        for i in range(len(lengths))
-    ]
+
+    def prompt_for(length: int, depth: float, label: str) -> PasskeyPrompt:
+        key = random_key(rng)
+        if forms is None:
+            return build_passkey_prompt(tokenizer, length, depth, key)
+        t = TEMPLATES[label]
+        name = random_name(rng, t.shape)
+        filler = _code_filler(doc_token_ids, length, rng)
+        return build_prompt(tokenizer, filler, length, depth, key, name, t)
+
+    scores = score_grid(model, lengths, depths, trials, prompt_for, names, progress)
+    cells = [(i, j) for i in range(len(lengths)) for j in range(len(depths))]
+    pooled = [[0] * len(depths) for _ in lengths]
+    nll = [[0.0] * len(depths) for _ in lengths]
+    for i, j in cells:
+        pooled[i][j] = sum(scores[n][0][i][j] for n in names)
+        nll[i][j] = sum(scores[n][1][i][j] for n in names) / len(names)
     per = trials * len(names)
     return RetrievalResult(
         template=template,
@@ -479,8 +504,9 @@ def evaluate_retrieval(
         accuracy=[[c / per for c in row] for row in pooled],
         correct=pooled,
         templates=names,
-        by_template={n: [[c / trials for c in row] for row in correct[n]] for n in names},
+        by_template={n: [[c / trials for c in row] for row in scores[n][0]] for n in names},
         protocol=retrieval_protocol(template, names, seed),
+        answer_nll=nll,
     )
 
 
@@ -505,7 +531,8 @@ def retrieval_protocol(template: str, names: Sequence[str], seed: int) -> dict[s
         "prompt": prompt + "; exactly `length` tokens including the answer",
         "depth": "fraction of the filler tokens placed before the needle",
         "scoring": "teacher-forced greedy: correct iff the argmax at every answer position is "
-        "the answer's token; a cell pools every template's trials",
+        "the answer's token; a cell pools every template's trials; answer_nll: mean over a "
+        "cell's prompts of the answer tokens' summed NLL (nats)",
         "keys": f"uniform 5-digit integers (and random names of each template's shape), numpy "
         f"default_rng(seed={seed})",
     }

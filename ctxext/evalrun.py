@@ -6,6 +6,10 @@ evaluation, the output folder); :func:`run_eval` is the evaluation alone (the re
 Each *variant* is a checkpoint, optionally with a scaling method applied in memory (the config
 is rewritten before the model is built; nothing is written). Every variant is measured with
 the same data and protocol, and the results carry enough provenance to be compared later.
+
+Each model is resolved once for the whole command (a Hub model at one commit), its tokenizer
+loaded once and its weights loaded once: the next method of the same model changes the rope
+of the loaded model in place (:func:`ctxext.modeling.rescale`, equal to a fresh load).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from ctxext.errors import CtxextError
 
 #: progress_factory(description, total_tokens) -> callback(tokens_done)
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
+#: Each model of the command, resolved once (a Hub model pinned to the commit it resolved to:
+#: every later fetch of its files is at that commit), by the name the caller gave.
+Sources = dict[str | None, checkpoint.ResolvedModel]
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,19 @@ def plan_variants(
     return variants
 
 
+#: budget_check(sources, token_cache): the CLI's memory and time check.
+BudgetCheck = Callable[[Sources, dict[str, Any]], None]
+
+
+def resolve_models(models: list[str | None]) -> Sources:
+    """Each model resolved once, its config files fetched (a Hub model: at one commit)."""
+    sources: Sources = {}
+    for model in models:
+        if model not in sources:
+            sources[model] = checkpoint.resolve_model(model)
+    return sources
+
+
 def run_eval(
     variants: list[Variant],
     cfg: EvalConfig,
@@ -74,24 +94,28 @@ def run_eval(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     progress_factory: ProgressFactory | None = None,
-    budget_check: Callable[[dict[str, Any]], None] | None = None,
+    budget_check: BudgetCheck | None = None,
+    sources: Sources | None = None,
 ) -> dict[str, Any]:
     """Evaluate every variant; returns the results document (see README, "results.json").
 
     Everything that can be refused is checked first (:func:`preflight`), so a bad request
-    fails in seconds, before the first model is loaded. ``budget_check(token_cache)`` runs once
-    the data is tokenized, before any model is loaded (the CLI's memory and time check).
+    fails in seconds, before the first model is loaded. ``budget_check(sources, token_cache)``
+    runs once the data is tokenized, before any model is loaded (the CLI's memory and time
+    check). ``sources``: the models, resolved already (:func:`resolve_models`); each model is
+    resolved once for the whole run and its weights loaded once (:func:`_run_variants`).
     """
     from ctxext.data import data_fingerprint
 
-    source, docs, token_cache = preflight(variants, cfg, trust_remote_code, allow_pickle)
+    if sources is None:
+        sources = resolve_models([v.model for v in variants])
+    source, docs, token_cache = preflight(variants, cfg, sources, trust_remote_code, allow_pickle)
     started = time.time()
     if budget_check is not None:
-        budget_check(token_cache)
-    runs = [
-        _run_variant(v, cfg, token_cache, trust_remote_code, allow_pickle, progress_factory)
-        for v in variants
-    ]
+        budget_check(sources, token_cache)
+    runs = _run_variants(
+        variants, cfg, sources, token_cache, trust_remote_code, allow_pickle, progress_factory
+    )
     return {
         "ctxext_results": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -114,8 +138,8 @@ class EvalHooks:
     """What the caller shows around :func:`evaluate_and_report` (the CLI: its memory/time
     check, a progress bar, tables); every hook is optional."""
 
-    #: variants per model -> ``budget_check(token_cache)`` for :func:`run_eval`.
-    budget: Callable[[int], Callable[[dict[str, Any]], None]] | None = None
+    #: variants per model -> ``budget_check(sources, token_cache)`` for :func:`run_eval`.
+    budget: Callable[[int], BudgetCheck] | None = None
     #: a context manager around the evaluation that yields its progress factory (or None).
     progress: Callable[[], contextlib.AbstractContextManager[ProgressFactory | None]] = (
         contextlib.nullcontext
@@ -149,9 +173,10 @@ def evaluate_and_report(
 
     hooks = hooks or EvalHooks()
     variants = plan_variants(models, methods, options, cfg)
+    sources = resolve_models([v.model for v in variants])  # once for the whole command
     locked = output is not None and not hooks.plan_only
     if locked:
-        inputs = [checkpoint.resolve_model(m).path for m in models]
+        inputs = [src.path for src in sources.values()]
         output = checkpoint.check_output_path(output, inputs, overwrite)
     budget_check = hooks.budget(len(variants) // len(models)) if hooks.budget else None
     with checkpoint.output_lock(output) if locked else contextlib.nullcontext():
@@ -163,6 +188,7 @@ def evaluate_and_report(
                 allow_pickle=allow_pickle,
                 progress_factory=progress_factory,
                 budget_check=budget_check,
+                sources=sources,
             )
         if hooks.render is not None:
             hooks.render(results)
@@ -181,6 +207,7 @@ class _Tokens:
     docs: Any  # evaluate.TokenizedDocs
     bos_token_id: int | None
     fingerprint: str  # of the token ids (and BOS): equal fingerprints, comparable perplexities
+    tokenizer: Any  # the one that made them, loaded once and given to the model's loads
 
 
 @contextlib.contextmanager
@@ -198,25 +225,34 @@ def _who(variant: Variant) -> str:
 
 
 def preflight(
-    variants: list[Variant], cfg: EvalConfig, trust_remote_code: bool, allow_pickle: bool
+    variants: list[Variant],
+    cfg: EvalConfig,
+    sources: Sources,
+    trust_remote_code: bool,
+    allow_pickle: bool,
 ) -> tuple[Any, list, dict[str, _Tokens]]:
     """Check every model x method x length before anything slow; returns the data, tokenized.
 
     Cheapest first: every config.json (already scaled, length not beyond the trained length,
     not a causal LM, no weights, no tokenizer files), then the data, then each tokenizer with
     the lengths (too-short data, a passkey prompt that does not fit). No weights are loaded.
+    A Hub model's tokenizer files are fetched (``sources`` is updated with them).
     """
     from ctxext.data import EVAL_SPLITS, eval_documents, open_source
-    from ctxext.modeling import check_tokenizer_files, check_weights, resolve_scaled
+    from ctxext.modeling import check_tokenizer_files, check_weights, scaled_config
 
-    paths: dict[str, str] = {}
     for variant in variants:
         with _naming(_who(variant)):
-            source, _, _ = resolve_scaled(variant.model, variant.extend, "tokenizer")
+            scaled_config(sources[variant.model], variant.extend)
+    paths: dict[str, str] = {}
+    for model in sources:
+        with _naming(_who(Variant(model))):
+            source = sources[model] = checkpoint.fetch(sources[model], "tokenizer")
             if source.repo_id is None:  # a Hub model's weights are checked when fetched
                 check_weights(source.path, allow_pickle)
             check_tokenizer_files(source.path)
         paths.setdefault(str(source.path), source.name)
+    tokenizer = _tokenizers(trust_remote_code)
     source = open_source(
         cfg.data,
         split="heldout",
@@ -228,33 +264,39 @@ def preflight(
     )
     long_enough = None
     if source.streamed and "ppl" in cfg.tasks:
-        long_enough = _long_enough(variants[0], cfg, trust_remote_code)
+        long_enough = _long_enough(tokenizer(sources[variants[0].model].path), cfg)
     docs = eval_documents(source, seed=cfg.seed, num_docs=cfg.num_docs, long_enough=long_enough)
     cache = {}
     for path, name in paths.items():
         with _naming(name):
-            cache[path] = _tokenize_and_check(Path(path), docs, cfg, trust_remote_code)
+            cache[path] = _tokenize_and_check(tokenizer(Path(path)), docs, cfg)
     return source, docs, cache
 
 
-def _long_enough(variant: Variant, cfg: EvalConfig, trust_remote_code: bool) -> Any:
-    """Whether a document is long enough for every length (a BOS is prepended when scoring):
-    a streamed dataset is walked until --num-docs such documents are found."""
+def _tokenizers(trust_remote_code: bool) -> Callable[[Path], Any]:
+    """path -> its tokenizer, each loaded once."""
     from ctxext.modeling import load_tokenizer
 
-    path = checkpoint.resolve_model(variant.model, "tokenizer").path
-    tok = load_tokenizer(path, trust_remote_code)
+    loaded: dict[Path, Any] = {}
+
+    def get(path: Path) -> Any:
+        if path not in loaded:
+            loaded[path] = load_tokenizer(path, trust_remote_code)
+        return loaded[path]
+
+    return get
+
+
+def _long_enough(tok: Any, cfg: EvalConfig) -> Any:
+    """Whether a document is long enough for every length (a BOS is prepended when scoring):
+    a streamed dataset is walked until --num-docs such documents are found."""
     need = max(cfg.lengths) - (tok.bos_token_id is not None)
     return lambda doc: len(tok(doc.text, add_special_tokens=False)["input_ids"]) >= need
 
 
-def _tokenize_and_check(
-    path: Path, docs: list, cfg: EvalConfig, trust_remote_code: bool
-) -> _Tokens:
+def _tokenize_and_check(tok: Any, docs: list, cfg: EvalConfig) -> _Tokens:
     from ctxext import evaluate
-    from ctxext.modeling import load_tokenizer
 
-    tok = load_tokenizer(path, trust_remote_code)
     tokens = evaluate.tokenize_for_eval(tok, [d.text for d in docs])
     bos = tok.bos_token_id
     if "ppl" in cfg.tasks:  # raises when no document is long enough
@@ -271,7 +313,7 @@ def _tokenize_and_check(
                 build_prompt(tok, longest, n, 0.5, "12345", "Falcon Ridge 255", t)
     if "context-use" in cfg.tasks:  # raises when no document holds the longest length
         evaluate.select_documents(tokens.ids, cfg.lengths, **_selection(cfg, bos))
-    return _Tokens(tokens, bos, _token_fingerprint(tokens.ids, bos))
+    return _Tokens(tokens, bos, _token_fingerprint(tokens.ids, bos), tok)
 
 
 def _selection(cfg: EvalConfig, bos: int | None) -> dict[str, Any]:
@@ -298,26 +340,51 @@ def _ppl_options(cfg: EvalConfig, bos: int | None) -> dict[str, Any]:
     }
 
 
-def _run_variant(
-    variant: Variant,
+def _run_variants(
+    variants: list[Variant],
     cfg: EvalConfig,
+    sources: Sources,
     token_cache: dict[str, _Tokens],
     trust_remote_code: bool,
     allow_pickle: bool,
     progress_factory: ProgressFactory | None,
+) -> list[dict[str, Any]]:
+    """Each model's weights loaded once: the next method of the same model gets its rope in
+    place (:func:`ctxext.modeling.rescale`, equal to a fresh load); a model whose rope cannot
+    be swapped exactly is loaded again."""
+    from ctxext.modeling import load_causal_lm, rescale
+
+    runs: list[dict[str, Any]] = []
+    loaded, previous = None, object()
+    for variant in variants:
+        if loaded is not None:
+            loaded = rescale(loaded, variant.extend) if variant.model == previous else None
+        if loaded is None:  # the previous model is released first: one model in memory
+            source = sources[variant.model]
+            loaded = load_causal_lm(
+                source,
+                extend=variant.extend,
+                dtype=cfg.dtype,
+                device_map=cfg.device_map,
+                trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
+                progress=progress_factory,
+                tokenizer=token_cache[str(source.path)].tokenizer,
+            )
+        previous = variant.model
+        runs.append(_run_variant(variant, loaded, cfg, token_cache, progress_factory))
+    return runs
+
+
+def _run_variant(
+    variant: Variant,
+    loaded: Any,
+    cfg: EvalConfig,
+    token_cache: dict[str, _Tokens],
+    progress_factory: ProgressFactory | None,
 ) -> dict[str, Any]:
     from ctxext import evaluate, rope
-    from ctxext.modeling import load_causal_lm
 
-    loaded = load_causal_lm(
-        variant.model,
-        extend=variant.extend,
-        dtype=cfg.dtype,
-        device_map=cfg.device_map,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-        progress=progress_factory,
-    )
     tokens = token_cache[str(loaded.source.path)]
     info = rope.analyze(loaded.config)
     run: dict[str, Any] = {
@@ -376,7 +443,6 @@ def _run_variant(
 
         run["context_length"] = _context_length(info)
         run["effective_length"] = effective_length(cfg.lengths, retrieval, gains)
-    del loaded
     return run
 
 
@@ -398,6 +464,7 @@ def _context_use(loaded, tokens: _Tokens, cfg: EvalConfig, info, progress_factor
         seqs,
         cfg.lengths,
         window=window,
+        bos=bos is not None,
         stride=stride,
         seed=cfg.seed,
         one_pass=one_pass,

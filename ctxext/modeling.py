@@ -106,6 +106,26 @@ def build_config(
         ) from e
 
 
+def scaled_config(
+    source: checkpoint.ResolvedModel, extend: ExtendConfig | None = None
+) -> tuple[dict[str, Any], str]:
+    """A resolved model's config dict after the in-memory rewrite, and its row label.
+
+    Reads config.json only (no torch, no transformers), so callers can check every model and
+    method before anything slow runs.
+    """
+    config_dict = checkpoint.read_config(source.path)
+    check_causal_lm(config_dict, source.name)
+    if extend is None:
+        return config_dict, source.name
+    info = rope.analyze(config_dict)
+    factor = rope.validate_request(info, extend.method, extend.factor, extend.target_length)
+    config_dict = rope.extend_config(
+        config_dict, extend.method, factor=factor, **extend.rope_options()
+    )
+    return config_dict, f"{source.name}+{extend.method} x{factor:g}"
+
+
 def resolve_scaled(
     model: str | None,
     extend: ExtendConfig | None = None,
@@ -114,26 +134,14 @@ def resolve_scaled(
     allow_pickle: bool = False,
     progress: checkpoint.DownloadProgress | None = None,
 ) -> tuple[checkpoint.ResolvedModel, dict[str, Any], str]:
-    """Where the model is, its config dict after the in-memory rewrite, and its row label.
-
-    Reads config.json only (no torch, no transformers), so callers can check every model and
-    method before anything slow runs; a Hub model's files are fetched up to ``need``.
-    """
+    """Where the model is, its config dict after the in-memory rewrite, and its row label
+    (:func:`scaled_config`); a Hub model's files are fetched up to ``need``."""
     source = checkpoint.resolve_model(model, need, allow_pickle=allow_pickle, progress=progress)
-    config_dict = checkpoint.read_config(source.path)
-    check_causal_lm(config_dict, source.name)
-    if extend is None:
-        return source, config_dict, source.name
-    info = rope.analyze(config_dict)
-    factor = rope.validate_request(info, extend.method, extend.factor, extend.target_length)
-    config_dict = rope.extend_config(
-        config_dict, extend.method, factor=factor, **extend.rope_options()
-    )
-    return source, config_dict, f"{source.name}+{extend.method} x{factor:g}"
+    return (source, *scaled_config(source, extend))
 
 
 def load_causal_lm(
-    model: str | None,
+    model: str | checkpoint.ResolvedModel | None,
     *,
     extend: ExtendConfig | None = None,
     dtype: str = "auto",
@@ -141,17 +149,27 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     progress: checkpoint.DownloadProgress | None = None,
+    tokenizer: Any = None,
 ) -> LoadedModel:
     """Resolve, check and load a causal LM, optionally with a scaling method applied.
 
-    A Hub model's files are fetched first (``progress`` draws the weight downloads)."""
+    A Hub model's files are fetched first (``progress`` draws the weight downloads). A model
+    already resolved (a :class:`~ctxext.checkpoint.ResolvedModel`) is not resolved again: a
+    Hub model's weights are fetched at the commit it was resolved to. ``tokenizer``: the
+    model's tokenizer when the caller has loaded it already.
+    """
     from transformers import AutoModelForCausalLM
 
-    source, config_dict, label = resolve_scaled(
-        model, extend, "weights", allow_pickle=allow_pickle, progress=progress
-    )
+    if isinstance(model, checkpoint.ResolvedModel):
+        source = checkpoint.fetch(model, "weights", allow_pickle=allow_pickle, progress=progress)
+        config_dict, label = scaled_config(source, extend)
+    else:
+        source, config_dict, label = resolve_scaled(
+            model, extend, "weights", allow_pickle=allow_pickle, progress=progress
+        )
     use_safetensors = check_weights(source.path, allow_pickle)
-    tokenizer = load_tokenizer(source.path, trust_remote_code)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source.path, trust_remote_code)
     device = default_device()
     torch_dtype = resolve_dtype(dtype, device)
     config = build_config(config_dict, trust_remote_code, source.path)
@@ -177,6 +195,108 @@ def load_causal_lm(
     if lm.generation_config is not None:
         lm.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     return LoadedModel(lm, tokenizer, source, config_dict, label, device)
+
+
+def rescale(loaded: LoadedModel, extend: ExtendConfig | None) -> LoadedModel | None:
+    """``loaded`` with ``extend``'s rope (None: the unscaled config) instead of its own, its
+    weights kept (:func:`swap_rope`); None where that cannot be done exactly: load it afresh."""
+    config_dict, label = scaled_config(loaded.source, extend)
+    if not swap_rope(loaded.model, loaded.config, config_dict):
+        return None
+    return LoadedModel(
+        loaded.model, loaded.tokenizer, loaded.source, config_dict, label, loaded.device
+    )
+
+
+def swap_rope(model: Any, current: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Give a loaded model the rope of config dict ``new`` in place, as if loaded with it.
+
+    ``current`` is the config dict the model has now. The attributes the rewrite changes (as
+    transformers reads them: both dicts go through the config class) are set on the model's
+    config object, which its modules share, and every rotary embedding module is constructed
+    anew from it and assigned through nn.Module's attribute API (the rotary modules hold what
+    RoPE scaling changes: inv_freq, the attention scaling, dynamic NTK's and longrope's state).
+    Returns False, the model untouched, where that would not equal a fresh load: a model spread
+    over devices (accelerate hooks), remote code, a rotary module not built from the config
+    alone, or an architecture whose other modules read the rope parameters when built (found
+    by building both configs' skeletons on the meta device and comparing their attributes).
+    """
+    rotary = _rotary_modules(model)
+    if not rotary or not _swappable(model, rotary):
+        return False
+    old_cfg, new_cfg = build_config(current, False), build_config(new, False)
+    if not _rope_only_in_rotary(type(model), old_cfg, new_cfg):
+        return False
+    _copy_changed(model.config, old_cfg, new_cfg)
+    for name, module in rotary:
+        parent_name, _, child = name.rpartition(".")
+        buffer = next(module.buffers(), None)
+        fresh = type(module)(config=module.config)
+        if buffer is not None:  # where (and in the dtype) the loaded model keeps them
+            fresh.to(device=buffer.device, dtype=buffer.dtype)
+        model.get_submodule(parent_name).register_module(child, fresh)
+    return True
+
+
+def _rotary_modules(model: Any) -> list[tuple[str, Any]]:
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if type(m).__name__.endswith("RotaryEmbedding")
+    ]
+
+
+def _swappable(model: Any, rotary: list[tuple[str, Any]]) -> bool:
+    """One device (no accelerate hooks), transformers' own classes, rotary modules built from
+    the model's (text) config alone."""
+    import inspect
+
+    devices = set((getattr(model, "hf_device_map", None) or {}).values())
+    if len(devices) > 1 or not type(model).__module__.startswith("transformers."):
+        return False
+    configs = {id(model.config), id(model.config.get_text_config())}
+    for _, module in rotary:
+        params = list(inspect.signature(type(module).__init__).parameters.values())[1:]
+        required = [p.name for p in params if p.default is inspect.Parameter.empty]
+        if required != ["config"] or id(getattr(module, "config", None)) not in configs:
+            return False
+    return True
+
+
+def _rope_only_in_rotary(model_class: type, old_cfg: Any, new_cfg: Any) -> bool:
+    """Whether the two configs build the same modules apart from the rotary ones (the same
+    attributes: e.g. DeepSeek's attention scales its softmax by YaRN's mscale when built)."""
+    import torch
+
+    with torch.device("meta"):
+        old, new = model_class(old_cfg), model_class(new_cfg)
+    for a, b in zip(old.modules(), new.modules(), strict=True):
+        if not type(a).__name__.endswith("RotaryEmbedding") and _plain(a) != _plain(b):
+            return False
+    return True
+
+
+def _plain(module: Any) -> dict[str, Any]:
+    """A module's plain attributes (numbers, strings, flags), which its forward reads."""
+    kinds = (int, float, str, bool, tuple, type(None))
+    return {k: v for k, v in vars(module).items() if isinstance(v, kinds)}
+
+
+def _copy_changed(target: Any, old: Any, new: Any) -> None:
+    """Set on ``target`` (a config object) every attribute where ``new`` differs from ``old``
+    (sub-configs, e.g. a text config, recursively: the model's modules hold those objects)."""
+    import copy
+
+    from transformers import PretrainedConfig
+
+    for key in vars(old).keys() | vars(new).keys():
+        a, b = vars(old).get(key), vars(new).get(key)
+        if isinstance(a, PretrainedConfig) and isinstance(b, PretrainedConfig):
+            _copy_changed(getattr(target, key), a, b)
+        elif key not in vars(new):  # e.g. a key only the scaled config had
+            vars(target).pop(key, None)
+        elif key not in vars(old) or a != b:
+            setattr(target, key, copy.deepcopy(b))
 
 
 def load_tokenizer(path, trust_remote_code: bool = False):  # -> PreTrainedTokenizerBase

@@ -51,21 +51,25 @@ def seqs():
     return [torch.randint(3, VOCAB, (96,), generator=g).tolist() for _ in range(3)]
 
 
-def _explicit_local(model, seq, window):
-    """Each token scored from exactly its own last ``window`` tokens: one forward per token."""
+def _explicit_local(model, seq, window, bos):
+    """Each token scored from exactly its own local window (BOS + its last window-1 tokens, or
+    its last ``window`` tokens): one forward per token."""
     out = []
     with torch.no_grad():
         for p in range(1, len(seq)):
             ctx = seq[max(0, p - window) : p]
+            if bos and p > window:
+                ctx = [seq[0], *seq[p - window + 1 : p]]
             logits = model(torch.tensor([ctx])).logits[0, -1]
             out.append(F.cross_entropy(logits[None], torch.tensor([seq[p]])).item())
     return torch.tensor(out)
 
 
+@pytest.mark.parametrize("bos", [True, False])
 @pytest.mark.parametrize("window", [16, 40])
-def test_stride_one_equals_explicit_per_token_windows(llama, seqs, window):
-    ours = local_nll(llama, seqs[0], window, stride=1)
-    ref = _explicit_local(llama, seqs[0], window)
+def test_stride_one_equals_explicit_per_token_windows(llama, seqs, window, bos):
+    ours = local_nll(llama, seqs[0], window, stride=1, bos=bos)
+    ref = _explicit_local(llama, seqs[0], window, bos)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -74,21 +78,22 @@ def test_cut_context_differs_from_full_context(llama, seqs):
     from ctxext.evaluate.loss import token_nll
 
     full = token_nll(llama, torch.tensor([seqs[0]]))
-    local = local_nll(llama, seqs[0], 16, stride=4)
+    local = local_nll(llama, seqs[0], 16, stride=4, bos=True)
     assert torch.equal(local[:16], full[:16])  # positions 1..16 have nothing to cut
     assert (local[16:] - full[16:]).abs().max() > 1e-3
 
 
 def test_larger_stride_reads_between_w_minus_s_and_w(llama, seqs):
-    """With stride S, the token scored first in a window reads W-S+1 tokens: its NLL equals a
-    fresh forward over exactly those tokens."""
+    """With stride S, the token scored first in a window reads BOS + W-S tokens: its NLL equals
+    a fresh forward over exactly those tokens."""
     window, stride = 24, 8
     seq = seqs[1]
-    local = local_nll(llama, seq, window, stride)
+    local = local_nll(llama, seq, window, stride, bos=True)
     last = len(seq) - 1
     first = last - stride + 1  # first target of the last window
     with torch.no_grad():
-        ctx = seq[last - window : first]
+        ctx = [seq[0], *seq[last - window + 1 : first]]
+        assert len(ctx) == 1 + window - stride
         logits = llama(torch.tensor([ctx])).logits[0, -1]
         ref = F.cross_entropy(logits[None], torch.tensor([seq[first]])).item()
     assert math.isclose(local[first - 1].item(), ref, rel_tol=1e-5, abs_tol=1e-5)
@@ -103,24 +108,25 @@ def test_windows_cover_every_far_target_once():
 
 
 def test_gain_is_zero_when_window_covers_the_length(llama, seqs):
-    res = context_use(llama, seqs, window=len(seqs[0]))
+    res = context_use(llama, seqs, window=len(seqs[0]), bos=True)
     assert res.gain_bits == 0.0
     assert all(abs(b["gain_bits"]) < 1e-6 for b in res.buckets)
 
 
 def test_gain_sign_and_buckets(llama, seqs):
-    res = context_use(llama, seqs, window=16, stride=8)
+    res = context_use(llama, seqs, window=16, stride=8, bos=True)
     by_hand = []
     from ctxext.evaluate.loss import token_nll
 
     for s in seqs:
         full = token_nll(llama, torch.tensor([s])).double()
-        local = local_nll(llama, s, 16, 8).double()
+        local = local_nll(llama, s, 16, 8, bos=True).double()
         by_hand.append(((local - full)[16:]).sum().item() / math.log(2))
     far_tokens = len(seqs) * (len(seqs[0]) - 1 - 16)
     assert math.isclose(res.gain_bits, sum(by_hand) / far_tokens, rel_tol=1e-6)
     assert res.ci_low <= res.gain_bits <= res.ci_high
     assert res.protocol["local_window"] == 16 and res.protocol["local_stride"] == 8
+    assert "BOS + 8 to 15 tokens" in res.protocol["description"]
     assert sum(b["n_tokens"] for b in res.buckets) == len(seqs) * (len(seqs[0]) - 1)
 
 
@@ -130,16 +136,16 @@ def test_key_tokens_are_those_whose_nll_drops_by_more_than_two_nats():
     local = [f.clone() for f in full]
     local[0][4:] += torch.tensor([2.5, 1.0, 4.0, 2.0, 0.0])  # key: 0.5 and 0.25 (> 2 nats)
     local[1][8] += 2.01  # key: 2.0
-    res = _gain_result(full, local, 10, 4, 1, 0)
+    res = _gain_result(full, local, 10, 4, 1, 0, True)
     assert res.key_tokens == 3 and res.key_fraction == pytest.approx(3 / 18)
     assert res.key_ppl == pytest.approx(math.exp((0.5 + 0.25 + 2.0) / 3))
-    none = _gain_result(full, [f.clone() for f in full], 10, 4, 1, 0)
+    none = _gain_result(full, [f.clone() for f in full], 10, 4, 1, 0, True)
     assert (none.key_ppl, none.key_tokens, none.key_fraction) == (None, 0, 0.0)
 
 
 def test_bad_window_is_refused(llama, seqs):
     with pytest.raises(CtxextError, match="local-stride"):
-        local_nll(llama, seqs[0], 16, stride=17)
+        local_nll(llama, seqs[0], 16, stride=17, bos=True)
 
 
 # --- code retrieval ---------------------------------------------------------------------------
@@ -306,10 +312,10 @@ def test_effective_length_window_and_missing_measurements():
 def test_sweep_equals_separate_runs_at_each_length(llama, seqs):
     from ctxext.context_use import context_use_sweep
 
-    sweep = context_use_sweep(llama, seqs, [16, 48, 96], window=16, stride=8)
+    sweep = context_use_sweep(llama, seqs, [16, 48, 96], window=16, stride=8, bos=True)
     assert sorted(sweep) == [48, 96]  # 16 has nothing beyond the window
     for n in (48, 96):
-        alone = context_use(llama, [s[:n] for s in seqs], window=16, stride=8)
+        alone = context_use(llama, [s[:n] for s in seqs], window=16, stride=8, bos=True)
         assert math.isclose(sweep[n].gain_bits, alone.gain_bits, rel_tol=1e-6, abs_tol=1e-9)
         for a, b in zip(sweep[n].buckets, alone.buckets, strict=True):
             assert math.isclose(a["gain_bits"], b["gain_bits"], rel_tol=1e-6, abs_tol=1e-9)
@@ -325,9 +331,9 @@ def test_sweep_with_dynamic_ntk_is_exact_per_length(seqs):
         return _tiny_llama(max_position_embeddings=32, rope_parameters=dynamic)
 
     model = fresh()
-    sweep = context_use_sweep(model, seqs, [48, 96], window=32, stride=8, one_pass=False)
+    sweep = context_use_sweep(model, seqs, [48, 96], window=32, stride=8, bos=True, one_pass=False)
     for n in (96, 48):  # the longer first: stale frequencies would show at 48
-        alone = context_use(fresh(), [s[:n] for s in seqs], window=32, stride=8)
+        alone = context_use(fresh(), [s[:n] for s in seqs], window=32, stride=8, bos=True)
         assert math.isclose(sweep[n].gain_bits, alone.gain_bits, rel_tol=1e-5, abs_tol=1e-7)
 
 
@@ -338,7 +344,93 @@ def test_sweep_progress_ends_at_the_planned_total(llama, seqs, one_pass):
     seen: list[int] = []
     lengths = [16, 48, 96]
     context_use_sweep(
-        llama, seqs, lengths, window=16, stride=6, one_pass=one_pass, progress=seen.append
+        llama,
+        seqs,
+        lengths,
+        window=16,
+        stride=6,
+        bos=True,
+        one_pass=one_pass,
+        progress=seen.append,
     )
     assert seen[-1] == planned_sweep_tokens(len(seqs), lengths, 16, 6, one_pass)
     assert planned_sweep_tokens(len(seqs), [16], 16, 6, one_pass) == 0
+
+
+# --- both passes start alike (BOS), on the bundled model ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundled_text():
+    """The bundled model (trained with BOS at position 0) and a held-out file's first 320
+    positions, BOS first."""
+    from ctxext.corpus import stdlib_documents
+    from ctxext.modeling import load_causal_lm
+
+    loaded = load_causal_lm(None, dtype="float32")
+    tok = loaded.tokenizer
+    docs = (tok(d.text, add_special_tokens=False)["input_ids"] for d in stdlib_documents("heldout"))
+    seqs = [[tok.bos_token_id, *ids[:319]] for ids in docs if len(ids) >= 319]
+    return loaded.model, tok.bos_token_id, seqs[:3]
+
+
+def test_every_local_window_starts_with_bos_as_the_full_pass(bundled_text):
+    """Every input the decoder sees (through a public forward pre-hook) starts with BOS, and
+    every local window is exactly W positions long."""
+    model, bos, seqs = bundled_text
+    inputs: list[list[int]] = []
+
+    def record(module, args, kwargs):
+        inputs.append(kwargs["input_ids"][0].tolist())
+
+    handle = model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        res = context_use(model, seqs, window=64, stride=16, bos=True)
+    finally:
+        handle.remove()
+    assert res.protocol["local_start"] == "BOS (as the full pass)"
+    runs = [ids for ids in inputs if len(ids) > 1]  # not the one-token rotary resets
+    assert {len(ids) for ids in runs} == {32, 64, 320}  # the head check, windows, full passes
+    assert all(ids[0] == bos for ids in runs)
+    windows = [ids for ids in runs if len(ids) == 64]
+    assert len(windows) == len(seqs) * len(_local_windows(320, 64, 16))
+    assert windows[0][1:] == seqs[0][320 - 64 : 319]  # BOS + the last W-1 tokens
+
+
+# --- the chunked-loss check runs for every task ------------------------------------------------
+
+
+class _ScaledLogits(LlamaForCausalLM):
+    """A causal LM whose forward scales the logits after the head (as a remote-code model may),
+    which ctxext's chunked loss does not replicate: every task must refuse it."""
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        out = super().forward(input_ids=input_ids, **kwargs)
+        out.logits = out.logits * 20.0
+        if labels is not None:
+            out.loss = self.loss_function(out.logits, labels, self.config.vocab_size)
+        return out
+
+
+@pytest.mark.parametrize("task", ["ppl", "passkey", "retrieval", "context-use", "sweep"])
+def test_every_task_checks_the_chunked_loss_against_the_models_own(task, tokenizer, code_ids):
+    from ctxext.context_use import context_use_sweep
+    from ctxext.evaluate import evaluate_lengths, evaluate_passkey
+
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    heads = dict(num_attention_heads=2, num_key_value_heads=1)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512, **sizes, **heads)
+    model = _ScaledLogits(config).eval()
+    seqs = [ids[:200] for ids in code_ids if len(ids) >= 200]
+    run = {
+        "ppl": lambda: evaluate_lengths(model, code_ids, [128], bos_token_id=None),
+        "passkey": lambda: evaluate_passkey(model, tokenizer, [400], depths=[0.5], trials=1),
+        "retrieval": lambda: evaluate_retrieval(
+            model, tokenizer, [128], template="code", doc_token_ids=code_ids, trials=1
+        ),
+        "context-use": lambda: context_use(model, seqs, window=64, bos=False),
+        "sweep": lambda: context_use_sweep(model, seqs, [200], window=64, bos=False),
+    }[task]
+    with pytest.raises(CtxextError, match="differs from its own loss"):
+        run()

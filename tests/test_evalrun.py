@@ -216,7 +216,9 @@ def test_evaluate_and_report_calls_its_hooks_in_order(tmp_path, monkeypatch, tin
 
     def budget(per_model):
         events.append(("budget", per_model))
-        return lambda token_cache: events.append(("check", sorted(token_cache)))
+        return lambda sources, token_cache: events.append(
+            ("check", [str(s.path) for s in sources.values()], sorted(token_cache))
+        )
 
     @contextlib.contextmanager
     def progress():
@@ -243,7 +245,7 @@ def test_evaluate_and_report_calls_its_hooks_in_order(tmp_path, monkeypatch, tin
     assert [r["label"] for r in results["runs"]] == [f"{tiny_llama}", f"{tiny_llama}+yarn x2"]
     names = [e[0] for e in events]
     assert names[:3] == ["budget", "progress", "check"] and events[0] == ("budget", 2)
-    assert events[2] == ("check", [str(tiny_llama)])
+    assert events[2] == ("check", [str(tiny_llama)], [str(tiny_llama)])
     assert names.index("task") < names.index("progress done") < names.index("render")
     assert events[-2:] == [("render", 2, False), ("written", out, True)]
     assert json.loads((out / "results.json").read_text())["runs"] == json.loads(

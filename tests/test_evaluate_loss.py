@@ -124,3 +124,42 @@ def test_dynamic_ntk_is_independent_of_what_ran_before(dynamic):
     token_nll(model, seq)
     after = evaluate_lengths(model, ids, [512], bos_token_id=bos, num_docs=2)[512]
     assert after.nll_sum == fresh_512.nll_sum
+
+
+def test_retrieval_after_ppl_equals_retrieval_alone_with_dynamic_ntk(dynamic):
+    """`eval -m dynamic --task ppl --task retrieval`: retrieval after a ppl sweep to 2048 reads
+    what it reads alone, and every prompt, also a shorter length after a longer one, is read as
+    from a reset rotary state (its final hidden states, seen through a public forward hook,
+    equal a fresh forward's)."""
+    from ctxext.context_use import evaluate_retrieval
+
+    model, tok, data = dynamic
+    ids, bos = data.ids, tok.bos_token_id
+    decoder = model.get_decoder()
+
+    def retrieval():
+        return evaluate_retrieval(
+            model, tok, [600, 300], template="code", doc_token_ids=ids, depths=[0.5], trials=2
+        )
+
+    reset_rotary_state(model)
+    alone = retrieval()
+    evaluate_lengths(model, ids, [512, 2048], bos_token_id=bos, num_docs=1)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(module, args, kwargs, output):
+        if kwargs["input_ids"].shape[1] > 32:  # the prompts, not the head check or resets
+            seen.append((kwargs["input_ids"].clone(), output.last_hidden_state.clone()))
+
+    handle = decoder.register_forward_hook(record, with_kwargs=True)
+    try:
+        after = retrieval()
+    finally:
+        handle.remove()
+    assert after.answer_nll == alone.answer_nll and after.correct == alone.correct
+    assert all(n > 0 for row in alone.answer_nll for n in row)
+    assert [x.shape[1] for x, _ in seen] == [600, 600, 300, 300]
+    for x, hidden in seen:
+        reset_rotary_state(model)
+        with torch.inference_mode():
+            assert torch.equal(decoder(input_ids=x, use_cache=False).last_hidden_state, hidden)

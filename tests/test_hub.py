@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,24 @@ def test_weight_downloads_report_progress_once(hub, cache, tmp_path):
                              "--factor", "2", "-o", str(tmp_path / "o"))  # fmt: skip
     assert code == 0, err
     assert all(f in err for f in weights) and "Fetching" not in err and "Download" not in err
+
+
+@pytest.mark.slow
+def test_eval_resolves_each_model_once_and_reads_one_commit(hub, cache, tmp_path):
+    """`eval org/tiny -m yarn -m linear -f 2 --lengths 64,128`: base + 2 methods x 2 lengths ask the
+    Hub for the revision once, and for each file at most once (then pinned to that commit);
+    a second run with the cache warm asks for the revision only."""
+    args = ["eval", "org/tiny", "-m", "yarn", "-m", "linear", "-f", "2", "--lengths", "64,128",
+            "--num-docs", "2"]  # fmt: skip
+    for run, files in [("cold", TOKENIZER | SHARDS), ("warm", set())]:
+        hub.clear()
+        code, _, err, _ = ctxext(hub, cache, *args, "-o", str(tmp_path / run))
+        assert code == 0, err
+        revisions = [p for _, p in hub.requests if p.startswith("/api/models/org/tiny/revision/")]
+        assert revisions == ["/api/models/org/tiny/revision/main"], hub.requests
+        per_file = Counter((m, p) for m, p in hub.requests if "/resolve/" in p)
+        assert all(n == 1 for n in per_file.values()), per_file
+        assert {p.rsplit("/", 1)[1] for _, p in per_file} <= {f.rsplit("/", 1)[-1] for f in files}
+        assert all(f"/resolve/{MAIN}/" in p for _, p in per_file)
+        runs = json.loads((tmp_path / run / "results.json").read_text())["runs"]
+        assert [r["source"]["commit"] for r in runs] == [MAIN] * 3

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import launcher_env
 
+from ctxext.checkpoint import resolve_model
 from ctxext.config import EvalConfig
 from ctxext.resources import calibrate, guard
 
@@ -45,7 +46,7 @@ def test_other_ranks_never_measure(monkeypatch, tmp_path):
     def status(message: str):  # entered just before the machine would be measured
         raise AssertionError(f"rank 1 started measuring: {message}")
 
-    run = guard.eval_workloads([None], EvalConfig(lengths=[256, 1024]), None)
+    run = guard.eval_workloads([resolve_model(None)], EvalConfig(lengths=[256, 1024]), None)
     verdict = guard.assess(run, None, measure=True, status=status)
     assert verdict.calib is calibrate.PESSIMISTIC
     assert not (tmp_path / "empty").exists()
@@ -64,6 +65,6 @@ def test_a_plain_process_measures_when_asked(monkeypatch, tmp_path):
     def status(message: str):
         raise Measured(message)
 
-    run = guard.eval_workloads([None], EvalConfig(lengths=[256, 1024]), None)
+    run = guard.eval_workloads([resolve_model(None)], EvalConfig(lengths=[256, 1024]), None)
     with pytest.raises(Measured, match="measuring this machine"):
         guard.assess(run, None, measure=True, status=status)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from ctxext.checkpoint import resolve_model
 from ctxext.config import EvalConfig, ExtendConfig, FinetuneConfig
 from ctxext.errors import CtxextError
 from ctxext.resources import estimate, guard
@@ -12,7 +13,7 @@ from ctxext.resources import estimate, guard
 
 def test_eval_run_has_one_phase_per_length_with_the_tokens_fed():
     cfg = EvalConfig(lengths=[256, 1024])
-    run = guard.eval_workloads([None], cfg, {256: 1000, 1024: 4000})
+    run = guard.eval_workloads([resolve_model(None)], cfg, {256: 1000, 1024: 4000})
     assert (run.command, run.model, run.trained_length) == ("eval", "stdlib-llama", 256)
     assert [label for label, _ in run.phases] == ["eval 256 tokens", "eval 1,024 tokens"]
     assert [(w.length, w.tokens) for _, w in run.phases] == [(256, 1000), (1024, 4000)]
@@ -28,7 +29,7 @@ def test_finetune_run_trains_at_the_extended_length(tmp_path):
 
 
 def test_verdict_refuses_with_the_phase_that_decides_the_peak(calibrated):
-    run = guard.eval_workloads([None], EvalConfig(lengths=[256, 2048]), None)
+    run = guard.eval_workloads([resolve_model(None)], EvalConfig(lengths=[256, 2048]), None)
     tight = guard.assess(run, "1MB", measure=False)
     assert (tight.limit, tight.where) == (10**6, "--memory-limit")
     assert tight.peak == max(
@@ -42,6 +43,6 @@ def test_verdict_refuses_with_the_phase_that_decides_the_peak(calibrated):
 
 
 def test_a_bad_memory_limit_is_one_clear_error():
-    run = guard.eval_workloads([None], EvalConfig(lengths=[256]), None)
+    run = guard.eval_workloads([resolve_model(None)], EvalConfig(lengths=[256]), None)
     with pytest.raises(CtxextError, match="--memory-limit: "):
         guard.assess(run, "lots", measure=False)

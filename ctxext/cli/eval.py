@@ -98,7 +98,10 @@ def eval_command(
     ] = _DEFAULT.passkey_trials,
     local_window: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="context-use: tokens the local run may read (default: trained length)."),
+        typer.Option(
+            help="context-use: positions of a local window, BOS + the last W-1 tokens "
+            "(default: trained length)."
+        ),
     ] = _DEFAULT.local_window,
     local_stride: Annotated[
         Optional[int],  # noqa: UP045

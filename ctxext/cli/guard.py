@@ -81,15 +81,17 @@ def check_eval(
     opts: GuardOptions,
     variants_per_model: int,
     announce: Announcement,
-) -> Callable[[dict[str, Any]], None]:
+) -> Callable[[dict[str | None, Any], dict[str, Any]], None]:
     """The check `run_eval` makes once the data is tokenized (the token counts give the time),
-    before any model is loaded; a long run's estimate goes to ``announce``."""
+    before any model is loaded; a long run's estimate goes to ``announce``. ``sources``: the
+    models as `run_eval` resolved them (not resolved again)."""
 
-    def preflight(token_cache: dict[str, Any]) -> None:
+    def preflight(sources: dict[str | None, Any], token_cache: dict[str, Any]) -> None:
         from ctxext.resources.guard import eval_tokens, eval_workloads
 
-        tokens = eval_tokens(models, cfg, token_cache, variants_per_model)
-        announce.table = _decide(eval_workloads(models, cfg, tokens), opts).table
+        resolved = [sources[m] for m in models]
+        tokens = eval_tokens(resolved, cfg, token_cache, variants_per_model)
+        announce.table = _decide(eval_workloads(resolved, cfg, tokens), opts).table
 
     return preflight
 

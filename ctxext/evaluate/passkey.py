@@ -3,7 +3,7 @@ teacher-forced greedy decoding of its tokens."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -12,8 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from ctxext.errors import CtxextError
-from ctxext.evaluate.loss import Progress, _eval_mode, _final_hidden, _head, reset_rotary_state
-from ctxext.needles import PasskeyPrompt, _encode
+from ctxext.evaluate.loss import (
+    Progress,
+    _check_head,
+    _eval_mode,
+    _final_hidden,
+    _head,
+    reset_rotary_state,
+)
+from ctxext.needles import PasskeyPrompt, _encode, random_key
 
 PASSKEY_TASK = (
     "There is an important info hidden inside a lot of irrelevant text. "
@@ -133,7 +140,57 @@ class PasskeyResult:
         return d
 
 
+#: prompt_for(length, depth, label) -> one trial's prompt in the form ``label`` (draws its key).
+PromptFor = Callable[[int, float, str], PasskeyPrompt]
+#: Per label: correct answers and mean answer NLL, each ``[length][depth]``.
+GridScores = dict[str, tuple[list[list[int]], list[list[float]]]]
+
+
 @torch.inference_mode()
+def score_grid(
+    model: Any,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials: int,
+    prompt_for: PromptFor,
+    labels: Sequence[str] = ("passkey",),
+    progress: Progress | None = None,
+) -> GridScores:
+    """Correct answers and the mean answer NLL per label x length x depth, ``trials`` prompts
+    per label and cell.
+
+    Prompts are drawn in length, depth, trial, label order. The rotary state is reset before
+    every length (dynamic NTK exact whatever ran before), and the chunked head is checked
+    against the model's own loss on the first prompt. ``progress(tokens_done)`` is called after
+    each prompt; the total is ``sum(lengths) * len(depths) * trials * len(labels)``.
+    """
+    if trials < 1:
+        raise CtxextError(f"--trials must be at least 1, got {trials}")
+    scores: GridScores = {
+        n: ([[0] * len(depths) for _ in lengths], [[0.0] * len(depths) for _ in lengths])
+        for n in labels
+    }
+    done, checked = 0, False
+    with _eval_mode(model):
+        for i, length in enumerate(lengths):
+            reset_rotary_state(model)
+            for j, depth in enumerate(depths):
+                for _ in range(trials):
+                    for label in labels:
+                        prompt = prompt_for(length, depth, label)
+                        if not checked:  # a short input: leaves a length-dependent rope as reset
+                            _check_head(model, prompt.input_ids)
+                            checked = True
+                        ok, answer_nll = _passkey_score(model, prompt)
+                        correct, nll = scores[label]
+                        correct[i][j] += ok
+                        nll[i][j] += answer_nll / trials
+                        done += length
+                        if progress is not None:
+                            progress(done)
+    return scores
+
+
 def evaluate_passkey(
     model: Any,
     tokenizer: Any,
@@ -148,25 +205,14 @@ def evaluate_passkey(
     ``progress(tokens_done)`` is called after each trial with the cumulative tokens fed; the
     total is ``sum(lengths) * len(depths) * trials``.
     """
-    if trials < 1:
-        raise CtxextError(f"--trials must be at least 1, got {trials}")
     rng = np.random.default_rng(seed)
-    correct = [[0] * len(depths) for _ in lengths]
-    nll = [[0.0] * len(depths) for _ in lengths]
-    done = 0
-    with _eval_mode(model):
-        for i, length in enumerate(lengths):
-            reset_rotary_state(model)  # exact dynamic NTK whatever ran before
-            for j, depth in enumerate(depths):
-                for _ in range(trials):
-                    key = str(int(rng.integers(10_000, 100_000)))
-                    prompt = build_passkey_prompt(tokenizer, length, depth, key)
-                    ok, answer_nll = _passkey_score(model, prompt)
-                    correct[i][j] += ok
-                    nll[i][j] += answer_nll / trials
-                    done += length
-                    if progress is not None:
-                        progress(done)
+
+    def prompt_for(length: int, depth: float, _: str) -> PasskeyPrompt:
+        return build_passkey_prompt(tokenizer, length, depth, random_key(rng))
+
+    correct, nll = score_grid(model, lengths, depths, trials, prompt_for, progress=progress)[
+        "passkey"
+    ]
     return PasskeyResult(
         lengths=list(lengths),
         depths=list(depths),

@@ -112,7 +112,7 @@ def recipe_workloads(loaded: Any) -> CommandWorkloads:
         run = _finetune_workloads(source, info.trained_length, seq, recipe.finetune)
         run.command = "run"
     if recipe.eval is not None:
-        ev = eval_workloads([recipe.model], recipe.eval, None)
+        ev = eval_workloads([source], recipe.eval, None)
         run.shape = ev.shape
         run.phases += [(f"eval {label}", w) for label, w in ev.phases]
     return run
@@ -137,14 +137,12 @@ def _finetune_workloads(source: Any, trained: int, seq: int, cfg: Any) -> Comman
     return CommandWorkloads("finetune", source.name, shape, trained, [(label, work)])
 
 
-def eval_workloads(
-    models: list[str | None], cfg: Any, tokens: dict[int, int] | None
-) -> CommandWorkloads:
-    """One workload per length, on the largest of the models (the one that decides the peak)."""
+def eval_workloads(sources: list[Any], cfg: Any, tokens: dict[int, int] | None) -> CommandWorkloads:
+    """One workload per length, on the largest of the models (resolved already:
+    ``checkpoint.ResolvedModel``s), the one that decides the peak."""
     from ctxext import checkpoint, rope
     from ctxext.resources.estimate import ModelShape, Workload
 
-    sources = [checkpoint.resolve_model(m) for m in models]  # once per model
     configs = [checkpoint.read_config(src.path) for src in sources]
     shapes = [ModelShape.from_config(c) for c in configs]
     biggest = max(range(len(shapes)), key=lambda i: shapes[i].total_params())
@@ -163,16 +161,17 @@ def eval_workloads(
 
 
 def eval_tokens(
-    models: list[str | None], cfg: Any, token_cache: dict[str, Any], per_model: int
+    sources: list[Any], cfg: Any, token_cache: dict[str, Any], per_model: int
 ) -> dict[int, int]:
-    """Tokens every length feeds, over all models and variants (as the progress bar counts)."""
-    from ctxext import checkpoint, evaluate
+    """Tokens every length feeds, over all models (``checkpoint.ResolvedModel``s) and variants
+    (as the progress bar counts)."""
+    from ctxext import evaluate
 
     out: dict[int, int] = {}
     if "ppl" not in cfg.tasks:
         return out
-    for model in models:
-        tokens = token_cache[str(checkpoint.resolve_model(model).path)]  # evalrun's _Tokens
+    for source in sources:
+        tokens = token_cache[str(source.path)]  # evalrun's _Tokens
         ids, bos = tokens.docs.ids, tokens.bos_token_id
         for n in cfg.lengths:
             count = evaluate.planned_tokens(

@@ -135,24 +135,6 @@ def crossover(a: np.ndarray, b: np.ndarray, s: float, rng: np.random.Generator) 
 # --------------------------------------------------------------------------- scoring
 
 
-def apply_rope(model: Any, config_dict: dict[str, Any]) -> None:
-    """Rebuild every rotary embedding module of ``model`` from ``config_dict``.
-
-    The rotary modules hold everything RoPE scaling changes (inv_freq, attention scaling, the
-    longrope switch); they are constructed from a config exactly as from_pretrained does, and
-    swapped in through nn.Module's public attribute API. Weights are untouched.
-    """
-    from ctxext.modeling import build_config
-
-    hf_config = build_config(dict(config_dict), trust_remote_code=False).get_text_config()
-    device = next(model.parameters()).device
-    for name, module in list(model.named_modules()):
-        if type(module).__name__.endswith("RotaryEmbedding"):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, type(module)(config=hf_config).to(device))
-
-
 @dataclass
 class Scorer:
     """Per-document NLL of candidates at given lengths, memoised, on one loaded model."""
@@ -166,6 +148,7 @@ class Scorer:
     cost_ratio: float = 0.125  # cost of a forward at L relative to one at N (L / N)
     _memo: dict[tuple[str, int, int], tuple[float, int]] = field(default_factory=dict)
     _applied: str | None = None  # the candidate whose rope the model has; None: not known
+    _applied_config: dict[str, Any] | None = None  # its config dict (None: base_config)
 
     def apply(self, cand: Candidate | None) -> None:
         """Give the model ``cand``'s rope (None: the unscaled config); no-op if it has it."""
@@ -178,8 +161,15 @@ class Scorer:
             config = rope.extend_config(
                 config, spec.method, spec.factor, spec.target_length, **spec.rope_options()
             )
-        apply_rope(self.model, config)
-        self._applied = key
+        from ctxext.modeling import swap_rope
+
+        if not swap_rope(self.model, self._applied_config or self.base_config, config):
+            raise CtxextError(
+                f"tune cannot change the rope of {type(self.model).__name__} in place (spread "
+                "over devices, remote code, or rope read outside its rotary modules); tune "
+                "a model transformers implements, on one device"
+            )
+        self._applied, self._applied_config = key, config
 
     def nll(self, cand: Candidate | None, doc: int, length: int) -> tuple[float, int]:
         from ctxext.evaluate.perplexity import evaluate_perplexity
