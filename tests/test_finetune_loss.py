@@ -32,9 +32,10 @@ def bundled():
     return model, torch.tensor([ids])
 
 
-def _explicit(model, ids: list[int]) -> tuple[list[float], list[float]]:
-    """Full-context NLL of tokens 1..L-1, and each one's NLL from exactly its last WINDOW
-    tokens (one forward per token; the full NLL where nothing is cut)."""
+def _explicit(model, ids: list[int], sink: bool = True) -> tuple[list[float], list[float]]:
+    """Full-context NLL of tokens 1..L-1, and each one's NLL from exactly WINDOW tokens: the
+    BOS the row starts with and its last WINDOW-1 tokens (one forward per token; the full NLL
+    where nothing is cut). ``sink=False``: the last WINDOW tokens, no BOS."""
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0, :-1]
         full = F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none").tolist()
@@ -43,7 +44,8 @@ def _explicit(model, ids: list[int]) -> tuple[list[float], list[float]]:
             if p <= WINDOW:
                 short.append(full[p - 1])
                 continue
-            last = model(torch.tensor([ids[p - WINDOW : p]])).logits[0, -1]
+            window = ids[:1] + ids[p - WINDOW + 1 : p] if sink else ids[p - WINDOW : p]
+            last = model(torch.tensor([window])).logits[0, -1]
             short.append(F.cross_entropy(last[None], torch.tensor([ids[p]])).item())
     return full, short
 
@@ -66,6 +68,15 @@ def test_weights_are_the_formula_and_one_within_the_window(bundled):
     # The cap: a full-context NLL 10 nats lower than the short one weighs 5, no more.
     capped = longce_weights(model, ids, full_t - 10, WINDOW, stride=1)[0]
     assert torch.allclose(capped[WINDOW:], torch.full_like(capped[WINDOW:], 5.0))
+
+
+def test_a_row_without_bos_reads_plain_windows(bundled):
+    model, ids = bundled
+    rest = ids[:, 1:]  # the same text without its BOS: the short pass keeps no sink
+    full, short = _explicit(model, rest[0].tolist(), sink=False)
+    want = [min(math.exp(s - f), LONGCE_MAX_WEIGHT) for s, f in zip(short, full, strict=True)]
+    got = longce_weights(model, rest, torch.tensor([full]), WINDOW, stride=1)[0]
+    assert torch.allclose(got, torch.tensor(want), rtol=1e-3, atol=1e-4)
 
 
 def test_the_loss_is_the_weighted_sum_over_the_token_count(bundled):

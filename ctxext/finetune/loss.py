@@ -7,7 +7,9 @@ re-weights each token's cross-entropy by how much the long context helps to pred
     LongCE = sum_i w_i * NLL_full(x_i) / n                    (n = the tokens scored)
 
 NLL_short is the model's own NLL of the token when it reads only its last W tokens
-(``longce_window``, default the trained length), measured under no_grad with the weights of
+(``longce_window``, default the trained length; a row that starts with the BOS token keeps it:
+BOS + the last W-1 tokens, as the full pass also starts with BOS, so the weight measures the
+cut context, not the loss of an attention sink), measured under no_grad with the weights of
 the current step. This follows the paper's definition, -1/n sum_i I(x_i) log P(x_i | x_<i): the
 sum is divided by the number of tokens, not by the sum of the weights: a token the long
 context helps (weight above 1) gets more gradient than under CE without taking any from the
@@ -47,13 +49,20 @@ def longce_weights(
     from ctxext.context_use import local_nll
 
     full = full_nll.detach().float()
+    bos_id = getattr(model.config, "bos_token_id", None)
     short = torch.stack(
         [
-            local_nll(model, row.tolist(), window, stride, full=f)
+            # A row that starts with BOS keeps it at the start of every short window too, so
+            # both passes read the same attention sink and only the cut context differs.
+            local_nll(model, row.tolist(), window, stride, bos=_starts_with(row, bos_id), full=f)
             for row, f in zip(input_ids, full, strict=True)
         ]
     ).clone()  # out of inference mode: a plain tensor the loss may multiply
     return torch.exp(short - full).clamp(max=max_weight)
+
+
+def _starts_with(row: Any, token_id: int | None) -> bool:
+    return token_id is not None and int(row[0]) == int(token_id)
 
 
 def token_losses(logits: Any, labels: Any) -> tuple[Any, Any]:
