@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -289,6 +290,11 @@ class TaskOptions(StrictModel):
     """multikey: how many of them are asked for at the end."""
     hops: int = 4
     """multihop: references in the chain NAME_0 = KEY, NAME_1 = NAME_0, ... (hops + 1 facts)."""
+    min_length: int | None = None
+    """Pack each task sample with independent episodes of log-uniform length min_length ..
+    the training length (each with its own BOS, position ids from 0, and attention only within
+    itself), so the task is trained at every length and distance up to the target, not only at
+    the full length. None: one episode of the full training length."""
 
     @field_validator("keys", "queries", "hops")
     @classmethod
@@ -296,6 +302,21 @@ class TaskOptions(StrictModel):
         if v < 1:
             raise ValueError(f"must be a positive integer (got {v})")
         return v
+
+    @field_validator("min_length")
+    @classmethod
+    def _min_length(cls, v: int | None) -> int | None:
+        if v is not None and v < 16:
+            raise ValueError(f"must be at least 16 tokens (got {v})")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_min_length(self, handler: Any) -> Any:
+        # Recorded only when set: runs and provenance written before it existed stay the same.
+        out = handler(self)
+        if isinstance(out, dict) and out.get("min_length") is None:
+            out.pop("min_length", None)
+        return out
 
     @model_validator(mode="after")
     def _queries_within_keys(self) -> TaskOptions:
@@ -522,6 +543,13 @@ class FinetuneConfig(StrictModel):
 
     @model_validator(mode="after")
     def _mix_sources(self) -> FinetuneConfig:
+        if self.tasks.min_length is not None and not any(m.is_task for m in self.mix or ()):
+            raise PydanticCustomError(
+                "mix",
+                "tasks.min_length packs task samples and the mix has no task source: add one "
+                "(e.g. --mix multikey:0.3) or drop --task-min-length",
+                {"at": ("tasks", "min_length")},
+            )
         if self.mix is None:
             return self
         problem = _mix_problem(self)
@@ -534,6 +562,11 @@ class FinetuneConfig(StrictModel):
         w, s = self.longce_window, self.longce_stride
         if self.loss != "longce" and (w is not None or s is not None):
             raise ValueError("longce_window and longce_stride apply only to loss longce")
+        if self.loss == "longce" and self.tasks.min_length is not None:
+            raise ValueError(
+                "loss longce reads each sample as one text and task episodes (tasks.min_length) "
+                "pack several: drop --task-min-length or use --loss ce"
+            )
         if self.loss == "longce" and self.pose:
             raise ValueError(
                 "loss longce reads each sample as contiguous text and PoSE samples are not: "

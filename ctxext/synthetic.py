@@ -50,11 +50,14 @@ __all__ = [
     "Draw",
     "NeedleSequence",
     "TokenCounter",
+    "check_mix_tasks_fit",
     "check_task_fits",
     "draw_multihop",
     "draw_multikey",
     "draw_task",
+    "episode_lengths",
     "needle_ids",
+    "packed_episodes",
     "task_sequence",
     "train_templates",
 ]
@@ -182,11 +185,66 @@ def task_sequence(
     raise CtxextError(f"the {task} task does not fit in {length} tokens: {_shorter(task)}")
 
 
-def _shorter(task: str) -> str:
+def episode_lengths(total: int, low: int, rng: Rng) -> list[int]:
+    """Lengths of the episodes one packed task sample of ``total`` tokens holds: each drawn
+    log-uniform between ``low`` and what is left, so every scale from ``low`` to ``total``
+    is trained about equally often (a uniform draw would rarely train short distances); an
+    episode that would leave less than ``low`` takes the rest. Sums to ``total``."""
+    out, left = [], total
+    while left >= 2 * low:
+        n = min(left, round(float(np.exp(rng.uniform(np.log(low), np.log(left))))))
+        if left - n < low:
+            n = left
+        out.append(n)
+        left -= n
+    if left:
+        out.append(left)
+    return out
+
+
+@dataclass
+class PackedEpisodes:
+    """One training sample of independent task episodes packed end to end."""
+
+    input_ids: list[int]
+    labels: list[int]  # -100 at each episode's first token (BOS): not predicted across episodes
+    position_ids: list[int]  # from 0 in each episode
+    episodes: list[NeedleSequence]
+
+
+def packed_episodes(
+    tokenizer: Any,
+    task: str,
+    options: TaskOptions,
+    filler: Sequence[int],
+    length: int,
+    rng: Rng,
+) -> PackedEpisodes:
+    """``length`` tokens of ``task`` episodes of :func:`episode_lengths` (``options.min_length``
+    .. ``length``), each a :func:`task_sequence` with its own BOS, its filler the next slice of
+    ``filler``. Position ids restart at 0 in each: transformers then treats the sample as
+    packed sequences and lets no token attend across an episode (given no attention mask)."""
+    low = options.min_length or length
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    episodes = []
+    for n in episode_lengths(length, low, rng):
+        start = len(ids)
+        seq = task_sequence(tokenizer, task, options, filler[start : start + n], n, rng)
+        episodes.append(seq)
+        ids += seq.input_ids
+        labels += [-100, *seq.input_ids[1:]] if start else seq.input_ids
+        positions += range(n)
+    return PackedEpisodes(ids, labels, positions, episodes)
+
+
+def _shorter(task: str, episode: bool = False) -> str:
+    longer = "raise --task-min-length" if episode else "raise the training length"
     return {
-        "multihop": "lower --task-hops or raise the training length",
-        "multikey": "lower --task-keys/--task-queries or raise the training length",
-    }.get(task, "raise the training length")
+        "multihop": f"lower --task-hops or {longer}",
+        "multikey": f"lower --task-keys/--task-queries or {longer}",
+    }.get(task, longer)
 
 
 class TokenCounter:
@@ -205,9 +263,26 @@ class TokenCounter:
         return {"input_ids": self._tok.encode(text, add_special_tokens=False).ids}
 
 
-def check_task_fits(tokenizer: Any, task: str, options: TaskOptions, length: int) -> None:
+def check_mix_tasks_fit(
+    tokenizer: Any, tasks: Sequence[str], options: TaskOptions, length: int
+) -> None:
+    """Refuse, in one line, task sources that cannot fit the training ``length``, or with
+    ``options.min_length`` its shortest episode (which must not exceed ``length``)."""
+    low = options.min_length
+    if low is not None and low > length:
+        raise CtxextError(
+            f"--task-min-length ({low}) exceeds the training length {length}: lower it"
+        )
+    for task in tasks:
+        check_task_fits(tokenizer, task, options, low or length, episode=low is not None)
+
+
+def check_task_fits(
+    tokenizer: Any, task: str, options: TaskOptions, length: int, *, episode: bool = False
+) -> None:
     """Refuse, in one line, a task whose facts and questions leave no room for filler at
-    ``length`` tokens (the most tokens over 64 seeded draws, plus a 10% margin)."""
+    ``length`` tokens (the most tokens over 64 seeded draws, plus a 10% margin). ``episode``:
+    ``length`` is the shortest packed episode (--task-min-length), not the training length."""
     rng = np.random.default_rng(0)
     worst = max(draw_tokens(tokenizer, draw_task(task, options, rng)) for _ in range(_FIT_DRAWS))
     need = (tokenizer.bos_token_id is not None) + worst + worst // 10 + 1  # + 1 filler token
@@ -217,7 +292,8 @@ def check_task_fits(tokenizer: Any, task: str, options: TaskOptions, length: int
             "multikey": f"{options.keys} facts and {options.queries} questions",
             "multihop": f"a chain of {options.hops + 1} facts and its question",
         }[task]
+        where = f"--task-min-length {length}" if episode else f"the training length {length}"
         raise CtxextError(
-            f"the {task} task source does not fit the training length {length}: {detail} "
-            f"take about {need} tokens; {_shorter(task)}"
+            f"the {task} task source does not fit {where}: {detail} take about {need} tokens; "
+            + _shorter(task, episode)
         )

@@ -113,6 +113,28 @@ def test_a_task_that_cannot_fit_is_refused(bundled_tok_and_filler):
         ),
         (["--loss", "longce", "--longce-window", "512"], "not shorter than the training length"),
         (["--mix", "stdlib:1", "--mix", "multikey:-1"], "weights must be finite numbers >= 0"),
+        (
+            ["--mix", "stdlib:1", "--mix", "multikey:1", "--task-min-length", "600"],
+            "--task-min-length (600) exceeds the training length 512",
+        ),
+        (
+            ["--mix", "stdlib:1", "--mix", "multikey:1", "--task-min-length", "20"],
+            "the multikey task source does not fit --task-min-length 20",
+        ),
+        (["--task-min-length", "64"], "the mix has no task source"),
+        (
+            [
+                "--mix",
+                "stdlib:1",
+                "--mix",
+                "multikey:1",
+                "--task-min-length",
+                "64",
+                "--loss",
+                "longce",
+            ],
+            "task episodes (tasks.min_length) pack several",
+        ),
     ],
 )
 def test_refused_in_seconds_before_anything_loads(tmp_path, flags, message):
@@ -167,3 +189,79 @@ def test_provenance_records_the_mix(tmp_path, tiny_llama_session):
     assert [by_name[n]["samples"] for n in ("stdlib", "multikey", "multihop")] == [
         draws.count(k) for k in range(3)
     ]
+
+
+def test_packed_episodes_restart_at_bos_and_span_every_scale(bundled_tok_and_filler):
+    from ctxext.synthetic import episode_lengths, packed_episodes
+
+    tok, stream = bundled_tok_and_filler
+    length, options = 1024, TaskOptions(keys=2, queries=1, min_length=128)
+    sizes = []
+    for i in range(40):
+        rng = np.random.default_rng([3, i])
+        twin = copy.deepcopy(rng)
+        filler = stream[i * 50 : i * 50 + length]
+        packed = packed_episodes(tok, "multikey", options, filler, length, rng)
+        assert packed == packed_episodes(tok, "multikey", options, filler, length, twin)
+        assert len(packed.input_ids) == len(packed.labels) == len(packed.position_ids) == length
+        start = 0
+        for k, ep in enumerate(packed.episodes):
+            n = len(ep.input_ids)
+            assert n >= 128 and packed.input_ids[start : start + n] == ep.input_ids
+            assert packed.input_ids[start] == tok.bos_token_id
+            assert packed.position_ids[start : start + n] == list(range(n))
+            # No episode's BOS is predicted from the previous episode's last token.
+            assert packed.labels[start] == (-100 if k else tok.bos_token_id)
+            assert packed.labels[start + 1 : start + n] == ep.input_ids[1:]
+            for (a, b), value in zip(ep.answers, ep.values, strict=True):
+                assert tok.decode(ep.input_ids[a:b]).strip() == value
+            start += n
+            sizes.append(n)
+        assert start == length
+    # Log-uniform from 128 up to 1024: short and long episodes alike.
+    assert min(sizes) < 200 and max(sizes) > 700
+    assert 0.2 < np.mean(np.array(sizes) < 362) < 0.9  # 362 ~ the geometric midpoint
+    assert episode_lengths(200, 128, np.random.default_rng(0)) == [200]  # < 2x min: one
+
+
+def test_no_token_attends_across_episodes(bundled_tok_and_filler):
+    """A packed sample given position ids and no mask, through the model as training prepares
+    it: every episode's logits are the ones it gets alone (transformers reads the restarts as
+    packed sequences, but only without a KV cache: prepare_model turns use_cache off)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ctxext.synthetic import packed_episodes
+
+    tok, stream = bundled_tok_and_filler
+    from ctxext.config import FinetuneConfig
+    from ctxext.finetune.model import prepare_model
+
+    model = AutoModelForCausalLM.from_pretrained(BUNDLED, dtype=torch.float32)
+    model = prepare_model(model, FinetuneConfig())[0].eval()
+    options = TaskOptions(keys=2, queries=1, min_length=64)
+    packed = packed_episodes(tok, "multikey", options, stream[:256], 256, np.random.default_rng(1))
+    assert len(packed.episodes) >= 2
+    with torch.no_grad():
+        together = model(
+            input_ids=torch.tensor([packed.input_ids]),
+            position_ids=torch.tensor([packed.position_ids]),
+        ).logits[0]
+        start = 0
+        for ep in packed.episodes:
+            alone = model(input_ids=torch.tensor([ep.input_ids])).logits[0]
+            n = len(ep.input_ids)
+            assert torch.allclose(together[start : start + n], alone, atol=1e-4)
+            start += n
+
+
+def test_episode_training_records_its_lengths(tmp_path, tiny_llama_session):
+    mix = ["stdlib:0.5", "multikey:0.5"]
+    tasks = {"keys": 2, "queries": 1, "min_length": 128}
+    cfg = finetune_cfg(steps=2, batch_size=2, seed=1, mix=mix, tasks=tasks)
+    summary = run_finetune(str(tiny_llama_session), tmp_path / "o", YARN2, cfg)
+    prov = json.loads((tmp_path / "o" / "ctxext_provenance.json").read_text())
+    assert prov["finetune"]["tasks"]["min_length"] == 128
+    (task,) = [s for s in summary["data"]["mix"]["sources"] if s["kind"] == "task"]
+    assert task["task"]["lengths"].startswith("episodes of log-uniform length 128..256")
+    assert task["samples"] > 0 and np.isfinite(summary["final_loss"])

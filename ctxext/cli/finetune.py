@@ -95,6 +95,15 @@ def finetune(
     task_hops: Annotated[
         int, typer.Option(help="multihop task: references in the chain (hops + 1 facts).")
     ] = _DEFAULT.tasks.hops,
+    task_min_length: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            help="Pack each task sample with independent episodes of log-uniform length "
+            "N .. the training length (each with its own BOS and positions from 0), so the "
+            "task is trained at every distance, not only the full length.",
+            show_default=False,
+        ),
+    ] = _DEFAULT.tasks.min_length,
     loss: Annotated[
         str,
         typer.Option(
@@ -218,7 +227,12 @@ def finetune(
             "seed": seed,
             "dtype": dtype,
             "mix": mix or None,
-            "tasks": {"keys": task_keys, "queries": task_queries, "hops": task_hops},
+            "tasks": {
+                "keys": task_keys,
+                "queries": task_queries,
+                "hops": task_hops,
+                "min_length": task_min_length,
+            },
             "loss": loss,
             "longce_window": longce_window,
             "longce_stride": longce_stride,

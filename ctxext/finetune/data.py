@@ -312,6 +312,14 @@ def task_record(task: str, tasks: TaskOptions, length: int) -> dict[str, Any]:
         "depths": "uniform over the filler; each fact at the nearest line start (mid-line "
         "where none is within 5% of the filler)",
         "filler": "the first text source of the mix",
+        **(
+            {}
+            if tasks.min_length is None
+            else {
+                "lengths": f"episodes of log-uniform length {tasks.min_length}..{length} "
+                "packed per sample, each with its own BOS and position ids from 0"
+            }
+        ),
         "templates": [t.name for t in train_templates()],
     }
 
@@ -367,12 +375,10 @@ def load_mix(tokenizer: Any, cfg: FinetuneConfig, chunk_length: int, count: int)
     Task sources that cannot fit the training length are refused here, before any weight is
     loaded and before any text is read.
     """
-    from ctxext.synthetic import check_task_fits
+    from ctxext.synthetic import check_mix_tasks_fit
 
     mix = list(cfg.mix or ())
-    for m in mix:
-        if m.is_task:
-            check_task_fits(tokenizer, m.source, cfg.tasks, chunk_length)
+    check_mix_tasks_fit(tokenizer, [m.source for m in mix if m.is_task], cfg.tasks, chunk_length)
     draws = mix_draws([m.weight for m in mix], cfg.seed, count)
     ranks, fill, seen, tasks_seen = [], [], [0] * len(mix), 0
     for k in draws:
@@ -428,7 +434,7 @@ class MixedSamples:
         import numpy as np
         import torch
 
-        from ctxext.synthetic import task_sequence
+        from ctxext.synthetic import packed_episodes, task_sequence
 
         if not 0 <= k < self.count:
             raise IndexError(k)
@@ -436,13 +442,27 @@ class MixedSamples:
         part = mix.parts[mix.draws[sample]]
         if not part.spec.is_task:
             chunk = part.data.chunks[part.order(mix.ranks[sample])]
-            return text_sample(chunk, sample, mix.seed, self.window)
+            out = text_sample(chunk, sample, mix.seed, self.window)
+            if mix.tasks.min_length is not None:  # the batch's rows must have the same keys
+                out["position_ids"] = torch.arange(int(chunk.shape[0]))
+            return out
         main = mix.parts[mix.main]
         filler = main.data.chunks[main.order(main.samples + mix.fill[sample])].tolist()
         rng = np.random.default_rng([mix.seed, sample, _TASK_STREAM])
-        seq = task_sequence(mix.tokenizer, part.spec.source, mix.tasks, filler, mix.length, rng)
-        ids = torch.tensor(seq.input_ids, dtype=torch.long)
-        return {"input_ids": ids, "labels": ids}
+        if mix.tasks.min_length is None:
+            seq = task_sequence(mix.tokenizer, part.spec.source, mix.tasks, filler, mix.length, rng)
+            ids = torch.tensor(seq.input_ids, dtype=torch.long)
+            return {"input_ids": ids, "labels": ids}
+        packed = packed_episodes(
+            mix.tokenizer, part.spec.source, mix.tasks, filler, mix.length, rng
+        )
+        # No attention mask: transformers reads the position ids' restarts as packed sequences
+        # (only without a KV cache; prepare_model turns use_cache off for training).
+        return {
+            "input_ids": torch.tensor(packed.input_ids, dtype=torch.long),
+            "labels": torch.tensor(packed.labels, dtype=torch.long),
+            "position_ids": torch.tensor(packed.position_ids, dtype=torch.long),
+        }
 
 
 #: Mixed into the task generators' seeds (a stream of its own, apart from any other use of

@@ -116,11 +116,9 @@ def _check_tasks_fit(cfg: FinetuneConfig, folder: Path, length: int) -> None:
     path = folder / "tokenizer.json"
     if not tasks or not path.is_file():
         return
-    from ctxext.synthetic import TokenCounter, check_task_fits
+    from ctxext.synthetic import TokenCounter, check_mix_tasks_fit
 
-    counter = TokenCounter(path)
-    for task in tasks:
-        check_task_fits(counter, task, cfg.tasks, length)
+    check_mix_tasks_fit(TokenCounter(path), tasks, cfg.tasks, length)
 
 
 def _injected_nan_step() -> int | None:
