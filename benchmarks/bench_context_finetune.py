@@ -7,7 +7,9 @@ process):
 
 - ``ce``: cross-entropy on stdlib text;
 - ``longce``: LongCE on stdlib text (``--loss longce``, window = the trained length);
-- ``mix``: cross-entropy on a data mix (default ``--mix stdlib:0.7 --mix multikey:0.3``);
+- ``mix``: cross-entropy on a data mix (default ``--mix stdlib:0.7 --mix multikey:0.3``, task
+  samples packed with episodes of log-uniform length 256..2048, ``--task-min-length 256``, as
+  the tiny-yarn recipe trains);
 
 plus ``yarn``, the same extension without fine-tuning (the reference row). Every variant is
 then read by one `ctxext eval --task ppl --task context-use --task retrieval` on the same
@@ -64,15 +66,22 @@ class Variant:
     finetune: tuple[str, ...] | None  # the flags that differ; None: no fine-tune
 
 
-def variants(mix: list[str]) -> dict[str, Variant]:
+def variants(mix: list[str], min_length: int | None = None) -> dict[str, Variant]:
+    from ctxext.config import TASK_SOURCES
+
     mix_flags = tuple(flag for item in mix for flag in ("--mix", item))
+    if not any(item.rpartition(":")[0] in TASK_SOURCES for item in mix):
+        min_length = None  # no task samples to pack
+    episodes = f"; task episodes from {min_length} tokens" if min_length else ""
+    if min_length:
+        mix_flags += ("--task-min-length", str(min_length))
     return {
         v.name: v
         for v in (
             Variant("yarn", f"{METHOD} x{FACTOR}, no fine-tune", None),
             Variant("ce", "CE (stdlib)", ("--data", "stdlib")),
             Variant("longce", "LongCE (stdlib)", ("--data", "stdlib", "--loss", "longce")),
-            Variant("mix", f"CE + mix ({', '.join(mix)})", mix_flags),
+            Variant("mix", f"CE + mix ({', '.join(mix)}{episodes})", mix_flags),
         )
     }
 
@@ -451,6 +460,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--mix", action="append", help=f"the mix variant's SOURCE:WEIGHT items "
                     f"(repeatable; default {' '.join(DEFAULT_MIX)})")  # fmt: skip
+    ap.add_argument("--task-min-length", type=int, default=256, help="the mix variant's task "
+                    "samples: packed episodes of log-uniform length N..the target (as the "
+                    "tiny-yarn recipe; 0: one episode of the full length)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=50, help="fine-tune checkpoints (resume)")
     ap.add_argument("--lengths", default="256,512,1024,2048")
@@ -472,7 +484,7 @@ def check_args(args: argparse.Namespace) -> dict[str, Variant]:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1")
     positive_int_list(args.lengths)
     args.mix = args.mix or list(DEFAULT_MIX)
-    known = variants(args.mix)
+    known = variants(args.mix, args.task_min_length or None)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
@@ -488,6 +500,8 @@ def check_args(args: argparse.Namespace) -> dict[str, Variant]:
                 "loss": flags.get("--loss", "ce")}  # fmt: skip
         if v.name == "mix":
             spec["mix"] = args.mix
+            if "--task-min-length" in v.finetune:
+                spec["tasks"] = {"min_length": args.task_min_length}
         parse_model(FinetuneConfig, spec, f"{v.name} fine-tune")
     config = checkpoint.read_config(checkpoint.resolve_model(args.model).path)
     args.trained = rope.analyze(config).trained_length

@@ -54,7 +54,10 @@ def test_merge_labels_each_variant_and_renders_its_tables(bench, evaluated, tmp_
     evals = {name: {"results": copy.deepcopy(evaluated)} for name in ("yarn", "mix")}
     results = bench.merge(evals, chosen)
     assert [r["label"] for r in results["runs"]] == [chosen["yarn"].label, chosen["mix"].label]
-    assert chosen["mix"].label == "CE + mix (stdlib:0.7, multikey:0.3)"
+    assert (
+        chosen["mix"].label == "CE + mix (stdlib:0.7, multikey:0.3; task episodes from 256 tokens)"
+    )
+    assert chosen["mix"].finetune[-2:] == ("--task-min-length", "256")
 
     tunes = {"mix": {"wall_s": 90.0, "cpu_s": 80.0, "summary": {"steps": 3, "seconds": 60.0,
              "tokens": 6144, "final_loss": 2.5}}}  # fmt: skip
@@ -73,7 +76,10 @@ def test_merge_labels_each_variant_and_renders_its_tables(bench, evaluated, tmp_
     # Retrieval per length: mean over depths / worst depth (a random model retrieves nothing,
     # so the mix row gets other figures to tell mean, worst and lengths apart).
     assert "| 0% / 0% | 0% / 0% |" in text
-    assert "| CE + mix (stdlib:0.7, multikey:0.3) | 0% / 0% | 90% / 50% |" in text
+    assert (
+        "| CE + mix (stdlib:0.7, multikey:0.3; task episodes from 256 tokens) | 0% / 0% | 90% / 50% |"
+        in text
+    )
     summary = next(line for line in text.splitlines() if line.startswith("| CE + mix"))
     assert f"| 1.5 | {run['ppl']['64']['ppl']:.2f} | {run['ppl']['600']['ppl']:.2f} |" in summary
     assert "6,144 | 20.00 | 2.5000 |" in text  # tokens, s / step, final loss of the fine-tune

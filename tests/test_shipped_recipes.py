@@ -70,6 +70,8 @@ def _overrides(name: str, data: Path, other: Path) -> list[str]:
         # A recipe with a data mix keeps one (its text source replaced by the test's data).
         if recipe.finetune.mix is not None:
             out.append(f"finetune.mix=[{data}:0.7,retrieval:0.3]")
+            if recipe.finetune.tasks.min_length is not None:  # episodes within 128 tokens
+                out.append("finetune.tasks.min_length=64")
         else:
             out.append(f"finetune.data={data}")
     methods = {"linear", "ntk", "yarn", "dynamic", "llama3"}
