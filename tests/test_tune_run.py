@@ -112,6 +112,34 @@ def test_the_written_checkpoint_reproduces_the_reported_score(tuned):
         assert got.ppl == pytest.approx(row["ppl"][str(length)]["ppl"], rel=1e-6)
 
 
+def test_the_base_and_paper_rows_are_what_a_fresh_load_scores(tuned, tiny_llama_session):
+    """The leaderboard runs on the model the search left with its last candidate's rope (a
+    LongRoPE one): the base row is still the untouched checkpoint's score, and each paper
+    default row that of the checkpoint loaded with that method."""
+    from ctxext.config import ExtendConfig
+    from ctxext.data import load_documents, tokenize_documents
+    from ctxext.evaluate.perplexity import evaluate_perplexity
+    from ctxext.modeling import load_causal_lm
+
+    _, result = tuned
+    docs = {d.name: d for d in load_documents(None, split="heldout")}
+    names = result["data"]["report_documents"]
+    for row in result["report"]["runs"]:
+        if row["label"].endswith("(tuned)"):
+            continue
+        spec = row["extend"] and ExtendConfig.model_validate(row["extend"])
+        loaded = load_causal_lm(str(tiny_llama_session), extend=spec)
+        ids = tokenize_documents(loaded.tokenizer, [docs[n] for n in names])
+        for length in result["report"]["lengths"]:
+            got = evaluate_perplexity(
+                loaded.model, ids, length, bos_token_id=loaded.tokenizer.bos_token_id
+            )
+            assert got.ppl == pytest.approx(row["ppl"][str(length)]["ppl"], rel=1e-6), (
+                row["label"],
+                length,
+            )
+
+
 def test_search_is_deterministic_for_a_seed(tuned, tiny_llama_session, tmp_path, capsys):
     _, first = tuned
     again = _tune(capsys, tiny_llama_session, tmp_path / "again")

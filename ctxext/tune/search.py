@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,6 +135,13 @@ def crossover(a: np.ndarray, b: np.ndarray, s: float, rng: np.random.Generator) 
 
 # --------------------------------------------------------------------------- scoring
 
+#: The config dict of the rope each model has now, for the models whose rope a Scorer swapped
+#: (absent: the Scorer's base_config, as loaded). Swapping in place rebuilds the rotary modules
+#: from the model's config object, which only the attributes where the old and new dicts differ
+#: are written into (:func:`ctxext.modeling.swap_rope`): a swap that starts from the wrong dict
+#: leaves the previous candidate's rope in place.
+_ROPE_NOW: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
 
 @dataclass
 class Scorer:
@@ -147,29 +155,31 @@ class Scorer:
     spent: float = 0.0  # cost in document forwards at the target length
     cost_ratio: float = 0.125  # cost of a forward at L relative to one at N (L / N)
     _memo: dict[tuple[str, int, int], tuple[float, int]] = field(default_factory=dict)
-    _applied: str | None = None  # the candidate whose rope the model has; None: not known
-    _applied_config: dict[str, Any] | None = None  # its config dict (None: base_config)
 
     def apply(self, cand: Candidate | None) -> None:
-        """Give the model ``cand``'s rope (None: the unscaled config); no-op if it has it."""
-        key = "base" if cand is None else cand.key
-        if key == self._applied:
-            return
+        """Give the model ``cand``'s rope (None: the unscaled config); no-op if it has it.
+
+        The rope the model has now is looked up per model (:data:`_ROPE_NOW`), not per
+        Scorer: `tune` scores the search and the report documents with two Scorers on one
+        model, and the report's must start from the rope the search left in it."""
         config = self.base_config
         if cand is not None:
             spec = cand.spec(self.target_length)
             config = rope.extend_config(
                 config, spec.method, spec.factor, spec.target_length, **spec.rope_options()
             )
+        current = _ROPE_NOW.get(self.model, self.base_config)
+        if config == current:
+            return
         from ctxext.modeling import swap_rope
 
-        if not swap_rope(self.model, self._applied_config or self.base_config, config):
+        if not swap_rope(self.model, current, config):
             raise CtxextError(
                 f"tune cannot change the rope of {type(self.model).__name__} in place (spread "
                 "over devices, remote code, or rope read outside its rotary modules); tune "
                 "a model transformers implements, on one device"
             )
-        self._applied, self._applied_config = key, config
+        _ROPE_NOW[self.model] = config
 
     def nll(self, cand: Candidate | None, doc: int, length: int) -> tuple[float, int]:
         from ctxext.evaluate.perplexity import evaluate_perplexity
