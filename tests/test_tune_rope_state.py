@@ -54,12 +54,14 @@ def _check(runs: list[dict], want: dict[str, dict[int, float]]) -> None:
 def test_the_report_rows_equal_fresh_loads_after_a_search_on_the_same_model(bundled):
     """As `ctxext tune` runs: a search Scorer leaves the model with its last candidate's rope
     (here LongRoPE, as the search ends with LongRoPE's evolution); a second Scorer on other
-    documents then measures the leaderboard. The base row is the untouched model's score."""
+    documents then measures the leaderboard, sharing the record of the model's rope (as
+    tune/run.py wires them). The base row is the untouched model's score."""
     model, config, ids, bos, want = bundled
     search = Scorer(model, config, ids, bos, TARGET)
     for _, cand in ROWS[1:]:
         search.apply(cand)
-    runs = evaluate_rows(Scorer(model, config, ids, bos, TARGET), ROWS, LENGTHS)
+    report = Scorer(model, config, ids, bos, TARGET, rope_now=search.rope_now)
+    runs = evaluate_rows(report, ROWS, LENGTHS)
     _check(runs, want)
 
 

@@ -24,6 +24,7 @@ from ctxext.tune.leaderboard import (
 from ctxext.tune.search import (
     SEARCHABLE,
     Progress,
+    RopeNow,
     Scorer,
     Search,
     Trial,
@@ -167,8 +168,11 @@ def run_tune(
     model = load_causal_lm(str(prepared.source.path)).model
     n, trained = cfg.target_length, prepared.info.trained_length
 
+    rope_now = RopeNow()  # one model, so one record of its rope for both Scorers
+
     def scorer(which: list[int]) -> Scorer:
-        return Scorer(model, prepared.config, [data.ids[i] for i in which], data.bos, n)
+        docs = [data.ids[i] for i in which]
+        return Scorer(model, prepared.config, docs, data.bos, n, rope_now=rope_now)
 
     search, best, run = _search(cfg, prepared, scorer(data.search), progress, on_budget)
     chosen = min(best, key=lambda m: best[m].ppl_target)

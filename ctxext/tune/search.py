@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,12 +134,16 @@ def crossover(a: np.ndarray, b: np.ndarray, s: float, rng: np.random.Generator) 
 
 # --------------------------------------------------------------------------- scoring
 
-#: The config dict of the rope each model has now, for the models whose rope a Scorer swapped
-#: (absent: the Scorer's base_config, as loaded). Swapping in place rebuilds the rotary modules
-#: from the model's config object, which only the attributes where the old and new dicts differ
-#: are written into (:func:`ctxext.modeling.swap_rope`): a swap that starts from the wrong dict
-#: leaves the previous candidate's rope in place.
-_ROPE_NOW: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+@dataclass
+class RopeNow:
+    """The config dict of the rope a model has now (None: its base config, as loaded), shared
+    by every Scorer of that model. Swapping in place rebuilds the rotary modules from the
+    model's config object, into which only the attributes where the old and new dicts differ
+    are written (:func:`ctxext.modeling.swap_rope`): a swap that starts from the wrong dict
+    leaves the previous candidate's rope in place."""
+
+    config: dict[str, Any] | None = None
 
 
 @dataclass
@@ -154,21 +157,22 @@ class Scorer:
     target_length: int
     spent: float = 0.0  # cost in document forwards at the target length
     cost_ratio: float = 0.125  # cost of a forward at L relative to one at N (L / N)
+    rope_now: RopeNow = field(default_factory=RopeNow)
+    """What rope the model has: give every Scorer of one model the same one."""
     _memo: dict[tuple[str, int, int], tuple[float, int]] = field(default_factory=dict)
 
     def apply(self, cand: Candidate | None) -> None:
         """Give the model ``cand``'s rope (None: the unscaled config); no-op if it has it.
 
-        The rope the model has now is looked up per model (:data:`_ROPE_NOW`), not per
-        Scorer: `tune` scores the search and the report documents with two Scorers on one
-        model, and the report's must start from the rope the search left in it."""
+        `tune` scores the search and the report documents with two Scorers on one model,
+        sharing one :class:`RopeNow`: the report's must start from the rope the search left."""
         config = self.base_config
         if cand is not None:
             spec = cand.spec(self.target_length)
             config = rope.extend_config(
                 config, spec.method, spec.factor, spec.target_length, **spec.rope_options()
             )
-        current = _ROPE_NOW.get(self.model, self.base_config)
+        current = self.rope_now.config or self.base_config
         if config == current:
             return
         from ctxext.modeling import swap_rope
@@ -179,7 +183,7 @@ class Scorer:
                 "over devices, remote code, or rope read outside its rotary modules); tune "
                 "a model transformers implements, on one device"
             )
-        _ROPE_NOW[self.model] = config
+        self.rope_now.config = config
 
     def nll(self, cand: Candidate | None, doc: int, length: int) -> tuple[float, int]:
         from ctxext.evaluate.perplexity import evaluate_perplexity
