@@ -546,8 +546,8 @@ class FinetuneConfig(StrictModel):
         if self.tasks.min_length is not None and not any(m.is_task for m in self.mix or ()):
             raise PydanticCustomError(
                 "mix",
-                "tasks.min_length packs task samples and the mix has no task source: add one "
-                "(e.g. --mix multikey:0.3) or drop --task-min-length",
+                "applies to task sources and none is given: add one (e.g. --mix stdlib:0.7 "
+                "--mix multikey:0.3) or drop --task-min-length",
                 {"at": ("tasks", "min_length")},
             )
         if self.mix is None:
