@@ -29,9 +29,9 @@ runs/bench-context-finetune); a variant whose checkpoint (or eval) is already th
 same settings is not redone unless --overwrite; an interrupted fine-tune resumes from its last
 --save-every checkpoint.
 
-Runtime with the defaults (an estimate): about 25 min on 2 idle CPU cores (CE and mix fine-tunes
-0.4-0.7 s/step, LongCE about 1.4x that, each eval a few minutes); on 2 cores shared with a load
-of ~10 it measured 7.5 s per CE step and 19 min per eval, so about 3.5 hours.
+Runtime with the defaults: 12.8 min on 2 idle CPU cores (measured 2026-12-05: CE 0.60 s/step,
+LongCE 0.78, CE + mix 0.64; each eval about 1.5 min); on 2 cores shared with a load of ~10 it
+measured 7.5 s per CE step and 19 min per eval, so about 3.5 hours.
 
     python benchmarks/bench_context_finetune.py                  # the full benchmark
     python benchmarks/bench_context_finetune.py --steps 3 --num-docs 2 --trials 1 \\
