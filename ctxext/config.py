@@ -199,7 +199,7 @@ class EvalConfig(StrictModel):
     local_stride: int | None = None
     """context-use: stride of the local windows (default: local_window // 4; 1 is exact)."""
     retrieval_template: str = "auto"
-    """retrieval: the key/value templates (ctxext.needles) hidden in the evaluation documents:
+    """retrieval: the key/value templates (ctxext.evaluate.needles) hidden in the evaluation documents:
     heldout (the forms no ctxext training uses), train, all, or comma-separated template names;
     text (the natural-language passkey in its own filler); auto = heldout."""
     include_base: bool = True
@@ -252,7 +252,7 @@ class EvalConfig(StrictModel):
     @classmethod
     def _template(cls, v: str) -> str:
         if v not in ("auto", "text"):
-            from ctxext.needles import resolve_templates
+            from ctxext.evaluate.needles import resolve_templates
 
             try:
                 resolve_templates(v)

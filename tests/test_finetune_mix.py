@@ -51,7 +51,7 @@ def bundled_tok_and_filler():
 
 @pytest.mark.parametrize("task", ["retrieval", "multikey", "multihop"])
 def test_task_sequences_spread_facts_over_the_length_and_answer_right(bundled_tok_and_filler, task):
-    from ctxext.needles import templates_of
+    from ctxext.evaluate.needles import templates_of
     from ctxext.synthetic import draw_task, needle_ids, task_sequence
 
     tok, stream = bundled_tok_and_filler
@@ -162,7 +162,7 @@ def test_a_mix_of_one_source_trains_exactly_as_that_source(tmp_path, tiny_llama_
 
 
 def test_provenance_records_the_mix(tmp_path, tiny_llama_session):
-    from ctxext.needles import templates_of
+    from ctxext.evaluate.needles import templates_of
 
     mix = ["stdlib:0.5", "multikey:0.3", "multihop:0.2"]
     cfg = finetune_cfg(steps=3, batch_size=2, seed=4, mix=mix, tasks={"keys": 3, "hops": 2})

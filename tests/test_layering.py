@@ -1,4 +1,4 @@
-"""The data flows one way: lower modules (the eval pipeline, evalrun, included) never import the
+"""The data flows one way: lower modules (the evaluation and its run included) never import the
 CLI, the CLI's modules import no torch at import time, rendering never imports the recipe
 runner or the fine-tune (the modelcard -> recipes -> modelcard cycle is gone), the schemas
 import no pipeline, and no two modules import each other, at module level or inside functions.
@@ -26,21 +26,30 @@ RECIPES = [
     "ctxext.recipes", "ctxext.recipes.loader", "ctxext.recipes.provenance",
     "ctxext.recipes.render", "ctxext.recipes.runner", "ctxext.recipes.schema",
 ]  # fmt: skip
+EVALUATE = [
+    "ctxext.evaluate", "ctxext.evaluate.context_use", "ctxext.evaluate.effective_length",
+    "ctxext.evaluate.loss", "ctxext.evaluate.needles", "ctxext.evaluate.passkey",
+    "ctxext.evaluate.perplexity", "ctxext.evaluate.protocol", "ctxext.evaluate.retrieval",
+    "ctxext.evaluate.run", "ctxext.evaluate.scoring", "ctxext.evaluate.variants",
+]  # fmt: skip
 SPLIT = [
-    "ctxext.evaluate", "ctxext.evaluate.loss", "ctxext.evaluate.passkey",
-    "ctxext.evaluate.perplexity", "ctxext.evaluate.protocol", "ctxext.rope",
+    *EVALUATE, "ctxext.rope",
     "ctxext.rope.formulas", "ctxext.rope.methods", "ctxext.rope.read", "ctxext.rope.write",
     "ctxext.tune", "ctxext.tune.leaderboard", "ctxext.tune.run", "ctxext.tune.search",
+]  # fmt: skip
+REPORT = [
+    "ctxext.report", "ctxext.report.cells", "ctxext.report.files", "ctxext.report.markdown",
+    "ctxext.report.plots", "ctxext.report.tables",
 ]  # fmt: skip
 RESOURCES = [
     "ctxext.resources", "ctxext.resources.calibrate", "ctxext.resources.estimate",
     "ctxext.resources.guard",
 ]  # fmt: skip
 LOWER = [
-    "ctxext.bundled_train", "ctxext.checkpoint", "ctxext.config", "ctxext.context_use",
-    "ctxext.corpus", "ctxext.data", "ctxext.evalrun", "ctxext.extend", *FINETUNE, "ctxext.fsdp",
-    "ctxext.inspect", "ctxext.modelcard", "ctxext.modeling", "ctxext.needles", *RECIPES,
-    "ctxext.report", *RESOURCES, *SPLIT, "ctxext.synthetic",
+    "ctxext.bundled_train", "ctxext.checkpoint", "ctxext.config",
+    "ctxext.corpus", "ctxext.data", "ctxext.extend", *FINETUNE, "ctxext.fsdp",
+    "ctxext.inspect", "ctxext.modelcard", "ctxext.modeling", *RECIPES,
+    *REPORT, *RESOURCES, *SPLIT, "ctxext.synthetic",
 ]  # fmt: skip
 #: The command line: one module per command (`plan` is in the app, which it re-enters), the
 #: pre-run check, shared options and progress bars.
@@ -96,7 +105,7 @@ def test_lower_modules_never_import_the_cli(alone):
 
 
 def test_rendering_does_not_import_the_recipe_runner_or_finetune(alone):
-    for module in ("ctxext.report", "ctxext.modelcard"):
+    for module in (*REPORT, "ctxext.modelcard"):
         assert not _under(alone[module], "ctxext.recipes", "ctxext.finetune"), alone[module]
 
 

@@ -107,7 +107,7 @@ def test_tiny_yarn_end_to_end_and_reproducible(capsys, tmp_path, monkeypatch, e2
 
     # Context use (issue 15): every variant's effective context length, in results.json, the
     # report and the model card, with the far-context gain and the retrieval plots.
-    from ctxext.report import effective_length_line
+    from ctxext.report.cells import effective_length_line
 
     assert {"context_use.png", "retrieval_heatmap.png"} <= {p.name for p in run1.iterdir()}
     assert "context_use.png" in report and "retrieval_heatmap.png" in report

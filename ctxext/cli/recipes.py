@@ -157,7 +157,7 @@ class _FinetuneBar:
 
 
 def _render(summary: dict[str, Any], loaded: Any) -> None:
-    from ctxext.report import passkey_table, ppl_table
+    from ctxext.report.tables import passkey_table, ppl_table
     from ctxext.text import plural
 
     results = summary.get("results")

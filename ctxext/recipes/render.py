@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 def render_report(run: RecipeRun, summary: dict[str, Any]) -> str:
     """report.md: what was done, the tables, the plots, provenance."""
-    from ctxext.report import context_use_markdown, passkey_markdown, ppl_markdown
+    from ctxext.report.markdown import context_use_markdown, passkey_markdown, ppl_markdown
 
     recipe, pre = run.recipe, run.pre
     prov = summary["provenance"]

@@ -165,16 +165,16 @@ def eval_tokens(
 ) -> dict[int, int]:
     """Tokens every length feeds, over all models (``checkpoint.ResolvedModel``s) and variants
     (as the progress bar counts)."""
-    from ctxext import evaluate
+    from ctxext.evaluate.protocol import planned_tokens
 
     out: dict[int, int] = {}
     if "ppl" not in cfg.tasks:
         return out
     for source in sources:
-        tokens = token_cache[str(source.path)]  # evalrun's _Tokens
+        tokens = token_cache[str(source.path)]  # evaluate.run._Tokens
         ids, bos = tokens.docs.ids, tokens.bos_token_id
         for n in cfg.lengths:
-            count = evaluate.planned_tokens(
+            count = planned_tokens(
                 ids, n, bos_token_id=bos, stride=cfg.stride, num_docs=cfg.num_docs, seed=cfg.seed
             )
             out[n] = out.get(n, 0) + count * per_model
