@@ -241,8 +241,8 @@ def test_method_names_are_listed_once():
             if len(set(items) & set(ALL_METHODS)) >= 4:
                 found.append(f"{where}:{node.lineno}")
     tune_order = next(
-        f"ctxext/config.py:{n.lineno}"
-        for n in ast.parse((root / "config.py").read_text()).body
+        f"ctxext/config/tune.py:{n.lineno}"
+        for n in ast.parse((root / "config" / "tune.py").read_text()).body
         if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "TUNE_METHODS"
     )
     assert found == [tune_order]
