@@ -270,3 +270,22 @@ def test_rope_and_the_schemas_load_without_numpy_or_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_one_place_for_the_device_choice_and_the_dtype_rule():
+    """Only ctxext/device.py asks torch whether CUDA is there, or maps ``--dtype auto`` to a
+    dtype (bf16 on CUDA, fp32 elsewhere); every other module asks it."""
+    import re
+
+    import ctxext
+
+    root = Path(ctxext.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        where = path.relative_to(root.parent).as_posix()
+        text = path.read_text()
+        if where != "ctxext/device.py" and (
+            "cuda.is_available" in text or re.search(r"dtype\s*[!=]=\s*\"auto\"", text)
+        ):
+            found.append(where)
+    assert found == []

@@ -78,9 +78,10 @@ def run_finetune(
     from accelerate import Accelerator  # only now: a refused request never waits for torch
 
     from ctxext import checkpoint
-    from ctxext.modeling import default_device, load_tokenizer
+    from ctxext.device import pick_device
+    from ctxext.modeling import load_tokenizer
 
-    device = default_device()
+    device = pick_device()
     check_context_parallel_device(device)  # before Accelerate, which refuses it with a traceback
     acc = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
@@ -184,16 +185,13 @@ def _load(
     """Load with the extension applied in memory. Full fine-tunes keep fp32 master weights;
     LoRA keeps the frozen base in the compute dtype (peft keeps adapters in fp32)."""
     from ctxext import checkpoint
-    from ctxext.modeling import default_device, load_causal_lm
+    from ctxext.device import compute_dtype, pick_device
+    from ctxext.modeling import load_causal_lm
 
     setup.source = checkpoint.fetch(
         setup.source, "weights", allow_pickle=allow_pickle, progress=_download_status(report)
     )
-    dtype = "float32"
-    if cfg.lora_rank is not None and cfg.dtype != "auto":
-        dtype = cfg.dtype
-    elif cfg.lora_rank is not None and default_device().startswith("cuda"):
-        dtype = "bfloat16"
+    dtype = "float32" if cfg.lora_rank is None else compute_dtype(cfg.dtype, pick_device())
     loaded = load_causal_lm(
         str(setup.source.path),
         extend=setup.extend,

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ctxext.device import describe_device, resolve_dtype
 from ctxext.errors import CtxextError
 from ctxext.resources.estimate import Calibration, parse_bytes
 
@@ -85,14 +86,6 @@ def cache_dir() -> Path:
     return Path(base) / "ctxext"
 
 
-def _device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"cuda:{torch.cuda.get_device_name(0)}"
-    return f"cpu:{platform.processor() or platform.machine()}"
-
-
 def _cache_file(device: str) -> Path:
     import torch
 
@@ -102,7 +95,7 @@ def _cache_file(device: str) -> Path:
 
 def cached_calibration() -> Calibration | None:
     """This machine's calibration if it was measured before, else None."""
-    path = _cache_file(_device())
+    path = _cache_file(describe_device())
     if not path.is_file():
         return None
     try:
@@ -119,7 +112,7 @@ def load_calibration(refresh: bool = False) -> Calibration:
     cached = None if refresh else cached_calibration()
     if cached is not None:
         return cached
-    device = _device()
+    device = describe_device()
     path = _cache_file(device)
     calib = _measure(device)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,11 +136,10 @@ def measure_speed(base: Calibration) -> Calibration:
     The op latency is measured first and taken out of every timed call, so that the
     throughputs are the arithmetic's and the latency is counted once, per kernel, by the plan.
     """
-    import torch
 
     cuda = base.device.startswith("cuda")
     dev = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = resolve_dtype("auto", base.device)
     latency = _op_latency(dev)
     return Calibration(
         device=base.device,

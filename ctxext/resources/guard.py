@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ctxext.device import compute_dtype, pick_device
 from ctxext.errors import CtxextError
 
 #: Runs predicted to take longer than this print their estimate before starting.
@@ -123,8 +124,7 @@ def _finetune_workloads(source: Any, trained: int, seq: int, cfg: Any) -> Comman
     from ctxext.resources.estimate import ModelShape, Workload
 
     shape = ModelShape.from_config(checkpoint.read_config(source.path))
-    cuda = _device().startswith("cuda")
-    compute = "bfloat16" if cuda and cfg.dtype == "auto" else _fp(cfg.dtype)
+    compute = compute_dtype(cfg.dtype, pick_device())
     weights = "float32"
     if cfg.lora_rank is not None:  # finetune._load: the frozen base in the compute dtype
         weights = compute
@@ -146,8 +146,7 @@ def eval_workloads(sources: list[Any], cfg: Any, tokens: dict[int, int] | None) 
     configs = [checkpoint.read_config(src.path) for src in sources]
     shapes = [ModelShape.from_config(c) for c in configs]
     biggest = max(range(len(shapes)), key=lambda i: shapes[i].total_params())
-    cuda = _device().startswith("cuda")
-    dtype = "bfloat16" if cuda and cfg.dtype == "auto" else _fp(cfg.dtype)
+    dtype = compute_dtype(cfg.dtype, pick_device())
     phases = []
     for n in cfg.lengths:
         work = Workload(
@@ -181,16 +180,6 @@ def eval_tokens(
     return out
 
 
-def _fp(dtype: str) -> str:
-    return "float32" if dtype == "auto" else dtype
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # --------------------------------------------------------------------------- the verdict
 
 
@@ -213,7 +202,7 @@ def _limit(memory_limit: str | None) -> tuple[int, str]:
             return parse_bytes(memory_limit), "--memory-limit"
         except ValueError as e:
             raise CtxextError(f"--memory-limit: {e}") from None
-    return calibrate.available_memory(_device())
+    return calibrate.available_memory(pick_device())
 
 
 def _calibration(run: CommandWorkloads, limit: int, measure: bool, status: Status) -> Any:
