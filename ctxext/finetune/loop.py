@@ -24,7 +24,7 @@ from ctxext.finetune.parallel import (
     model_inputs,
     prepare,
 )
-from ctxext.finetune.setup import RunSetup, setup_run
+from ctxext.finetune.setup import RunSetup, run_identity, setup_run
 from ctxext.finetune.state import (
     LOG_FILE,
     STATE_FILE,
@@ -34,7 +34,6 @@ from ctxext.finetune.state import (
     create_work_dir,
     newest_checkpoint,
     newest_intact_checkpoint,
-    run_identity,
     save_checkpoint,
     trim_log,
 )
@@ -116,7 +115,7 @@ def run_finetune(
     loader = train_loader(data, cfg, setup, state.samples, global_batch)
     net, opt, loader, sched = prepare(acc, net, loader, cfg)
     if not resume:  # only now: a run that fails to start leaves nothing behind
-        create_work_dir(acc, setup, identity)
+        create_work_dir(acc, setup.work, setup.out, identity)
     if ckpt is not None:
         report("status", {"message": f"resuming from {ckpt.name}"})
         acc.load_state(str(ckpt))

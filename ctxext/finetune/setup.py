@@ -170,3 +170,19 @@ def _check_output_state(out: Path, work: Path, *, resume: bool, overwrite: bool)
             f"output folder {out} already exists; pass --overwrite to replace it (or --resume "
             "to continue an interrupted run)"
         )
+
+
+def run_identity(
+    setup: RunSetup, cfg: FinetuneConfig, global_batch: int, data_fingerprint: str
+) -> dict[str, Any]:
+    """What makes a run the same run: a --resume must match it (``state.check_same_run``)."""
+    from ctxext import checkpoint
+
+    return {
+        "model": str(setup.source.path),
+        "config_sha256": checkpoint.config_hash(setup.config_before),
+        "extend": setup.extend.model_dump(mode="json") if setup.extend else None,
+        "finetune": cfg.identity(),
+        "global_batch": global_batch,
+        "data_fingerprint": data_fingerprint,
+    }

@@ -12,13 +12,9 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ctxext.config import FinetuneConfig
 from ctxext.errors import CtxextError
-
-if TYPE_CHECKING:
-    from ctxext.finetune.setup import RunSetup
 
 #: progress(event, info): events "status" {message}, "start" {total, completed},
 #: "step" (a log record), "checkpoint" {step, path}.
@@ -152,28 +148,14 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def run_identity(
-    setup: RunSetup, cfg: FinetuneConfig, global_batch: int, data_fingerprint: str
-) -> dict[str, Any]:
-    from ctxext import checkpoint
-
-    return {
-        "model": str(setup.source.path),
-        "config_sha256": checkpoint.config_hash(setup.config_before),
-        "extend": setup.extend.model_dump(mode="json") if setup.extend else None,
-        "finetune": cfg.identity(),
-        "global_batch": global_batch,
-        "data_fingerprint": data_fingerprint,
-    }
-
-
-def create_work_dir(acc: Any, setup: RunSetup, identity: dict[str, Any]) -> None:
-    """A fresh work folder (replacing one without checkpoints, or any with --overwrite)."""
+def create_work_dir(acc: Any, work: Path, out: Path, identity: dict[str, Any]) -> None:
+    """A fresh work folder for the output ``out`` (replacing one without checkpoints, or any
+    with --overwrite)."""
     if acc.is_main_process:
-        if setup.work.exists():
-            shutil.rmtree(setup.work)
-        (setup.work / "checkpoints").mkdir(parents=True)
-        _write_json_atomic(setup.work / RUN_FILE, {"identity": identity, "output": str(setup.out)})
+        if work.exists():
+            shutil.rmtree(work)
+        (work / "checkpoints").mkdir(parents=True)
+        _write_json_atomic(work / RUN_FILE, {"identity": identity, "output": str(out)})
     acc.wait_for_everyone()
 
 
