@@ -204,7 +204,7 @@ def evaluate_lengths(
     lengths are read from that pass's prefix; otherwise each length has its own passes, with
     the rotary state reset before each length. ``token_bytes`` (per-token UTF-8 byte counts,
     :func:`tokenize_for_eval`) adds bits per byte. ``progress(tokens_done)`` is called after
-    every forward pass; the total is :func:`planned_sweep_tokens` with the same arguments.
+    every forward pass; the total is :func:`~ctxext.evaluate.protocol.perplexity_sweep_tokens` with the same arguments.
     """
     one_pass = one_pass and not length_dependent_rope(model)
     plan = plan_passes(

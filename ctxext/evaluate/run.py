@@ -3,9 +3,16 @@
 :func:`evaluate_and_report` is the whole command below the CLI (variants, output checks, the
 evaluation, the output folder); :func:`run_eval` is the evaluation alone (the recipe runner's).
 
-Each *variant* is a checkpoint, optionally with a scaling method applied in memory (the config
-is rewritten before the model is built; nothing is written). Every variant is measured with
-the same data and protocol, and the results carry enough provenance to be compared later.
+Each *variant* (:mod:`~ctxext.evaluate.variants`) is a checkpoint, optionally with a scaling
+method applied in memory. Every variant is measured with the same data and protocol, and the
+results carry enough provenance to be compared later.
+
+The flow goes one way: this module reads the config and calls each task with plain arguments
+(:mod:`~ctxext.evaluate.perplexity`, :mod:`~ctxext.evaluate.passkey`,
+:mod:`~ctxext.evaluate.retrieval`, :mod:`~ctxext.evaluate.context_use`,
+:mod:`~ctxext.evaluate.effective_length`), which use the loss and the protocol below them; no
+task sees the config or imports this module. The caller's hooks (the budget check, progress
+bars) are the only calls back up.
 
 Each model is resolved once for the whole command (a Hub model at one commit), its tokenizer
 loaded once and its weights loaded once: the next method of the same model changes the rope
