@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ctxext.config import FinetuneConfig, MixSource, TaskOptions
 from ctxext.errors import CtxextError
+from ctxext.finetune.episodes import EPISODE_KEY, episode_ids
 
 if TYPE_CHECKING:
     from ctxext.finetune.setup import RunSetup
@@ -445,6 +446,7 @@ class MixedSamples:
             out = text_sample(chunk, sample, mix.seed, self.window)
             if mix.tasks.min_length is not None:  # the batch's rows must have the same keys
                 out["position_ids"] = torch.arange(int(chunk.shape[0]))
+                out[EPISODE_KEY] = torch.zeros(int(chunk.shape[0]), dtype=torch.long)
             return out
         main = mix.parts[mix.main]
         filler = main.data.chunks[main.order(main.samples + mix.fill[sample])].tolist()
@@ -456,12 +458,13 @@ class MixedSamples:
         packed = packed_episodes(
             mix.tokenizer, part.spec.source, mix.tasks, filler, mix.length, rng
         )
-        # No attention mask: transformers reads the position ids' restarts as packed sequences
-        # (only without a KV cache; prepare_model turns use_cache off for training).
+        # Which episode each token is in: the training loop turns it into the block mask that
+        # keeps the episodes apart (ctxext.finetune.episodes).
         return {
             "input_ids": torch.tensor(packed.input_ids, dtype=torch.long),
             "labels": torch.tensor(packed.labels, dtype=torch.long),
             "position_ids": torch.tensor(packed.position_ids, dtype=torch.long),
+            EPISODE_KEY: episode_ids([len(ep.input_ids) for ep in packed.episodes]),
         }
 
 
