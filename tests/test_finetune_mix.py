@@ -292,9 +292,11 @@ def test_no_token_attends_across_episodes(bundled_tok_and_filler, attn, padding_
 
 
 def test_the_episode_mask_is_block_causal_and_sized_as_planned():
+    """The mask's pattern and dtype, its allocation (what `plan` counts), and no mask at all
+    for rows of one episode each."""
     import torch
 
-    from ctxext.finetune.episodes import episode_ids, episode_mask, mask_bytes
+    from ctxext.finetune.episodes import episode_ids, episode_mask, mask_bytes, with_episode_mask
 
     ids = torch.stack([episode_ids([3, 2, 4]), episode_ids([9])])
     pad = torch.tensor([[1] * 9, [1] * 7 + [0] * 2])
@@ -311,6 +313,11 @@ def test_the_episode_mask_is_block_causal_and_sized_as_planned():
     # Rows aligned for the memory-efficient kernel; what `plan` counts is what is allocated.
     assert mask.stride(-2) % 16 == 0
     assert mask.untyped_storage().nbytes() == mask_bytes(2, 9, 2)
+    # Rows of one episode each have nothing to keep apart: plain causal attention (SDPA's
+    # fastest kernels), the 2-D mask as given.
+    single = {"input_ids": ids, "attention_mask": pad, "episode_ids": torch.zeros_like(ids)}
+    out = with_episode_mask(single, "sdpa", torch.float32)
+    assert out.keys() == {"input_ids", "attention_mask"} and out["attention_mask"] is pad
 
 
 def test_training_reads_episodes_through_the_block_mask(tmp_path, tiny_llama_session):

@@ -111,6 +111,10 @@ def with_episode_mask(batch: dict[str, Any], implementation: str, dtype: Any) ->
     mask = out.get("attention_mask")
     if mask is not None and mask.dim() != 2:
         raise ValueError(f"a batch with episodes has a {mask.dim()}-D attention mask")
+    if not bool((ids != 0).any()):
+        # One episode per row (text rows of the mix, single-episode task samples): nothing to
+        # keep apart, and plain causal attention keeps SDPA's fastest kernels.
+        return out
     out["attention_mask"] = episode_mask(ids, dtype, mask)
     return out
 
