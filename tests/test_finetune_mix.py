@@ -357,7 +357,7 @@ def test_episodes_are_refused_where_no_mask_can_keep_them_apart(tmp_path, monkey
     from ctxext.finetune.episodes import with_episode_mask
     from ctxext.finetune.setup import setup_run
 
-    cfg = finetune_cfg(mix=["stdlib:1", "multikey:1"], tasks={"keys": 2, "min_length": 64})
+    cfg = finetune_cfg(mix=["stdlib:1", "multikey:1"], tasks={"keys": 2, "min_length": 128})
     setup_run(str(BUNDLED), tmp_path / "a", YARN2, cfg, resume=False, overwrite=False)
     monkeypatch.setenv("PARALLELISM_CONFIG_CP_SIZE", "2")
     with pytest.raises(CtxextError, match=r"context parallelism .* runs attention without"):
