@@ -20,7 +20,9 @@ one on every call, and under autograd each layer would keep its own converted co
 backward (layers x L x L). A float mask already in the dtype the queries have (the autocast
 dtype, else fp32) goes through uncast: every layer shares the one tensor. Its last dimension
 is allocated padded to a multiple of 16 so the memory-efficient CUDA kernel needs no aligned
-copy either.
+copy either. (Read from torch's SDPA dispatch, not yet measured on a GPU.) A batch whose rows
+are one episode each gets no mask (plain causal attention, SDPA's fastest kernels); with that,
+training gives bitwise the weights the implicit packing gave.
 
 Where the mask cannot express the model's attention, task episodes are refused before anything
 loads (:func:`check_episodes_supported`): context parallelism (torch's ring attention runs
