@@ -222,8 +222,8 @@ def packed_episodes(
 ) -> PackedEpisodes:
     """``length`` tokens of ``task`` episodes of :func:`episode_lengths` (``options.min_length``
     .. ``length``), each a :func:`task_sequence` with its own BOS, its filler the next slice of
-    ``filler``. Position ids restart at 0 in each: transformers then treats the sample as
-    packed sequences and lets no token attend across an episode (given no attention mask)."""
+    ``filler``. Position ids restart at 0 in each; no token attends across an episode because
+    training passes a block mask built from the episodes (:mod:`ctxext.finetune.episodes`)."""
     low = options.min_length or length
     ids: list[int] = []
     labels: list[int] = []

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 FINETUNE = [
-    "ctxext.finetune", "ctxext.finetune.data", "ctxext.finetune.export", "ctxext.finetune.loop",
-    "ctxext.finetune.loss", "ctxext.finetune.model", "ctxext.finetune.optim", "ctxext.finetune.parallel",
-    "ctxext.finetune.setup", "ctxext.finetune.state",
+    "ctxext.finetune", "ctxext.finetune.data", "ctxext.finetune.episodes", "ctxext.finetune.export",
+    "ctxext.finetune.loop", "ctxext.finetune.loss", "ctxext.finetune.model",
+    "ctxext.finetune.optim", "ctxext.finetune.parallel", "ctxext.finetune.setup",
+    "ctxext.finetune.state",
 ]  # fmt: skip
 RECIPES = [
     "ctxext.recipes", "ctxext.recipes.loader", "ctxext.recipes.provenance",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ctxext.config import FinetuneConfig, MixSource, TaskOptions
 from ctxext.errors import CtxextError
+from ctxext.finetune.episodes import EPISODE_KEY, episode_ids
 
 if TYPE_CHECKING:
     from ctxext.finetune.setup import RunSetup
@@ -444,7 +445,10 @@ class MixedSamples:
             chunk = part.data.chunks[part.order(mix.ranks[sample])]
             out = text_sample(chunk, sample, mix.seed, self.window)
             if mix.tasks.min_length is not None:  # the batch's rows must have the same keys
-                out["position_ids"] = torch.arange(int(chunk.shape[0]))
+                n = int(chunk.shape[0])
+                out["position_ids"] = torch.arange(n)
+                out["attention_mask"] = torch.ones(n, dtype=torch.long)
+                out[EPISODE_KEY] = torch.zeros(n, dtype=torch.long)
             return out
         main = mix.parts[mix.main]
         filler = main.data.chunks[main.order(main.samples + mix.fill[sample])].tolist()
@@ -456,12 +460,17 @@ class MixedSamples:
         packed = packed_episodes(
             mix.tokenizer, part.spec.source, mix.tasks, filler, mix.length, rng
         )
-        # No attention mask: transformers reads the position ids' restarts as packed sequences
-        # (only without a KV cache; prepare_model turns use_cache off for training).
+        # Which episode each token is in: the training loop turns it into the block mask that
+        # keeps the episodes apart (ctxext.finetune.episodes), folding in the all-ones padding
+        # mask (nothing is padded). That mask is there on purpose: on its own it would let
+        # episodes attend to each other, so isolation cannot rest on its absence.
+        ids = torch.tensor(packed.input_ids, dtype=torch.long)
         return {
-            "input_ids": torch.tensor(packed.input_ids, dtype=torch.long),
+            "input_ids": ids,
             "labels": torch.tensor(packed.labels, dtype=torch.long),
             "position_ids": torch.tensor(packed.position_ids, dtype=torch.long),
+            "attention_mask": torch.ones_like(ids),
+            EPISODE_KEY: episode_ids([len(ep.input_ids) for ep in packed.episodes]),
         }
 
 
