@@ -132,7 +132,7 @@ def isolated_batches(batches: Iterator[dict[str, Any]], model: Any, dtype: Any) 
             yield batch
 
 
-def compute_dtype(mixed_precision: str) -> Any:
+def mask_dtype(mixed_precision: str) -> Any:
     """The dtype attention's queries have under Accelerate's ``mixed_precision`` (ctxext keeps
     fp32 weights without it: see finetune.loop._load)."""
     import torch

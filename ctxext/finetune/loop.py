@@ -12,7 +12,7 @@ from typing import Any
 from ctxext.config import ExtendConfig, FinetuneConfig
 from ctxext.errors import CtxextError
 from ctxext.finetune.data import load_train_data, train_loader
-from ctxext.finetune.episodes import compute_dtype, isolated_batches
+from ctxext.finetune.episodes import isolated_batches, mask_dtype
 from ctxext.finetune.export import finish
 from ctxext.finetune.loss import LONGCE_MAX_WEIGHT
 from ctxext.finetune.model import prepare_model
@@ -251,7 +251,7 @@ def _train(
     started, tokens_at_start, elapsed_at_start = time.perf_counter(), state.tokens, state.elapsed
     # Task episodes (--task-min-length): each batch gets its explicit block mask here.
     batches = isolated_batches(
-        iter(loader), acc.unwrap_model(net), compute_dtype(acc.mixed_precision)
+        iter(loader), acc.unwrap_model(net), mask_dtype(acc.mixed_precision)
     )
     loss_value = None
     log = (setup.work / LOG_FILE).open("a", encoding="utf-8") if acc.is_main_process else None
