@@ -20,8 +20,9 @@ from ctxext.errors import CtxextError
 if TYPE_CHECKING:
     from ctxext.finetune.setup import RunSetup
 
-#: progress(event, info): events "status" {message}, "start" {total, completed},
-#: "step" (a log record), "checkpoint" {step, path}.
+#: progress(event, info): events "status" {message}, "packing" {source, done, total} (tokens
+#: of training data packed), "start" {total, completed}, "step" (a log record),
+#: "checkpoint" {step, path}, "warning" {message}.
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
 WORK_SUFFIX = ".ctxext-work"
