@@ -151,7 +151,10 @@ def eval_command(
     memory_limit: MemoryLimitOpt = None,
     plan_only: PlanOnlyOpt = False,
 ) -> None:
-    """Perplexity (and passkey retrieval) at several lengths, models and methods side by side."""
+    """Perplexity, passkey, far-context gain and retrieval: models and methods side by side.
+
+    --task picks them (default ppl); context-use + retrieval give each effective context length.
+    """
     from ctxext.cli.guard import GuardOptions
     from ctxext.config import parse_model, positive_int_list
     from ctxext.evalrun import evaluate_and_report
