@@ -1,7 +1,7 @@
-"""README.md and docs/*.md point at things that exist: every repository path (files, folders,
-globs, relative links and their #anchors), every `ctxext.module` named, and every `--flag`
-(accepted by a ctxext command or by a script of this repository; other tools' flags are
-listed below by tool).
+"""README.md and docs/*.md point at things that exist: every repository path named (files,
+folders, globs), every `ctxext.module` (and `ctxext.module.name`), and every `--flag` (accepted
+by a ctxext command or by a script of this repository; other tools' flags are listed below by
+tool). Relative links and their #anchors: tests/test_docs.py.
 
 The checks are functions of a document's text, so the test can also watch them fail on a
 planted dead reference.
@@ -32,10 +32,8 @@ GLOBAL_FLAGS = {"--debug", "--help"}
 
 _TOP = r"(?:ctxext|tests|benchmarks|docs|recipes|\.ci)"
 _PATH = re.compile(rf"(?<![\w./-])((?:\.\./)*{_TOP}/[\w./*-]*)")
-_LINK = re.compile(r"\]\(([^)\s]+)\)")
 _MODULE = re.compile(r"(?<![\w./-])ctxext(?:\.[A-Za-z_]\w*)+")
 _FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*[a-z0-9]")
-_HEADING = re.compile(r"^#{1,6}\s+(.*)$", re.MULTILINE)
 
 
 def _exists(base: Path, ref: str) -> bool:
@@ -45,35 +43,14 @@ def _exists(base: Path, ref: str) -> bool:
     return (base / ref).exists()
 
 
-def _slug(heading: str) -> str:
-    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip()).lower()
-    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
-
-
-def _anchors(doc: Path) -> set[str]:
-    return {_slug(h) for h in _HEADING.findall(_without_code_blocks(doc.read_text()))}
-
-
-def _without_code_blocks(text: str) -> str:
-    return re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
-
-
 def dead_paths(text: str, doc: Path) -> list[str]:
-    """Repository paths and relative links (with anchors) in ``text`` that point at nothing."""
+    """Repository paths in ``text`` (plain or in links) that point at nothing; relative links
+    and their anchors are checked by tests/test_docs.py."""
     dead = []
     for ref in _PATH.findall(text):
         base = doc.parent if ref.startswith("../") else ROOT
         if not _exists(base, ref):
             dead.append(ref)
-    for target in _LINK.findall(text):
-        if re.match(r"[a-z]+:", target):  # https:, mailto:
-            continue
-        path, _, anchor = target.partition("#")
-        file = (doc.parent / path) if path else doc
-        missing = bool(path) and not _exists(doc.parent, path)
-        if missing or (anchor and file.suffix == ".md" and anchor not in _anchors(file)):
-            dead.append(target)
     return dead
 
 
@@ -170,19 +147,18 @@ def test_every_path_module_and_flag_named_exists(doc, known_flags):
 def test_planted_dead_references_are_caught(known_flags):
     doc = ROOT / "docs" / "commands.md"
     planted = (
-        "See `ctxext/plan.py`, tests/test_nothing_here.py, [a](safety.md#no-such-heading), "
-        "[b](missing.md), `ctxext.nowhere`, ctxext.errors.NoSuchError and --no-such-flag."
+        "See `ctxext/plan.py`, [t](../tests/test_nothing_here.py), `docs/nothing-*`, "
+        "`ctxext.nowhere`, ctxext.errors.NoSuchError and --no-such-flag."
     )
     assert dead_paths(planted, doc) == [
         "ctxext/plan.py",
-        "tests/test_nothing_here.py",
-        "safety.md#no-such-heading",
-        "missing.md",
+        "../tests/test_nothing_here.py",
+        "docs/nothing-*",
     ]
     assert dead_modules(planted) == ["ctxext.nowhere", "ctxext.errors.NoSuchError"]
     assert dead_flags(planted, known_flags) == ["--no-such-flag"]
     alive = (
-        "See ctxext/cli/progress.py, docs/tune-*, [c](safety.md), ctxext.errors.CtxextError, "
+        "See ctxext/cli/progress.py, docs/tune-*, [c](../tests/conftest.py), ctxext.errors.CtxextError, "
         "ctxext.rope.formulas and --retrieval-template."
     )
     assert dead_paths(alive, doc) == [] and dead_modules(alive) == []
