@@ -331,17 +331,18 @@ class _ProgressBar:
 
     def _before_training(self, event: str, info: dict[str, Any]) -> None:
         """Loading and packing: a transient spinner on a terminal (it vanishes, so an error
-        that follows stays a single line), plain lines in a log."""
-        if not _err.is_terminal:
+        that follows stays a single line), plain lines in a log for the steps that last."""
+        if not _err.is_terminal:  # each step a phase, said only once it lasts (PhaseLog.lazy)
             from ctxext.cli.progress import PhaseLog
 
-            self.log = self.log or PhaseLog(_err)
+            self.log = self.log or PhaseLog(_err, lazy=True)
             if event == "status":
                 self.log.finish_all()
-                self.log.line(info["message"])
+                self.log.start("status", info["message"], None)
                 return
             key = f"packing {info['source']}"
             if key not in self.log:
+                self.log.finish("status")  # "packing training data" is this phase
                 self.log.start(key, key, info["total"], unit="tok")
             self.log.update(key, info["done"])
             return

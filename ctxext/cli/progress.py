@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
@@ -84,13 +84,16 @@ class _Phase:
     last_line: float
     completed: float = 0.0
     detail: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    announced: bool = False  # its start line is out
 
 
 class PhaseLog:
     """Progress as plain lines for a console that is not a terminal (see the module doc).
 
-    Phases are keyed by any hashable; ``clock`` is injectable for tests.
+    Phases are keyed by any hashable; ``clock`` is injectable for tests. A ``lazy`` log (for
+    the loading before work starts, where bad input is refused) says nothing of a phase shorter
+    than ``interval``: its start line comes with its first progress line, so a quick phase that
+    ends in an error leaves the error the only line.
     """
 
     def __init__(
@@ -98,10 +101,12 @@ class PhaseLog:
         console: Console,
         interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        lazy: bool = False,
     ) -> None:
         self.console = console
         self.interval = log_interval() if interval is None else interval
         self.clock = clock
+        self.lazy = lazy
         self._open: dict[Any, _Phase] = {}
 
     def __contains__(self, key: Any) -> bool:
@@ -120,10 +125,15 @@ class PhaseLog:
         unit: str = "",
     ) -> None:
         now = self.clock()
-        self._open[key] = _Phase(name, total, unit, now, completed, now, completed)
-        size = "" if total is None else f" ({_count(total)} {unit})".replace(" )", ")")
-        resumed = f", from {_count(completed)}" if completed else ""
-        self.line(f"{name}: started{size}{resumed}")
+        self._open[key] = phase = _Phase(name, total, unit, now, completed, now, completed)
+        if not self.lazy:
+            self._start_line(phase)
+
+    def _start_line(self, phase: _Phase) -> None:
+        phase.announced = True
+        size = "" if phase.total is None else f" ({_count(phase.total)} {phase.unit})"
+        resumed = f", from {_count(phase.start_count)}" if phase.start_count else ""
+        self.line(f"{phase.name}: started{size.replace(' )', ')')}{resumed}")
 
     def update(
         self,
@@ -147,24 +157,30 @@ class PhaseLog:
             return
         now = self.clock()
         if now - phase.last_line >= self.interval:
+            if not phase.announced:
+                self._start_line(phase)
             phase.last_line = now
             self.line(self._progress_line(phase, now))
 
     def finish(self, key: Any) -> None:
-        """The end line of one phase (nothing if it was not open)."""
+        """The end line of one phase (nothing if it was not open, or a lazy log's phase was
+        shorter than the interval)."""
         phase = self._open.pop(key, None)
         if phase is None:
             return
         elapsed = self.clock() - phase.started
+        if not phase.announced:
+            if elapsed < self.interval:
+                return
+            self._start_line(phase)
         done = phase.completed - phase.start_count
         # No rate for a phase shorter than a second: it would say little.
         rate = f", {_rate(done / elapsed)} {phase.unit}/s" if elapsed >= 1 and done else ""
-        unit = f" {phase.unit}" if phase.unit else ""
+        count = ""
+        if phase.total is not None or phase.completed:
+            count = f", {_count(phase.completed)} {phase.unit}".rstrip()
         detail = f"; {phase.detail}" if phase.detail else ""
-        self.line(
-            f"{phase.name}: done, {_count(phase.completed)}{unit} in {_duration(elapsed)}"
-            f"{rate}{detail}"
-        )
+        self.line(f"{phase.name}: done{count} in {_duration(elapsed)}{rate}{detail}")
 
     def finish_all(self) -> None:
         for key in list(self._open):
