@@ -151,7 +151,10 @@ def eval_command(
     memory_limit: MemoryLimitOpt = None,
     plan_only: PlanOnlyOpt = False,
 ) -> None:
-    """Perplexity (and passkey retrieval) at several lengths, models and methods side by side."""
+    """Perplexity, passkey, far-context gain and retrieval: models and methods side by side.
+
+    --task picks them (default ppl); context-use + retrieval give each effective context length.
+    """
     from ctxext.cli.guard import GuardOptions
     from ctxext.config import parse_model, positive_int_list
     from ctxext.evaluate.run import evaluate_and_report
@@ -237,8 +240,8 @@ def _progress_factory(progress: Any, announce: Any) -> Any:
         announce.show(progress.console)  # once the first model is loaded
         # Weight downloads report bytes: shown in MiB (the rate column reads per second).
         scale = 2**20 if what.startswith("download ") else 1
-        label = f"{what} (MiB)" if scale > 1 else what
-        task_id = progress.add_task(label, total=total / scale)
+        label, unit = (f"{what} (MiB)", "MiB") if scale > 1 else (what, "tok")
+        task_id = progress.add_task(label, total=total / scale, unit=unit)
         return lambda done: progress.update(task_id, completed=done / scale)
 
     return factory

@@ -101,7 +101,7 @@ def run_finetune(
     tokenizer = load_tokenizer(setup.source.path, trust_remote_code)
     # PoSE windows are cut from target-length chunks; plain training reads whole chunks.
     chunk_length = setup.target_length if cfg.pose else setup.seq_length
-    data = load_train_data(tokenizer, cfg, chunk_length, global_batch)
+    data = load_train_data(tokenizer, cfg, chunk_length, global_batch, _pack_reporter(report))
     identity = run_identity(setup, cfg, global_batch, data.fingerprint)
     if resume:
         check_same_run(setup.work, identity)
@@ -173,6 +173,15 @@ def _reporter(progress: ProgressFn | None, main: bool) -> ProgressFn:
             progress(event, info)
 
     return report
+
+
+def _pack_reporter(report: ProgressFn) -> Callable[[str, int, int], None]:
+    """Data packing as "packing" events {source, done, total} (tokens)."""
+
+    def packing(source: str, done: int, total: int) -> None:
+        report("packing", {"source": source, "done": done, "total": total})
+
+    return packing
 
 
 def _load(

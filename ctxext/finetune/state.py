@@ -6,18 +6,21 @@ hard kill leaves either a complete checkpoint or a temporary folder that resumin
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ctxext.errors import CtxextError
 
-#: progress(event, info): events "status" {message}, "start" {total, completed},
-#: "step" (a log record), "checkpoint" {step, path}.
+#: progress(event, info): events "status" {message}, "packing" {source, done, total} (tokens
+#: of training data packed), "start" {total, completed}, "step" (a log record),
+#: "checkpoint" {step, path}, "warning" {message}.
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
 WORK_SUFFIX = ".ctxext-work"
@@ -191,7 +194,8 @@ def save_checkpoint(acc: Any, work: Path, state: TrainerState) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
+    with _quiet_tied_weights():
+        acc.save_state(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
         # Sizes and hashes of every file, so a resume can tell a damaged checkpoint.
@@ -206,6 +210,34 @@ def save_checkpoint(acc: Any, work: Path, state: TrainerState) -> Path:
         _prune_checkpoints(folder)
     acc.wait_for_everyone()
     return final
+
+
+#: The logger of accelerate's safetensors writer (accelerate.utils.other).
+_ACCELERATE_SAVE_LOGGER = "accelerate.utils.other"
+
+
+class _TiedWeightsFilter(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {'lm_head.weight'} while saving" record.
+
+    A model with tied input and output embeddings holds one tensor under two names;
+    safetensors stores it once and accelerate says so at every checkpoint. Nothing is lost:
+    the model that loads the checkpoint ties the two names again (tests/test_finetune_state.py
+    checks that a resumed model has the saved weights, tied).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_tied_weights() -> Iterator[None]:
+    logger = logging.getLogger(_ACCELERATE_SAVE_LOGGER)
+    note = _TiedWeightsFilter()
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)
 
 
 def _prune_checkpoints(folder: Path) -> None:
