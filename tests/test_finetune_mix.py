@@ -17,8 +17,8 @@ from conftest import BUNDLED, finetune_cfg, max_weight_diff, model_weights
 
 from ctxext.config import ExtendConfig, TaskOptions
 from ctxext.errors import CtxextError
-from ctxext.finetune.data import mix_draws
 from ctxext.finetune.loop import run_finetune
+from ctxext.finetune.mix import mix_draws
 
 YARN2 = ExtendConfig(method="yarn", factor=2)  # 128 -> 256
 
@@ -325,8 +325,8 @@ def test_training_reads_episodes_through_the_block_mask(tmp_path, tiny_llama_ses
     apart, and not the loss the all-ones mask the samples carry would give on its own."""
     import torch
 
-    from ctxext.finetune.data import MixedSamples, load_mix
     from ctxext.finetune.episodes import EPISODE_KEY, with_episode_mask
+    from ctxext.finetune.mix import MixedSamples, load_mix
     from ctxext.modeling import load_causal_lm
 
     mix = ["stdlib:0", "retrieval:1"]

@@ -19,8 +19,8 @@ import pytest
 
 FINETUNE = [
     "ctxext.finetune", "ctxext.finetune.data", "ctxext.finetune.episodes", "ctxext.finetune.export",
-    "ctxext.finetune.loop", "ctxext.finetune.loss", "ctxext.finetune.model",
-    "ctxext.finetune.optim", "ctxext.finetune.parallel", "ctxext.finetune.setup",
+    "ctxext.finetune.loop", "ctxext.finetune.loss", "ctxext.finetune.mix", "ctxext.finetune.model",
+    "ctxext.finetune.optim", "ctxext.finetune.parallel", "ctxext.finetune.samples", "ctxext.finetune.setup",
     "ctxext.finetune.state",
 ]  # fmt: skip
 RECIPES = [

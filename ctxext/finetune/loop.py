@@ -11,7 +11,6 @@ from typing import Any
 
 from ctxext.config import ExtendConfig, FinetuneConfig
 from ctxext.errors import CtxextError
-from ctxext.finetune.data import load_train_data, train_loader
 from ctxext.finetune.episodes import isolated_batches, mask_dtype
 from ctxext.finetune.export import finish
 from ctxext.finetune.loss import LONGCE_MAX_WEIGHT
@@ -25,6 +24,7 @@ from ctxext.finetune.parallel import (
     model_inputs,
     prepare,
 )
+from ctxext.finetune.samples import load_train_data, train_loader
 from ctxext.finetune.setup import RunSetup, run_identity, setup_run
 from ctxext.finetune.state import (
     LOG_FILE,
@@ -259,9 +259,7 @@ def _train(
     tokens_per_step = global_batch * setup.seq_length
     started, tokens_at_start, elapsed_at_start = time.perf_counter(), state.tokens, state.elapsed
     # Task episodes (--task-min-length): each batch gets its explicit block mask here.
-    batches = isolated_batches(
-        iter(loader), acc.unwrap_model(net), mask_dtype(acc.mixed_precision)
-    )
+    batches = isolated_batches(iter(loader), acc.unwrap_model(net), mask_dtype(acc.mixed_precision))
     loss_value = None
     log = (setup.work / LOG_FILE).open("a", encoding="utf-8") if acc.is_main_process else None
     try:

@@ -114,7 +114,7 @@ def _longce_windows(cfg: FinetuneConfig, trained: int, seq: int) -> tuple[int | 
 def _check_tasks_fit(cfg: FinetuneConfig, folder: Path, length: int) -> None:
     """Task sources of the mix that cannot fit the training length, refused from the model's
     tokenizer.json alone (no torch); without one, the run checks with the real tokenizer
-    before it reads any data (:func:`ctxext.finetune.data.load_mix`)."""
+    before it reads any data (:func:`ctxext.finetune.mix.load_mix`)."""
     tasks = [m.source for m in cfg.mix or () if m.is_task]
     path = folder / "tokenizer.json"
     if not tasks or not path.is_file():
