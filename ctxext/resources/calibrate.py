@@ -12,7 +12,9 @@ run computes in there (bf16 on CUDA, fp32 on CPU):
 
 The cache lives in ``$CTXEXT_CACHE_DIR`` (else the user cache dir, ``~/.cache/ctxext``), keyed by
 host name, device, torch version and thread count: another machine or another torch measures
-again. Available memory: ``$CTXEXT_MEMORY_LIMIT`` (e.g. ``2GB``) overrides what is measured.
+again. It records the load average the speeds were measured under: a fine-tune compares its
+first steps with the prediction and measures again when they are off by more than 2x
+(:class:`ctxext.resources.guard.StepCheck`); ``--recalibrate`` measures again at once. Available memory: ``$CTXEXT_MEMORY_LIMIT`` (e.g. ``2GB``) overrides what is measured.
 
 Under a launcher (torchrun, ``accelerate launch``) only rank 0 measures (see
 :func:`ctxext.resources.guard.assess`), and the runtime probe's subprocess runs as a plain process: it
@@ -35,6 +37,7 @@ from typing import Any
 
 from ctxext.errors import CtxextError
 from ctxext.resources.estimate import Calibration, parse_bytes
+from ctxext.resources.threads import machine_load
 
 __all__ = [
     "PESSIMISTIC",
@@ -45,11 +48,14 @@ __all__ = [
     "load_calibration",
     "measure_runtime",
     "measure_speed",
+    "save_calibration",
 ]
 
 MEMORY_LIMIT_ENV = "CTXEXT_MEMORY_LIMIT"
 CACHE_ENV = "CTXEXT_CACHE_DIR"
-_VERSION = 3
+#: 4: the load average and thread count are recorded (older caches may hold a measurement taken
+#: under load: they are measured again).
+_VERSION = 4
 _SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 _ATTENTION_LENGTHS = (512, 1024, 2048, 4096)
 #: A deliberately slow, memory-hungry stand-in used before this machine is measured: a run
@@ -119,14 +125,18 @@ def load_calibration(refresh: bool = False) -> Calibration:
     cached = None if refresh else cached_calibration()
     if cached is not None:
         return cached
-    device = _device()
-    path = _cache_file(device)
-    calib = _measure(device)
+    calib = _measure(_device())
+    save_calibration(calib)
+    return calib
+
+
+def save_calibration(calib: Calibration) -> None:
+    """Write ``calib`` as this machine's cached calibration (atomically)."""
+    path = _cache_file(_device())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(calib.__dict__, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-    return calib
 
 
 def _measure(device: str) -> Calibration:
@@ -148,6 +158,7 @@ def measure_speed(base: Calibration) -> Calibration:
     cuda = base.device.startswith("cuda")
     dev = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
+    load = machine_load()
     latency = _op_latency(dev)
     return Calibration(
         device=base.device,
@@ -156,6 +167,8 @@ def measure_speed(base: Calibration) -> Calibration:
         bandwidth=_bandwidth(dev, latency),
         runtime=base.runtime,
         op_seconds=latency,
+        load=None if load is None else round(load.average, 2),
+        threads=torch.get_num_threads(),
     )
 
 
