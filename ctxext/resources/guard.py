@@ -275,10 +275,14 @@ class StepCheck:
     way one line says so. Checked once, after the warm-up step and :data:`CHECK_STEPS` more.
     """
 
-    predicted: float  # seconds per optimizer step
+    predict: Callable[[Any], float]  # calibration -> seconds per optimizer step
     calib: Any  # estimate.Calibration
     seconds: list[float] = field(default_factory=list)
     done: bool = False
+
+    @property
+    def predicted(self) -> float:
+        return self.predict(self.calib)
 
     def observe(self, seconds: float) -> tuple[str, str] | None:
         """Record one step's seconds; once enough are in: (event, one-line message) or None."""
@@ -313,8 +317,16 @@ class StepCheck:
                 )
         fresh = calibrate.measure_speed(self.calib)
         calibrate.save_calibration(fresh)
-        when = "" if then is None else f" (it was measured at load {then:.1f}, now {fresh.load})"
-        return "warning", f"{said}{when}: re-measured the speeds, cache updated"
+        when = ""
+        if then is not None and fresh.load is not None:
+            when = f" (measured at load {then:.1f}; now {fresh.load:.1f})"
+        again = self.predict(fresh)
+        off = ""
+        if not 1 / CHECK_FACTOR <= measured / again <= CHECK_FACTOR:
+            off = (
+                f"; it now predicts {again:.3g} s: the estimate is off for this run, not the speeds"
+            )
+        return "warning", f"{said}{when}: re-measured the speeds, cache updated{off}"
 
 
 def finetune_step_check(source: Any, trained: int, seq: int, cfg: Any) -> StepCheck | None:
@@ -326,4 +338,4 @@ def finetune_step_check(source: Any, trained: int, seq: int, cfg: Any) -> StepCh
     if cached is None:
         return None
     run = _finetune_workloads(source, trained, seq, cfg)
-    return StepCheck(run.estimates(cached)[0][1].seconds_per_step, cached)
+    return StepCheck(lambda calib: run.estimates(calib)[0][1].seconds_per_step, cached)
