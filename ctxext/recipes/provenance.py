@@ -43,6 +43,7 @@ def provenance(run: RecipeRun) -> dict[str, Any]:
     import torch
 
     from ctxext import checkpoint
+    from ctxext.resources import threads
 
     recipe_text = run.loaded.path.read_bytes()
     resolved = run.loaded.resolved()
@@ -90,6 +91,7 @@ def provenance(run: RecipeRun) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
+        "openmp": threads.policy(),  # how the threads wait (ctxext.resources.threads)
         "deterministic_algorithms": True,
         "data": data,
         "models": models,
