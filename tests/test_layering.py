@@ -34,7 +34,7 @@ SPLIT = [
 ]  # fmt: skip
 RESOURCES = [
     "ctxext.resources", "ctxext.resources.calibrate", "ctxext.resources.estimate",
-    "ctxext.resources.guard", "ctxext.resources.threads",
+    "ctxext.resources.guard", "ctxext.resources.probe", "ctxext.resources.threads",
 ]  # fmt: skip
 LOWER = [
     "ctxext.bundled_train", "ctxext.checkpoint", "ctxext.config", "ctxext.context_use",

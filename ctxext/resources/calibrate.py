@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -258,7 +257,7 @@ def measure_runtime(timeout: float = _PROBE_TIMEOUT) -> dict[str, int]:
     The process is a plain one even when this one was started by a launcher (see
     :data:`_LAUNCHER_VARS`); it is killed after ``timeout`` seconds.
     """
-    code = "from ctxext.resources.calibrate import _runtime_probe; _runtime_probe()"
+    code = "from ctxext.resources.probe import runtime_probe; runtime_probe()"
     env = {**_standalone_env(), "TRANSFORMERS_VERBOSITY": "error"}
     try:
         res = subprocess.run(
@@ -273,38 +272,6 @@ def measure_runtime(timeout: float = _PROBE_TIMEOUT) -> dict[str, int]:
         tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
         raise CtxextError(f"could not measure the runtime's memory ({tail}); add --debug")
     return {k: int(v) for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
-
-
-def _peak_rss() -> int:
-    # ru_maxrss is in KiB on Linux, bytes on macOS.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _runtime_probe() -> None:
-    """Run the bundled model through eval, a full and a LoRA fine-tune at 64 tokens; print
-    for each the peak RSS minus what :func:`ctxext.resources.estimate.estimate` attributes to the model."""
-    import tempfile
-
-    from ctxext import checkpoint, evalrun
-    from ctxext.config import EvalConfig, ExtendConfig, FinetuneConfig
-    from ctxext.finetune.loop import run_finetune
-    from ctxext.resources.estimate import ModelShape, Workload, estimate
-
-    shape = ModelShape.from_config(checkpoint.read_config(checkpoint.bundled_path()))
-    zero = Calibration("cpu", {64: 1.0}, {64: 1.0}, 1.0, {})
-    out: dict[str, int] = {}
-    cfg = EvalConfig(lengths=[64], num_docs=1)
-    evalrun.run_eval(evalrun.plan_variants([None], [], {}, cfg), cfg)
-    out["eval"] = _peak_rss() - estimate(shape, Workload("eval", 64), zero).peak
-    extend = ExtendConfig(method="linear", factor=1.25)  # 256 -> 320 tokens
-    with tempfile.TemporaryDirectory() as tmp:
-        for key, rank in (("finetune", None), ("lora", 4)):
-            ft = FinetuneConfig(steps=1, save_every=0, lora_rank=rank, train_length=64)
-            run_finetune(None, Path(tmp) / key, extend, ft)
-            work = Workload("finetune", 64, lora_rank=rank)
-            out[key] = _peak_rss() - estimate(shape, work, zero).peak
-    print(json.dumps(out))
 
 
 def available_memory(device: str) -> tuple[int, str]:
