@@ -24,6 +24,8 @@ each median's slowdown against the same policy idle. Policies:
     python benchmarks/bench_load.py                    # ~5 min on 2 cores
     python benchmarks/bench_load.py --repeats 2        # a quick check
     python benchmarks/bench_load.py --out docs/bench_load.md
+    # other candidates beside them (set before torch starts; threads=N: torch.set_num_threads)
+    python benchmarks/bench_load.py --policies today policy set:GOMP_SPINCOUNT=1000 set:threads=1
 
 Target (issue "one evaluation house", item 2): under the load both slow down by at most 1.3x
 the fair share (3.9x), and idle the policy is within 2% of today.
