@@ -113,3 +113,12 @@ def test_plan_states_the_load_now_and_the_calibrations(planted, capsys, tmp_path
     text = " ".join(out.split())
     assert "now: load" in text and "speeds measured at load 9.0" in text
     assert "--recalibrate when it is quiet" in text
+
+
+def test_recalibrate_measures_again_at_once(planted, capsys, tmp_path):
+    code, out, err = run_cli(capsys, "plan", "finetune", "-o", tmp_path / "o", "-m", "yarn",
+                             "-f", "2", "--steps", "5", "--json", "--recalibrate")  # fmt: skip
+    assert code == 0, err
+    fresh = calibrate.cached_calibration()
+    assert fresh.matmul_flops[1024] > 4 * planted.matmul_flops[1024]
+    assert json.loads(out)["calibration_load"] == fresh.load != planted.load
