@@ -382,7 +382,7 @@ def held_fixed(args: argparse.Namespace, results: dict[str, Any], tunes: dict) -
 
 
 def markdown(args: argparse.Namespace, results: dict, tunes: dict, chosen: dict) -> str:
-    from ctxext.report import context_use_markdown, ppl_markdown
+    from ctxext.report.markdown import context_use_markdown, ppl_markdown
 
     bench = results["benchmark"]
     long = max(results["config"]["lengths"])
@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"bench_context_finetune: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
-    from ctxext.report import write_outputs
+    from ctxext.report.files import write_outputs
 
     command = "python benchmarks/bench_context_finetune.py"
     if argv is None:

@@ -9,7 +9,7 @@ intermediate 2048, vocabulary 32,000, untied head, q/k/v biases: 110M parameters
 * finetune (yarn to 4x / 2x the trained length): full, LoRA r=8, PoSE (window = trained
   length), gradient checkpointing,
 
-each in a fresh subprocess through the real pipeline (``evalrun.run_eval`` /
+each in a fresh subprocess through the real pipeline (``ctxext.evaluate.run.run_eval`` /
 ``finetune.run_finetune``), and compares
 
 * peak RSS (the subprocess's own ``ru_maxrss``) with ``estimate.estimate(...).peak``;
@@ -69,8 +69,9 @@ def _peak_rss() -> int:
 
 
 def worker_eval(args: argparse.Namespace) -> dict:
-    from ctxext import evalrun
     from ctxext.config import EvalConfig
+    from ctxext.evaluate.run import run_eval
+    from ctxext.evaluate.variants import plan_variants
 
     cfg = EvalConfig(lengths=[args.length], num_docs=args.docs)
     ticks: list[tuple[float, int]] = []
@@ -80,8 +81,8 @@ def worker_eval(args: argparse.Namespace) -> dict:
         ticks.append((time.perf_counter(), 0))
         return lambda done: ticks.append((time.perf_counter(), done))
 
-    variants = evalrun.plan_variants([args.model], [], {}, cfg)
-    evalrun.run_eval(variants, cfg, progress_factory=factory)
+    variants = plan_variants([args.model], [], {}, cfg)
+    run_eval(variants, cfg, progress_factory=factory)
     (t0, n0), (t1, n1) = ticks[0], ticks[-1]
     return {"peak_rss": _peak_rss(), "seconds_per_token": (t1 - t0) / (n1 - n0)}
 

@@ -11,7 +11,7 @@ with rope_theta 10000 and head_dim 64, about 60% of its frequency pairs never co
 turn within the training length, the regime in which position interpolation and YaRN matter.
 
 The training mix (the defaults): 40% packed stdlib code, 30% retrieval sequences (1 to 4
-key/value lines in the *training* templates of ``ctxext.needles`` hidden in code, each asked
+key/value lines in the *training* templates of ``ctxext.evaluate.needles`` hidden in code, each asked
 for at the end, see retrieval_chunks; the held-out templates are never trained on)
 and 30% copy sequences (128 random corpus tokens repeated, see copy_chunks), all at 256 tokens.
 The synthetic 60% make the model able to retrieve a value from anywhere in its trained window
@@ -123,10 +123,10 @@ def training_chunks(stream: list[int], bos_id: int, bos_per_chunk: bool):  # -> 
 
 def retrieval_prompts(tokenizer, stream: list[int], n: int, seed: int, split: str) -> list:
     """``n`` one-needle retrieval prompts at TRAIN_LENGTH from ``stream``, cycling through the
-    templates of ``split`` (``ctxext.needles``), placed and scored as ``ctxext eval`` does."""
+    templates of ``split`` (``ctxext.evaluate.needles``), placed and scored as ``ctxext eval`` does."""
     import numpy as np
 
-    from ctxext.needles import build_prompt, random_key, random_name, templates_of
+    from ctxext.evaluate.needles import build_prompt, random_key, random_name, templates_of
 
     forms = templates_of(split)
     rng = np.random.default_rng(seed)
@@ -145,12 +145,12 @@ def retrieval_probe(model, prompts: list) -> float:
     """Teacher-forced retrieval accuracy on ``prompts``, scored as ``ctxext eval`` scores it."""
     import torch
 
-    from ctxext.evaluate.passkey import _passkey_correct
+    from ctxext.evaluate.scoring import answer_correct
 
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        hits = sum(_passkey_correct(model, p) for p in prompts)
+        hits = sum(answer_correct(model, p) for p in prompts)
     model.train(was_training)
     return hits / len(prompts)
 
@@ -161,7 +161,7 @@ def retrieval_chunks(
     """[n, TRAIN_LENGTH] synthetic retrieval sequences for the ``--retrieval-mix``.
 
     Each is a random window of the packed training stream with 1 to ``needles`` key/value
-    lines in the *training* templates of ``ctxext.needles`` (a random form per needle) at
+    lines in the *training* templates of ``ctxext.evaluate.needles`` (a random form per needle) at
     uniform random depths (on line boundaries), each asked for at the end
     (``needles.multi_needle_ids``). Trained on with the ordinary next-token loss, so the model
     learns to find a name and copy the value it saw with it (at distances < TRAIN_LENGTH only,
@@ -171,7 +171,7 @@ def retrieval_chunks(
     import numpy as np
     import torch
 
-    from ctxext.needles import multi_needle_ids, templates_of
+    from ctxext.evaluate.needles import multi_needle_ids, templates_of
 
     forms = templates_of("train")
     rng = np.random.default_rng(seed)

@@ -72,7 +72,7 @@ def eval_results(info: dict[str, Any]) -> list[Any]:
 
 
 def _body(info: dict[str, Any]) -> str:
-    from ctxext.report import context_use_markdown, passkey_markdown, ppl_markdown
+    from ctxext.report.markdown import context_use_markdown, passkey_markdown, ppl_markdown
 
     base = info["base_model"]
     base_ref = f"[{base}](https://huggingface.co/{base})" if info["base_is_hub"] else f"`{base}`"

@@ -16,6 +16,7 @@ from typing import Any
 
 from ctxext import checkpoint, rope
 from ctxext.config import ExtendConfig
+from ctxext.device import pick_device, resolve_dtype
 from ctxext.errors import CtxextError
 
 
@@ -29,21 +30,6 @@ class LoadedModel:
     config: dict[str, Any]  # the config dict the model was built from (after any rewrite)
     label: str  # e.g. "stdlib-llama" or "stdlib-llama+yarn x4"
     device: str
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(dtype: str, device: str):  # -> torch.dtype
-    """'auto' means bf16 on CUDA and fp32 on CPU (bf16 is emulated, hence slow, on CPU)."""
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 def check_causal_lm(config: dict[str, Any], where: str) -> None:
@@ -170,7 +156,7 @@ def load_causal_lm(
     use_safetensors = check_weights(source.path, allow_pickle)
     if tokenizer is None:
         tokenizer = load_tokenizer(source.path, trust_remote_code)
-    device = default_device()
+    device = pick_device()
     torch_dtype = resolve_dtype(dtype, device)
     config = build_config(config_dict, trust_remote_code, source.path)
     try:

@@ -1,5 +1,5 @@
 """Synthetic long-range tasks for fine-tuning: key/value facts hidden in real text, asked for
-at the end, in the *training* templates of :mod:`ctxext.needles` only.
+at the end, in the *training* templates of :mod:`ctxext.evaluate.needles` only.
 
 The training counterpart of the retrieval evaluation, in the spirit of RULER (Hsieh et al.
 2024). Every sequence is exactly ``length`` tokens: BOS, real filler text with the fact lines
@@ -19,7 +19,7 @@ any distance up to ``length``). Three tasks (``TASKS``):
 Depths are uniform over the filler, so facts land anywhere in the sequence: the distance from
 a fact to its question is spread over 0 .. ``length``. A fact goes at the line start nearest its
 depth, or mid-line where none is within 5% of the filler (``needles.place_lines``). Questions
-and answers are encoded as the evaluation encodes them (``needles._question_and_answer``).
+and answers are encoded as the evaluation encodes them (``needles.question_and_answer``).
 
 Nothing here imports torch: :func:`check_task_fits` runs with :class:`TokenCounter` before
 anything heavy is loaded.
@@ -35,12 +35,12 @@ import numpy as np
 
 from ctxext.config import TASK_SOURCES, TaskOptions
 from ctxext.errors import CtxextError
-from ctxext.needles import (
+from ctxext.evaluate.needles import (
     NeedleTemplate,
-    _encode,
-    _question_and_answer,
     distinct_names,
+    encode,
     place_lines,
+    question_and_answer,
     random_key,
     templates_of,
 )
@@ -102,8 +102,8 @@ class TaskTooLong(CtxextError):
 
 
 def _encoded(tokenizer: Any, draw: Draw) -> tuple[list[list[int]], list[tuple[list, list]]]:
-    lines = [_encode(tokenizer, "\n" + t.needle_text(n, v) + "\n") for t, n, v in draw.facts]
-    asks = [_question_and_answer(tokenizer, t, n, v) for t, n, v in draw.asks]
+    lines = [encode(tokenizer, "\n" + t.needle_text(n, v) + "\n") for t, n, v in draw.facts]
+    asks = [question_and_answer(tokenizer, t, n, v) for t, n, v in draw.asks]
     return lines, asks
 
 
@@ -222,8 +222,8 @@ def packed_episodes(
 ) -> PackedEpisodes:
     """``length`` tokens of ``task`` episodes of :func:`episode_lengths` (``options.min_length``
     .. ``length``), each a :func:`task_sequence` with its own BOS, its filler the next slice of
-    ``filler``. Position ids restart at 0 in each: transformers then treats the sample as
-    packed sequences and lets no token attend across an episode (given no attention mask)."""
+    ``filler``. Position ids restart at 0 in each; no token attends across an episode because
+    training passes a block mask built from the episodes (:mod:`ctxext.finetune.episodes`)."""
     low = options.min_length or length
     ids: list[int] = []
     labels: list[int] = []

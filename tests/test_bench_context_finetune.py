@@ -32,7 +32,8 @@ def evaluated_fixture(tiny_llama_session):
     """What `ctxext eval` computes with the benchmark's three tasks (window 32: every bucket is
     beyond it), through the Python API the CLI calls."""
     from ctxext.config import EvalConfig
-    from ctxext.evalrun import Variant, run_eval
+    from ctxext.evaluate.run import run_eval
+    from ctxext.evaluate.variants import Variant
 
     cfg = EvalConfig(
         lengths=[64, 600],
@@ -46,7 +47,7 @@ def evaluated_fixture(tiny_llama_session):
 
 
 def test_merge_labels_each_variant_and_renders_its_tables(bench, evaluated, tmp_path):
-    from ctxext.report import write_outputs
+    from ctxext.report.files import write_outputs
 
     args = bench.parse_args(["--steps", "3", "--lengths", "64,600", "--num-docs", "2"])
     chosen = bench.check_args(args)

@@ -80,13 +80,13 @@ def test_breaks_down_past_256_without_scaling(base):
 
 def test_retrieves_a_key_in_held_out_code_templates_at_its_trained_length(heldout):
     """Issues 15 and 24: >= 90% retrieval at 256 tokens at every depth in the held-out *code*
-    templates (ctxext.needles; combinations the model never trained on, 8 keys per template
+    templates (ctxext.evaluate.needles; combinations the model never trained on, 8 keys per template
     and depth), so that retrieval past 256 measures the extension method, not a model that
     cannot retrieve or one that memorised a form. Measured: 100% in both. The held-out *prose*
     form (unseen words) is not retrieved (0%): the model's skill does not carry to it, as
     docs/bundled-model.md states; this test pins that too, so a retrain that changes it is
     noticed."""
-    from ctxext.context_use import evaluate_retrieval
+    from ctxext.evaluate.retrieval import evaluate_retrieval
     from ctxext.modeling import load_causal_lm
 
     tok, ids = heldout

@@ -59,7 +59,7 @@ def test_model_config_matches_the_shipped_model_and_takes_overrides():
 
 def test_retrieval_chunks_are_seeded_training_form_prompts(tok_and_texts):
     """Seeded, BOS-led, 1 to 4 needles, random keys; each needle asked for at the end in its
-    own training form (the full check of every form is tests/test_needles.py)."""
+    own training form (the full check of every form is tests/test_evaluate_needles.py)."""
     import re
 
     from ctxext.bundled_train import retrieval_chunks
@@ -73,7 +73,7 @@ def test_retrieval_chunks_are_seeded_training_form_prompts(tok_and_texts):
     texts = [tok.decode(row) for row in chunks.tolist()]
     keys = {k for text in texts for k in re.findall(r"(?<![\d#])(\d{5})(?=\n|$)", text)}
     assert len(keys) > 20  # random keys, not one memorisable constant
-    # The held-out prose form's words never appear (the form-level checks: test_needles.py).
+    # The held-out prose form's words never appear (the form-level checks: test_evaluate_needles.py).
     assert not any("Remember: the code for" in text for text in texts)
     assert sum("# The value of" in text for text in texts) > 2  # prose forms are in the mix
 

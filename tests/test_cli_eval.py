@@ -1,5 +1,5 @@
 """`ctxext eval` (ctxext/cli/eval.py): what the command prints and where, around the pipeline
-(:func:`ctxext.evalrun.evaluate_and_report`, tested in test_evalrun.py)."""
+(:func:`ctxext.evaluate.run.evaluate_and_report`, tested in test_evaluate_run.py)."""
 
 from __future__ import annotations
 

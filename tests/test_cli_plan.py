@@ -94,6 +94,23 @@ def test_plan_prints_every_component_without_loading(weightless, tmp_path, capsy
         assert word in out
 
 
+def test_plan_counts_the_episode_mask(weightless, tmp_path, capsys, calibrated):
+    """Task episodes add their block mask, one [L, L] fp32 tensor on this CPU, to attention
+    and to the peak."""
+    from ctxext.finetune.episodes import mask_bytes
+
+    base = ["plan", "finetune", weightless, "-o", tmp_path / "o", "-m", "yarn", "-f", "2",
+            "--mix", "stdlib:1", "--mix", "multikey:1", "--json"]  # fmt: skip
+    code, out, err = run_cli(capsys, *base)
+    assert code == 0, err
+    plain = json.loads(out)["phases"][0]
+    code, out, err = run_cli(capsys, *base, "--task-min-length", "128")
+    assert code == 0, err
+    episodes = json.loads(out)["phases"][0]
+    assert episodes["attention"] - plain["attention"] == mask_bytes(1, 512, 4) == 2**20
+    assert episodes["peak"] - plain["peak"] == 2**20
+
+
 def test_plan_refuses_unknown_commands(capsys):
     code, _, err = run_cli(capsys, "plan", "extend", "-o", "x")
     assert code == 2 and "use eval, finetune or run" in err

@@ -32,8 +32,12 @@ def test_readme_test_command_is_what_ci_runs():
     pin = re.search(r"torch==\S+", ci_torch).group()
     torch_lines = [ln for ln in readme if "torch==" in ln]
     assert torch_lines and all(re.search(r"torch==\S+", ln).group() == pin for ln in torch_lines)
-    # The CPU torch comes first, as in .ci/run: the README's block installs it before ctxext.
+    # torch comes first, as in .ci/run: the README's block installs it before ctxext.
     assert readme.index(f"pip install {pin}") < readme.index(ci_test)
+    # README says which of its torch lines CI runs (the one that needs only the registry).
+    prose = " ".join((ROOT / "README.md").read_text().split())
+    assert f"CI (`.ci/run`) runs the first line, `pip install {pin}`" in prose
+    assert f"`{ci_torch.replace('python -m ', '').replace(' -q', '')}`" in prose
 
 
 def _slug(heading: str) -> str:

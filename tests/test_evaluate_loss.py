@@ -131,7 +131,7 @@ def test_retrieval_after_ppl_equals_retrieval_alone_with_dynamic_ntk(dynamic):
     what it reads alone, and every prompt, also a shorter length after a longer one, is read as
     from a reset rotary state (its final hidden states, seen through a public forward hook,
     equal a fresh forward's)."""
-    from ctxext.context_use import evaluate_retrieval
+    from ctxext.evaluate.retrieval import evaluate_retrieval
 
     model, tok, data = dynamic
     ids, bos = data.ids, tok.bos_token_id

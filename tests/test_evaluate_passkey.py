@@ -19,16 +19,16 @@ from transformers import (
 )
 
 from ctxext.errors import CtxextError
+from ctxext.evaluate.needles import PasskeyPrompt
 from ctxext.evaluate.passkey import (
     PASSKEY_FILLER,
     PASSKEY_NEEDLE,
     PASSKEY_QUESTION,
     PASSKEY_TASK,
-    PasskeyPrompt,
-    _passkey_correct,
     build_passkey_prompt,
     evaluate_passkey,
 )
+from ctxext.evaluate.scoring import answer_correct
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +81,9 @@ def test_teacher_forced_check_equals_greedy_decoding(llama, tokenizer):
             torch.tensor([context]), max_new_tokens=k, min_new_tokens=k, do_sample=False
         )[0, len(context) :].tolist()
     greedy = PasskeyPrompt(input_ids=context + generated, answer_start=len(context), key="?")
-    assert _passkey_correct(llama, greedy)
+    assert answer_correct(llama, greedy)
     wrong = [*generated[:-1], (generated[-1] + 1) % VOCAB]
-    assert not _passkey_correct(llama, PasskeyPrompt(context + wrong, len(context), "?"))
+    assert not answer_correct(llama, PasskeyPrompt(context + wrong, len(context), "?"))
 
 
 def test_evaluate_passkey_shape(llama, tokenizer):

@@ -19,7 +19,7 @@ from eval_fixtures import (  # noqa: F401 (fixtures)
 
 from ctxext.evaluate.perplexity import evaluate_lengths, evaluate_perplexity
 from ctxext.evaluate.protocol import (
-    planned_sweep_tokens,
+    perplexity_sweep_tokens,
     tokenize_for_eval,
 )
 
@@ -139,8 +139,8 @@ def test_one_pass_equals_separate_passes_tiny(llama, docs, selection):
     assert one[40].passes.startswith("one forward pass") and sep[40].passes.startswith("separate")
     # one pass feeds each document once, at the longest length it is scored at
     plan = dict(bos_token_id=BOS, doc_selection=selection)
-    assert seen[-1] == planned_sweep_tokens(docs, lengths, **plan)
-    assert seen[-1] < planned_sweep_tokens(docs, lengths, one_pass=False, **plan)
+    assert seen[-1] == perplexity_sweep_tokens(docs, lengths, **plan)
+    assert seen[-1] < perplexity_sweep_tokens(docs, lengths, one_pass=False, **plan)
     if selection == "same":
         assert seen[-1] == 280
 

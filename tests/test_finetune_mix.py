@@ -51,7 +51,7 @@ def bundled_tok_and_filler():
 
 @pytest.mark.parametrize("task", ["retrieval", "multikey", "multihop"])
 def test_task_sequences_spread_facts_over_the_length_and_answer_right(bundled_tok_and_filler, task):
-    from ctxext.needles import templates_of
+    from ctxext.evaluate.needles import templates_of
     from ctxext.synthetic import draw_task, needle_ids, task_sequence
 
     tok, stream = bundled_tok_and_filler
@@ -162,7 +162,7 @@ def test_a_mix_of_one_source_trains_exactly_as_that_source(tmp_path, tiny_llama_
 
 
 def test_provenance_records_the_mix(tmp_path, tiny_llama_session):
-    from ctxext.needles import templates_of
+    from ctxext.evaluate.needles import templates_of
 
     mix = ["stdlib:0.5", "multikey:0.3", "multihop:0.2"]
     cfg = finetune_cfg(steps=3, batch_size=2, seed=4, mix=mix, tasks={"keys": 3, "hops": 2})
@@ -224,35 +224,161 @@ def test_packed_episodes_restart_at_bos_and_span_every_scale(bundled_tok_and_fil
     assert episode_lengths(200, 128, np.random.default_rng(0)) == [200]  # < 2x min: one
 
 
-def test_no_token_attends_across_episodes(bundled_tok_and_filler):
-    """A packed sample given position ids and no mask, through the model as training prepares
-    it: every episode's logits are the ones it gets alone (transformers reads the restarts as
-    packed sequences, but only without a KV cache: prepare_model turns use_cache off)."""
+def _episode_model(attn: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ctxext.synthetic import packed_episodes
-
-    tok, stream = bundled_tok_and_filler
     from ctxext.config import FinetuneConfig
     from ctxext.finetune.model import prepare_model
 
-    model = AutoModelForCausalLM.from_pretrained(BUNDLED, dtype=torch.float32)
-    model = prepare_model(model, FinetuneConfig())[0].eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        BUNDLED, dtype=torch.float32, attn_implementation=attn
+    )
+    return prepare_model(model, FinetuneConfig())[0].eval()
+
+
+@pytest.mark.parametrize("padding_mask", [False, True], ids=["no-2d-mask", "all-ones-2d-mask"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_no_token_attends_across_episodes(bundled_tok_and_filler, attn, padding_mask):
+    """A batch of two packed samples as training builds it (the episode ids turned into the
+    block mask, an all-ones 2-D mask folded in where present): every episode's logits are the
+    ones it gets alone, with SDPA and with eager attention. The same batch with only the 2-D
+    mask lets later episodes read earlier ones (what the block mask exists to prevent)."""
+    import torch
+    from torch.utils.data import default_collate
+
+    from ctxext.finetune.episodes import EPISODE_KEY, episode_ids, with_episode_mask
+    from ctxext.synthetic import packed_episodes
+
+    tok, stream = bundled_tok_and_filler
+    model = _episode_model(attn)
     options = TaskOptions(keys=2, queries=1, min_length=64)
-    packed = packed_episodes(tok, "multikey", options, stream[:256], 256, np.random.default_rng(1))
-    assert len(packed.episodes) >= 2
+    rows, samples = [], []
+    for seed in (1, 2):
+        rng = np.random.default_rng(seed)
+        packed = packed_episodes(tok, "multikey", options, stream[:256], 256, rng)
+        assert len(packed.episodes) >= 2
+        samples.append(packed)
+        row = {
+            "input_ids": torch.tensor(packed.input_ids),
+            "position_ids": torch.tensor(packed.position_ids),
+            EPISODE_KEY: episode_ids([len(ep.input_ids) for ep in packed.episodes]),
+        }
+        if padding_mask:
+            row["attention_mask"] = torch.ones(256, dtype=torch.long)
+        rows.append(row)
+    batch = default_collate(rows)
+    inputs = with_episode_mask(batch, model.config._attn_implementation, torch.float32)
+    assert EPISODE_KEY not in inputs and inputs["attention_mask"].dim() == 4
     with torch.no_grad():
-        together = model(
-            input_ids=torch.tensor([packed.input_ids]),
-            position_ids=torch.tensor([packed.position_ids]),
-        ).logits[0]
-        start = 0
-        for ep in packed.episodes:
-            alone = model(input_ids=torch.tensor([ep.input_ids])).logits[0]
-            n = len(ep.input_ids)
-            assert torch.allclose(together[start : start + n], alone, atol=1e-4)
-            start += n
+        together = model(**inputs).logits
+        leaky = model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            attention_mask=torch.ones(2, 256, dtype=torch.long),
+        ).logits
+        worst_leak = 0.0
+        for row, packed in enumerate(samples):
+            start = 0
+            for ep in packed.episodes:
+                alone = model(input_ids=torch.tensor([ep.input_ids])).logits[0]
+                n = len(ep.input_ids)
+                got = together[row, start : start + n]
+                assert torch.allclose(got, alone, atol=1e-4), (row, start)
+                leak = (leaky[row, start : start + n] - alone).abs().max().item()
+                worst_leak = max(worst_leak, leak if start else 0.0)
+                start += n
+    assert worst_leak > 0.1  # without the block mask the episodes do mix
+
+
+def test_the_episode_mask_is_block_causal_and_sized_as_planned():
+    """The mask's pattern and dtype, its allocation (what `plan` counts), and no mask at all
+    for rows of one episode each."""
+    import torch
+
+    from ctxext.finetune.episodes import episode_ids, episode_mask, mask_bytes, with_episode_mask
+
+    ids = torch.stack([episode_ids([3, 2, 4]), episode_ids([9])])
+    pad = torch.tensor([[1] * 9, [1] * 7 + [0] * 2])
+    mask = episode_mask(ids, torch.bfloat16, pad)
+    assert mask.shape == (2, 1, 9, 9) and mask.dtype == torch.bfloat16
+    allowed = mask[:, 0] == 0
+    expect = torch.zeros(2, 9, 9, dtype=torch.bool)
+    for a, b in ((0, 3), (3, 5), (5, 9)):
+        expect[0, a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+    expect[1] = torch.ones(9, 9, dtype=torch.bool).tril()
+    expect[1, :, 7:] = False  # padded keys are seen by no query
+    assert torch.equal(allowed, expect)
+    assert (mask[:, 0][~expect] == torch.finfo(torch.bfloat16).min).all()
+    # Rows aligned for the memory-efficient kernel; what `plan` counts is what is allocated.
+    assert mask.stride(-2) % 16 == 0
+    assert mask.untyped_storage().nbytes() == mask_bytes(2, 9, 2)
+    # Rows of one episode each have nothing to keep apart: plain causal attention (SDPA's
+    # fastest kernels), the 2-D mask as given.
+    single = {"input_ids": ids, "attention_mask": pad, "episode_ids": torch.zeros_like(ids)}
+    out = with_episode_mask(single, "sdpa", torch.float32)
+    assert out.keys() == {"input_ids", "attention_mask"} and out["attention_mask"] is pad
+
+
+def test_training_reads_episodes_through_the_block_mask(tmp_path, tiny_llama_session):
+    """The first step's logged loss is the model's loss on sample 0 with the episodes kept
+    apart, and not the loss the all-ones mask the samples carry would give on its own."""
+    import torch
+
+    from ctxext.finetune.data import MixedSamples, load_mix
+    from ctxext.finetune.episodes import EPISODE_KEY, with_episode_mask
+    from ctxext.modeling import load_causal_lm
+
+    mix = ["stdlib:0", "retrieval:1"]
+    tasks = {"min_length": 96}
+    cfg = finetune_cfg(steps=1, batch_size=1, seed=2, mix=mix, tasks=tasks)
+    run_finetune(str(tiny_llama_session), tmp_path / "o", YARN2, cfg)
+    logged = json.loads((tmp_path / "o" / "training_log.jsonl").read_text().splitlines()[0])
+
+    loaded = load_causal_lm(str(tiny_llama_session), extend=YARN2, dtype="float32")
+    sample = MixedSamples(load_mix(loaded.tokenizer, cfg, 256, 1), start=0, count=1)[0]
+    assert int(sample[EPISODE_KEY].max()) >= 1  # several episodes
+    batch = {k: v[None] for k, v in sample.items()}
+    with torch.no_grad():
+        isolated = loaded.model(**with_episode_mask(batch, "sdpa", torch.float32)).loss.item()
+        batch.pop(EPISODE_KEY)
+        leaky = loaded.model(**batch).loss.item()
+    assert logged["loss"] == pytest.approx(isolated, abs=1e-5)
+    assert abs(leaky - isolated) > 1e-3
+
+
+def test_episodes_are_refused_where_no_mask_can_keep_them_apart(tmp_path, monkeypatch):
+    """Context parallelism (ring attention without masks) and a sliding window narrower than
+    the training length (the 4-D mask would replace it): refused in one line by the setup,
+    before torch or any weight loads; attention that takes no 4-D mask: refused at the first
+    batch."""
+    import torch
+
+    from ctxext.finetune.episodes import with_episode_mask
+    from ctxext.finetune.setup import setup_run
+
+    cfg = finetune_cfg(mix=["stdlib:1", "multikey:1"], tasks={"keys": 2, "min_length": 128})
+    setup_run(str(BUNDLED), tmp_path / "a", YARN2, cfg, resume=False, overwrite=False)
+    monkeypatch.setenv("PARALLELISM_CONFIG_CP_SIZE", "2")
+    with pytest.raises(CtxextError, match=r"context parallelism .* runs attention without"):
+        setup_run(str(BUNDLED), tmp_path / "a", YARN2, cfg, resume=False, overwrite=False)
+    monkeypatch.setenv("PARALLELISM_CONFIG_CP_SIZE", "1")
+
+    windowed = tmp_path / "windowed"
+    windowed.mkdir()
+    for f in BUNDLED.iterdir():
+        (windowed / f.name).symlink_to(f)
+    config = json.loads((BUNDLED / "config.json").read_text())
+    (windowed / "config.json").unlink()
+    (windowed / "config.json").write_text(json.dumps({**config, "sliding_window": 128}))
+    with pytest.raises(CtxextError, match=r"sliding window \(128 tokens\) is shorter than .* 512"):
+        setup_run(str(windowed), tmp_path / "b", YARN2, cfg, resume=False, overwrite=False)
+    plain = finetune_cfg(mix=["stdlib:1", "multikey:1"])  # without episodes: no mask needed
+    setup_run(str(windowed), tmp_path / "b", YARN2, plain, resume=False, overwrite=False)
+
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "episode_ids": torch.zeros(1, 4)}
+    with pytest.raises(CtxextError, match="this model runs flash_attention_2"):
+        with_episode_mask(batch, "flash_attention_2", torch.float32)
 
 
 def test_episode_training_records_its_lengths(tmp_path, tiny_llama_session):

@@ -174,3 +174,37 @@ def test_checkpoint_problem_reads_safetensors_headers_without_a_manifest(tmp_pat
     path = ckpt / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
     assert "is truncated" in checkpoint_problem(ckpt)
+
+
+def test_checkpoint_of_tied_weights_is_quiet_and_reloads_them_tied(
+    tmp_path, tiny_tokenizer_dir, capfd, caplog
+):
+    """accelerate's "Removed shared tensor {'lm_head.weight'}" note is not printed at each
+    checkpoint of a model with tied embeddings, and the checkpoint restores both names."""
+    from accelerate import Accelerator
+    from conftest import build_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from ctxext.finetune.state import TrainerState, save_checkpoint
+
+    path = build_tiny_model(tmp_path / "tied", tiny_tokenizer_dir, tie_word_embeddings=True)
+
+    def tied_model():
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        return model
+
+    acc = Accelerator(cpu=True)
+    saved = acc.prepare(tied_model())
+    with torch.no_grad():
+        saved.model.embed_tokens.weight.add_(0.25)  # not what a fresh load has
+    capfd.readouterr()
+    with caplog.at_level("WARNING"):
+        ckpt = save_checkpoint(acc, tmp_path / "work", TrainerState(step=1))
+    err = capfd.readouterr().err + caplog.text
+    assert "shared tensor" not in err, err
+    resumed = Accelerator(cpu=True)  # as a resumed run: a fresh model, then the checkpoint
+    loaded = resumed.prepare(tied_model())
+    resumed.load_state(str(ckpt))
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, saved.lm_head.weight)

@@ -181,7 +181,7 @@ def test_short_finetune_trains_at_lr_and_writes_weights_like_other_files(
 
 
 def _loss_lines(n: int) -> list:
-    from ctxext.report import loss_figure, pyplot
+    from ctxext.report.plots import loss_figure, pyplot
 
     fig = loss_figure([{"step": i + 1, "loss": 5.0 - 0.01 * i} for i in range(n)])
     lines = [(ln.get_label(), ln.get_alpha(), len(ln.get_xdata())) for ln in fig.axes[0].lines]
@@ -202,7 +202,7 @@ def _results(lengths: list[int]) -> dict:
 
 
 def test_terminal_plot_needs_two_lengths():
-    from ctxext.report import terminal_plot
+    from ctxext.report.plots import terminal_plot
 
     assert terminal_plot(_results([256])) == ""
     assert "perplexity vs context length" in terminal_plot(_results([256, 512]))

@@ -61,10 +61,17 @@ def test_tiny_yarn_end_to_end_and_reproducible(capsys, tmp_path, monkeypatch, e2
 
     model, shrink = e2e_model
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CTXEXT_PROGRESS_INTERVAL", "0")  # stderr is no terminal: lines
     overrides = [f"model={model}", *shrink, "finetune.steps=2", "finetune.warmup_steps=1"]
     overrides.append("eval.num_docs=2")
     code, out, err = run_cli(capsys, "run", "tiny-yarn", *overrides, "--output-dir", "run1")
     assert code == 0, err
+    # Every long phase reports in a log: packing, the fine-tune's steps, each eval task.
+    lines = err.splitlines()
+    assert "packing stdlib: started" in err and "finetune: started (2 steps)" in lines
+    assert any(line.startswith("finetune loss ") and "1/2 steps (50%)" in line for line in lines)
+    for task in ("ppl", "context-use", "retrieval"):
+        assert sum(f" {task}: done, " in line for line in lines) == 3, err  # 3 variants
     assert "perplexity" in out  # the results table
     run1 = tmp_path / "run1"
     names = {p.name for p in run1.iterdir()}
@@ -107,7 +114,7 @@ def test_tiny_yarn_end_to_end_and_reproducible(capsys, tmp_path, monkeypatch, e2
 
     # Context use (issue 15): every variant's effective context length, in results.json, the
     # report and the model card, with the far-context gain and the retrieval plots.
-    from ctxext.report import effective_length_line
+    from ctxext.report.cells import effective_length_line
 
     assert {"context_use.png", "retrieval_heatmap.png"} <= {p.name for p in run1.iterdir()}
     assert "context_use.png" in report and "retrieval_heatmap.png" in report

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ctxext.report import context_use_markdown
+from ctxext.report.markdown import context_use_markdown
 
 
 def _bucket(gain: float, low: float, high: float) -> dict:
@@ -60,7 +60,7 @@ def test_context_use_markdown_is_none_without_context_tasks():
 def test_context_use_table_stars_sure_gains_and_states_effective_length():
     from rich.console import Console
 
-    from ctxext.report import context_use_table
+    from ctxext.report.tables import context_use_table
 
     console = Console(width=100, record=True)
     console.print(context_use_table(_results()))
@@ -85,7 +85,7 @@ def _with_key_tokens() -> dict:
 def test_key_tokens_in_the_report_and_the_terminal_table():
     from rich.console import Console
 
-    from ctxext.report import key_token_table
+    from ctxext.report.tables import key_token_table
 
     md = context_use_markdown(_with_key_tokens())
     assert "| m + yarn x4 | 3.25 (4.1%) | none |" in md.splitlines()

@@ -87,6 +87,17 @@ def test_llama2_7b_figures_follow_the_memory_model():
     assert ev.loss <= 256 * 2**20 and ev.gradients == ev.optimizer == 0
 
 
+def test_task_episodes_add_their_mask_in_the_compute_dtype():
+    shape = estimate.ModelShape.from_config(LLAMA2_7B)
+    work = estimate.Workload("finetune", 32768, batch=2, compute_dtype="bfloat16")
+    plain = estimate.estimate(shape, work, FIXED)
+    packed = estimate.estimate(
+        shape, estimate.Workload(**{**work.__dict__, "episodes": True}), FIXED
+    )
+    assert packed.attention - plain.attention == 2 * 32768 * 32768 * 2  # 4 GiB of bf16
+    assert packed.peak - plain.peak == 4 * 2**30
+
+
 def test_suggestions_fit_and_prefer_the_least_intrusive_change():
     shape = estimate.ModelShape.from_config(LLAMA2_7B)
     work = estimate.Workload("finetune", 32768, compute_dtype="bfloat16")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from ctxext.report import leaderboard_markdown
+from ctxext.report.markdown import leaderboard_markdown
 from ctxext.tune.leaderboard import leaderboard_candidates, ranked_rows, recipe_snippet
 from ctxext.tune.search import Candidate, Trial
 

@@ -1,5 +1,5 @@
 """`ctxext eval`: flags -> :class:`ctxext.config.EvalConfig` ->
-:func:`ctxext.evalrun.evaluate_and_report` -> tables, a terminal plot and the output folder.
+:func:`ctxext.evaluate.run.evaluate_and_report` -> tables, a terminal plot and the output folder.
 
 Only typer, rich and the config models (pydantic, whose defaults the options take) are imported
 at module level, so `ctxext --help` stays instant.
@@ -111,7 +111,7 @@ def eval_command(
     retrieval_template: Annotated[
         str,
         typer.Option(
-            help="retrieval: heldout | train | all | template names (ctxext.needles) | text "
+            help="retrieval: heldout | train | all | template names (ctxext.evaluate.needles) | text "
             "(the passkey) | auto (= heldout)."
         ),
     ] = _DEFAULT.retrieval_template,
@@ -153,10 +153,13 @@ def eval_command(
     plan_only: PlanOnlyOpt = False,
     recalibrate: RecalibrateOpt = False,
 ) -> None:
-    """Perplexity (and passkey retrieval) at several lengths, models and methods side by side."""
+    """Perplexity, passkey, far-context gain and retrieval: models and methods side by side.
+
+    --task picks them (default ppl); context-use + retrieval give each effective context length.
+    """
     from ctxext.cli.guard import GuardOptions
     from ctxext.config import parse_model, positive_int_list
-    from ctxext.evalrun import evaluate_and_report
+    from ctxext.evaluate.run import evaluate_and_report
 
     cfg = parse_model(
         EvalConfig,
@@ -202,7 +205,7 @@ def eval_command(
         hooks=_hooks(models or [None], cfg, guard),
     )
     if as_json:
-        from ctxext.report import strict_json
+        from ctxext.report.files import strict_json
 
         _out.print_json(json.dumps(strict_json(results), allow_nan=False))
 
@@ -211,7 +214,7 @@ def _hooks(models: list[str | None], cfg: Any, guard: Any) -> Any:
     """The memory/time check, a token progress bar (stderr) and the tables (stderr with
     --json, so stdout stays the JSON document)."""
     from ctxext.cli.guard import Announcement, check_eval
-    from ctxext.evalrun import EvalHooks
+    from ctxext.evaluate.run import EvalHooks
 
     announce = Announcement()  # a long run's estimate, shown once the first model is loaded
 
@@ -239,22 +242,22 @@ def _progress_factory(progress: Any, announce: Any) -> Any:
         announce.show(progress.console)  # once the first model is loaded
         # Weight downloads report bytes: shown in MiB (the rate column reads per second).
         scale = 2**20 if what.startswith("download ") else 1
-        label = f"{what} (MiB)" if scale > 1 else what
-        task_id = progress.add_task(label, total=total / scale)
+        label, unit = (f"{what} (MiB)", "MiB") if scale > 1 else (what, "tok")
+        task_id = progress.add_task(label, total=total / scale, unit=unit)
         return lambda done: progress.update(task_id, completed=done / scale)
 
     return factory
 
 
 def _render(results: dict[str, Any], cfg: Any, console: Console) -> None:
-    from ctxext.report import (
+    from ctxext.report.cells import effective_length_line
+    from ctxext.report.plots import terminal_plot
+    from ctxext.report.tables import (
         context_use_table,
-        effective_length_line,
         key_token_table,
         passkey_table,
         ppl_table,
         retrieval_table,
-        terminal_plot,
     )
 
     if "ppl" in cfg.tasks:

@@ -274,7 +274,8 @@ def finetune(
 
 
 class _ProgressBar:
-    """Rich progress bar (stderr) driven by run_finetune's progress events."""
+    """Progress on stderr driven by run_finetune's progress events: on a terminal a spinner,
+    then a Rich bar; otherwise plain lines (see cli.progress.PhaseLog)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -282,6 +283,7 @@ class _ProgressBar:
         self.progress: Any = None
         self.task: Any = None
         self.status: Any = None
+        self.log: Any = None  # a PhaseLog before training starts, when stderr is no terminal
 
     def __enter__(self) -> _ProgressBar:
         return self
@@ -313,13 +315,8 @@ class _ProgressBar:
             self.announce.show(_err)
         if not self.enabled:
             return
-        if event == "status" and self.progress is None:
-            # A transient spinner: it vanishes, so an error that follows stays a single line.
-            if self.status is None:
-                self.status = _err.status(info["message"])
-                self.status.start()
-            else:
-                self.status.update(info["message"])
+        if self.progress is None and event in ("status", "packing"):
+            self._before_training(event, info)
         elif event == "start":
             self._stop_status()
             self._start(info["total"], info["completed"])
@@ -332,9 +329,37 @@ class _ProgressBar:
             )
         elif event in ("status", "checkpoint") and self.progress is not None:
             text = info.get("message") or f"checkpoint {info['path']}"
-            self.progress.console.print(f"[dim]{text}[/dim]")
+            self.progress.console.print(f"[dim]{text}[/dim]", soft_wrap=True)
+
+    def _before_training(self, event: str, info: dict[str, Any]) -> None:
+        """Loading and packing: a transient spinner on a terminal (it vanishes, so an error
+        that follows stays a single line), plain lines in a log for the steps that last."""
+        if not _err.is_terminal:  # each step a phase, said only once it lasts (PhaseLog.lazy)
+            from ctxext.cli.progress import PhaseLog
+
+            self.log = self.log or PhaseLog(_err, lazy=True)
+            if event == "status":
+                self.log.finish_all()
+                self.log.start("status", info["message"], None)
+                return
+            key = f"packing {info['source']}"
+            if key not in self.log:
+                self.log.finish("status")  # "packing training data" is this phase
+                self.log.start(key, key, info["total"], unit="tok")
+            self.log.update(key, info["done"])
+            return
+        message = info.get("message") or (
+            f"packing {info['source']}: {info['done']:,}/{info['total']:,} tokens"
+        )
+        if self.status is None:
+            self.status = _err.status(message)
+            self.status.start()
+        else:
+            self.status.update(message)
 
     def _stop_status(self) -> None:
+        if self.log is not None:
+            self.log.finish_all()
         if self.status is not None:
             self.status.stop()
             self.status = None

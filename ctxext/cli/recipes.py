@@ -112,7 +112,7 @@ def _hooks(progress: Any, bar: _FinetuneBar, quiet: bool, announce: Any = None) 
 
     def status(message: str) -> None:
         if not quiet:
-            progress.console.print(f"[bold cyan]>[/bold cyan] {message}")
+            progress.console.print(f"[bold cyan]>[/bold cyan] {message}", soft_wrap=True)
 
     def factory(what: str, total: int):
         if announce is not None:  # a long run's estimate, when the work starts
@@ -124,10 +124,12 @@ def _hooks(progress: Any, bar: _FinetuneBar, quiet: bool, announce: Any = None) 
 
 
 class _FinetuneBar:
-    """A task in the shared Rich progress, driven by run_finetune's progress events."""
+    """Tasks in the shared progress (bars, or lines in a log), driven by run_finetune's
+    progress events: data packing (tokens), then the steps."""
 
     def __init__(self, progress: Any, enabled: bool) -> None:
         self.progress, self.enabled, self.task = progress, enabled, None
+        self.packing: dict[str, Any] = {}  # source -> task id
         self.announce: Any = None
 
     def __enter__(self) -> _FinetuneBar:
@@ -139,11 +141,19 @@ class _FinetuneBar:
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if event != "packing":
+            self._packed()
         if event == "start" and self.announce is not None:
             self.announce.show(self.progress.console)
-        if event == "start":
+        if event == "packing":
+            task = self.packing.get(info["source"])
+            if task is None:
+                task = self.progress.add_task(f"packing {info['source']}", total=info["total"])
+                self.packing[info["source"]] = task
+            self.progress.update(task, completed=info["done"])
+        elif event == "start":
             self.task = self.progress.add_task(
-                "finetune", total=info["total"], completed=info["completed"]
+                "finetune", total=info["total"], completed=info["completed"], unit="steps"
             )
         elif event == "step" and self.task is not None:
             self.progress.update(
@@ -157,11 +167,19 @@ class _FinetuneBar:
             )
         elif event in ("status", "checkpoint"):
             text = info.get("message") or f"checkpoint {info.get('path')}"
-            self.progress.console.print(f"[dim]  {text}[/dim]")
+            self.progress.console.print(f"[dim]  {text}[/dim]", soft_wrap=True)
+
+    def _packed(self) -> None:
+        """Packing is over once another event comes: a source that ran out of text before
+        the tokens wanted ends its bar where it stopped."""
+        for task in self.packing.values():
+            done = next(t.completed for t in self.progress.tasks if t.id == task)
+            self.progress.update(task, total=done, completed=done)
+        self.packing.clear()
 
 
 def _render(summary: dict[str, Any], loaded: Any) -> None:
-    from ctxext.report import passkey_table, ppl_table
+    from ctxext.report.tables import passkey_table, ppl_table
     from ctxext.text import plural
 
     results = summary.get("results")

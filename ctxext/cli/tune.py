@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -103,13 +102,8 @@ def _search_with_progress(cfg: Any, prepared: Any) -> dict[str, Any]:
     with search_progress(_err) as progress:
         task = progress.add_task("tune: calibrating", total=None, best="")
 
-        last = [0.0]
-
-        def update(spent: float, best: str) -> None:
+        def update(spent: float, best: str) -> None:  # a bar, or a line a while in a log
             progress.update(task, description="tune", completed=spent, best=best)
-            if not _err.is_terminal and time.time() - last[0] > 30:  # logs get a line a while
-                last[0] = time.time()
-                _err.print(f"tune: {spent:.0f} forwards, {best}", highlight=False)
 
         def on_budget(total: int) -> None:
             progress.update(task, total=total)

@@ -43,10 +43,10 @@ def _text_config(model: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _head(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+def lm_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """hidden [n, H] -> fp32 logits [n, vocab], exactly as the model's forward computes them."""
-    lm_head = model.get_output_embeddings()
-    if lm_head is None:
+    embeddings = model.get_output_embeddings()
+    if embeddings is None:
         raise CtxextError(
             f"{type(model).__name__} has no output embeddings (LM head); pass a causal LM"
         )
@@ -58,7 +58,7 @@ def _head(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
 
     def head(hidden: torch.Tensor) -> torch.Tensor:
-        logits = lm_head(hidden)
+        logits = embeddings(hidden)
         if scale is not None:
             logits = logits * scale
         if divide is not None:
@@ -83,7 +83,7 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def _final_hidden(
+def final_hidden(
     model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor | None
 ) -> torch.Tensor:
     """Final (normed) hidden states [L, H] of one sequence; no KV cache is built."""
@@ -99,11 +99,11 @@ def _final_hidden(
     return out.last_hidden_state[0]
 
 
-def _nll_from_hidden(
+def nll_from_hidden(
     model: Any, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int | None
 ) -> torch.Tensor:
     """Per-token NLL (fp32) of ``targets`` given ``hidden`` (row i predicts targets[i])."""
-    head = _head(model)
+    head = lm_head(model)
     chunk = chunk_size or default_chunk_size(_text_config(model).vocab_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk}")
@@ -119,7 +119,7 @@ def _nll_from_hidden(
 
 
 @contextlib.contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
+def eval_mode(model: Any) -> Iterator[None]:
     """Dropout off while evaluating; the caller's training flag is restored afterwards."""
     was_training = model.training
     model.eval()
@@ -146,15 +146,15 @@ def token_nll(
         raise ValueError(
             f"input_ids must have shape [1, L] with L >= 2, got {tuple(input_ids.shape)}"
         )
-    with _eval_mode(model):
-        hidden = _final_hidden(model, input_ids, position_ids)
-        return _nll_from_hidden(model, hidden[:-1], input_ids[0, 1:], chunk_size)
+    with eval_mode(model):
+        hidden = final_hidden(model, input_ids, position_ids)
+        return nll_from_hidden(model, hidden[:-1], input_ids[0, 1:], chunk_size)
 
 
-def _check_head(model: Any, ids: list[int]) -> None:
-    """Refuse models whose forward transforms logits in a way ``_head`` does not replicate."""
+def check_head(model: Any, ids: list[int]) -> None:
+    """Refuse models whose forward transforms logits in a way ``lm_head`` does not replicate."""
     x = torch.tensor([ids[:_HEAD_CHECK_TOKENS]])
-    with torch.inference_mode(), _eval_mode(model):
+    with torch.inference_mode(), eval_mode(model):
         ours = token_nll(model, x).double().mean().item()
         theirs = model(input_ids=x.to(_device(model)), labels=x.to(_device(model))).loss.item()
     if not math.isclose(ours, theirs, rel_tol=_HEAD_CHECK_RTOL, abs_tol=1e-6):
@@ -198,5 +198,5 @@ def reset_rotary_state(model: Any) -> None:
     static config is unchanged by it. Called before every length and task.
     """
     ids = torch.zeros((1, 1), dtype=torch.long, device=_device(model))
-    with _eval_mode(model):
+    with eval_mode(model):
         _decoder(model)(input_ids=ids, use_cache=False)

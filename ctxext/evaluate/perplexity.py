@@ -13,8 +13,8 @@ import torch
 
 from ctxext.evaluate.loss import (
     Progress,
-    _check_head,
-    _eval_mode,
+    check_head,
+    eval_mode,
     length_dependent_rope,
     reset_rotary_state,
     token_nll,
@@ -22,11 +22,11 @@ from ctxext.evaluate.loss import (
 from ctxext.evaluate.protocol import (
     BOOTSTRAP_RESAMPLES,
     DocSelection,
-    _Pass,
-    _plan,
-    _protocol,
+    ForwardPass,
     bucket_edges,
     doc_fingerprint,
+    perplexity_protocol,
+    plan_passes,
 )
 
 
@@ -158,7 +158,7 @@ class _Tally:
 
 def _run_pass(
     model: Any,
-    p: _Pass,
+    p: ForwardPass,
     tallies: dict[int, _Tally],
     token_bytes: Sequence[Sequence[int]] | None,
     prefix: int,
@@ -204,17 +204,17 @@ def evaluate_lengths(
     lengths are read from that pass's prefix; otherwise each length has its own passes, with
     the rotary state reset before each length. ``token_bytes`` (per-token UTF-8 byte counts,
     :func:`tokenize_for_eval`) adds bits per byte. ``progress(tokens_done)`` is called after
-    every forward pass; the total is :func:`planned_sweep_tokens` with the same arguments.
+    every forward pass; the total is :func:`~ctxext.evaluate.protocol.perplexity_sweep_tokens` with the same arguments.
     """
     one_pass = one_pass and not length_dependent_rope(model)
-    plan = _plan(
+    plan = plan_passes(
         doc_token_ids, lengths, bos_token_id, stride, num_docs, seed, doc_selection, one_pass
     )
     prefix = 0 if bos_token_id is None else 1
-    _check_head(model, plan.passes[0].seq)
+    check_head(model, plan.passes[0].seq)
     tallies = {n: _Tally(n, docs, token_bytes is not None) for n, docs in plan.selection.items()}
     done, current = 0, None
-    with _eval_mode(model):
+    with eval_mode(model):
         for p in plan.passes:
             # Per-length passes come grouped by length: a reset before each length makes
             # length-dependent rope (dynamic NTK) exact whatever ran before.
@@ -233,7 +233,9 @@ def evaluate_lengths(
     return {
         n: tally.result(
             seed,
-            _protocol(n, list(plan.selection), bos_token_id, stride, num_docs, seed, doc_selection),
+            perplexity_protocol(
+                n, list(plan.selection), bos_token_id, stride, num_docs, seed, doc_selection
+            ),
             doc_fingerprint(plan.selection[n], doc_token_ids),
             passes,
         )

@@ -141,7 +141,7 @@ def _windows(n: int, length: int, stride: int | None) -> list[_Window]:
 
 
 @dataclass(frozen=True)
-class _Pass:
+class ForwardPass:
     """The forward passes over one document at one model-input ``length``.
 
     ``serves`` are the evaluated lengths read from these passes: just ``length`` itself, or in
@@ -160,9 +160,9 @@ class _Pass:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class PassPlan:
     selection: dict[int, list[int]]  # length -> scored document indices (ascending)
-    passes: list[_Pass]
+    passes: list[ForwardPass]
     one_pass: bool
 
 
@@ -199,7 +199,7 @@ def _eligible(
     return eligible
 
 
-def _plan(
+def plan_passes(
     doc_token_ids: Sequence[Sequence[int]],
     lengths: Sequence[int],
     bos_token_id: int | None,
@@ -208,7 +208,7 @@ def _plan(
     seed: int,
     doc_selection: DocSelection = "same",
     one_pass: bool = False,
-) -> _Plan:
+) -> PassPlan:
     """Which documents are scored at each length, and through which forward passes.
 
     ``same``: the documents eligible at the longest length are scored at every length (YaRN's
@@ -241,8 +241,8 @@ def _plan(
     for d, n, served in keys:
         ids = doc_token_ids[d] if stride is not None else doc_token_ids[d][:n]
         seq = (prefix + list(ids))[: None if stride is not None else n]
-        passes.append(_Pass(d, n, seq, _windows(len(seq), n, stride), served))
-    return _Plan(selection, passes, one_pass)
+        passes.append(ForwardPass(d, n, seq, _windows(len(seq), n, stride), served))
+    return PassPlan(selection, passes, one_pass)
 
 
 def planned_tokens(
@@ -255,7 +255,7 @@ def planned_tokens(
     seed: int = 0,
 ) -> int:
     """Tokens ``evaluate_perplexity`` will feed through the model (the progress total)."""
-    plan = _plan(doc_token_ids, [length], bos_token_id, stride, num_docs, seed)
+    plan = plan_passes(doc_token_ids, [length], bos_token_id, stride, num_docs, seed)
     return sum(p.tokens for p in plan.passes)
 
 
@@ -270,11 +270,11 @@ def select_documents(
 ) -> dict[int, list[int]]:
     """The documents (indices) scored at each length, exactly as ``evaluate_lengths`` picks them
     under the truncate protocol (other tasks use it to read the same documents)."""
-    plan = _plan(doc_token_ids, lengths, bos_token_id, None, num_docs, seed, doc_selection)
+    plan = plan_passes(doc_token_ids, lengths, bos_token_id, None, num_docs, seed, doc_selection)
     return plan.selection
 
 
-def planned_sweep_tokens(
+def perplexity_sweep_tokens(
     doc_token_ids: Sequence[Sequence[int]],
     lengths: Sequence[int],
     *,
@@ -287,7 +287,7 @@ def planned_sweep_tokens(
 ) -> int:
     """Tokens ``evaluate_lengths`` will feed (give it the same arguments; ``one_pass`` as it
     resolves it: ``one_pass and not length_dependent_rope(model)``)."""
-    plan = _plan(
+    plan = plan_passes(
         doc_token_ids, lengths, bos_token_id, stride, num_docs, seed, doc_selection, one_pass
     )
     return sum(p.tokens for p in plan.passes)
@@ -314,7 +314,7 @@ BPB_FORMULA = (
 )
 
 
-def _protocol(
+def perplexity_protocol(
     length: int,
     lengths: Sequence[int],
     bos_token_id: int | None,

@@ -13,12 +13,13 @@ import itertools
 import json
 import random
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ctxext.config import FinetuneConfig, MixSource, TaskOptions
 from ctxext.errors import CtxextError
+from ctxext.finetune.episodes import EPISODE_KEY, episode_ids
 
 if TYPE_CHECKING:
     from ctxext.finetune.setup import RunSetup
@@ -152,8 +153,16 @@ class TrainData:
         }
 
 
+#: progress(source, tokens_packed, tokens_wanted): called as a text source is packed.
+PackProgress = Callable[[str, int, int], None]
+
+
 def load_train_data(
-    tokenizer: Any, cfg: FinetuneConfig, chunk_length: int, global_batch: int
+    tokenizer: Any,
+    cfg: FinetuneConfig,
+    chunk_length: int,
+    global_batch: int,
+    progress: PackProgress | None = None,
 ) -> TrainData | MixData:
     """Pack the training part of the source into chunks; tokenize only as much as the run reads.
 
@@ -162,12 +171,13 @@ def load_train_data(
     run rebuilds them and continues at its sample count). A small source is shuffled whole; a
     streamed dataset through a seeded shuffle buffer, and reading stops at the tokens the run
     needs (held as int64, 8 bytes a token). A mix (``cfg.mix``) reads each text source as far
-    as its share of the run's samples needs (see :func:`load_mix`).
+    as its share of the run's samples needs (see :func:`load_mix`). ``progress`` is told the
+    tokens packed so far after every batch of documents.
     """
     if cfg.mix is not None:
-        return load_mix(tokenizer, cfg, chunk_length, cfg.steps * global_batch)
+        return load_mix(tokenizer, cfg, chunk_length, cfg.steps * global_batch, progress)
     wanted = cfg.steps * global_batch * chunk_length
-    return _load_text(tokenizer, cfg, cfg.data, chunk_length, wanted, global_batch)
+    return _load_text(tokenizer, cfg, cfg.data, chunk_length, wanted, global_batch, progress)
 
 
 def _load_text(
@@ -177,6 +187,7 @@ def _load_text(
     chunk_length: int,
     wanted: int,
     min_chunks: int,
+    progress: PackProgress | None = None,
 ) -> TrainData:
     """``wanted`` tokens of one text source packed into chunks (at least ``min_chunks``)."""
     import torch
@@ -196,11 +207,12 @@ def _load_text(
     # runs stay what they were); a streamed dataset's documents can be whole books, so one at a
     # time: the run tokenizes little more than the tokens it needs.
     batch = 1 if source.streamed else 16
+    name = spec or "stdlib"
+    tick = None if progress is None else lambda done: progress(name, done, wanted)
     stream, used, fingerprint = pack_until(
-        _training_order(source, cfg), tokenizer, wanted, Fingerprint(), batch
+        _training_order(source, cfg), tokenizer, wanted, Fingerprint(), batch, tick
     )
     n_chunks = len(stream) // chunk_length
-    name = spec or "stdlib"
     if n_chunks < min_chunks:
         need = min_chunks * chunk_length
         what = (
@@ -234,11 +246,17 @@ def _training_order(source: Any, cfg: FinetuneConfig) -> Iterator[Any]:
 
 
 def pack_until(
-    docs: Iterator[Any], tokenizer: Any, wanted: int, fingerprint: Any, batch: int = 16
+    docs: Iterator[Any],
+    tokenizer: Any,
+    wanted: int,
+    fingerprint: Any,
+    batch: int = 16,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[array, int, Any]:
     """Tokenize and pack documents, ``batch`` at a time, until ``wanted`` tokens (or the end).
 
-    Returns the packed tokens, how many documents were read, and ``fingerprint`` fed with them.
+    Returns the packed tokens, how many documents were read, and ``fingerprint`` fed with them;
+    ``progress(tokens_packed)`` is called after every batch.
     """
     from ctxext.data import tokenize_documents
 
@@ -253,6 +271,8 @@ def pack_until(
         for doc in chunk:
             fingerprint.update(doc)
         used += len(chunk)
+        if progress is not None:
+            progress(len(stream))
     return stream, used, fingerprint
 
 
@@ -368,7 +388,13 @@ class MixData:
         }
 
 
-def load_mix(tokenizer: Any, cfg: FinetuneConfig, chunk_length: int, count: int) -> MixData:
+def load_mix(
+    tokenizer: Any,
+    cfg: FinetuneConfig,
+    chunk_length: int,
+    count: int,
+    progress: PackProgress | None = None,
+) -> MixData:
     """The mix of ``cfg.mix`` for a run of ``count`` samples: the draws first, then each text
     source read as far as its samples (and the filler source also the tasks' filler) need.
 
@@ -392,7 +418,8 @@ def load_mix(tokenizer: Any, cfg: FinetuneConfig, chunk_length: int, count: int)
         reads = seen[k] + (tasks_seen if k == main else 0)
         part = MixPart(spec=m, samples=seen[k])
         if not m.is_task and reads:
-            part.data = _load_text(tokenizer, cfg, m.source, chunk_length, reads * chunk_length, 1)
+            wanted = reads * chunk_length
+            part.data = _load_text(tokenizer, cfg, m.source, chunk_length, wanted, 1, progress)
             # The first text source is ordered as a run without a mix orders its data, so a mix
             # of one text source trains exactly as that source alone.
             tag = f"ctxext-data:{cfg.seed}" if k == main else f"ctxext-data:{cfg.seed}:{k}"
@@ -444,7 +471,10 @@ class MixedSamples:
             chunk = part.data.chunks[part.order(mix.ranks[sample])]
             out = text_sample(chunk, sample, mix.seed, self.window)
             if mix.tasks.min_length is not None:  # the batch's rows must have the same keys
-                out["position_ids"] = torch.arange(int(chunk.shape[0]))
+                n = int(chunk.shape[0])
+                out["position_ids"] = torch.arange(n)
+                out["attention_mask"] = torch.ones(n, dtype=torch.long)
+                out[EPISODE_KEY] = torch.zeros(n, dtype=torch.long)
             return out
         main = mix.parts[mix.main]
         filler = main.data.chunks[main.order(main.samples + mix.fill[sample])].tolist()
@@ -456,12 +486,17 @@ class MixedSamples:
         packed = packed_episodes(
             mix.tokenizer, part.spec.source, mix.tasks, filler, mix.length, rng
         )
-        # No attention mask: transformers reads the position ids' restarts as packed sequences
-        # (only without a KV cache; prepare_model turns use_cache off for training).
+        # Which episode each token is in: the training loop turns it into the block mask that
+        # keeps the episodes apart (ctxext.finetune.episodes), folding in the all-ones padding
+        # mask (nothing is padded). That mask is there on purpose: on its own it would let
+        # episodes attend to each other, so isolation cannot rest on its absence.
+        ids = torch.tensor(packed.input_ids, dtype=torch.long)
         return {
-            "input_ids": torch.tensor(packed.input_ids, dtype=torch.long),
+            "input_ids": ids,
             "labels": torch.tensor(packed.labels, dtype=torch.long),
             "position_ids": torch.tensor(packed.position_ids, dtype=torch.long),
+            "attention_mask": torch.ones_like(ids),
+            EPISODE_KEY: episode_ids([len(ep.input_ids) for ep in packed.episodes]),
         }
 
 

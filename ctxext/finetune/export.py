@@ -99,7 +99,7 @@ def _write_output(
     model: Any, loaded: Any, setup: RunSetup, cfg: FinetuneConfig, summary: dict[str, Any]
 ) -> None:
     from ctxext import checkpoint
-    from ctxext.report import plot_loss
+    from ctxext.report.plots import plot_loss
 
     with checkpoint.atomic_output(setup.out) as tmp:
         model.to(_save_dtype(loaded.config))

@@ -12,6 +12,7 @@ from typing import Any
 from ctxext.config import ExtendConfig, FinetuneConfig
 from ctxext.errors import CtxextError
 from ctxext.finetune.data import load_train_data, train_loader
+from ctxext.finetune.episodes import isolated_batches, mask_dtype
 from ctxext.finetune.export import finish
 from ctxext.finetune.loss import LONGCE_MAX_WEIGHT
 from ctxext.finetune.model import prepare_model
@@ -24,7 +25,7 @@ from ctxext.finetune.parallel import (
     model_inputs,
     prepare,
 )
-from ctxext.finetune.setup import RunSetup, setup_run
+from ctxext.finetune.setup import RunSetup, run_identity, setup_run
 from ctxext.finetune.state import (
     LOG_FILE,
     STATE_FILE,
@@ -34,7 +35,6 @@ from ctxext.finetune.state import (
     create_work_dir,
     newest_checkpoint,
     newest_intact_checkpoint,
-    run_identity,
     save_checkpoint,
     trim_log,
 )
@@ -78,9 +78,10 @@ def run_finetune(
     from accelerate import Accelerator  # only now: a refused request never waits for torch
 
     from ctxext import checkpoint
-    from ctxext.modeling import default_device, load_tokenizer
+    from ctxext.device import pick_device
+    from ctxext.modeling import load_tokenizer
 
-    device = default_device()
+    device = pick_device()
     check_context_parallel_device(device)  # before Accelerate, which refuses it with a traceback
     acc = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
@@ -100,7 +101,7 @@ def run_finetune(
     tokenizer = load_tokenizer(setup.source.path, trust_remote_code)
     # PoSE windows are cut from target-length chunks; plain training reads whole chunks.
     chunk_length = setup.target_length if cfg.pose else setup.seq_length
-    data = load_train_data(tokenizer, cfg, chunk_length, global_batch)
+    data = load_train_data(tokenizer, cfg, chunk_length, global_batch, _pack_reporter(report))
     identity = run_identity(setup, cfg, global_batch, data.fingerprint)
     if resume:
         check_same_run(setup.work, identity)
@@ -115,7 +116,7 @@ def run_finetune(
     loader = train_loader(data, cfg, setup, state.samples, global_batch)
     net, opt, loader, sched = prepare(acc, net, loader, cfg)
     if not resume:  # only now: a run that fails to start leaves nothing behind
-        create_work_dir(acc, setup, identity)
+        create_work_dir(acc, setup.work, setup.out, identity)
     if ckpt is not None:
         report("status", {"message": f"resuming from {ckpt.name}"})
         acc.load_state(str(ckpt))
@@ -179,6 +180,15 @@ def _reporter(progress: ProgressFn | None, main: bool) -> ProgressFn:
     return report
 
 
+def _pack_reporter(report: ProgressFn) -> Callable[[str, int, int], None]:
+    """Data packing as "packing" events {source, done, total} (tokens)."""
+
+    def packing(source: str, done: int, total: int) -> None:
+        report("packing", {"source": source, "done": done, "total": total})
+
+    return packing
+
+
 def _load(
     setup: RunSetup,
     cfg: FinetuneConfig,
@@ -189,16 +199,13 @@ def _load(
     """Load with the extension applied in memory. Full fine-tunes keep fp32 master weights;
     LoRA keeps the frozen base in the compute dtype (peft keeps adapters in fp32)."""
     from ctxext import checkpoint
-    from ctxext.modeling import default_device, load_causal_lm
+    from ctxext.device import compute_dtype, pick_device
+    from ctxext.modeling import load_causal_lm
 
     setup.source = checkpoint.fetch(
         setup.source, "weights", allow_pickle=allow_pickle, progress=_download_status(report)
     )
-    dtype = "float32"
-    if cfg.lora_rank is not None and cfg.dtype != "auto":
-        dtype = cfg.dtype
-    elif cfg.lora_rank is not None and default_device().startswith("cuda"):
-        dtype = "bfloat16"
+    dtype = "float32" if cfg.lora_rank is None else compute_dtype(cfg.dtype, pick_device())
     loaded = load_causal_lm(
         str(setup.source.path),
         extend=setup.extend,
@@ -259,7 +266,8 @@ def _train(
     it measures the machine again, is not counted as training time)."""
     tokens_per_step = global_batch * setup.seq_length
     started, tokens_at_start, elapsed_at_start = time.perf_counter(), state.tokens, state.elapsed
-    batches = iter(loader)
+    # Task episodes (--task-min-length): each batch gets its explicit block mask here.
+    batches = isolated_batches(iter(loader), acc.unwrap_model(net), mask_dtype(acc.mixed_precision))
     loss_value = None
     log = (setup.work / LOG_FILE).open("a", encoding="utf-8") if acc.is_main_process else None
     try:

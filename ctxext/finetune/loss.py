@@ -17,7 +17,7 @@ others, and the loss is on CE's scale where the long context changes nothing. To
 positions <= W read no more than W tokens in either pass: their two NLLs are the same number
 and their weight is exactly 1.
 
-The short pass reuses the context-use evaluation's windows (:func:`ctxext.context_use.local_nll`):
+The short pass reuses the context-use evaluation's windows (:func:`ctxext.evaluate.context_use.local_nll`):
 fresh windows of W tokens stepping back from the end by a stride S (default W/2), each scoring
 the S tokens after its last S positions, so a scored token reads between W-S+1 and W tokens.
 Cost: per sequence of L tokens, ceil((L-1-W)/S) extra forward passes of W tokens each, about
@@ -46,7 +46,7 @@ def longce_weights(
     ``full_nll`` [B, L-1] (detached here); token t+1 of row b has weight [b, t]."""
     import torch
 
-    from ctxext.context_use import local_nll
+    from ctxext.evaluate.context_use import local_nll
 
     full = full_nll.detach().float()
     bos_id = getattr(model.config, "bos_token_id", None)

@@ -7,15 +7,14 @@ import os
 from typing import Any
 
 from ctxext.config import FinetuneConfig
+from ctxext.device import compute_dtype
 from ctxext.errors import CtxextError
 from ctxext.finetune.optim import lr_factor, make_optimizer
 
 
 def mixed_precision(dtype: str, device: str) -> str:
     """Accelerate's mixed_precision for a compute dtype: weights stay fp32, matmuls autocast."""
-    if dtype == "auto":
-        return "bf16" if device.startswith("cuda") else "no"
-    return {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[dtype]
+    return {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[compute_dtype(dtype, device)]
 
 
 def check_parallelism(acc: Any, seq_length: int, loss: str = "ce") -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from ctxext.config import ExtendConfig, FinetuneConfig
 from ctxext.errors import CtxextError
+from ctxext.finetune.episodes import check_episodes_supported
 from ctxext.finetune.state import newest_checkpoint, work_dir
 
 #: Fault injection for tests and drills: the loss of this optimizer step (1-based) is made NaN
@@ -72,6 +73,8 @@ def setup_run(
         )
     longce = _longce_windows(cfg, info.trained_length, seq)
     _check_tasks_fit(cfg, source.path, seq)
+    if cfg.tasks.min_length is not None:
+        check_episodes_supported(config, seq)
     out = checkpoint.check_output_path(output, [source.path], overwrite=True)
     work = work_dir(out)
     _check_output_state(out, work, resume=resume, overwrite=overwrite)
@@ -170,3 +173,19 @@ def _check_output_state(out: Path, work: Path, *, resume: bool, overwrite: bool)
             f"output folder {out} already exists; pass --overwrite to replace it (or --resume "
             "to continue an interrupted run)"
         )
+
+
+def run_identity(
+    setup: RunSetup, cfg: FinetuneConfig, global_batch: int, data_fingerprint: str
+) -> dict[str, Any]:
+    """What makes a run the same run: a --resume must match it (``state.check_same_run``)."""
+    from ctxext import checkpoint
+
+    return {
+        "model": str(setup.source.path),
+        "config_sha256": checkpoint.config_hash(setup.config_before),
+        "extend": setup.extend.model_dump(mode="json") if setup.extend else None,
+        "finetune": cfg.identity(),
+        "global_batch": global_batch,
+        "data_fingerprint": data_fingerprint,
+    }

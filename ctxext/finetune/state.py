@@ -6,22 +6,21 @@ hard kill leaves either a complete checkpoint or a temporary folder that resumin
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ctxext.config import FinetuneConfig
 from ctxext.errors import CtxextError
 
-if TYPE_CHECKING:
-    from ctxext.finetune.setup import RunSetup
-
-#: progress(event, info): events "status" {message}, "start" {total, completed},
-#: "step" (a log record), "checkpoint" {step, path}.
+#: progress(event, info): events "status" {message}, "packing" {source, done, total} (tokens
+#: of training data packed), "start" {total, completed}, "step" (a log record),
+#: "checkpoint" {step, path}, "warning" {message}.
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
 WORK_SUFFIX = ".ctxext-work"
@@ -152,28 +151,14 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def run_identity(
-    setup: RunSetup, cfg: FinetuneConfig, global_batch: int, data_fingerprint: str
-) -> dict[str, Any]:
-    from ctxext import checkpoint
-
-    return {
-        "model": str(setup.source.path),
-        "config_sha256": checkpoint.config_hash(setup.config_before),
-        "extend": setup.extend.model_dump(mode="json") if setup.extend else None,
-        "finetune": cfg.identity(),
-        "global_batch": global_batch,
-        "data_fingerprint": data_fingerprint,
-    }
-
-
-def create_work_dir(acc: Any, setup: RunSetup, identity: dict[str, Any]) -> None:
-    """A fresh work folder (replacing one without checkpoints, or any with --overwrite)."""
+def create_work_dir(acc: Any, work: Path, out: Path, identity: dict[str, Any]) -> None:
+    """A fresh work folder for the output ``out`` (replacing one without checkpoints, or any
+    with --overwrite)."""
     if acc.is_main_process:
-        if setup.work.exists():
-            shutil.rmtree(setup.work)
-        (setup.work / "checkpoints").mkdir(parents=True)
-        _write_json_atomic(setup.work / RUN_FILE, {"identity": identity, "output": str(setup.out)})
+        if work.exists():
+            shutil.rmtree(work)
+        (work / "checkpoints").mkdir(parents=True)
+        _write_json_atomic(work / RUN_FILE, {"identity": identity, "output": str(out)})
     acc.wait_for_everyone()
 
 
@@ -209,7 +194,8 @@ def save_checkpoint(acc: Any, work: Path, state: TrainerState) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
+    with _quiet_tied_weights():
+        acc.save_state(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
         # Sizes and hashes of every file, so a resume can tell a damaged checkpoint.
@@ -224,6 +210,34 @@ def save_checkpoint(acc: Any, work: Path, state: TrainerState) -> Path:
         _prune_checkpoints(folder)
     acc.wait_for_everyone()
     return final
+
+
+#: The logger of accelerate's safetensors writer (accelerate.utils.other).
+_ACCELERATE_SAVE_LOGGER = "accelerate.utils.other"
+
+
+class _TiedWeightsFilter(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {'lm_head.weight'} while saving" record.
+
+    A model with tied input and output embeddings holds one tensor under two names;
+    safetensors stores it once and accelerate says so at every checkpoint. Nothing is lost:
+    the model that loads the checkpoint ties the two names again (tests/test_finetune_state.py
+    checks that a resumed model has the saved weights, tied).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_tied_weights() -> Iterator[None]:
+    logger = logging.getLogger(_ACCELERATE_SAVE_LOGGER)
+    note = _TiedWeightsFilter()
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)
 
 
 def _prune_checkpoints(folder: Path) -> None:

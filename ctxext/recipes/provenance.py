@@ -6,10 +6,9 @@ from __future__ import annotations
 import hashlib
 import platform
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ctxext.recipes.runner import RecipeRun
+from ctxext.recipes.record import RunRecord
 
 _HASH_CACHE: dict[tuple[int, int, int, int], str] = {}
 
@@ -38,7 +37,7 @@ def _model_hashes(folder: Path) -> dict[str, Any]:
     }
 
 
-def provenance(run: RecipeRun) -> dict[str, Any]:
+def provenance(run: RunRecord) -> dict[str, Any]:
     """Versions, seed and hashes: enough to tell whether two runs can be compared."""
     import torch
 
@@ -99,7 +98,7 @@ def provenance(run: RecipeRun) -> dict[str, Any]:
     }
 
 
-def card_info(run: RecipeRun, provenance: dict[str, Any]) -> dict[str, Any]:
+def card_info(run: RunRecord, provenance: dict[str, Any]) -> dict[str, Any]:
     """What the model card needs, as plain data (see :mod:`ctxext.modelcard`)."""
     recipe, pre = run.recipe, run.pre
     own = "finetuned" if recipe.finetune is not None else "extended"

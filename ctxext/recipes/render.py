@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ctxext.recipes.record import RunRecord
 from ctxext.rope.methods import OPTIONS_OF
 from ctxext.text import plural
 
-if TYPE_CHECKING:
-    from ctxext.recipes.runner import RecipeRun
 
-
-def render_report(run: RecipeRun, summary: dict[str, Any]) -> str:
+def render_report(run: RunRecord, summary: dict[str, Any]) -> str:
     """report.md: what was done, the tables, the plots, provenance."""
-    from ctxext.report import context_use_markdown, passkey_markdown, ppl_markdown
+    from ctxext.report.markdown import context_use_markdown, passkey_markdown, ppl_markdown
 
     recipe, pre = run.recipe, run.pre
     prov = summary["provenance"]

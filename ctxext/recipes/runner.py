@@ -247,7 +247,7 @@ class RecipeRun:
         )
 
     def _eval(self, items: list[str]) -> dict[str, Any]:
-        from ctxext.evalrun import run_eval
+        from ctxext.evaluate.run import run_eval
 
         assert self.recipe.eval is not None
         variants = [self._variant(item) for item in items]
@@ -266,7 +266,7 @@ class RecipeRun:
     # -- variants
 
     def _variant(self, item: str) -> Any:
-        from ctxext.evalrun import Variant
+        from ctxext.evaluate.variants import Variant
 
         base = self.recipe.model
         extend = self.recipe.extend
@@ -347,7 +347,7 @@ def _merge_results(parts: list[dict[str, Any]], order: list[str]) -> dict[str, A
 
 def _finish_outputs(run: RecipeRun, summary: dict[str, Any]) -> None:
     from ctxext import modelcard
-    from ctxext.report import write_outputs
+    from ctxext.report.files import write_outputs
 
     run.hooks.status("writing results, report and model card")
     prov = provenance(run)

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ctxext.device import describe_device, resolve_dtype
 from ctxext.errors import CtxextError
 from ctxext.resources.estimate import Calibration, parse_bytes
 from ctxext.resources.threads import machine_load
@@ -90,14 +91,6 @@ def cache_dir() -> Path:
     return Path(base) / "ctxext"
 
 
-def _device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"cuda:{torch.cuda.get_device_name(0)}"
-    return f"cpu:{platform.processor() or platform.machine()}"
-
-
 def _cache_file(device: str) -> Path:
     import torch
 
@@ -107,7 +100,7 @@ def _cache_file(device: str) -> Path:
 
 def cached_calibration() -> Calibration | None:
     """This machine's calibration if it was measured before, else None."""
-    path = _cache_file(_device())
+    path = _cache_file(describe_device())
     if not path.is_file():
         return None
     try:
@@ -124,14 +117,14 @@ def load_calibration(refresh: bool = False) -> Calibration:
     cached = None if refresh else cached_calibration()
     if cached is not None:
         return cached
-    calib = _measure(_device())
+    calib = _measure(describe_device())
     save_calibration(calib)
     return calib
 
 
 def save_calibration(calib: Calibration) -> None:
     """Write ``calib`` as this machine's cached calibration (atomically)."""
-    path = _cache_file(_device())
+    path = _cache_file(describe_device())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(calib.__dict__, indent=2) + "\n", encoding="utf-8")
@@ -156,7 +149,7 @@ def measure_speed(base: Calibration) -> Calibration:
 
     cuda = base.device.startswith("cuda")
     dev = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = resolve_dtype("auto", base.device)
     load = machine_load()
     latency = _op_latency(dev)
     return Calibration(

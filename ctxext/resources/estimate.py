@@ -14,7 +14,8 @@ The memory model counts what PyTorch keeps alive at the peak of a step, per comp
   from a Llama-style decoder (see :func:`saved_per_token`); with gradient checkpointing only each
   layer's input is kept, plus one layer's full set while it is recomputed;
 * attention: the fused SDPA kernels keep O(L) (a log-sum-exp per head per token), never the
-  [heads, L, L] matrix;
+  [heads, L, L] matrix; with packed task episodes also their block mask, one [L, L] tensor per
+  sequence in the compute dtype that every layer shares (:mod:`ctxext.finetune.episodes`);
 * loss: fine-tuning uses the model's own loss, which holds [L, vocab] fp32 logits, their
   log-softmax and its gradient (three copies at the start of the backward); eval uses ctxext's
   chunked loss, at most ``chunk x vocab`` fp32 logits twice (``evaluate.default_chunk_size``).
@@ -30,6 +31,8 @@ import itertools
 import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
+
+from ctxext.finetune.episodes import mask_bytes
 
 __all__ = [
     "DTYPE_BYTES",
@@ -212,6 +215,8 @@ class Workload:
     """Tokens fed in all (eval), when known."""
     device_map_auto: bool = False
     """Weights spread by accelerate over every device and CPU RAM (eval --device-map auto)."""
+    episodes: bool = False
+    """Packed task episodes (finetune --task-min-length): an [L, L] attention mask per sequence."""
 
 
 @dataclass(frozen=True)
@@ -377,7 +382,10 @@ def _attention_bytes(shape: ModelShape, work: Workload) -> int:
     # Fused SDPA keeps a fp32 log-sum-exp per head per token for the backward; eval keeps none.
     if work.kind == "eval":
         return 0
-    return shape.layers * shape.heads * work.length * work.batch * 4
+    lse = shape.layers * shape.heads * work.length * work.batch * 4
+    if not work.episodes:
+        return lse
+    return lse + mask_bytes(work.batch, work.length, DTYPE_BYTES[work.compute_dtype])
 
 
 def _loss_bytes(shape: ModelShape, work: Workload) -> int:

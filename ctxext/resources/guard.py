@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ctxext.device import compute_dtype, pick_device
 from ctxext.errors import CtxextError
 
 #: Runs predicted to take longer than this print their estimate before starting.
@@ -123,8 +124,7 @@ def _finetune_workloads(source: Any, trained: int, seq: int, cfg: Any) -> Comman
     from ctxext.resources.estimate import ModelShape, Workload
 
     shape = ModelShape.from_config(checkpoint.read_config(source.path))
-    cuda = _device().startswith("cuda")
-    compute = "bfloat16" if cuda and cfg.dtype == "auto" else _fp(cfg.dtype)
+    compute = compute_dtype(cfg.dtype, pick_device())
     weights = "float32"
     if cfg.lora_rank is not None:  # finetune._load: the frozen base in the compute dtype
         weights = compute
@@ -132,6 +132,7 @@ def _finetune_workloads(source: Any, trained: int, seq: int, cfg: Any) -> Comman
         "finetune", seq, batch=cfg.batch_size, compute_dtype=compute, weight_dtype=weights,
         lora_rank=cfg.lora_rank, lora_trainable=tuple(cfg.lora_trainable),
         grad_ckpt=cfg.grad_ckpt, steps=cfg.steps, grad_accum=cfg.grad_accum,
+        episodes=cfg.tasks.min_length is not None,
     )  # fmt: skip
     label = f"finetune {seq:,} tokens x {cfg.steps} steps"
     return CommandWorkloads("finetune", source.name, shape, trained, [(label, work)])
@@ -146,8 +147,7 @@ def eval_workloads(sources: list[Any], cfg: Any, tokens: dict[int, int] | None) 
     configs = [checkpoint.read_config(src.path) for src in sources]
     shapes = [ModelShape.from_config(c) for c in configs]
     biggest = max(range(len(shapes)), key=lambda i: shapes[i].total_params())
-    cuda = _device().startswith("cuda")
-    dtype = "bfloat16" if cuda and cfg.dtype == "auto" else _fp(cfg.dtype)
+    dtype = compute_dtype(cfg.dtype, pick_device())
     phases = []
     for n in cfg.lengths:
         work = Workload(
@@ -165,30 +165,20 @@ def eval_tokens(
 ) -> dict[int, int]:
     """Tokens every length feeds, over all models (``checkpoint.ResolvedModel``s) and variants
     (as the progress bar counts)."""
-    from ctxext import evaluate
+    from ctxext.evaluate.protocol import planned_tokens
 
     out: dict[int, int] = {}
     if "ppl" not in cfg.tasks:
         return out
     for source in sources:
-        tokens = token_cache[str(source.path)]  # evalrun's _Tokens
+        tokens = token_cache[str(source.path)]  # evaluate.run._Tokens
         ids, bos = tokens.docs.ids, tokens.bos_token_id
         for n in cfg.lengths:
-            count = evaluate.planned_tokens(
+            count = planned_tokens(
                 ids, n, bos_token_id=bos, stride=cfg.stride, num_docs=cfg.num_docs, seed=cfg.seed
             )
             out[n] = out.get(n, 0) + count * per_model
     return out
-
-
-def _fp(dtype: str) -> str:
-    return "float32" if dtype == "auto" else dtype
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # --------------------------------------------------------------------------- the verdict
@@ -225,7 +215,7 @@ def _limit(memory_limit: str | None) -> tuple[int, str]:
             return parse_bytes(memory_limit), "--memory-limit"
         except ValueError as e:
             raise CtxextError(f"--memory-limit: {e}") from None
-    return calibrate.available_memory(_device())
+    return calibrate.available_memory(pick_device())
 
 
 def _calibration(run: CommandWorkloads, limit: int, measure: bool, status: Status) -> Any:

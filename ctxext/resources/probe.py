@@ -29,8 +29,10 @@ def runtime_probe() -> None:
     for each the peak RSS minus what :func:`ctxext.resources.estimate.estimate` attributes to the model."""
     import tempfile
 
-    from ctxext import checkpoint, evalrun
+    from ctxext import checkpoint
     from ctxext.config import EvalConfig, ExtendConfig, FinetuneConfig
+    from ctxext.evaluate.run import run_eval
+    from ctxext.evaluate.variants import plan_variants
     from ctxext.finetune.loop import run_finetune
     from ctxext.resources.estimate import ModelShape, Workload, estimate
 
@@ -38,7 +40,7 @@ def runtime_probe() -> None:
     zero = Calibration("cpu", {64: 1.0}, {64: 1.0}, 1.0, {})
     out: dict[str, int] = {}
     cfg = EvalConfig(lengths=[64], num_docs=1)
-    evalrun.run_eval(evalrun.plan_variants([None], [], {}, cfg), cfg)
+    run_eval(plan_variants([None], [], {}, cfg), cfg)
     out["eval"] = _peak_rss() - estimate(shape, Workload("eval", 64), zero).peak
     extend = ExtendConfig(method="linear", factor=1.25)  # 256 -> 320 tokens
     with tempfile.TemporaryDirectory() as tmp:

@@ -52,7 +52,7 @@ _NO_POSITIONS = frozenset({"mamba", "mamba2", "falcon_mamba", "rwkv", "jamba"})
 _RELATIVE = frozenset({"t5", "mt5", "umt5", "longt5", "deberta", "deberta-v2", "transfo-xl"})
 _ROTARY_DIM = frozenset({"gptj", "codegen"})
 _LONGROPE_ONLY = frozenset({"phi3", "phimoe"})
-_GEMMA3 = frozenset({"gemma3_text", "gemma3"})
+GEMMA3 = frozenset({"gemma3_text", "gemma3"})
 _ROPE = (
     frozenset(
         [
@@ -79,7 +79,7 @@ _ROPE = (
             "falcon",
         ]
     )
-    | _GEMMA3
+    | GEMMA3
     | _LONGROPE_ONLY
 )
 
@@ -193,7 +193,7 @@ def _positive_int(cfg: Mapping[str, Any], key: str, value: Any) -> int:
 
 def _head_dim(model_type: str, cfg: Mapping[str, Any]) -> int:
     head_dim = cfg.get("head_dim")
-    if head_dim is None and model_type in _GEMMA3:
+    if head_dim is None and model_type in GEMMA3:
         head_dim = 256  # Gemma3TextConfig's default when the key is absent
     if head_dim is not None:
         return _positive_int(cfg, "head_dim", head_dim)
@@ -209,7 +209,7 @@ def _head_dim(model_type: str, cfg: Mapping[str, Any]) -> int:
     )
 
 
-def _rope_entries(model_type: str, cfg: Mapping[str, Any]) -> dict[str | None, dict]:
+def rope_entries(model_type: str, cfg: Mapping[str, Any]) -> dict[str | None, dict]:
     """The rope dict(s) transformers will use, keyed by layer type (None when flat).
 
     Mirrors ``convert_rope_params_to_dict``: legacy rope_scaling replaces rope_parameters (flat)
@@ -217,8 +217,8 @@ def _rope_entries(model_type: str, cfg: Mapping[str, Any]) -> dict[str | None, d
     """
     params = cfg.get("rope_parameters")
     legacy = cfg.get("rope_scaling")
-    if model_type in _GEMMA3 or _is_nested(params):
-        if model_type not in _GEMMA3:
+    if model_type in GEMMA3 or _is_nested(params):
+        if model_type not in GEMMA3:
             raise CtxextError(
                 f"model_type '{model_type}' has per-layer-type rope_parameters ({sorted(params)}) and "
                 "ctxext only knows how transformers loads those for Gemma 3; pick a model with one "
@@ -307,7 +307,7 @@ def analyze(config: Mapping[str, Any]) -> RopeInfo:
         )
     mpe = _positive_int(cfg, "max_position_embeddings", cfg["max_position_embeddings"])
     head_dim = _head_dim(model_type, cfg)
-    entries = _rope_entries(model_type, cfg)
+    entries = rope_entries(model_type, cfg)
     main = entries.get("full_attention", entries.get(None))
     theta = float(main["rope_theta"])
     partial = float(main.get("partial_rotary_factor", 1.0))

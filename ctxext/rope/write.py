@@ -15,7 +15,7 @@ from typing import Any
 
 from ctxext.errors import CtxextError
 from ctxext.rope.methods import ALL_METHODS, OPTION_DEFAULTS, OPTIONS_OF
-from ctxext.rope.read import _GEMMA3, RopeInfo, _rope_entries, analyze
+from ctxext.rope.read import GEMMA3, RopeInfo, analyze, rope_entries
 
 # --------------------------------------------------------------------------- validating a request
 
@@ -90,7 +90,7 @@ def _write_linear(info: RopeInfo, s: float, opts: dict) -> tuple[dict, int]:
     # It stays the trained length because vLLM and SGLang serve max_position_embeddings x factor,
     # except for Gemma 3, where vLLM takes max_position_embeddings as already scaled (Google's
     # own Gemma 3 configs pair linear factor 8 with the extended 131072).
-    if info.model_type in _GEMMA3:
+    if info.model_type in GEMMA3:
         return {**_entry(info, "linear"), "factor": s}, _new_length(info, s)
     return {**_entry(info, "linear"), "factor": s}, info.trained_length
 
@@ -333,7 +333,7 @@ def extend_config(
     model_type = info.model_type
     if info.layer_types:
         # Gemma 3: scale full_attention only; sliding_attention (local, short window) is untouched.
-        layers = _rope_entries(model_type, root)
+        layers = rope_entries(model_type, root)
         layers["full_attention"] = entry
         root["rope_parameters"] = {k: layers[k] for k in sorted(layers, reverse=True)}
         root["rope_local_base_freq"] = float(layers["sliding_attention"]["rope_theta"])

@@ -220,7 +220,8 @@ def write_tune_output(result: dict[str, Any], prepared: Prepared, link_mode: str
     """The extended checkpoint plus tune.json, recipe.yaml, leaderboard.md and .png, atomically."""
     from ctxext.config import ExtendJob
     from ctxext.extend import plan_extend, write_checkpoint_files
-    from ctxext.report import leaderboard_markdown, plot_leaderboard
+    from ctxext.report.markdown import leaderboard_markdown
+    from ctxext.report.plots import plot_leaderboard
 
     spec = ExtendConfig.model_validate(result["chosen"]["extend"])
     job = ExtendJob(

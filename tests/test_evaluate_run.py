@@ -16,7 +16,7 @@ from conftest import run_cli, tree_hash
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ctxext.config import EvalConfig, ExtendConfig
-from ctxext.evalrun import Variant, plan_variants
+from ctxext.evaluate.variants import Variant, plan_variants
 
 
 def test_plan_variants_base_plus_methods():
@@ -169,7 +169,7 @@ def test_rows_with_different_tokenizers_show_bits_per_byte(capsys, tmp_path, tin
     results = json.loads((out / "results.json").read_text())
     assert len({r["tokens_fingerprint"] for r in results["runs"]}) == 2
     assert "bits per byte" in stdout and "perplexities do not compare" in stdout
-    from ctxext.report import metric, series
+    from ctxext.report.cells import metric, series
 
     assert metric(results) == "bpb"
     assert [ys for _, _, ys in series(results)] == [
@@ -181,8 +181,8 @@ def test_rows_with_different_tokenizers_show_bits_per_byte(capsys, tmp_path, tin
 
 def test_results_json_is_strict(tmp_path, tiny_llama, data_file):
     """An overflowed perplexity is written as null with a note, never as Infinity."""
-    from ctxext.evalrun import run_eval
-    from ctxext.report import write_outputs
+    from ctxext.evaluate.run import run_eval
+    from ctxext.report.files import write_outputs
 
     cfg = EvalConfig(lengths=[128], data=str(data_file))
     results = run_eval(plan_variants([str(tiny_llama)], [], {}, cfg), cfg)
@@ -208,7 +208,7 @@ def test_evaluate_and_report_calls_its_hooks_in_order(tmp_path, monkeypatch, tin
     atomically and then announced by its absolute path."""
     import contextlib
 
-    from ctxext.evalrun import EvalHooks, evaluate_and_report
+    from ctxext.evaluate.run import EvalHooks, evaluate_and_report
 
     cfg = EvalConfig(lengths=[128, 256], data=str(data_file))
     out = tmp_path / "res"
@@ -255,7 +255,7 @@ def test_evaluate_and_report_calls_its_hooks_in_order(tmp_path, monkeypatch, tin
 
 def test_evaluate_and_report_checks_the_output_before_anything_slow(tmp_path, tiny_llama):
     from ctxext.errors import CtxextError
-    from ctxext.evalrun import EvalHooks, evaluate_and_report
+    from ctxext.evaluate.run import EvalHooks, evaluate_and_report
 
     (tmp_path / "taken").mkdir()
     called = []

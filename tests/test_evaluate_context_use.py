@@ -9,17 +9,17 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ctxext.context_use import (
+from ctxext.errors import CtxextError
+from ctxext.evaluate.context_use import (
     ContextUseResult,
-    RetrievalResult,
     _gain_result,
     _local_windows,
     context_use,
-    effective_length,
-    evaluate_retrieval,
     local_nll,
 )
-from ctxext.errors import CtxextError
+from ctxext.evaluate.effective_length import effective_length
+from ctxext.evaluate.retrieval import evaluate_retrieval
+from ctxext.evaluate.scoring import RetrievalResult
 
 VOCAB = 320
 
@@ -310,7 +310,7 @@ def test_effective_length_window_and_missing_measurements():
 
 
 def test_sweep_equals_separate_runs_at_each_length(llama, seqs):
-    from ctxext.context_use import context_use_sweep
+    from ctxext.evaluate.context_use import context_use_sweep
 
     sweep = context_use_sweep(llama, seqs, [16, 48, 96], window=16, stride=8, bos=True)
     assert sorted(sweep) == [48, 96]  # 16 has nothing beyond the window
@@ -324,7 +324,7 @@ def test_sweep_equals_separate_runs_at_each_length(llama, seqs):
 def test_sweep_with_dynamic_ntk_is_exact_per_length(seqs):
     """Dynamic NTK: a fresh full pass per length (after a rotary reset) and windows at the
     original frequencies; equal to each length evaluated alone on a fresh model."""
-    from ctxext.context_use import context_use_sweep
+    from ctxext.evaluate.context_use import context_use_sweep
 
     def fresh():
         dynamic = {"rope_type": "dynamic", "factor": 3.0, "rope_theta": 10000.0}
@@ -339,7 +339,7 @@ def test_sweep_with_dynamic_ntk_is_exact_per_length(seqs):
 
 @pytest.mark.parametrize("one_pass", [True, False])
 def test_sweep_progress_ends_at_the_planned_total(llama, seqs, one_pass):
-    from ctxext.context_use import context_use_sweep, planned_sweep_tokens
+    from ctxext.evaluate.context_use import context_use_sweep, context_use_sweep_tokens
 
     seen: list[int] = []
     lengths = [16, 48, 96]
@@ -353,8 +353,8 @@ def test_sweep_progress_ends_at_the_planned_total(llama, seqs, one_pass):
         one_pass=one_pass,
         progress=seen.append,
     )
-    assert seen[-1] == planned_sweep_tokens(len(seqs), lengths, 16, 6, one_pass)
-    assert planned_sweep_tokens(len(seqs), [16], 16, 6, one_pass) == 0
+    assert seen[-1] == context_use_sweep_tokens(len(seqs), lengths, 16, 6, one_pass)
+    assert context_use_sweep_tokens(len(seqs), [16], 16, 6, one_pass) == 0
 
 
 # --- both passes start alike (BOS), on the bundled model ----------------------------------------
@@ -414,8 +414,9 @@ class _ScaledLogits(LlamaForCausalLM):
 
 @pytest.mark.parametrize("task", ["ppl", "passkey", "retrieval", "context-use", "sweep"])
 def test_every_task_checks_the_chunked_loss_against_the_models_own(task, tokenizer, code_ids):
-    from ctxext.context_use import context_use_sweep
-    from ctxext.evaluate import evaluate_lengths, evaluate_passkey
+    from ctxext.evaluate.context_use import context_use_sweep
+    from ctxext.evaluate.passkey import evaluate_passkey
+    from ctxext.evaluate.perplexity import evaluate_lengths
 
     torch.manual_seed(0)
     sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1)

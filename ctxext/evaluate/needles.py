@@ -277,7 +277,7 @@ def resolve_templates(selection: str) -> list[NeedleTemplate]:
         raise CtxextError(
             f"unknown retrieval template {unknown[0]!r}; use heldout, train, all, text or "
             f"template names: held out {', '.join(t.name for t in templates_of('heldout'))}; "
-            "training forms BINDING-QUERY-SHAPE such as plain-assert-upper (ctxext/needles.py)"
+            "training forms BINDING-QUERY-SHAPE such as plain-assert-upper (ctxext/evaluate/needles.py)"
         )
     return [TEMPLATES[n] for n in dict.fromkeys(names)]
 
@@ -286,7 +286,7 @@ def resolve_templates(selection: str) -> list[NeedleTemplate]:
 # Building prompts
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
@@ -317,7 +317,7 @@ class PasskeyPrompt:
         return self.input_ids[self.answer_start :]
 
 
-def _question_and_answer(
+def question_and_answer(
     tokenizer: Any, template: NeedleTemplate, name: str, key: str
 ) -> tuple[list[int], list[int]]:
     """The question's tokens and the key's tokens as they follow it.
@@ -326,11 +326,11 @@ def _question_and_answer(
     tokenizer merges across the join, the key is scored as encoded on its own.
     """
     q_text = "\n" + template.question_text(name)
-    question = _encode(tokenizer, q_text)
-    joint = _encode(tokenizer, q_text + template.joiner + key)
+    question = encode(tokenizer, q_text)
+    joint = encode(tokenizer, q_text + template.joiner + key)
     if joint[: len(question)] == question and len(joint) > len(question):
         return question, joint[len(question) :]
-    return question, _encode(tokenizer, template.joiner + key)
+    return question, encode(tokenizer, template.joiner + key)
 
 
 def _cut(starts: list[int], target: float, slack: float) -> int:
@@ -389,8 +389,8 @@ def build_prompt(
     if not 0.0 <= depth <= 1.0:
         raise CtxextError(f"retrieval depth {depth} is outside [0, 1]; use fractions like 0.5")
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    needle = _encode(tokenizer, "\n" + template.needle_text(name, key) + "\n")
-    question, answer = _question_and_answer(tokenizer, template, name, key)
+    needle = encode(tokenizer, "\n" + template.needle_text(name, key) + "\n")
+    question, answer = question_and_answer(tokenizer, template, name, key)
     n_filler = length - len(bos) - len(needle) - len(question) - len(answer)
     if n_filler < 0:
         raise CtxextError(
@@ -430,12 +430,12 @@ def multi_needle_ids(
     names = distinct_names(chosen, rng)
     keys = [random_key(rng) for _ in chosen]
     lines = [
-        _encode(tokenizer, "\n" + t.needle_text(n, k) + "\n")
+        encode(tokenizer, "\n" + t.needle_text(n, k) + "\n")
         for t, n, k in zip(chosen, names, keys, strict=True)
     ]
     asks = []
     for i in rng.permutation(count):
-        question, answer = _question_and_answer(tokenizer, chosen[i], names[i], keys[i])
+        question, answer = question_and_answer(tokenizer, chosen[i], names[i], keys[i])
         asks += question + answer
     head = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
     n_filler = length - len(head) - sum(map(len, lines)) - len(asks)

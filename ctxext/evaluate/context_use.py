@@ -1,4 +1,4 @@
-"""Does a model *use* its extended context? Far-context gain, in-domain retrieval, effective length.
+"""Does a model *use* its extended context? The far-context gain (and what else measures it).
 
 Perplexity at length L cannot tell a model that reads all L tokens from one that reads only the
 last few hundred: both can keep a flat perplexity. Three measurements can:
@@ -21,16 +21,12 @@ last few hundred: both can keep a flat perplexity. Three measurements can:
   ``(NLL_local - NLL_full) / ln 2`` bits per token, by position bucket, with a percentile
   bootstrap over documents. Positive: the model uses text more than W-1 tokens back. Zero or
   negative: it only extrapolates (or is hurt by the far text).
-* **Retrieval** (``evaluate_retrieval``): a key hidden at a depth of the context, asked for at the
-  end, scored teacher-forced on the key's tokens (correct iff every answer token is the argmax).
-  The key/value forms are ``ctxext.needles`` templates (code and prose, several name shapes,
-  assignment syntaxes and query forms), split into forms ctxext trains on and forms it never
-  does; the default scores the held-out ones hidden in real held-out documents, so a model that
-  memorised one form does not pass. ``text`` is the natural-language passkey of Mohtashami &
-  Jaggi in its own filler.
-* **Effective context length** (``effective_length``): the longest evaluated length up to which
-  (at it and at every shorter evaluated length) retrieval is >= 90% at every depth and the
-  far-context gain of the last bucket is positive (its bootstrap interval lies above 0).
+* **Retrieval** (:mod:`ctxext.evaluate.retrieval`): a key hidden at a depth of the context,
+  asked for at the end, in held-out forms and real held-out documents.
+* **Effective context length** (:mod:`ctxext.evaluate.effective_length`): the longest length up
+  to which both retrieval and the far-context gain hold.
+
+This module is the far-context gain.
 """
 
 from __future__ import annotations
@@ -44,36 +40,28 @@ import numpy as np
 import torch
 
 from ctxext.errors import CtxextError
-from ctxext.evaluate.loss import token_nll
-from ctxext.evaluate.passkey import build_passkey_prompt, score_grid
+from ctxext.evaluate.loss import (
+    Progress,
+    check_head,
+    eval_mode,
+    final_hidden,
+    nll_from_hidden,
+    reset_rotary_state,
+    token_nll,
+)
 from ctxext.evaluate.perplexity import bootstrap_ratio
 from ctxext.evaluate.protocol import BOOTSTRAP_RESAMPLES, bucket_edges
-from ctxext.needles import (
-    TEMPLATES,
-    PasskeyPrompt,
-    build_prompt,
-    random_key,
-    random_name,
-    resolve_templates,
-)
 
 __all__ = [
     "KEY_TOKEN_NATS",
-    "RETRIEVAL_THRESHOLD",
     "ContextUseResult",
-    "RetrievalResult",
     "context_use",
     "context_use_sweep",
-    "effective_length",
-    "evaluate_retrieval",
+    "context_use_sweep_tokens",
     "key_token_ppl",
     "local_nll",
-    "planned_sweep_tokens",
 ]
 
-Progress = Callable[[int], None]
-#: Retrieval accuracy at every depth needed for a length to count as read.
-RETRIEVAL_THRESHOLD = 0.9
 #: A key token's NLL drops by more than this (nats) from the local window to the full context
 #: (the long-short difference threshold of LongPPL, Fang et al. 2024).
 KEY_TOKEN_NATS = 2.0
@@ -111,7 +99,7 @@ def _accumulate(progress: Progress | None) -> Callable[[int], None]:
     return tick
 
 
-def planned_sweep_tokens(
+def context_use_sweep_tokens(
     n_docs: int, lengths: Sequence[int], window: int, stride: int, one_pass: bool
 ) -> int:
     """Tokens ``context_use_sweep`` feeds (its progress total): the full passes (one at the
@@ -146,21 +134,19 @@ def local_nll(
             f"--local-window ({window}) must be >= 1 and --local-stride ({stride}) between 1 "
             "and the window"
         )
-    from ctxext.evaluate.loss import _eval_mode, _final_hidden, _nll_from_hidden
-
     ids = torch.tensor([list(seq)])
     if full is None:
         full = token_nll(model, ids, chunk_size=chunk_size)
     out = full.clone()
     start = ids[:, :1] if bos else ids[:, :0]
-    with torch.inference_mode(), _eval_mode(model):
+    with torch.inference_mode(), eval_mode(model):
         for last, n in _local_windows(len(seq), window, stride):
             # Input: the start (BOS) and the tokens before `last`, exactly `window` in all
             # (never longer, so a length-dependent rope sees a window-sized input); its last n
             # rows predict the targets last-n+1 .. last.
             text = ids[:, last - window + start.shape[1] : last]
-            hidden = _final_hidden(model, torch.cat([start, text], dim=1), None)
-            nll = _nll_from_hidden(model, hidden[-n:], ids[0, last - n + 1 : last + 1], chunk_size)
+            hidden = final_hidden(model, torch.cat([start, text], dim=1), None)
+            nll = nll_from_hidden(model, hidden[-n:], ids[0, last - n + 1 : last + 1], chunk_size)
             out[last - n : last] = nll.to(out.device)
             if progress is not None:
                 progress(window)
@@ -230,9 +216,7 @@ def context_use(
     fulls, locals_ = [], []
     tick = _accumulate(progress)
 
-    from ctxext.evaluate.loss import _check_head, reset_rotary_state
-
-    _check_head(model, sequences[0])
+    check_head(model, sequences[0])
     for seq in sequences:
         reset_rotary_state(model)  # a length-dependent rope starts from its initial state
         full = token_nll(model, torch.tensor([list(seq)]), chunk_size=chunk_size)
@@ -339,8 +323,6 @@ def context_use_sweep(
     one at the longest length when the rope is static (``one_pass``); a length-dependent rope
     (dynamic NTK) gets a fresh pass per length, after its rotary state is reset.
     """
-    from ctxext.evaluate.loss import _check_head, reset_rotary_state
-
     stride = stride or max(1, window // 4)
     todo = sorted(n for n in set(lengths) if n > window)
     if not todo:
@@ -350,7 +332,7 @@ def context_use_sweep(
     if any(len(s) < longest for s in seqs):
         raise ValueError("every sequence must hold the longest length")
     tick = _accumulate(progress)
-    _check_head(model, seqs[0])
+    check_head(model, seqs[0])
 
     fulls: dict[int, list[torch.Tensor]] = {n: [] for n in todo}
     locals_: list[torch.Tensor] = []
@@ -409,163 +391,3 @@ def context_use_protocol(window: int, stride: int, seed: int, bos: bool) -> dict
         "interval": f"95% percentile bootstrap over documents, {BOOTSTRAP_RESAMPLES} "
         f"resamples, seed {seed} (+ bucket index per bucket)",
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Retrieval: text (passkey) and code templates
-
-
-@dataclass
-class RetrievalResult:
-    """Accuracy per length x depth (``accuracy[i][j]``: lengths[i] at depths[j])."""
-
-    template: str
-    lengths: list[int]
-    depths: list[float]
-    trials: int
-    accuracy: list[list[float]]
-    correct: list[list[int]]
-    templates: list[str] = field(default_factory=list)
-    """The templates pooled in each cell (``text`` for the passkey)."""
-    by_template: dict[str, list[list[float]]] = field(default_factory=dict)
-    """Accuracy per template, length and depth."""
-    protocol: dict[str, Any] = field(default_factory=dict)
-    answer_nll: list[list[float]] = field(default_factory=list)
-    """Mean over trials of the answer tokens' summed NLL (nats), per length x depth."""
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["mean_by_length"] = {
-            str(n): float(np.mean(row)) for n, row in zip(self.lengths, self.accuracy, strict=True)
-        }
-        return d
-
-    def retrieves_at(self, length: int, threshold: float = RETRIEVAL_THRESHOLD) -> bool:
-        row = self.accuracy[self.lengths.index(length)]
-        return all(a >= threshold for a in row)
-
-
-def _code_filler(doc_ids: Sequence[Sequence[int]], need: int, rng: np.random.Generator):
-    """A random document with at least ``need`` tokens (the longest one otherwise)."""
-    long_enough = [i for i, ids in enumerate(doc_ids) if len(ids) >= need]
-    if not long_enough:
-        return max(doc_ids, key=len)
-    return doc_ids[long_enough[int(rng.integers(0, len(long_enough)))]]
-
-
-def evaluate_retrieval(
-    model: Any,
-    tokenizer: Any,
-    lengths: Sequence[int],
-    *,
-    template: str,
-    doc_token_ids: Sequence[Sequence[int]] | None = None,
-    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
-    trials: int = 5,
-    seed: int = 0,
-    progress: Progress | None = None,
-) -> RetrievalResult:
-    """Retrieval accuracy for every length x depth: ``trials`` random 5-digit keys per template
-    (the rotary state reset before every length, as every task does).
-
-    ``template``: ``text`` (the natural-language passkey in its own filler), or a selection of
-    ``ctxext.needles`` templates hidden in ``doc_token_ids`` (``heldout``, ``train``, ``all``
-    or comma-separated names). A cell's accuracy and answer NLL pool every selected template's
-    trials; the per-template accuracies are kept in ``by_template``.
-    """
-    forms = None if template == "text" else resolve_templates(template)
-    if forms is not None and not doc_token_ids:
-        raise CtxextError("the retrieval templates need documents to hide the key in")
-    names = ["text"] if forms is None else [t.name for t in forms]
-    rng = np.random.default_rng(seed)
-
-    def prompt_for(length: int, depth: float, label: str) -> PasskeyPrompt:
-        key = random_key(rng)
-        if forms is None:
-            return build_passkey_prompt(tokenizer, length, depth, key)
-        t = TEMPLATES[label]
-        name = random_name(rng, t.shape)
-        filler = _code_filler(doc_token_ids, length, rng)
-        return build_prompt(tokenizer, filler, length, depth, key, name, t)
-
-    scores = score_grid(model, lengths, depths, trials, prompt_for, names, progress)
-    cells = [(i, j) for i in range(len(lengths)) for j in range(len(depths))]
-    pooled = [[0] * len(depths) for _ in lengths]
-    nll = [[0.0] * len(depths) for _ in lengths]
-    for i, j in cells:
-        pooled[i][j] = sum(scores[n][0][i][j] for n in names)
-        nll[i][j] = sum(scores[n][1][i][j] for n in names) / len(names)
-    per = trials * len(names)
-    return RetrievalResult(
-        template=template,
-        lengths=list(lengths),
-        depths=list(depths),
-        trials=per,
-        accuracy=[[c / per for c in row] for row in pooled],
-        correct=pooled,
-        templates=names,
-        by_template={n: [[c / trials for c in row] for row in scores[n][0]] for n in names},
-        protocol=retrieval_protocol(template, names, seed),
-        answer_nll=nll,
-    )
-
-
-def retrieval_protocol(template: str, names: Sequence[str], seed: int) -> dict[str, Any]:
-    if template == "text":
-        prompt = (
-            "BOS + task + filler + 'The pass key is KEY...' at the depth + filler + question "
-            "+ KEY (Mohtashami & Jaggi)"
-        )
-    else:
-        forms = [TEMPLATES[n] for n in names]
-        prompt = (
-            "BOS + held-out documents cut at line boundaries + '\\nNEEDLE\\n' at the depth + "
-            "documents + '\\nQUESTION KEY', per template: "
-            + "; ".join(f"{t.name} ({t.split}): {t.needle!r} ... {t.question!r}" for t in forms)
-        )
-    return {
-        "name": f"retrieval-{template}",
-        "template": template,
-        "templates": list(names),
-        "split": sorted({TEMPLATES[n].split for n in names}) if template != "text" else [],
-        "prompt": prompt + "; exactly `length` tokens including the answer",
-        "depth": "fraction of the filler tokens placed before the needle",
-        "scoring": "teacher-forced greedy: correct iff the argmax at every answer position is "
-        "the answer's token; a cell pools every template's trials; answer_nll: mean over a "
-        "cell's prompts of the answer tokens' summed NLL (nats)",
-        "keys": f"uniform 5-digit integers (and random names of each template's shape), numpy "
-        f"default_rng(seed={seed})",
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Effective context length
-
-
-def effective_length(
-    lengths: Sequence[int],
-    retrieval: RetrievalResult | None,
-    gains: dict[int, ContextUseResult] | None,
-    threshold: float = RETRIEVAL_THRESHOLD,
-) -> int | None:
-    """Longest evaluated length L such that, at L and at every shorter evaluated length,
-    retrieval is >= ``threshold`` at every depth and, where the length exceeds the local window,
-    the last bucket's far-context gain is positive (bootstrap interval above 0).
-
-    A measurement that was not made does not count against a length; None when no length
-    qualifies (or nothing was measured).
-    """
-    if retrieval is None and not gains:
-        return None
-    best = None
-    for n in sorted(lengths):
-        ok = True
-        if retrieval is not None and n in retrieval.lengths:
-            ok = retrieval.retrieves_at(n, threshold)
-        gain = (gains or {}).get(n)
-        if ok and gain is not None and n > gain.window:
-            ok = gain.last_bucket["ci_low"] > 0
-        if not ok:
-            break
-        best = n
-    return best

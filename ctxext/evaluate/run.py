@@ -3,9 +3,16 @@
 :func:`evaluate_and_report` is the whole command below the CLI (variants, output checks, the
 evaluation, the output folder); :func:`run_eval` is the evaluation alone (the recipe runner's).
 
-Each *variant* is a checkpoint, optionally with a scaling method applied in memory (the config
-is rewritten before the model is built; nothing is written). Every variant is measured with
-the same data and protocol, and the results carry enough provenance to be compared later.
+Each *variant* (:mod:`~ctxext.evaluate.variants`) is a checkpoint, optionally with a scaling
+method applied in memory. Every variant is measured with the same data and protocol, and the
+results carry enough provenance to be compared later.
+
+The flow goes one way: this module reads the config and calls each task with plain arguments
+(:mod:`~ctxext.evaluate.perplexity`, :mod:`~ctxext.evaluate.passkey`,
+:mod:`~ctxext.evaluate.retrieval`, :mod:`~ctxext.evaluate.context_use`,
+:mod:`~ctxext.evaluate.effective_length`), which use the loss and the protocol below them; no
+task sees the config or imports this module. The caller's hooks (the budget check, progress
+bars) are the only calls back up.
 
 Each model is resolved once for the whole command (a Hub model at one commit), its tokenizer
 loaded once and its weights loaded once: the next method of the same model changes the rope
@@ -25,66 +32,14 @@ from typing import Any
 import numpy as np
 
 from ctxext import checkpoint
-from ctxext.config import EvalConfig, ExtendConfig
+from ctxext.config import EvalConfig
 from ctxext.errors import CtxextError
+from ctxext.evaluate.variants import Sources, Variant, plan_variants, resolve_models
 
 #: progress_factory(description, total_tokens) -> callback(tokens_done)
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
-#: Each model of the command, resolved once (a Hub model pinned to the commit it resolved to:
-#: every later fetch of its files is at that commit), by the name the caller gave.
-Sources = dict[str | None, checkpoint.ResolvedModel]
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One row of the results table."""
-
-    model: str | None
-    extend: ExtendConfig | None = None
-
-
-def plan_variants(
-    models: list[str | None],
-    methods: list[str],
-    extend_options: dict[str, Any],
-    cfg: EvalConfig,
-) -> list[Variant]:
-    """Base rows (unless excluded) and one row per model x method.
-
-    Without --factor/--target-length a method scales to the longest evaluated length, the
-    usual question being "how well does it read at the longest length I care about".
-    """
-    from ctxext.config import parse_model
-
-    if not cfg.include_base and not methods:
-        raise CtxextError(
-            "--no-base skips the unscaled rows, and without -m/--method nothing is left to "
-            "evaluate: add a scaling method (e.g. -m yarn) or drop --no-base"
-        )
-    opts = dict(extend_options)
-    if opts.get("factor") is None and opts.get("target_length") is None:
-        opts["target_length"] = max(cfg.lengths)
-    variants: list[Variant] = []
-    for model in models or [None]:
-        if cfg.include_base:
-            variants.append(Variant(model))
-        for method in methods:
-            spec = parse_model(ExtendConfig, {"method": method, **opts}, "extend options")
-            variants.append(Variant(model, spec))
-    return variants
-
-
 #: budget_check(sources, token_cache): the CLI's memory and time check.
 BudgetCheck = Callable[[Sources, dict[str, Any]], None]
-
-
-def resolve_models(models: list[str | None]) -> Sources:
-    """Each model resolved once, its config files fetched (a Hub model: at one commit)."""
-    sources: Sources = {}
-    for model in models:
-        if model not in sources:
-            sources[model] = checkpoint.resolve_model(model)
-    return sources
 
 
 def run_eval(
@@ -169,7 +124,7 @@ def evaluate_and_report(
     The output folder is checked before anything slow and written atomically while it is
     locked (one writer per output).
     """
-    from ctxext.report import write_outputs
+    from ctxext.report.files import write_outputs
 
     hooks = hooks or EvalHooks()
     variants = plan_variants(models, methods, options, cfg)
@@ -204,7 +159,7 @@ def evaluate_and_report(
 class _Tokens:
     """The data as one tokenizer sees it."""
 
-    docs: Any  # evaluate.TokenizedDocs
+    docs: Any  # protocol.TokenizedDocs
     bos_token_id: int | None
     fingerprint: str  # of the token ids (and BOS): equal fingerprints, comparable perplexities
     tokenizer: Any  # the one that made them, loaded once and given to the model's loads
@@ -295,24 +250,29 @@ def _long_enough(tok: Any, cfg: EvalConfig) -> Any:
 
 
 def _tokenize_and_check(tok: Any, docs: list, cfg: EvalConfig) -> _Tokens:
-    from ctxext import evaluate
+    from ctxext.evaluate.passkey import build_passkey_prompt
+    from ctxext.evaluate.protocol import (
+        perplexity_sweep_tokens,
+        select_documents,
+        tokenize_for_eval,
+    )
 
-    tokens = evaluate.tokenize_for_eval(tok, [d.text for d in docs])
+    tokens = tokenize_for_eval(tok, [d.text for d in docs])
     bos = tok.bos_token_id
     if "ppl" in cfg.tasks:  # raises when no document is long enough
-        evaluate.planned_sweep_tokens(tokens.ids, cfg.lengths, **_ppl_options(cfg, bos))
+        perplexity_sweep_tokens(tokens.ids, cfg.lengths, **_ppl_options(cfg, bos))
     if "passkey" in cfg.tasks or ("retrieval" in cfg.tasks and cfg.template == "text"):
         for n in cfg.lengths:  # raises if a length cannot hold the prompt
-            evaluate.build_passkey_prompt(tok, n, 0.5, "12345")
+            build_passkey_prompt(tok, n, 0.5, "12345")
     if "retrieval" in cfg.tasks and cfg.template != "text":
-        from ctxext.needles import build_prompt, resolve_templates
+        from ctxext.evaluate.needles import build_prompt, resolve_templates
 
         longest = max(tokens.ids, key=len, default=[])
         for t in resolve_templates(cfg.template):
             for n in cfg.lengths:  # raises if the text is too short or a length too small
                 build_prompt(tok, longest, n, 0.5, "12345", "Falcon Ridge 255", t)
     if "context-use" in cfg.tasks:  # raises when no document holds the longest length
-        evaluate.select_documents(tokens.ids, cfg.lengths, **_selection(cfg, bos))
+        select_documents(tokens.ids, cfg.lengths, **_selection(cfg, bos))
     return _Tokens(tokens, bos, _token_fingerprint(tokens.ids, bos), tok)
 
 
@@ -383,7 +343,11 @@ def _run_variant(
     token_cache: dict[str, _Tokens],
     progress_factory: ProgressFactory | None,
 ) -> dict[str, Any]:
-    from ctxext import evaluate, rope
+    from ctxext import rope
+    from ctxext.evaluate.loss import length_dependent_rope
+    from ctxext.evaluate.passkey import evaluate_passkey
+    from ctxext.evaluate.perplexity import evaluate_lengths
+    from ctxext.evaluate.protocol import perplexity_sweep_tokens
 
     tokens = token_cache[str(loaded.source.path)]
     info = rope.analyze(loaded.config)
@@ -404,10 +368,10 @@ def _run_variant(
     }
     if "ppl" in cfg.tasks:
         opts = _ppl_options(cfg, tokens.bos_token_id)
-        one_pass = not evaluate.length_dependent_rope(loaded.model)
+        one_pass = not length_dependent_rope(loaded.model)
         ids = tokens.docs.ids
-        total = evaluate.planned_sweep_tokens(ids, cfg.lengths, one_pass=one_pass, **opts)
-        results = evaluate.evaluate_lengths(
+        total = perplexity_sweep_tokens(ids, cfg.lengths, one_pass=one_pass, **opts)
+        results = evaluate_lengths(
             loaded.model,
             ids,
             cfg.lengths,
@@ -420,7 +384,7 @@ def _run_variant(
     if "passkey" in cfg.tasks:
         total = sum(cfg.lengths) * len(cfg.passkey_depths) * cfg.passkey_trials
         tick = _ticker(progress_factory, f"{loaded.label} passkey", total)
-        run["passkey"] = evaluate.evaluate_passkey(
+        run["passkey"] = evaluate_passkey(
             loaded.model,
             loaded.tokenizer,
             cfg.lengths,
@@ -439,26 +403,27 @@ def _run_variant(
         retrieval = _retrieval(loaded, tokens, cfg, progress_factory)
         run["retrieval"] = retrieval.to_dict()
     if "context-use" in cfg.tasks or "retrieval" in cfg.tasks:
-        from ctxext.context_use import effective_length
+        from ctxext.evaluate.effective_length import context_length, effective_length
 
-        run["context_length"] = _context_length(info)
+        run["context_length"] = context_length(info)
         run["effective_length"] = effective_length(cfg.lengths, retrieval, gains)
     return run
 
 
 def _context_use(loaded, tokens: _Tokens, cfg: EvalConfig, info, progress_factory):
-    from ctxext import evaluate
-    from ctxext.context_use import context_use_sweep, planned_sweep_tokens
+    from ctxext.evaluate.context_use import context_use_sweep, context_use_sweep_tokens
+    from ctxext.evaluate.loss import length_dependent_rope
+    from ctxext.evaluate.protocol import doc_fingerprint, select_documents
 
     bos = tokens.bos_token_id
     prefix = [] if bos is None else [bos]
     longest = max(cfg.lengths)
-    docs = evaluate.select_documents(tokens.docs.ids, cfg.lengths, **_selection(cfg, bos))[longest]
+    docs = select_documents(tokens.docs.ids, cfg.lengths, **_selection(cfg, bos))[longest]
     seqs = [(prefix + list(tokens.docs.ids[d]))[:longest] for d in docs]
     window = cfg.local_window or info.trained_length
     stride = cfg.local_stride or max(1, window // 4)
-    one_pass = not evaluate.length_dependent_rope(loaded.model)
-    total = planned_sweep_tokens(len(seqs), cfg.lengths, window, stride, one_pass)
+    one_pass = not length_dependent_rope(loaded.model)
+    total = context_use_sweep_tokens(len(seqs), cfg.lengths, window, stride, one_pass)
     results = context_use_sweep(
         loaded.model,
         seqs,
@@ -470,11 +435,11 @@ def _context_use(loaded, tokens: _Tokens, cfg: EvalConfig, info, progress_factor
         one_pass=one_pass,
         progress=_ticker(progress_factory, f"{loaded.label} context-use", max(total, 1)),
     )
-    return results, evaluate.doc_fingerprint(docs, tokens.docs.ids)
+    return results, doc_fingerprint(docs, tokens.docs.ids)
 
 
 def _retrieval(loaded, tokens: _Tokens, cfg: EvalConfig, progress_factory) -> Any:
-    from ctxext.context_use import evaluate_retrieval
+    from ctxext.evaluate.retrieval import evaluate_retrieval
 
     total = sum(cfg.lengths) * len(cfg.passkey_depths) * cfg.passkey_trials
     return evaluate_retrieval(
@@ -488,16 +453,6 @@ def _retrieval(loaded, tokens: _Tokens, cfg: EvalConfig, progress_factory) -> An
         seed=cfg.seed,
         progress=_ticker(progress_factory, f"{loaded.label} retrieval", total),
     )
-
-
-def _context_length(info) -> int:
-    """The length the variant's config claims: the trained length times its scaling factor."""
-    from ctxext import rope
-
-    factor = float((info.existing_scaling or {}).get("factor") or 1.0)
-    if factor <= 1.0:
-        return info.max_position_embeddings
-    return max(info.max_position_embeddings, rope.new_length(info.trained_length, factor))
 
 
 def _ticker(factory: ProgressFactory | None, what: str, total: int) -> Callable[[int], None]:
@@ -522,13 +477,7 @@ def _protocol_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if "retrieval" in run:
             out["retrieval"] = run["retrieval"]["protocol"]
         if "effective_length" in run:
+            from ctxext.evaluate.effective_length import EFFECTIVE_LENGTH_RULE
+
             out["effective_length"] = EFFECTIVE_LENGTH_RULE
     return out
-
-
-EFFECTIVE_LENGTH_RULE = (
-    "the longest evaluated length L such that at L and at every shorter evaluated length: "
-    "retrieval accuracy >= 90% at every depth, and (for lengths beyond the local window) the "
-    "far-context gain of the last position bucket is positive (95% interval above 0); "
-    "a task not run does not count against a length"
-)

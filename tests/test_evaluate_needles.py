@@ -1,4 +1,4 @@
-"""Retrieval templates (ctxext.needles): every form builds an exact-length prompt whose answer
+"""Retrieval templates (ctxext.evaluate.needles): every form builds an exact-length prompt whose answer
 is the key, the train/held-out split is real, and training sequences only use training forms."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from conftest import BUNDLED
 
 from ctxext.errors import CtxextError
-from ctxext.needles import (
+from ctxext.evaluate.needles import (
     TEMPLATES,
     build_prompt,
     multi_needle_ids,

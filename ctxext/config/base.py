@@ -1,0 +1,62 @@
+"""What every config model shares: the strict base model, the compute dtype names, the
+text-encoding validator and the length list parser of the flags."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+)
+
+from ctxext.errors import CtxextError
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def known_encoding(v: str | None) -> str | None:
+    """A codec name Python knows (validator shared by the eval and finetune configs)."""
+    import codecs
+
+    if v is not None:
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {v!r} (try latin-1 or cp1252)") from None
+    return v
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, instances are immutable.
+
+    Field docstrings document the fields in the source (and in recipe files); pydantic is not
+    asked to extract them (``use_attribute_docstrings`` parses each class's source at import,
+    which every `ctxext` start-up would pay). Schemas are built on first use (``defer_build``),
+    so a command validates only the models it needs.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+
+def length_word(item: str) -> int:
+    """'512' -> 512, '1k' / '2K' -> 1024 / 2048 (k = 1024); 0 when it is not one."""
+    item = item.strip().lower()
+    try:
+        return int(item.removesuffix("k")) * (1024 if item.endswith("k") else 1)
+    except ValueError:
+        return 0
+
+
+def positive_int_list(text: str, what: str = "--lengths") -> list[int]:
+    """Parse '256,512,1k,2K' into positive ints (k = 1024)."""
+    out = []
+    for item in text.split(","):
+        value = length_word(item)
+        if value <= 0:
+            raise CtxextError(
+                f"{what} must be positive integers separated by commas (got '{item.strip()}'), "
+                "e.g. 256,512,1024"
+            )
+        out.append(value)
+    return out

@@ -1,0 +1,133 @@
+"""What every rendering of a results document shares: the metric (perplexity or bits per
+byte), the curves, the effective-length line and the cells of the context-use and retrieval
+tables."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def metric(results: dict[str, Any]) -> str:
+    """'ppl', or 'bpb' (bits per byte) when the rows' tokenizers split the data differently.
+
+    Perplexity is per token, so it compares only rows that score the same tokens; bits per
+    byte is per byte of text and compares across tokenizers.
+    """
+    prints = {r.get("tokens_fingerprint") for r in results["runs"] if r.get("ppl")}
+    return "bpb" if len(prints) > 1 else "ppl"
+
+
+def metric_value(res: dict[str, Any], which: str) -> float | None:
+    return res.get("bits_per_byte") if which == "bpb" else res.get("ppl")
+
+
+def series(
+    results: dict[str, Any], which: str | None = None
+) -> list[tuple[str, list[int], list[float]]]:
+    """(label, lengths, values) for every run that has them; values are perplexities, or bits
+    per byte when ``which`` (default: :func:`metric`) says so."""
+    which = which or metric(results)
+    out = []
+    for run in results["runs"]:
+        pts = sorted(
+            (int(n), v)
+            for n, r in run["ppl"].items()
+            if (v := metric_value(r, which)) is not None and math.isfinite(v)
+        )
+        if pts:
+            out.append((run["label"], [p[0] for p in pts], [p[1] for p in pts]))
+    return out
+
+
+METRIC_LABELS = {"ppl": "perplexity", "bpb": "bits per byte"}
+
+
+def effective_length_line(run: dict[str, Any]) -> str | None:
+    """ "extended to 2048, reads to 1024" (or "reads to no evaluated length")."""
+    if "effective_length" not in run:
+        return None
+    reach = run["effective_length"]
+    read = f"reads to {reach}" if reach else "reads to none of the lengths"
+    return f"{run['label']}: extended to {run.get('context_length', '?')}, {read}"
+
+
+def gain_layout(results: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int], int] | None:
+    """The runs with far-context gains, every length any of them has, and the local window
+    (None without context-use results)."""
+    runs = [r for r in results["runs"] if r.get("context_use")]
+    if not runs:
+        return None
+    lengths = sorted({int(n) for r in runs for n in r["context_use"]})
+    return runs, lengths, next(iter(runs[0]["context_use"].values()))["window"]
+
+
+def retrieval_cells(accuracy: list[list[float]]) -> list[str]:
+    """Per length: the mean accuracy over depths and, in brackets, the worst depth's."""
+    return [f"{sum(row) / len(row):.0%} ({min(row):.0%})" for row in accuracy]
+
+
+def last_bucket_cells(run: dict[str, Any], lengths: list[int], cell: Any) -> list[str]:
+    """``cell(bucket)`` of the last position bucket at each length ("-" where the length is
+    not past the local window: nothing there is far)."""
+    cells = []
+    for n in lengths:
+        res = run["context_use"].get(str(n))
+        cells.append("-" if res is None or n <= res["window"] else cell(res["buckets"][-1]))
+    return cells
+
+
+def gain_starred(last: dict[str, Any]) -> str:
+    # * marks a gain whose 95% interval excludes 0 (the interval is in results.json).
+    sure = last["ci_low"] > 0 or last["ci_high"] < 0
+    return f"{last['gain_bits']:+.3f}{'*' if sure else ' '}"
+
+
+def gain_interval(last: dict[str, Any]) -> str:
+    return f"{last['gain_bits']:+.3f} ({last['ci_low']:+.3f} to {last['ci_high']:+.3f})"
+
+
+def key_layout(
+    results: dict[str, Any],
+) -> tuple[list[dict[str, Any]], list[int], int, float] | None:
+    """As :func:`gain_layout`, plus the key-token threshold in nats; None unless the results
+    have key-token figures (results.json files of older versions do not)."""
+    layout = gain_layout(results)
+    if layout is None:
+        return None
+    runs, lengths, window = layout
+    found = [res for r in runs for res in r["context_use"].values() if "key_fraction" in res]
+    if not found:
+        return None
+    return runs, lengths, window, found[0]["protocol"].get("key_token_nats", 2.0)
+
+
+def key_cells(run: dict[str, Any], lengths: list[int]) -> list[str]:
+    """Per length: the key tokens' perplexity and their share of the tokens ("-" where the
+    length is not past the local window, "none" where no token is a key token)."""
+    cells = []
+    for n in lengths:
+        res = run["context_use"].get(str(n))
+        if res is None or n <= res["window"] or "key_fraction" not in res:
+            cells.append("-")
+        elif res["key_ppl"] is None:
+            cells.append("none")
+        else:
+            cells.append(f"{md_number(res['key_ppl'])} ({res['key_fraction']:.1%})")
+    return cells
+
+
+def templates_label(rt: dict[str, Any]) -> str:
+    """``heldout templates: a, b, c`` (or the one template's name)."""
+    names = rt.get("templates") or [rt["template"]]
+    if names == [rt["template"]]:
+        return f"{rt['template']} template"
+    return f"{rt['template']} templates: {', '.join(names)}"
+
+
+def md_number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return "inf"
+    return f"{value:.2f}" if value < 1000 else f"{value:.3g}"
