@@ -8,11 +8,11 @@ Alone on the machine that is fast; beside other jobs a spinning thread burns the
 that the thread it waits for needs, and a 2-thread fine-tune step of the bundled model ran
 5-11x slower beside two 2-thread torch jobs, where the fair share is 3x.
 ``OMP_WAIT_POLICY=PASSIVE`` makes a waiting thread sleep at once (libgomp: no spinning; LLVM's
-libomp: a block time of 0). Measured with ``benchmarks/bench_load.py`` (docs/benchmarks.md):
-on a busy 2-core machine a step took 1.5-2.3 s with it against 7.7-12.9 s without, and any
-shorter spin (``GOMP_SPINCOUNT`` 10,000 to 100,000) lost 2-5x of that; one intra-op thread
-instead of two was slower than two passive ones (2.1 s), so the thread count stays torch's
-default (one per core).
+libomp: a block time of 0). ``benchmarks/bench_load.py`` measures it idle and beside such a
+load (docs/benchmarks.md). On a shared 2-core machine it was several times faster than the
+default under load; shorter spins (``GOMP_SPINCOUNT`` 10,000 to 100,000) kept most of the
+collapse, and one intra-op thread instead of two was slower than two passive ones, so the
+thread count stays torch's default (one per core).
 
 The policy must be in the environment before the OpenMP runtime starts, i.e. before torch is
 imported: :func:`apply_policy` runs first thing in the CLI's ``main`` (subprocesses inherit
