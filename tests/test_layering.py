@@ -45,7 +45,7 @@ REPORT = [
 ]  # fmt: skip
 RESOURCES = [
     "ctxext.resources", "ctxext.resources.calibrate", "ctxext.resources.estimate",
-    "ctxext.resources.guard",
+    "ctxext.resources.guard", "ctxext.resources.probe", "ctxext.resources.threads",
 ]  # fmt: skip
 LOWER = [
     "ctxext.bundled_train", "ctxext.checkpoint", "ctxext.config",

@@ -208,6 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("CTXEXT_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
     _quiet_libraries(debug)
+    # Before any command imports torch: how its threads wait (ctxext.resources.threads).
+    from ctxext.resources.threads import apply_policy
+
+    apply_policy()
     if "--trust-remote-code" in args:
         _one_line(
             "warning: --trust-remote-code: Python files from the model folder or Hub repo may "

@@ -26,6 +26,7 @@ from ctxext.cli.options import (
     MemoryLimitOpt,
     OverwriteOpt,
     PlanOnlyOpt,
+    RecalibrateOpt,
     TrustRemoteCodeOpt,
     field_defaults,
 )
@@ -150,6 +151,7 @@ def eval_command(
     force: ForceOpt = False,
     memory_limit: MemoryLimitOpt = None,
     plan_only: PlanOnlyOpt = False,
+    recalibrate: RecalibrateOpt = False,
 ) -> None:
     """Perplexity, passkey, far-context gain and retrieval: models and methods side by side.
 
@@ -190,7 +192,7 @@ def eval_command(
         "beta_slow": beta_slow,
         "attention_factor": attention_factor,
     }
-    guard = GuardOptions(force, memory_limit, plan_only, as_json)
+    guard = GuardOptions(force, memory_limit, plan_only, as_json, recalibrate)
     results = evaluate_and_report(
         models or [None],
         method or [],

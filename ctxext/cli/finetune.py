@@ -22,6 +22,7 @@ from ctxext.cli.options import (
     ForceOpt,
     MemoryLimitOpt,
     PlanOnlyOpt,
+    RecalibrateOpt,
     TargetOpt,
     TrustRemoteCodeOpt,
     field_defaults,
@@ -179,6 +180,7 @@ def finetune(
     force: ForceOpt = False,
     memory_limit: MemoryLimitOpt = None,
     plan_only: PlanOnlyOpt = False,
+    recalibrate: RecalibrateOpt = False,
 ) -> None:
     """Fine-tune MODEL at its extended length (full or LoRA, optionally PoSE).
 
@@ -242,7 +244,7 @@ def finetune(
     from ctxext import checkpoint
     from ctxext.cli.guard import GuardOptions, check_finetune
 
-    guard = GuardOptions(force, memory_limit, plan_only, as_json)
+    guard = GuardOptions(force, memory_limit, plan_only, as_json, recalibrate)
     main = _is_main_process()
     # One writer per output (the main process holds the lock); then the memory/time check.
     lock = checkpoint.output_lock(output) if main and not plan_only else contextlib.nullcontext()

@@ -40,6 +40,7 @@ class GuardOptions:
     memory_limit: str | None = None
     plan_only: bool = False
     as_json: bool = False
+    recalibrate: bool = False
 
 
 @dataclass
@@ -100,7 +101,9 @@ def _decide(run: Any, opts: GuardOptions) -> Announcement:
     """Print the plan (plan-only), refuse an over-budget run, or announce a long one."""
     from ctxext.resources.guard import assess
 
-    verdict = assess(run, opts.memory_limit, measure=opts.plan_only, status=_err.status)
+    verdict = assess(
+        run, opts.memory_limit, opts.plan_only, status=_err.status, recalibrate=opts.recalibrate
+    )
     if opts.plan_only:
         _print_plan(verdict, opts.as_json)
         raise typer.Exit(0)
@@ -122,6 +125,7 @@ def _print_plan(verdict: Any, as_json: bool) -> None:
         verdict.run, verdict.rows, verdict.limit, verdict.where, verdict.peak
     )  # fmt: skip
     if as_json:
+        load = _machine_now()
         _out.print_json(
             data={
                 "command": run.command,
@@ -133,6 +137,10 @@ def _print_plan(verdict: Any, as_json: bool) -> None:
                 "limit": limit,
                 "limit_source": where,
                 "fits": peak <= limit,
+                "calibration_load": verdict.calib.load,
+                "load": None
+                if load is None
+                else {"average": load.average, "cores": load.cores, "slowdown": load.slowdown},
             }
         )
         return
@@ -151,10 +159,13 @@ def _table(verdict: Any) -> Any:
         verdict.run, verdict.rows, verdict.calib, verdict.limit, verdict.where
     )  # fmt: skip
     e0 = rows[0][1]
+    caption = (
+        f"peak = runtime + weights + optimizer + max(gradients, activations + attention + loss); "
+        f"limit {format_bytes(limit)} ({where})"
+    )
     table = Table(
         title=f"ctxext plan {run.command}: {run.model} on {calib.device}",
-        caption=f"peak = runtime + weights + optimizer + max(gradients, activations + attention "
-        f"+ loss); limit {format_bytes(limit)} ({where})",
+        caption="\n".join([caption, *_load_lines(verdict)]),
     )
     table.add_column("")
     for label, _ in rows:
@@ -199,6 +210,40 @@ def _table(verdict: Any) -> Any:
     total = verdict.seconds
     table.add_row("[bold]total time[/bold]", "unknown" if total is None else _duration(total))
     return table
+
+
+def _machine_now() -> Any:
+    from ctxext.resources.threads import machine_load
+
+    return machine_load()
+
+
+def _load_lines(verdict: Any) -> list[str]:
+    """The machine as it is now against when its speeds were measured: a run gets its fair
+    share of the cores (with ctxext's thread policy; see resources.threads), so the times
+    scale by the ratio of the two fair shares."""
+    from ctxext.resources.threads import MachineLoad
+
+    now, calib = _machine_now(), verdict.calib
+    if now is None:
+        return []
+    state = "busy" if now.busy else "idle"
+    line = f"machine {state} now: load {now.average:.1f} on {now.cores} cores"
+    if calib.load is None:
+        return [line]
+    then = MachineLoad(calib.load, now.cores, calib.threads or now.threads)
+    lines = [f"{line}; speeds measured at load {calib.load:.1f}"]
+    factor = now.slowdown / then.slowdown
+    if not 0.8 <= factor <= 1.25:
+        total = verdict.seconds
+        all_in = "" if total is None else f", {_duration(total * factor)} in all"
+        lines.append(
+            f"while the load stays so, expect ~{factor:.2g}x the times above (the fair share "
+            f"of the cores{all_in})"
+        )
+    if then.busy:
+        lines.append("for an idle machine's times: --recalibrate when it is quiet")
+    return lines
 
 
 def _duration(seconds: float) -> str:

@@ -67,3 +67,11 @@ MemoryLimitOpt = Annotated[
     ),
 ]
 PlanOnlyOpt = Annotated[bool, typer.Option("--plan-only", hidden=True)]
+RecalibrateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--recalibrate",
+        help="Measure this machine's speeds and memory again for the pre-run check (~30 s) "
+        "instead of using the cached calibration.",
+    ),
+]

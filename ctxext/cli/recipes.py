@@ -21,6 +21,7 @@ from ctxext.cli.options import (
     MemoryLimitOpt,
     OverwriteOpt,
     PlanOnlyOpt,
+    RecalibrateOpt,
     TrustRemoteCodeOpt,
 )
 
@@ -66,6 +67,7 @@ def run(
     force: ForceOpt = False,
     memory_limit: MemoryLimitOpt = None,
     plan_only: PlanOnlyOpt = False,
+    recalibrate: RecalibrateOpt = False,
 ) -> None:
     """Run a recipe: extend -> fine-tune -> eval, then results, plots, report and model card.
 
@@ -86,7 +88,9 @@ def run(
 
     lock = checkpoint.output_lock(out) if not plan_only else contextlib.nullcontext()
     with lock:  # one writer per output; then the memory/time check
-        announce = check_recipe(loaded, GuardOptions(force, memory_limit, plan_only, as_json))
+        announce = check_recipe(
+            loaded, GuardOptions(force, memory_limit, plan_only, as_json, recalibrate)
+        )
         with token_progress(_err) as progress, _FinetuneBar(progress, enabled=not as_json) as bar:
             summary = run_recipe(
                 loaded,

@@ -150,8 +150,13 @@ def run_finetune(
         }
     report("start", {"total": cfg.steps, "completed": state.step})
     loss_fn = _loss_function(acc, net, cfg, setup)
+    check = None
+    if acc.num_processes == 1:  # the calibration predicts one process's step
+        from ctxext.resources.guard import finetune_step_check
+
+        check = finetune_step_check(setup.source, setup.trained_length, setup.seq_length, cfg)
     last_loss = _train(
-        acc, net, opt, sched, loader, state, cfg, setup, global_batch, report, loss_fn
+        acc, net, opt, sched, loader, state, cfg, setup, global_batch, report, loss_fn, check
     )
     summary = {
         **summary_base,
@@ -254,8 +259,11 @@ def _train(
     global_batch: int,
     report: ProgressFn,
     loss_fn: LossFn,
+    check: Any = None,
 ) -> float | None:
-    """The optimizer-step loop; returns the last step's loss (mean over the global batch)."""
+    """The optimizer-step loop; returns the last step's loss (mean over the global batch).
+    ``check``: a :class:`~ctxext.resources.guard.StepCheck` of the first steps (its time, when
+    it measures the machine again, is not counted as training time)."""
     tokens_per_step = global_batch * setup.seq_length
     started, tokens_at_start, elapsed_at_start = time.perf_counter(), state.tokens, state.elapsed
     # Task episodes (--task-min-length): each batch gets its explicit block mask here.
@@ -264,6 +272,7 @@ def _train(
     log = (setup.work / LOG_FILE).open("a", encoding="utf-8") if acc.is_main_process else None
     try:
         while state.step < cfg.steps:
+            step_started = time.perf_counter()
             lr = opt.param_groups[0]["lr"]
             poison = setup.nan_at_step == state.step + 1
             try:
@@ -292,6 +301,12 @@ def _train(
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             report("step", record)
+            if check is not None:
+                checked = time.perf_counter()
+                said = check.observe(checked - step_started)
+                if said is not None:
+                    report(said[0], {"message": said[1]})
+                started += time.perf_counter() - checked
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
                 path = save_checkpoint(acc, setup.work, state)
                 report("checkpoint", {"step": state.step, "path": str(path)})

@@ -42,6 +42,7 @@ def provenance(run: RunRecord) -> dict[str, Any]:
     import torch
 
     from ctxext import checkpoint
+    from ctxext.resources import threads
 
     recipe_text = run.loaded.path.read_bytes()
     resolved = run.loaded.resolved()
@@ -89,6 +90,7 @@ def provenance(run: RunRecord) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
+        "openmp": threads.policy(),  # how the threads wait (ctxext.resources.threads)
         "deterministic_algorithms": True,
         "data": data,
         "models": models,

@@ -12,7 +12,9 @@ run computes in there (bf16 on CUDA, fp32 on CPU):
 
 The cache lives in ``$CTXEXT_CACHE_DIR`` (else the user cache dir, ``~/.cache/ctxext``), keyed by
 host name, device, torch version and thread count: another machine or another torch measures
-again. Available memory: ``$CTXEXT_MEMORY_LIMIT`` (e.g. ``2GB``) overrides what is measured.
+again. It records the load average the speeds were measured under: a fine-tune compares its
+first steps with the prediction and measures again when they are off by more than 2x
+(:class:`ctxext.resources.guard.StepCheck`); ``--recalibrate`` measures again at once. Available memory: ``$CTXEXT_MEMORY_LIMIT`` (e.g. ``2GB``) overrides what is measured.
 
 Under a launcher (torchrun, ``accelerate launch``) only rank 0 measures (see
 :func:`ctxext.resources.guard.assess`), and the runtime probe's subprocess runs as a plain process: it
@@ -25,7 +27,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from typing import Any
 from ctxext.device import describe_device, resolve_dtype
 from ctxext.errors import CtxextError
 from ctxext.resources.estimate import Calibration, parse_bytes
+from ctxext.resources.threads import machine_load
 
 __all__ = [
     "PESSIMISTIC",
@@ -46,11 +48,14 @@ __all__ = [
     "load_calibration",
     "measure_runtime",
     "measure_speed",
+    "save_calibration",
 ]
 
 MEMORY_LIMIT_ENV = "CTXEXT_MEMORY_LIMIT"
 CACHE_ENV = "CTXEXT_CACHE_DIR"
-_VERSION = 3
+#: 4: the load average and thread count are recorded (older caches may hold a measurement taken
+#: under load: they are measured again).
+_VERSION = 4
 _SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 _ATTENTION_LENGTHS = (512, 1024, 2048, 4096)
 #: A deliberately slow, memory-hungry stand-in used before this machine is measured: a run
@@ -112,14 +117,18 @@ def load_calibration(refresh: bool = False) -> Calibration:
     cached = None if refresh else cached_calibration()
     if cached is not None:
         return cached
-    device = describe_device()
-    path = _cache_file(device)
-    calib = _measure(device)
+    calib = _measure(describe_device())
+    save_calibration(calib)
+    return calib
+
+
+def save_calibration(calib: Calibration) -> None:
+    """Write ``calib`` as this machine's cached calibration (atomically)."""
+    path = _cache_file(describe_device())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(calib.__dict__, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-    return calib
 
 
 def _measure(device: str) -> Calibration:
@@ -136,10 +145,12 @@ def measure_speed(base: Calibration) -> Calibration:
     The op latency is measured first and taken out of every timed call, so that the
     throughputs are the arithmetic's and the latency is counted once, per kernel, by the plan.
     """
+    import torch
 
     cuda = base.device.startswith("cuda")
     dev = "cuda" if cuda else "cpu"
     dtype = resolve_dtype("auto", base.device)
+    load = machine_load()
     latency = _op_latency(dev)
     return Calibration(
         device=base.device,
@@ -148,6 +159,8 @@ def measure_speed(base: Calibration) -> Calibration:
         bandwidth=_bandwidth(dev, latency),
         runtime=base.runtime,
         op_seconds=latency,
+        load=None if load is None else round(load.average, 2),
+        threads=torch.get_num_threads(),
     )
 
 
@@ -237,7 +250,7 @@ def measure_runtime(timeout: float = _PROBE_TIMEOUT) -> dict[str, int]:
     The process is a plain one even when this one was started by a launcher (see
     :data:`_LAUNCHER_VARS`); it is killed after ``timeout`` seconds.
     """
-    code = "from ctxext.resources.calibrate import _runtime_probe; _runtime_probe()"
+    code = "from ctxext.resources.probe import runtime_probe; runtime_probe()"
     env = {**_standalone_env(), "TRANSFORMERS_VERBOSITY": "error"}
     try:
         res = subprocess.run(
@@ -252,40 +265,6 @@ def measure_runtime(timeout: float = _PROBE_TIMEOUT) -> dict[str, int]:
         tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
         raise CtxextError(f"could not measure the runtime's memory ({tail}); add --debug")
     return {k: int(v) for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
-
-
-def _peak_rss() -> int:
-    # ru_maxrss is in KiB on Linux, bytes on macOS.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _runtime_probe() -> None:
-    """Run the bundled model through eval, a full and a LoRA fine-tune at 64 tokens; print
-    for each the peak RSS minus what :func:`ctxext.resources.estimate.estimate` attributes to the model."""
-    import tempfile
-
-    from ctxext import checkpoint
-    from ctxext.config import EvalConfig, ExtendConfig, FinetuneConfig
-    from ctxext.evaluate.run import run_eval
-    from ctxext.evaluate.variants import plan_variants
-    from ctxext.finetune.loop import run_finetune
-    from ctxext.resources.estimate import ModelShape, Workload, estimate
-
-    shape = ModelShape.from_config(checkpoint.read_config(checkpoint.bundled_path()))
-    zero = Calibration("cpu", {64: 1.0}, {64: 1.0}, 1.0, {})
-    out: dict[str, int] = {}
-    cfg = EvalConfig(lengths=[64], num_docs=1)
-    run_eval(plan_variants([None], [], {}, cfg), cfg)
-    out["eval"] = _peak_rss() - estimate(shape, Workload("eval", 64), zero).peak
-    extend = ExtendConfig(method="linear", factor=1.25)  # 256 -> 320 tokens
-    with tempfile.TemporaryDirectory() as tmp:
-        for key, rank in (("finetune", None), ("lora", 4)):
-            ft = FinetuneConfig(steps=1, save_every=0, lora_rank=rank, train_length=64)
-            run_finetune(None, Path(tmp) / key, extend, ft)
-            work = Workload("finetune", 64, lora_rank=rank)
-            out[key] = _peak_rss() - estimate(shape, work, zero).peak
-    print(json.dumps(out))
 
 
 def available_memory(device: str) -> tuple[int, str]:

@@ -235,6 +235,10 @@ class Calibration:
     ctxext and its libraries, a tiny model run once ("eval", "finetune", "lora")."""
     op_seconds: float = 0.0
     """Latency of one small multi-threaded kernel (launch, thread wake-up and barrier)."""
+    load: float | None = None
+    """The 1-minute load average when the speeds were measured (None: not recorded)."""
+    threads: int | None = None
+    """torch's intra-op threads when the speeds were measured."""
 
     def rate(self, k: float) -> float:
         """Matmul FLOP/s at inner size k, interpolated in log-log between calibrated sizes."""

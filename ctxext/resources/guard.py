@@ -185,12 +185,24 @@ def eval_tokens(
 
 
 def assess(
-    run: CommandWorkloads, memory_limit: str | None, measure: bool, status: Status | None = None
+    run: CommandWorkloads,
+    memory_limit: str | None,
+    measure: bool,
+    status: Status | None = None,
+    recalibrate: bool = False,
 ) -> Verdict:
     """The run's estimates against the limit (``memory_limit``, else the memory available);
-    ``measure``: calibrate this machine if no calibration is cached (``ctxext plan``)."""
+    ``measure``: calibrate this machine if no calibration is cached (``ctxext plan``);
+    ``recalibrate``: measure it again now, whatever is cached (``--recalibrate``)."""
+    from ctxext.resources import calibrate
+
     limit, where = _limit(memory_limit)
-    calib = _calibration(run, limit, measure, status or (lambda _: contextlib.nullcontext()))
+    status = status or (lambda _: contextlib.nullcontext())
+    if recalibrate and calibrate.launched_rank() in (None, 0):
+        with status("measuring this machine again (--recalibrate; ~30 s)"):
+            calib = calibrate.load_calibration(refresh=True)
+    else:
+        calib = _calibration(run, limit, measure, status)
     return Verdict(run, run.estimates(calib), calib, limit, where)
 
 
@@ -231,3 +243,89 @@ def total_seconds(rows: list[tuple[str, Any]]) -> float | None:
     if any(e.seconds is None for _, e in rows):
         return None
     return sum(e.seconds for _, e in rows)
+
+
+# --------------------------------------------------------------------------- the first steps
+
+
+#: Steps a fine-tune times against the calibration's prediction, after one untimed warm-up.
+CHECK_STEPS = 2
+#: Off by more than this factor (either way): the calibration is checked.
+CHECK_FACTOR = 2.0
+
+
+@dataclass
+class StepCheck:
+    """A fine-tune's first real steps against what the cached calibration predicted for them.
+
+    Steps more than :data:`CHECK_FACTOR` faster than predicted: the calibration is stale (e.g.
+    measured on a busy machine): the speeds are measured again now and cached. More than that
+    slower: measured again too, unless the machine is busier now than when it was measured (the
+    load, not the calibration, explains it; the cache keeps the quieter measurement). Either
+    way one line says so. Checked once, after the warm-up step and :data:`CHECK_STEPS` more.
+    """
+
+    predict: Callable[[Any], float]  # calibration -> seconds per optimizer step
+    calib: Any  # estimate.Calibration
+    seconds: list[float] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def predicted(self) -> float:
+        return self.predict(self.calib)
+
+    def observe(self, seconds: float) -> tuple[str, str] | None:
+        """Record one step's seconds; once enough are in: (event, one-line message) or None."""
+        if self.done:
+            return None
+        self.seconds.append(seconds)
+        if len(self.seconds) < 1 + CHECK_STEPS:
+            return None
+        self.done = True
+        measured = sum(self.seconds[1:]) / CHECK_STEPS
+        ratio = measured / self.predicted
+        if 1 / CHECK_FACTOR <= ratio <= CHECK_FACTOR:
+            return None
+        return self._react(measured, ratio)
+
+    def _react(self, measured: float, ratio: float) -> tuple[str, str]:
+        from ctxext.resources import calibrate
+        from ctxext.resources.threads import MachineLoad, machine_load
+
+        said = (
+            f"the cached calibration of this machine predicted {self.predicted:.3g} s per step, "
+            f"the steps take {measured:.3g} s"
+        )
+        now = machine_load()
+        then = self.calib.load
+        if ratio > CHECK_FACTOR and now is not None and then is not None:
+            before = MachineLoad(then, now.cores, now.threads)
+            if now.slowdown >= 1.5 * before.slowdown:
+                return "status", (
+                    f"{said}: the machine is busier now (load {now.average:.1f} on {now.cores} "
+                    f"cores; {then:.1f} when measured), calibration kept"
+                )
+        fresh = calibrate.measure_speed(self.calib)
+        calibrate.save_calibration(fresh)
+        when = ""
+        if then is not None and fresh.load is not None:
+            when = f" (measured at load {then:.1f}; now {fresh.load:.1f})"
+        again = self.predict(fresh)
+        off = ""
+        if not 1 / CHECK_FACTOR <= measured / again <= CHECK_FACTOR:
+            off = (
+                f"; it now predicts {again:.3g} s: the estimate is off for this run, not the speeds"
+            )
+        return "warning", f"{said}{when}: re-measured the speeds, cache updated{off}"
+
+
+def finetune_step_check(source: Any, trained: int, seq: int, cfg: Any) -> StepCheck | None:
+    """The check of a fine-tune's first steps, when a calibration is cached (None otherwise:
+    nothing to check). ``source``: the resolved model."""
+    from ctxext.resources import calibrate
+
+    cached = calibrate.cached_calibration()
+    if cached is None:
+        return None
+    run = _finetune_workloads(source, trained, seq, cfg)
+    return StepCheck(lambda calib: run.estimates(calib)[0][1].seconds_per_step, cached)
