@@ -116,6 +116,31 @@ class RopeInfo:
 # --------------------------------------------------------------------------- reading a config
 
 
+def _allowed(model_type: str) -> tuple[str, ...]:
+    """The factor methods a RoPE model takes: all, except for the longrope-only architectures
+    (each method written as longrope factors there; dynamic NTK cannot be)."""
+    if model_type in _LONGROPE_ONLY:
+        from ctxext.rope.longrope import NOT_EXPRESSIBLE
+
+        return tuple(m for m in METHODS if m not in NOT_EXPRESSIBLE)
+    return METHODS
+
+
+def method_refusal(info: RopeInfo, method: str) -> str | None:
+    """Why ``method`` cannot extend this model (None: it can), in one line."""
+    if info.refusal:
+        return info.refusal
+    if method in METHODS and method not in info.allowed_methods:
+        from ctxext.rope.longrope import NOT_EXPRESSIBLE
+
+        return (
+            f"model_type '{info.model_type}' reads only rope_type 'longrope' in transformers, so "
+            f"ctxext writes each method as longrope factors, and {NOT_EXPRESSIBLE[method]}: use "
+            f"{', '.join(info.allowed_methods)} or longrope"
+        )
+    return None
+
+
 def _text_root(config: Mapping[str, Any]) -> tuple[tuple[str, ...], Mapping[str, Any]]:
     """Multimodal wrappers (e.g. model_type 'gemma3') keep the language model in text_config."""
     text = config.get("text_config")
@@ -320,13 +345,7 @@ def analyze(config: Mapping[str, Any]) -> RopeInfo:
     layer_types = tuple(sorted(k for k in entries if k is not None)) or None
     sliding = entries.get("sliding_attention")
 
-    if model_type in _LONGROPE_ONLY:
-        refusal = (
-            f"model_type '{model_type}' supports only rope_type 'longrope' (searched per-pair factor "
-            f"lists) in transformers, not {'/'.join(METHODS)}: use a released long-context "
-            "checkpoint of it (e.g. Phi-3-mini-128k-instruct) instead"
-        )
-    elif existing is not None:
+    if existing is not None:
         refusal = (
             f"config is already scaled ({_describe_existing(existing)}): stacking a second scaling "
             "is not supported; start from the base model's original config.json"
@@ -357,7 +376,7 @@ def analyze(config: Mapping[str, Any]) -> RopeInfo:
         max_position_embeddings=mpe,
         existing_scaling=existing,
         layer_types=layer_types,
-        allowed_methods=() if refusal else METHODS,
+        allowed_methods=() if refusal else _allowed(model_type),
         refusal=refusal,
         sliding_rope_theta=float(sliding["rope_theta"]) if sliding else None,
         config_path=path,

@@ -15,7 +15,14 @@ from typing import Any
 
 from ctxext.errors import CtxextError
 from ctxext.rope.methods import ALL_METHODS, OPTION_DEFAULTS, OPTIONS_OF
-from ctxext.rope.read import _GEMMA3, RopeInfo, _rope_entries, analyze
+from ctxext.rope.read import (
+    _GEMMA3,
+    _LONGROPE_ONLY,
+    RopeInfo,
+    _rope_entries,
+    analyze,
+    method_refusal,
+)
 
 # --------------------------------------------------------------------------- validating a request
 
@@ -38,8 +45,9 @@ def validate_request(
     """Check that ``method`` can extend this model and return the scale factor s."""
     if method not in ALL_METHODS:
         raise CtxextError(f"unknown method {method!r}: choose one of {', '.join(ALL_METHODS)}")
-    if info.refusal:
-        raise CtxextError(info.refusal)
+    refusal = method_refusal(info, method)
+    if refusal:
+        raise CtxextError(refusal)
     if (factor is None) == (target_length is None):
         raise CtxextError(
             "give exactly one of factor or target length (e.g. --factor 2 or --target-length "
@@ -325,6 +333,23 @@ def extend_config(
     }
     opts = _method_options(method, given)
     entry, max_len = _WRITERS[method](info, s, opts)
+    if info.model_type in _LONGROPE_ONLY:
+        # Phi-3 / PhiMoE read longrope only: the same frequencies as per-pair factors.
+        from ctxext.rope.longrope import method_as_longrope
+
+        entry = method_as_longrope(
+            entry,
+            factor=s,
+            base_theta=info.rope_theta,
+            rotary_dim=info.rotary_dim,
+            trained_length=info.trained_length,
+        )
+        max_len = _new_length(info, s)
+    if info.model_type == "phimoe":  # PhiMoE scales cos/sin by these instead (both required)
+        from ctxext.rope.formulas import longrope_attention_factor
+
+        scale = entry.get("attention_factor") or longrope_attention_factor(s, info.trained_length)
+        entry = {**entry, "short_mscale": float(scale), "long_mscale": float(scale)}
 
     out = copy.deepcopy(dict(config))
     root = out
