@@ -33,6 +33,7 @@ Method = Literal[ALL_METHODS]  # type: ignore[valid-type]  # the names defined i
 LinkMode = Literal["hardlink", "copy", "symlink"]
 Task = Literal["ppl", "passkey", "context-use", "retrieval"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+AttnImplementation = Literal["eager", "sdpa", "flash_attention_2"] | None
 DocSelection = Literal["same", "per-length"]
 
 
@@ -206,6 +207,9 @@ class EvalConfig(StrictModel):
     """Also evaluate each model unscaled when scaling methods are given."""
     dtype: Dtype = "auto"
     """auto: bf16 on CUDA, fp32 on CPU."""
+    attn_implementation: AttnImplementation = None
+    """None: per model (flash-attention-2 on CUDA where installed and supported, else sdpa
+    where exact, else eager); see ctxext.modeling.choose_attn_implementation."""
     device_map: str | None = None
     """Passed to from_pretrained (e.g. 'auto' to spread a large model with accelerate)."""
     seed: int = 0
@@ -444,6 +448,8 @@ class FinetuneConfig(StrictModel):
     """Encoding for data files that are not UTF-8 (e.g. latin-1); None refuses them."""
     dtype: Dtype = "auto"
     """Compute dtype: auto = bf16 autocast on CUDA (fp32 master weights), fp32 on CPU."""
+    attn_implementation: AttnImplementation = None
+    """None: per model, as for eval (ctxext.modeling.choose_attn_implementation)."""
     mix: tuple[MixSource, ...] | None = None
     """A seeded mixture of sources by weight, instead of ``data``: sample i of the run comes
     from a source drawn with probability weight / sum (a function of seed and i, so a resumed

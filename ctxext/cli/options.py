@@ -67,3 +67,11 @@ MemoryLimitOpt = Annotated[
     ),
 ]
 PlanOnlyOpt = Annotated[bool, typer.Option("--plan-only", hidden=True)]
+AttnImplementationOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        help="eager | sdpa | flash_attention_2 (default: per model: flash-attention-2 on CUDA "
+        "where installed and supported, else sdpa where exact, else eager).",
+        show_default=False,
+    ),
+]

@@ -381,3 +381,39 @@ def analyze(config: Mapping[str, Any]) -> RopeInfo:
         sliding_rope_theta=float(sliding["rope_theta"]) if sliding else None,
         config_path=path,
     )
+
+
+# --------------------------------------------------------------------------- sliding windows
+
+
+def sliding_window(config: Mapping[str, Any], length: int | None = None) -> dict | None:
+    """Sliding-window attention in ``config`` and what it means at ``length`` tokens, or None.
+
+    Layers with a window of W tokens attend to the last W positions only, however long the
+    context (Mistral, Gemma 2/3's local layers, Qwen2 with ``use_sliding_window``): extending
+    the rope does not let them see further; only the other layers (and stacking) reach past W.
+    Which layers: ``layer_types`` (transformers 5 writes it) where present, else every layer.
+    """
+    _, cfg = _text_root(config)
+    window = cfg.get("sliding_window")
+    if cfg.get("use_sliding_window") is False or not isinstance(window, numbers.Integral):
+        return None
+    layers = cfg.get("num_hidden_layers")
+    types = cfg.get("layer_types")
+    sliding = sum(t == "sliding_attention" for t in types) if types else layers
+    if not sliding:
+        return None
+    out: dict[str, Any] = {"window": int(window), "sliding_layers": sliding, "layers": layers}
+    if length is not None:
+        full = (layers or sliding) - sliding
+        reach = (
+            "only stacking carries text further back"
+            if not full
+            else (f"only the other {full} layer(s) attend further back")
+        )
+        out["note"] = (
+            f"at {length} tokens, {sliding} of {layers} layers attend to the last "
+            f"{int(window)} tokens only (sliding window), "
+            + (reach if length > window else "which here is the whole sequence")
+        )
+    return out

@@ -374,6 +374,10 @@ def extend_config(
         root["rotary_pct"] = float(info.partial_rotary_factor)
     elif "partial_rotary_factor" in entry:
         root["partial_rotary_factor"] = entry["partial_rotary_factor"]
+    if "head_dim" in root and root["head_dim"] is None:
+        # e.g. Mixtral saves head_dim null; transformers' yarn/llama3/longrope maths then read
+        # None (getattr with a default) and fail: write the value the model uses.
+        root["head_dim"] = int(info.head_dim)
     root["max_position_embeddings"] = int(max_len)
     root["original_max_position_embeddings"] = int(info.trained_length)
     return out
