@@ -60,7 +60,11 @@ TYPES: dict[str, dict[str, Any]] = {
     "gpt_neox": {},  # rotary_pct 0.25: 4 of 16 dims rotate
     "phi": {},  # partial_rotary_factor 0.5
     "phi3": {"original_max_position_embeddings": TRAINED},
-    "phimoe": {"num_local_experts": 2, "num_experts_per_tok": 2, "original_max_position_embeddings": TRAINED},
+    "phimoe": {
+        "num_local_experts": 2,
+        "num_experts_per_tok": 2,
+        "original_max_position_embeddings": TRAINED,
+    },
     "stablelm": {},  # partial_rotary_factor 0.25
     "persimmon": {},  # partial_rotary_factor 0.5
     "starcoder2": {"sliding_window": 32},
