@@ -344,6 +344,23 @@ def weight_files(model_dir: Path) -> list[Path]:
     return sorted({p for pattern in names for p in model_dir.glob(pattern)})
 
 
+def weights_readable(model_dir: Path) -> bool:
+    """Whether every safetensors file of ``model_dir`` opens (header and sizes consistent) and no
+    weight file is empty: False points at truncated or corrupted files, True at another cause."""
+    from safetensors import safe_open
+
+    for path in weight_files(model_dir):
+        if path.stat().st_size == 0:
+            return False
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    f.keys()
+            except Exception:  # safetensors raises its own error types
+                return False
+    return True
+
+
 def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> Path:
     """Refuse output folders that would destroy something or could not be written."""
     out = out.expanduser().absolute()

@@ -27,6 +27,9 @@ def inspect_model(model: str | None, target_length: int | None = None) -> dict[s
     elif target_length <= 0:
         raise CtxextError(f"--target-length must be a positive integer (got {target_length})")
     report["target_length"] = target_length
+    window = rope.read.sliding_window(config, target_length)
+    if window is not None:
+        report["sliding_window"] = window["note"]
     report["pairs"] = pair_table(info, target_length)
     report["longrope"] = longrope_rows(info)
     return report

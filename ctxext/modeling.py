@@ -32,6 +32,74 @@ class LoadedModel:
     device: str
 
 
+#: The attention implementations ctxext loads with (transformers' names); --attn-implementation.
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+def _causal_lm_class(config: Any) -> type | None:
+    """transformers' own causal-LM class for ``config`` (None: remote code, or none)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+
+
+def _flash_attn_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def choose_attn_implementation(
+    config: Any, device: str, dtype: Any, requested: str | None = None
+) -> str | None:
+    """The attention implementation to load ``config``'s model with (None: remote code decides).
+
+    Unless ``requested``: flash-attention-2 on CUDA in half precision where it is installed and
+    the model supports it; else sdpa where the model supports it and computes exactly what its
+    eager attention does (not with attention-logit softcapping, Gemma 2's, which sdpa would
+    skip); else eager. A requested implementation the model or machine cannot run is refused.
+    """
+    import torch
+
+    cls = _causal_lm_class(config)
+    name = getattr(config, "model_type", "?")
+    softcap = getattr(config, "attn_logit_softcapping", None) is not None
+    sdpa_ok = cls is not None and bool(getattr(cls, "_supports_sdpa", False)) and not softcap
+    flash_ok = (
+        cls is not None
+        and bool(getattr(cls, "_supports_flash_attn", False))
+        and device.startswith("cuda")
+        and dtype in (torch.bfloat16, torch.float16)
+        and _flash_attn_installed()
+    )
+    if requested is not None:
+        if requested not in ATTN_IMPLEMENTATIONS:
+            raise CtxextError(
+                f"unknown attention implementation {requested!r}: choose one of "
+                f"{', '.join(ATTN_IMPLEMENTATIONS)}"
+            )
+        if requested == "sdpa" and not sdpa_ok and cls is not None:
+            why = "softcaps its attention logits, which sdpa skips" if softcap else "has no sdpa"
+            raise CtxextError(
+                f"model_type '{name}' {why} in transformers: pass --attn-implementation eager"
+            )
+        if requested == "flash_attention_2" and not flash_ok and cls is not None:
+            raise CtxextError(
+                "flash_attention_2 needs a CUDA device, bfloat16/float16, the flash-attn package "
+                f"and a model that supports it (model_type '{name}'): pass --attn-implementation "
+                "sdpa or eager"
+            )
+        return requested
+    if cls is None:
+        return None
+    if flash_ok:
+        return "flash_attention_2"
+    return "sdpa" if sdpa_ok else "eager"
+
+
 def check_causal_lm(config: dict[str, Any], where: str) -> None:
     archs = config.get("architectures") or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
@@ -136,13 +204,15 @@ def load_causal_lm(
     allow_pickle: bool = False,
     progress: checkpoint.DownloadProgress | None = None,
     tokenizer: Any = None,
+    attn_implementation: str | None = None,
 ) -> LoadedModel:
     """Resolve, check and load a causal LM, optionally with a scaling method applied.
 
     A Hub model's files are fetched first (``progress`` draws the weight downloads). A model
     already resolved (a :class:`~ctxext.checkpoint.ResolvedModel`) is not resolved again: a
     Hub model's weights are fetched at the commit it was resolved to. ``tokenizer``: the
-    model's tokenizer when the caller has loaded it already.
+    model's tokenizer when the caller has loaded it already. ``attn_implementation``: None
+    chooses per model (:func:`choose_attn_implementation`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -159,21 +229,28 @@ def load_causal_lm(
     device = pick_device()
     torch_dtype = resolve_dtype(dtype, device)
     config = build_config(config_dict, trust_remote_code, source.path)
+    attn = choose_attn_implementation(config, device, torch_dtype, attn_implementation)
     try:
         lm = AutoModelForCausalLM.from_pretrained(
             source.path,
             config=config,
             dtype=torch_dtype,
-            attn_implementation="sdpa",
+            attn_implementation=attn,
             device_map=device_map,
             use_safetensors=use_safetensors,
             trust_remote_code=trust_remote_code,
         )
     except Exception as e:  # safetensors, torch and transformers each raise their own types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not checkpoint.weights_readable(source.path):
+            raise CtxextError(
+                f"could not load the weights of {source.name} ({first}); the weight files may "
+                "be truncated or corrupted: re-download or re-create the checkpoint"
+            ) from e
         raise CtxextError(
-            f"could not load the weights of {source.name} ({first}); the weight files may be "
-            "truncated or corrupted: re-download or re-create the checkpoint"
+            f"transformers could not build {source.name} (model_type "
+            f"'{config_dict.get('model_type')}', attention {attn}): {first}; its weight files "
+            "read fine, so check the config, or pass --attn-implementation"
         ) from e
     if device_map is None:
         lm.to(device)

@@ -182,7 +182,7 @@ CASES: dict[str, Case] = {
     ),
     "architecture refuses method (phi3)": Case(
         lambda t, m: _extend(
-            _model_with_config(t, {**LLAMA, "model_type": "phi3"}), t, "-m", "yarn", "-f", "2"
+            _model_with_config(t, {**LLAMA, "model_type": "phi3"}), t, "-m", "dynamic", "-f", "2"
         ),
         "longrope",
     ),

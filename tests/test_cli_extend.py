@@ -36,15 +36,6 @@ REFUSED_CONFIGS = {
         },
         "already",
     ),
-    "phi3": (
-        {
-            "model_type": "phi3",
-            "hidden_size": 64,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 128,
-        },
-        "longrope",
-    ),
 }
 
 

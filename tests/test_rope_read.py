@@ -129,10 +129,9 @@ def test_unknown_model_with_rope_keys_is_rope() -> None:
     assert analyze(cfg).scheme == "rope"
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_phi3_refused_for_every_method(method: str) -> None:
+def test_phi3_refuses_only_dynamic() -> None:  # the rest: test_rope_longrope.py
     cfg = {**LLAMA, "model_type": "phi3", "original_max_position_embeddings": 4096}
-    message = _error(extend_config, cfg, method, 2.0)
+    message = _error(extend_config, cfg, "dynamic", 2.0)
     assert "longrope" in message and "phi3" in message
 
 

@@ -18,6 +18,7 @@ from rich.console import Console
 
 from ctxext.cli.options import (
     AllowPickleOpt,
+    AttnImplementationOpt,
     BetaFastOpt,
     BetaSlowOpt,
     DatasetConfigOpt,
@@ -133,6 +134,7 @@ def eval_command(
     dtype: Annotated[
         str, typer.Option(help="auto | float32 | bfloat16 | float16.")
     ] = _DEFAULT.dtype,
+    attn_implementation: AttnImplementationOpt = _DEFAULT.attn_implementation,
     device_map: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="e.g. 'auto' to spread a large model over devices (accelerate)."),
@@ -180,6 +182,7 @@ def eval_command(
             "retrieval_template": retrieval_template,
             "include_base": not no_base,
             "dtype": dtype,
+            "attn_implementation": attn_implementation,
             "device_map": device_map,
             "seed": seed,
         },

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from ctxext.cli.options import (
     AllowPickleOpt,
+    AttnImplementationOpt,
     DatasetConfigOpt,
     FactorOpt,
     ForceOpt,
@@ -168,6 +169,7 @@ def finetune(
     dtype: Annotated[
         str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16")
     ] = _DEFAULT.dtype,
+    attn_implementation: AttnImplementationOpt = _DEFAULT.attn_implementation,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")
     ] = False,
@@ -228,6 +230,7 @@ def finetune(
             "save_every": save_every,
             "seed": seed,
             "dtype": dtype,
+            "attn_implementation": attn_implementation,
             "mix": mix or None,
             "tasks": {
                 "keys": task_keys,

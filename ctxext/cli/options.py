@@ -75,3 +75,11 @@ RecalibrateOpt = Annotated[
         "instead of using the cached calibration.",
     ),
 ]
+AttnImplementationOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        help="eager | sdpa | flash_attention_2 (default: per model: flash-attention-2 on CUDA "
+        "where installed and supported, else sdpa where exact, else eager).",
+        show_default=False,
+    ),
+]

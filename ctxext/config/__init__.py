@@ -10,7 +10,14 @@ One module per command (:mod:`~ctxext.config.extend`, :mod:`~ctxext.config.eval`
 (:mod:`~ctxext.config.errors`); the public names are re-exported here.
 """
 
-from ctxext.config.base import Dtype, StrictModel, known_encoding, length_word, positive_int_list
+from ctxext.config.base import (
+    AttnImplementation,
+    Dtype,
+    StrictModel,
+    known_encoding,
+    length_word,
+    positive_int_list,
+)
 from ctxext.config.errors import format_validation_error, keys_of, model_at, parse_model
 from ctxext.config.eval import DocSelection, EvalConfig, Task
 from ctxext.config.extend import ExtendConfig, ExtendJob, LinkMode, Method
@@ -28,6 +35,7 @@ from ctxext.config.tune import TUNE_METHODS, TuneConfig
 __all__ = [
     "TASK_SOURCES",
     "TUNE_METHODS",
+    "AttnImplementation",
     "DocSelection",
     "Dtype",
     "EvalConfig",

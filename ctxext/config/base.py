@@ -13,6 +13,7 @@ from pydantic import (
 from ctxext.errors import CtxextError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+AttnImplementation = Literal["eager", "sdpa", "flash_attention_2"] | None
 
 
 def known_encoding(v: str | None) -> str | None:

@@ -9,7 +9,7 @@ from pydantic import (
     model_validator,
 )
 
-from ctxext.config.base import Dtype, StrictModel, known_encoding, length_word
+from ctxext.config.base import AttnImplementation, Dtype, StrictModel, known_encoding, length_word
 from ctxext.errors import CtxextError
 
 Task = Literal["ppl", "passkey", "context-use", "retrieval"]
@@ -61,6 +61,9 @@ class EvalConfig(StrictModel):
     """Also evaluate each model unscaled when scaling methods are given."""
     dtype: Dtype = "auto"
     """auto: bf16 on CUDA, fp32 on CPU."""
+    attn_implementation: AttnImplementation = None
+    """None: per model (flash-attention-2 on CUDA where installed and supported, else sdpa
+    where exact, else eager); see ctxext.modeling.choose_attn_implementation."""
     device_map: str | None = None
     """Passed to from_pretrained (e.g. 'auto' to spread a large model with accelerate)."""
     seed: int = 0

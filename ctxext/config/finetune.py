@@ -14,7 +14,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from ctxext.config.base import Dtype, StrictModel, known_encoding
+from ctxext.config.base import AttnImplementation, Dtype, StrictModel, known_encoding
 from ctxext.data import DEFAULT_SHUFFLE_BUFFER
 
 LrSchedule = Literal["constant", "cosine", "linear"]
@@ -193,6 +193,8 @@ class FinetuneConfig(StrictModel):
     """Encoding for data files that are not UTF-8 (e.g. latin-1); None refuses them."""
     dtype: Dtype = "auto"
     """Compute dtype: auto = bf16 autocast on CUDA (fp32 master weights), fp32 on CPU."""
+    attn_implementation: AttnImplementation = None
+    """None: per model, as for eval (ctxext.modeling.choose_attn_implementation)."""
     mix: tuple[MixSource, ...] | None = None
     """A seeded mixture of sources by weight, instead of ``data``: sample i of the run comes
     from a source drawn with probability weight / sum (a function of seed and i, so a resumed

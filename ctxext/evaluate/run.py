@@ -330,6 +330,7 @@ def _run_variants(
                 allow_pickle=allow_pickle,
                 progress=progress_factory,
                 tokenizer=token_cache[str(source.path)].tokenizer,
+                attn_implementation=cfg.attn_implementation,
             )
         previous = variant.model
         runs.append(_run_variant(variant, loaded, cfg, token_cache, progress_factory))
@@ -364,6 +365,8 @@ def _run_variant(
         "tokens_fingerprint": tokens.fingerprint,
         "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "device": loaded.device,
+        "attn_implementation": loaded.model.config._attn_implementation,
+        "sliding_window": rope.read.sliding_window(loaded.config, max(cfg.lengths)),
         "ppl": {},
     }
     if "ppl" in cfg.tasks:

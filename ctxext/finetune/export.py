@@ -82,7 +82,7 @@ def rebuild_model(config: dict[str, Any], cfg: FinetuneConfig, state: dict[str, 
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            model = get_peft_model(model, lora_config(cfg))
+            model = get_peft_model(model, lora_config(cfg, model))
     model.load_state_dict(state, strict=True)
     return model
 

@@ -212,6 +212,7 @@ def _load(
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
+        attn_implementation=cfg.attn_implementation,
     )
     return loaded, loaded.model
 

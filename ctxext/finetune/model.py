@@ -17,8 +17,10 @@ def prepare_model(lm: Any, cfg: FinetuneConfig) -> tuple[Any, int, int]:
     """Make ``lm`` trainable as asked: all weights, or LoRA (+ embeddings/norms).
 
     Returns (model, trainable parameters, all parameters). LoRA targets every linear
-    projection ("all-linear" leaves out the output head); embeddings and norms are trained in
-    place (requires_grad), so merge_and_unload keeps them and no module copies are made.
+    projection ("all-linear" leaves out the output head; fused ones such as GPT-NeoX's and
+    Falcon's ``query_key_value`` are linear layers too) and, in mixture-of-experts models, the
+    experts' stacked weight tensors (:func:`expert_parameters`); embeddings and norms are trained
+    in place (requires_grad), so merge_and_unload keeps them and no module copies are made.
     """
     import torch
 
@@ -30,7 +32,7 @@ def prepare_model(lm: Any, cfg: FinetuneConfig) -> tuple[Any, int, int]:
         from peft import get_peft_model
 
         torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: make them reproducible
-        lora = lora_config(cfg)
+        lora = lora_config(cfg, lm)
         with warnings.catch_warnings():  # peft reads a property transformers 5 deprecated
             warnings.simplefilter("ignore", FutureWarning)
             model = get_peft_model(lm, lora)
@@ -49,10 +51,40 @@ def prepare_model(lm: Any, cfg: FinetuneConfig) -> tuple[Any, int, int]:
     return model, trainable, total
 
 
-def lora_config(cfg: FinetuneConfig) -> Any:
+def expert_parameters(lm: Any) -> list[str]:
+    """The MoE experts' weights, which transformers 5 keeps as stacked 3-D parameters (one
+    slice per expert, e.g. Mixtral's ``mlp.experts.gate_up_proj``) rather than linear layers,
+    as the names peft's ``target_parameters`` matches (suffixes below the layer index)."""
+    names = set()
+    for name, p in lm.named_parameters():
+        parts = name.split(".")
+        if p.dim() == 3 and "experts" in parts:
+            names.add(".".join(parts[parts.index("experts") :]))
+    return sorted(names)
+
+
+def routers(lm: Any) -> list[str]:
+    """The MoE routers (and shared-expert gates) of ``lm``: linear layers LoRA leaves frozen,
+    so that adapters do not re-route tokens (and PhiMoE's router, a linear layer returning a
+    tuple, stays unwrapped)."""
+    if not expert_parameters(lm):
+        return []
+    names = ("gate", "router", "shared_expert_gate")
+    return sorted(
+        name
+        for name, module in lm.named_modules()
+        if name.rpartition(".")[2] in names or "Router" in type(module).__name__
+    )
+
+
+def lora_config(cfg: FinetuneConfig, lm: Any) -> Any:
+    """LoRA on every linear projection of ``lm`` but its routers, and on its experts' weights."""
     from peft import LoraConfig
 
+    experts = expert_parameters(lm)
     return LoraConfig(
+        target_parameters=experts or None,
+        exclude_modules=routers(lm) or None,
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank,
         lora_dropout=cfg.lora_dropout,

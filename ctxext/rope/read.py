@@ -51,7 +51,7 @@ _FALCON = frozenset({"falcon", "RefinedWeb", "RefinedWebModel"})  # ALiBi only w
 _NO_POSITIONS = frozenset({"mamba", "mamba2", "falcon_mamba", "rwkv", "jamba"})
 _RELATIVE = frozenset({"t5", "mt5", "umt5", "longt5", "deberta", "deberta-v2", "transfo-xl"})
 _ROTARY_DIM = frozenset({"gptj", "codegen"})
-_LONGROPE_ONLY = frozenset({"phi3", "phimoe"})
+LONGROPE_ONLY = frozenset({"phi3", "phimoe"})
 GEMMA3 = frozenset({"gemma3_text", "gemma3"})
 _ROPE = (
     frozenset(
@@ -80,7 +80,7 @@ _ROPE = (
         ]
     )
     | GEMMA3
-    | _LONGROPE_ONLY
+    | LONGROPE_ONLY
 )
 
 # Keys a plain (unscaled) rope dict may carry; anything else is a variant we cannot rescale.
@@ -114,6 +114,31 @@ class RopeInfo:
 
 
 # --------------------------------------------------------------------------- reading a config
+
+
+def _allowed(model_type: str) -> tuple[str, ...]:
+    """The factor methods a RoPE model takes: all, except for the longrope-only architectures
+    (each method written as longrope factors there; dynamic NTK cannot be)."""
+    if model_type in LONGROPE_ONLY:
+        from ctxext.rope.longrope import NOT_EXPRESSIBLE
+
+        return tuple(m for m in METHODS if m not in NOT_EXPRESSIBLE)
+    return METHODS
+
+
+def method_refusal(info: RopeInfo, method: str) -> str | None:
+    """Why ``method`` cannot extend this model (None: it can), in one line."""
+    if info.refusal:
+        return info.refusal
+    if method in METHODS and method not in info.allowed_methods:
+        from ctxext.rope.longrope import NOT_EXPRESSIBLE
+
+        return (
+            f"model_type '{info.model_type}' reads only rope_type 'longrope' in transformers, so "
+            f"ctxext writes each method as longrope factors, and {NOT_EXPRESSIBLE[method]}: use "
+            f"{', '.join(info.allowed_methods)} or longrope"
+        )
+    return None
 
 
 def _text_root(config: Mapping[str, Any]) -> tuple[tuple[str, ...], Mapping[str, Any]]:
@@ -320,13 +345,7 @@ def analyze(config: Mapping[str, Any]) -> RopeInfo:
     layer_types = tuple(sorted(k for k in entries if k is not None)) or None
     sliding = entries.get("sliding_attention")
 
-    if model_type in _LONGROPE_ONLY:
-        refusal = (
-            f"model_type '{model_type}' supports only rope_type 'longrope' (searched per-pair factor "
-            f"lists) in transformers, not {'/'.join(METHODS)}: use a released long-context "
-            "checkpoint of it (e.g. Phi-3-mini-128k-instruct) instead"
-        )
-    elif existing is not None:
+    if existing is not None:
         refusal = (
             f"config is already scaled ({_describe_existing(existing)}): stacking a second scaling "
             "is not supported; start from the base model's original config.json"
@@ -357,8 +376,44 @@ def analyze(config: Mapping[str, Any]) -> RopeInfo:
         max_position_embeddings=mpe,
         existing_scaling=existing,
         layer_types=layer_types,
-        allowed_methods=() if refusal else METHODS,
+        allowed_methods=() if refusal else _allowed(model_type),
         refusal=refusal,
         sliding_rope_theta=float(sliding["rope_theta"]) if sliding else None,
         config_path=path,
     )
+
+
+# --------------------------------------------------------------------------- sliding windows
+
+
+def sliding_window(config: Mapping[str, Any], length: int | None = None) -> dict | None:
+    """Sliding-window attention in ``config`` and what it means at ``length`` tokens, or None.
+
+    Layers with a window of W tokens attend to the last W positions only, however long the
+    context (Mistral, Gemma 2/3's local layers, Qwen2 with ``use_sliding_window``): extending
+    the rope does not let them see further; only the other layers (and stacking) reach past W.
+    Which layers: ``layer_types`` (transformers 5 writes it) where present, else every layer.
+    """
+    _, cfg = _text_root(config)
+    window = cfg.get("sliding_window")
+    if cfg.get("use_sliding_window") is False or not isinstance(window, numbers.Integral):
+        return None
+    layers = cfg.get("num_hidden_layers")
+    types = cfg.get("layer_types")
+    sliding = sum(t == "sliding_attention" for t in types) if types else layers
+    if not sliding:
+        return None
+    out: dict[str, Any] = {"window": int(window), "sliding_layers": sliding, "layers": layers}
+    if length is not None:
+        full = (layers or sliding) - sliding
+        reach = (
+            "only stacking carries text further back"
+            if not full
+            else (f"only the other {full} layer(s) attend further back")
+        )
+        out["note"] = (
+            f"at {length} tokens, {sliding} of {layers} layers attend to the last "
+            f"{int(window)} tokens only (sliding window), "
+            + (reach if length > window else "which here is the whole sequence")
+        )
+    return out

@@ -15,7 +15,14 @@ from typing import Any
 
 from ctxext.errors import CtxextError
 from ctxext.rope.methods import ALL_METHODS, OPTION_DEFAULTS, OPTIONS_OF
-from ctxext.rope.read import GEMMA3, RopeInfo, analyze, rope_entries
+from ctxext.rope.read import (
+    GEMMA3,
+    LONGROPE_ONLY,
+    RopeInfo,
+    analyze,
+    method_refusal,
+    rope_entries,
+)
 
 # --------------------------------------------------------------------------- validating a request
 
@@ -38,8 +45,9 @@ def validate_request(
     """Check that ``method`` can extend this model and return the scale factor s."""
     if method not in ALL_METHODS:
         raise CtxextError(f"unknown method {method!r}: choose one of {', '.join(ALL_METHODS)}")
-    if info.refusal:
-        raise CtxextError(info.refusal)
+    refusal = method_refusal(info, method)
+    if refusal:
+        raise CtxextError(refusal)
     if (factor is None) == (target_length is None):
         raise CtxextError(
             "give exactly one of factor or target length (e.g. --factor 2 or --target-length "
@@ -325,6 +333,23 @@ def extend_config(
     }
     opts = _method_options(method, given)
     entry, max_len = _WRITERS[method](info, s, opts)
+    if info.model_type in LONGROPE_ONLY:
+        # Phi-3 / PhiMoE read longrope only: the same frequencies as per-pair factors.
+        from ctxext.rope.longrope import method_as_longrope
+
+        entry = method_as_longrope(
+            entry,
+            factor=s,
+            base_theta=info.rope_theta,
+            rotary_dim=info.rotary_dim,
+            trained_length=info.trained_length,
+        )
+        max_len = _new_length(info, s)
+    if info.model_type == "phimoe":  # PhiMoE scales cos/sin by these instead (both required)
+        from ctxext.rope.formulas import longrope_attention_factor
+
+        scale = entry.get("attention_factor") or longrope_attention_factor(s, info.trained_length)
+        entry = {**entry, "short_mscale": float(scale), "long_mscale": float(scale)}
 
     out = copy.deepcopy(dict(config))
     root = out
@@ -349,6 +374,10 @@ def extend_config(
         root["rotary_pct"] = float(info.partial_rotary_factor)
     elif "partial_rotary_factor" in entry:
         root["partial_rotary_factor"] = entry["partial_rotary_factor"]
+    if "head_dim" in root and root["head_dim"] is None:
+        # e.g. Mixtral saves head_dim null; transformers' yarn/llama3/longrope maths then read
+        # None (getattr with a default) and fail: write the value the model uses.
+        root["head_dim"] = int(info.head_dim)
     root["max_position_embeddings"] = int(max_len)
     root["original_max_position_embeddings"] = int(info.trained_length)
     return out

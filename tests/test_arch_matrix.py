@@ -1,0 +1,53 @@
+"""Every RoPE architecture through every command, fp32 and bf16 (benchmarks/arch_matrix.py):
+one test per model type on one tiny checkpoint built from its config class, then the shipped
+support table (docs/architectures.md) checked against what the matrix found."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+from ctxext.rope.read import _ROPE
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "arch_matrix.py"
+_SPEC = importlib.util.spec_from_file_location("arch_matrix", _PATH)
+matrix = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(matrix)
+
+FOUND: dict[str, dict[str, str]] = {}  # filled by the per-type tests, read by the table test
+
+
+def test_every_listed_rope_type_is_in_the_matrix():
+    assert set(matrix.TYPES) | set(matrix.NOT_BUILT) == set(_ROPE)
+
+
+@pytest.mark.parametrize("model_type", list(matrix.TYPES))
+def test_architecture_through_every_command(model_type, tmp_path, calibrated):
+    src = matrix.build(model_type, tmp_path / "model")
+    result = matrix.run_type(model_type, src, tmp_path)
+    cells = result["cells"]
+    refused = {c: v for c, v in cells.items() if v != "works"}
+    if model_type in ("phi3", "phimoe"):  # fixed longrope factors cannot express dynamic NTK
+        assert set(refused) == {"extend dynamic"} and "longrope" in refused["extend dynamic"]
+    else:
+        assert not refused
+    fp32, bf16 = (result["runs"][d]["ppl"]["128"]["ppl"] for d in ("float32", "bfloat16"))
+    assert math.isclose(fp32, bf16, rel_tol=0.05), (fp32, bf16)  # a random model: loose
+    window = result["runs"]["float32"]["sliding_window"]
+    if model_type in ("mistral", "mixtral", "qwen2", "gemma2", "gemma3_text", "starcoder2"):
+        assert window and "32 tokens only" in window["note"], window
+    else:
+        assert window is None
+    FOUND[model_type] = cells
+
+
+def test_shipped_support_table_is_what_the_matrix_finds():
+    missing = set(matrix.TYPES) - set(FOUND)
+    if missing:
+        pytest.skip(f"the matrix did not run for {sorted(missing)} in this session")
+    assert matrix.TABLE.read_text() == matrix.render(FOUND), (
+        "docs/architectures.md is stale: run python benchmarks/arch_matrix.py"
+    )
