@@ -30,15 +30,39 @@ TINY_SIZES = {
 def _isolated_cache(tmp_path_factory):
     """The calibration cache (and any other ctxext cache) in a folder of this session, for the
     tests and the subprocesses they start: the user's ~/.cache/ctxext is never read or written,
-    and every session measures this machine afresh, as a new user's first run does."""
+    and every session measures this machine afresh, as a new user's first run does.
+
+    The session's calibration lives in a folder of its own (``calibration``), which only the
+    tests that ask for it (``calibrated``) see: with a calibration cached, every fine-tune
+    checks its first steps against it and, the tiny models' steps being far off the estimate,
+    measures the speeds again (a few seconds each time)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CTXEXT_CACHE_DIR", str(tmp_path_factory.mktemp("ctxext-cache")))
         yield
 
 
+@pytest.fixture(autouse=True)
+def _no_calibration_by_accident():
+    """A test that measured this machine into the shared cache (~30 s) asks for ``calibrated``
+    instead; the calibration is removed so the next test does not inherit it."""
+    yield
+    from ctxext.resources import calibrate
+
+    left = list(calibrate.cache_dir().glob("calibration-*.json"))
+    for path in left:
+        path.unlink()
+    assert not left, "this test measured the machine: request the `calibrated` fixture"
+
+
 @pytest.fixture(scope="session")
-def calibration(_isolated_cache):  # -> estimate.Calibration
-    """This machine, measured once per session into the session's cache (~30 s on a quiet
+def calibration_dir(tmp_path_factory) -> Path:
+    """The session's calibration cache (see ``_isolated_cache``)."""
+    return tmp_path_factory.mktemp("ctxext-calibration")
+
+
+@pytest.fixture(scope="session")
+def calibration(_isolated_cache, calibration_dir):  # -> estimate.Calibration
+    """This machine, measured once per session into ``calibration_dir`` (~30 s on a quiet
     machine) as rank 0 of `accelerate launch` measures it: with the variables torchrun exports
     to its workers set. The port they name is held by a socket here, so a runtime probe that
     joined the launcher's process group fails at once (address in use) instead of waiting for
@@ -52,12 +76,15 @@ def calibration(_isolated_cache):  # -> estimate.Calibration
         held.listen()
         for key, value in launcher_env(rank=0, port=held.getsockname()[1]).items():
             mp.setenv(key, value)
+        mp.setenv("CTXEXT_CACHE_DIR", str(calibration_dir))
         return calibrate.load_calibration()
 
 
 @pytest.fixture
-def calibrated(monkeypatch, calibration):
-    """The session's calibration, with the memory limit left to what is measured."""
+def calibrated(monkeypatch, calibration, calibration_dir):
+    """The session's calibration, cached for this test (and the processes it starts), with the
+    memory limit left to what is measured."""
+    monkeypatch.setenv("CTXEXT_CACHE_DIR", str(calibration_dir))
     monkeypatch.delenv("CTXEXT_MEMORY_LIMIT", raising=False)
     return calibration
 

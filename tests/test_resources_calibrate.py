@@ -26,13 +26,13 @@ def test_tests_never_touch_the_user_cache():
     assert "ctxext-cache" in calibrate.cache_dir().name
 
 
-def test_rank_0_measures_with_a_plain_runtime_probe(calibration):
+def test_rank_0_measures_with_a_plain_runtime_probe(calibrated):
     """Measured under the launcher's variables, with the port they name taken: a probe that
     inherited them fails at once (address in use); a plain one measures and the result is
     cached for the run's own check."""
-    assert set(calibration.runtime) == {"eval", "finetune", "lora"}
-    assert all(2**26 < v < 2**33 for v in calibration.runtime.values())  # 64 MiB .. 8 GiB
-    assert calibrate.cached_calibration() == calibration
+    assert set(calibrated.runtime) == {"eval", "finetune", "lora"}
+    assert all(2**26 < v < 2**33 for v in calibrated.runtime.values())  # 64 MiB .. 8 GiB
+    assert calibrate.cached_calibration() == calibrated
 
 
 def test_other_ranks_never_measure(monkeypatch, tmp_path):
