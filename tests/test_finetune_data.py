@@ -62,7 +62,9 @@ def test_pose_attention_crosses_the_skip(tiny_llama_session):
     assert (a[0, split:] - b[0, split:]).abs().max() > 1e-4
 
 
-def test_too_little_data_says_how_many_tokens(tmp_path, tiny_llama_session, capsys):
+def test_too_little_data_says_how_many_tokens(tmp_path, tiny_llama_session, capsys, calibrated):
+    # calibrated: the default 400 steps are long by the pessimistic guess, so the pre-run
+    # check would measure the machine first.
     text = tmp_path / "small.txt"
     text.write_text("def f(x):\n    return x\n" * 10)
     code, _, err = run_cli(
