@@ -225,8 +225,10 @@ def test_fsdp_resume_after_sigkill_of_one_rank(fsdp_full, tiny_llama_session, tm
 
 
 def test_context_parallelism_off_cuda_is_refused_in_one_line(
-    tiny_llama_session, tmp_path, capsys, monkeypatch
+    tiny_llama_session, tmp_path, capsys, monkeypatch, calibrated
 ):
+    # calibrated (here and below): the default 400 steps are long by the pessimistic guess,
+    # so the pre-run check would measure the machine before the refusal.
     # What `accelerate launch` exports for parallelism_config_cp_size: 2.
     monkeypatch.setenv("PARALLELISM_CONFIG_CP_SIZE", "2")
     out = tmp_path / "o"
@@ -243,7 +245,7 @@ def test_context_parallelism_off_cuda_is_refused_in_one_line(
     [("1", [], "FSDP2 only"), ("2", ["--dtype", "bfloat16"], "trains in float32")],
 )
 def test_fsdp_options_cpu_processes_cannot_run_are_refused_in_one_line(
-    tiny_llama_session, tmp_path, version, flags, needle
+    tiny_llama_session, tmp_path, version, flags, needle, calibrated
 ):
     """What `accelerate launch` exports for an FSDP config (a world of one CPU process, so
     Accelerate picks MULTI_CPU as with more): fsdp_version 1, or bf16 compute."""
