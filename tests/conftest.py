@@ -36,19 +36,18 @@ def _isolated_cache(tmp_path_factory):
     tests that ask for it (``calibrated``) see: with a calibration cached, every fine-tune
     checks its first steps against it and, the tiny models' steps being far off the estimate,
     measures the speeds again (a few seconds each time)."""
+    path = tmp_path_factory.mktemp("ctxext-cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CTXEXT_CACHE_DIR", str(tmp_path_factory.mktemp("ctxext-cache")))
-        yield
+        mp.setenv("CTXEXT_CACHE_DIR", str(path))
+        yield path
 
 
 @pytest.fixture(autouse=True)
-def _no_calibration_by_accident():
+def _no_calibration_by_accident(_isolated_cache):
     """A test that measured this machine into the shared cache (~30 s) asks for ``calibrated``
     instead; the calibration is removed so the next test does not inherit it."""
     yield
-    from ctxext.resources import calibrate
-
-    left = list(calibrate.cache_dir().glob("calibration-*.json"))
+    left = list(_isolated_cache.glob("calibration-*.json"))
     for path in left:
         path.unlink()
     assert not left, "this test measured the machine: request the `calibrated` fixture"
@@ -83,10 +82,14 @@ def calibration(_isolated_cache, calibration_dir):  # -> estimate.Calibration
 @pytest.fixture
 def calibrated(monkeypatch, calibration, calibration_dir):
     """The session's calibration, cached for this test (and the processes it starts), with the
-    memory limit left to what is measured."""
+    memory limit left to what is measured; put back afterwards if the test replaced it."""
+    from ctxext.resources import calibrate
+
     monkeypatch.setenv("CTXEXT_CACHE_DIR", str(calibration_dir))
     monkeypatch.delenv("CTXEXT_MEMORY_LIMIT", raising=False)
-    return calibration
+    yield calibration
+    if calibrate.cached_calibration() != calibration:  # a fine-tune measured the speeds again
+        calibrate.save_calibration(calibration)
 
 
 def launcher_env(rank: int, port: int) -> dict[str, str]:
