@@ -16,6 +16,7 @@ from ctxext.finetune.export import finish
 from ctxext.finetune.loss import LONGCE_MAX_WEIGHT
 from ctxext.finetune.model import prepare_model
 from ctxext.finetune.parallel import (
+    accelerator_precision,
     check_context_parallel_device,
     check_parallelism,
     data_parallel_size,
@@ -83,6 +84,7 @@ def run_finetune(
 
     device = pick_device()
     check_context_parallel_device(device)  # before Accelerate, which refuses it with a traceback
+    accelerator_precision(mixed_precision(cfg.dtype, device))
     acc = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=mixed_precision(cfg.dtype, device),
