@@ -4,11 +4,15 @@ For each model type of ``ctxext/rope/read.py``'s RoPE list: a tiny random checkp
 its transformers config class (no download) with the bundled tokenizer, then, in process,
 ``inspect``; ``extend`` with each method (the output reloaded by transformers, its rotary
 frequencies and attention scaling equal to the papers' formulas); ``eval`` (ppl, retrieval,
-context-use) in float32 and bfloat16; ``finetune`` full and LoRA (the output reloaded);
-``plan`` for eval and finetune. A refusal must be exit 2 with one line, never a traceback.
+context-use) in float32 and bfloat16; ``finetune`` full and LoRA in float32, LoRA in
+bfloat16 (the output reloaded); ``plan`` for eval and finetune. A refusal must be exit 2 with
+one line, never a traceback. Every command goes through the CLI entry point, as a user types
+it; the checkpoints are as small as the commands allow (hidden 32, one layer where the type
+allows, 32 trained tokens extended to 64, one fine-tune step), so that the whole matrix costs
+the test suite well under a minute of CPU.
 
 tests/test_arch_matrix.py runs it (one test per type) and checks that docs/architectures.md is
-what it finds; ``python benchmarks/arch_matrix.py`` regenerates that table (a few minutes).
+what it finds; ``python benchmarks/arch_matrix.py`` regenerates that table (about a minute).
 """
 
 from __future__ import annotations
@@ -173,7 +177,9 @@ def check_extend(src: Path, out: Path, method: str) -> str:
     assert math.isclose(scale, want_scale, rel_tol=1e-9), (scale, want_scale)
     if layer:  # Gemma 3: the local (sliding) layers keep their unscaled rope
         local, _ = _rotary(model, "sliding_attention")
-        base, _ = reference_inv_freq("default", info.sliding_rope_theta, info.rotary_dim, 1, TRAINED)
+        base, _ = reference_inv_freq(
+            "default", info.sliding_rope_theta, info.rotary_dim, 1, TRAINED
+        )
         np.testing.assert_allclose(local, base, rtol=1e-6, atol=0)
     return "works"
 
@@ -288,8 +294,8 @@ def render(results: dict[str, dict[str, str]]) -> str:
         "(built from its transformers config class, bundled tokenizer) through every command:",
         "`extend` x2 with each method (reloaded by transformers; rotary frequencies and",
         "attention scaling equal to the formulas), `eval` (ppl, retrieval, context-use; yarn",
-        "x2) in float32 and bfloat16, `finetune` full and LoRA (2 steps, reloaded), `plan`",
-        "for eval and finetune. Do not edit by hand.",
+        "x2) in float32 and bfloat16, `finetune` full and LoRA in float32 and LoRA in bfloat16",
+        "(1 step each, reloaded), `plan` for eval and finetune. Do not edit by hand.",
         "",
         "| model_type | " + " | ".join(COLUMNS) + " |",
         "|---" * (len(COLUMNS) + 1) + "|",
