@@ -225,6 +225,8 @@ def check_eval(src: Path, data: Path, dtype: str) -> tuple[str, dict]:
     assert run["dtype"] == dtype and run["attn_implementation"] in ("sdpa", "eager"), run
     assert math.isfinite(run["ppl"][str(LENGTH)]["ppl"]), run["ppl"]
     assert run["retrieval"] and run["context_use"], sorted(run)
+    # A window shorter than the length evaluated is said on the console (stderr with --json).
+    assert ("sliding window:" in err) == bool(run["sliding_window"]), err
     return "works", run
 
 

@@ -69,6 +69,18 @@ def test_architecture_through_every_command(model_type, tmp_path, matrix_data):
     FOUND[model_type] = cells
 
 
+def test_a_sliding_window_is_reported_only_where_it_is_shorter_than_a_length():
+    from ctxext.report.cells import sliding_window_lines
+    from ctxext.rope.read import sliding_window
+
+    config = {"model_type": "mistral", "num_hidden_layers": 2, "sliding_window": 4096}
+    runs = [{"model": name, "sliding_window": sliding_window(config, 8192)} for name in ("m", "m")]
+    (line,) = sliding_window_lines({"config": {"lengths": [2048, 8192]}, "runs": runs})
+    assert line.startswith("m: at 8192 tokens, 2 of 2 layers attend to the last 4096 tokens")
+    runs = [{"model": "m", "sliding_window": sliding_window(config, 4096)}]
+    assert sliding_window_lines({"config": {"lengths": [4096]}, "runs": runs}) == []
+
+
 def test_shipped_support_table_is_what_the_matrix_finds():
     missing = set(matrix.TYPES) - set(FOUND)
     if missing:
