@@ -235,12 +235,16 @@ def check_finetune(src: Path, out: Path, data: Path, extra: tuple[str, ...]) -> 
     import torch
     from transformers import AutoModelForCausalLM
 
-    code, _, err = cli(
+    code, stdout, err = cli(
         "finetune", src, "-o", out, "-m", "yarn", "-f", "2", "--steps", "1",
         "--warmup-steps", "0", "--lr", "1e-3", "--data", data, "--force", *extra,
     )  # fmt: skip
     if code:
         return _refusal(code, err, f"finetune {extra}")
+    # MoE: the summary and the provenance say the router's auxiliary loss is not added.
+    moe = "router_aux_loss_coef" in json.loads((src / "config.json").read_text())
+    training = json.loads((out / "ctxext_provenance.json").read_text())["training"]
+    assert ("router aux loss" in stdout) == moe == ("router_aux_loss" in training), stdout
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.max_position_embeddings >= LENGTH or model.config.rope_parameters
     with torch.no_grad():

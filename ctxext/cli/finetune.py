@@ -408,6 +408,8 @@ def _render_summary(summary: dict[str, Any]) -> None:
     loss = summary.get("loss")
     if loss is not None:
         rows.append(("loss", f"LongCE (short window {loss['window']}, stride {loss['stride']})"))
+    if summary.get("router_aux_loss"):
+        rows.append(("router aux loss", summary["router_aux_loss"]))
     if summary["resumed_from_step"] is not None:
         rows.append(("resumed", f"from step {summary['resumed_from_step']}"))
     for key, value in rows:

@@ -143,6 +143,11 @@ def run_finetune(
         "parameters": total,
         "data": data.summary(),
     }
+    if getattr(lm.config, "router_aux_loss_coef", None) is not None:  # MoE: said once
+        summary_base["router_aux_loss"] = (
+            "not added: the loss is the language-modelling loss only, as the model's own with "
+            "output_router_logits false; routers are trained by it alone"
+        )
     if cfg.loss == "longce":
         summary_base["loss"] = {
             "name": "longce",
