@@ -176,11 +176,12 @@ def check_extend(src: Path, out: Path, method: str) -> str:
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
     assert math.isclose(scale, want_scale, rel_tol=1e-9), (scale, want_scale)
     if layer:  # Gemma 3: the local (sliding) layers keep their unscaled rope
-        local, _ = _rotary(model, "sliding_attention")
+        local, local_scale = _rotary(model, "sliding_attention")
         base, _ = reference_inv_freq(
             "default", info.sliding_rope_theta, info.rotary_dim, 1, TRAINED
         )
         np.testing.assert_allclose(local, base, rtol=1e-6, atol=0)
+        assert local_scale == 1.0, local_scale
     return "works"
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_model, run_cli, tree_hash
+from conftest import run_cli, tree_hash
 
 
 def _write_config(path: Path, config: dict) -> Path:
@@ -82,16 +82,8 @@ def test_output_inside_input_refused(capsys, tiny_llama):
     assert tree_hash(tiny_llama) == before
 
 
-def test_partial_rotary_neox(capsys, tmp_path, tiny_tokenizer_dir):
-    src = build_tiny_model(
-        tmp_path / "neox", tiny_tokenizer_dir, "gpt_neox", partial_rotary_factor=0.25
-    )
-    code, out, _ = run_cli(capsys, "inspect", src, "--json")
-    assert code == 0
-    report = json.loads(out)
-    assert report["rotary_dim"] == 4 and len(report["pairs"]) == 2
-    code, _, err = run_cli(capsys, "extend", src, "-o", tmp_path / "o", "-m", "ntk", "-f", "4")
-    assert code == 0, err
+# Partial rotary (gpt_neox, phi, stablelm, persimmon) through inspect and extend, with the
+# rotary frequencies checked: tests/test_arch_matrix.py.
 
 
 WARNS = {  # extend arguments: words its one warning line must hold (None: no warning)
