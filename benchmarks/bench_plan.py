@@ -125,7 +125,7 @@ def build_qwen2(path: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ctxext.checkpoint import bundled_path
+    from ctxext.locate import bundled_path
 
     torch.manual_seed(0)
     data = dict(QWEN2)
@@ -159,11 +159,11 @@ def _cases(name: str) -> list[tuple[str, str, dict, dict]]:
 
 
 def _measure_model(name: str, model: str, calib, tmp: Path, kinds: tuple[str, ...]) -> list[dict]:
-    from ctxext import checkpoint
+    from ctxext import checkpoint, locate
     from ctxext.resources import calibrate, estimate
 
     shape = estimate.ModelShape.from_config(
-        checkpoint.read_config(checkpoint.resolve_model(model).path)
+        checkpoint.read_config(locate.resolve_model(model).path)
     )
     rows = []
     for label, kind, args, work in _cases(name):

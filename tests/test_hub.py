@@ -249,12 +249,12 @@ def test_pickled_weights_only_with_allow_pickle(hub, cache, tmp_path):
 def test_weight_downloads_report_progress_once(hub, cache, tmp_path):
     """One bar per weight file, none for the small files, and none of huggingface_hub's own."""
     script = (
-        "import json; from ctxext import checkpoint\n"
+        "import json; from ctxext import locate\n"
         "events = []\n"
         "def bar(what, total):\n"
         "    events.append([what, total, 0])\n"
         "    return lambda done, e=events[-1]: e.__setitem__(2, done)\n"
-        "checkpoint.resolve_model('org/tiny', 'weights', progress=bar)\n"
+        "locate.resolve_model('org/tiny', 'weights', progress=bar)\n"
         "print(json.dumps(events))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}

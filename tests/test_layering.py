@@ -49,8 +49,9 @@ RESOURCES = [
 ]  # fmt: skip
 LOWER = [
     "ctxext.bundled_train", "ctxext.checkpoint", "ctxext.config",
-    "ctxext.corpus", "ctxext.data", "ctxext.extend", *FINETUNE, "ctxext.fsdp",
-    "ctxext.inspect", "ctxext.modelcard", "ctxext.modeling", *RECIPES,
+    "ctxext.corpus", "ctxext.data", "ctxext.extend", *FINETUNE, "ctxext.fsdp", "ctxext.hub",
+    "ctxext.inspect", "ctxext.locate", "ctxext.modelcard", "ctxext.modeling", "ctxext.outputs",
+    *RECIPES,
     *REPORT, *RESOURCES, *SPLIT, "ctxext.synthetic",
 ]  # fmt: skip
 #: The command line: one module per command (`plan` is in the app, which it re-enters), the
@@ -357,7 +358,7 @@ def test_no_module_imports_another_modules_private_name():
 
 
 #: Modules over the limit that other branches are editing now; split them once those merge.
-OVER_LIMIT_FOR_NOW = {"ctxext/checkpoint.py", "ctxext/resources/estimate.py"}
+OVER_LIMIT_FOR_NOW = {"ctxext/resources/estimate.py"}
 
 
 def test_no_module_is_over_500_lines():

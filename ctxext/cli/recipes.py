@@ -82,11 +82,11 @@ def run(
         _print_resolved(loaded)
         _err.print(f"[dim]dry run: {loaded.recipe.summary()}; would write {out}[/dim]")
         return
-    from ctxext import checkpoint
+    from ctxext import outputs
     from ctxext.cli.guard import GuardOptions, check_recipe
     from ctxext.cli.progress import token_progress
 
-    lock = checkpoint.output_lock(out) if not plan_only else contextlib.nullcontext()
+    lock = outputs.output_lock(out) if not plan_only else contextlib.nullcontext()
     with lock:  # one writer per output; then the memory/time check
         announce = check_recipe(
             loaded, GuardOptions(force, memory_limit, plan_only, as_json, recalibrate)

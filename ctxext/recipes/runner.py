@@ -62,7 +62,7 @@ class RunHooks:
 
 @dataclass
 class _Preflight:
-    source: Any  # checkpoint.ResolvedModel
+    source: Any  # locate.ResolvedModel
     name: str  # short display name of the base model
     config: dict[str, Any]
     trained_length: int
@@ -72,9 +72,9 @@ class _Preflight:
 
 def _preflight(recipe: Recipe) -> _Preflight:
     """Resolve the model and check the extension against its config (nothing heavy)."""
-    from ctxext import checkpoint, rope
+    from ctxext import checkpoint, locate, rope
 
-    source = checkpoint.resolve_model(recipe.model)
+    source = locate.resolve_model(recipe.model)
     config = checkpoint.read_config(source.path)
     info = rope.analyze(config)
     factor = new_length = None
@@ -88,7 +88,7 @@ def _preflight(recipe: Recipe) -> _Preflight:
 
 
 def _check_output(out: Path, recipe_path: Path, inputs: list[Path], overwrite: bool) -> Path:
-    from ctxext import checkpoint
+    from ctxext import outputs
 
     cwd = Path.cwd().resolve()
     real = out.resolve()
@@ -102,7 +102,7 @@ def _check_output(out: Path, recipe_path: Path, inputs: list[Path], overwrite: b
             f"output_dir {out} holds the recipe file {recipe_path}; choose another output_dir "
             "(--output-dir)"
         )
-    return checkpoint.check_output_path(out, inputs, overwrite)
+    return outputs.check_output_path(out, inputs, overwrite)
 
 
 def run_recipe(
@@ -114,7 +114,7 @@ def run_recipe(
     allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Run a validated recipe; returns the summary (output folder, results, timings)."""
-    from ctxext import checkpoint
+    from ctxext import locate, outputs
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CtxextError(
@@ -125,11 +125,11 @@ def run_recipe(
     recipe = loaded.recipe
     out = loaded.output_dir()
     _check_output(out, loaded.path, [], overwrite)  # fail before any model is resolved
-    hooks.status(f"checking {recipe.model or checkpoint.DEFAULT_MODEL}")
+    hooks.status(f"checking {recipe.model or locate.DEFAULT_MODEL}")
     pre = _preflight(recipe)
     out = _check_output(out, loaded.path, [pre.source.path], overwrite)
     started = time.perf_counter()
-    with seeded(recipe.seed), checkpoint.atomic_output(out) as tmp:
+    with seeded(recipe.seed), outputs.atomic_output(out) as tmp:
         _write_resolved(loaded, tmp / "recipe.yaml")
         ckpt = tmp / recipe.outputs.checkpoint if recipe.writes_checkpoint() else None
         if ckpt is not None:

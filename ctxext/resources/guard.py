@@ -97,10 +97,10 @@ def finetune_workloads(model: str | None, output: Any, extend: Any, cfg: Any) ->
 
 def recipe_workloads(loaded: Any) -> CommandWorkloads:
     """Before `run` does anything slow: its fine-tune and eval phases."""
-    from ctxext import checkpoint, rope
+    from ctxext import checkpoint, locate, rope
 
     recipe = loaded.recipe
-    source = checkpoint.resolve_model(recipe.model)
+    source = locate.resolve_model(recipe.model)
     info = rope.analyze(checkpoint.read_config(source.path))
     target = info.trained_length
     if recipe.extend is not None:
@@ -140,7 +140,7 @@ def _finetune_workloads(source: Any, trained: int, seq: int, cfg: Any) -> Comman
 
 def eval_workloads(sources: list[Any], cfg: Any, tokens: dict[int, int] | None) -> CommandWorkloads:
     """One workload per length, on the largest of the models (resolved already:
-    ``checkpoint.ResolvedModel``s), the one that decides the peak."""
+    ``locate.ResolvedModel``s), the one that decides the peak."""
     from ctxext import checkpoint, rope
     from ctxext.resources.estimate import ModelShape, Workload
 
@@ -163,7 +163,7 @@ def eval_workloads(sources: list[Any], cfg: Any, tokens: dict[int, int] | None) 
 def eval_tokens(
     sources: list[Any], cfg: Any, token_cache: dict[str, Any], per_model: int
 ) -> dict[int, int]:
-    """Tokens every length feeds, over all models (``checkpoint.ResolvedModel``s) and variants
+    """Tokens every length feeds, over all models (``locate.ResolvedModel``s) and variants
     (as the progress bar counts)."""
     from ctxext.evaluate.protocol import planned_tokens
 
