@@ -6,7 +6,10 @@ Nothing here loads weights; the Hub's downloads are :mod:`ctxext.hub`'s.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +22,8 @@ BUNDLED_MODELS = {"stdlib-llama": "stdlib-llama"}
 DEFAULT_MODEL = "stdlib-llama"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+#: (repo id, revision asked for) -> the commit it resolved to, inside :func:`one_commit_per_revision`.
+_PINS: ContextVar[dict[tuple[str, str | None], str] | None] = ContextVar("pins", default=None)
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,7 @@ def resolve_model(
 
     Hub models are fetched through huggingface_hub, which honours HF_HUB_OFFLINE, HF_ENDPOINT
     and the HF cache variables (offline, a populated cache is enough), and only the files
-    ``need`` asks for (see :func:`select_hub_files`): a config-only command never downloads a
+    ``need`` asks for (see :func:`ctxext.hub.select_hub_files`): a config-only command never downloads a
     weight file.
     """
     name = name or DEFAULT_MODEL
@@ -84,8 +89,32 @@ def resolve_model(
             f"model folder '{name}' does not exist; pass an existing folder, a Hub id "
             f"(org/name, optionally @revision) or the bundled model '{DEFAULT_MODEL}'"
         )
-    hub = ResolvedModel(name, Path(), "hub-cache", repo_id=repo_id, revision=revision or None)
-    return fetch(hub, need, allow_pickle=allow_pickle, progress=progress)
+    pins, key = _PINS.get(), (repo_id, revision or None)
+    commit = pins.get(key) if pins is not None else None
+    hub = ResolvedModel(name, Path(), "hub-cache", repo_id, revision or None, commit)
+    resolved = fetch(hub, need, allow_pickle=allow_pickle, progress=progress)
+    if pins is not None and resolved.commit is not None:
+        pins.setdefault(key, resolved.commit)
+    return resolved
+
+
+@contextlib.contextmanager
+def one_commit_per_revision() -> Iterator[None]:
+    """Meanwhile a Hub revision is resolved to a commit once: every later :func:`resolve_model`
+    of the same ``ORG/NAME[@REVISION]`` reads the commit the first one found.
+
+    A command of several phases (``ctxext run``: its pre-run check, extend, fine-tune, eval)
+    runs inside one block, so a branch that moves while it runs cannot give two phases two
+    versions of the model. Nested blocks share the outermost block's commits.
+    """
+    if _PINS.get() is not None:
+        yield
+        return
+    token = _PINS.set({})
+    try:
+        yield
+    finally:
+        _PINS.reset(token)
 
 
 def fetch(

@@ -82,12 +82,13 @@ def run(
         _print_resolved(loaded)
         _err.print(f"[dim]dry run: {loaded.recipe.summary()}; would write {out}[/dim]")
         return
-    from ctxext import outputs
+    from ctxext import locate, outputs
     from ctxext.cli.guard import GuardOptions, check_recipe
     from ctxext.cli.progress import token_progress
 
     lock = outputs.output_lock(out) if not plan_only else contextlib.nullcontext()
-    with lock:  # one writer per output; then the memory/time check
+    # One writer per output; then the memory/time check; a Hub revision resolved once for both.
+    with lock, locate.one_commit_per_revision():
         announce = check_recipe(
             loaded, GuardOptions(force, memory_limit, plan_only, as_json, recalibrate)
         )

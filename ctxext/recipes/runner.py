@@ -113,15 +113,31 @@ def run_recipe(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
 ) -> dict[str, Any]:
-    """Run a validated recipe; returns the summary (output folder, results, timings)."""
-    from ctxext import locate, outputs
+    """Run a validated recipe; returns the summary (output folder, results, timings).
+
+    A Hub model's revision (a branch, say) is resolved to a commit once, and every phase reads
+    that commit (:func:`ctxext.locate.one_commit_per_revision`); provenance records it.
+    """
+    from ctxext import locate
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CtxextError(
             "ctxext run drives a whole recipe in one process; under accelerate launch run the "
             "fine-tune alone (accelerate launch -m ctxext finetune ...), then ctxext eval"
         )
-    hooks = hooks or RunHooks()
+    with locate.one_commit_per_revision():
+        return _run(loaded, overwrite, hooks or RunHooks(), trust_remote_code, allow_pickle)
+
+
+def _run(
+    loaded: LoadedRecipe,
+    overwrite: bool,
+    hooks: RunHooks,
+    trust_remote_code: bool,
+    allow_pickle: bool,
+) -> dict[str, Any]:
+    from ctxext import locate, outputs
+
     recipe = loaded.recipe
     out = loaded.output_dir()
     _check_output(out, loaded.path, [], overwrite)  # fail before any model is resolved
