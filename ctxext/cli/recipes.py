@@ -121,7 +121,10 @@ def _hooks(progress: Any, bar: _FinetuneBar, quiet: bool, announce: Any = None) 
         task_id = progress.add_task(what, total=total)
         return lambda done: progress.update(task_id, completed=done)
 
-    return RunHooks(status=status, finetune=bar, eval_factory=factory)
+    def warning(message: str) -> None:  # on stderr, also with --json
+        progress.console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
+
+    return RunHooks(status=status, warning=warning, finetune=bar, eval_factory=factory)
 
 
 class _FinetuneBar:

@@ -93,6 +93,11 @@ def run_finetune(
         cpu=device == "cpu",
     )
     report = _reporter(progress, acc.is_main_process)
+    if setup.extend is not None:  # what other engines do differently, as `extend` says
+        from ctxext.extend import engine_warnings
+
+        for note in engine_warnings(setup.extend, setup.trained_length, setup.target_length):
+            report("warning", {"message": note})
     global_batch = cfg.batch_size * cfg.grad_accum * data_parallel_size(acc)
     check_parallelism(acc, setup.seq_length, cfg.loss)
     # Data first: a source too small for one batch is reported before any weight is loaded.

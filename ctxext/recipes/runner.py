@@ -56,6 +56,7 @@ class RunHooks:
     """How a run reports progress (the CLI renders these with Rich)."""
 
     status: Callable[[str], None] = lambda message: None
+    warning: Callable[[str], None] = lambda message: None
     finetune: Callable[[str, dict[str, Any]], None] | None = None
     eval_factory: Callable[[str, int], Callable[[int], None]] | None = None
 
@@ -68,23 +69,27 @@ class _Preflight:
     trained_length: int
     factor: float | None
     new_length: int | None
+    notes: list[str]  # what other engines do differently with the extension (as `extend` says)
 
 
 def _preflight(recipe: Recipe) -> _Preflight:
     """Resolve the model and check the extension against its config (nothing heavy)."""
     from ctxext import checkpoint, locate, rope
+    from ctxext.extend import engine_warnings
 
     source = locate.resolve_model(recipe.model)
     config = checkpoint.read_config(source.path)
     info = rope.analyze(config)
     factor = new_length = None
+    notes: list[str] = []
     if recipe.extend is not None:
         spec = recipe.extend
         factor = rope.validate_request(info, spec.method, spec.factor, spec.target_length)
         rope.extend_config(config, spec.method, factor=factor, **spec.rope_options())
         new_length = rope.new_length(info.trained_length, factor)
+        notes = engine_warnings(spec, info.trained_length, new_length)
     name = source.name if source.source != "local" else Path(source.name).name
-    return _Preflight(source, name, config, info.trained_length, factor, new_length)
+    return _Preflight(source, name, config, info.trained_length, factor, new_length, notes)
 
 
 def _check_output(out: Path, recipe_path: Path, inputs: list[Path], overwrite: bool) -> Path:
@@ -144,6 +149,8 @@ def _run(
     hooks.status(f"checking {recipe.model or locate.DEFAULT_MODEL}")
     pre = _preflight(recipe)
     out = _check_output(out, loaded.path, [pre.source.path], overwrite)
+    for note in pre.notes:
+        hooks.warning(note)
     started = time.perf_counter()
     with seeded(recipe.seed), outputs.atomic_output(out) as tmp:
         _write_resolved(loaded, tmp / "recipe.yaml")
@@ -252,12 +259,20 @@ class RecipeRun:
 
         assert self.ckpt is not None and self.recipe.finetune is not None
         self.hooks.status("finetune: training at the extended length")
+        outer = self.hooks.finetune
+
+        def progress(event: str, info: dict[str, Any]) -> None:
+            if event == "warning" and info["message"] in self.pre.notes:
+                return  # the run said it when it started
+            if outer is not None:
+                outer(event, info)
+
         self.finetune_summary = run_finetune(
             self.recipe.model,
             self.ckpt,
             self.recipe.extend,
             self.recipe.finetune,
-            progress=self.hooks.finetune,
+            progress=progress,
             trust_remote_code=self.trust_remote_code,
             allow_pickle=self.allow_pickle,
         )
