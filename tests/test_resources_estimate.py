@@ -1,5 +1,6 @@
 """The estimator (ctxext/resources/estimate.py, on shape.py, memory.py and timing.py): its counts
-against transformers and peft, its memory model, its suggestions and byte sizes. The command and the pre-run check are in test_cli_plan.py."""
+against transformers and peft, its memory model, its suggestions and byte sizes. The command and
+the pre-run check are in test_cli_plan.py."""
 
 from __future__ import annotations
 
