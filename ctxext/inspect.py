@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ctxext import checkpoint, rope
+from ctxext import checkpoint, locate, rope
 from ctxext.errors import CtxextError
 from ctxext.rope.methods import METHODS
 from ctxext.rope.write import check_factor
@@ -13,7 +13,7 @@ from ctxext.rope.write import check_factor
 
 def inspect_model(model: str | None, target_length: int | None = None) -> dict[str, Any]:
     """A JSON-serialisable report: scheme, rope parameters and, for RoPE, the per-pair view."""
-    source = checkpoint.resolve_model(model)
+    source = locate.resolve_model(model)
     config = checkpoint.read_config(source.path)
     info = rope.analyze(config)
     report: dict[str, Any] = {"model": source.name, "path": str(source.path)}

@@ -37,7 +37,7 @@ def _isolated_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def calibration(_isolated_cache):  # -> estimate.Calibration
+def calibration(_isolated_cache):  # -> timing.Calibration
     """This machine, measured once per session into the session's cache (~30 s on a quiet
     machine) as rank 0 of `accelerate launch` measures it: with the variables torchrun exports
     to its workers set. The port they name is held by a socket here, so a runtime probe that

@@ -74,8 +74,8 @@ def eval_command(
         Optional[list[str]],  # noqa: UP045
         typer.Option(
             "--task",
-            help="ppl, passkey, context-use (far-context gain) and/or retrieval; repeatable "
-            "(default ppl).",
+            help="ppl, passkey, context-use (far-context gain) and/or retrieval: "
+            "comma-separated or repeated, e.g. ppl,retrieval (default ppl).",
         ),
     ] = None,
     stride: Annotated[

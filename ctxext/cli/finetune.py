@@ -244,13 +244,13 @@ def finetune(
         },
         "finetune options",
     )
-    from ctxext import checkpoint
+    from ctxext import outputs
     from ctxext.cli.guard import GuardOptions, check_finetune
 
     guard = GuardOptions(force, memory_limit, plan_only, as_json, recalibrate)
     main = _is_main_process()
     # One writer per output (the main process holds the lock); then the memory/time check.
-    lock = checkpoint.output_lock(output) if main and not plan_only else contextlib.nullcontext()
+    lock = outputs.output_lock(output) if main and not plan_only else contextlib.nullcontext()
     with lock, _ProgressBar(enabled=main and not as_json) as bar:
 
         def budget() -> None:  # after finetune's cheap checks, before anything is loaded

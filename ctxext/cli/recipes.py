@@ -82,12 +82,13 @@ def run(
         _print_resolved(loaded)
         _err.print(f"[dim]dry run: {loaded.recipe.summary()}; would write {out}[/dim]")
         return
-    from ctxext import checkpoint
+    from ctxext import locate, outputs
     from ctxext.cli.guard import GuardOptions, check_recipe
     from ctxext.cli.progress import token_progress
 
-    lock = checkpoint.output_lock(out) if not plan_only else contextlib.nullcontext()
-    with lock:  # one writer per output; then the memory/time check
+    lock = outputs.output_lock(out) if not plan_only else contextlib.nullcontext()
+    # One writer per output; then the memory/time check; a Hub revision resolved once for both.
+    with lock, locate.one_commit_per_revision():
         announce = check_recipe(
             loaded, GuardOptions(force, memory_limit, plan_only, as_json, recalibrate)
         )
@@ -120,7 +121,10 @@ def _hooks(progress: Any, bar: _FinetuneBar, quiet: bool, announce: Any = None) 
         task_id = progress.add_task(what, total=total)
         return lambda done: progress.update(task_id, completed=done)
 
-    return RunHooks(status=status, finetune=bar, eval_factory=factory)
+    def warning(message: str) -> None:  # on stderr, also with --json
+        progress.console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
+
+    return RunHooks(status=status, warning=warning, finetune=bar, eval_factory=factory)
 
 
 class _FinetuneBar:

@@ -1,9 +1,9 @@
 """What every config model shares: the strict base model, the compute dtype names, the
-text-encoding validator and the length list parser of the flags."""
+text-encoding validator, comma-separated lists and the length list parser of the flags."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -14,6 +14,18 @@ from ctxext.errors import CtxextError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 AttnImplementation = Literal["eager", "sdpa", "flash_attention_2"] | None
+
+
+def comma_list(v: Any) -> Any:
+    """'a,b' or ['a,b', 'c'] -> ['a', 'b', 'c']: list values the flags and recipes may write
+    comma-separated, repeated, or both (a ``mode="before"`` validator); others unchanged."""
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list | tuple):
+        return v
+    out: list[Any] = []
+    for item in items:
+        out += [p.strip() for p in item.split(",")] if isinstance(item, str) else [item]
+    return out
 
 
 def known_encoding(v: str | None) -> str | None:

@@ -9,7 +9,14 @@ from pydantic import (
     model_validator,
 )
 
-from ctxext.config.base import AttnImplementation, Dtype, StrictModel, known_encoding, length_word
+from ctxext.config.base import (
+    AttnImplementation,
+    Dtype,
+    StrictModel,
+    comma_list,
+    known_encoding,
+    length_word,
+)
 from ctxext.errors import CtxextError
 
 Task = Literal["ppl", "passkey", "context-use", "retrieval"]
@@ -73,10 +80,13 @@ class EvalConfig(StrictModel):
     @classmethod
     def _length_words(cls, v: Any) -> Any:
         # A recipe may write lengths as the CLI takes them: [1k, 2k] or "256,512,1k".
-        items = v.split(",") if isinstance(v, str) else v
+        items = comma_list(v)
         if not isinstance(items, list):
             return v
         return [length_word(x) or x if isinstance(x, str) else x for x in items]
+
+    # --task ppl,retrieval as --lengths 256,512 (and repeated: --task ppl --task retrieval).
+    _tasks = field_validator("tasks", mode="before")(comma_list)
 
     @field_validator("lengths")
     @classmethod

@@ -78,7 +78,7 @@ def run_finetune(
         budget_check()
     from accelerate import Accelerator  # only now: a refused request never waits for torch
 
-    from ctxext import checkpoint
+    from ctxext import locate
     from ctxext.device import pick_device
     from ctxext.modeling import load_tokenizer
 
@@ -95,11 +95,16 @@ def run_finetune(
         cpu=device == "cpu",
     )
     report = _reporter(progress, acc.is_main_process)
+    if setup.extend is not None:  # what other engines do differently, as `extend` says
+        from ctxext.extend import engine_warnings
+
+        for note in engine_warnings(setup.extend, setup.trained_length, setup.target_length):
+            report("warning", {"message": note})
     global_batch = cfg.batch_size * cfg.grad_accum * data_parallel_size(acc)
     check_parallelism(acc, setup.seq_length, cfg.loss)
     # Data first: a source too small for one batch is reported before any weight is loaded.
     report("status", {"message": "packing training data"})
-    setup.source = checkpoint.fetch(setup.source, "tokenizer")  # a Hub model: no weights yet
+    setup.source = locate.fetch(setup.source, "tokenizer")  # a Hub model: no weights yet
     tokenizer = load_tokenizer(setup.source.path, trust_remote_code)
     # PoSE windows are cut from target-length chunks; plain training reads whole chunks.
     chunk_length = setup.target_length if cfg.pose else setup.seq_length
@@ -205,11 +210,11 @@ def _load(
 ):
     """Load with the extension applied in memory. Full fine-tunes keep fp32 master weights;
     LoRA keeps the frozen base in the compute dtype (peft keeps adapters in fp32)."""
-    from ctxext import checkpoint
+    from ctxext import locate
     from ctxext.device import compute_dtype, pick_device
     from ctxext.modeling import load_causal_lm
 
-    setup.source = checkpoint.fetch(
+    setup.source = locate.fetch(
         setup.source, "weights", allow_pickle=allow_pickle, progress=_download_status(report)
     )
     dtype = "float32" if cfg.lora_rank is None else compute_dtype(cfg.dtype, pick_device())
