@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     field_validator,
     model_validator,
 )
 
-from ctxext.config.base import AttnImplementation, Dtype, StrictModel, known_encoding, length_word
+from ctxext.config.base import (
+    AttnImplementation,
+    Dtype,
+    StrictModel,
+    known_encoding,
+    length_word,
+    one_of,
+)
 from ctxext.errors import CtxextError
 
 Task = Literal["ppl", "passkey", "context-use", "retrieval"]
+TASKS: tuple[str, ...] = get_args(Task)
 DocSelection = Literal["same", "per-length"]
 
 
@@ -68,6 +76,14 @@ class EvalConfig(StrictModel):
     """Passed to from_pretrained (e.g. 'auto' to spread a large model with accelerate)."""
     seed: int = 0
     """Seed for document sampling, bootstrap and passkeys."""
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_names(cls, v: Any) -> Any:
+        # Names whatever their case (PPL is ppl); a near miss gets "did you mean".
+        if not isinstance(v, list | tuple):
+            return v
+        return [one_of(x, TASKS, "task") for x in v]
 
     @field_validator("lengths", mode="before")
     @classmethod
