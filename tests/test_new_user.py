@@ -128,8 +128,7 @@ def test_flag_errors_share_the_recipe_formatter(capsys):
     code, _, err = run_cli(capsys, "eval", "--dtype", "fp8", "--lengths", "64")
     assert code == 2
     assert err.strip() == (
-        "error: --dtype: expected 'auto', 'float32', 'bfloat16' or 'float16' "
-        "(got 'fp8')"
+        "error: --dtype: expected 'auto', 'float32', 'bfloat16' or 'float16' (got 'fp8')"
     )
 
 

@@ -83,7 +83,7 @@ def test_method_and_task_names_ignore_case(capsys, tmp_path):
         "yarn",
         "longrope",
     ]
-    code, out, err = run_cli(capsys, "extend", "-m", "YaRN", "-f", "2", "-o", tmp_path / "o")
+    code, _, err = run_cli(capsys, "extend", "-m", "YaRN", "-f", "2", "-o", tmp_path / "o")
     assert code == 0, err
     from ctxext.checkpoint import read_config
 

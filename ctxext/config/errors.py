@@ -18,7 +18,6 @@ from pydantic import (
 from ctxext.errors import CtxextError
 from ctxext.text import plural
 
-
 #: key path (ints left out) -> the flag that sets it, or None; set while a CLI command runs.
 FlagOf = Callable[[tuple[str, ...]], str | None]
 _FLAG_OF: ContextVar[FlagOf | None] = ContextVar("ctxext_flag_of", default=None)

@@ -114,7 +114,8 @@ def _token_bound(tokenizer: Any) -> Callable[[int], int] | None:
     if normalizer is not None:
         text = repr(normalizer)
         kinds = set(re.findall(r"\b([A-Z][A-Za-z]*)\(", text))
-        if not kinds <= set(_SHORT_NORMALIZERS) or "Replace" in kinds and not _short_replaces(text):
+        lengthens = "Replace" in kinds and not _short_replaces(text)
+        if lengthens or not kinds <= set(_SHORT_NORMALIZERS):
             return None
     return lambda size: size + 2
 
