@@ -71,6 +71,9 @@ def run(
 ) -> None:
     """Run a recipe: extend -> fine-tune -> eval, then results, plots, report and model card.
 
+    The terminal ends with what to look at: per variant, the far-context gain at the longest
+    length, retrieval per length and the effective context length.
+
     Writes output_dir atomically: recipe.yaml, model/ + README.md, results.json/.csv, plots, report.md.
     """
     from ctxext.recipes.loader import load_recipe
@@ -206,6 +209,13 @@ def _render(summary: dict[str, Any], loaded: Any) -> None:
     table.add_row("time", f"{summary['seconds']:.1f}s ({timings})")
     table.add_row("seed", str(summary["provenance"]["seed"]))
     _out.print(table)
+    if results is not None:  # last: what the README's headline is about, in 80 columns
+        from ctxext.report.summary import headline_summary
+
+        text = headline_summary(results)
+        if text is not None:
+            _out.print()
+            _out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _jsonable(value: Any) -> Any:
