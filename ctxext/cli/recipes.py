@@ -276,12 +276,13 @@ def list_recipes(
         return
     from rich.table import Table
 
-    table = Table(title="shipped recipes (`ctxext run NAME`)")
-    table.add_column("name", style="bold")
-    table.add_column("model")
-    table.add_column("what it does")
+    # Name over model in one column: at 80 columns "what it does" keeps room to wrap at
+    # words; a long model id folds rather than being cut.
+    table = Table(title="shipped recipes (`ctxext run NAME`)", show_lines=True)
+    table.add_column("name / model", overflow="fold")
+    table.add_column("what it does", overflow="fold")
     for row in rows:
-        table.add_row(row["name"], row["model"], row["does"])
+        table.add_row(f"[bold]{row['name']}[/bold]\n{row['model']}", row["does"])
     _out.print(table)
 
 
