@@ -180,7 +180,7 @@ def render_inspect(report: dict[str, Any], console: Any) -> None:
     head.add_column("key", style="bold", no_wrap=True)
     head.add_column("value", overflow="fold")
     rows = [(k, v) for k, v in report.items() if k not in ("pairs", "model", "longrope")]
-    room = console.width - max(len(k) for k, _ in rows) - 6  # the value column's width
+    room = console.width - max(len(k) for k, _ in rows) - 8  # the value column's width
     for key, value in rows:
         if key == "path":  # broken after a "/", never inside a name
             head.add_row(key, fold_path(str(value), room))
