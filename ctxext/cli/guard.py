@@ -229,11 +229,15 @@ class _PlanTable:
     def _table(self, columns: list[int], last: bool) -> Any:
         from rich import box
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
         table.add_column("", no_wrap=True)
-        for i in columns:
-            table.add_column(self.phases[i], justify="right", overflow="fold")
+        for i in columns:  # as wide as its widest figure: the header wraps at its words
+            widest = max(len(Text.from_markup(cells[i])) for _, cells in self.body)
+            table.add_column(
+                self.phases[i], justify="right", overflow="fold", max_width=max(widest, 8)
+            )
         for label, cells in self.body:
             table.add_row(label, *(cells[i] for i in columns))
         if last:
@@ -247,9 +251,11 @@ class _PlanTable:
         width = options.max_width
         yield Text(self.title, style="italic", justify="center", overflow="fold")
         chunks: list[list[int]] = [[]]
+        unbounded = options.update_width(10**6)  # a measurement is clamped to the width
         for i in range(len(self.phases)):
             trial = [*chunks[-1], i]
-            fits = Measurement.get(console, options, self._table(trial, False)).maximum <= width
+            natural = Measurement.get(console, unbounded, self._table(trial, False)).maximum
+            fits = natural <= width
             if chunks[-1] and not fits:
                 chunks.append([i])
             else:
