@@ -47,6 +47,13 @@ def one_of(value: Any, names: Sequence[str], what: str) -> Any:
     raise ValueError(f"unknown {what} '{value}'{hint} (one of: {', '.join(names)})")
 
 
+def each_one_of(value: Any, names: Sequence[str], what: str) -> Any:
+    """:func:`one_of` for every item of a list (anything else passes through)."""
+    if not isinstance(value, list | tuple):
+        return value
+    return [one_of(x, names, what) for x in value]
+
+
 class StrictModel(BaseModel):
     """Base of every config model: unknown keys are errors, instances are immutable.
 

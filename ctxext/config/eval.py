@@ -13,9 +13,9 @@ from ctxext.config.base import (
     AttnImplementation,
     Dtype,
     StrictModel,
+    each_one_of,
     known_encoding,
     length_word,
-    one_of,
 )
 from ctxext.errors import CtxextError
 
@@ -81,9 +81,7 @@ class EvalConfig(StrictModel):
     @classmethod
     def _task_names(cls, v: Any) -> Any:
         # Names whatever their case (PPL is ppl); a near miss gets "did you mean".
-        if not isinstance(v, list | tuple):
-            return v
-        return [one_of(x, TASKS, "task") for x in v]
+        return each_one_of(v, TASKS, "task")
 
     @field_validator("lengths", mode="before")
     @classmethod

@@ -9,7 +9,7 @@ from pydantic import (
     field_validator,
 )
 
-from ctxext.config.base import StrictModel, one_of
+from ctxext.config.base import StrictModel, each_one_of
 from ctxext.rope.methods import FACTOR_LIST_METHODS
 
 #: What `ctxext tune` searches unless told, in this order (a search's seeded draws follow it):
@@ -43,6 +43,4 @@ class TuneConfig(StrictModel):
     @classmethod
     def _method_names(cls, v: Any) -> Any:
         # Names whatever their case (YaRN is yarn); a near miss gets "did you mean".
-        if not isinstance(v, list | tuple):
-            return v
-        return [one_of(x, TUNE_METHODS, "method") for x in v]
+        return each_one_of(v, TUNE_METHODS, "method")
