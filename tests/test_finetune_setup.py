@@ -23,8 +23,8 @@ YARN2 = ExtendConfig(method="yarn", factor=2)  # 128 -> 256
     ("flags", "needle"),
     [
         (["--steps", "0"], "steps"),
-        (["--lora-rank", "0"], "lora_rank"),
-        (["--pose"], "train_length"),
+        (["--lora-rank", "0"], "--lora-rank: must be a positive integer"),
+        (["--pose"], "--pose needs --train-length"),
         (["--pose", "--train-length", "1024"], "train length 1024 is longer than the target"),
         (["--factor", "2"], "need --method"),
         (["--method", "bogus", "--factor", "2"], "method"),

@@ -1,8 +1,10 @@
 """What every config model shares: the strict base model, the compute dtype names, the
-text-encoding validator, comma-separated lists and the length list parser of the flags."""
+text-encoding validator, comma-separated lists, the name matcher (case-insensitive, "did you
+mean") and the length list parser of the flags."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import (
@@ -38,6 +40,30 @@ def known_encoding(v: str | None) -> str | None:
         except LookupError:
             raise ValueError(f"unknown text encoding {v!r} (try latin-1 or cp1252)") from None
     return v
+
+
+def one_of(value: Any, names: Sequence[str], what: str) -> Any:
+    """``value`` as one of ``names``, whatever its case (`YaRN` is `yarn`); a near miss is
+    refused with "did you mean", anything else with the list. Non-strings pass through (the
+    field's type refuses them)."""
+    if not isinstance(value, str):
+        return value
+    lowered = {name.lower(): name for name in names}
+    found = lowered.get(value.strip().lower())
+    if found is not None:
+        return found
+    import difflib
+
+    close = difflib.get_close_matches(value.strip().lower(), list(lowered), n=1, cutoff=0.6)
+    hint = f"; did you mean '{lowered[close[0]]}'?" if close else ""
+    raise ValueError(f"unknown {what} '{value}'{hint} (one of: {', '.join(names)})")
+
+
+def each_one_of(value: Any, names: Sequence[str], what: str) -> Any:
+    """:func:`one_of` for every item of a list (anything else passes through)."""
+    if not isinstance(value, list | tuple):
+        return value
+    return [one_of(x, names, what) for x in value]
 
 
 class StrictModel(BaseModel):

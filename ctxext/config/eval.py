@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     field_validator,
@@ -14,12 +14,14 @@ from ctxext.config.base import (
     Dtype,
     StrictModel,
     comma_list,
+    each_one_of,
     known_encoding,
     length_word,
 )
 from ctxext.errors import CtxextError
 
 Task = Literal["ppl", "passkey", "context-use", "retrieval"]
+TASKS: tuple[str, ...] = get_args(Task)
 DocSelection = Literal["same", "per-length"]
 
 
@@ -76,6 +78,13 @@ class EvalConfig(StrictModel):
     seed: int = 0
     """Seed for document sampling, bootstrap and passkeys."""
 
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_names(cls, v: Any) -> Any:
+        # --task ppl,retrieval as --lengths 256,512 (and repeated: --task ppl --task retrieval);
+        # names whatever their case (PPL is ppl); a near miss gets "did you mean".
+        return each_one_of(comma_list(v), TASKS, "task")
+
     @field_validator("lengths", mode="before")
     @classmethod
     def _length_words(cls, v: Any) -> Any:
@@ -84,9 +93,6 @@ class EvalConfig(StrictModel):
         if not isinstance(items, list):
             return v
         return [length_word(x) or x if isinstance(x, str) else x for x in items]
-
-    # --task ppl,retrieval as --lengths 256,512 (and repeated: --task ppl --task retrieval).
-    _tasks = field_validator("tasks", mode="before")(comma_list)
 
     @field_validator("lengths")
     @classmethod

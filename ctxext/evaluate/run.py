@@ -252,12 +252,16 @@ def _long_enough(tok: Any, cfg: EvalConfig) -> Any:
 def _tokenize_and_check(tok: Any, docs: list, cfg: EvalConfig) -> _Tokens:
     from ctxext.evaluate.passkey import build_passkey_prompt
     from ctxext.evaluate.protocol import (
+        check_longest,
         perplexity_sweep_tokens,
         select_documents,
         tokenize_for_eval,
     )
 
-    tokens = tokenize_for_eval(tok, [d.text for d in docs])
+    texts = [d.text for d in docs]
+    if "ppl" in cfg.tasks or "context-use" in cfg.tasks:  # before tokenizing every document
+        check_longest(tok, texts, max(cfg.lengths), tok.bos_token_id is not None)
+    tokens = tokenize_for_eval(tok, texts)
     bos = tok.bos_token_id
     if "ppl" in cfg.tasks:  # raises when no document is long enough
         perplexity_sweep_tokens(tokens.ids, cfg.lengths, **_ppl_options(cfg, bos))

@@ -113,10 +113,22 @@ def recipe_workloads(loaded: Any) -> CommandWorkloads:
         run = _finetune_workloads(source, info.trained_length, seq, recipe.finetune)
         run.command = "run"
     if recipe.eval is not None:
-        ev = eval_workloads([source], recipe.eval, None)
+        ev = eval_workloads([source], recipe.eval, _recipe_eval_tokens(recipe))
         run.shape = ev.shape
-        run.phases += [(f"eval {label}", w) for label, w in ev.phases]
+        run.phases += ev.phases
     return run
+
+
+def _recipe_eval_tokens(recipe: Any) -> dict[int, int] | None:
+    """Perplexity tokens per length before the data is read: each of eval.num_docs documents
+    scores its first L tokens, for every variant (fewer when fewer documents are long
+    enough); None without num_docs or with a stride (then the data decides)."""
+    cfg = recipe.eval
+    if cfg.num_docs is None or cfg.stride is not None:
+        return None
+    if "ppl" not in cfg.tasks:
+        return {}
+    return {n: cfg.num_docs * n * len(recipe.variants()) for n in cfg.lengths}
 
 
 def _finetune_workloads(source: Any, trained: int, seq: int, cfg: Any) -> CommandWorkloads:
