@@ -4,11 +4,15 @@ For each model type of ``ctxext/rope/read.py``'s RoPE list: a tiny random checkp
 its transformers config class (no download) with the bundled tokenizer, then, in process,
 ``inspect``; ``extend`` with each method (the output reloaded by transformers, its rotary
 frequencies and attention scaling equal to the papers' formulas); ``eval`` (ppl, retrieval,
-context-use) in float32 and bfloat16; ``finetune`` full and LoRA (the output reloaded);
-``plan`` for eval and finetune. A refusal must be exit 2 with one line, never a traceback.
+context-use) in float32 and bfloat16; ``finetune`` full and LoRA in float32, LoRA in
+bfloat16 (the output reloaded); ``plan`` for eval and finetune. A refusal must be exit 2 with
+one line, never a traceback. Every command goes through the CLI entry point, as a user types
+it; the checkpoints are as small as the commands allow (hidden 32, one layer where the type
+allows, 32 trained tokens extended to 64, one fine-tune step), so that the whole matrix costs
+the test suite well under a minute of CPU.
 
 tests/test_arch_matrix.py runs it (one test per type) and checks that docs/architectures.md is
-what it finds; ``python benchmarks/arch_matrix.py`` regenerates that table (a few minutes).
+what it finds; ``python benchmarks/arch_matrix.py`` regenerates that table (about a minute).
 """
 
 from __future__ import annotations
@@ -25,35 +29,37 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "ctxext" / "bundled" / "stdlib-llama"
 TABLE = ROOT / "docs" / "architectures.md"
 
-TRAINED = 64  # trained length of every tiny checkpoint; extended x2 to 128
+TRAINED = 32  # trained length of every tiny checkpoint; extended x2 to LENGTH
+LENGTH = 2 * TRAINED
+WINDOW = 16  # the sliding window of the types that have one: shorter than LENGTH
 SIZES = {
-    "hidden_size": 64,
-    "intermediate_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 32,
     "num_hidden_layers": 1,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
     "max_position_embeddings": TRAINED,
 }
 _MOE = {"num_experts_per_tok": 1}
 #: What each type needs beyond SIZES to be tiny and valid (and to have its rope quirks on).
 TYPES: dict[str, dict[str, Any]] = {
     "llama": {},
-    "mistral": {"sliding_window": 32},
-    "mixtral": {"num_local_experts": 2, **_MOE, "sliding_window": 32},
-    "qwen2": {"use_sliding_window": True, "sliding_window": 32, "max_window_layers": 0},
+    "mistral": {"sliding_window": WINDOW},
+    "mixtral": {"num_local_experts": 2, **_MOE, "sliding_window": WINDOW},
+    "qwen2": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 0},
     "qwen2_moe": {
         "num_experts": 2,
         **_MOE,
-        "moe_intermediate_size": 32,
-        "shared_expert_intermediate_size": 32,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 16,
     },
     "qwen3": {},
-    "qwen3_moe": {"num_experts": 2, **_MOE, "moe_intermediate_size": 32},
+    "qwen3_moe": {"num_experts": 2, **_MOE, "moe_intermediate_size": 16},
     "gemma": {"head_dim": 16},
-    "gemma2": {"head_dim": 16, "sliding_window": 32, "num_hidden_layers": 2},
+    "gemma2": {"head_dim": 16, "sliding_window": WINDOW, "num_hidden_layers": 2},
     "gemma3_text": {
         "head_dim": 16,
-        "sliding_window": 32,
+        "sliding_window": WINDOW,
         "num_hidden_layers": 2,
         "layer_types": ["sliding_attention", "full_attention"],
     },
@@ -67,13 +73,13 @@ TYPES: dict[str, dict[str, Any]] = {
     },
     "stablelm": {},  # partial_rotary_factor 0.25
     "persimmon": {},  # partial_rotary_factor 0.5
-    "starcoder2": {"sliding_window": 32},
+    "starcoder2": {"sliding_window": WINDOW},
     "olmo": {},
     "olmo2": {},
     "cohere": {},
     "granite": {},
     "exaone": {},
-    "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2},
+    "falcon": {"new_decoder_architecture": True, "num_kv_heads": 1},
 }
 #: Listed RoPE types the matrix does not build, with why (the table says so).
 NOT_BUILT = {
@@ -84,13 +90,22 @@ NOT_BUILT = {
     ),
 }
 METHOD_COLUMNS = ("linear", "ntk", "yarn", "dynamic", "llama3")
+#: The fine-tunes of every type: (column, extra options). bf16 (autocast on the CPU, fp32
+#: master weights) runs the LoRA fine-tune: MoE experts' stacked 3-D weights and routers in
+#: bf16 are where a dtype slip would show.
+FINETUNES = {
+    "finetune full": (),
+    "finetune LoRA": ("--lora-rank", "4"),
+    "finetune LoRA bf16": ("--lora-rank", "4", "--dtype", "bfloat16"),
+}
+
+
 COLUMNS = (
     "inspect",
     *(f"extend {m}" for m in METHOD_COLUMNS),
     "eval fp32",
     "eval bf16",
-    "finetune full",
-    "finetune LoRA",
+    *FINETUNES,
     "plan",
 )
 
@@ -161,27 +176,46 @@ def check_extend(src: Path, out: Path, method: str) -> str:
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
     assert math.isclose(scale, want_scale, rel_tol=1e-9), (scale, want_scale)
     if layer:  # Gemma 3: the local (sliding) layers keep their unscaled rope
-        local, _ = _rotary(model, "sliding_attention")
-        base, _ = reference_inv_freq("default", info.sliding_rope_theta, info.rotary_dim, 1, 64)
+        local, local_scale = _rotary(model, "sliding_attention")
+        base, _ = reference_inv_freq(
+            "default", info.sliding_rope_theta, info.rotary_dim, 1, TRAINED
+        )
         np.testing.assert_allclose(local, base, rtol=1e-6, atol=0)
+        assert local_scale == 1.0, local_scale
     return "works"
 
 
 def text_data(folder: Path) -> Path:
-    """A few held-out stdlib documents as text files (reading them is cheaper than the
-    default corpus, and the same for every command)."""
+    """Two held-out stdlib documents as text files (reading them is cheaper than the default
+    corpus, and the same for every command); made once and shared by every type."""
     from ctxext.corpus import stdlib_documents
 
     folder.mkdir(parents=True, exist_ok=True)
     docs = (d for d in stdlib_documents("heldout") if len(d.text) > 4000)
     for i, doc in zip(range(2), docs, strict=False):
-        (folder / f"doc{i}.txt").write_text(doc.text[:6000])
+        (folder / f"doc{i}.txt").write_text(doc.text[:3000])
     return folder
+
+
+def fixed_calibration() -> Any:
+    """A fixed calibration of this device for ``plan`` and the pre-run checks: the matrix
+    checks that every architecture is planned (its workloads, parameters, memory), not this
+    machine's speed, which tests/test_resources_*.py measure; measuring it costs ~30 s."""
+    from ctxext.device import describe_device
+    from ctxext.resources.estimate import Calibration
+
+    return Calibration(
+        device=describe_device(),
+        matmul_flops={64: 1e9, 4096: 1e11},
+        attention_flops={512: 1e10, 4096: 3e10},
+        bandwidth=1e10,
+        runtime={"eval": 400 * 2**20, "finetune": 450 * 2**20, "lora": 480 * 2**20},
+    )
 
 
 def check_eval(src: Path, data: Path, dtype: str) -> tuple[str, dict]:
     code, out, err = cli(
-        "eval", src, "--lengths", "128", "-m", "yarn", "-t", "128", "--no-base", "--data", data,
+        "eval", src, "--lengths", LENGTH, "-m", "yarn", "-t", LENGTH, "--no-base", "--data", data,
         "--task", "ppl", "--task", "retrieval", "--task", "context-use", "--num-docs", "1",
         "--passkey-trials", "1", "--retrieval-template", "snake-return", "--dtype", dtype,
         "--force", "--json",
@@ -190,35 +224,40 @@ def check_eval(src: Path, data: Path, dtype: str) -> tuple[str, dict]:
         return _refusal(code, err, f"eval {dtype}"), {}
     (run,) = json.loads(out)["runs"]
     assert run["dtype"] == dtype and run["attn_implementation"] in ("sdpa", "eager"), run
-    assert math.isfinite(run["ppl"]["128"]["ppl"]), run["ppl"]
+    assert math.isfinite(run["ppl"][str(LENGTH)]["ppl"]), run["ppl"]
     assert run["retrieval"] and run["context_use"], sorted(run)
+    # A window shorter than the length evaluated is said on the console (stderr with --json).
+    assert ("sliding window:" in err) == bool(run["sliding_window"]), err
     return "works", run
 
 
-def check_finetune(src: Path, out: Path, data: Path, lora: bool) -> str:
-    """Two steps (full or LoRA); the output reloads in plain transformers and runs."""
+def check_finetune(src: Path, out: Path, data: Path, extra: tuple[str, ...]) -> str:
+    """One step; the output reloads in plain transformers and runs at the new length."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    extra = ["--lora-rank", "4"] if lora else []
-    code, _, err = cli(
-        "finetune", src, "-o", out, "-m", "yarn", "-f", "2", "--steps", "2",
-        "--warmup-steps", "1", "--lr", "1e-3", "--data", data, "--force", *extra,
+    code, stdout, err = cli(
+        "finetune", src, "-o", out, "-m", "yarn", "-f", "2", "--steps", "1",
+        "--warmup-steps", "0", "--lr", "1e-3", "--data", data, "--force", *extra,
     )  # fmt: skip
     if code:
-        return _refusal(code, err, f"finetune lora={lora}")
+        return _refusal(code, err, f"finetune {extra}")
+    # MoE: the summary and the provenance say the router's auxiliary loss is not added.
+    moe = "router_aux_loss_coef" in json.loads((src / "config.json").read_text())
+    training = json.loads((out / "ctxext_provenance.json").read_text())["training"]
+    assert ("router aux loss" in stdout) == moe == ("router_aux_loss" in training), stdout
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.config.max_position_embeddings >= 2 * TRAINED or model.config.rope_parameters
+    assert model.config.max_position_embeddings >= LENGTH or model.config.rope_parameters
     with torch.no_grad():
-        logits = model(torch.arange(2 * TRAINED)[None] % 100).logits
+        logits = model(torch.arange(LENGTH)[None] % 100).logits
     assert torch.isfinite(logits).all()
     return "works"
 
 
-def check_plan(src: Path, out: Path) -> str:
+def check_plan(src: Path, out: Path, data: Path) -> str:
     for args in (
-        ("eval", src, "--lengths", "128", "-m", "yarn"),
-        ("finetune", src, "-o", out, "-m", "yarn", "-f", "2", "--steps", "2"),
+        ("eval", src, "--lengths", LENGTH, "-m", "yarn", "--data", data),
+        ("finetune", src, "-o", out, "-m", "yarn", "-f", "2", "--steps", "1", "--data", data),
     ):
         code, _, err = cli("plan", *args)
         if code:
@@ -226,20 +265,20 @@ def check_plan(src: Path, out: Path) -> str:
     return "works"
 
 
-def run_type(model_type: str, src: Path, work: Path) -> dict[str, Any]:
+def run_type(model_type: str, src: Path, work: Path, data: Path) -> dict[str, Any]:
     """Every command on one tiny checkpoint: {column: 'works' | 'refused: ...'} and the two
-    eval runs (float32, bfloat16) for the caller's comparisons."""
+    eval runs (float32, bfloat16) for the caller's comparisons. ``data``: :func:`text_data`."""
     code, out, err = cli("inspect", src, "--json")
     cells: dict[str, Any] = {"inspect": "works" if code == 0 else _refusal(code, err, "inspect")}
     assert json.loads(out)["model_type"] == model_type
     for method in METHOD_COLUMNS:
         cells[f"extend {method}"] = check_extend(src, work / f"ext-{method}", method)
-    runs, data = {}, text_data(work / "data")
+    runs = {}
     for dtype, name in (("float32", "eval fp32"), ("bfloat16", "eval bf16")):
         cells[name], runs[dtype] = check_eval(src, data, dtype)
-    cells["finetune full"] = check_finetune(src, work / "ft-full", data, lora=False)
-    cells["finetune LoRA"] = check_finetune(src, work / "ft-lora", data, lora=True)
-    cells["plan"] = check_plan(src, work / "plan-ft")
+    for i, (name, extra) in enumerate(FINETUNES.items()):
+        cells[name] = check_finetune(src, work / f"ft-{i}", data, extra)
+    cells["plan"] = check_plan(src, work / "plan-ft", data)
     return {"cells": cells, "runs": runs}
 
 
@@ -262,8 +301,8 @@ def render(results: dict[str, dict[str, str]]) -> str:
         "(built from its transformers config class, bundled tokenizer) through every command:",
         "`extend` x2 with each method (reloaded by transformers; rotary frequencies and",
         "attention scaling equal to the formulas), `eval` (ppl, retrieval, context-use; yarn",
-        "x2) in float32 and bfloat16, `finetune` full and LoRA (2 steps, reloaded), `plan`",
-        "for eval and finetune. Do not edit by hand.",
+        "x2) in float32 and bfloat16, `finetune` full and LoRA in float32 and LoRA in bfloat16",
+        "(1 step each, reloaded), `plan` for eval and finetune. Do not edit by hand.",
         "",
         "| model_type | " + " | ".join(COLUMNS) + " |",
         "|---" * (len(COLUMNS) + 1) + "|",
@@ -298,10 +337,17 @@ def render(results: dict[str, dict[str, str]]) -> str:
 
 
 def run_all(work: Path, report: Callable[[str], None] = print) -> dict[str, dict[str, str]]:
-    results = {}
+    """The matrix, with the cache (and so the calibration) in ``work``."""
+    import os
+
+    from ctxext.resources import calibrate
+
+    os.environ[calibrate.CACHE_ENV] = str(work / "cache")
+    calibrate.save_calibration(fixed_calibration())
+    results, data = {}, text_data(work / "data")
     for model_type in TYPES:
         src = build(model_type, work / model_type / "model")
-        results[model_type] = run_type(model_type, src, work / model_type)["cells"]
+        results[model_type] = run_type(model_type, src, work / model_type, data)["cells"]
         report(f"{model_type}: {results[model_type]}")
     return results
 

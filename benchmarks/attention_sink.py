@@ -18,8 +18,8 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ctxext.checkpoint import resolve_model
 from ctxext.data import load_documents, tokenize_documents
+from ctxext.locate import resolve_model
 
 WINDOW = 1024
 

@@ -476,7 +476,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> dict[str, Variant]:
     """The cheap checks, before anything slow; returns the chosen variants in order."""
-    from ctxext import checkpoint, rope
+    from ctxext import checkpoint, locate, rope
     from ctxext.config import FinetuneConfig, parse_model, positive_int_list
 
     for name in ("steps", "batch_size", "num_docs", "trials"):
@@ -503,7 +503,7 @@ def check_args(args: argparse.Namespace) -> dict[str, Variant]:
             if "--task-min-length" in v.finetune:
                 spec["tasks"] = {"min_length": args.task_min_length}
         parse_model(FinetuneConfig, spec, f"{v.name} fine-tune")
-    config = checkpoint.read_config(checkpoint.resolve_model(args.model).path)
+    config = checkpoint.read_config(locate.resolve_model(args.model).path)
     args.trained = rope.analyze(config).trained_length
     return {n: known[n] for n in names}
 

@@ -74,12 +74,12 @@ def make_dataset(folder: Path, gigabytes: float) -> tuple[int, int]:
 
 def worker(mode: str, data: str) -> dict:
     """The data stage of a finetune run, streamed (ctxext) or non-streaming (the old load)."""
-    from ctxext import checkpoint
+    from ctxext import locate
     from ctxext.data import TRAIN_SPLITS, Fingerprint, open_source
     from ctxext.finetune.data import pack_until
     from ctxext.modeling import load_tokenizer
 
-    tokenizer = load_tokenizer(checkpoint.bundled_path())
+    tokenizer = load_tokenizer(locate.bundled_path())
     wanted = STEPS * SEQ
     started = time.perf_counter()
     if mode == "stream":

@@ -155,11 +155,11 @@ def sweep(threads: int | None, repeats: int, num_docs: int | None) -> tuple[str,
     """One-pass sweep vs per-length sweep vs the longest length alone, per method."""
     import torch
 
-    from ctxext.checkpoint import resolve_model
     from ctxext.config import ExtendConfig
     from ctxext.data import load_documents
     from ctxext.evaluate.perplexity import evaluate_lengths
     from ctxext.evaluate.protocol import tokenize_for_eval
+    from ctxext.locate import resolve_model
     from ctxext.modeling import load_causal_lm, load_tokenizer
 
     if threads:

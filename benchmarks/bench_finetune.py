@@ -139,10 +139,10 @@ def build_scaling_model(path: Path) -> int:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from ctxext import checkpoint
+    from ctxext import locate
 
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(checkpoint.resolve_model("stdlib-llama").path)
+    tok = AutoTokenizer.from_pretrained(locate.resolve_model("stdlib-llama").path)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **SCALING_SIZES))
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -391,9 +391,9 @@ def main() -> None:
         sys.stdout.flush()
         return
 
-    from ctxext import checkpoint, rope
+    from ctxext import checkpoint, locate, rope
 
-    trained = rope.analyze(checkpoint.read_config(checkpoint.resolve_model(args.model).path))
+    trained = rope.analyze(checkpoint.read_config(locate.resolve_model(args.model).path))
     args.window = args.window or trained.trained_length
     target = round(trained.trained_length * args.factor)
     print(f"model {args.model}: trained length {trained.trained_length}, target {target}\n")

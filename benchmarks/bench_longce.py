@@ -31,14 +31,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from ctxext import checkpoint, rope
+    from ctxext import checkpoint, locate, rope
     from ctxext.config import ExtendConfig
     from ctxext.data import load_documents, tokenize_documents
     from ctxext.finetune.loss import longce_loss
     from ctxext.finetune.optim import adamw
     from ctxext.modeling import load_causal_lm
 
-    source = checkpoint.resolve_model(args.model)
+    source = locate.resolve_model(args.model)
     trained = rope.analyze(checkpoint.read_config(source.path)).trained_length
     extend = ExtendConfig(method="yarn", target_length=args.length)
     loaded = load_causal_lm(str(source.path), extend=extend, dtype="float32")

@@ -125,7 +125,7 @@ def build_qwen2(path: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ctxext.checkpoint import bundled_path
+    from ctxext.locate import bundled_path
 
     torch.manual_seed(0)
     data = dict(QWEN2)
@@ -138,7 +138,7 @@ def build_qwen2(path: Path) -> Path:
 
 
 def _cases(name: str) -> list[tuple[str, str, dict, dict]]:
-    """(label, worker kind, worker arguments, estimate.Workload arguments)."""
+    """(label, worker kind, worker arguments, Workload arguments)."""
     out = []
     for length, docs in EVAL_DOCS[name].items():
         out.append((f"eval {length}", "eval", {"length": length, "docs": docs},
@@ -159,12 +159,11 @@ def _cases(name: str) -> list[tuple[str, str, dict, dict]]:
 
 
 def _measure_model(name: str, model: str, calib, tmp: Path, kinds: tuple[str, ...]) -> list[dict]:
-    from ctxext import checkpoint
+    from ctxext import checkpoint, locate
     from ctxext.resources import calibrate, estimate
+    from ctxext.resources.shape import ModelShape, Workload
 
-    shape = estimate.ModelShape.from_config(
-        checkpoint.read_config(checkpoint.resolve_model(model).path)
-    )
+    shape = ModelShape.from_config(checkpoint.read_config(locate.resolve_model(model).path))
     rows = []
     for label, kind, args, work in _cases(name):
         if kind not in kinds:
@@ -175,8 +174,8 @@ def _measure_model(name: str, model: str, calib, tmp: Path, kinds: tuple[str, ..
         # minute, and this separates the time model's error from the neighbours' load.
         now = calibrate.measure_speed(calib)
         measured = _run_worker(kind, model=model, **args)
-        est = estimate.estimate(shape, estimate.Workload(**work), calib)
-        est_now = estimate.estimate(shape, estimate.Workload(**work), now)
+        est = estimate.estimate(shape, Workload(**work), calib)
+        est_now = estimate.estimate(shape, Workload(**work), now)
         key = "seconds_per_token" if kind == "eval" else "seconds_per_step"
         row = {
             "model": name, "run": label, "pred_rss": est.peak, "meas_rss": measured["peak_rss"],
@@ -203,15 +202,17 @@ def _format_row(r: dict) -> str:
 
 def llama2_7b_table() -> list[str]:
     from ctxext.resources import estimate
+    from ctxext.resources.shape import ModelShape, Workload
+    from ctxext.resources.timing import Calibration
 
-    gpu = estimate.Calibration(
+    gpu = Calibration(
         device="cuda (80 GB, not calibrated: memory only)",
         matmul_flops={64: 1.0},
         attention_flops={64: 1.0},
         bandwidth=1.0,
         runtime=dict.fromkeys(("eval", "finetune", "lora"), 512 * 2**20),
     )
-    shape = estimate.ModelShape.from_config(LLAMA2_7B)
+    shape = ModelShape.from_config(LLAMA2_7B)
     base = {"kind": "finetune", "length": 32768, "compute_dtype": "bfloat16"}
     cases = {
         "full (fp32 master weights, bf16 autocast)": {},
@@ -225,7 +226,7 @@ def llama2_7b_table() -> list[str]:
     ]
     gib = 2**30
     for label, kw in cases.items():
-        e = estimate.estimate(shape, estimate.Workload(**base, **kw), gpu)
+        e = estimate.estimate(shape, Workload(**base, **kw), gpu)
         lines.append(
             f"| {label} | {e.weights / gib:.1f} GiB | {e.optimizer / gib:.1f} GiB | "
             f"{e.gradients / gib:.1f} GiB | {e.activations / gib:.1f} GiB | {e.loss / gib:.1f} GiB "

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctxext import checkpoint, rope
+from ctxext import checkpoint, locate, outputs, rope
 from ctxext.config import ExtendConfig, ExtendJob
 
 
@@ -20,7 +20,7 @@ from ctxext.config import ExtendConfig, ExtendJob
 class ExtendPlan:
     """Everything `extend` will write, computed without touching the disk."""
 
-    source: checkpoint.ResolvedModel
+    source: locate.ResolvedModel
     before: dict[str, Any]
     after: dict[str, Any]
     factor: float
@@ -33,7 +33,7 @@ class ExtendPlan:
 
 def plan_extend(model: str | None, spec: ExtendConfig) -> ExtendPlan:
     """Resolve the model, read its config and compute the rewritten one (pure, no writes)."""
-    source = checkpoint.resolve_model(model)
+    source = locate.resolve_model(model)
     before = checkpoint.read_config(source.path)
     info = rope.analyze(before)
     factor = rope.validate_request(info, spec.method, spec.factor, spec.target_length)
@@ -92,10 +92,10 @@ def write_extended(
     A Hub model's weights are fetched only now (the plan needed its config alone), and only
     the files a loader needs reach the output (never ``original/``, GGUF or duplicate pickles).
     """
-    out = checkpoint.check_output_path(job.output, [plan.source.path], job.overwrite)
-    plan.source = checkpoint.fetch(plan.source, "weights", allow_pickle=allow_pickle)
+    out = outputs.check_output_path(job.output, [plan.source.path], job.overwrite)
+    plan.source = locate.fetch(plan.source, "weights", allow_pickle=allow_pickle)
     started = time.time()
-    with checkpoint.atomic_output(out) as tmp:
+    with outputs.atomic_output(out) as tmp:
         record = write_checkpoint_files(plan, job, tmp)
     record["seconds"] = round(time.time() - started, 3)
     return record
@@ -104,7 +104,7 @@ def write_extended(
 def write_checkpoint_files(plan: ExtendPlan, job: ExtendJob, folder: Path) -> dict[str, Any]:
     """Fill ``folder`` (a temporary output being built) with the extended checkpoint."""
     skip = (*checkpoint.REWRITTEN_FILES, checkpoint.PROVENANCE_FILE)
-    placed = checkpoint.link_model_files(
+    placed = outputs.link_model_files(
         plan.source.path, folder, job.link_mode, skip, only=plan.source.files
     )
     checkpoint.write_json(folder / "config.json", plan.after)

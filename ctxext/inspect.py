@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
-from ctxext import checkpoint, rope
+from ctxext import checkpoint, locate, rope
 from ctxext.errors import CtxextError
 from ctxext.rope.methods import METHODS
 from ctxext.rope.write import check_factor
@@ -13,7 +14,7 @@ from ctxext.rope.write import check_factor
 
 def inspect_model(model: str | None, target_length: int | None = None) -> dict[str, Any]:
     """A JSON-serialisable report: scheme, rope parameters and, for RoPE, the per-pair view."""
-    source = checkpoint.resolve_model(model)
+    source = locate.resolve_model(model)
     config = checkpoint.read_config(source.path)
     info = rope.analyze(config)
     report: dict[str, Any] = {"model": source.name, "path": str(source.path)}
@@ -174,11 +175,16 @@ def render_inspect(report: dict[str, Any], console: Any) -> None:
     from rich import box
     from rich.table import Table
 
-    head = Table(title=f"{report['model']}", show_header=False, box=box.SIMPLE)
+    title = fold_path(str(report["model"]), console.width - 2)
+    head = Table(title=title, show_header=False, box=box.SIMPLE)
     head.add_column("key", style="bold", no_wrap=True)
     head.add_column("value", overflow="fold")
-    for key, value in report.items():
-        if key not in ("pairs", "model", "longrope"):
+    rows = [(k, v) for k, v in report.items() if k not in ("pairs", "model", "longrope")]
+    room = console.width - max(len(k) for k, _ in rows) - 8  # the value column's width
+    for key, value in rows:
+        if key == "path":  # broken after a "/", never inside a name
+            head.add_row(key, fold_path(str(value), room))
+        else:
             head.add_row(key, _fmt(_without_lists(value) if key == "existing_scaling" else value))
     console.print(head)
     if report.get("longrope"):
@@ -211,6 +217,18 @@ def render_inspect(report: dict[str, Any], console: Any) -> None:
             cells.append(f"x{_short_number(cell['stretch'], 3)} {cell['regime'][0].upper()}")
         table.add_row(*cells)
     console.print(table)
+
+
+def fold_path(path: str, width: int) -> str:
+    """``path`` in lines of at most ``width`` characters, broken after a ``/`` (a name longer
+    than a line is the only thing folded inside)."""
+    lines, line = [], ""
+    for part in re.split(r"(?<=/)", path):
+        if line and len(line) + len(part) > width:
+            lines.append(line)
+            line = ""
+        line += part
+    return "\n".join([*lines, line])
 
 
 def _without_lists(value: Any) -> Any:

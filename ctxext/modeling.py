@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctxext import checkpoint, rope
+from ctxext import checkpoint, hub, locate, rope
 from ctxext.config import ExtendConfig
 from ctxext.device import pick_device, resolve_dtype
 from ctxext.errors import CtxextError
@@ -26,7 +26,7 @@ class LoadedModel:
 
     model: Any  # transformers.PreTrainedModel
     tokenizer: Any  # transformers.PreTrainedTokenizerBase
-    source: checkpoint.ResolvedModel
+    source: locate.ResolvedModel
     config: dict[str, Any]  # the config dict the model was built from (after any rewrite)
     label: str  # e.g. "stdlib-llama" or "stdlib-llama+yarn x4"
     device: str
@@ -161,7 +161,7 @@ def build_config(
 
 
 def scaled_config(
-    source: checkpoint.ResolvedModel, extend: ExtendConfig | None = None
+    source: locate.ResolvedModel, extend: ExtendConfig | None = None
 ) -> tuple[dict[str, Any], str]:
     """A resolved model's config dict after the in-memory rewrite, and its row label.
 
@@ -183,41 +183,41 @@ def scaled_config(
 def resolve_scaled(
     model: str | None,
     extend: ExtendConfig | None = None,
-    need: checkpoint.Need = "config",
+    need: hub.Need = "config",
     *,
     allow_pickle: bool = False,
-    progress: checkpoint.DownloadProgress | None = None,
-) -> tuple[checkpoint.ResolvedModel, dict[str, Any], str]:
+    progress: hub.DownloadProgress | None = None,
+) -> tuple[locate.ResolvedModel, dict[str, Any], str]:
     """Where the model is, its config dict after the in-memory rewrite, and its row label
     (:func:`scaled_config`); a Hub model's files are fetched up to ``need``."""
-    source = checkpoint.resolve_model(model, need, allow_pickle=allow_pickle, progress=progress)
+    source = locate.resolve_model(model, need, allow_pickle=allow_pickle, progress=progress)
     return (source, *scaled_config(source, extend))
 
 
 def load_causal_lm(
-    model: str | checkpoint.ResolvedModel | None,
+    model: str | locate.ResolvedModel | None,
     *,
     extend: ExtendConfig | None = None,
     dtype: str = "auto",
     device_map: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
-    progress: checkpoint.DownloadProgress | None = None,
+    progress: hub.DownloadProgress | None = None,
     tokenizer: Any = None,
     attn_implementation: str | None = None,
 ) -> LoadedModel:
     """Resolve, check and load a causal LM, optionally with a scaling method applied.
 
     A Hub model's files are fetched first (``progress`` draws the weight downloads). A model
-    already resolved (a :class:`~ctxext.checkpoint.ResolvedModel`) is not resolved again: a
+    already resolved (a :class:`~ctxext.locate.ResolvedModel`) is not resolved again: a
     Hub model's weights are fetched at the commit it was resolved to. ``tokenizer``: the
     model's tokenizer when the caller has loaded it already. ``attn_implementation``: None
     chooses per model (:func:`choose_attn_implementation`).
     """
     from transformers import AutoModelForCausalLM
 
-    if isinstance(model, checkpoint.ResolvedModel):
-        source = checkpoint.fetch(model, "weights", allow_pickle=allow_pickle, progress=progress)
+    if isinstance(model, locate.ResolvedModel):
+        source = locate.fetch(model, "weights", allow_pickle=allow_pickle, progress=progress)
         config_dict, label = scaled_config(source, extend)
     else:
         source, config_dict, label = resolve_scaled(

@@ -60,7 +60,7 @@ def calibration_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def calibration(_isolated_cache, calibration_dir):  # -> estimate.Calibration
+def calibration(_isolated_cache, calibration_dir):  # -> timing.Calibration
     """This machine, measured once per session into ``calibration_dir`` (~30 s on a quiet
     machine) as rank 0 of `accelerate launch` measures it: with the variables torchrun exports
     to its workers set. The port they name is held by a socket here, so a runtime probe that

@@ -30,6 +30,9 @@ class FakeRepo:
     commits: dict[str, dict[str, bytes]]
     refs: dict[str, str]
     gated: bool = False
+    moves: dict[str, str] = field(default_factory=dict)
+    """ref -> the commit it points to once it has been resolved (``GET /api/.../revision/REF``):
+    a branch pushed to while a command runs."""
 
     def commit_for(self, revision: str) -> str | None:
         if revision in self.commits:
@@ -123,6 +126,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         repo, commit = found
         files = repo.commits[commit]
+        if what == "revision" and rev in repo.moves:
+            repo.refs[rev] = repo.moves.pop(rev)  # answered with the old commit, then moved
         if what == "revision":
             data: object = {
                 "id": repo_id,

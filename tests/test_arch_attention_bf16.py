@@ -87,8 +87,15 @@ def test_a_load_failure_that_is_not_corruption_says_what_failed(tiny_llama, caps
 def test_rotary_angles_at_32k_are_float32_in_a_bf16_model():
     """bf16 holds integers exactly only up to 256: an angle computed in bf16 at position 32k
     would be off by whole turns. transformers computes the angles in float32 and only rounds
-    cos/sin to the weights' dtype: the bf16 model's cos/sin are exactly the float32 run's,
-    rounded to bf16 (so within half a bf16 step, 2**-9, and 1e-3 on average)."""
+    cos/sin to the weights' dtype.
+
+    Why exact equality and not the issue's "within 1e-3 of float32": a bf16 tensor cannot hold
+    cos/sin to 1e-3. It has 8 significant bits, so rounding a value in [0.5, 1) to bf16 alone
+    moves it by up to half a step, 2**-9 ~ 0.002, whatever computed it; no bf16 run can meet a
+    1e-3 bound on every element. The strongest claim a bf16 run can satisfy is that its cos/sin
+    ARE the float32 values rounded to bf16 (torch.equal below): the angles lost nothing, the
+    only error is the unavoidable final rounding (max 2**-9, mean under 1e-3, also asserted).
+    An angle computed in bf16 would be off by > 0.1 (the last assertion)."""
     import torch
 
     lm = load_causal_lm(str(BUNDLED), dtype="bfloat16")
@@ -120,13 +127,12 @@ def test_bf16_eval_ppl_is_within_2_percent_of_fp32_on_the_bundled_model(capsys):
     assert ppl["bfloat16"] == pytest.approx(ppl["float32"], rel=0.02)
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_bf16_finetune_steps_have_finite_loss(tmp_path, tiny_llama_session, capsys, lora):
-    extra = ["--lora-rank", "4"] if lora else []
+def test_bf16_full_finetune_steps_have_finite_loss(tmp_path, tiny_llama_session, capsys):
+    """Three steps (the first-steps check runs); LoRA in bf16: every type in the matrix."""
     code, out, err = run_cli(
         capsys, "finetune", tiny_llama_session, "-o", tmp_path / "ft", "-m", "yarn", "-f", "2",
         "--steps", "3", "--warmup-steps", "1", "--lr", "1e-3", "--dtype", "bfloat16", "--json",
-        "--force", *extra,
+        "--force",
     )  # fmt: skip
     assert code == 0, err
     assert math.isfinite(json.loads(out)["final_loss"])

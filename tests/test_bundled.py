@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import BUNDLED
 
-from ctxext import checkpoint, rope
+from ctxext import locate, rope
 from ctxext.config import ExtendConfig
 
 pytestmark = pytest.mark.skipif(
@@ -27,7 +27,7 @@ def test_files_size_and_config():
     assert config["model_type"] == "llama" and info.scheme == "rope"
     assert info.trained_length == 256 and config["vocab_size"] <= 8192
     assert config["num_key_value_heads"] < config["num_attention_heads"]  # GQA
-    assert checkpoint.resolve_model(None).path == BUNDLED
+    assert locate.resolve_model(None).path == BUNDLED
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,8 @@ def test_bos_per_chunk_starts_every_sequence_with_bos_and_keeps_eos_separators(t
 
 def test_model_config_matches_the_shipped_model_and_takes_overrides():
     from ctxext.bundled_train import model_config
-    from ctxext.checkpoint import bundled_path, read_config
+    from ctxext.checkpoint import read_config
+    from ctxext.locate import bundled_path
 
     shipped = read_config(bundled_path())
     cfg = model_config(

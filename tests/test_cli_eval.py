@@ -56,3 +56,25 @@ def test_downloads_are_counted_in_mib_and_the_estimate_is_shown_first():
     assert (mib.total, mib.completed) == (3.0, 1.0)
     tokens = tasks["ppl 128"]
     assert (tokens.total, tokens.completed) == (500, 250)
+
+
+@pytest.mark.parametrize(
+    "tasks",
+    [["--task", "ppl,passkey"], ["--task", "ppl, passkey"], ["--task", "ppl", "--task", "passkey"]],
+    ids=["comma", "comma-space", "repeated"],
+)
+def test_task_takes_a_comma_list_as_lengths_does(capsys, tasks):
+    """`--task ppl,passkey` as `--lengths 256,512` (and repeated flags): passkey is asked for,
+    so a length too short for it is refused before anything loads."""
+    code, _, err = run_cli(capsys, "eval", "stdlib-llama", *tasks, "--lengths", "16")
+    assert code == 2 and "passkey length 16 is too short" in err, err
+
+
+def test_a_wrong_task_in_a_comma_list_is_named(capsys):
+    from ctxext.config import EvalConfig
+
+    code, _, err = run_cli(capsys, "eval", "stdlib-llama", "--task", "ppl,nope", "--lengths", "64")
+    assert code == 2 and "unknown task 'nope'" in err and len(err.splitlines()) == 1, err
+    # A recipe may write them either way too.
+    assert EvalConfig(lengths="64", tasks="ppl,retrieval").tasks == ["ppl", "retrieval"]
+    assert EvalConfig(lengths=[64], tasks=["ppl, passkey"]).tasks == ["ppl", "passkey"]

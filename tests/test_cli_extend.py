@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_model, run_cli, tree_hash
+from conftest import run_cli, tree_hash
 
 
 def _write_config(path: Path, config: dict) -> Path:
@@ -82,16 +82,8 @@ def test_output_inside_input_refused(capsys, tiny_llama):
     assert tree_hash(tiny_llama) == before
 
 
-def test_partial_rotary_neox(capsys, tmp_path, tiny_tokenizer_dir):
-    src = build_tiny_model(
-        tmp_path / "neox", tiny_tokenizer_dir, "gpt_neox", partial_rotary_factor=0.25
-    )
-    code, out, _ = run_cli(capsys, "inspect", src, "--json")
-    assert code == 0
-    report = json.loads(out)
-    assert report["rotary_dim"] == 4 and len(report["pairs"]) == 2
-    code, _, err = run_cli(capsys, "extend", src, "-o", tmp_path / "o", "-m", "ntk", "-f", "4")
-    assert code == 0, err
+# Partial rotary (gpt_neox, phi, stablelm, persimmon) through inspect and extend, with the
+# rotary frequencies checked: tests/test_arch_matrix.py.
 
 
 WARNS = {  # extend arguments: words its one warning line must hold (None: no warning)
@@ -124,3 +116,29 @@ def test_extend_warns_what_other_engines_ignore(capsys, tmp_path, tiny_llama, ar
         assert words in line, words
     code, _, err = run_cli(capsys, "extend", tiny_llama, "-o", out_dir, *args, "-f", "4")
     assert code == 2 and "warning" not in err  # a refused request says only why
+
+
+def test_finetune_and_run_warn_as_extend_does(capsys, tmp_path, tiny_llama_session):
+    """`finetune -m dynamic` and `run` (extend alone, or extend + fine-tune) print the line
+    `extend -m dynamic` prints about llama.cpp, vLLM and TGI: once, on stderr, also with --json."""
+    args = ("-m", "dynamic", "-f", "4")
+    code, _, err = run_cli(capsys, "extend", tiny_llama_session, "-o", tmp_path / "e", *args)
+    assert code == 0, err
+    (said,) = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert "llama.cpp ignores it" in said
+    short = ["--steps", "1", "--warmup-steps", "0", "--save-every", "0", "--train-length", "64"]
+    code, _, err = run_cli(
+        capsys, "finetune", tiny_llama_session, "-o", tmp_path / "f", *args, *short, "--json"
+    )
+    assert code == 0, err
+    assert [line for line in err.splitlines() if line.startswith("warning: ")] == [said]
+    finetune = "finetune: {steps: 1, warmup_steps: 0, save_every: 0, train_length: 64}\n"
+    for name, section, flags in [("extend", "", ["--json"]), ("finetune", finetune, [])]:
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(
+            f"model: {tiny_llama_session}\nextend: {{method: dynamic, factor: 4}}\n{section}"
+        )
+        code, _, err = run_cli(capsys, "run", recipe, "-o", tmp_path / f"run-{name}", *flags)
+        assert code == 0, err
+        lines = err.splitlines()
+        assert said in lines and sum("llama.cpp" in line for line in lines) == 1, (name, err)

@@ -114,3 +114,37 @@ def test_plan_counts_the_episode_mask(weightless, tmp_path, capsys, calibrated):
 def test_plan_refuses_unknown_commands(capsys):
     code, _, err = run_cli(capsys, "plan", "extend", "-o", "x")
     assert code == 2 and "use eval, finetune or run" in err
+
+
+def test_the_plan_of_a_run_reads_whole_at_80_columns(capsys, calibrated):
+    """Every label, header and figure whole in an 80-column terminal (the default of a console
+    that is not a terminal); the eval phases' time given from eval.num_docs."""
+    code, out, err = run_cli(capsys, "plan", "run", "tiny-yarn")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in out and "?" not in out
+    assert "eval eval" not in out
+    for label in ("activ. ckpt", "activ. no ckpt", "runtime", "loss (logits)", "time per token"):
+        assert any(line.lstrip().startswith(label) for line in lines), label
+    time_row = next(line for line in lines if line.split()[:2] not in (["time", "per"],)
+                    and line.split()[:1] == ["time"])  # fmt: skip
+    assert "unknown" not in time_row and time_row.count(" s") + time_row.count("min") == 5
+    total = next(line for line in lines if line.lstrip().startswith("total time"))
+    assert "unknown" not in total
+    # Without num_docs the documents decide the eval's time: said in words, not "?".
+    code, out, err = run_cli(capsys, "plan", "run", "tiny-yarn", "eval.num_docs=null")
+    assert code == 0, err
+    assert "?" not in out and "unknown: an eval's time depends on its documents" in out
+
+
+def test_a_plan_wider_than_the_terminal_is_split_not_cut(capsys, calibrated):
+    lengths = [256 * i for i in range(1, 11)]
+    code, out, err = run_cli(
+        capsys, "plan", "eval", "--lengths", ",".join(map(str, lengths)), "--num-docs", "1"
+    )
+    assert code == 0, err
+    assert max(map(len, out.splitlines())) <= 80 and "…" not in out and "?" not in out
+    assert out.count("parameters") >= 2  # the phases went into more than one table
+    for n in lengths:
+        assert f"{n:,}" in out
+    assert out.count("total time") == 1

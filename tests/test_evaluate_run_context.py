@@ -42,6 +42,32 @@ def test_context_use_and_retrieval_results(tmp_path, tiny_llama_session, capsys)
     assert (
         "far-context-gain-bits" in csv_text and "retrieval-camel-attribute,snake-return" in csv_text
     )
+    _check_headline(results)
+
+
+def _check_headline(results: dict) -> None:
+    """`ctxext run`'s closing summary of these results: the headline figures, in 80 columns."""
+    from ctxext.report.cells import gain_interval
+    from ctxext.report.summary import headline_summary
+
+    text = headline_summary(results)
+    lines = text.splitlines()
+    assert lines[0].startswith("what to look at") and max(map(len, lines)) <= 80
+    (run,) = results["runs"]
+    assert run["label"] in lines
+    last = run["context_use"]["192"]["buckets"][-1]
+    assert "far-context gain @192 (bits/token, 95% interval; > 0: reads past 32):" in text
+    assert f"    0-192       {gain_interval(last)}" in lines
+    acc = run["retrieval"]["accuracy"]
+    pooled = "".join(f"{sum(row) / len(row):>6.0%}" for row in acc)
+    assert f"    {'all (pooled)':<16}{pooled}" in lines  # names padded to the longest
+    for name, rows in run["retrieval"]["by_template"].items():
+        cells = "".join(f"{sum(row) / len(row):>6.0%}" for row in rows)
+        assert f"    {name:<16}{cells}" in lines
+    reach = run["effective_length"]
+    read = f"reads to {reach}" if reach else "reads to none of the lengths"
+    assert f"  effective context length: {read} (extended to 128)" in lines
+    assert "retrieval accuracy >= 90% at every depth" in " ".join(lines)
 
 
 def test_effective_length_known_answer_on_the_bundled_model(capsys):

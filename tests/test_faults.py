@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import tree_hash
 
-from ctxext import checkpoint
+from ctxext import checkpoint, outputs
 
 
 def _extend_cmd(src: Path, out: Path, *extra: str) -> list[str]:
@@ -177,7 +177,7 @@ def _recipe(tmp: Path, model: Path, out: Path) -> Path:
 
 def test_atomic_output_cleans_up_on_error(tmp_path):
     out = tmp_path / "o"
-    with pytest.raises(RuntimeError), checkpoint.atomic_output(out) as tmp:
+    with pytest.raises(RuntimeError), outputs.atomic_output(out) as tmp:
         (tmp / "half.json").write_text("{}")
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []

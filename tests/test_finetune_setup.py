@@ -23,8 +23,8 @@ YARN2 = ExtendConfig(method="yarn", factor=2)  # 128 -> 256
     ("flags", "needle"),
     [
         (["--steps", "0"], "steps"),
-        (["--lora-rank", "0"], "lora_rank"),
-        (["--pose"], "train_length"),
+        (["--lora-rank", "0"], "--lora-rank: must be a positive integer"),
+        (["--pose"], "--pose needs --train-length"),
         (["--pose", "--train-length", "1024"], "train length 1024 is longer than the target"),
         (["--factor", "2"], "need --method"),
         (["--method", "bogus", "--factor", "2"], "method"),
@@ -119,7 +119,7 @@ def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path, tiny_llama_session, 
     lock = tmp_path / ".o.lock"
     holder = subprocess.Popen(  # holds the lock as a real run does, then is killed
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from ctxext.checkpoint import output_lock\n"
+         "from ctxext.outputs import output_lock\n"
          "with output_lock(Path(sys.argv[1])):\n print('locked', flush=True); time.sleep(600)",
          str(out)],
         env=subprocess_env(), stdout=subprocess.PIPE, text=True,

@@ -249,12 +249,12 @@ def test_pickled_weights_only_with_allow_pickle(hub, cache, tmp_path):
 def test_weight_downloads_report_progress_once(hub, cache, tmp_path):
     """One bar per weight file, none for the small files, and none of huggingface_hub's own."""
     script = (
-        "import json; from ctxext import checkpoint\n"
+        "import json; from ctxext import locate\n"
         "events = []\n"
         "def bar(what, total):\n"
         "    events.append([what, total, 0])\n"
         "    return lambda done, e=events[-1]: e.__setitem__(2, done)\n"
-        "checkpoint.resolve_model('org/tiny', 'weights', progress=bar)\n"
+        "locate.resolve_model('org/tiny', 'weights', progress=bar)\n"
         "print(json.dumps(events))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
@@ -291,3 +291,41 @@ def test_eval_resolves_each_model_once_and_reads_one_commit(hub, cache, tmp_path
         assert all(f"/resolve/{MAIN}/" in p for _, p in per_file)
         runs = json.loads((tmp_path / run / "results.json").read_text())["runs"]
         assert [r["source"]["commit"] for r in runs] == [MAIN] * 3
+
+
+@pytest.mark.slow
+def test_run_resolves_the_revision_once_and_every_phase_reads_that_commit(cache, tmp_path):
+    """`ctxext run` on ``org/moving@main``, a branch pushed to as soon as it is resolved: the
+    pre-run check, the fine-tune and the evaluations all read the first commit (the branch is
+    asked for once), and provenance records it."""
+    first, pushed = commit_sha("first"), commit_sha("pushed")
+    files = _repo_files()
+    repo = FakeRepo(commits={first: files, pushed: files}, refs={"main": first},
+                    moves={"main": pushed})  # fmt: skip
+    hub = FakeHub({"org/moving": repo}).start()
+    recipe = tmp_path / "moving.yaml"
+    recipe.write_text(
+        "model: org/moving@main\n"
+        "extend: {method: yarn, factor: 2}\n"
+        "finetune: {steps: 1, warmup_steps: 0, save_every: 0, train_length: 64}\n"
+        "eval: {compare: [base, extended, finetuned], lengths: [64], num_docs: 2}\n"
+    )
+    try:
+        code, _, err, _ = ctxext(hub, cache, "run", str(recipe), "-o", str(tmp_path / "out"))
+    finally:
+        hub.stop()
+    assert code == 0, err
+    asked = [p for _, p in hub.requests if p == "/api/models/org/moving/revision/main"]
+    assert asked == ["/api/models/org/moving/revision/main"], hub.requests
+    assert repo.refs["main"] == pushed  # the branch did move while the run went on
+    reads = [p for _, p in hub.requests if "/resolve/" in p or "/revision/" in p]
+    assert all(first in p for p in reads if not p.endswith("/revision/main")), reads
+    done = tmp_path / "out"
+    results = json.loads((done / "results.json").read_text())
+    base = results["provenance"]["models"]["base"]["source"]
+    assert (base["revision"], base["commit"]) == ("main", first)
+    hub_runs = [r for r in results["runs"] if r["source"].get("repo_id")]
+    assert [r["variant"] for r in hub_runs] == ["base", "extended"]
+    assert all(r["source"]["commit"] == first for r in hub_runs)
+    tuned = json.loads((done / "model" / "ctxext_provenance.json").read_text())["source"]
+    assert tuned["commit"] == first

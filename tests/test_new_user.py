@@ -123,12 +123,12 @@ def test_one_more_problem_is_singular(capsys, tmp_path):
 
 
 def test_flag_errors_share_the_recipe_formatter(capsys):
-    """One formatter: a bad flag value reads like a bad recipe value ("expected ... (got ...)")."""
+    """One formatter: a bad flag value reads like a bad recipe value ("expected ... (got ...)"),
+    named by the flag the user typed."""
     code, _, err = run_cli(capsys, "eval", "--dtype", "fp8", "--lengths", "64")
     assert code == 2
     assert err.strip() == (
-        "error: eval options: dtype: expected 'auto', 'float32', 'bfloat16' or 'float16' "
-        "(got 'fp8')"
+        "error: --dtype: expected 'auto', 'float32', 'bfloat16' or 'float16' (got 'fp8')"
     )
 
 
@@ -152,7 +152,7 @@ def test_warmup_longer_than_the_run_is_refused(capsys, tmp_path):
     code, _, err = run_cli(capsys, "finetune", "-o", tmp_path / "o", "-m", "yarn", "-f", "2",
                            "--steps", "5", "--warmup-steps", "20")  # fmt: skip
     assert code == 2 and err.count("\n") == 1
-    assert "warmup_steps: 20 warm-up steps are more than steps (5)" in err
+    assert "--warmup-steps: 20 warm-up steps are more than steps (5)" in err
     code, _, err = run_cli(capsys, "finetune", "-o", tmp_path / "o", "--steps", "5",
                            "--warmup-steps", "2.5")  # fmt: skip
     assert code == 2 and "whole number of steps or a fraction below 1" in err

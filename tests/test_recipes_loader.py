@@ -83,7 +83,7 @@ INVALID = {
         "extend:\n  method: rope2x\n  factor: 2\n",
         [
             "extend.method (line 2)",
-            "expected 'linear', 'ntk', 'yarn', 'dynamic', 'llama3' or 'longrope'",
+            "unknown method 'rope2x' (one of: linear, ntk, yarn, dynamic, llama3, longrope)",
         ],
     ),
     "bad list item": (

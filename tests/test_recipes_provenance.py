@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from ctxext import checkpoint
+from ctxext import checkpoint, locate
 from ctxext.recipes import provenance as prov_module
 from ctxext.recipes.loader import load_recipe
 from ctxext.recipes.provenance import provenance
@@ -23,7 +23,7 @@ def test_provenance_hashes_the_recipe_and_the_base_model(tmp_path):
     assert recipe["resolved_sha256"] == checkpoint.config_hash(loaded.resolved())
     assert recipe["overrides"] == ["finetune=null", "eval=null", "seed=3"] and prov["seed"] == 3
     base = prov["models"]["base"]
-    weights = checkpoint.bundled_path() / "model.safetensors"
+    weights = locate.bundled_path() / "model.safetensors"
     assert base["weights_sha256"] == {"model.safetensors": checkpoint.file_sha256(weights)}
     assert base["config_sha256"] == checkpoint.config_hash(checkpoint.read_config(weights.parent))
     assert "output" not in prov["models"] and prov["data"] == {}  # nothing written or read yet

@@ -75,6 +75,10 @@ def test_tiny_yarn_end_to_end_and_reproducible(
     for task in ("ppl", "context-use", "retrieval"):
         assert sum(f" {task}: done, " in line for line in lines) == 3, err  # 3 variants
     assert "perplexity" in out  # the results table
+    # The terminal ends with the headline: far-context gain, retrieval, effective length.
+    closing = out[out.index("what to look at") :]
+    assert "far-context gain @" in closing and "retrieval (heldout" in closing
+    assert "effective context length: reads to" in closing and out.rstrip().endswith("a length")
     run1 = tmp_path / "run1"
     names = {p.name for p in run1.iterdir()}
     assert {"recipe.yaml", "results.json", "results.csv", "ppl_vs_length.png", "report.md"} <= names

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import launcher_env
 
-from ctxext.checkpoint import resolve_model
 from ctxext.config import EvalConfig
+from ctxext.locate import resolve_model
 from ctxext.resources import calibrate, guard
 
 

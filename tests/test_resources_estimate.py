@@ -1,5 +1,6 @@
-"""The estimator (ctxext/resources/estimate.py): its counts against transformers and peft, its memory model,
-its suggestions and byte sizes. The command and the pre-run check are in test_cli_plan.py."""
+"""The estimator (ctxext/resources/estimate.py, on shape.py, memory.py and timing.py): its counts
+against transformers and peft, its memory model, its suggestions and byte sizes. The command and
+the pre-run check are in test_cli_plan.py."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from conftest import BUNDLED
 
 from ctxext.checkpoint import read_config
 from ctxext.resources import estimate
+from ctxext.resources.shape import ModelShape, Workload
+from ctxext.resources.timing import Calibration
 
 LLAMA2_7B = {
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
@@ -27,7 +30,7 @@ MISTRAL_SMALL = {
     "vocab_size": 500, "tie_word_embeddings": True,
 }  # fmt: skip
 #: A fixed device so that the pure estimator's tests do not depend on this machine.
-FIXED = estimate.Calibration(
+FIXED = Calibration(
     device="cpu:test",
     matmul_flops={64: 1e9, 4096: 1e11},
     attention_flops={512: 1e10, 4096: 3e10},
@@ -59,10 +62,10 @@ def _transformers_params(config: dict, lora_rank: int | None = None) -> tuple[in
     ids=["bundled-llama", "qwen2", "mistral", "llama2-7b"],
 )
 def test_parameter_counts_match_transformers_and_peft(config):
-    shape = estimate.ModelShape.from_config(config)
+    shape = ModelShape.from_config(config)
     total, _ = _transformers_params(config)
     assert shape.total_params() == total
-    work = estimate.Workload("finetune", 64, lora_rank=8)
+    work = Workload("finetune", 64, lora_rank=8)
     est = estimate.estimate(shape, work, FIXED)
     lora_total, lora_trainable = _transformers_params(config, lora_rank=8)
     assert est.params_total == lora_total
@@ -70,37 +73,35 @@ def test_parameter_counts_match_transformers_and_peft(config):
 
 
 def test_llama2_7b_figures_follow_the_memory_model():
-    shape = estimate.ModelShape.from_config(LLAMA2_7B)
+    shape = ModelShape.from_config(LLAMA2_7B)
     assert shape.total_params() == 6_738_415_616  # Llama-2-7B's published count
-    full = estimate.estimate(shape, estimate.Workload("finetune", 32768), FIXED)
+    full = estimate.estimate(shape, Workload("finetune", 32768), FIXED)
     assert full.weights == 4 * shape.total_params()
     assert full.optimizer == 8 * shape.total_params() and full.gradients == 4 * full.weights // 4
     # [32k, 32000] fp32 logits x3 (logits, log-softmax, its gradient) = 11.7 GiB.
     assert full.loss == 3 * 32768 * 32000 * 4
-    ckpt = estimate.estimate(shape, estimate.Workload("finetune", 32768, grad_ckpt=True), FIXED)
+    ckpt = estimate.estimate(shape, Workload("finetune", 32768, grad_ckpt=True), FIXED)
     assert ckpt.activations < full.activations / 10
     assert ckpt.activations_other == full.activations
-    lora = estimate.estimate(shape, estimate.Workload("finetune", 32768, lora_rank=16), FIXED)
+    lora = estimate.estimate(shape, Workload("finetune", 32768, lora_rank=16), FIXED)
     assert lora.optimizer < full.optimizer / 10
     # eval's chunked loss never holds more than the 256 MiB budget, whatever the length.
-    ev = estimate.estimate(shape, estimate.Workload("eval", 32768), FIXED)
+    ev = estimate.estimate(shape, Workload("eval", 32768), FIXED)
     assert ev.loss <= 256 * 2**20 and ev.gradients == ev.optimizer == 0
 
 
 def test_task_episodes_add_their_mask_in_the_compute_dtype():
-    shape = estimate.ModelShape.from_config(LLAMA2_7B)
-    work = estimate.Workload("finetune", 32768, batch=2, compute_dtype="bfloat16")
+    shape = ModelShape.from_config(LLAMA2_7B)
+    work = Workload("finetune", 32768, batch=2, compute_dtype="bfloat16")
     plain = estimate.estimate(shape, work, FIXED)
-    packed = estimate.estimate(
-        shape, estimate.Workload(**{**work.__dict__, "episodes": True}), FIXED
-    )
+    packed = estimate.estimate(shape, Workload(**{**work.__dict__, "episodes": True}), FIXED)
     assert packed.attention - plain.attention == 2 * 32768 * 32768 * 2  # 4 GiB of bf16
     assert packed.peak - plain.peak == 4 * 2**30
 
 
 def test_suggestions_fit_and_prefer_the_least_intrusive_change():
-    shape = estimate.ModelShape.from_config(LLAMA2_7B)
-    work = estimate.Workload("finetune", 32768, compute_dtype="bfloat16")
+    shape = ModelShape.from_config(LLAMA2_7B)
+    work = Workload("finetune", 32768, compute_dtype="bfloat16")
     full = estimate.estimate(shape, work, FIXED)
     limit = int(full.peak * 0.5)
     fixes = estimate.suggest_changes(shape, work, FIXED, limit, trained_length=4096)
@@ -108,13 +109,13 @@ def test_suggestions_fit_and_prefer_the_least_intrusive_change():
     for fix in fixes:  # every suggestion, applied, fits
         changed = work
         if "--grad-ckpt" in fix:
-            changed = estimate.Workload(**{**changed.__dict__, "grad_ckpt": True})
+            changed = Workload(**{**changed.__dict__, "grad_ckpt": True})
         if "--lora-rank" in fix:
-            changed = estimate.Workload(**{**changed.__dict__, "lora_rank": 16})
+            changed = Workload(**{**changed.__dict__, "lora_rank": 16})
         if "--pose" in fix:
-            changed = estimate.Workload(**{**changed.__dict__, "length": 4096})
+            changed = Workload(**{**changed.__dict__, "length": 4096})
         if "--target-length" in fix:
-            changed = estimate.Workload(**{**changed.__dict__, "length": int(fix.split()[-1])})
+            changed = Workload(**{**changed.__dict__, "length": int(fix.split()[-1])})
         assert estimate.estimate(shape, changed, FIXED).peak <= limit, fix
 
 

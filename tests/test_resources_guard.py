@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from ctxext.checkpoint import resolve_model
 from ctxext.config import EvalConfig, ExtendConfig, FinetuneConfig
 from ctxext.errors import CtxextError
+from ctxext.locate import resolve_model
 from ctxext.resources import estimate, guard
 
 

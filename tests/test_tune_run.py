@@ -217,11 +217,14 @@ def test_finetune_runs_on_a_longrope_checkpoint(tiny_llama_session, tmp_path, ca
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["-m", "longrope"], "method longrope needs long_factor"),
+        (["-m", "longrope"], "--method longrope needs --long-factor"),
         (["-m", "longrope", "--long-factor", "FILE2"], "has 2 numbers but this model has 32"),
         (["-m", "longrope", "--long-factor", "MISSING"], "--long-factor"),
         (["-m", "longrope", "--long-factor", "BAD"], "expected a JSON list of numbers"),
-        (["-m", "yarn", "--long-factor", "FILE2"], "long_factor applies only to method longrope"),
+        (
+            ["-m", "yarn", "--long-factor", "FILE2"],
+            "--long-factor applies only to --method longrope",
+        ),
     ],
 )
 def test_bad_longrope_input_exits_2_with_one_line(capsys, tmp_path, args, message):

@@ -116,10 +116,13 @@ def _run_app(argv: list[str]) -> int:
     # Typer ships its own click; its exceptions live under typer.exceptions.
     from typer.exceptions import Abort, Exit, TyperException
 
+    from ctxext.config.errors import flag_names
+
     try:
         command = typer.main.get_command(_app_for(argv))
         _plain_placeholders(command)
-        result = command(args=argv, prog_name="ctxext", standalone_mode=False)
+        with flag_names(_flag_resolver(command, argv)):
+            result = command(args=argv, prog_name="ctxext", standalone_mode=False)
     except Exit as e:
         return getattr(e, "exit_code", 0)
     except Abort:
@@ -136,6 +139,35 @@ def _run_app(argv: list[str]) -> int:
             _one_line("interrupted")
         return result
     return 0
+
+
+#: Config keys set by a flag of another name (the rest: key `a_b` <- `--a-b`, `tasks` <- `--task`).
+_FLAG_ALIASES = {"include_base": "no_base"}
+
+
+def _flag_resolver(command: Any, argv: list[str]) -> Any:
+    """key path -> the long flag of the command argv[0] names that sets it (None: no flag),
+    so a validation error names what the user typed. `run` and `recipes` have none: a recipe
+    reports its own keys."""
+    sub = getattr(command, "commands", {}).get(argv[0]) if argv else None
+    if sub is None or argv[0] in ("run", "recipes", "plan"):
+        return None
+    flags = {
+        p.name: longs[0]
+        for p in sub.params
+        if (longs := [o for o in getattr(p, "opts", ()) if o.startswith("--")])
+    }
+
+    def flag_of(path: tuple[str, ...]) -> str | None:
+        head, *rest = path
+        for first in (head, head.removesuffix("s")):
+            name = "_".join([first, *rest])
+            found = flags.get(_FLAG_ALIASES.get(name, name))
+            if found is not None:
+                return found
+        return None
+
+    return flag_of
 
 
 def _plain_placeholders(command: Any) -> None:

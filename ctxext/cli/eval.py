@@ -74,8 +74,8 @@ def eval_command(
         Optional[list[str]],  # noqa: UP045
         typer.Option(
             "--task",
-            help="ppl, passkey, context-use (far-context gain) and/or retrieval; repeatable "
-            "(default ppl).",
+            help="ppl, passkey, context-use (far-context gain) and/or retrieval: "
+            "comma-separated or repeated, e.g. ppl,retrieval (default ppl).",
         ),
     ] = None,
     stride: Annotated[
@@ -253,7 +253,7 @@ def _progress_factory(progress: Any, announce: Any) -> Any:
 
 
 def _render(results: dict[str, Any], cfg: Any, console: Console) -> None:
-    from ctxext.report.cells import effective_length_line
+    from ctxext.report.cells import effective_length_line, sliding_window_lines
     from ctxext.report.plots import terminal_plot
     from ctxext.report.tables import (
         context_use_table,
@@ -276,3 +276,5 @@ def _render(results: dict[str, Any], cfg: Any, console: Console) -> None:
         line = effective_length_line(row)
         if line is not None:
             console.print(f"effective context: {line}")
+    for line in sliding_window_lines(results):
+        console.print(f"[yellow]sliding window:[/yellow] {line}", soft_wrap=True)

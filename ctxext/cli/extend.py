@@ -76,7 +76,7 @@ def extend(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Write a context-extended copy of MODEL (config-only: weights are linked, never loaded)."""
-    from ctxext import checkpoint
+    from ctxext import outputs
     from ctxext.config import ExtendJob
     from ctxext.extend import plan_extend, write_extended
 
@@ -109,7 +109,7 @@ def extend(
             _err.print("[dim]dry run: nothing written[/dim]")
         _warn(plan.notes)
         return
-    with checkpoint.output_lock(job.output):
+    with outputs.output_lock(job.output):
         record = write_extended(plan, job, allow_pickle=allow_pickle)
     _warn(plan.notes)
     if as_json:

@@ -244,13 +244,13 @@ def finetune(
         },
         "finetune options",
     )
-    from ctxext import checkpoint
+    from ctxext import outputs
     from ctxext.cli.guard import GuardOptions, check_finetune
 
     guard = GuardOptions(force, memory_limit, plan_only, as_json, recalibrate)
     main = _is_main_process()
     # One writer per output (the main process holds the lock); then the memory/time check.
-    lock = checkpoint.output_lock(output) if main and not plan_only else contextlib.nullcontext()
+    lock = outputs.output_lock(output) if main and not plan_only else contextlib.nullcontext()
     with lock, _ProgressBar(enabled=main and not as_json) as bar:
 
         def budget() -> None:  # after finetune's cheap checks, before anything is loaded
@@ -408,6 +408,8 @@ def _render_summary(summary: dict[str, Any]) -> None:
     loss = summary.get("loss")
     if loss is not None:
         rows.append(("loss", f"LongCE (short window {loss['window']}, stride {loss['stride']})"))
+    if summary.get("router_aux_loss"):
+        rows.append(("router aux loss", summary["router_aux_loss"]))
     if summary["resumed_from_step"] is not None:
         rows.append(("resumed", f"from step {summary['resumed_from_step']}"))
     for key, value in rows:

@@ -150,66 +150,120 @@ def _print_plan(verdict: Any, as_json: bool) -> None:
 
 
 def _table(verdict: Any) -> Any:
-    """Components down, phases (lengths) across."""
-    from rich.table import Table
-
+    """Components down, phases (lengths) across; as many tables as the terminal's width needs
+    (each with the components), so no cell is cut at 80 columns."""
     from ctxext.resources.estimate import format_bytes
 
     run, rows, calib, limit, where = (
         verdict.run, verdict.rows, verdict.calib, verdict.limit, verdict.where
     )  # fmt: skip
     e0 = rows[0][1]
-    caption = (
-        f"peak = runtime + weights + optimizer + max(gradients, activations + attention + loss); "
-        f"limit {format_bytes(limit)} ({where})"
-    )
-    table = Table(
-        title=f"ctxext plan {run.command}: {run.model} on {calib.device}",
-        caption="\n".join([caption, *_load_lines(verdict)]),
-    )
-    table.add_column("")
-    for label, _ in rows:
-        table.add_column(label, justify="right")
-    table.add_row("parameters", *(f"{e.params_total:,}" for _, e in rows))
-    table.add_row("trainable", *(f"{e.params_trainable:,}" for _, e in rows))
-    works = [w for _, w in run.phases]
     training = e0.params_trainable > 0
-    memory = [("runtime (Python, torch, libraries)", "runtime"), ("weights", "weights")]
+    notes = [
+        "peak = runtime + weights + optimizer + max(gradients, activations + attention + loss); "
+        f"limit {format_bytes(limit)} ({where}); runtime: Python, torch and libraries"
+    ]
+    body: list[tuple[str, list[str]]] = [
+        ("parameters", [f"{e.params_total:,}" for _, e in rows]),
+        ("trainable", [f"{e.params_trainable:,}" for _, e in rows]),
+        ("runtime", [format_bytes(e.runtime) for _, e in rows]),
+        ("weights", [format_bytes(e.weights) for _, e in rows]),
+    ]
+    works = [w for _, w in run.phases]
     if training:
-        memory += [("optimizer state", "optimizer"), ("gradients", "gradients")]
-    for name, key in memory:
-        table.add_row(name, *(format_bytes(getattr(e, key)) for _, e in rows))
-    if training:
-        on = [
-            e.activations if w.grad_ckpt else e.activations_other
-            for (_, e), w in zip(rows, works, strict=True)
+        body += [
+            ("optimizer", [format_bytes(e.optimizer) for _, e in rows]),
+            ("gradients", [format_bytes(e.gradients) for _, e in rows]),
         ]
-        off = [
-            e.activations_other if w.grad_ckpt else e.activations
-            for (_, e), w in zip(rows, works, strict=True)
-        ]
-        mark = ["*" if w.grad_ckpt else "" for w in works]
-        table.add_row(
-            "activations, grad ckpt",
-            *(f"{format_bytes(x)}{m}" for x, m in zip(on, mark, strict=True)),
-        )
-        mark = ["" if w.grad_ckpt else "*" for w in works]
-        table.add_row(
-            "activations, no grad ckpt",
-            *(f"{format_bytes(x)}{m}" for x, m in zip(off, mark, strict=True)),
-        )
+        for name, ckpt in (("activ. ckpt", True), ("activ. no ckpt", False)):
+            cells = []
+            for (_, e), w in zip(rows, works, strict=True):
+                value = e.activations if w.grad_ckpt == ckpt else e.activations_other
+                cells.append(f"{format_bytes(value)}{'*' if w.grad_ckpt == ckpt else ''}")
+            body.append((name, cells))
+        notes.append("activ.: activations with or without gradient checkpointing (*: in force)")
     else:
-        table.add_row("activations", *(format_bytes(e.activations) for _, e in rows))
-    table.add_row("attention", *(format_bytes(e.attention) for _, e in rows))
-    table.add_row("loss (logits)", *(format_bytes(e.loss) for _, e in rows))
-    table.add_row("[bold]peak[/bold]", *(f"[bold]{format_bytes(e.peak)}[/bold]" for _, e in rows))
-    step = "time per step" if training else "time per forward"
-    table.add_row(step, *(_duration(e.seconds_per_step) for _, e in rows))
-    table.add_row("time per token", *(f"{e.seconds_per_token * 1e3:.3g} ms" for _, e in rows))
-    table.add_row("time", *("?" if e.seconds is None else _duration(e.seconds) for _, e in rows))
+        body.append(("activations", [format_bytes(e.activations) for _, e in rows]))
+    body += [
+        ("attention", [format_bytes(e.attention) for _, e in rows]),
+        ("loss (logits)", [format_bytes(e.loss) for _, e in rows]),
+        ("[bold]peak[/bold]", [f"[bold]{format_bytes(e.peak)}[/bold]" for _, e in rows]),
+        (
+            "time per step" if training else "time per forward",
+            [_duration(e.seconds_per_step) for _, e in rows],
+        ),
+        ("time per token", [f"{e.seconds_per_token * 1e3:.3g} ms" for _, e in rows]),
+        ("time", [_duration(e.seconds) if e.seconds is not None else "unknown" for _, e in rows]),
+    ]
     total = verdict.seconds
-    table.add_row("[bold]total time[/bold]", "unknown" if total is None else _duration(total))
-    return table
+    if total is None:
+        notes.append(
+            "unknown: an eval's time depends on its documents, which are not read before the "
+            "run (give eval.num_docs, or --num-docs, for an estimate)"
+        )
+    title = f"ctxext plan {run.command}: {run.model} on {calib.device}"
+    return _PlanTable(
+        title,
+        [label for label, _ in rows],
+        body,
+        ("total time", "unknown" if total is None else _duration(total)),
+        [*notes, *_load_lines(verdict)],
+    )
+
+
+class _PlanTable:
+    """The plan as Rich tables: the phases split over as many tables as the width needs."""
+
+    def __init__(
+        self,
+        title: str,
+        phases: list[str],
+        body: list[tuple[str, list[str]]],
+        total: tuple[str, str],
+        notes: list[str],
+    ) -> None:
+        self.title, self.phases, self.body, self.total, self.notes = (
+            title, phases, body, total, notes
+        )  # fmt: skip
+
+    def _table(self, columns: list[int], last: bool) -> Any:
+        from rich import box
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("", no_wrap=True)
+        for i in columns:  # as wide as its widest figure: the header wraps at its words
+            widest = max(len(Text.from_markup(cells[i])) for _, cells in self.body)
+            table.add_column(
+                self.phases[i], justify="right", overflow="fold", max_width=max(widest, 8)
+            )
+        for label, cells in self.body:
+            table.add_row(label, *(cells[i] for i in columns))
+        if last:
+            table.add_row(f"[bold]{self.total[0]}[/bold]", self.total[1])
+        return table
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.measure import Measurement
+        from rich.text import Text
+
+        width = options.max_width
+        yield Text(self.title, style="italic", justify="center", overflow="fold")
+        chunks: list[list[int]] = [[]]
+        unbounded = options.update_width(10**6)  # a measurement is clamped to the width
+        for i in range(len(self.phases)):
+            trial = [*chunks[-1], i]
+            natural = Measurement.get(console, unbounded, self._table(trial, False)).maximum
+            fits = natural <= width
+            if chunks[-1] and not fits:
+                chunks.append([i])
+            else:
+                chunks[-1] = trial
+        for n, chunk in enumerate(chunks):
+            yield self._table(chunk, n == len(chunks) - 1)
+        for note in self.notes:
+            yield Text(note, style="dim")
 
 
 def _machine_now() -> Any:

@@ -71,6 +71,9 @@ def run(
 ) -> None:
     """Run a recipe: extend -> fine-tune -> eval, then results, plots, report and model card.
 
+    The terminal ends with what to look at: per variant, the far-context gain at the longest
+    length, retrieval per length and the effective context length.
+
     Writes output_dir atomically: recipe.yaml, model/ + README.md, results.json/.csv, plots, report.md.
     """
     from ctxext.recipes.loader import load_recipe
@@ -82,12 +85,13 @@ def run(
         _print_resolved(loaded)
         _err.print(f"[dim]dry run: {loaded.recipe.summary()}; would write {out}[/dim]")
         return
-    from ctxext import checkpoint
+    from ctxext import locate, outputs
     from ctxext.cli.guard import GuardOptions, check_recipe
     from ctxext.cli.progress import token_progress
 
-    lock = checkpoint.output_lock(out) if not plan_only else contextlib.nullcontext()
-    with lock:  # one writer per output; then the memory/time check
+    lock = outputs.output_lock(out) if not plan_only else contextlib.nullcontext()
+    # One writer per output; then the memory/time check; a Hub revision resolved once for both.
+    with lock, locate.one_commit_per_revision():
         announce = check_recipe(
             loaded, GuardOptions(force, memory_limit, plan_only, as_json, recalibrate)
         )
@@ -120,7 +124,10 @@ def _hooks(progress: Any, bar: _FinetuneBar, quiet: bool, announce: Any = None) 
         task_id = progress.add_task(what, total=total)
         return lambda done: progress.update(task_id, completed=done)
 
-    return RunHooks(status=status, finetune=bar, eval_factory=factory)
+    def warning(message: str) -> None:  # on stderr, also with --json
+        progress.console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
+
+    return RunHooks(status=status, warning=warning, finetune=bar, eval_factory=factory)
 
 
 class _FinetuneBar:
@@ -206,6 +213,13 @@ def _render(summary: dict[str, Any], loaded: Any) -> None:
     table.add_row("time", f"{summary['seconds']:.1f}s ({timings})")
     table.add_row("seed", str(summary["provenance"]["seed"]))
     _out.print(table)
+    if results is not None:  # last: what the README's headline is about, in 80 columns
+        from ctxext.report.summary import headline_summary
+
+        text = headline_summary(results)
+        if text is not None:
+            _out.print()
+            _out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _jsonable(value: Any) -> Any:
@@ -266,12 +280,13 @@ def list_recipes(
         return
     from rich.table import Table
 
-    table = Table(title="shipped recipes (`ctxext run NAME`)")
-    table.add_column("name", style="bold")
-    table.add_column("model")
-    table.add_column("what it does")
+    # Name over model in one column: at 80 columns "what it does" keeps room to wrap at
+    # words; a long model id folds rather than being cut.
+    table = Table(title="shipped recipes (`ctxext run NAME`)", show_lines=True)
+    table.add_column("name / model", overflow="fold")
+    table.add_column("what it does", overflow="fold")
     for row in rows:
-        table.add_row(row["name"], row["model"], row["does"])
+        table.add_row(f"[bold]{row['name']}[/bold]\n{row['model']}", row["does"])
     _out.print(table)
 
 

@@ -1,9 +1,11 @@
 """What every config model shares: the strict base model, the compute dtype names, the
-text-encoding validator and the length list parser of the flags."""
+text-encoding validator, comma-separated lists, the name matcher (case-insensitive, "did you
+mean") and the length list parser of the flags."""
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -16,6 +18,18 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 AttnImplementation = Literal["eager", "sdpa", "flash_attention_2"] | None
 
 
+def comma_list(v: Any) -> Any:
+    """'a,b' or ['a,b', 'c'] -> ['a', 'b', 'c']: list values the flags and recipes may write
+    comma-separated, repeated, or both (a ``mode="before"`` validator); others unchanged."""
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list | tuple):
+        return v
+    out: list[Any] = []
+    for item in items:
+        out += [p.strip() for p in item.split(",")] if isinstance(item, str) else [item]
+    return out
+
+
 def known_encoding(v: str | None) -> str | None:
     """A codec name Python knows (validator shared by the eval and finetune configs)."""
     import codecs
@@ -26,6 +40,30 @@ def known_encoding(v: str | None) -> str | None:
         except LookupError:
             raise ValueError(f"unknown text encoding {v!r} (try latin-1 or cp1252)") from None
     return v
+
+
+def one_of(value: Any, names: Sequence[str], what: str) -> Any:
+    """``value`` as one of ``names``, whatever its case (`YaRN` is `yarn`); a near miss is
+    refused with "did you mean", anything else with the list. Non-strings pass through (the
+    field's type refuses them)."""
+    if not isinstance(value, str):
+        return value
+    lowered = {name.lower(): name for name in names}
+    found = lowered.get(value.strip().lower())
+    if found is not None:
+        return found
+    import difflib
+
+    close = difflib.get_close_matches(value.strip().lower(), list(lowered), n=1, cutoff=0.6)
+    hint = f"; did you mean '{lowered[close[0]]}'?" if close else ""
+    raise ValueError(f"unknown {what} '{value}'{hint} (one of: {', '.join(names)})")
+
+
+def each_one_of(value: Any, names: Sequence[str], what: str) -> Any:
+    """:func:`one_of` for every item of a list (anything else passes through)."""
+    if not isinstance(value, list | tuple):
+        return value
+    return [one_of(x, names, what) for x in value]
 
 
 class StrictModel(BaseModel):

@@ -1,8 +1,13 @@
-"""One line per validation failure: ``WHERE: key: problem`` for flags and recipe files alike."""
+"""One line per validation failure: ``--flag: problem`` for a command's flags (while the CLI
+says which flag sets which key, :func:`flag_names`), ``WHERE: key: problem`` for recipe files
+and everything else."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from pydantic import (
@@ -12,6 +17,22 @@ from pydantic import (
 
 from ctxext.errors import CtxextError
 from ctxext.text import plural
+
+#: key path (ints left out) -> the flag that sets it, or None; set while a CLI command runs.
+FlagOf = Callable[[tuple[str, ...]], str | None]
+_FLAG_OF: ContextVar[FlagOf | None] = ContextVar("ctxext_flag_of", default=None)
+
+
+@contextlib.contextmanager
+def flag_names(flag_of: FlagOf | None) -> Iterator[None]:
+    """While it lasts, validation errors name the flag the user typed (``--task``) instead of
+    the schema's key path (``tasks.0``); keys no flag sets keep their names. The CLI sets it
+    around each command; recipe files always report their own keys."""
+    token = _FLAG_OF.set(flag_of)
+    try:
+        yield
+    finally:
+        _FLAG_OF.reset(token)
 
 
 def parse_model(cls: type[BaseModel], data: dict, where: str) -> BaseModel:
@@ -40,8 +61,29 @@ def format_validation_error(
     loc = tuple(err["loc"]) + tuple((err.get("ctx") or {}).get("at", ()))
     key = ".".join(str(p) for p in loc) or "(top level)"
     more = f" (and {plural(len(errors) - 1, 'more problem')})" if len(errors) > 1 else ""
+    problem = _problem(err, loc, cls)
+    flag_of = _FLAG_OF.get() if position is None else None
+    if flag_of is not None:
+        path = tuple(str(p) for p in loc if not isinstance(p, int))
+        if not path and cls is not None:  # a model validator's problem names keys: say flags
+            return _with_flags(problem, cls, flag_of) + more
+        flag = flag_of(path) if path else None
+        if flag is not None:
+            return f"{flag}: {problem}{more}"
     written = position(loc) if position is not None else ""
-    return f"{where}: {key}{written}: {_problem(err, loc, cls)}{more}"
+    return f"{where}: {key}{written}: {problem}{more}"
+
+
+def _with_flags(problem: str, cls: type[BaseModel], flag_of: FlagOf) -> str:
+    """``give exactly one of factor and target_length`` -> ``... --factor and --target-length``
+    (the keys of ``cls`` that a flag sets; other words stay)."""
+
+    def flag(match: re.Match[str]) -> str:
+        return flag_of((match.group(0),)) or match.group(0)
+
+    names = sorted(cls.model_fields, key=len, reverse=True)
+    pattern = r"(?<![\w-])(?:" + "|".join(map(re.escape, names)) + r")(?![\w-])"
+    return re.sub(pattern, flag, problem)
 
 
 def _problem(err: Any, loc: tuple[Any, ...], cls: type[BaseModel] | None) -> str:

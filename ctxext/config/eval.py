@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     field_validator,
     model_validator,
 )
 
-from ctxext.config.base import AttnImplementation, Dtype, StrictModel, known_encoding, length_word
+from ctxext.config.base import (
+    AttnImplementation,
+    Dtype,
+    StrictModel,
+    comma_list,
+    each_one_of,
+    known_encoding,
+    length_word,
+)
 from ctxext.errors import CtxextError
 
 Task = Literal["ppl", "passkey", "context-use", "retrieval"]
+TASKS: tuple[str, ...] = get_args(Task)
 DocSelection = Literal["same", "per-length"]
 
 
@@ -69,11 +78,18 @@ class EvalConfig(StrictModel):
     seed: int = 0
     """Seed for document sampling, bootstrap and passkeys."""
 
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_names(cls, v: Any) -> Any:
+        # --task ppl,retrieval as --lengths 256,512 (and repeated: --task ppl --task retrieval);
+        # names whatever their case (PPL is ppl); a near miss gets "did you mean".
+        return each_one_of(comma_list(v), TASKS, "task")
+
     @field_validator("lengths", mode="before")
     @classmethod
     def _length_words(cls, v: Any) -> Any:
         # A recipe may write lengths as the CLI takes them: [1k, 2k] or "256,512,1k".
-        items = v.split(",") if isinstance(v, str) else v
+        items = comma_list(v)
         if not isinstance(items, list):
             return v
         return [length_word(x) or x if isinstance(x, str) else x for x in items]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     field_validator,
     model_validator,
 )
 
-from ctxext.config.base import StrictModel
+from ctxext.config.base import StrictModel, one_of
 from ctxext.rope.methods import ALL_METHODS, OPTION_DEFAULTS
 
 Method = Literal[ALL_METHODS]  # type: ignore[valid-type]  # the names defined in ctxext.rope
@@ -45,6 +45,11 @@ class ExtendConfig(StrictModel):
     """longrope: rotary_dim/2 divisors of the pair frequencies, used past the trained length."""
     short_factor: list[float] | None = OPTION_DEFAULTS["short_factor"]
     """longrope: the divisors used up to the trained length; default all 1 (unchanged)."""
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, v: Any) -> Any:
+        return one_of(v, ALL_METHODS, "method")
 
     @field_validator("factor")
     @classmethod
@@ -89,8 +94,8 @@ class ExtendConfig(StrictModel):
             raise ValueError("high_freq_factor must be greater than low_freq_factor")
         if self.method == "longrope" and self.long_factor is None:
             raise ValueError(
-                "method longrope needs long_factor (--long-factor FILE with rotary_dim/2 "
-                "numbers), or let `ctxext tune` search them"
+                "method longrope needs long_factor (rotary_dim/2 numbers), or let `ctxext tune` "
+                "search them"
             )
         if self.long_factor is not None and self.method != "longrope":
             raise ValueError("long_factor applies only to method longrope")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import (
     Field,
+    field_validator,
 )
 
-from ctxext.config.base import StrictModel
+from ctxext.config.base import StrictModel, each_one_of
 from ctxext.rope.methods import FACTOR_LIST_METHODS
 
 #: What `ctxext tune` searches unless told, in this order (a search's seeded draws follow it):
@@ -35,3 +38,9 @@ class TuneConfig(StrictModel):
     """Leaderboard lengths (default: the trained length and the target length)."""
     data: str | None = None
     seed: int = 0
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _method_names(cls, v: Any) -> Any:
+        # Names whatever their case (YaRN is yarn); a near miss gets "did you mean".
+        return each_one_of(v, TUNE_METHODS, "method")

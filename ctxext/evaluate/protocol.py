@@ -40,7 +40,8 @@ before each length and task (:func:`reset_rotary_state`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -96,6 +97,66 @@ def tokenize_for_eval(tokenizer: Any, texts: Sequence[str]) -> TokenizedDocs:
         for text, offsets in zip(texts, enc["offset_mapping"], strict=True)
     ]
     return TokenizedDocs([list(ids) for ids in enc["input_ids"]], counts)
+
+
+#: Normalizers that never make a text longer than its UTF-8 bytes (+ a prefix character).
+_SHORT_NORMALIZERS = ("Prepend", "Replace", "Strip", "Lowercase", "Sequence")
+
+
+def _token_bound(tokenizer: Any) -> Callable[[int], int] | None:
+    """bytes -> at most so many tokens, for a fast tokenizer whose normalizer cannot lengthen
+    the text: every token then covers at least one byte (or one character, no shorter), plus a
+    prefix space or two; None for any other tokenizer (NFKC can turn one character into 18)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    normalizer = backend.normalizer
+    if normalizer is not None:
+        text = repr(normalizer)
+        kinds = set(re.findall(r"\b([A-Z][A-Za-z]*)\(", text))
+        lengthens = "Replace" in kinds and not _short_replaces(text)
+        if lengthens or not kinds <= set(_SHORT_NORMALIZERS):
+            return None
+    return lambda size: size + 2
+
+
+def _short_replaces(text: str) -> bool:
+    """Every Replace(..., content=C) puts in at most one character."""
+    contents = re.findall(r'content="((?:[^"\\]|\\.)*)"', text)
+    return bool(contents) and all(len(c) <= 1 for c in contents)
+
+
+def check_longest(tokenizer: Any, texts: Sequence[str], length: int, bos: bool) -> None:
+    """Refuse a ``length`` no document holds (a BOS is prepended when ``bos``), tokenizing only
+    the documents that could: the longest by bytes first, while their size allows ``length``
+    tokens (or more than the longest found, for the message). Nothing is refused when the
+    tokenizer's tokens per byte cannot be bounded (the full tokenization decides then)."""
+    bound = _token_bound(tokenizer)
+    if bound is None:
+        return
+    need = length - bos
+    sizes = sorted(
+        ((len(t.encode("utf-8", "surrogatepass")), i) for i, t in enumerate(texts)), reverse=True
+    )
+    best = 0
+    for size, i in sizes:
+        if bound(size) < need and bound(size) <= best:
+            break
+        ids = tokenizer(texts[i], add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) >= need:
+            return
+        best = max(best, len(ids))
+    raise too_short(length, best + bos, bos)
+
+
+def too_short(length: int, longest: int, bos: bool) -> CtxextError:
+    """The refusal of a length longer than every document (``longest``: its tokens, BOS
+    included when ``bos``)."""
+    return CtxextError(
+        f"no document has at least {length} tokens (the longest has {longest} tokens"
+        f"{', BOS included' if bos else ''}, so lengths up to {longest} fit); lower --lengths "
+        "or use longer data"
+    )
 
 
 def _token_bytes(text: str, offsets: Sequence[Sequence[int]]) -> list[int]:
@@ -189,10 +250,7 @@ def _eligible(
     eligible = [i for i, ids in enumerate(doc_token_ids) if prefix + len(ids) >= length]
     if not eligible:
         longest = prefix + max((len(ids) for ids in doc_token_ids), default=0)
-        raise CtxextError(
-            f"no document has at least {length} tokens (the longest has {longest} tokens"
-            f"{', BOS included' if prefix else ''}); lower --lengths or use longer data"
-        )
+        raise too_short(length, longest, bool(prefix))
     if num_docs is not None and num_docs < len(eligible):
         rng = np.random.default_rng(seed)
         eligible = sorted(rng.choice(eligible, size=num_docs, replace=False).tolist())

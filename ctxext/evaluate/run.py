@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ctxext import checkpoint
+from ctxext import checkpoint, locate, outputs
 from ctxext.config import EvalConfig
 from ctxext.errors import CtxextError
 from ctxext.evaluate.variants import Sources, Variant, plan_variants, resolve_models
@@ -132,9 +132,9 @@ def evaluate_and_report(
     locked = output is not None and not hooks.plan_only
     if locked:
         inputs = [src.path for src in sources.values()]
-        output = checkpoint.check_output_path(output, inputs, overwrite)
+        output = outputs.check_output_path(output, inputs, overwrite)
     budget_check = hooks.budget(len(variants) // len(models)) if hooks.budget else None
-    with checkpoint.output_lock(output) if locked else contextlib.nullcontext():
+    with outputs.output_lock(output) if locked else contextlib.nullcontext():
         with hooks.progress() as progress_factory:
             results = run_eval(
                 variants,
@@ -148,7 +148,7 @@ def evaluate_and_report(
         if hooks.render is not None:
             hooks.render(results)
         if output is not None:
-            with checkpoint.atomic_output(output) as tmp:
+            with outputs.atomic_output(output) as tmp:
                 write_outputs(results, tmp)
             if hooks.written is not None:
                 hooks.written(output)
@@ -175,7 +175,7 @@ def _naming(who: str) -> Iterator[None]:
 
 
 def _who(variant: Variant) -> str:
-    name = variant.model or checkpoint.DEFAULT_MODEL
+    name = variant.model or locate.DEFAULT_MODEL
     return f"{name} (-m {variant.extend.method})" if variant.extend else name
 
 
@@ -202,7 +202,7 @@ def preflight(
     paths: dict[str, str] = {}
     for model in sources:
         with _naming(_who(Variant(model))):
-            source = sources[model] = checkpoint.fetch(sources[model], "tokenizer")
+            source = sources[model] = locate.fetch(sources[model], "tokenizer")
             if source.repo_id is None:  # a Hub model's weights are checked when fetched
                 check_weights(source.path, allow_pickle)
             check_tokenizer_files(source.path)
@@ -252,12 +252,16 @@ def _long_enough(tok: Any, cfg: EvalConfig) -> Any:
 def _tokenize_and_check(tok: Any, docs: list, cfg: EvalConfig) -> _Tokens:
     from ctxext.evaluate.passkey import build_passkey_prompt
     from ctxext.evaluate.protocol import (
+        check_longest,
         perplexity_sweep_tokens,
         select_documents,
         tokenize_for_eval,
     )
 
-    tokens = tokenize_for_eval(tok, [d.text for d in docs])
+    texts = [d.text for d in docs]
+    if "ppl" in cfg.tasks or "context-use" in cfg.tasks:  # before tokenizing every document
+        check_longest(tok, texts, max(cfg.lengths), tok.bos_token_id is not None)
+    tokens = tokenize_for_eval(tok, texts)
     bos = tok.bos_token_id
     if "ppl" in cfg.tasks:  # raises when no document is long enough
         perplexity_sweep_tokens(tokens.ids, cfg.lengths, **_ppl_options(cfg, bos))

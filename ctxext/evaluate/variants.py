@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ctxext import checkpoint
+from ctxext import locate
 from ctxext.config import EvalConfig, ExtendConfig
 from ctxext.errors import CtxextError
 
 #: Each model of the command, resolved once (a Hub model pinned to the commit it resolved to:
 #: every later fetch of its files is at that commit), by the name the caller gave.
-Sources = dict[str | None, checkpoint.ResolvedModel]
+Sources = dict[str | None, locate.ResolvedModel]
 
 
 @dataclass(frozen=True)
@@ -62,5 +62,5 @@ def resolve_models(models: list[str | None]) -> Sources:
     sources: Sources = {}
     for model in models:
         if model not in sources:
-            sources[model] = checkpoint.resolve_model(model)
+            sources[model] = locate.resolve_model(model)
     return sources

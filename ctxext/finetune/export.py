@@ -98,10 +98,10 @@ def _save_dtype(config: dict[str, Any]):  # -> torch.dtype
 def _write_output(
     model: Any, loaded: Any, setup: RunSetup, cfg: FinetuneConfig, summary: dict[str, Any]
 ) -> None:
-    from ctxext import checkpoint
+    from ctxext import checkpoint, outputs
     from ctxext.report.plots import plot_loss
 
-    with checkpoint.atomic_output(setup.out) as tmp:
+    with outputs.atomic_output(setup.out) as tmp:
         model.to(_save_dtype(loaded.config))
         model.save_pretrained(tmp)
         _usual_file_modes(tmp)

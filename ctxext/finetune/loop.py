@@ -16,6 +16,7 @@ from ctxext.finetune.export import finish
 from ctxext.finetune.loss import LONGCE_MAX_WEIGHT
 from ctxext.finetune.model import prepare_model
 from ctxext.finetune.parallel import (
+    accelerator_precision,
     check_context_parallel_device,
     check_parallelism,
     data_parallel_size,
@@ -77,12 +78,13 @@ def run_finetune(
         budget_check()
     from accelerate import Accelerator  # only now: a refused request never waits for torch
 
-    from ctxext import checkpoint
+    from ctxext import locate
     from ctxext.device import pick_device
     from ctxext.modeling import load_tokenizer
 
     device = pick_device()
     check_context_parallel_device(device)  # before Accelerate, which refuses it with a traceback
+    accelerator_precision(mixed_precision(cfg.dtype, device))
     acc = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=mixed_precision(cfg.dtype, device),
@@ -93,11 +95,16 @@ def run_finetune(
         cpu=device == "cpu",
     )
     report = _reporter(progress, acc.is_main_process)
+    if setup.extend is not None:  # what other engines do differently, as `extend` says
+        from ctxext.extend import engine_warnings
+
+        for note in engine_warnings(setup.extend, setup.trained_length, setup.target_length):
+            report("warning", {"message": note})
     global_batch = cfg.batch_size * cfg.grad_accum * data_parallel_size(acc)
     check_parallelism(acc, setup.seq_length, cfg.loss)
     # Data first: a source too small for one batch is reported before any weight is loaded.
     report("status", {"message": "packing training data"})
-    setup.source = checkpoint.fetch(setup.source, "tokenizer")  # a Hub model: no weights yet
+    setup.source = locate.fetch(setup.source, "tokenizer")  # a Hub model: no weights yet
     tokenizer = load_tokenizer(setup.source.path, trust_remote_code)
     # PoSE windows are cut from target-length chunks; plain training reads whole chunks.
     chunk_length = setup.target_length if cfg.pose else setup.seq_length
@@ -141,6 +148,11 @@ def run_finetune(
         "parameters": total,
         "data": data.summary(),
     }
+    if getattr(lm.config, "router_aux_loss_coef", None) is not None:  # MoE: said once
+        summary_base["router_aux_loss"] = (
+            "not added: the loss is the language-modelling loss only, as the model's own with "
+            "output_router_logits false; routers are trained by it alone"
+        )
     if cfg.loss == "longce":
         summary_base["loss"] = {
             "name": "longce",
@@ -198,11 +210,11 @@ def _load(
 ):
     """Load with the extension applied in memory. Full fine-tunes keep fp32 master weights;
     LoRA keeps the frozen base in the compute dtype (peft keeps adapters in fp32)."""
-    from ctxext import checkpoint
+    from ctxext import locate
     from ctxext.device import compute_dtype, pick_device
     from ctxext.modeling import load_causal_lm
 
-    setup.source = checkpoint.fetch(
+    setup.source = locate.fetch(
         setup.source, "weights", allow_pickle=allow_pickle, progress=_download_status(report)
     )
     dtype = "float32" if cfg.lora_rank is None else compute_dtype(cfg.dtype, pick_device())

@@ -17,6 +17,18 @@ def mixed_precision(dtype: str, device: str) -> str:
     return {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[compute_dtype(dtype, device)]
 
 
+def accelerator_precision(mixed: str) -> None:
+    """Let this process's next Accelerator take ``mixed`` precision: Accelerate keeps one state
+    per process and raises (a traceback) on an Accelerator with another precision, so a second
+    fine-tune in one process (a library user, the tests) with another dtype would fail. The
+    process group (Accelerate's PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def check_parallelism(acc: Any, seq_length: int, loss: str = "ce") -> None:
     """Refuse, in one line and before anything is loaded, sharding setups that cannot run here:
     FSDP options the CPU path does not implement, CP slices that do not divide the sequence,

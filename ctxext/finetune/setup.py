@@ -21,7 +21,7 @@ INJECT_NAN_ENV = "CTXEXT_INJECT_NAN_AT_STEP"
 class RunSetup:
     """Everything decided before any weight is loaded or any file written."""
 
-    source: Any  # checkpoint.ResolvedModel
+    source: Any  # locate.ResolvedModel
     config_before: dict[str, Any]
     extend: ExtendConfig | None
     method: str
@@ -46,10 +46,10 @@ def setup_run(
     overwrite: bool,
 ) -> RunSetup:
     """Validate the request against the model's config and the file system (no writes)."""
-    from ctxext import checkpoint, rope
+    from ctxext import checkpoint, locate, outputs, rope
     from ctxext.modeling import check_causal_lm
 
-    source = checkpoint.resolve_model(model)
+    source = locate.resolve_model(model)
     config = checkpoint.read_config(source.path)
     check_causal_lm(config, source.name)
     info = rope.analyze(config)
@@ -75,7 +75,7 @@ def setup_run(
     _check_tasks_fit(cfg, source.path, seq)
     if cfg.tasks.min_length is not None:
         check_episodes_supported(config, seq)
-    out = checkpoint.check_output_path(output, [source.path], overwrite=True)
+    out = outputs.check_output_path(output, [source.path], overwrite=True)
     work = work_dir(out)
     _check_output_state(out, work, resume=resume, overwrite=overwrite)
     return RunSetup(

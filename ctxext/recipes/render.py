@@ -11,6 +11,7 @@ from ctxext.text import plural
 
 def render_report(run: RunRecord, summary: dict[str, Any]) -> str:
     """report.md: what was done, the tables, the plots, provenance."""
+    from ctxext.report.cells import sliding_window_lines
     from ctxext.report.markdown import context_use_markdown, passkey_markdown, ppl_markdown
 
     recipe, pre = run.recipe, run.pre
@@ -56,6 +57,7 @@ def render_report(run: RunRecord, summary: dict[str, Any]) -> str:
             f"tokens on {run.results['data']['source']} "
             f"(fingerprint `{run.results['data']['fingerprint']}`), seed {cfg['seed']}."
         )
+        lines += [f"- **Sliding window**: {line}." for line in sliding_window_lines(run.results)]
     if run.ckpt is not None:
         name = recipe.outputs.checkpoint
         lines.append(

@@ -56,39 +56,44 @@ class RunHooks:
     """How a run reports progress (the CLI renders these with Rich)."""
 
     status: Callable[[str], None] = lambda message: None
+    warning: Callable[[str], None] = lambda message: None
     finetune: Callable[[str, dict[str, Any]], None] | None = None
     eval_factory: Callable[[str, int], Callable[[int], None]] | None = None
 
 
 @dataclass
 class _Preflight:
-    source: Any  # checkpoint.ResolvedModel
+    source: Any  # locate.ResolvedModel
     name: str  # short display name of the base model
     config: dict[str, Any]
     trained_length: int
     factor: float | None
     new_length: int | None
+    notes: list[str]  # what other engines do differently with the extension (as `extend` says)
 
 
 def _preflight(recipe: Recipe) -> _Preflight:
     """Resolve the model and check the extension against its config (nothing heavy)."""
-    from ctxext import checkpoint, rope
+    from ctxext import checkpoint, locate, rope
+    from ctxext.extend import engine_warnings
 
-    source = checkpoint.resolve_model(recipe.model)
+    source = locate.resolve_model(recipe.model)
     config = checkpoint.read_config(source.path)
     info = rope.analyze(config)
     factor = new_length = None
+    notes: list[str] = []
     if recipe.extend is not None:
         spec = recipe.extend
         factor = rope.validate_request(info, spec.method, spec.factor, spec.target_length)
         rope.extend_config(config, spec.method, factor=factor, **spec.rope_options())
         new_length = rope.new_length(info.trained_length, factor)
+        notes = engine_warnings(spec, info.trained_length, new_length)
     name = source.name if source.source != "local" else Path(source.name).name
-    return _Preflight(source, name, config, info.trained_length, factor, new_length)
+    return _Preflight(source, name, config, info.trained_length, factor, new_length, notes)
 
 
 def _check_output(out: Path, recipe_path: Path, inputs: list[Path], overwrite: bool) -> Path:
-    from ctxext import checkpoint
+    from ctxext import outputs
 
     cwd = Path.cwd().resolve()
     real = out.resolve()
@@ -102,7 +107,7 @@ def _check_output(out: Path, recipe_path: Path, inputs: list[Path], overwrite: b
             f"output_dir {out} holds the recipe file {recipe_path}; choose another output_dir "
             "(--output-dir)"
         )
-    return checkpoint.check_output_path(out, inputs, overwrite)
+    return outputs.check_output_path(out, inputs, overwrite)
 
 
 def run_recipe(
@@ -113,23 +118,41 @@ def run_recipe(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
 ) -> dict[str, Any]:
-    """Run a validated recipe; returns the summary (output folder, results, timings)."""
-    from ctxext import checkpoint
+    """Run a validated recipe; returns the summary (output folder, results, timings).
+
+    A Hub model's revision (a branch, say) is resolved to a commit once, and every phase reads
+    that commit (:func:`ctxext.locate.one_commit_per_revision`); provenance records it.
+    """
+    from ctxext import locate
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CtxextError(
             "ctxext run drives a whole recipe in one process; under accelerate launch run the "
             "fine-tune alone (accelerate launch -m ctxext finetune ...), then ctxext eval"
         )
-    hooks = hooks or RunHooks()
+    with locate.one_commit_per_revision():
+        return _run(loaded, overwrite, hooks or RunHooks(), trust_remote_code, allow_pickle)
+
+
+def _run(
+    loaded: LoadedRecipe,
+    overwrite: bool,
+    hooks: RunHooks,
+    trust_remote_code: bool,
+    allow_pickle: bool,
+) -> dict[str, Any]:
+    from ctxext import locate, outputs
+
     recipe = loaded.recipe
     out = loaded.output_dir()
     _check_output(out, loaded.path, [], overwrite)  # fail before any model is resolved
-    hooks.status(f"checking {recipe.model or checkpoint.DEFAULT_MODEL}")
+    hooks.status(f"checking {recipe.model or locate.DEFAULT_MODEL}")
     pre = _preflight(recipe)
     out = _check_output(out, loaded.path, [pre.source.path], overwrite)
+    for note in pre.notes:
+        hooks.warning(note)
     started = time.perf_counter()
-    with seeded(recipe.seed), checkpoint.atomic_output(out) as tmp:
+    with seeded(recipe.seed), outputs.atomic_output(out) as tmp:
         _write_resolved(loaded, tmp / "recipe.yaml")
         ckpt = tmp / recipe.outputs.checkpoint if recipe.writes_checkpoint() else None
         if ckpt is not None:
@@ -236,12 +259,20 @@ class RecipeRun:
 
         assert self.ckpt is not None and self.recipe.finetune is not None
         self.hooks.status("finetune: training at the extended length")
+        outer = self.hooks.finetune
+
+        def progress(event: str, info: dict[str, Any]) -> None:
+            if event == "warning" and info["message"] in self.pre.notes:
+                return  # the run said it when it started
+            if outer is not None:
+                outer(event, info)
+
         self.finetune_summary = run_finetune(
             self.recipe.model,
             self.ckpt,
             self.recipe.extend,
             self.recipe.finetune,
-            progress=self.hooks.finetune,
+            progress=progress,
             trust_remote_code=self.trust_remote_code,
             allow_pickle=self.allow_pickle,
         )

@@ -195,6 +195,6 @@ class Recipe(StrictModel):
                 mix = ", mix " + " + ".join(f"{m.source} {m.weight:g}" for m in ft.mix)
             parts.append(f"finetune {plural(ft.steps, 'step')} ({kind}{pose}{loss}{mix})")
         if self.eval is not None:
-            lengths = ",".join(str(n) for n in self.eval.lengths)
+            lengths = ", ".join(str(n) for n in self.eval.lengths)  # wraps in a narrow table
             parts.append(f"eval {' vs '.join(self.variants())} at {lengths}")
         return "; ".join(parts)

@@ -52,6 +52,18 @@ def effective_length_line(run: dict[str, Any]) -> str | None:
     return f"{run['label']}: extended to {run.get('context_length', '?')}, {read}"
 
 
+def sliding_window_lines(results: dict[str, Any]) -> list[str]:
+    """One line per model whose sliding window is shorter than the longest evaluated length:
+    its sliding layers never see past the window, whatever the rope scaling."""
+    longest = max(results["config"]["lengths"])  # the length each run's note is written at
+    lines: dict[str, str] = {}
+    for run in results["runs"]:
+        window = run.get("sliding_window")
+        if window and "note" in window and window["window"] < longest:
+            lines.setdefault(run["model"], f"{run['model']}: {window['note']}")
+    return list(lines.values())
+
+
 def gain_layout(results: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int], int] | None:
     """The runs with far-context gains, every length any of them has, and the local window
     (None without context-use results)."""

@@ -36,8 +36,9 @@ from typing import Any
 
 from ctxext.device import describe_device, resolve_dtype
 from ctxext.errors import CtxextError
-from ctxext.resources.estimate import Calibration, parse_bytes
+from ctxext.resources.estimate import parse_bytes
 from ctxext.resources.threads import machine_load
+from ctxext.resources.timing import Calibration
 
 __all__ = [
     "PESSIMISTIC",

@@ -32,9 +32,9 @@ class CommandWorkloads:
 
     command: str
     model: str
-    shape: Any  # estimate.ModelShape
+    shape: Any  # shape.ModelShape
     trained_length: int
-    phases: list[tuple[str, Any]] = field(default_factory=list)  # (label, estimate.Workload)
+    phases: list[tuple[str, Any]] = field(default_factory=list)  # (label, shape.Workload)
 
     def estimates(self, calib: Any) -> list[tuple[str, Any]]:
         from ctxext.resources.estimate import estimate
@@ -48,7 +48,7 @@ class Verdict:
 
     run: CommandWorkloads
     rows: list[tuple[str, Any]]  # (label, estimate.Estimate) per phase
-    calib: Any  # estimate.Calibration
+    calib: Any  # timing.Calibration
     limit: int
     where: str  # where the limit comes from
 
@@ -97,10 +97,10 @@ def finetune_workloads(model: str | None, output: Any, extend: Any, cfg: Any) ->
 
 def recipe_workloads(loaded: Any) -> CommandWorkloads:
     """Before `run` does anything slow: its fine-tune and eval phases."""
-    from ctxext import checkpoint, rope
+    from ctxext import checkpoint, locate, rope
 
     recipe = loaded.recipe
-    source = checkpoint.resolve_model(recipe.model)
+    source = locate.resolve_model(recipe.model)
     info = rope.analyze(checkpoint.read_config(source.path))
     target = info.trained_length
     if recipe.extend is not None:
@@ -113,15 +113,27 @@ def recipe_workloads(loaded: Any) -> CommandWorkloads:
         run = _finetune_workloads(source, info.trained_length, seq, recipe.finetune)
         run.command = "run"
     if recipe.eval is not None:
-        ev = eval_workloads([source], recipe.eval, None)
+        ev = eval_workloads([source], recipe.eval, _recipe_eval_tokens(recipe))
         run.shape = ev.shape
-        run.phases += [(f"eval {label}", w) for label, w in ev.phases]
+        run.phases += ev.phases
     return run
+
+
+def _recipe_eval_tokens(recipe: Any) -> dict[int, int] | None:
+    """Perplexity tokens per length before the data is read: each of eval.num_docs documents
+    scores its first L tokens, for every variant (fewer when fewer documents are long
+    enough); None without num_docs or with a stride (then the data decides)."""
+    cfg = recipe.eval
+    if cfg.num_docs is None or cfg.stride is not None:
+        return None
+    if "ppl" not in cfg.tasks:
+        return {}
+    return {n: cfg.num_docs * n * len(recipe.variants()) for n in cfg.lengths}
 
 
 def _finetune_workloads(source: Any, trained: int, seq: int, cfg: Any) -> CommandWorkloads:
     from ctxext import checkpoint
-    from ctxext.resources.estimate import ModelShape, Workload
+    from ctxext.resources.shape import ModelShape, Workload
 
     shape = ModelShape.from_config(checkpoint.read_config(source.path))
     compute = compute_dtype(cfg.dtype, pick_device())
@@ -140,9 +152,9 @@ def _finetune_workloads(source: Any, trained: int, seq: int, cfg: Any) -> Comman
 
 def eval_workloads(sources: list[Any], cfg: Any, tokens: dict[int, int] | None) -> CommandWorkloads:
     """One workload per length, on the largest of the models (resolved already:
-    ``checkpoint.ResolvedModel``s), the one that decides the peak."""
+    ``locate.ResolvedModel``s), the one that decides the peak."""
     from ctxext import checkpoint, rope
-    from ctxext.resources.estimate import ModelShape, Workload
+    from ctxext.resources.shape import ModelShape, Workload
 
     configs = [checkpoint.read_config(src.path) for src in sources]
     shapes = [ModelShape.from_config(c) for c in configs]
@@ -163,7 +175,7 @@ def eval_workloads(sources: list[Any], cfg: Any, tokens: dict[int, int] | None) 
 def eval_tokens(
     sources: list[Any], cfg: Any, token_cache: dict[str, Any], per_model: int
 ) -> dict[int, int]:
-    """Tokens every length feeds, over all models (``checkpoint.ResolvedModel``s) and variants
+    """Tokens every length feeds, over all models (``locate.ResolvedModel``s) and variants
     (as the progress bar counts)."""
     from ctxext.evaluate.protocol import planned_tokens
 
@@ -266,7 +278,7 @@ class StepCheck:
     """
 
     predict: Callable[[Any], float]  # calibration -> seconds per optimizer step
-    calib: Any  # estimate.Calibration
+    calib: Any  # timing.Calibration
     seconds: list[float] = field(default_factory=list)
     done: bool = False
 

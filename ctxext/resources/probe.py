@@ -13,7 +13,7 @@ import resource
 import sys
 from pathlib import Path
 
-from ctxext.resources.estimate import Calibration
+from ctxext.resources.timing import Calibration
 
 __all__ = ["runtime_probe"]
 
@@ -29,14 +29,15 @@ def runtime_probe() -> None:
     for each the peak RSS minus what :func:`ctxext.resources.estimate.estimate` attributes to the model."""
     import tempfile
 
-    from ctxext import checkpoint
+    from ctxext import checkpoint, locate
     from ctxext.config import EvalConfig, ExtendConfig, FinetuneConfig
     from ctxext.evaluate.run import run_eval
     from ctxext.evaluate.variants import plan_variants
     from ctxext.finetune.loop import run_finetune
-    from ctxext.resources.estimate import ModelShape, Workload, estimate
+    from ctxext.resources.estimate import estimate
+    from ctxext.resources.shape import ModelShape, Workload
 
-    shape = ModelShape.from_config(checkpoint.read_config(checkpoint.bundled_path()))
+    shape = ModelShape.from_config(checkpoint.read_config(locate.bundled_path()))
     zero = Calibration("cpu", {64: 1.0}, {64: 1.0}, 1.0, {})
     out: dict[str, int] = {}
     cfg = EvalConfig(lengths=[64], num_docs=1)

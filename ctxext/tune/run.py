@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ctxext import checkpoint, rope
+from ctxext import checkpoint, locate, outputs, rope
 from ctxext.config import ExtendConfig, TuneConfig
 from ctxext.errors import CtxextError
 from ctxext.tune.leaderboard import (
@@ -37,7 +37,7 @@ from ctxext.tune.search import (
 class Prepared:
     """What the cheap checks found, before anything slow runs."""
 
-    source: checkpoint.ResolvedModel
+    source: locate.ResolvedModel
     config: dict[str, Any]
     info: rope.RopeInfo
     output: Path
@@ -53,7 +53,7 @@ def prepare(cfg: TuneConfig, output: Path, overwrite: bool) -> Prepared:
         )
     if cfg.search_docs < 1 or cfg.report_docs < 1 or not 0 <= cfg.guard < 10:
         raise CtxextError("--search-docs and --report-docs must be >= 1 and --guard in [0, 10)")
-    source = checkpoint.resolve_model(cfg.model)
+    source = locate.resolve_model(cfg.model)
     config = checkpoint.read_config(source.path)
     info = rope.analyze(config)
     rope.validate_request(info, "yarn", None, cfg.target_length)
@@ -62,7 +62,7 @@ def prepare(cfg: TuneConfig, output: Path, overwrite: bool) -> Prepared:
         raise CtxextError(
             f"--report-lengths {bad[0]} is outside [2, target length {cfg.target_length}]"
         )
-    out = checkpoint.check_output_path(output, [source.path], overwrite)
+    out = outputs.check_output_path(output, [source.path], overwrite)
     return Prepared(source, config, info, out)
 
 
@@ -229,7 +229,7 @@ def write_tune_output(result: dict[str, Any], prepared: Prepared, link_mode: str
         link_mode=link_mode, overwrite=True,
     )  # fmt: skip
     n, trained = result["config"]["target_length"], result["model"]["trained_length"]
-    with checkpoint.atomic_output(prepared.output) as tmp:
+    with outputs.atomic_output(prepared.output) as tmp:
         write_checkpoint_files(plan_extend(job.model, spec), job, tmp)
         (tmp / "tune.json").write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
         (tmp / "recipe.yaml").write_text(recipe_snippet(result))
