@@ -11,6 +11,13 @@ from typing import Any
 import pytest
 
 from ctxext.cli.app import main
+from ctxext.resources.threads import apply_policy
+
+# The tests run under the thread wait policy the CLI applies before torch starts (see
+# ctxext.resources.threads): torch is not imported yet here, so it still takes effect. Without
+# it the suite's torch threads spin beside its subprocesses and the suite costs more CPU.
+assert "torch" not in __import__("sys").modules
+apply_policy()
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GUTENBERG = SHARED / "corpus" / "gutenberg"

@@ -105,7 +105,7 @@ def test_local_stride_above_window_is_refused(tiny_llama_session, capsys):
         capsys, "eval", tiny_llama_session, "--task", "context-use", "--lengths", "64",
         "--local-window", "16", "--local-stride", "32",
     )  # fmt: skip
-    assert code == 2 and err.count("\n") == 1 and "local_stride" in err
+    assert code == 2 and err.count("\n") == 1 and "--local-stride" in err
 
 
 def test_retrieval_scores_held_out_templates_by_default_and_refuses_unknown_ones():

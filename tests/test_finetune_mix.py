@@ -121,7 +121,7 @@ def test_a_task_that_cannot_fit_is_refused(bundled_tok_and_filler):
             ["--mix", "stdlib:1", "--mix", "multikey:1", "--task-min-length", "20"],
             "the multikey task source does not fit --task-min-length 20",
         ),
-        (["--task-min-length", "64"], "tasks.min_length: applies to task sources and none is"),
+        (["--task-min-length", "64"], "--task-min-length: applies to task sources and none is"),
         (
             [
                 "--mix",

@@ -122,3 +122,23 @@ def test_recalibrate_measures_again_at_once(planted, capsys, tmp_path):
     fresh = calibrate.cached_calibration()
     assert fresh.matmul_flops[1024] > 4 * planted.matmul_flops[1024]
     assert json.loads(out)["calibration_load"] == fresh.load != planted.load
+
+
+def test_a_calibration_measured_at_todays_load_is_kept_when_the_estimate_is_off(calibrated):
+    """Steps 10x faster than predicted, with the speeds measured under a load like now's: the
+    estimate is what is off for this workload, so the speeds are not measured again (a tiny
+    model's runs would otherwise pay a re-measure every time) and the cache is untouched."""
+    from ctxext.resources.guard import CHECK_STEPS, StepCheck
+
+    now = threads.machine_load()
+    if now is None:
+        pytest.skip("no load average on this platform")
+    calib = dataclasses.replace(calibrated, load=now.average)
+    calibrate.save_calibration(calib)
+    check = StepCheck(lambda c: 10.0, calib)
+    said = [check.observe(1.0) for _ in range(1 + CHECK_STEPS)]
+    assert said[:-1] == [None] * CHECK_STEPS
+    event, line = said[-1]
+    assert event == "status" and "the estimate is off for this run, not the speeds" in line
+    assert "calibration kept" in line and "re-measured" not in line
+    assert calibrate.cached_calibration() == calib

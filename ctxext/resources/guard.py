@@ -273,8 +273,9 @@ class StepCheck:
     Steps more than :data:`CHECK_FACTOR` faster than predicted: the calibration is stale (e.g.
     measured on a busy machine): the speeds are measured again now and cached. More than that
     slower: measured again too, unless the machine is busier now than when it was measured (the
-    load, not the calibration, explains it; the cache keeps the quieter measurement). Either
-    way one line says so. Checked once, after the warm-up step and :data:`CHECK_STEPS` more.
+    load, not the calibration, explains it; the cache keeps the quieter measurement). Measured
+    under a load like now's (fair shares within 1.5x): the speeds stand and the estimate is
+    what is off for this workload, so nothing is measured again. Either way one line says so. Checked once, after the warm-up step and :data:`CHECK_STEPS` more.
     """
 
     predict: Callable[[Any], float]  # calibration -> seconds per optimizer step
@@ -310,12 +311,21 @@ class StepCheck:
         )
         now = machine_load()
         then = self.calib.load
-        if ratio > CHECK_FACTOR and now is not None and then is not None:
-            before = MachineLoad(then, now.cores, now.threads)
-            if now.slowdown >= 1.5 * before.slowdown:
+        if now is not None and then is not None:
+            # The fair share of the cores then and now: the calibration can only be stale if
+            # the load it was measured under differs from today's.
+            share = now.slowdown / MachineLoad(then, now.cores, now.threads).slowdown
+            if ratio > CHECK_FACTOR and share >= 1.5:
                 return "status", (
                     f"{said}: the machine is busier now (load {now.average:.1f} on {now.cores} "
                     f"cores; {then:.1f} when measured), calibration kept"
+                )
+            if 1 / 1.5 < share < 1.5:
+                # Measured under a load like now's: measuring again would give the same speeds
+                # (and cost seconds on every run of this workload); the estimate is what is off.
+                return "status", (
+                    f"{said} (measured at load {then:.1f}; now {now.average:.1f}): the estimate "
+                    "is off for this run, not the speeds; calibration kept"
                 )
         fresh = calibrate.measure_speed(self.calib)
         calibrate.save_calibration(fresh)
