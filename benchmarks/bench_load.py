@@ -204,14 +204,18 @@ def table(results: dict[tuple[str, str], dict], args: argparse.Namespace) -> str
                 verdicts.append(
                     f"{name}: {slow:.2f}x under load ({'ok' if slow <= TARGET else 'MISSED'})"
                 )
-    env = results["idle", "policy"]["env"] if "policy" in args.policies else {}
+
+    def settings(condition: str) -> str:
+        env = results[condition, "policy"]["env"] if "policy" in args.policies else {}
+        return ", ".join(f"{k}={v}" for k, v in sorted(env.items()) if k != "why") or "none"
+
     load_avg = ", ".join(f"{results[k]['loadavg']:.1f}" for k in results)
     head = [
         f"bundled model, yarn x8, {LENGTH} tokens, fp32; medians of {args.repeats} runs after a "
         f"warm-up; competing load: {LOAD_JOBS} torch jobs x {LOAD_THREADS} threads "
         f"({LOAD_SIZE}x{LOAD_SIZE} matmul loop), fair share {FAIR_SHARE:g}x; "
         f"{os.cpu_count()} cores; threads: idle / load",
-        f"policy's settings: {', '.join(f'{k}={v}' for k, v in sorted(env.items())) or 'none'}",
+        f"policy's settings: idle: {settings('idle')}; under load: {settings('load')}",
         f"1-min load average after each run: {load_avg}",
         "",
     ]

@@ -13,11 +13,12 @@ import pytest
 from ctxext.cli.app import main
 from ctxext.resources.threads import apply_policy
 
-# The tests run under the thread wait policy the CLI applies before torch starts (see
-# ctxext.resources.threads): torch is not imported yet here, so it still takes effect. Without
-# it the suite's torch threads spin beside its subprocesses and the suite costs more CPU.
+# The tests run under the thread wait policy the CLI applies on shared cores (see
+# ctxext.resources.threads): the suite's subprocesses run beside its own torch threads, so its
+# cores are shared by construction. torch is not imported yet here, so it still takes effect;
+# without it the threads spin beside the subprocesses and the suite costs far more CPU.
 assert "torch" not in __import__("sys").modules
-apply_policy()
+apply_policy(busy=True)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GUTENBERG = SHARED / "corpus" / "gutenberg"

@@ -54,19 +54,39 @@ def test_the_cli_sets_the_wait_policy_before_torch_starts():
         "print(os.environ.get('OMP_WAIT_POLICY'))\n"
     )
     env = {k: v for k, v in subprocess_env().items() if k not in threads._USER_KNOBS}
+    # One of two processes of a launch on this machine: the cores are shared by construction.
+    env["LOCAL_WORLD_SIZE"] = "2"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split()[-1] == "PASSIVE"
 
 
+def test_passive_only_where_the_cores_are_shared():
+    env: dict[str, str] = {}
+    said = threads.apply_policy(env, busy=False)
+    assert env == {} and said["OMP_WAIT_POLICY"] == "unset" and "idle" in said["why"]
+    assert threads.shared_now({"LOCAL_WORLD_SIZE": "2"})
+    # Two other processes running flat out: seen as shared cores, whatever the load average.
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert threads.shared_now({})
+    finally:
+        for p in spin:
+            p.kill()
+            p.wait()
+
+
 def test_a_users_own_wait_policy_is_kept():
     env = {"GOMP_SPINCOUNT": "1000"}
-    assert threads.apply_policy(env)["chosen_by"] == "user"
+    assert threads.apply_policy(env, busy=True)["chosen_by"] == "user"
     assert env == {"GOMP_SPINCOUNT": "1000"}
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert threads.apply_policy(env)["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert threads.apply_policy(env, busy=True)["OMP_WAIT_POLICY"] == "ACTIVE"
     env = {}
-    assert threads.apply_policy(env)["chosen_by"] == "ctxext"
+    assert threads.apply_policy(env, busy=True)["chosen_by"] == "ctxext"
     assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
 
 

@@ -13,6 +13,9 @@ load (docs/benchmarks.md). On a shared 2-core machine it was several times faste
 default under load; shorter spins (``GOMP_SPINCOUNT`` 10,000 to 100,000) kept most of the
 collapse, and one intra-op thread instead of two was slower than two passive ones, so the
 thread count stays torch's default (one per core).
+On idle cores, though, PASSIVE cost 21% of a fine-tune step (threads woken for every short
+parallel region), so ctxext sets it only when the cores are shared at start (other threads
+running, or several processes of one launch): :func:`shared_now`.
 
 The policy must be in the environment before the OpenMP runtime starts, i.e. before torch is
 imported: :func:`apply_policy` runs first thing in the CLI's ``main`` (subprocesses inherit
@@ -23,10 +26,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
-__all__ = ["WAIT_POLICY", "MachineLoad", "apply_policy", "machine_load", "policy"]
+__all__ = ["WAIT_POLICY", "MachineLoad", "apply_policy", "machine_load", "policy", "shared_now"]
 
 WAIT_ENV = "OMP_WAIT_POLICY"
 WAIT_POLICY = "PASSIVE"
@@ -34,21 +38,56 @@ WAIT_POLICY = "PASSIVE"
 _USER_KNOBS = (WAIT_ENV, "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 
-def apply_policy(environ: MutableMapping[str, str] | None = None) -> dict[str, str | bool]:
+def apply_policy(
+    environ: MutableMapping[str, str] | None = None, busy: bool | None = None
+) -> dict[str, str | bool]:
     """Put the wait policy into ``environ`` (default ``os.environ``) unless the user chose one.
 
-    Returns what is in force, for the record: the variable's value, who chose it ("ctxext" or
-    "user"), and whether it can still take effect in this process (torch not imported yet).
+    PASSIVE only where the cores are shared (``busy``; default: :func:`shared_now`): on idle
+    cores libgomp's spinning is what makes short parallel regions fast (a fine-tune step of the
+    bundled model took 21% longer with PASSIVE on 2 idle cores), while beside other runnable
+    threads the spinning takes the time slices the working threads need (12x slower where the
+    fair share is 3x; benchmarks/bench_load.py). Returns what is in force, for the record: the
+    variable's value, who chose it ("ctxext" or "user"), why, and whether it can still take
+    effect in this process (torch not imported yet).
     """
     env = os.environ if environ is None else environ
     user = any(k in env for k in _USER_KNOBS)
+    why = "set by the user"
     if not user:
-        env[WAIT_ENV] = WAIT_POLICY
+        shared = shared_now(env) if busy is None else busy
+        why = "cores shared at start" if shared else "cores idle at start: libgomp's default spin"
+        if shared:
+            env[WAIT_ENV] = WAIT_POLICY
     return {
         WAIT_ENV: env.get(WAIT_ENV, "unset"),
         "chosen_by": "user" if user else "ctxext",
+        "why": why,
         "effective": "torch" not in sys.modules,
     }
+
+
+def shared_now(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Whether this process will share the cores with other runnable threads: it is one of
+    several processes of a launch on this machine (``LOCAL_WORLD_SIZE`` > 1, as torchrun and
+    `accelerate launch` export), or other threads are running now (the median of a few reads
+    of /proc/loadavg's running count, this reader excluded; elsewhere the 1-minute load
+    average is at least 1)."""
+    env = os.environ if environ is None else environ
+    if int(env.get("LOCAL_WORLD_SIZE", "1") or 1) > 1:
+        return True
+    running = []
+    try:
+        for _ in range(5):
+            with open("/proc/loadavg") as f:
+                running.append(int(f.read().split()[3].split("/")[0]) - 1)
+            time.sleep(0.005)
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0] >= 1.0
+        except (OSError, AttributeError):
+            return False
+    return sorted(running)[len(running) // 2] >= 1
 
 
 def policy() -> dict[str, str]:
