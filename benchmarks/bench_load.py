@@ -207,7 +207,7 @@ def table(results: dict[tuple[str, str], dict], args: argparse.Namespace) -> str
 
     def settings(condition: str) -> str:
         env = results[condition, "policy"]["env"] if "policy" in args.policies else {}
-        return ", ".join(f"{k}={v}" for k, v in sorted(env.items()) if k != "why") or "none"
+        return ", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "none"
 
     load_avg = ", ".join(f"{results[k]['loadavg']:.1f}" for k in results)
     head = [

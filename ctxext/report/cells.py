@@ -43,13 +43,17 @@ def series(
 METRIC_LABELS = {"ppl": "perplexity", "bpb": "bits per byte"}
 
 
+def effective_reach(run: dict[str, Any]) -> str:
+    """ "reads to 1024" (or "reads to none of the lengths") for a run with an effective length."""
+    reach = run["effective_length"]
+    return f"reads to {reach}" if reach else "reads to none of the lengths"
+
+
 def effective_length_line(run: dict[str, Any]) -> str | None:
-    """ "extended to 2048, reads to 1024" (or "reads to no evaluated length")."""
+    """ "extended to 2048, reads to 1024" (or "reads to none of the lengths")."""
     if "effective_length" not in run:
         return None
-    reach = run["effective_length"]
-    read = f"reads to {reach}" if reach else "reads to none of the lengths"
-    return f"{run['label']}: extended to {run.get('context_length', '?')}, {read}"
+    return f"{run['label']}: extended to {run.get('context_length', '?')}, {effective_reach(run)}"
 
 
 def sliding_window_lines(results: dict[str, Any]) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from ctxext.report.cells import gain_interval
+from ctxext.report.cells import effective_reach, gain_interval
 
 WIDTH = 80
 
@@ -23,11 +23,9 @@ def headline_summary(results: dict[str, Any]) -> str | None:
         lines += _gain_lines(run)
         lines += _retrieval_lines(run)
         if "effective_length" in run:
-            reach = run["effective_length"]
-            read = f"reads to {reach}" if reach else "reads to none of the lengths"
             claimed = run.get("context_length")
             extended = f" (extended to {claimed})" if claimed else ""
-            lines.append(f"  effective context length: {read}{extended}")
+            lines.append(f"  effective context length: {effective_reach(run)}{extended}")
     from ctxext.evaluate.effective_length import EFFECTIVE_LENGTH_RULE
 
     rule = f"effective context length: {EFFECTIVE_LENGTH_RULE}"

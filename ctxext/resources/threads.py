@@ -78,10 +78,11 @@ def shared_now(environ: MutableMapping[str, str] | None = None) -> bool:
         return True
     running = []
     try:
-        for _ in range(5):
+        for i in range(5):
+            if i:
+                time.sleep(0.005)
             with open("/proc/loadavg") as f:
                 running.append(int(f.read().split()[3].split("/")[0]) - 1)
-            time.sleep(0.005)
     except (OSError, ValueError, IndexError):
         try:
             return os.getloadavg()[0] >= 1.0
