@@ -217,7 +217,7 @@ def check_eval(src: Path, data: Path, dtype: str) -> tuple[str, dict]:
     code, out, err = cli(
         "eval", src, "--lengths", LENGTH, "-m", "yarn", "-t", LENGTH, "--no-base", "--data", data,
         "--task", "ppl", "--task", "retrieval", "--task", "context-use", "--num-docs", "1",
-        "--passkey-trials", "1", "--retrieval-template", "snake-return", "--dtype", dtype,
+        "--passkey-trials", "1", "--retrieval-template", "let-assert-equal", "--dtype", dtype,
         "--force", "--json",
     )  # fmt: skip
     if code:

@@ -41,7 +41,7 @@ def evaluated_fixture(tiny_llama_session):
         num_docs=2,
         passkey_trials=1,
         local_window=32,
-        retrieval_template="camel-attribute,snake-return",
+        retrieval_template="setter-get,const-expect",
     )
     return run_eval([Variant(str(tiny_llama_session))], cfg)
 

@@ -11,8 +11,10 @@ from conftest import BUNDLED
 
 from ctxext.errors import CtxextError
 from ctxext.evaluate.needles import (
+    HELDOUT_FAMILIES,
     TEMPLATES,
     build_prompt,
+    families_of,
     multi_needle_ids,
     random_key,
     random_name,
@@ -45,20 +47,60 @@ SHAPES = {
 }
 
 
-def test_split_is_disjoint_and_held_out_forms_are_unseen():
+def _skeleton(line: str) -> str:
+    """A template line without its placeholders and spaces: its syntax."""
+    return re.sub(r"\{name\}|\{key\}|\s", "", line)
+
+
+def test_split_is_by_construction_no_held_out_line_is_a_training_line():
     train, held = templates_of("train"), templates_of("heldout")
-    assert [t.name for t in held] == ["camel-attribute", "snake-return", "prose-code"]
-    assert len(train) == 67 and len(TEMPLATES) == len(templates_of("all")) == 70
+    assert len(held) >= 6 and len(train) == 288 and len(TEMPLATES) == len(templates_of("all"))
+    # At least two forms in each of the three held-out families, in report order.
+    families = families_of([t.name for t in held])
+    assert tuple(families) == HELDOUT_FAMILIES == ("code-binding", "code-question", "prose")
+    assert all(len(v) >= 2 for v in families.values())
+    assert {t.family for t in train} == {"code", "prose"}
     for side in (train, held):
         assert {t.register for t in side} == {"code", "prose"}
-    seen = {(t.needle, t.question, t.shape) for t in train}
-    for t in held:  # no training form is a held-out form
-        assert (t.needle, t.question, t.shape) not in seen, t.name
-    # The held-out prose form's words appear in no training form.
-    words = " ".join(t.needle + t.question for t in train)
-    assert "Remember" not in words and "code for" not in words and "What" not in words
-    # The grid: every code assignment x query x shape but the two held-out combinations.
-    assert len({(t.needle, t.question) for t in train if t.register == "code"}) == 20
+    # Over the whole grid: a held-out form shares no needle line and no question line with any
+    # training form, neither as a template nor as syntax (placeholders and spaces removed) nor
+    # filled with the same name and key.
+    name, key = "max_retry_3a", "48213"
+    for t in held:
+        for u in train:
+            assert _skeleton(t.needle) != _skeleton(u.needle), (t.name, u.name)
+            assert _skeleton(t.question) != _skeleton(u.question), (t.name, u.name)
+            assert t.needle_text(name, key) != u.needle_text(name, key)
+            assert t.question_text(name) != u.question_text(name)
+    # The new syntax and words of each held-out form appear nowhere in the training lines.
+    training_text = " ".join(u.needle + " " + u.question for u in train)
+    markers = {
+        "code-binding": ["config.set", "config.get", "dict(", "params", "setattr", "getattr"],
+        "code-question": ["const ", "expect(", "toBe", "let ", "assertEqual", "#define", "static_"],
+        "prose": [
+            "Remember",
+            "code for",
+            "What",
+            "recorded",
+            "log",
+            "entry",
+            "reads",
+            "pin",
+            "Pin",
+        ],
+    }
+    for family, words in markers.items():
+        for w in words:
+            assert w not in training_text, (family, w)
+        assert all(
+            any(w in t.needle + t.question for w in words) for t in held if t.family == family
+        )
+    # The name's style is a separate axis: every held-out shape is a training shape.
+    assert {t.shape for t in held} <= {u.shape for u in train}
+    # The training grid: every code binding x query x shape, every prose statement x question x
+    # prose shape.
+    assert len({(t.needle, t.question) for t in train if t.register == "code"}) == 9 * 8
+    assert len({(t.needle, t.question) for t in train if t.register == "prose"}) == 36
 
 
 def test_every_template_builds_an_exact_prompt_answered_by_the_key(tok, filler):
@@ -75,7 +117,7 @@ def test_every_template_builds_an_exact_prompt_answered_by_the_key(tok, filler):
 
 
 def test_needle_moves_with_depth_and_sits_on_a_line(tok, filler):
-    t = TEMPLATES["snake-return"]
+    t = TEMPLATES["plain-return-snake"]
     where = []
     for depth in (0.0, 0.5, 1.0):
         p = build_prompt(tok, filler, 200, depth, "11111", "max_size_01", t)
@@ -114,7 +156,7 @@ def test_names_have_their_shape_and_vary():
 
 
 def test_resolve_templates():
-    assert [t.split for t in resolve_templates("heldout")] == ["heldout"] * 3
+    assert [t.split for t in resolve_templates("heldout")] == ["heldout"] * 9
     # "code": the old single template, TOKEN_7F3A = 48213 ... assert TOKEN_7F3A == 48213
     (code,) = resolve_templates("code")
     assert (code.needle, code.question, code.shape) == (

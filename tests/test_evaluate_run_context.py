@@ -14,8 +14,8 @@ def test_context_use_and_retrieval_results(tmp_path, tiny_llama_session, capsys)
         capsys, "eval", tiny_llama_session, "--task", "context-use", "--task", "retrieval",
         "--lengths", "64,128,192", "--local-window", "32", "--local-stride", "16",
         "--num-docs", "2", "--passkey-trials", "1", "-o", out, "--json",
-        # The held-out code forms (the prose one needs more than 64 of this tokenizer's tokens).
-        "--retrieval-template", "camel-attribute,snake-return",
+        # Two held-out code forms that fit in 64 of this tokenizer's tokens (most need more).
+        "--retrieval-template", "const-expect,let-assert-equal",
     )  # fmt: skip
     assert code == 0, err
     results = json.loads(stdout)
@@ -26,8 +26,8 @@ def test_context_use_and_retrieval_results(tmp_path, tiny_llama_session, capsys)
     assert gains["64"]["n_docs"] == gains["192"]["n_docs"] == 2
     assert gains["192"]["window"] == 32 and gains["192"]["stride"] == 16
     assert [b["end"] for b in gains["192"]["buckets"]] == [192]
-    assert run["retrieval"]["template"] == "camel-attribute,snake-return"
-    assert run["retrieval"]["templates"] == ["camel-attribute", "snake-return"]
+    assert run["retrieval"]["template"] == "const-expect,let-assert-equal"
+    assert run["retrieval"]["templates"] == ["const-expect", "let-assert-equal"]
     assert sorted(run["retrieval"]["by_template"]) == sorted(run["retrieval"]["templates"])
     assert run["retrieval"]["lengths"] == [64, 128, 192]
     assert run["context_length"] == 128
@@ -39,9 +39,7 @@ def test_context_use_and_retrieval_results(tmp_path, tiny_llama_session, capsys)
     for name in ("results.json", "results.csv", "context_use.png", "retrieval_heatmap.png"):
         assert (out / name).is_file()
     csv_text = (out / "results.csv").read_text()
-    assert (
-        "far-context-gain-bits" in csv_text and "retrieval-camel-attribute,snake-return" in csv_text
-    )
+    assert "far-context-gain-bits" in csv_text and "retrieval-const-expect,let-assert-equal" in csv_text
     _check_headline(results)
 
 
@@ -60,10 +58,10 @@ def _check_headline(results: dict) -> None:
     assert f"    0-192       {gain_interval(last)}" in lines
     acc = run["retrieval"]["accuracy"]
     pooled = "".join(f"{sum(row) / len(row):>6.0%}" for row in acc)
-    assert f"    {'all (pooled)':<16}{pooled}" in lines  # names padded to the longest
+    assert f"    {'all (pooled)':<17}{pooled}" in lines  # names padded to the longest
     for name, rows in run["retrieval"]["by_template"].items():
         cells = "".join(f"{sum(row) / len(row):>6.0%}" for row in rows)
-        assert f"    {name:<16}{cells}" in lines
+        assert f"    {name:<17}{cells}" in lines
     reach = run["effective_length"]
     read = f"reads to {reach}" if reach else "reads to none of the lengths"
     assert f"  effective context length: {read} (extended to 128)" in lines
@@ -77,7 +75,7 @@ def test_effective_length_known_answer_on_the_bundled_model(capsys):
     if not (BUNDLED / "config.json").exists():
         pytest.skip("bundled model not built")
     args = ("eval", "-m", "yarn", "--lengths", "256,512", "--passkey-trials", "2", "--json",
-            "--retrieval-template", "camel-attribute,snake-return")  # fmt: skip
+            "--retrieval-template", "const-expect,let-assert-equal")  # fmt: skip
     code, stdout, err = run_cli(capsys, *args, "--task", "retrieval")
     assert code == 0, err
     base, yarn = json.loads(stdout)["runs"]

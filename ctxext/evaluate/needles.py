@@ -9,12 +9,16 @@ it never saw in training. So every template here has a split:
 * ``heldout``: forms no ctxext training data contains. ``ctxext eval --task retrieval`` scores
   these by default.
 
-A template varies four things, each mixed differently across the split so that the held-out
-forms are new *combinations* (and a new query form and prose phrasing), not new vocabulary:
-the name's shape (``TOKEN_7F3A``, ``max_retry_3a``, ``maxRetry3A``, ``Falcon Ridge``), the
-assignment syntax (``=``, ``: int =``, ``self.x =``, ``cfg["x"] =``, keyword argument, prose),
-the query form (``assert x ==``, ``if x !=``, ``return x ==``, a call, prose) and the register
-(code or prose). Keys are random 5-digit numbers, as in the passkey test of Mohtashami & Jaggi.
+A template varies four things: the name's shape (``TOKEN_7F3A``, ``max_retry_3a``,
+``maxRetry3A``, ``Falcon Ridge 42``), the binding syntax (``=``, ``: int =``, ``self.x =``,
+``export x=``, ...), the question syntax (``assert x ==``, ``while x <``, a call, ...) and the
+register (code or prose). The split is by construction: bindings, questions and prose phrasings
+each have training and held-out members, and every held-out form is built from held-out members
+only, so no held-out needle line or question line occurs in training (the name's shape is a
+separate axis, the same shapes on both sides). The held-out forms come in three *families*,
+reported and judged separately: ``code-binding`` (a new way to bind the value),
+``code-question`` (a new way to ask for it) and ``prose`` (new verbs and phrasings). Keys are
+random 5-digit numbers, as in the passkey test of Mohtashami & Jaggi.
 
 Every prompt is BOS + filler (real held-out text, cut at line boundaries) with the needle line at
 a depth + the question + the key, exactly ``length`` tokens; the key's tokens are scored
@@ -33,11 +37,13 @@ if TYPE_CHECKING:  # numpy only for annotations: the config layer imports this m
     import numpy as np
 
 __all__ = [
+    "HELDOUT_FAMILIES",
     "TEMPLATES",
     "NeedleTemplate",
     "PasskeyPrompt",
     "build_prompt",
     "distinct_names",
+    "families_of",
     "line_starts",
     "multi_needle_ids",
     "place_lines",
@@ -49,6 +55,9 @@ __all__ = [
 
 Split = Literal["train", "heldout"]
 NameShape = Literal["upper", "snake", "camel", "title"]
+#: A form's family: held out ``code-binding`` / ``code-question`` / ``prose``; training ``code`` /
+#: ``prose``. Retrieval is reported, and the effective length judged, per family.
+Family = Literal["code-binding", "code-question", "prose", "code"]
 
 # Identifier words for snake/camel names and prose names: common in code, so that the name is
 # made of ordinary tokens and the model must match it, not spot a rare token.
@@ -161,6 +170,8 @@ class NeedleTemplate:
     """The line asking for it, ending just before the key."""
     joiner: str = " "
     """What separates the question from the key (nothing after a keyword argument's ``=``)."""
+    family: Family = "code"
+    """What the form tests (held out: ``code-binding``, ``code-question``, ``prose``)."""
 
     def needle_text(self, name: str, key: str) -> str:
         return self.needle.format(name=name, key=key)
@@ -169,19 +180,27 @@ class NeedleTemplate:
         return self.question.format(name=name)
 
 
-# The training forms are a grid: every code assignment x query x name shape, and every prose
-# statement x prose question (a question need not reuse its statement's words), so a model
-# trained on them learns "find the name, copy the number given with it" rather than one form.
-# (A model trained on six fixed forms retrieved 100% in them but 0% in an unseen prose phrasing
-# and 67% in an unseen code combination: ctxext.bundled_train, 2026-12-04.)
+# The split is by construction, on three axes at once: the binding syntaxes, the question
+# syntaxes and the prose phrasings each have a training set and a held-out set, and a held-out
+# form is made only of held-out parts, so no held-out form shares a needle line or a question
+# line with any training form (tests/test_evaluate_needles.py checks it over the whole grid).
+# A held-out form that reused a training line would test the name's style, not the syntax: the
+# earlier held-out `camel-attribute` used exactly the lines of `attr-if-upper` and retrieved
+# 100% where forms with new lines retrieved 0-27% at 2048 (issue 29). The name's style (upper,
+# snake, camel, title) is a separate axis, drawn from the same shapes on both sides.
 #
-# Code: how the value is bound, and the reference a query uses for it.
+# Training (the grid the bundled model and `ctxext finetune --mix` train on), code: every
+# binding x query x name shape; the binding and the reference a query uses for it.
 _ASSIGN = {
     "plain": ("{name} = {key}", "{name}"),
     "annotated": ("{name}: int = {key}", "{name}"),
     "attr": ("self.{name} = {key}", "self.{name}"),
     "dict": ('cfg["{name}"] = {key}', 'cfg["{name}"]'),
     "keyword": ("    {name}={key},", "{name}"),
+    "walrus": ("if ({name} := {key}):", "{name}"),
+    "shell": ("export {name}={key}", "{name}"),
+    "yaml": ("{name}: {key}", "{name}"),
+    "json": ('"{name}": {key},', 'data["{name}"]'),
 }
 # Code queries: (line before the key, what joins it to the key).
 _QUERY = {
@@ -189,69 +208,152 @@ _QUERY = {
     "if": ("if {ref} !=", " "),
     "return": ("return {ref} ==", " "),
     "call": ("setup({ref}=", ""),
+    "while": ("while {ref} <", " "),
+    "elif": ("elif {ref} ==", " "),
+    "print": ("print({ref})  # prints", " "),
+    "compare": ("ok = {ref} ==", " "),
 }
 _CODE_SHAPES: tuple[NameShape, ...] = ("upper", "snake", "camel")
+# Training prose: every statement x question x prose name shape. Varied verbs, and questions
+# whose last words before the answer are not the name ("Which number does X hold? It holds"),
+# so the model learns to find the name wherever the question puts it, not to copy the number
+# after a fixed phrase.
 _PROSE_STATEMENTS = {
     "value": "# The value of {name} is {key}.",
     "set": "# Note that {name} is set to {key}.",
     "number": "# {name} has the number {key}.",
+    "stored": "# {name} is stored as {key} for now.",
+    "gave": "# We gave {name} the number {key} at startup.",
+    "holds": "# After the update, {name} holds {key}.",
 }
 _PROSE_QUESTIONS = {
     "value": "# The value of {name} is",
     "set": "# So {name} is set to",
     "number": "# The number of {name} is",
+    "which": "# Which number does {name} hold? It holds",
+    "asked": "# If asked about {name}, answer",
+    "back": "# Looking back at {name}, we find",
+}
+_PROSE_SHAPES: tuple[NameShape, ...] = ("title", "snake")
+
+# Held out, in three families, each form new in both its lines: (name, shape, needle, question,
+# joiner). Code binding: bindings no training form uses, asked with a training query keyword on
+# the new reference. Code question: query syntaxes no training form uses (on new bindings too,
+# since every training binding's line is a training line). Prose: verbs and phrasings no
+# training statement or question uses ("Remember", "code for", "recorded", "log", "pin").
+_HELDOUT: dict[Family, list[tuple[str, NameShape, str, str, str]]] = {
+    "code-binding": [
+        (
+            "setter-get",
+            "snake",
+            'config.set("{name}", {key})',
+            'assert config.get("{name}") ==',
+            " ",
+        ),
+        ("params-dict", "camel", "params = dict({name}={key})", 'if params["{name}"] !=', " "),
+        (
+            "setattr-getattr",
+            "upper",
+            'setattr(self, "{name}", {key})',
+            'return getattr(self, "{name}") ==',
+            " ",
+        ),
+    ],
+    "code-question": [
+        ("const-expect", "camel", "const {name} = {key};", "expect({name}).toBe(", ""),
+        ("let-assert-equal", "snake", "let {name} = {key};", "self.assertEqual({name},", " "),
+        ("define-static-assert", "upper", "#define {name} {key}", "static_assert({name} ==", " "),
+    ],
+    "prose": [
+        (
+            "prose-code",
+            "title",
+            "# Remember: the code for {name} is {key}.",
+            "# What is the code for {name}? It is",
+            " ",
+        ),
+        (
+            "prose-recorded",
+            "snake",
+            "# {name} was recorded as {key} in the log.",
+            "# In the log, the entry for {name} reads",
+            " ",
+        ),
+        (
+            "prose-pin",
+            "title",
+            "# The pin of {name} ends the list: {key}.",
+            "# Pin of {name}:",
+            " ",
+        ),
+    ],
 }
 
 
 def _grid() -> list[NeedleTemplate]:
-    """The held-out forms, then the training grid minus the held-out combinations."""
+    """The held-out forms, then the training grid."""
     held = [
-        # Seen syntax, unseen combinations: an attribute with a camelCase name asked with `if`,
-        # a plain snake_case binding asked with `return`.
         NeedleTemplate(
-            "camel-attribute",
+            name,
             "heldout",
-            "code",
-            "camel",
-            "self.{name} = {key}",
-            "if self.{name} !=",
-        ),
-        NeedleTemplate(
-            "snake-return", "heldout", "code", "snake", "{name} = {key}", "return {name} =="
-        ),
-        # Unseen words: no training statement or question says "Remember", "code for", "What".
-        NeedleTemplate(
-            "prose-code",
-            "heldout",
-            "prose",
-            "title",
-            "# Remember: the code for {name} is {key}.",
-            "# What is the code for {name}? It is",
-        ),
+            "prose" if fam == "prose" else "code",
+            shape,
+            needle,
+            question,
+            joiner,
+            family=fam,
+        )
+        for fam, forms in _HELDOUT.items()
+        for name, shape, needle, question, joiner in forms
     ]
-    taken = {(t.needle, t.question, t.shape) for t in held}
     train = []
     for (a, (needle, ref)), (q, (query, joiner)) in (
         (x, y) for x in _ASSIGN.items() for y in _QUERY.items()
     ):
-        question = query.format(ref=ref)
         for shape in _CODE_SHAPES:
-            if (needle, question, shape) not in taken:
-                train.append(
-                    NeedleTemplate(
-                        f"{a}-{q}-{shape}", "train", "code", shape, needle, question, joiner
-                    )
+            train.append(
+                NeedleTemplate(
+                    f"{a}-{q}-{shape}",
+                    "train",
+                    "code",
+                    shape,
+                    needle,
+                    query.format(ref=ref),
+                    joiner,
+                    family="code",
                 )
+            )
     for s, statement in _PROSE_STATEMENTS.items():
         for q, question in _PROSE_QUESTIONS.items():
-            train.append(
-                NeedleTemplate(f"prose-{s}-{q}", "train", "prose", "title", statement, question)
-            )
+            for shape in _PROSE_SHAPES:
+                train.append(
+                    NeedleTemplate(
+                        f"prose-{s}-{q}-{shape}",
+                        "train",
+                        "prose",
+                        shape,
+                        statement,
+                        question,
+                        family="prose",
+                    )
+                )
     return held + train
 
 
-#: Every template: 3 held-out forms and 67 training forms (58 code, 9 prose).
+#: Every template: 9 held-out forms (3 families of 3) and 288 training forms (216 code, 72 prose).
 TEMPLATES: dict[str, NeedleTemplate] = {t.name: t for t in _grid()}
+
+#: The held-out families, in report order.
+HELDOUT_FAMILIES: tuple[Family, ...] = tuple(_HELDOUT)
+
+
+def families_of(names: Sequence[str]) -> dict[str, list[str]]:
+    """Template names grouped by family (held-out families first, in registry order)."""
+    out: dict[str, list[str]] = {}
+    for n in names:
+        out.setdefault(TEMPLATES[n].family, []).append(n)
+    return out
+
 
 #: Selections ``--retrieval-template`` accepts besides single template names.
 _GROUPS = ("heldout", "train", "all")
