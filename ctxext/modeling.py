@@ -161,15 +161,28 @@ def build_config(
 
 
 def scaled_config(
-    source: locate.ResolvedModel, extend: ExtendConfig | None = None
+    source: locate.ResolvedModel,
+    extend: ExtendConfig | None = None,
+    *,
+    rope_as_trained: bool = False,
 ) -> tuple[dict[str, Any], str]:
     """A resolved model's config dict after the in-memory rewrite, and its row label.
 
+    ``rope_as_trained``: a scaled checkpoint's config with its original rope instead
+    (:func:`ctxext.rope.original_config`; refused where the original is not recorded).
     Reads config.json only (no torch, no transformers), so callers can check every model and
     method before anything slow runs.
     """
     config_dict = checkpoint.read_config(source.path)
     check_causal_lm(config_dict, source.name)
+    if rope_as_trained:
+        original = rope.original_config(config_dict)
+        if original is None:
+            raise CtxextError(
+                f"{source.name}: the config does not record the rope it was trained with"
+            )
+        changed = original != config_dict
+        return original, f"{source.name} (rope as trained)" if changed else source.name
     if extend is None:
         return config_dict, source.name
     info = rope.analyze(config_dict)
@@ -178,20 +191,6 @@ def scaled_config(
         config_dict, extend.method, factor=factor, **extend.rope_options()
     )
     return config_dict, f"{source.name}+{extend.method} x{factor:g}"
-
-
-def resolve_scaled(
-    model: str | None,
-    extend: ExtendConfig | None = None,
-    need: hub.Need = "config",
-    *,
-    allow_pickle: bool = False,
-    progress: hub.DownloadProgress | None = None,
-) -> tuple[locate.ResolvedModel, dict[str, Any], str]:
-    """Where the model is, its config dict after the in-memory rewrite, and its row label
-    (:func:`scaled_config`); a Hub model's files are fetched up to ``need``."""
-    source = locate.resolve_model(model, need, allow_pickle=allow_pickle, progress=progress)
-    return (source, *scaled_config(source, extend))
 
 
 def load_causal_lm(
@@ -205,6 +204,7 @@ def load_causal_lm(
     progress: hub.DownloadProgress | None = None,
     tokenizer: Any = None,
     attn_implementation: str | None = None,
+    rope_as_trained: bool = False,
 ) -> LoadedModel:
     """Resolve, check and load a causal LM, optionally with a scaling method applied.
 
@@ -212,17 +212,18 @@ def load_causal_lm(
     already resolved (a :class:`~ctxext.locate.ResolvedModel`) is not resolved again: a
     Hub model's weights are fetched at the commit it was resolved to. ``tokenizer``: the
     model's tokenizer when the caller has loaded it already. ``attn_implementation``: None
-    chooses per model (:func:`choose_attn_implementation`).
+    chooses per model (:func:`choose_attn_implementation`). ``rope_as_trained``: a scaled
+    checkpoint with its original rope (:func:`scaled_config`), ``extend`` ignored.
     """
     from transformers import AutoModelForCausalLM
 
     if isinstance(model, locate.ResolvedModel):
         source = locate.fetch(model, "weights", allow_pickle=allow_pickle, progress=progress)
-        config_dict, label = scaled_config(source, extend)
     else:
-        source, config_dict, label = resolve_scaled(
-            model, extend, "weights", allow_pickle=allow_pickle, progress=progress
+        source = locate.resolve_model(
+            model, "weights", allow_pickle=allow_pickle, progress=progress
         )
+    config_dict, label = scaled_config(source, extend, rope_as_trained=rope_as_trained)
     use_safetensors = check_weights(source.path, allow_pickle)
     if tokenizer is None:
         tokenizer = load_tokenizer(source.path, trust_remote_code)

@@ -23,6 +23,9 @@ from ctxext.errors import CtxextError
 Task = Literal["ppl", "passkey", "context-use", "retrieval"]
 TASKS: tuple[str, ...] = get_args(Task)
 DocSelection = Literal["same", "per-length"]
+#: The effective-length rule's floor (``--effective-threshold``): a retrieval family counts
+#: only where the unscaled model retrieves at least this much of it at its trained length.
+EFFECTIVE_FLOOR = 0.5
 
 
 class EvalConfig(StrictModel):
@@ -66,6 +69,10 @@ class EvalConfig(StrictModel):
     """retrieval: the key/value templates (ctxext.evaluate.needles) hidden in the evaluation documents:
     heldout (the forms no ctxext training uses), train, all, or comma-separated template names;
     text (the natural-language passkey in its own filler); auto = heldout."""
+    effective_threshold: float = EFFECTIVE_FLOOR
+    """Floor of the effective-length rule, in (0, 1]: a retrieval family is judged only where
+    the unscaled model retrieves at least this share of it at its trained length, and its
+    threshold is max(floor, 0.9 x that share) (ctxext.evaluate.effective_length)."""
     include_base: bool = True
     """Also evaluate each model unscaled when scaling methods are given."""
     dtype: Dtype = "auto"
@@ -106,6 +113,13 @@ class EvalConfig(StrictModel):
     def _positive_int(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
             raise ValueError(f"must be a positive integer (got {v})")
+        return v
+
+    @field_validator("effective_threshold")
+    @classmethod
+    def _floor(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:  # NaN fails too
+            raise ValueError(f"must be a fraction in (0, 1], e.g. 0.5 (got {v})")
         return v
 
     _encoding = field_validator("fallback_encoding")(known_encoding)

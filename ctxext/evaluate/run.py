@@ -34,7 +34,7 @@ import numpy as np
 from ctxext import checkpoint, locate, outputs
 from ctxext.config import EvalConfig
 from ctxext.errors import CtxextError
-from ctxext.evaluate.variants import Sources, Variant, plan_variants, resolve_models
+from ctxext.evaluate.variants import Sources, Variant, loader, plan_variants, resolve_models
 
 #: progress_factory(description, total_tokens) -> callback(tokens_done)
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -51,6 +51,8 @@ def run_eval(
     progress_factory: ProgressFactory | None = None,
     budget_check: BudgetCheck | None = None,
     sources: Sources | None = None,
+    reference_of: dict[str | None, str | None] | None = None,
+    references: dict[str | None, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate every variant; returns the results document (see README, "results.json").
 
@@ -59,18 +61,34 @@ def run_eval(
     runs once the data is tokenized, before any model is loaded (the CLI's memory and time
     check). ``sources``: the models, resolved already (:func:`resolve_models`); each model is
     resolved once for the whole run and its weights loaded once (:func:`_run_variants`).
+
+    The effective length judges each row against its reference model's unscaled retrieval
+    (:mod:`ctxext.evaluate.reference`): ``reference_of`` maps a row's model to that model
+    (default: itself); ``references``, figures already measured, is filled with those measured
+    here (a recipe's later evaluation reuses its earlier one's).
     """
     from ctxext.data import data_fingerprint
+    from ctxext.evaluate.reference import attach_effective_lengths, plan_references
 
-    if sources is None:
-        sources = resolve_models([v.model for v in variants])
-    source, docs, token_cache = preflight(variants, cfg, sources, trust_remote_code, allow_pickle)
+    reference_of = reference_of or {}
+    references = {} if references is None else references
+    refs = [reference_of.get(v.model, v.model) for v in variants]
+    needed = [v.model for v in variants] + [m for m in refs if m not in references]
+    sources = {} if sources is None else sources  # updated in place, as preflight does
+    sources.update(resolve_models([m for m in needed if m not in sources]))
+    plans = plan_references(variants, cfg, sources, reference_of, known=references)
+    extra = {m: [p.length] for m, p in plans.items()}
+    source, docs, token_cache = preflight(
+        variants, cfg, sources, trust_remote_code, allow_pickle, extra
+    )
     started = time.time()
     if budget_check is not None:
         budget_check(sources, token_cache)
-    runs = _run_variants(
-        variants, cfg, sources, token_cache, trust_remote_code, allow_pickle, progress_factory
-    )
+    tokenizer_of = lambda source: token_cache[str(source.path)].tokenizer  # noqa: E731
+    load = loader(cfg, sources, tokenizer_of, trust_remote_code, allow_pickle, progress_factory)
+    rows = _run_variants(variants, cfg, token_cache, plans, references, load, progress_factory)
+    attach_effective_lengths(rows, cfg, plans, references, reference_of)
+    runs = [run for _, run, _, _ in rows]
     return {
         "ctxext_results": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -83,7 +101,7 @@ def run_eval(
             "fingerprint": data_fingerprint(docs),
             "n_documents": len(docs),
         },
-        "protocol": _protocol_summary(runs),
+        "protocol": _protocol_summary(runs, cfg),
         "runs": runs,
     }
 
@@ -185,6 +203,7 @@ def preflight(
     sources: Sources,
     trust_remote_code: bool,
     allow_pickle: bool,
+    extra_lengths: dict[str | None, list[int]] | None = None,
 ) -> tuple[Any, list, dict[str, _Tokens]]:
     """Check every model x method x length before anything slow; returns the data, tokenized.
 
@@ -192,6 +211,7 @@ def preflight(
     not a causal LM, no weights, no tokenizer files), then the data, then each tokenizer with
     the lengths (too-short data, a passkey prompt that does not fit). No weights are loaded.
     A Hub model's tokenizer files are fetched (``sources`` is updated with them).
+    ``extra_lengths``: per model, lengths its retrieval prompts must fit too (the reference).
     """
     from ctxext.data import EVAL_SPLITS, eval_documents, open_source
     from ctxext.modeling import check_tokenizer_files, check_weights, scaled_config
@@ -200,6 +220,7 @@ def preflight(
         with _naming(_who(variant)):
             scaled_config(sources[variant.model], variant.extend)
     paths: dict[str, str] = {}
+    extra: dict[str, list[int]] = {}
     for model in sources:
         with _naming(_who(Variant(model))):
             source = sources[model] = locate.fetch(sources[model], "tokenizer")
@@ -207,6 +228,7 @@ def preflight(
                 check_weights(source.path, allow_pickle)
             check_tokenizer_files(source.path)
         paths.setdefault(str(source.path), source.name)
+        extra.setdefault(str(source.path), []).extend((extra_lengths or {}).get(model, []))
     tokenizer = _tokenizers(trust_remote_code)
     source = open_source(
         cfg.data,
@@ -224,7 +246,7 @@ def preflight(
     cache = {}
     for path, name in paths.items():
         with _naming(name):
-            cache[path] = _tokenize_and_check(tokenizer(Path(path)), docs, cfg)
+            cache[path] = _tokenize_and_check(tokenizer(Path(path)), docs, cfg, extra[path])
     return source, docs, cache
 
 
@@ -249,7 +271,7 @@ def _long_enough(tok: Any, cfg: EvalConfig) -> Any:
     return lambda doc: len(tok(doc.text, add_special_tokens=False)["input_ids"]) >= need
 
 
-def _tokenize_and_check(tok: Any, docs: list, cfg: EvalConfig) -> _Tokens:
+def _tokenize_and_check(tok: Any, docs: list, cfg: EvalConfig, extra: list[int]) -> _Tokens:
     from ctxext.evaluate.passkey import build_passkey_prompt
     from ctxext.evaluate.protocol import (
         check_longest,
@@ -265,15 +287,16 @@ def _tokenize_and_check(tok: Any, docs: list, cfg: EvalConfig) -> _Tokens:
     bos = tok.bos_token_id
     if "ppl" in cfg.tasks:  # raises when no document is long enough
         perplexity_sweep_tokens(tokens.ids, cfg.lengths, **_ppl_options(cfg, bos))
+    retrieval_lengths = sorted({*cfg.lengths, *extra})  # the reference's length too
     if "passkey" in cfg.tasks or ("retrieval" in cfg.tasks and cfg.template == "text"):
-        for n in cfg.lengths:  # raises if a length cannot hold the prompt
-            build_passkey_prompt(tok, n, 0.5, "12345")
+        for n in retrieval_lengths if "retrieval" in cfg.tasks else cfg.lengths:
+            build_passkey_prompt(tok, n, 0.5, "12345")  # raises if n cannot hold the prompt
     if "retrieval" in cfg.tasks and cfg.template != "text":
         from ctxext.evaluate.needles import build_prompt, resolve_templates
 
         longest = max(tokens.ids, key=len, default=[])
         for t in resolve_templates(cfg.template):
-            for n in cfg.lengths:  # raises if the text is too short or a length too small
+            for n in retrieval_lengths:  # raises if the text is too short or a length too small
                 build_prompt(tok, longest, n, 0.5, "12345", "Falcon Ridge 255", t)
     if "context-use" in cfg.tasks:  # raises when no document holds the longest length
         select_documents(tokens.ids, cfg.lengths, **_selection(cfg, bos))
@@ -307,38 +330,32 @@ def _ppl_options(cfg: EvalConfig, bos: int | None) -> dict[str, Any]:
 def _run_variants(
     variants: list[Variant],
     cfg: EvalConfig,
-    sources: Sources,
     token_cache: dict[str, _Tokens],
-    trust_remote_code: bool,
-    allow_pickle: bool,
+    plans: dict[str | None, Any],
+    references: dict[str | None, Any],
+    load: Callable[..., Any],
     progress_factory: ProgressFactory | None,
-) -> list[dict[str, Any]]:
-    """Each model's weights loaded once: the next method of the same model gets its rope in
+) -> list[tuple[Variant, dict[str, Any], Any, dict[int, Any]]]:
+    """The references no row provides first (:mod:`~ctxext.evaluate.reference`), then each
+    row: (variant, its run document, its retrieval result, its far-context gains).
+
+    Each model's weights loaded once: the next method of the same model gets its rope in
     place (:func:`ctxext.modeling.rescale`, equal to a fresh load); a model whose rope cannot
     be swapped exactly is loaded again."""
-    from ctxext.modeling import load_causal_lm, rescale
+    from ctxext.evaluate.reference import score_references
+    from ctxext.modeling import rescale
 
-    runs: list[dict[str, Any]] = []
-    loaded, previous = None, object()
+    rows = []
+    doc_ids = lambda loaded: token_cache[str(loaded.source.path)].docs.ids  # noqa: E731
+    loaded, previous = score_references(plans, references, load, doc_ids, cfg, progress_factory)
     for variant in variants:
         if loaded is not None:
             loaded = rescale(loaded, variant.extend) if variant.model == previous else None
         if loaded is None:  # the previous model is released first: one model in memory
-            source = sources[variant.model]
-            loaded = load_causal_lm(
-                source,
-                extend=variant.extend,
-                dtype=cfg.dtype,
-                device_map=cfg.device_map,
-                trust_remote_code=trust_remote_code,
-                allow_pickle=allow_pickle,
-                progress=progress_factory,
-                tokenizer=token_cache[str(source.path)].tokenizer,
-                attn_implementation=cfg.attn_implementation,
-            )
+            loaded = load(variant.model, variant.extend)
         previous = variant.model
-        runs.append(_run_variant(variant, loaded, cfg, token_cache, progress_factory))
-    return runs
+        rows.append((variant, *_run_variant(variant, loaded, cfg, token_cache, progress_factory)))
+    return rows
 
 
 def _run_variant(
@@ -347,12 +364,13 @@ def _run_variant(
     cfg: EvalConfig,
     token_cache: dict[str, _Tokens],
     progress_factory: ProgressFactory | None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Any, dict[int, Any]]:
     from ctxext import rope
     from ctxext.evaluate.loss import length_dependent_rope
     from ctxext.evaluate.passkey import evaluate_passkey
     from ctxext.evaluate.perplexity import evaluate_lengths
     from ctxext.evaluate.protocol import perplexity_sweep_tokens
+    from ctxext.evaluate.reference import score_retrieval, ticker
 
     tokens = token_cache[str(loaded.source.path)]
     info = rope.analyze(loaded.config)
@@ -384,13 +402,13 @@ def _run_variant(
             cfg.lengths,
             token_bytes=tokens.docs.token_bytes,
             one_pass=one_pass,
-            progress=_ticker(progress_factory, f"{loaded.label} ppl", total),
+            progress=ticker(progress_factory, f"{loaded.label} ppl", total),
             **opts,
         )
         run["ppl"] = {str(n): res.to_dict() for n, res in results.items()}
     if "passkey" in cfg.tasks:
         total = sum(cfg.lengths) * len(cfg.passkey_depths) * cfg.passkey_trials
-        tick = _ticker(progress_factory, f"{loaded.label} passkey", total)
+        tick = ticker(progress_factory, f"{loaded.label} passkey", total)
         run["passkey"] = evaluate_passkey(
             loaded.model,
             loaded.tokenizer,
@@ -407,20 +425,23 @@ def _run_variant(
             str(n): {**g.to_dict(), "doc_fingerprint": fingerprint} for n, g in gains.items()
         }
     if "retrieval" in cfg.tasks:
-        retrieval = _retrieval(loaded, tokens, cfg, progress_factory)
+        what = f"{loaded.label} retrieval"
+        retrieval = score_retrieval(
+            loaded, tokens.docs.ids, cfg, cfg.lengths, progress_factory, what
+        )
         run["retrieval"] = retrieval.to_dict()
     if "context-use" in cfg.tasks or "retrieval" in cfg.tasks:
-        from ctxext.evaluate.effective_length import context_length, effective_length
+        from ctxext.evaluate.effective_length import context_length
 
-        run["context_length"] = context_length(info)
-        run["effective_length"] = effective_length(cfg.lengths, retrieval, gains)
-    return run
+        run["context_length"] = context_length(info)  # the effective length: run_eval, after
+    return run, retrieval, gains
 
 
 def _context_use(loaded, tokens: _Tokens, cfg: EvalConfig, info, progress_factory):
     from ctxext.evaluate.context_use import context_use_sweep, context_use_sweep_tokens
     from ctxext.evaluate.loss import length_dependent_rope
     from ctxext.evaluate.protocol import doc_fingerprint, select_documents
+    from ctxext.evaluate.reference import ticker
 
     bos = tokens.bos_token_id
     prefix = [] if bos is None else [bos]
@@ -440,35 +461,12 @@ def _context_use(loaded, tokens: _Tokens, cfg: EvalConfig, info, progress_factor
         stride=stride,
         seed=cfg.seed,
         one_pass=one_pass,
-        progress=_ticker(progress_factory, f"{loaded.label} context-use", max(total, 1)),
+        progress=ticker(progress_factory, f"{loaded.label} context-use", max(total, 1)),
     )
     return results, doc_fingerprint(docs, tokens.docs.ids)
 
 
-def _retrieval(loaded, tokens: _Tokens, cfg: EvalConfig, progress_factory) -> Any:
-    from ctxext.evaluate.retrieval import evaluate_retrieval
-
-    total = sum(cfg.lengths) * len(cfg.passkey_depths) * cfg.passkey_trials
-    return evaluate_retrieval(
-        loaded.model,
-        loaded.tokenizer,
-        cfg.lengths,
-        template=cfg.template,
-        doc_token_ids=tokens.docs.ids,
-        depths=cfg.passkey_depths,
-        trials=cfg.passkey_trials,
-        seed=cfg.seed,
-        progress=_ticker(progress_factory, f"{loaded.label} retrieval", total),
-    )
-
-
-def _ticker(factory: ProgressFactory | None, what: str, total: int) -> Callable[[int], None]:
-    if factory is None:
-        return lambda done: None
-    return factory(what, total)
-
-
-def _protocol_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _protocol_summary(runs: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
     """The protocol stated once at the top (identical for every run by construction)."""
     out: dict[str, Any] = {}
     for run in runs:
@@ -484,7 +482,7 @@ def _protocol_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if "retrieval" in run:
             out["retrieval"] = run["retrieval"]["protocol"]
         if "effective_length" in run:
-            from ctxext.evaluate.effective_length import EFFECTIVE_LENGTH_RULE
+            from ctxext.evaluate.effective_length import rule_text
 
-            out["effective_length"] = EFFECTIVE_LENGTH_RULE
+            out["effective_length"] = rule_text(cfg.effective_threshold)
     return out

@@ -6,6 +6,7 @@ Each model is resolved once for the whole command (a Hub model at one commit).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,3 +65,38 @@ def resolve_models(models: list[str | None]) -> Sources:
         if model not in sources:
             sources[model] = locate.resolve_model(model)
     return sources
+
+
+def loader(
+    cfg: EvalConfig,
+    sources: Sources,
+    tokenizer_of: Callable[[locate.ResolvedModel], Any],
+    trust_remote_code: bool,
+    allow_pickle: bool,
+    progress: Any,
+) -> Callable[..., Any]:
+    """``load(model, extend=None, rope_as_trained=False)``: a model of ``sources`` loaded with
+    the config's dtype, devices and attention, and the tokenizer ``tokenizer_of`` gives
+    (:func:`ctxext.modeling.load_causal_lm`; ``progress`` draws weight downloads)."""
+    from ctxext.modeling import load_causal_lm
+
+    common = {
+        "dtype": cfg.dtype,
+        "device_map": cfg.device_map,
+        "trust_remote_code": trust_remote_code,
+        "allow_pickle": allow_pickle,
+        "progress": progress,
+        "attn_implementation": cfg.attn_implementation,
+    }
+
+    def load(model: str | None, extend: ExtendConfig | None = None, rope_as_trained: bool = False):
+        source = sources[model]
+        return load_causal_lm(
+            source,
+            extend=extend,
+            tokenizer=tokenizer_of(source),
+            rope_as_trained=rope_as_trained,
+            **common,
+        )
+
+    return load

@@ -204,6 +204,8 @@ class RecipeRun:
         self.extend_record: dict[str, Any] | None = None
         self.results: dict[str, Any] | None = None
         self.timings: dict[str, float] = {}
+        #: The effective length's reference (the base model unscaled), measured once per run.
+        self.references: dict[str | None, Any] = {}
 
     # -- stages
 
@@ -283,12 +285,19 @@ class RecipeRun:
         assert self.recipe.eval is not None
         variants = [self._variant(item) for item in items]
         self.hooks.status(f"eval: {', '.join(items)}")
+        # Every row made from the base model (extended, fine-tuned, methods) is judged against
+        # the base model before fine-tuning, unscaled; another model against itself.
+        base = self.recipe.model
+        own = {"base", "extended", "finetuned", *ALL_METHODS}
+        reference_of = {v.model: base for i, v in zip(items, variants, strict=True) if i in own}
         results = run_eval(
             variants,
             self.recipe.eval,
             trust_remote_code=self.trust_remote_code,
             allow_pickle=self.allow_pickle,
             progress_factory=self._factory([self._label(i) for i in items]),
+            reference_of=reference_of,
+            references=self.references,
         )
         for item, run in zip(items, results["runs"], strict=True):
             self._relabel(item, run)
@@ -343,6 +352,8 @@ class RecipeRun:
         calls = iter(range(10**9))
 
         def factory(description: str, total: int) -> Callable[[int], None]:
+            if description.startswith("reference "):  # scored before the rows, not one of them
+                return outer(description, total)
             index = next(calls) // max(per_variant, 1)
             task = description.rsplit(" ", 1)[-1]
             label = labels[index] if index < len(labels) else description.rsplit(" ", 1)[0]

@@ -9,6 +9,7 @@ Pure functions on plain dicts (a parsed ``config.json``); no model, no torch.
 * :mod:`~ctxext.rope.write`: check a request and write the extended config
   (:func:`extend_config`, one writer and one option validator per method), the one new-length
   rule (:func:`new_length`) and the dry-run diff.
+* :mod:`~ctxext.rope.original`: a scaled config's rope as trained (:func:`original_config`).
 * :mod:`~ctxext.rope.formulas`: the papers' frequency formulas in float64 (numpy, loaded on
   use): the static NTK theta, ``ctxext inspect``'s per-pair table and tune's per-pair view are
   computed with them, and the exactness tests compare transformers' own maths against them.
@@ -45,6 +46,7 @@ from ctxext.rope.methods import (
     OPTION_DEFAULTS,
     OPTIONS_OF,
 )
+from ctxext.rope.original import original_config
 from ctxext.rope.read import RopeInfo, analyze
 from ctxext.rope.write import config_diff, extend_config, new_length, validate_request
 
@@ -60,5 +62,6 @@ __all__ = [
     "config_diff",
     "extend_config",
     "new_length",
+    "original_config",
     "validate_request",
 ]
