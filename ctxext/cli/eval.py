@@ -116,6 +116,14 @@ def eval_command(
             "(the passkey) | auto (= heldout)."
         ),
     ] = _DEFAULT.retrieval_template,
+    effective_threshold: Annotated[
+        float,
+        typer.Option(
+            help="Floor of the effective-length rule, in (0, 1]: a retrieval family is judged "
+            "where the unscaled model retrieves at least this share at its trained length, "
+            "against max(floor, 0.9 x that share)."
+        ),
+    ] = _DEFAULT.effective_threshold,
     no_base: Annotated[
         bool, typer.Option("--no-base", help="Skip the unscaled rows.")
     ] = not _DEFAULT.include_base,
@@ -180,6 +188,7 @@ def eval_command(
             "local_window": local_window,
             "local_stride": local_stride,
             "retrieval_template": retrieval_template,
+            "effective_threshold": effective_threshold,
             "include_base": not no_base,
             "dtype": dtype,
             "attn_implementation": attn_implementation,
@@ -257,6 +266,7 @@ def _render(results: dict[str, Any], cfg: Any, console: Console) -> None:
     from ctxext.report.plots import terminal_plot
     from ctxext.report.tables import (
         context_use_table,
+        effective_table,
         key_token_table,
         passkey_table,
         ppl_table,
@@ -268,13 +278,15 @@ def _render(results: dict[str, Any], cfg: Any, console: Console) -> None:
         from rich.text import Text
 
         console.print(Text.from_ansi(terminal_plot(results)))
-    tables = (passkey_table, retrieval_table, context_use_table, key_token_table)
+    tables = (passkey_table, retrieval_table, context_use_table, key_token_table, effective_table)
     for table in (make(results) for make in tables):
         if table is not None:
             console.print(table)
     for row in results["runs"]:
         line = effective_length_line(row)
         if line is not None:
-            console.print(f"effective context: {line}")
+            console.print(f"effective context: {line}", soft_wrap=True)
+    if "effective_length" in results["protocol"]:
+        console.print(f"[dim]rule: {results['protocol']['effective_length']}[/dim]")
     for line in sliding_window_lines(results):
         console.print(f"[yellow]sliding window:[/yellow] {line}", soft_wrap=True)

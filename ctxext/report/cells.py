@@ -44,16 +44,104 @@ METRIC_LABELS = {"ppl": "perplexity", "bpb": "bits per byte"}
 
 
 def effective_reach(run: dict[str, Any]) -> str:
-    """ "reads to 1024" (or "reads to none of the lengths") for a run with an effective length."""
+    """ "reads to 1024" (or "reads to none of the lengths", or "not judged" where neither
+    retrieval nor the far-context gain could judge a length) for a run with an effective length."""
     reach = run["effective_length"]
+    detail = run.get("effective_length_detail")
+    if detail is not None and not detail.get("basis"):
+        return "not judged"
     return f"reads to {reach}" if reach else "reads to none of the lengths"
 
 
 def effective_length_line(run: dict[str, Any]) -> str | None:
-    """ "extended to 2048, reads to 1024" (or "reads to none of the lengths")."""
+    """ "extended to 2048, reads to 1024" (or "reads to none of the lengths"), then the rule's
+    inputs (:func:`effective_basis`) where the results carry them."""
     if "effective_length" not in run:
         return None
-    return f"{run['label']}: extended to {run.get('context_length', '?')}, {effective_reach(run)}"
+    line = f"{run['label']}: extended to {run.get('context_length', '?')}, {effective_reach(run)}"
+    basis = effective_basis(run)
+    return line if basis is None else f"{line} ({basis})"
+
+
+def _share(t: dict[str, Any]) -> str:
+    return f"{t['accuracy']:.0%} ({t['hits']}/{t['n']})"
+
+
+def percent(x: float) -> str:
+    """A threshold or floor, unrounded to 3 digits (0.855 is 85.5%, not 86%)."""
+    return f"{x * 100:.3g}%"
+
+
+def effective_basis(run: dict[str, Any]) -> str | None:
+    """The floor, each family's reference and threshold (or why it is not judged), the length
+    that stopped it and where one key decides; None without ``effective_length_detail``."""
+    detail = run.get("effective_length_detail")
+    if detail is None:
+        return None
+    parts = [f"floor {percent(detail['floor'])}"]
+    ref = detail.get("reference")
+    fams = []
+    for name, fam in detail["families"].items():
+        r = fam["reference"]
+        if r is None:
+            fams.append(f"{name} no reference")
+            continue
+        verdict = f"threshold {percent(fam['threshold'])}" if fam["counted"] else "not judged"
+        fams.append(f"{name} {_share(r)} -> {verdict}{_one_key(fam)}")
+    if ref is not None and fams:
+        parts.append(f"reference {ref['model']} unscaled @{ref['length']}: " + ", ".join(fams))
+    if not detail["retrieval_judged"]:
+        why = "no family reaches the floor" if fams else "not run"
+        rest = "the far-context gain alone decides" if detail["basis"] else "nothing else measured"
+        parts.append(f"retrieval not judged ({why}): {rest}")
+    stop = next((n for n, e in detail["lengths"].items() if not e["passes"]), None)
+    if stop is not None and detail["basis"]:
+        parts.append(f"stops at {stop}: {detail['lengths'][stop]['decision']}")
+    close = [n for n, e in detail["lengths"].items() if e.get("one_key_decides")]
+    if close:
+        parts.append(f"one key decides at {', '.join(close)}")
+    return "; ".join(parts)
+
+
+def _one_key(decision: dict[str, Any]) -> str:
+    return " (one key decides)" if decision.get("one_key_decides") else ""
+
+
+def family_rows(
+    run: dict[str, Any], verbose: bool = False
+) -> list[tuple[str, str, str, list[str]]] | None:
+    """Per retrieval family: its name, reference, threshold ("not judged" below the floor) and
+    a cell per length: accuracy pooled over its forms and depths with hits/n, and against a
+    threshold "ok" or "FAIL". ``verbose`` (Markdown): the Wilson 95% interval too and "(one key
+    decides)"; else (the terminal) "!" marks a verdict one key flips. None without
+    ``effective_length_detail``."""
+    detail = run.get("effective_length_detail")
+    if detail is None or not detail["families"]:
+        return None
+
+    def share(t: dict[str, Any], verdict: str = "", one: bool = False) -> str:
+        if not verbose:
+            return f"{t['accuracy']:.0%} {t['hits']}/{t['n']}{verdict}{'!' if one else ''}"
+        ci = f", {t['ci_low']:.0%}-{t['ci_high']:.0%}" if "ci_low" in t else ""
+        text = f"{t['accuracy']:.0%} ({t['hits']}/{t['n']}{ci}){verdict}"
+        return text + (" (one key decides)" if one else "")
+
+    rows = []
+    for name, fam in detail["families"].items():
+        r = fam["reference"]
+        threshold = percent(fam["threshold"]) if fam["counted"] else "not judged"
+        cells = []
+        for entry in detail["lengths"].values():
+            t = entry.get("families", {}).get(name)
+            if t is None:
+                cells.append("-")
+            elif "passes" in t:
+                cells.append(share(t, " ok" if t["passes"] else " FAIL", t["one_key_decides"]))
+            else:
+                cells.append(share(t))
+        ref = "-" if r is None else share(r, "", fam["one_key_decides"])
+        rows.append((name, ref, threshold, cells))
+    return rows
 
 
 def sliding_window_lines(results: dict[str, Any]) -> list[str]:

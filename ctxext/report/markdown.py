@@ -6,6 +6,7 @@ from typing import Any
 
 from ctxext.report.cells import (
     effective_length_line,
+    family_rows,
     gain_interval,
     gain_layout,
     key_cells,
@@ -113,7 +114,40 @@ def context_use_markdown(results: dict[str, Any]) -> str | None:
         for run in rt_runs:
             cells = retrieval_cells(run["retrieval"]["accuracy"])
             lines.append(f"| {run['label']} | " + " | ".join(cells) + " |")
+        lines += effective_markdown(results)
     return "\n".join(lines).strip("\n") or None
+
+
+def effective_markdown(results: dict[str, Any]) -> list[str]:
+    """Per run, the effective-length decision per retrieval family and length (no lines
+    without effective-length details)."""
+    runs = [(r, rows) for r in results["runs"] if (rows := family_rows(r, verbose=True))]
+    if not runs:
+        return []
+    protocol = results.get("protocol", {}).get("effective_length", "")
+    lines = ["", f"Effective context length, per retrieval family: {protocol}."]
+    for run, rows in runs:
+        detail = run["effective_length_detail"]
+        lengths = list(detail["lengths"])
+        ref = detail["reference"] or {}
+        lines += [
+            "",
+            f"{run['label']}: reference {ref.get('source', 'none')}; accuracy pooled over each "
+            "family's forms and depths (hits/n, Wilson 95% interval), ok/FAIL against its "
+            "threshold:",
+            "",
+            "| family | reference | threshold | " + " | ".join(lengths) + " |",
+            "|---|---:|---:|" + "---:|" * len(lengths),
+            *(
+                f"| {family} | {r} | {t} | " + " | ".join(cells) + " |"
+                for family, r, t, cells in rows
+            ),
+            "",
+            "Decision per length: "
+            + "; ".join(f"{n}: {e['decision']}" for n, e in detail["lengths"].items())
+            + ".",
+        ]
+    return lines
 
 
 def leaderboard_markdown(lines: list[dict[str, Any]], target: int, trained: int) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from ctxext.report.cells import effective_reach, gain_interval
+from ctxext.report.cells import effective_basis, effective_reach, gain_interval, percent
 
 WIDTH = 80
 
@@ -26,10 +26,14 @@ def headline_summary(results: dict[str, Any]) -> str | None:
             claimed = run.get("context_length")
             extended = f" (extended to {claimed})" if claimed else ""
             lines.append(f"  effective context length: {effective_reach(run)}{extended}")
-    from ctxext.evaluate.effective_length import EFFECTIVE_LENGTH_RULE
-
-    rule = f"effective context length: {EFFECTIVE_LENGTH_RULE}"
-    lines += ["", *textwrap.wrap(rule, WIDTH)]
+            basis = effective_basis(run)
+            if basis is not None:
+                lines += textwrap.wrap(
+                    basis, WIDTH, initial_indent="    ", subsequent_indent="    "
+                )
+    rule = (results.get("protocol") or {}).get("effective_length")
+    if rule is not None:
+        lines += ["", *textwrap.wrap(f"effective context length: {rule}", WIDTH)]
     return "\n".join(lines)
 
 
@@ -62,19 +66,37 @@ def _k(n: int) -> str:
 
 
 def _retrieval_lines(run: dict[str, Any]) -> list[str]:
+    """Retrieval per family (pooled over its forms and depths, n keys per cell), against its
+    threshold; pooled over every template where the results have no effective-length detail."""
     rt = run.get("retrieval")
     if rt is None:
         return []
     lengths = rt["lengths"]
     cell = max(6, *(len(str(n)) + 1 for n in lengths))
-    rows = [("all (pooled)", rt["accuracy"])]
-    by_template = rt.get("by_template") or {}
-    if len(by_template) > 1:
-        rows += list(by_template.items())
-    name_width = max(14, *(len(name) + 1 for name, _ in rows))
+    detail = run.get("effective_length_detail")
+    if detail is None or not detail["families"]:
+        rows = [("all (pooled)", "", [f"{sum(r) / len(r):.0%}" for r in rt["accuracy"]])]
+        what = "mean over depths"
+    else:
+        rows = []
+        for family, fam in detail["families"].items():
+            cells = [detail["lengths"][str(n)]["families"][family] for n in lengths]
+            mark = f"t {percent(fam['threshold'])}" if fam["counted"] else "not judged"
+            n = "/".join(sorted({str(c["n"]) for c in cells}))
+            rows.append((f"{family} n={n}", mark, [_flagged(c) for c in cells]))
+        what = "per family, pooled over forms and depths"
+    name_width = max(14, *(len(name) + 1 for name, _, _ in rows))
     head = "    " + " " * name_width + "".join(f"{n:>{cell}}" for n in lengths)
-    lines = [f"  retrieval ({rt['template']}; mean over depths):", head]
-    for name, acc in rows:
-        means = "".join(f"{sum(row) / len(row):>{cell}.0%}" for row in acc)
-        lines.append(f"    {name:<{name_width}}{means}")
+    lines = [*textwrap.wrap(f"  retrieval ({rt['template']}; {what}):", WIDTH), head]
+    for name, mark, cells in rows:
+        text = f"    {name:<{name_width}}" + "".join(f"{c:>{cell}}" for c in cells)
+        lines.append(f"{text}  {mark}".rstrip())
+    if detail is not None and detail["families"]:
+        lines.append("    (n: keys per cell; t: threshold; x: below it; !: one key flips it)")
     return lines
+
+
+def _flagged(c: dict[str, Any]) -> str:
+    """A judged cell's accuracy, "x" where it fails its threshold, "!" where one key decides."""
+    fail = "x" if c.get("passes") is False else ""
+    return f"{c['accuracy']:.0%}{fail}{'!' if c.get('one_key_decides') else ''}"

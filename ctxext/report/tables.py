@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from ctxext.report.cells import (
+    family_rows,
     gain_layout,
     gain_starred,
     key_cells,
@@ -13,6 +14,7 @@ from ctxext.report.cells import (
     last_bucket_cells,
     metric,
     metric_value,
+    percent,
     retrieval_cells,
     templates_label,
 )
@@ -148,4 +150,28 @@ def retrieval_table(results: dict[str, Any]):  # -> rich.table.Table | None
     for run in runs:
         rt = run["retrieval"]
         table.add_row(run["label"], *retrieval_cells(rt["accuracy"]))
+    return table
+
+
+def effective_table(results: dict[str, Any]):  # -> rich.table.Table | None
+    """Per run and retrieval family: the unscaled reference, the threshold and the accuracy at
+    each length against it (None without effective-length details)."""
+    from rich.table import Table
+
+    runs = [(r, rows) for r in results["runs"] if (rows := family_rows(r))]
+    if not runs:
+        return None
+    detail = runs[0][0]["effective_length_detail"]
+    lengths = list(detail["lengths"])
+    table = Table(
+        title="effective length: retrieval per family (pooled over forms and depths; hits/n)",
+        caption=f"ref.: the unscaled model at its trained length; a family is judged iff ref. "
+        f">= the floor {percent(detail['floor'])}, against t = max(floor, "
+        f"{detail['relative']:g} x ref.); ok/FAIL: against t; !: one key more or less flips it",
+    )
+    for name in ("model / method", "family", "ref.", "t", *lengths):
+        table.add_column(name, justify="left" if name in ("model / method", "family") else "right")
+    for run, rows in runs:
+        for i, (family, ref, threshold, cells) in enumerate(rows):
+            table.add_row(run["label"] if i == 0 else "", family, ref, threshold, *cells)
     return table
