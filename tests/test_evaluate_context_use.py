@@ -17,7 +17,7 @@ from ctxext.evaluate.context_use import (
     context_use,
     local_nll,
 )
-from ctxext.evaluate.effective_length import effective_length
+from ctxext.evaluate.effective_length import Reference, Tally, effective_length, judge
 from ctxext.evaluate.retrieval import evaluate_retrieval
 from ctxext.evaluate.scoring import RetrievalResult
 
@@ -219,8 +219,23 @@ def test_retrieval_known_answer_on_a_model_that_retrieves(bundled_retrieval):
     assert res.to_dict()["mean_by_length"]["256"] == 1.0
 
 
-def test_effective_length_of_the_bundled_model_is_its_trained_length(bundled_retrieval):
-    assert effective_length([256, 512], bundled_retrieval, None) == 256
+def test_the_bundled_model_judged_against_itself_reads_to_its_trained_length(bundled_retrieval):
+    """Judged against its own figures at 256 (the reference), the reference length passes
+    whenever its family is judged (r >= max(floor, 0.9 r)); 512 fails (see above)."""
+    ref = Reference.of(bundled_retrieval, 256, "bundled", "its own row")
+    detail = judge([256, 512], bundled_retrieval, None, ref, 0.5)
+    (family,) = detail["families"].values()  # the one template `code`: code (train)
+    assert family["counted"] == (family["reference"]["accuracy"] >= 0.5)
+    if family["counted"]:
+        assert detail["lengths"]["256"]["counts"] and detail["effective_length"] == 256
+
+
+#: A reference the hand-built `code` results below are judged against: threshold 90%.
+_PERFECT = Reference("base", 256, {"code": Tally(8, 8)}, "hand-built")
+
+
+def _effective(lengths, retrieval, gains):
+    return effective_length(lengths, retrieval, gains, _PERFECT, 0.5)
 
 
 def _retrieval(accuracy: dict[int, list[float]]) -> RetrievalResult:
@@ -259,54 +274,37 @@ LENGTHS = [256, 512, 1024, 2048]
 ALL_RETRIEVED = {n: [1.0, 1.0, 1.0] for n in LENGTHS}
 
 
-def test_effective_length_retrieval_only():
-    """The longest length such that it and every shorter one retrieve >= 90% at every depth."""
-    retr = _retrieval({256: [1.0, 1.0], 512: [1.0, 0.5], 1024: [1.0, 1.0]})
-    assert effective_length([256, 512, 1024], retr, None) == 256  # 512 fails at depth 1.0
-    retr.accuracy[1] = [1.0, 0.9]  # exactly the threshold passes
-    assert effective_length([256, 512, 1024], retr, None) == 1024
-    retr.accuracy[1] = [1.0, 0.89]
-    assert effective_length([256, 512, 1024], retr, None) == 256
-    # A failure at a short length ends it, even when every longer length retrieves.
-    retr = _retrieval({256: [1.0, 1.0], 512: [0.75, 1.0], 1024: [1.0, 1.0]})
-    assert effective_length([256, 512, 1024], retr, None) == 256
-    assert effective_length([256, 512, 1024], retr, None, threshold=0.75) == 1024
-    # The shortest length fails: no length qualifies.
-    retr = _retrieval({256: [0.5, 1.0], 512: [1.0, 1.0]})
-    assert effective_length([256, 512], retr, None) is None
-
-
 def test_effective_length_gain_gates_lengths_beyond_the_window():
     retr = _retrieval(ALL_RETRIEVED)
     gains = {512: _gain(512, 0.01), 1024: _gain(1024, 0.02), 2048: _gain(2048, -0.01)}
-    assert effective_length(LENGTHS, retr, gains) == 1024  # 2048's interval reaches below 0
+    assert _effective(LENGTHS, retr, gains) == 1024  # 2048's interval reaches below 0
     gains[2048] = _gain(2048, 0.0)
-    assert effective_length(LENGTHS, retr, gains) == 1024  # "above 0" is strict
+    assert _effective(LENGTHS, retr, gains) == 1024  # "above 0" is strict
     gains[2048] = _gain(2048, 0.001)
-    assert effective_length(LENGTHS, retr, gains) == 2048
+    assert _effective(LENGTHS, retr, gains) == 2048
     gains[512] = _gain(512, -0.5)  # a short length's failure ends it
-    assert effective_length(LENGTHS, retr, gains) == 256
-    assert effective_length(LENGTHS, None, gains) == 256  # gains alone decide too
+    assert _effective(LENGTHS, retr, gains) == 256
+    assert _effective(LENGTHS, None, gains) == 256  # gains alone decide too
 
 
 def test_effective_length_reads_the_last_bucket_not_the_total():
     retr = _retrieval({256: [1.0], 512: [1.0]})
     sure_total = {512: _gain(512, last_ci_low=-0.1, total_ci_low=0.3)}
-    assert effective_length([256, 512], retr, sure_total) == 256
+    assert _effective([256, 512], retr, sure_total) == 256
     sure_last = {512: _gain(512, last_ci_low=0.1, total_ci_low=-0.3)}
-    assert effective_length([256, 512], retr, sure_last) == 512
+    assert _effective([256, 512], retr, sure_last) == 512
 
 
 def test_effective_length_window_and_missing_measurements():
     # A length within the window has nothing beyond it: its (negative) gain does not count.
     retr = _retrieval({256: [1.0], 512: [1.0]})
-    assert effective_length([256, 512], retr, {512: _gain(512, -1.0, window=512)}) == 512
+    assert _effective([256, 512], retr, {512: _gain(512, -1.0, window=512)}) == 512
     # A length whose retrieval or gain was not measured is not held against it.
-    assert effective_length([256, 512, 1024], retr, {1024: _gain(1024, 0.2)}) == 1024
-    assert effective_length([256, 512, 1024], retr, {}) == 1024
+    assert _effective([256, 512, 1024], retr, {1024: _gain(1024, 0.2)}) == 1024
+    assert _effective([256, 512, 1024], retr, {}) == 1024
     # Nothing measured: no effective length.
-    assert effective_length([256], None, None) is None
-    assert effective_length([256], None, {}) is None
+    assert _effective([256], None, None) is None
+    assert _effective([256], None, {}) is None
 
 
 def test_sweep_equals_separate_runs_at_each_length(llama, seqs):
