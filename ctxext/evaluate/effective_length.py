@@ -217,7 +217,8 @@ def _family(
     ref = reference.families.get(family) if reference is not None else None
     out: dict[str, Any] = {"templates": templates, "reference": None, "counted": False}
     if ref is None or reference is None:
-        return {**out, "threshold": None, "one_key_decides": False, "note": "no reference"}
+        why = "no reference" if reference is None else f"no reference: {reference.source}"
+        return {**out, "threshold": None, "one_key_decides": False, "note": f"not judged: {why}"}
     counted = ref.passes(floor)
     threshold = max(floor, RELATIVE * ref.accuracy) if counted else None
     where = f"the unscaled model retrieves {ref.accuracy:.0%} at {reference.length}"

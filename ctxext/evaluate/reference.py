@@ -77,6 +77,42 @@ def plan_references(
     return plans
 
 
+def drop_unfit(
+    plans: dict[str | None, ReferencePlan],
+    unfit: Mapping[str | None, Mapping[int, str]],
+    references: dict[str | None, Reference],
+    names: Mapping[str | None, str],
+) -> dict[str | None, ReferencePlan]:
+    """The plans whose length holds the retrieval prompts; for the others, an empty reference
+    in ``references`` saying why (their rows' retrieval is then not judged)."""
+    kept = {}
+    for model, plan in plans.items():
+        why = unfit.get(model, {}).get(plan.length)
+        if why is None:
+            kept[model] = plan
+        else:
+            source = (
+                f"not measured: its trained length {plan.length} cannot hold the prompt ({why})"
+            )
+            references[model] = Reference(names[model], plan.length, {}, source)
+    return kept
+
+
+def retrieval_fits(tok: Any, ids: list[list[int]], cfg: EvalConfig, n: int) -> None:
+    """Raises if length ``n`` cannot hold a retrieval prompt of the config's templates (or the
+    documents ``ids`` are too short to hide the key in)."""
+    from ctxext.evaluate.passkey import build_passkey_prompt
+
+    if cfg.template == "text":
+        build_passkey_prompt(tok, n, 0.5, "12345")
+        return
+    from ctxext.evaluate.needles import build_prompt, resolve_templates
+
+    longest = max(ids, key=len, default=[])
+    for t in resolve_templates(cfg.template):
+        build_prompt(tok, longest, n, 0.5, "12345", "Falcon Ridge 255", t)
+
+
 def score_retrieval(
     loaded: Any,
     doc_ids: Any,

@@ -68,7 +68,7 @@ def run_eval(
     here (a recipe's later evaluation reuses its earlier one's).
     """
     from ctxext.data import data_fingerprint
-    from ctxext.evaluate.reference import attach_effective_lengths, plan_references
+    from ctxext.evaluate.reference import attach_effective_lengths, drop_unfit, plan_references
 
     reference_of = reference_of or {}
     references = {} if references is None else references
@@ -81,6 +81,8 @@ def run_eval(
     source, docs, token_cache = preflight(
         variants, cfg, sources, trust_remote_code, allow_pickle, extra
     )
+    unfit = {m: token_cache[str(sources[m].path)].unfit for m in plans}
+    plans = drop_unfit(plans, unfit, references, {m: sources[m].name for m in plans})
     started = time.time()
     if budget_check is not None:
         budget_check(sources, token_cache)
@@ -181,6 +183,7 @@ class _Tokens:
     bos_token_id: int | None
     fingerprint: str  # of the token ids (and BOS): equal fingerprints, comparable perplexities
     tokenizer: Any  # the one that made them, loaded once and given to the model's loads
+    unfit: dict[int, str]  # a reference length its retrieval prompts do not fit, and why
 
 
 @contextlib.contextmanager
@@ -211,7 +214,8 @@ def preflight(
     not a causal LM, no weights, no tokenizer files), then the data, then each tokenizer with
     the lengths (too-short data, a passkey prompt that does not fit). No weights are loaded.
     A Hub model's tokenizer files are fetched (``sources`` is updated with them).
-    ``extra_lengths``: per model, lengths its retrieval prompts must fit too (the reference).
+    ``extra_lengths``: per model, the reference's length: where its retrieval prompts do not
+    fit, ``_Tokens.unfit`` says why (the rows are judged without it).
     """
     from ctxext.data import EVAL_SPLITS, eval_documents, open_source
     from ctxext.modeling import check_tokenizer_files, check_weights, scaled_config
@@ -279,6 +283,7 @@ def _tokenize_and_check(tok: Any, docs: list, cfg: EvalConfig, extra: list[int])
         select_documents,
         tokenize_for_eval,
     )
+    from ctxext.evaluate.reference import retrieval_fits
 
     texts = [d.text for d in docs]
     if "ppl" in cfg.tasks or "context-use" in cfg.tasks:  # before tokenizing every document
@@ -287,20 +292,21 @@ def _tokenize_and_check(tok: Any, docs: list, cfg: EvalConfig, extra: list[int])
     bos = tok.bos_token_id
     if "ppl" in cfg.tasks:  # raises when no document is long enough
         perplexity_sweep_tokens(tokens.ids, cfg.lengths, **_ppl_options(cfg, bos))
-    retrieval_lengths = sorted({*cfg.lengths, *extra})  # the reference's length too
-    if "passkey" in cfg.tasks or ("retrieval" in cfg.tasks and cfg.template == "text"):
-        for n in retrieval_lengths if "retrieval" in cfg.tasks else cfg.lengths:
-            build_passkey_prompt(tok, n, 0.5, "12345")  # raises if n cannot hold the prompt
-    if "retrieval" in cfg.tasks and cfg.template != "text":
-        from ctxext.evaluate.needles import build_prompt, resolve_templates
-
-        longest = max(tokens.ids, key=len, default=[])
-        for t in resolve_templates(cfg.template):
-            for n in retrieval_lengths:  # raises if the text is too short or a length too small
-                build_prompt(tok, longest, n, 0.5, "12345", "Falcon Ridge 255", t)
+    if "passkey" in cfg.tasks:
+        for n in cfg.lengths:  # raises if a length cannot hold the prompt
+            build_passkey_prompt(tok, n, 0.5, "12345")
+    unfit = {}
+    if "retrieval" in cfg.tasks:
+        for n in cfg.lengths:  # raises if the text is too short or a length too small
+            retrieval_fits(tok, tokens.ids, cfg, n)
+        for n in sorted(set(extra) - set(cfg.lengths)):  # the reference: judged without it
+            try:
+                retrieval_fits(tok, tokens.ids, cfg, n)
+            except CtxextError as e:
+                unfit[n] = str(e)
     if "context-use" in cfg.tasks:  # raises when no document holds the longest length
         select_documents(tokens.ids, cfg.lengths, **_selection(cfg, bos))
-    return _Tokens(tokens, bos, _token_fingerprint(tokens.ids, bos), tok)
+    return _Tokens(tokens, bos, _token_fingerprint(tokens.ids, bos), tok, unfit)
 
 
 def _selection(cfg: EvalConfig, bos: int | None) -> dict[str, Any]:

@@ -88,10 +88,13 @@ def effective_basis(run: dict[str, Any]) -> str | None:
             continue
         verdict = f"threshold {percent(fam['threshold'])}" if fam["counted"] else "not judged"
         fams.append(f"{name} {_share(r)} -> {verdict}{_one_key(fam)}")
-    if ref is not None and fams:
+    measured = [f for f in detail["families"].values() if f["reference"] is not None]
+    if ref is not None and measured:
         parts.append(f"reference {ref['model']} unscaled @{ref['length']}: " + ", ".join(fams))
+    elif ref is not None:
+        parts.append(f"reference {ref['model']} {ref['source']}")
     if not detail["retrieval_judged"]:
-        why = "no family reaches the floor" if fams else "not run"
+        why = "no family reaches the floor" if measured else "no reference" if fams else "not run"
         rest = "the far-context gain alone decides" if detail["basis"] else "nothing else measured"
         parts.append(f"retrieval not judged ({why}): {rest}")
     stop = next((n for n, e in detail["lengths"].items() if not e["passes"]), None)
