@@ -31,17 +31,18 @@ RECIPES = [
 EVALUATE = [
     "ctxext.evaluate", "ctxext.evaluate.context_use", "ctxext.evaluate.effective_length",
     "ctxext.evaluate.loss", "ctxext.evaluate.needles", "ctxext.evaluate.passkey",
-    "ctxext.evaluate.perplexity", "ctxext.evaluate.protocol", "ctxext.evaluate.retrieval",
-    "ctxext.evaluate.run", "ctxext.evaluate.scoring", "ctxext.evaluate.variants",
+    "ctxext.evaluate.perplexity", "ctxext.evaluate.protocol", "ctxext.evaluate.reference",
+    "ctxext.evaluate.retrieval", "ctxext.evaluate.run", "ctxext.evaluate.scoring", "ctxext.evaluate.variants",
 ]  # fmt: skip
 SPLIT = [
     *EVALUATE, "ctxext.rope",
-    "ctxext.rope.formulas", "ctxext.rope.methods", "ctxext.rope.read", "ctxext.rope.write",
+    "ctxext.rope.formulas", "ctxext.rope.methods", "ctxext.rope.original", "ctxext.rope.read",
+    "ctxext.rope.write",
     "ctxext.tune", "ctxext.tune.leaderboard", "ctxext.tune.run", "ctxext.tune.search",
 ]  # fmt: skip
 REPORT = [
     "ctxext.report", "ctxext.report.cells", "ctxext.report.files", "ctxext.report.markdown",
-    "ctxext.report.plots", "ctxext.report.tables",
+    "ctxext.report.plots", "ctxext.report.summary", "ctxext.report.tables",
 ]  # fmt: skip
 RESOURCES = [
     "ctxext.resources", "ctxext.resources.calibrate", "ctxext.resources.estimate",

@@ -92,6 +92,21 @@ def test_tiny_yarn_end_to_end_and_reproducible(
 
     results = json.loads((run1 / "results.json").read_text())
     assert [r["variant"] for r in results["runs"]] == ["base", "extended", "finetuned"]
+    # Every row is judged against the base model before fine-tuning, unscaled, at its trained
+    # length: the base row's own retrieval, reused (the fine-tuned row is evaluated after the
+    # fine-tune, in a second evaluation, and reuses it too).
+    base = results["runs"][0]
+    refs = [r["effective_length_detail"]["reference"] for r in results["runs"]]
+    assert refs == [refs[0]] * 3 and refs[0]["length"] == base["trained_length"]
+    assert refs[0]["source"] == (
+        f"the row {base['model']}'s own retrieval at {base['trained_length']}, reused"
+    )
+    fams = [r["effective_length_detail"]["families"] for r in results["runs"]]
+    assert all(
+        {f: x["reference"] for f, x in fam.items()}
+        == {f: x["reference"] for f, x in fams[0].items()}
+        for fam in fams
+    )
     prov = results["provenance"]
     assert {"ctxext", "transformers", "torch", "accelerate"} <= set(prov["versions"])
     assert prov["seed"] == 0
