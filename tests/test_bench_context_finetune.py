@@ -1,6 +1,6 @@
-"""benchmarks/bench_context_finetune.py: its checks, and its tables and plots drawn from real
-`ctxext eval` results (a tiny real checkpoint; the fine-tunes themselves are the benchmark's
-to run, not a test's)."""
+"""benchmarks/bench_context_finetune.py: its checks, its tables and plots drawn from real
+`ctxext eval` results (a tiny real checkpoint), and one smoke run end to end (three one-step
+LongCE fine-tunes of a tiny Llama and their evals; the real fine-tunes are the benchmark's)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def test_merge_labels_each_variant_and_renders_its_tables(bench, evaluated, tmp_
 
     args = bench.parse_args(["--steps", "3", "--lengths", "64,600", "--num-docs", "2"])
     chosen = bench.check_args(args)
-    assert list(chosen) == ["yarn", "ce", "longce", "mix"] and args.warmup == 1
+    longce = ["longce-lr0.0005", "longce-lr0.00013", "longce-lr3.5e-05"]
+    assert list(chosen) == ["yarn", "ce", *longce, "mix"] and args.warmup == 1
     evals = {name: {"results": copy.deepcopy(evaluated)} for name in ("yarn", "mix")}
     results = bench.merge(evals, chosen)
     assert [r["label"] for r in results["runs"]] == [chosen["yarn"].label, chosen["mix"].label]
@@ -91,7 +92,7 @@ def test_merge_labels_each_variant_and_renders_its_tables(bench, evaluated, tmp_
 
 
 def test_evals_of_other_documents_are_refused(bench, evaluated):
-    chosen = bench.variants(list(bench.DEFAULT_MIX))
+    chosen = {v.name: v for vs in bench.variants(list(bench.DEFAULT_MIX)).values() for v in vs}
     other = copy.deepcopy(evaluated)
     other["data"]["fingerprint"] = "0" * 16
     evals = {"yarn": {"results": evaluated}, "ce": {"results": other}}
@@ -107,6 +108,9 @@ def test_bad_options_are_refused_before_anything_runs(bench):
         (["--steps", "0"], "--steps must be at least 1"),
         (["--mix", "stdlib:0", "--variants", "mix"], "mix weights sum to 0"),
         (["--lengths", "256,x"], "--lengths must be positive integers"),
+        (["--longce-lrs", "1e-4,0"], "--longce-lrs must be comma-separated positive numbers"),
+        (["--longce-lrs", "1e-4,x"], "--longce-lrs must be comma-separated positive numbers"),
+        (["--longce-lrs", "1e-4,0.0001"], "--longce-lrs lists a learning rate twice"),
     ):
         with pytest.raises((bench.BenchError, CtxextError), match=re.escape(words)):
             bench.check_args(bench.parse_args(argv))
@@ -123,3 +127,52 @@ def test_a_refusal_is_one_line_and_exit_2(bench, tmp_path, capsys):
         "ce, longce, mix"
     )
     assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
+def test_longce_runs_at_each_of_its_learning_rates(bench, tmp_path):
+    """One LongCE fine-tune per --longce-lrs, each with its own --lr and work folder; the other
+    fine-tunes keep --lr. The default three hold the paper's lr scaled to this model."""
+    import json
+
+    args = bench.parse_args(["--steps", "3", "--longce-lrs", "1e-3,2e-4,4e-5"])
+    chosen = bench.check_args(args)
+    names = ["longce-lr0.001", "longce-lr0.0002", "longce-lr4e-05"]
+    assert list(chosen) == ["yarn", "ce", *names, "mix"]
+    for name, lr in zip(names, ("0.001", "0.0002", "4e-05"), strict=True):
+        argv = bench.finetune_argv(args, chosen[name], tmp_path / name)
+        assert argv[argv.index("--lr") + 1] == lr and argv[-3:] == ["--loss", "longce", "--json"]
+        assert chosen[name].label == f"LongCE (stdlib, lr {float(lr):g})"
+    ce = bench.finetune_argv(args, chosen["ce"], tmp_path / "ce")
+    assert ce[ce.index("--lr") + 1] == str(args.lr)
+    tunes = {n: {"summary": {}} for n in names[:1]}
+    assert "`--data stdlib --loss longce --lr 0.001`" in bench.finetune_table(tunes, chosen)[2]
+    # The paper's LongCE lr (2e-5 on Llama-2-7B, pre-trained at 3e-4) scaled to the bundled
+    # model by the same fine-tune / pre-training ratio is one of the default three.
+    trained = json.loads((ROOT / "ctxext/bundled/stdlib-llama/training.json").read_text())
+    scaled = trained["lr"] * bench.PAPER_LONGCE_LR / bench.LLAMA2_7B_PRETRAIN_LR
+    assert bench.PAPER_SCALED_LONGCE_LR == pytest.approx(scaled, rel=0.05)
+    assert bench.PAPER_SCALED_LONGCE_LR in bench.DEFAULT_LONGCE_LRS
+    assert len(bench.DEFAULT_LONGCE_LRS) == 3
+
+
+@pytest.mark.slow
+def test_a_smoke_run_fine_tunes_longce_at_three_lrs(bench, tiny_llama_session, tmp_path):
+    """The benchmark end to end on a tiny config: three one-step LongCE fine-tunes of a tiny
+    Llama (each a `ctxext finetune` process at its own lr) and their evals, merged."""
+    import json
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    bench.main([
+        "--model", str(tiny_llama_session), "--variants", "longce", "--longce-lrs",
+        "1e-3,1e-4,1e-5", "--steps", "1", "--save-every", "0", "--lengths", "256",
+        "--num-docs", "1", "--trials", "1", "--out", str(out), "--work", str(work),
+    ])  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    tunes = results["benchmark"]["finetunes"]
+    assert list(tunes) == ["longce-lr0.001", "longce-lr0.0001", "longce-lr1e-05"]
+    for name, lr in (("longce-lr0.001", "0.001"), ("longce-lr1e-05", "1e-05")):
+        argv = tunes[name]["argv"]
+        assert argv[argv.index("--lr") + 1] == lr
+        assert tunes[name]["summary"]["loss"]["name"] == "longce"
+    assert [r["variant"] for r in results["runs"]] == list(tunes)
+    assert "LongCE (stdlib, lr 1e-05)" in (out / "results.md").read_text()

@@ -101,13 +101,13 @@ def eval_command(
     local_window: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(
-            help="context-use: positions of a local window, BOS + the last W-1 tokens "
-            "(default: trained length)."
+            help="context-use: short context W: a cut token reads its last W to W+S-1 "
+            "positions, BOS first (default: trained length)."
         ),
     ] = _DEFAULT.local_window,
     local_stride: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="context-use: stride of the local windows (default window/4; 1 exact)."),
+        typer.Option(help="context-use: short chunks' stride S (default W/4; 1: exactly W)."),
     ] = _DEFAULT.local_stride,
     retrieval_template: Annotated[
         str,

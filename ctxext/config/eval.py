@@ -58,10 +58,12 @@ class EvalConfig(StrictModel):
     passkey_trials: int = 5
     """Random keys per length x depth (passkey and retrieval)."""
     local_window: int | None = None
-    """context-use: positions of a local window, BOS + the last local_window-1 tokens, as the
-    full pass starts with BOS (default: the trained length of each model)."""
+    """context-use: the short context's length W (LongPPL's trunc_len): a token whose context
+    is cut reads its last W to W+S-1 positions, BOS first as the full pass (default: the
+    trained length of each model)."""
     local_stride: int | None = None
-    """context-use: stride of the local windows (default: local_window // 4; 1 is exact)."""
+    """context-use: the short chunks' stride S (LongPPL's sliding_window; default:
+    local_window // 4, the reference's ratio; 1: every token reads exactly W positions)."""
     retrieval_template: str = "auto"
     """retrieval: the key/value templates (ctxext.evaluate.needles) hidden in the evaluation documents:
     heldout (the forms no ctxext training uses), train, all, or comma-separated template names;

@@ -418,7 +418,11 @@ def _run_variant(
 
 
 def _context_use(loaded, tokens: _Tokens, cfg: EvalConfig, info, progress_factory):
-    from ctxext.evaluate.context_use import context_use_sweep, context_use_sweep_tokens
+    from ctxext.evaluate.context_use import (
+        context_use_sweep,
+        context_use_sweep_tokens,
+        short_stride,
+    )
     from ctxext.evaluate.loss import length_dependent_rope
     from ctxext.evaluate.protocol import doc_fingerprint, select_documents
 
@@ -428,7 +432,7 @@ def _context_use(loaded, tokens: _Tokens, cfg: EvalConfig, info, progress_factor
     docs = select_documents(tokens.docs.ids, cfg.lengths, **_selection(cfg, bos))[longest]
     seqs = [(prefix + list(tokens.docs.ids[d]))[:longest] for d in docs]
     window = cfg.local_window or info.trained_length
-    stride = cfg.local_stride or max(1, window // 4)
+    stride = cfg.local_stride or short_stride(window)
     one_pass = not length_dependent_rope(loaded.model)
     total = context_use_sweep_tokens(len(seqs), cfg.lengths, window, stride, one_pass)
     results = context_use_sweep(

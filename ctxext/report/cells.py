@@ -105,8 +105,8 @@ def gain_interval(last: dict[str, Any]) -> str:
 
 def key_layout(
     results: dict[str, Any],
-) -> tuple[list[dict[str, Any]], list[int], int, float] | None:
-    """As :func:`gain_layout`, plus the key-token threshold in nats; None unless the results
+) -> tuple[list[dict[str, Any]], list[int], int, str] | None:
+    """As :func:`gain_layout`, plus what makes a key token, in words; None unless the results
     have key-token figures (results.json files of older versions do not)."""
     layout = gain_layout(results)
     if layout is None:
@@ -115,7 +115,14 @@ def key_layout(
     found = [res for r in runs for res in r["context_use"].values() if "key_fraction" in res]
     if not found:
         return None
-    return runs, lengths, window, found[0]["protocol"].get("key_token_nats", 2.0)
+    protocol = found[0]["protocol"]
+    rule = (
+        f"its NLL drops by more than {protocol.get('key_token_nats', 2.0):g} nats from the "
+        f"short context (at least the last {window} tokens) to the full one"
+    )
+    if protocol.get("key_token_max_nll") is not None:  # older results: the drop alone
+        rule += f" and its full-context NLL is below {protocol['key_token_max_nll']:g} nats"
+    return runs, lengths, window, rule
 
 
 def key_cells(run: dict[str, Any], lengths: list[int]) -> list[str]:

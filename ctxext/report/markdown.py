@@ -64,13 +64,12 @@ def key_token_markdown(results: dict[str, Any]) -> list[str]:
     layout = key_layout(results)
     if layout is None:
         return []
-    runs, lengths, window, nats = layout
+    runs, lengths, _, rule = layout
     return [
         "",
-        f"Key tokens (LongPPL-style, Fang et al. 2024): the tokens whose loss drops by more than "
-        f"{nats:g} nats when the model reads the full context instead of the last {window} "
-        "tokens; their perplexity with the full context, and in brackets their share of all "
-        "scored tokens.",
+        f"Key tokens (LongPPL, Fang et al. 2024; the model its own evaluator): a token is one "
+        f"when {rule}; their perplexity with the full context (LongPPL), and in brackets their "
+        "share of all scored tokens.",
         "",
         *_md_head(lengths),
         *(f"| {run['label']} | " + " | ".join(key_cells(run, lengths)) + " |" for run in runs),
@@ -93,8 +92,9 @@ def context_use_markdown(results: dict[str, Any]) -> str | None:
         lines += [
             "",
             f"Far-context gain in the last position bucket (bits per token, 95% interval): the "
-            f"loss with only the last {window} tokens minus the loss with the full context; "
-            "positive means the model uses text more than that far back.",
+            f"loss with the context cut to at least the last {window} tokens minus the loss "
+            "with the full context; positive means the model uses text more than that far "
+            "back.",
             "",
             *_md_head(lengths),
             *rows,
