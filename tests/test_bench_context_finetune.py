@@ -150,7 +150,7 @@ def test_longce_runs_at_each_of_its_learning_rates(bench, tmp_path):
     # model by the same fine-tune / pre-training ratio is one of the default three.
     trained = json.loads((ROOT / "ctxext/bundled/stdlib-llama/training.json").read_text())
     scaled = trained["lr"] * bench.PAPER_LONGCE_LR / bench.LLAMA2_7B_PRETRAIN_LR
-    assert bench.PAPER_SCALED_LONGCE_LR == pytest.approx(scaled, rel=0.05)
+    assert pytest.approx(scaled, rel=0.05) == bench.PAPER_SCALED_LONGCE_LR
     assert bench.PAPER_SCALED_LONGCE_LR in bench.DEFAULT_LONGCE_LRS
     assert len(bench.DEFAULT_LONGCE_LRS) == 3
 

@@ -154,7 +154,7 @@ def test_the_short_pass_feeds_the_references_chunks(bundled, bos):
     token when the row starts with BOS; and every target's NLL equals a fresh forward over
     exactly the context the reference gives it."""
     model, bos_id, ids = bundled
-    seq = ([bos_id] + ids[0, 1:].tolist()) if bos else ids[0].tolist()
+    seq = [bos_id, *ids[0, 1:].tolist()] if bos else ids[0].tolist()
     seen: list[list[int]] = []
     hook = model.get_decoder().register_forward_pre_hook(
         lambda m, a, kw: seen.append(kw["input_ids"][0].tolist()), with_kwargs=True
@@ -179,6 +179,21 @@ def test_the_short_pass_feeds_the_references_chunks(bundled, bos):
             logits = model(torch.tensor([text])).logits[0, -1]
         want = torch.nn.functional.cross_entropy(logits[None], torch.tensor([seq[target]]))
         assert short[target - 1].item() == pytest.approx(want.item(), rel=1e-4, abs=1e-5)
+
+
+def test_the_short_pass_never_holds_more_than_a_chunk_of_logits(bundled):
+    """The LM head sees at most ``chunk_size`` positions at a time, in the full pass and in
+    every short chunk: no [length x vocab] logits."""
+    model, _, ids = bundled
+    rows: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda m, a, out: rows.append(out.shape[-2] if out.dim() > 1 else 1)
+    )
+    try:
+        local_nll(model, ids[0].tolist(), TRUNC_LEN, SLIDING, bos=False, chunk_size=5)
+    finally:
+        hook.remove()
+    assert rows and max(rows) == 5 and sum(rows) > len(ids[0])  # full pass + chunks
 
 
 # --------------------------------------------------------------------------- LongCE
