@@ -14,11 +14,11 @@ then fine-tuned three ways at equal steps and equal tokens (same --steps, --batc
   the tiny-yarn recipe trains);
 
 plus ``yarn``, the same extension without fine-tuning (the reference row). Every variant is
-then read by one `ctxext eval --task ppl --task context-use --task retrieval` on the same
-held-out documents (same --lengths, --num-docs, --trials and seed): far-context gain per
-position bucket with 95% intervals, held-out-template retrieval per length (mean and worst
-depth), ppl at the shortest and longest length, key-token (LongPPL-style) perplexity and the
-effective context length.
+then read by one `ctxext eval --task ppl --task context-use --task retrieval --task longppl`
+on the same held-out documents (same --lengths, --num-docs, --trials and seed): far-context
+gain per position bucket with 95% intervals, held-out-template retrieval per length (mean and
+worst depth), ppl at the shortest and longest length, the key tokens' perplexity (LongPPL,
+the reference's short pass) and the effective context length.
 
 Writes to --out (default docs/finetune-context-use): results.md (tables, the exact command,
 the machine, what was held fixed), results.json (ctxext's results format, one run per variant,
@@ -35,7 +35,9 @@ Runtime with the defaults before LongCE ran at three learning rates and with Lon
 context: 12.8 min on 2 idle CPU cores (measured 2026-12-05: CE 0.60 s/step, LongCE 0.78, CE +
 mix 0.64; each eval about 1.5 min); on 2 cores shared with a load of ~10 it measured 7.5 s per
 CE step and 19 min per eval, so about 3.5 hours. Now three LongCE fine-tunes and evals, each
-LongCE step with a longer short pass (about 5(L - W) tokens instead of 2(L - W)): not measured.
+LongCE step with a longer short pass (about 5(L - W) tokens instead of 2(L - W)), and every
+eval also runs `--task longppl` (its own short pass, about 5(L - W) tokens per document):
+not measured.
 
     python benchmarks/bench_context_finetune.py                  # the full benchmark
     python benchmarks/bench_context_finetune.py --steps 3 --num-docs 2 --trials 1 \\
@@ -130,6 +132,7 @@ def eval_argv(args: argparse.Namespace, model: list[str], out: Path) -> list[str
     """`ctxext eval` of one variant: identical for every variant but the model."""
     return [
         "eval", *model, "--task", "ppl", "--task", "context-use", "--task", "retrieval",
+        "--task", "longppl",
         "--lengths", args.lengths, "--num-docs", str(args.num_docs),
         "--passkey-trials", str(args.trials), "--seed", str(args.seed), "-o", str(out),
         "--overwrite",
@@ -280,18 +283,13 @@ def _ppl(run: dict[str, Any], n: int) -> str:
     return "-" if res is None else f"{res['ppl']:.2f}"
 
 
-def _key(run: dict[str, Any], n: int) -> str:
-    res = run.get("context_use", {}).get(str(n))
-    if res is None or n <= res["window"] or res.get("key_ppl") is None:
-        return "-"
-    return f"{res['key_ppl']:.2f} ({res['key_fraction']:.1%})"
-
-
 def _minutes(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds / 60:.1f}"
 
 
 def summary_table(results: dict[str, Any], tunes: dict[str, dict]) -> list[str]:
+    from ctxext.report.cells import key_cells
+
     lengths = results["config"]["lengths"]
     short, long = min(lengths), max(lengths)
     head = [
@@ -307,7 +305,7 @@ def summary_table(results: dict[str, Any], tunes: dict[str, dict]) -> list[str]:
         wall = tunes.get(run["variant"], {}).get("wall_s")
         rows.append(
             f"| {run['label']} | {_minutes(wall)} | {_ppl(run, short)} | {_ppl(run, long)} | "
-            f"{far} | {_key(run, long)} | {_retrieval(run, long)} | "
+            f"{far} | {key_cells(run, [long])[0]} | {_retrieval(run, long)} | "
             f"{run.get('effective_length') or 'none'} |"
         )
     return head + rows
@@ -439,11 +437,11 @@ def markdown(args: argparse.Namespace, results: dict, tunes: dict, chosen: dict)
         "",
         *summary_table(results, tunes),
         "",
-        "Far-context gain: loss with the context cut to at least the last window of tokens "
-        "(LongPPL's short context) minus loss with the full context (positive: the model uses "
-        "text beyond the window). Key tokens (LongPPL, Fang et al. 2024): those whose loss "
-        "drops by more than 2 nats with the full context and whose full-context loss is below "
-        "2 nats. Effective length: "
+        "Far-context gain: loss with only the last window of tokens minus loss with the full "
+        "context (positive: the model uses text beyond the window). Key tokens (LongPPL, Fang "
+        "et al. 2024; `--task longppl`): those whose loss drops by more than 2 nats from the "
+        "reference's short context (chunks of window + window/4 tokens) to the full one and "
+        "whose full-context loss is below 2 nats. Effective length: "
         f"{results['protocol'].get('effective_length', '-')}.",
         "",
         f"## Far-context gain per position bucket at {long} (bits/token, 95% interval)",

@@ -35,7 +35,7 @@ def main() -> None:
     from ctxext import checkpoint, locate, rope
     from ctxext.config import ExtendConfig
     from ctxext.data import load_documents, tokenize_documents
-    from ctxext.evaluate.context_use import short_stride
+    from ctxext.evaluate.longppl import short_stride
     from ctxext.finetune.loss import longce_loss
     from ctxext.finetune.optim import adamw
     from ctxext.modeling import load_causal_lm

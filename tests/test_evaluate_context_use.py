@@ -12,10 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ctxext.errors import CtxextError
 from ctxext.evaluate.context_use import (
     ContextUseResult,
-    _gain_result,
+    _local_windows,
     context_use,
     local_nll,
-    short_chunks,
 )
 from ctxext.evaluate.effective_length import effective_length
 from ctxext.evaluate.retrieval import evaluate_retrieval
@@ -53,8 +52,7 @@ def seqs():
 
 def _explicit_local(model, seq, window, bos):
     """Each token scored from exactly its own local window (BOS + its last window-1 tokens, or
-    its last ``window`` tokens): one forward per token. What stride 1 gives: a target p > W is
-    in the chunk starting at p - W, which holds W positions before it."""
+    its last ``window`` tokens): one forward per token."""
     out = []
     with torch.no_grad():
         for p in range(1, len(seq)):
@@ -80,34 +78,32 @@ def test_cut_context_differs_from_full_context(llama, seqs):
 
     full = token_nll(llama, torch.tensor([seqs[0]]))
     local = local_nll(llama, seqs[0], 16, stride=4, bos=True)
-    assert torch.equal(local[:19], full[:19])  # positions 1..19 (< W + S) have nothing cut
-    assert (local[19:] - full[19:]).abs().min() > 1e-6
+    assert torch.equal(local[:16], full[:16])  # positions 1..16 have nothing to cut
+    assert (local[16:] - full[16:]).abs().max() > 1e-3
 
 
-def test_larger_stride_reads_between_w_and_w_plus_s_minus_1(llama, seqs):
-    """With stride S, the first target of a chunk reads BOS + W-1 tokens and its last BOS +
-    W+S-2: their NLLs equal fresh forwards over exactly those tokens (the reference's scheme,
-    tests/test_longppl_reference.py)."""
+def test_larger_stride_reads_between_w_minus_s_and_w(llama, seqs):
+    """With stride S, the token scored first in a window reads BOS + W-S tokens: its NLL equals
+    a fresh forward over exactly those tokens."""
     window, stride = 24, 8
     seq = seqs[1]
     local = local_nll(llama, seq, window, stride, bos=True)
-    start = 2 * stride  # a chunk: positions 16 .. 47, targets 40 .. 47
-    for target, reads in ((start + window, window), (start + window + stride - 1, 31)):
-        with torch.no_grad():
-            ctx = [seq[0], *seq[start + 1 : target]]
-            assert len(ctx) == reads
-            logits = llama(torch.tensor([ctx])).logits[0, -1]
-            ref = F.cross_entropy(logits[None], torch.tensor([seq[target]])).item()
-        assert math.isclose(local[target - 1].item(), ref, rel_tol=1e-5, abs_tol=1e-5)
+    last = len(seq) - 1
+    first = last - stride + 1  # first target of the last window
+    with torch.no_grad():
+        ctx = [seq[0], *seq[last - window + 1 : first]]
+        assert len(ctx) == 1 + window - stride
+        logits = llama(torch.tensor([ctx])).logits[0, -1]
+        ref = F.cross_entropy(logits[None], torch.tensor([seq[first]])).item()
+    assert math.isclose(local[first - 1].item(), ref, rel_tol=1e-5, abs_tol=1e-5)
 
 
-def test_chunks_cover_every_cut_target_once():
+def test_windows_cover_every_far_target_once():
     for length, window, stride in [(96, 16, 4), (97, 16, 5), (40, 39, 1), (300, 64, 16)]:
         covered = []
-        for start, stop in short_chunks(length, window, stride):
-            assert stop - start <= window + stride
-            covered.extend(range(start + window, stop))
-        assert covered == list(range(window + stride, length))
+        for last, n in _local_windows(length, window, stride):
+            covered.extend(range(last - n + 1, last + 1))
+        assert sorted(covered) == list(range(window + 1, length))
 
 
 def test_gain_is_zero_when_window_covers_the_length(llama, seqs):
@@ -125,27 +121,12 @@ def test_gain_sign_and_buckets(llama, seqs):
         full = token_nll(llama, torch.tensor([s])).double()
         local = local_nll(llama, s, 16, 8, bos=True).double()
         by_hand.append(((local - full)[16:]).sum().item() / math.log(2))
-    far_tokens = len(seqs) * (len(seqs[0]) - 16 - 8)  # the cut positions, 24 .. 95
+    far_tokens = len(seqs) * (len(seqs[0]) - 1 - 16)
     assert math.isclose(res.gain_bits, sum(by_hand) / far_tokens, rel_tol=1e-6)
     assert res.ci_low <= res.gain_bits <= res.ci_high
     assert res.protocol["local_window"] == 16 and res.protocol["local_stride"] == 8
-    assert "reads its last 16 to 23 positions" in res.protocol["description"]
+    assert "BOS + 8 to 15 tokens" in res.protocol["description"]
     assert sum(b["n_tokens"] for b in res.buckets) == len(seqs) * (len(seqs[0]) - 1)
-
-
-def test_key_tokens_drop_by_more_than_two_nats_to_a_full_nll_below_two():
-    # Positions 1..9 of two documents; window 4, so only positions 5..9 can differ.
-    full = [torch.tensor([1.0, 2, 1, 1, 0.5, 1.5, 0.25, 3, 1]), torch.full((9,), 1.0)]
-    local = [f.clone() for f in full]
-    local[0][4:] += torch.tensor([2.5, 1.0, 4.0, 5.0, 0.0])  # key: 0.5 and 0.25 (> 2 nats);
-    # 3 drops by 5 nats but the full context still predicts it badly (NLL >= 2): not key
-    local[1][8] += 2.01  # key: 1.0
-    res = _gain_result(full, local, 10, 4, 1, 0, True)
-    assert res.key_tokens == 3 and res.key_fraction == pytest.approx(3 / 18)
-    assert res.key_ppl == pytest.approx(math.exp((0.5 + 0.25 + 1.0) / 3))
-    assert res.protocol["key_token_nats"] == 2.0 and res.protocol["key_token_max_nll"] == 2.0
-    none = _gain_result(full, [f.clone() for f in full], 10, 4, 1, 0, True)
-    assert (none.key_ppl, none.key_tokens, none.key_fraction) == (None, 0, 0.0)
 
 
 def test_bad_window_is_refused(llama, seqs):
@@ -381,7 +362,7 @@ def bundled_text():
 
 def test_every_local_window_starts_with_bos_as_the_full_pass(bundled_text):
     """Every input the decoder sees (through a public forward pre-hook) starts with BOS, and
-    every short chunk is W + S positions long (none is cut at the end here)."""
+    every local window is exactly W positions long."""
     model, bos, seqs = bundled_text
     inputs: list[list[int]] = []
 
@@ -395,11 +376,11 @@ def test_every_local_window_starts_with_bos_as_the_full_pass(bundled_text):
         handle.remove()
     assert res.protocol["local_start"] == "BOS (as the full pass)"
     runs = [ids for ids in inputs if len(ids) > 1]  # not the one-token rotary resets
-    assert {len(ids) for ids in runs} == {32, 80, 320}  # the head check, chunks, full passes
+    assert {len(ids) for ids in runs} == {32, 64, 320}  # the head check, windows, full passes
     assert all(ids[0] == bos for ids in runs)
-    windows = [ids for ids in runs if len(ids) == 80]
-    assert len(windows) == len(seqs) * len(short_chunks(320, 64, 16))
-    assert windows[0][1:] == seqs[0][17:96]  # BOS + the first chunk's text after position 16
+    windows = [ids for ids in runs if len(ids) == 64]
+    assert len(windows) == len(seqs) * len(_local_windows(320, 64, 16))
+    assert windows[0][1:] == seqs[0][320 - 64 : 319]  # BOS + the last W-1 tokens
 
 
 # --- the chunked-loss check runs for every task ------------------------------------------------
@@ -417,9 +398,10 @@ class _ScaledLogits(LlamaForCausalLM):
         return out
 
 
-@pytest.mark.parametrize("task", ["ppl", "passkey", "retrieval", "context-use", "sweep"])
+@pytest.mark.parametrize("task", ["ppl", "passkey", "retrieval", "context-use", "sweep", "longppl"])
 def test_every_task_checks_the_chunked_loss_against_the_models_own(task, tokenizer, code_ids):
     from ctxext.evaluate.context_use import context_use_sweep
+    from ctxext.evaluate.longppl import longppl_sweep
     from ctxext.evaluate.passkey import evaluate_passkey
     from ctxext.evaluate.perplexity import evaluate_lengths
 
@@ -437,6 +419,7 @@ def test_every_task_checks_the_chunked_loss_against_the_models_own(task, tokeniz
         ),
         "context-use": lambda: context_use(model, seqs, window=64, bos=False),
         "sweep": lambda: context_use_sweep(model, seqs, [200], window=64, bos=False),
+        "longppl": lambda: longppl_sweep(model, seqs, [200], window=64, bos=False),
     }[task]
     with pytest.raises(CtxextError, match="differs from its own loss"):
         run()

@@ -17,13 +17,13 @@ import pytest
 import torch
 from conftest import BUNDLED
 
-from ctxext.evaluate.context_use import (
+from ctxext.evaluate.longppl import (
     KEY_TOKEN_GAIN_NATS,
     KEY_TOKEN_MAX_NLL,
-    context_use,
     key_token_ppl,
-    local_nll,
+    longppl_sweep,
     short_chunks,
+    short_nll,
 )
 from ctxext.finetune.loss import LONGCE_MAX_WEIGHT, longce_loss, longce_weights
 
@@ -161,7 +161,7 @@ def test_the_short_pass_feeds_the_references_chunks(bundled, bos):
     )
     full = torch.zeros(len(seq) - 1)  # marks the targets the short pass does not fill
     try:
-        short = local_nll(model, seq, TRUNC_LEN, SLIDING, bos=bos, full=full)
+        short = short_nll(model, seq, TRUNC_LEN, SLIDING, bos=bos, full=full)
     finally:
         hook.remove()
     contexts = reference_contexts(len(seq), TRUNC_LEN, SLIDING)
@@ -190,7 +190,7 @@ def test_the_short_pass_never_holds_more_than_a_chunk_of_logits(bundled):
         lambda m, a, out: rows.append(out.shape[-2] if out.dim() > 1 else 1)
     )
     try:
-        local_nll(model, ids[0].tolist(), TRUNC_LEN, SLIDING, bos=False, chunk_size=5)
+        short_nll(model, ids[0].tolist(), TRUNC_LEN, SLIDING, bos=False, chunk_size=5)
     finally:
         hook.remove()
     assert rows and max(rows) == 5 and sum(rows) > len(ids[0])  # full pass + chunks
@@ -270,15 +270,19 @@ def test_a_token_the_long_context_helps_but_still_gets_wrong_is_not_key():
 
 
 def test_longppl_equals_the_reference_on_the_bundled_model(bundled):
-    """context-use's key tokens and their perplexity, the model its own evaluator, equal the
-    reference's find_key_token + compute_longppl on the same tokens."""
+    """`--task longppl`'s key tokens and their perplexity, the model its own evaluator, equal
+    the reference's find_key_token + compute_longppl on the same tokens."""
     model, _, ids = bundled
     # The text's first 60 tokens twice: the second copy can be copied from 60 tokens back, out
     # of the short context (32 to 39 tokens), which is what makes key tokens.
     ids = ids[:, :60].repeat(1, 2)
     want_ppl, want_count = reference_longppl(model, ids, TRUNC_LEN, SLIDING)
-    res = context_use(model, [ids[0].tolist()], window=TRUNC_LEN, stride=SLIDING, bos=False)
+    n = ids.shape[1]
+    (res,) = longppl_sweep(
+        model, [ids[0].tolist()], [n], window=TRUNC_LEN, stride=SLIDING, bos=False
+    ).values()
     assert want_count > 0 and res.key_tokens == want_count
+    assert res.key_fraction == pytest.approx(want_count / (n - 1))
     assert res.key_ppl == pytest.approx(want_ppl, rel=1e-4)
     # The reference's gain-only count is larger here: the second condition is at work.
     _, gain_only = reference_longppl(model, ids, TRUNC_LEN, SLIDING, beta=-1e9)

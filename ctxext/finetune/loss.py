@@ -15,7 +15,7 @@ and its use (line 220) compute it::
   not normalised by the sum of the weights: a token the long context helps gets more gradient
   than under CE without taking any from the others;
 - NLL_short is the model's own NLL of the token from LongPPL's short context
-  (:func:`ctxext.evaluate.context_use.local_nll`, which cites the reference's loop, lines
+  (:func:`ctxext.evaluate.longppl.short_nll`, which cites the reference's loop, lines
   31-40): chunks of W + S positions starting every S positions, so a token at position
   p >= W + S reads its last W to W + S - 1 positions; every other token weighs 1 (line 28; the
   reference also runs the first chunk, whose tokens read their whole context and weigh
@@ -58,7 +58,7 @@ def longce_weights(
     context: ``window`` W and ``stride`` S as in the module docstring."""
     import torch
 
-    from ctxext.evaluate.context_use import local_nll
+    from ctxext.evaluate.longppl import short_nll
 
     full = full_nll.detach().float()
     bos_id = getattr(model.config, "bos_token_id", None)
@@ -66,7 +66,7 @@ def longce_weights(
         [
             # A row that starts with BOS keeps it at the start of every short chunk too, so
             # both passes read the same attention sink and only the cut context differs.
-            local_nll(model, row.tolist(), window, stride, bos=_starts_with(row, bos_id), full=f)
+            short_nll(model, row.tolist(), window, stride, bos=_starts_with(row, bos_id), full=f)
             for row, f in zip(input_ids, full, strict=True)
         ]
     ).clone()  # out of inference mode: a plain tensor the loss may multiply

@@ -64,7 +64,7 @@ def key_token_markdown(results: dict[str, Any]) -> list[str]:
     layout = key_layout(results)
     if layout is None:
         return []
-    runs, lengths, _, rule = layout
+    runs, lengths, rule = layout
     return [
         "",
         f"Key tokens (LongPPL, Fang et al. 2024; the model its own evaluator): a token is one "
@@ -79,7 +79,7 @@ def key_token_markdown(results: dict[str, Any]) -> list[str]:
 def context_use_markdown(results: dict[str, Any]) -> str | None:
     """Context use for report.md and model cards: the effective context length of every variant,
     the far-context gain of the last position bucket, the key tokens' perplexity and the
-    retrieval accuracy (None without context-use or retrieval results)."""
+    retrieval accuracy (None without context-use, longppl or retrieval results)."""
     # One list item per variant (consecutive plain lines would run into one paragraph).
     lines = [f"- {line}" for run in results["runs"] if (line := effective_length_line(run))]
     layout = gain_layout(results)
@@ -92,14 +92,13 @@ def context_use_markdown(results: dict[str, Any]) -> str | None:
         lines += [
             "",
             f"Far-context gain in the last position bucket (bits per token, 95% interval): the "
-            f"loss with the context cut to at least the last {window} tokens minus the loss "
-            "with the full context; positive means the model uses text more than that far "
-            "back.",
+            f"loss with only the last {window} tokens minus the loss with the full context; "
+            "positive means the model uses text more than that far back.",
             "",
             *_md_head(lengths),
             *rows,
-            *key_token_markdown(results),
         ]
+    lines += key_token_markdown(results)
     rt_runs = [r for r in results["runs"] if "retrieval" in r]
     if rt_runs:
         rt0 = rt_runs[0]["retrieval"]

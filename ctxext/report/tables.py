@@ -117,9 +117,9 @@ def key_token_table(results: dict[str, Any]):  # -> rich.table.Table | None
     layout = key_layout(results)
     if layout is None:
         return None
-    runs, lengths, window, rule = layout
+    runs, lengths, rule = layout
     table = Table(
-        title=f"key tokens: perplexity (share of tokens); short context {window}+",
+        title="key tokens (LongPPL): perplexity (share of tokens)",
         caption=f"key token: {rule} (LongPPL, Fang et al. 2024); perplexity with the full context",
     )
     table.add_column("model / method")
