@@ -23,23 +23,23 @@ def _bundled(**rope):
 
 
 @pytest.fixture(scope="module")
-def repeated():
-    """The first 280 tokens of a held-out file that has them, twice, no BOS: the second copy can be copied from
-    far back, out of a short context, which is what makes key tokens."""
+def held_out():
+    """The first 300 tokens of a held-out file that has them, no BOS. Repeated, their second
+    copy can be copied from far back, out of a short context, which is what makes key tokens."""
     from ctxext.corpus import stdlib_documents
     from ctxext.modeling import load_tokenizer
 
     tok = load_tokenizer(BUNDLED)
     docs = (tok(d.text, add_special_tokens=False)["input_ids"] for d in stdlib_documents("heldout"))
-    return next(ids for ids in docs if len(ids) >= 280)[:280] * 2
+    return next(ids for ids in docs if len(ids) >= 300)[:300]
 
 
-def test_the_sweep_equals_the_reference_at_each_length(repeated):
+def test_the_sweep_equals_the_reference_at_each_length(held_out):
     """One pass at the longest length serves every length: each equals the reference's
     find_key_token + compute_longppl on that length's tokens (lengths up to W + S have no cut
     token and no result)."""
     model = _bundled()
-    seq = repeated[:60] * 2  # the copy at 60 reads its original 60 tokens back, past 32 to 39
+    seq = held_out[:60] * 2  # the copy at 60 reads its original 60 tokens back, past 32 to 39
     sweep = longppl_sweep(model, [seq], [40, 90, 120], window=32, stride=8, bos=False)
     assert sorted(sweep) == [90, 120]
     for n, res in sweep.items():
@@ -49,29 +49,45 @@ def test_the_sweep_equals_the_reference_at_each_length(repeated):
         assert (res.window, res.stride, res.n_docs, res.n_tokens) == (32, 8, 1, n - 1)
 
 
-def test_a_length_dependent_rope_gets_both_passes_afresh_per_length(repeated):
-    """Dynamic NTK (chunks of W + S = 300 > the trained 256 positions rescale it): each length
-    of the sweep equals that length alone on a fresh model, the longer first."""
+def test_a_length_dependent_rope_gets_both_passes_afresh_per_length(held_out):
+    """Dynamic NTK (inputs past the trained 256 positions rescale it): each length of the sweep
+    equals that length alone on a fresh model, the longer first. At 340 (between W + S and
+    W + 2S) the one cut chunk is [60, 340), 280 positions, whose frequencies differ from those
+    of the 300-position chunk the longest length runs there; tokens 300.. repeat 0.., out of it."""
     dynamic = {"rope_type": "dynamic", "factor": 2.0}
-    sweep = longppl_sweep(
-        _bundled(**dynamic), [repeated], [400, 560], window=240, stride=60, bos=False,
-        one_pass=False,
-    )  # fmt: skip
-    for n in (560, 400):
+    seq = held_out + held_out[:260]
+    lengths = [340, 400, 560]
+    model = _bundled(**dynamic)
+    fed: list[int] = []  # the length of every input the decoder sees
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda m, a, kw: fed.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        sweep = longppl_sweep(
+            model, [seq], lengths, window=240, stride=60, bos=False, one_pass=False
+        )
+    finally:
+        hook.remove()
+    # The head check; a full pass per length; then per length its own chunks, each length's
+    # after a rotary reset (a one-token input): at 340 one of 280, at 400 300 + 280, at 560
+    # 4 x 300 + 260.
+    chunks = [1, 280, 1, 300, 280, 1, 300, 300, 300, 300, 260]
+    assert fed == [32, 32, 1, 340, 1, 400, 1, 560, *chunks]
+    for n in reversed(lengths):
         (alone,) = longppl_sweep(
-            _bundled(**dynamic), [repeated[:n]], [n], window=240, stride=60, bos=False
+            _bundled(**dynamic), [seq[:n]], [n], window=240, stride=60, bos=False
         ).values()
-        assert sweep[n].key_tokens == alone.key_tokens > 0
+        assert sweep[n].key_tokens == alone.key_tokens > 0, n
         assert sweep[n].key_ppl == pytest.approx(alone.key_ppl, rel=1e-5)
 
 
 @pytest.mark.parametrize("one_pass", [True, False])
-def test_sweep_progress_ends_at_the_planned_total(repeated, one_pass):
+def test_sweep_progress_ends_at_the_planned_total(held_out, one_pass):
     seen: list[int] = []
     lengths = [40, 80, 117]
     model = _bundled()
     longppl_sweep(
-        model, [repeated[:117], repeated[1:118]], lengths, window=32, stride=8, bos=False,
+        model, [held_out[:117], held_out[1:118]], lengths, window=32, stride=8, bos=False,
         one_pass=one_pass, progress=seen.append,
     )  # fmt: skip
     assert seen[-1] == longppl_sweep_tokens(2, lengths, 32, 8, one_pass)

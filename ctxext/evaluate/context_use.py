@@ -51,6 +51,7 @@ from ctxext.evaluate.loss import (
     full_nll_by_length,
     nll_from_hidden,
     reset_rotary_state,
+    sweep_sequences,
     token_nll,
 )
 from ctxext.evaluate.perplexity import bootstrap_ratio
@@ -292,11 +293,8 @@ def context_use_sweep(
     if not todo:
         return {}
     longest = todo[-1]
-    seqs = [list(s[:longest]) for s in sequences]
-    if any(len(s) < longest for s in seqs):
-        raise ValueError("every sequence must hold the longest length")
     tick = accumulate(progress)
-    check_head(model, seqs[0])
+    seqs = sweep_sequences(model, sequences, longest)
 
     fulls: dict[int, list[torch.Tensor]] = {n: [] for n in todo}
     locals_: list[torch.Tensor] = []

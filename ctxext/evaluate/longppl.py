@@ -29,12 +29,12 @@ from ctxext.errors import CtxextError
 from ctxext.evaluate.loss import (
     Progress,
     accumulate,
-    check_head,
     eval_mode,
     final_hidden,
     full_nll_by_length,
     nll_from_hidden,
     reset_rotary_state,
+    sweep_sequences,
     token_nll,
 )
 
@@ -230,11 +230,8 @@ def longppl_sweep(
     if not todo:
         return {}
     longest = todo[-1]
-    seqs = [list(s[:longest]) for s in sequences]
-    if any(len(s) < longest for s in seqs):
-        raise ValueError("every sequence must hold the longest length")
     tick = accumulate(progress)
-    check_head(model, seqs[0])
+    seqs = sweep_sequences(model, sequences, longest)
 
     fulls: dict[int, list[torch.Tensor]] = {n: [] for n in todo}
     shorts: dict[int, list[torch.Tensor]] = {n: [] for n in todo}

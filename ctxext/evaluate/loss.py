@@ -190,6 +190,18 @@ def full_nll_by_length(
     return out
 
 
+def sweep_sequences(
+    model: Any, sequences: Sequence[Sequence[int]], longest: int
+) -> list[list[int]]:
+    """Each sequence's first ``longest`` tokens, for a sweep of lengths up to ``longest``
+    (every sequence must hold them), once the model's head passed :func:`check_head`."""
+    seqs = [list(s[:longest]) for s in sequences]
+    if any(len(s) < longest for s in seqs):
+        raise ValueError("every sequence must hold the longest length")
+    check_head(model, seqs[0])
+    return seqs
+
+
 def check_head(model: Any, ids: list[int]) -> None:
     """Refuse models whose forward transforms logits in a way ``lm_head`` does not replicate."""
     x = torch.tensor([ids[:_HEAD_CHECK_TOKENS]])
