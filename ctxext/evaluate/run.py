@@ -10,6 +10,7 @@ results carry enough provenance to be compared later.
 The flow goes one way: this module reads the config and calls each task with plain arguments
 (:mod:`~ctxext.evaluate.perplexity`, :mod:`~ctxext.evaluate.passkey`,
 :mod:`~ctxext.evaluate.retrieval`, :mod:`~ctxext.evaluate.context_use`,
+:mod:`~ctxext.evaluate.longppl` through :mod:`~ctxext.evaluate.run_context`,
 :mod:`~ctxext.evaluate.effective_length`), which use the loss and the protocol below them; no
 task sees the config or imports this module. The caller's hooks (the budget check, progress
 bars) are the only calls back up.
@@ -22,6 +23,7 @@ of the loaded model in place (:func:`ctxext.modeling.rescale`, equal to a fresh 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import time
 from collections.abc import Callable, Iterator
@@ -257,9 +259,11 @@ def _tokenize_and_check(tok: Any, docs: list, cfg: EvalConfig) -> _Tokens:
         select_documents,
         tokenize_for_eval,
     )
+    from ctxext.evaluate.run_context import selection
 
     texts = [d.text for d in docs]
-    if "ppl" in cfg.tasks or "context-use" in cfg.tasks:  # before tokenizing every document
+    context = {"context-use", "longppl"} & set(cfg.tasks)  # whole documents, a cut context
+    if "ppl" in cfg.tasks or context:  # before tokenizing every document
         check_longest(tok, texts, max(cfg.lengths), tok.bos_token_id is not None)
     tokens = tokenize_for_eval(tok, texts)
     bos = tok.bos_token_id
@@ -275,14 +279,9 @@ def _tokenize_and_check(tok: Any, docs: list, cfg: EvalConfig) -> _Tokens:
         for t in resolve_templates(cfg.template):
             for n in cfg.lengths:  # raises if the text is too short or a length too small
                 build_prompt(tok, longest, n, 0.5, "12345", "Falcon Ridge 255", t)
-    if "context-use" in cfg.tasks:  # raises when no document holds the longest length
-        select_documents(tokens.ids, cfg.lengths, **_selection(cfg, bos))
+    if context:  # raises when no document holds the longest length
+        select_documents(tokens.ids, cfg.lengths, **selection(cfg, bos))
     return _Tokens(tokens, bos, _token_fingerprint(tokens.ids, bos), tok)
-
-
-def _selection(cfg: EvalConfig, bos: int | None) -> dict[str, Any]:
-    # context-use always reads the same documents at every length (those that hold the longest).
-    return {"bos_token_id": bos, "num_docs": cfg.num_docs, "seed": cfg.seed}
 
 
 def _token_fingerprint(ids: list[list[int]], bos: int | None) -> str:
@@ -353,6 +352,7 @@ def _run_variant(
     from ctxext.evaluate.passkey import evaluate_passkey
     from ctxext.evaluate.perplexity import evaluate_lengths
     from ctxext.evaluate.protocol import perplexity_sweep_tokens
+    from ctxext.evaluate.run_context import context_use_task, longppl_task
 
     tokens = token_cache[str(loaded.source.path)]
     info = rope.analyze(loaded.config)
@@ -401,11 +401,14 @@ def _run_variant(
             progress=tick,
         ).to_dict()
     gains, retrieval = {}, None
+    ticker = functools.partial(_ticker, progress_factory)
     if "context-use" in cfg.tasks:
-        gains, fingerprint = _context_use(loaded, tokens, cfg, info, progress_factory)
+        gains, fingerprint = context_use_task(loaded, tokens, cfg, info.trained_length, ticker)
         run["context_use"] = {
             str(n): {**g.to_dict(), "doc_fingerprint": fingerprint} for n, g in gains.items()
         }
+    if "longppl" in cfg.tasks:
+        run["longppl"] = longppl_task(loaded, tokens, cfg, info.trained_length, ticker)
     if "retrieval" in cfg.tasks:
         retrieval = _retrieval(loaded, tokens, cfg, progress_factory)
         run["retrieval"] = retrieval.to_dict()
@@ -415,34 +418,6 @@ def _run_variant(
         run["context_length"] = context_length(info)
         run["effective_length"] = effective_length(cfg.lengths, retrieval, gains)
     return run
-
-
-def _context_use(loaded, tokens: _Tokens, cfg: EvalConfig, info, progress_factory):
-    from ctxext.evaluate.context_use import context_use_sweep, context_use_sweep_tokens
-    from ctxext.evaluate.loss import length_dependent_rope
-    from ctxext.evaluate.protocol import doc_fingerprint, select_documents
-
-    bos = tokens.bos_token_id
-    prefix = [] if bos is None else [bos]
-    longest = max(cfg.lengths)
-    docs = select_documents(tokens.docs.ids, cfg.lengths, **_selection(cfg, bos))[longest]
-    seqs = [(prefix + list(tokens.docs.ids[d]))[:longest] for d in docs]
-    window = cfg.local_window or info.trained_length
-    stride = cfg.local_stride or max(1, window // 4)
-    one_pass = not length_dependent_rope(loaded.model)
-    total = context_use_sweep_tokens(len(seqs), cfg.lengths, window, stride, one_pass)
-    results = context_use_sweep(
-        loaded.model,
-        seqs,
-        cfg.lengths,
-        window=window,
-        bos=bos is not None,
-        stride=stride,
-        seed=cfg.seed,
-        one_pass=one_pass,
-        progress=_ticker(progress_factory, f"{loaded.label} context-use", max(total, 1)),
-    )
-    return results, doc_fingerprint(docs, tokens.docs.ids)
 
 
 def _retrieval(loaded, tokens: _Tokens, cfg: EvalConfig, progress_factory) -> Any:
@@ -478,9 +453,10 @@ def _protocol_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             break
         if "passkey" in run:
             out["passkey"] = run["passkey"]["protocol"]
-        for res in run.get("context_use", {}).values():
-            out["context_use"] = res["protocol"]
-            break
+        for key in ("context_use", "longppl"):
+            for res in run.get(key, {}).values():
+                out[key] = res["protocol"]
+                break
         if "retrieval" in run:
             out["retrieval"] = run["retrieval"]["protocol"]
         if "effective_length" in run:
