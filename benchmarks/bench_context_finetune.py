@@ -2,21 +2,23 @@
 
 The bundled model (stdlib-llama, trained at 256 tokens) extended with YaRN x8 to 2048 tokens,
 then fine-tuned three ways at equal steps and equal tokens (same --steps, --batch-size,
-2048-token sequences, seed and lr schedule; every fine-tune a fresh `ctxext finetune`
-process):
+2048-token sequences, seed and lr schedule; LongCE at several peak lrs; every fine-tune a fresh
+`ctxext finetune` process):
 
 - ``ce``: cross-entropy on stdlib text;
-- ``longce``: LongCE on stdlib text (``--loss longce``, window = the trained length);
+- ``longce``: LongCE on stdlib text (``--loss longce``, short context = the trained length),
+  once per learning rate of ``--longce-lrs`` (default three: the CE rows' lr, the paper's lr
+  scaled to this model, and a lower one; variants ``longce-lr<lr>``);
 - ``mix``: cross-entropy on a data mix (default ``--mix stdlib:0.7 --mix multikey:0.3``, task
   samples packed with episodes of log-uniform length 256..2048, ``--task-min-length 256``, as
   the tiny-yarn recipe trains);
 
 plus ``yarn``, the same extension without fine-tuning (the reference row). Every variant is
-then read by one `ctxext eval --task ppl --task context-use --task retrieval` on the same
-held-out documents (same --lengths, --num-docs, --trials and seed): far-context gain per
-position bucket with 95% intervals, held-out-template retrieval per length (mean and worst
-depth), ppl at the shortest and longest length, key-token (LongPPL-style) perplexity and the
-effective context length.
+then read by one `ctxext eval --task ppl --task context-use --task retrieval --task longppl`
+on the same held-out documents (same --lengths, --num-docs, --trials and seed): far-context
+gain per position bucket with 95% intervals, held-out-template retrieval per length (mean and
+worst depth), ppl at the shortest and longest length, the key tokens' perplexity (LongPPL,
+the reference's short pass) and the effective context length.
 
 Writes to --out (default docs/finetune-context-use): results.md (tables, the exact command,
 the machine, what was held fixed), results.json (ctxext's results format, one run per variant,
@@ -29,9 +31,13 @@ runs/bench-context-finetune); a variant whose checkpoint (or eval) is already th
 same settings is not redone unless --overwrite; an interrupted fine-tune resumes from its last
 --save-every checkpoint.
 
-Runtime with the defaults: 12.8 min on 2 idle CPU cores (measured 2026-12-05: CE 0.60 s/step,
-LongCE 0.78, CE + mix 0.64; each eval about 1.5 min); on 2 cores shared with a load of ~10 it
-measured 7.5 s per CE step and 19 min per eval, so about 3.5 hours.
+Runtime with the defaults before LongCE ran at three learning rates and with LongPPL's short
+context: 12.8 min on 2 idle CPU cores (measured 2026-12-05: CE 0.60 s/step, LongCE 0.78, CE +
+mix 0.64; each eval about 1.5 min); on 2 cores shared with a load of ~10 it measured 7.5 s per
+CE step and 19 min per eval, so about 3.5 hours. Now three LongCE fine-tunes and evals, each
+LongCE step with a longer short pass (about 5(L - W) tokens instead of 2(L - W)), and every
+eval also runs `--task longppl` (its own short pass, about 5(L - W) tokens per document):
+not measured.
 
     python benchmarks/bench_context_finetune.py                  # the full benchmark
     python benchmarks/bench_context_finetune.py --steps 3 --num-docs 2 --trials 1 \\
@@ -57,6 +63,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 METHOD, FACTOR = "yarn", 8  # stdlib-llama: 256 -> 2048 tokens (sequences of 2048 tokens)
 DEFAULT_MIX = ("stdlib:0.7", "multikey:0.3")
+# LongCE's learning rates. The paper fine-tunes Llama-2-7B with LongCE at lr 2e-5 (the reference
+# PKU-ML/LongPPL finetune/finetune.py line 303, --learning-rate default, run by train.sh:
+# AdamW, linear decay after 20 warm-up steps, 200 steps of 8 x 32k tokens). A 4-layer model of
+# 2.4M parameters does not train at a 7B's lr, so it is scaled by the ratio of fine-tune to
+# pre-training lr: Llama-2-7B was pre-trained at peak lr 3e-4 (Touvron et al. 2023, Table 1),
+# so 2e-5 is 1/15 of it; stdlib-llama was pre-trained at 2e-3 (ctxext/bundled/stdlib-llama/
+# training.json), and 2e-3 / 15 = 1.3e-4. Beside it: 5e-4, the lr of the CE rows (the matched
+# comparison), and 3.5e-5 (a step of ~3.7x below, as 5e-4 is above).
+PAPER_LONGCE_LR, LLAMA2_7B_PRETRAIN_LR = 2e-5, 3e-4
+PAPER_SCALED_LONGCE_LR = 1.3e-4  # = 2e-3 * PAPER_LONGCE_LR / LLAMA2_7B_PRETRAIN_LR, rounded
+DEFAULT_LONGCE_LRS = (5e-4, PAPER_SCALED_LONGCE_LR, 3.5e-5)
 
 
 @dataclass(frozen=True)
@@ -64,9 +81,19 @@ class Variant:
     name: str
     label: str
     finetune: tuple[str, ...] | None  # the flags that differ; None: no fine-tune
+    lr: float | None = None  # its own peak lr; None: --lr
 
 
-def variants(mix: list[str], min_length: int | None = None) -> dict[str, Variant]:
+def longce_variants(lrs: list[float]) -> list[Variant]:
+    """One LongCE variant per learning rate (the work folder and eval are the name's)."""
+    flags = ("--data", "stdlib", "--loss", "longce")
+    return [Variant(f"longce-lr{lr:g}", f"LongCE (stdlib, lr {lr:g})", flags, lr) for lr in lrs]
+
+
+def variants(
+    mix: list[str], min_length: int | None = None, longce_lrs: list[float] | None = None
+) -> dict[str, list[Variant]]:
+    """The variants by the names --variants picks (``longce``: one per LongCE lr)."""
     from ctxext.config import TASK_SOURCES
 
     mix_flags = tuple(flag for item in mix for flag in ("--mix", item))
@@ -76,13 +103,10 @@ def variants(mix: list[str], min_length: int | None = None) -> dict[str, Variant
     if min_length:
         mix_flags += ("--task-min-length", str(min_length))
     return {
-        v.name: v
-        for v in (
-            Variant("yarn", f"{METHOD} x{FACTOR}, no fine-tune", None),
-            Variant("ce", "CE (stdlib)", ("--data", "stdlib")),
-            Variant("longce", "LongCE (stdlib)", ("--data", "stdlib", "--loss", "longce")),
-            Variant("mix", f"CE + mix ({', '.join(mix)}{episodes})", mix_flags),
-        )
+        "yarn": [Variant("yarn", f"{METHOD} x{FACTOR}, no fine-tune", None)],
+        "ce": [Variant("ce", "CE (stdlib)", ("--data", "stdlib"))],
+        "longce": longce_variants(list(longce_lrs or DEFAULT_LONGCE_LRS)),
+        "mix": [Variant("mix", f"CE + mix ({', '.join(mix)}{episodes})", mix_flags)],
     }
 
 
@@ -97,7 +121,8 @@ def finetune_argv(args: argparse.Namespace, v: Variant, out: Path) -> list[str]:
     """`ctxext finetune` of one variant: everything but the variant's own flags is shared."""
     return [
         "finetune", args.model, "-o", str(out), "--method", METHOD, "--factor", str(FACTOR),
-        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+        "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+        "--lr", str(args.lr if v.lr is None else v.lr),
         "--lr-schedule", "cosine", "--warmup-steps", str(args.warmup), "--seed", str(args.seed),
         "--save-every", str(args.save_every), *v.finetune, "--json",
     ]  # fmt: skip
@@ -107,6 +132,7 @@ def eval_argv(args: argparse.Namespace, model: list[str], out: Path) -> list[str
     """`ctxext eval` of one variant: identical for every variant but the model."""
     return [
         "eval", *model, "--task", "ppl", "--task", "context-use", "--task", "retrieval",
+        "--task", "longppl",
         "--lengths", args.lengths, "--num-docs", str(args.num_docs),
         "--passkey-trials", str(args.trials), "--seed", str(args.seed), "-o", str(out),
         "--overwrite",
@@ -257,18 +283,13 @@ def _ppl(run: dict[str, Any], n: int) -> str:
     return "-" if res is None else f"{res['ppl']:.2f}"
 
 
-def _key(run: dict[str, Any], n: int) -> str:
-    res = run.get("context_use", {}).get(str(n))
-    if res is None or n <= res["window"] or res.get("key_ppl") is None:
-        return "-"
-    return f"{res['key_ppl']:.2f} ({res['key_fraction']:.1%})"
-
-
 def _minutes(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds / 60:.1f}"
 
 
 def summary_table(results: dict[str, Any], tunes: dict[str, dict]) -> list[str]:
+    from ctxext.report.cells import key_cells
+
     lengths = results["config"]["lengths"]
     short, long = min(lengths), max(lengths)
     head = [
@@ -284,7 +305,7 @@ def summary_table(results: dict[str, Any], tunes: dict[str, dict]) -> list[str]:
         wall = tunes.get(run["variant"], {}).get("wall_s")
         rows.append(
             f"| {run['label']} | {_minutes(wall)} | {_ppl(run, short)} | {_ppl(run, long)} | "
-            f"{far} | {_key(run, long)} | {_retrieval(run, long)} | "
+            f"{far} | {key_cells(run, [long])[0]} | {_retrieval(run, long)} | "
             f"{run.get('effective_length') or 'none'} |"
         )
     return head + rows
@@ -334,31 +355,36 @@ def finetune_table(tunes: dict[str, dict], chosen: dict[str, Variant]) -> list[s
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, rec in tunes.items():
+        v = chosen[name]
+        own = (*v.finetune, "--lr", f"{v.lr:g}") if v.lr is not None else v.finetune
         s = rec.get("summary") or {}
         steps = s.get("steps") or 0
         per_step = f"{s['seconds'] / steps:.2f}" if steps and s.get("seconds") else "-"
         loss = "-" if s.get("final_loss") is None else f"{s['final_loss']:.4f}"
         resumed = " (resumed)" if rec.get("resumed") else ""
         rows.append(
-            f"| {chosen[name].label} | `{shlex.join(chosen[name].finetune)}` | "
+            f"| {v.label} | `{shlex.join(own)}` | "
             f"{_minutes(rec.get('wall_s'))}{resumed} | {_minutes(rec.get('cpu_s'))} | "
             f"{_minutes(s.get('seconds'))} | {s.get('tokens', 0):,} | {per_step} | {loss} |"
         )
     return rows
 
 
-def held_fixed(args: argparse.Namespace, results: dict[str, Any], tunes: dict) -> list[str]:
+def held_fixed(
+    args: argparse.Namespace, results: dict[str, Any], tunes: dict, chosen: dict[str, Variant]
+) -> list[str]:
     rt = next((r["retrieval"] for r in results["runs"] if "retrieval" in r), None)
     cu = next((g for r in results["runs"] for g in r.get("context_use", {}).values()), None)
     target = args.trained * FACTOR
     tokens = args.steps * args.batch_size * target
+    own = " (LongCE rows: the lr in their label)" if any(v.lr for v in chosen.values()) else ""
     lines = [
         f"- Model: `{args.model}` (trained at {args.trained} tokens) extended with {METHOD} "
         f"x{FACTOR} to {target} tokens, the same rope config in every row.",
         f"- Every fine-tune: full fine-tune, {args.steps} optimizer steps x {args.batch_size} "
-        f"sequence(s) of {target} tokens = {tokens:,} training tokens, AdamW, lr "
-        f"{args.lr:g} with {args.warmup} linear warm-up steps then cosine, seed {args.seed}, "
-        "dtype auto (fp32 on CPU); a fresh process each.",
+        f"sequence(s) of {target} tokens = {tokens:,} training tokens, AdamW, peak lr "
+        f"{args.lr:g}{own} with {args.warmup} linear warm-up steps then cosine, seed "
+        f"{args.seed}, dtype auto (fp32 on CPU); a fresh process each.",
         f"- Every eval: the held-out stdlib files ({results['data']['n_documents']} documents, "
         f"fingerprint `{results['data']['fingerprint']}`), the same seeded sample of "
         f"`--num-docs {args.num_docs}` (seed {args.seed}) for every variant, lengths "
@@ -389,8 +415,9 @@ def markdown(args: argparse.Namespace, results: dict, tunes: dict, chosen: dict)
     parts = [
         "# Fine-tuning for context use: CE vs LongCE vs CE + data mix",
         "",
-        "Issue 24, item 5: three fine-tunes at equal steps and equal tokens, and the same "
-        "extension without a fine-tune as the reference. Made by:",
+        "Issue 24, item 5: three fine-tunes at equal steps and equal tokens (LongCE at each "
+        "of its learning rates), and the same extension without a fine-tune as the reference. "
+        "Made by:",
         "",
         "```bash",
         bench["command"],
@@ -404,16 +431,17 @@ def markdown(args: argparse.Namespace, results: dict, tunes: dict, chosen: dict)
         "",
         "## Held fixed",
         "",
-        *held_fixed(args, results, tunes),
+        *held_fixed(args, results, tunes, chosen),
         "",
         "## Summary",
         "",
         *summary_table(results, tunes),
         "",
         "Far-context gain: loss with only the last window of tokens minus loss with the full "
-        "context (positive: the model uses text beyond the window). Key tokens: those whose "
-        "loss drops by more than 2 nats with the full context (LongPPL-style, Fang et al. "
-        "2024). Effective length: "
+        "context (positive: the model uses text beyond the window). Key tokens (LongPPL, Fang "
+        "et al. 2024; `--task longppl`): those whose loss drops by more than 2 nats from the "
+        "reference's short context (chunks of window + window/4 tokens) to the full one and "
+        "whose full-context loss is below 2 nats. Effective length: "
         f"{results['protocol'].get('effective_length', '-')}.",
         "",
         f"## Far-context gain per position bucket at {long} (bits/token, 95% interval)",
@@ -448,10 +476,20 @@ def markdown(args: argparse.Namespace, results: dict, tunes: dict, chosen: dict)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="stdlib-llama")
-    ap.add_argument("--variants", default="yarn,ce,longce,mix", help="comma-separated subset")
+    ap.add_argument(
+        "--variants",
+        default="yarn,ce,longce,mix",
+        help="comma-separated subset (longce: one LongCE fine-tune per --longce-lrs)",
+    )
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--lr", type=float, default=5e-4, help="peak lr (cosine after warm-up)")
+    ap.add_argument(
+        "--longce-lrs",
+        default=",".join(f"{lr:g}" for lr in DEFAULT_LONGCE_LRS),
+        help="comma-separated peak lrs of the LongCE variants (default: the CE rows' 5e-4, the "
+        "paper's 2e-5 scaled to this model 1.3e-4, and 3.5e-5)",
+    )
     ap.add_argument(
         "--warmup",
         type=int,
@@ -484,18 +522,20 @@ def check_args(args: argparse.Namespace) -> dict[str, Variant]:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1")
     positive_int_list(args.lengths)
     args.mix = args.mix or list(DEFAULT_MIX)
-    known = variants(args.mix, args.task_min_length or None)
+    known = variants(args.mix, args.task_min_length or None, longce_lrs(args.longce_lrs))
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise BenchError(f"--variants: unknown {unknown or names}; pick from {', '.join(known)}")
+    chosen = {v.name: v for n in names for v in known[n]}
     if args.warmup is None:
         args.warmup = min(10, max(1, args.steps // 10))
     if args.warmup >= args.steps and args.steps > 1:
         raise BenchError(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
-    for v in (known[n] for n in names if known[n].finetune):  # the finetune's own validation
+    for v in (v for v in chosen.values() if v.finetune):  # the finetune's own validation
         flags = dict(zip(v.finetune[::2], v.finetune[1::2], strict=True))
-        spec = {"steps": args.steps, "lr": args.lr, "warmup_steps": args.warmup,
+        lr = args.lr if v.lr is None else v.lr
+        spec = {"steps": args.steps, "lr": lr, "warmup_steps": args.warmup,
                 "batch_size": args.batch_size, "seed": args.seed, "lr_schedule": "cosine",
                 "loss": flags.get("--loss", "ce")}  # fmt: skip
         if v.name == "mix":
@@ -505,7 +545,20 @@ def check_args(args: argparse.Namespace) -> dict[str, Variant]:
         parse_model(FinetuneConfig, spec, f"{v.name} fine-tune")
     config = checkpoint.read_config(locate.resolve_model(args.model).path)
     args.trained = rope.analyze(config).trained_length
-    return {n: known[n] for n in names}
+    return chosen
+
+
+def longce_lrs(text: str) -> list[float]:
+    """--longce-lrs: distinct positive numbers, in the order given."""
+    try:
+        lrs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        lrs = []
+    if not lrs or any(not lr > 0 for lr in lrs):
+        raise BenchError(f"--longce-lrs must be comma-separated positive numbers, got {text!r}")
+    if len({f"{lr:g}" for lr in lrs}) != len(lrs):
+        raise BenchError(f"--longce-lrs lists a learning rate twice: {text!r}")
+    return lrs
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,8 +4,9 @@ One model (the bundled one extended with YaRN to ``--length``), one AdamW optimi
 CE and of LongCE alternated (so a machine shared with other jobs slows both alike), each on a
 fresh ``--length``-token stdlib sequence: forward, loss, backward, clip, step. LongCE is
 ``ctxext.finetune.loss.longce_loss`` (the function the training loop calls), short window W =
-the trained length, stride ``--stride`` (default W/2). Reports the median wall time and the
-median CPU time of this process (all threads) per step, after one untimed warm-up step each.
+the trained length, stride ``--stride`` (default W/4, as training's). Reports the median wall
+time and the median CPU time of this process (all threads) per step, after one untimed warm-up
+step each.
 
     python benchmarks/bench_longce.py                     # bundled model, 2048 tokens
     python benchmarks/bench_longce.py --steps 8 --stride 256
@@ -26,7 +27,7 @@ def main() -> None:
     ap.add_argument("--model", default="stdlib-llama")
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=5, help="timed steps of each loss")
-    ap.add_argument("--stride", type=int, default=None, help="default: window / 2")
+    ap.add_argument("--stride", type=int, default=None, help="default: window / 4")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -34,6 +35,7 @@ def main() -> None:
     from ctxext import checkpoint, locate, rope
     from ctxext.config import ExtendConfig
     from ctxext.data import load_documents, tokenize_documents
+    from ctxext.evaluate.longppl import short_stride
     from ctxext.finetune.loss import longce_loss
     from ctxext.finetune.optim import adamw
     from ctxext.modeling import load_causal_lm
@@ -45,7 +47,7 @@ def main() -> None:
     model, tok = loaded.model, loaded.tokenizer
     model.train()
     opt = adamw(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
-    window, stride = trained, args.stride or trained // 2
+    window, stride = trained, args.stride or short_stride(trained)
 
     docs = tokenize_documents(tok, load_documents("stdlib", split="train"))
     stream = [t for ids in docs for t in ids]

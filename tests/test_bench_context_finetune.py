@@ -1,6 +1,7 @@
-"""benchmarks/bench_context_finetune.py: its checks, and its tables and plots drawn from real
-`ctxext eval` results (a tiny real checkpoint; the fine-tunes themselves are the benchmark's
-to run, not a test's)."""
+"""benchmarks/bench_context_finetune.py: its checks, the fine-tune commands it plans (one
+LongCE fine-tune per learning rate), and its tables and plots drawn from real `ctxext eval`
+results (a tiny real checkpoint; the fine-tunes themselves are the benchmark's to run, not a
+test's)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def bench_fixture():
 
 @pytest.fixture(scope="module", name="evaluated")
 def evaluated_fixture(tiny_llama_session):
-    """What `ctxext eval` computes with the benchmark's three tasks (window 32: every bucket is
+    """What `ctxext eval` computes with the benchmark's four tasks (window 32: every bucket is
     beyond it), through the Python API the CLI calls."""
     from ctxext.config import EvalConfig
     from ctxext.evaluate.run import run_eval
@@ -37,7 +38,7 @@ def evaluated_fixture(tiny_llama_session):
 
     cfg = EvalConfig(
         lengths=[64, 600],
-        tasks=["ppl", "context-use", "retrieval"],
+        tasks=["ppl", "context-use", "retrieval", "longppl"],
         num_docs=2,
         passkey_trials=1,
         local_window=32,
@@ -51,7 +52,8 @@ def test_merge_labels_each_variant_and_renders_its_tables(bench, evaluated, tmp_
 
     args = bench.parse_args(["--steps", "3", "--lengths", "64,600", "--num-docs", "2"])
     chosen = bench.check_args(args)
-    assert list(chosen) == ["yarn", "ce", "longce", "mix"] and args.warmup == 1
+    longce = ["longce-lr0.0005", "longce-lr0.00013", "longce-lr3.5e-05"]
+    assert list(chosen) == ["yarn", "ce", *longce, "mix"] and args.warmup == 1
     evals = {name: {"results": copy.deepcopy(evaluated)} for name in ("yarn", "mix")}
     results = bench.merge(evals, chosen)
     assert [r["label"] for r in results["runs"]] == [chosen["yarn"].label, chosen["mix"].label]
@@ -83,6 +85,10 @@ def test_merge_labels_each_variant_and_renders_its_tables(bench, evaluated, tmp_
     )
     summary = next(line for line in text.splitlines() if line.startswith("| CE + mix"))
     assert f"| 1.5 | {run['ppl']['64']['ppl']:.2f} | {run['ppl']['600']['ppl']:.2f} |" in summary
+    key = run["longppl"]["600"]  # LongPPL at the longest length, its own task
+    cell = "none" if key["key_ppl"] is None else f"{key['key_ppl']:.2f} ({key['key_fraction']:.1%})"
+    assert f" | {cell} | 90% / 50% | " in summary
+    assert "longppl" in bench.eval_argv(args, ["m"], tmp_path / "e")
     assert "6,144 | 20.00 | 2.5000 |" in text  # tokens, s / step, final loss of the fine-tune
     assert "none of them used in training" not in text  # named templates, not the held-out set
 
@@ -91,7 +97,7 @@ def test_merge_labels_each_variant_and_renders_its_tables(bench, evaluated, tmp_
 
 
 def test_evals_of_other_documents_are_refused(bench, evaluated):
-    chosen = bench.variants(list(bench.DEFAULT_MIX))
+    chosen = {v.name: v for vs in bench.variants(list(bench.DEFAULT_MIX)).values() for v in vs}
     other = copy.deepcopy(evaluated)
     other["data"]["fingerprint"] = "0" * 16
     evals = {"yarn": {"results": evaluated}, "ce": {"results": other}}
@@ -107,6 +113,9 @@ def test_bad_options_are_refused_before_anything_runs(bench):
         (["--steps", "0"], "--steps must be at least 1"),
         (["--mix", "stdlib:0", "--variants", "mix"], "mix weights sum to 0"),
         (["--lengths", "256,x"], "--lengths must be positive integers"),
+        (["--longce-lrs", "1e-4,0"], "--longce-lrs must be comma-separated positive numbers"),
+        (["--longce-lrs", "1e-4,x"], "--longce-lrs must be comma-separated positive numbers"),
+        (["--longce-lrs", "1e-4,0.0001"], "--longce-lrs lists a learning rate twice"),
     ):
         with pytest.raises((bench.BenchError, CtxextError), match=re.escape(words)):
             bench.check_args(bench.parse_args(argv))
@@ -123,3 +132,29 @@ def test_a_refusal_is_one_line_and_exit_2(bench, tmp_path, capsys):
         "ce, longce, mix"
     )
     assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
+def test_longce_runs_at_each_of_its_learning_rates(bench, tmp_path):
+    """One LongCE fine-tune per --longce-lrs, each with its own --lr and work folder; the other
+    fine-tunes keep --lr. The default three hold the paper's lr scaled to this model."""
+    import json
+
+    args = bench.parse_args(["--steps", "3", "--longce-lrs", "1e-3,2e-4,4e-5"])
+    chosen = bench.check_args(args)
+    names = ["longce-lr0.001", "longce-lr0.0002", "longce-lr4e-05"]
+    assert list(chosen) == ["yarn", "ce", *names, "mix"]
+    for name, lr in zip(names, ("0.001", "0.0002", "4e-05"), strict=True):
+        argv = bench.finetune_argv(args, chosen[name], tmp_path / name)
+        assert argv[argv.index("--lr") + 1] == lr and argv[-3:] == ["--loss", "longce", "--json"]
+        assert chosen[name].label == f"LongCE (stdlib, lr {float(lr):g})"
+    ce = bench.finetune_argv(args, chosen["ce"], tmp_path / "ce")
+    assert ce[ce.index("--lr") + 1] == str(args.lr)
+    tunes = {n: {"summary": {}} for n in names[:1]}
+    assert "`--data stdlib --loss longce --lr 0.001`" in bench.finetune_table(tunes, chosen)[2]
+    # The paper's LongCE lr (2e-5 on Llama-2-7B, pre-trained at 3e-4) scaled to the bundled
+    # model by the same fine-tune / pre-training ratio is one of the default three.
+    trained = json.loads((ROOT / "ctxext/bundled/stdlib-llama/training.json").read_text())
+    scaled = trained["lr"] * bench.PAPER_LONGCE_LR / bench.LLAMA2_7B_PRETRAIN_LR
+    assert pytest.approx(scaled, rel=0.05) == bench.PAPER_SCALED_LONGCE_LR
+    assert bench.PAPER_SCALED_LONGCE_LR in bench.DEFAULT_LONGCE_LRS
+    assert len(bench.DEFAULT_LONGCE_LRS) == 3

@@ -12,7 +12,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ctxext.errors import CtxextError
 from ctxext.evaluate.context_use import (
     ContextUseResult,
-    _gain_result,
     _local_windows,
     context_use,
     local_nll,
@@ -128,19 +127,6 @@ def test_gain_sign_and_buckets(llama, seqs):
     assert res.protocol["local_window"] == 16 and res.protocol["local_stride"] == 8
     assert "BOS + 8 to 15 tokens" in res.protocol["description"]
     assert sum(b["n_tokens"] for b in res.buckets) == len(seqs) * (len(seqs[0]) - 1)
-
-
-def test_key_tokens_are_those_whose_nll_drops_by_more_than_two_nats():
-    # Positions 1..9 of two documents; window 4, so only positions 5..9 can differ.
-    full = [torch.tensor([1.0, 2, 1, 1, 0.5, 1.5, 0.25, 3, 1]), torch.full((9,), 2.0)]
-    local = [f.clone() for f in full]
-    local[0][4:] += torch.tensor([2.5, 1.0, 4.0, 2.0, 0.0])  # key: 0.5 and 0.25 (> 2 nats)
-    local[1][8] += 2.01  # key: 2.0
-    res = _gain_result(full, local, 10, 4, 1, 0, True)
-    assert res.key_tokens == 3 and res.key_fraction == pytest.approx(3 / 18)
-    assert res.key_ppl == pytest.approx(math.exp((0.5 + 0.25 + 2.0) / 3))
-    none = _gain_result(full, [f.clone() for f in full], 10, 4, 1, 0, True)
-    assert (none.key_ppl, none.key_tokens, none.key_fraction) == (None, 0, 0.0)
 
 
 def test_bad_window_is_refused(llama, seqs):
@@ -410,9 +396,10 @@ class _ScaledLogits(LlamaForCausalLM):
         return out
 
 
-@pytest.mark.parametrize("task", ["ppl", "passkey", "retrieval", "context-use", "sweep"])
+@pytest.mark.parametrize("task", ["ppl", "passkey", "retrieval", "context-use", "sweep", "longppl"])
 def test_every_task_checks_the_chunked_loss_against_the_models_own(task, tokenizer, code_ids):
     from ctxext.evaluate.context_use import context_use_sweep
+    from ctxext.evaluate.longppl import longppl_sweep
     from ctxext.evaluate.passkey import evaluate_passkey
     from ctxext.evaluate.perplexity import evaluate_lengths
 
@@ -430,6 +417,7 @@ def test_every_task_checks_the_chunked_loss_against_the_models_own(task, tokeniz
         ),
         "context-use": lambda: context_use(model, seqs, window=64, bos=False),
         "sweep": lambda: context_use_sweep(model, seqs, [200], window=64, bos=False),
+        "longppl": lambda: longppl_sweep(model, seqs, [200], window=64, bos=False),
     }[task]
     with pytest.raises(CtxextError, match="differs from its own loss"):
         run()

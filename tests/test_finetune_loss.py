@@ -60,11 +60,13 @@ def test_weights_are_the_formula_and_one_within_the_window(bundled):
     assert torch.allclose(got, torch.tensor(want), rtol=1e-3, atol=1e-4)
     assert torch.equal(got[:WINDOW], torch.ones(WINDOW))  # positions <= W: nothing is cut
     assert (got[WINDOW:] - 1).abs().max() > 0.05  # past W the weights are not trivially 1
-    # Stride W/2 (training's default): each window's last target reads exactly W tokens.
-    half = longce_weights(model, ids, full_t, WINDOW, stride=WINDOW // 2)[0]
-    assert torch.equal(half[:WINDOW], torch.ones(WINDOW))
-    for last in range(ids.shape[1] - 1, WINDOW, -(WINDOW // 2)):
-        assert half[last - 1].item() == pytest.approx(want[last - 1], rel=1e-3, abs=1e-4)
+    # Stride S = W/4 (training's default, the reference's ratio): the first target of each
+    # chunk (positions W + S, W + 2S, ...) reads exactly W positions; below W + S nothing is cut.
+    stride = WINDOW // 4
+    quarter = longce_weights(model, ids, full_t, WINDOW, stride=stride)[0]
+    assert torch.equal(quarter[: WINDOW + stride - 1], torch.ones(WINDOW + stride - 1))
+    for first in range(WINDOW + stride, ids.shape[1], stride):
+        assert quarter[first - 1].item() == pytest.approx(want[first - 1], rel=1e-3, abs=1e-4)
     # The cap: a full-context NLL 10 nats lower than the short one weighs 5, no more.
     capped = longce_weights(model, ids, full_t - 10, WINDOW, stride=1)[0]
     assert torch.allclose(capped[WINDOW:], torch.full_like(capped[WINDOW:], 5.0))
@@ -96,7 +98,7 @@ def test_training_with_longce_lowers_the_loss(tmp_path, tiny_llama_session):
     summary = run_finetune(
         str(tiny_llama_session), tmp_path / "o", ExtendConfig(method="yarn", factor=2), cfg
     )
-    assert summary["loss"] == {"name": "longce", "window": 128, "stride": 64, "max_weight": 5.0}
+    assert summary["loss"] == {"name": "longce", "window": 128, "stride": 32, "max_weight": 5.0}
     log = [json.loads(x) for x in (tmp_path / "o" / "training_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 9))
     first, last = log[0], log[-2:]

@@ -30,9 +30,10 @@ RECIPES = [
 ]  # fmt: skip
 EVALUATE = [
     "ctxext.evaluate", "ctxext.evaluate.context_use", "ctxext.evaluate.effective_length",
-    "ctxext.evaluate.loss", "ctxext.evaluate.needles", "ctxext.evaluate.passkey",
-    "ctxext.evaluate.perplexity", "ctxext.evaluate.protocol", "ctxext.evaluate.reference",
-    "ctxext.evaluate.retrieval", "ctxext.evaluate.run", "ctxext.evaluate.scoring", "ctxext.evaluate.variants",
+    "ctxext.evaluate.longppl", "ctxext.evaluate.loss", "ctxext.evaluate.needles",
+    "ctxext.evaluate.passkey", "ctxext.evaluate.perplexity", "ctxext.evaluate.protocol",
+    "ctxext.evaluate.reference", "ctxext.evaluate.retrieval", "ctxext.evaluate.run",
+    "ctxext.evaluate.run_context", "ctxext.evaluate.scoring", "ctxext.evaluate.variants",
 ]  # fmt: skip
 SPLIT = [
     *EVALUATE, "ctxext.rope",

@@ -74,6 +74,7 @@ def test_context_use_table_stars_sure_gains_and_states_effective_length():
 
 
 def _with_key_tokens() -> dict:
+    """Key tokens as an earlier ctxext wrote them: inside context-use, the drop alone."""
     results = _results()
     for run in results["runs"]:
         for n, res in run.get("context_use", {}).items():
@@ -82,18 +83,58 @@ def _with_key_tokens() -> dict:
     return results
 
 
-def test_key_tokens_in_the_report_and_the_terminal_table():
+def _with_longppl() -> dict:
+    """Key tokens as `--task longppl` writes them: their own key, the reference's rule."""
+    from ctxext.evaluate.longppl import longppl_protocol
+
+    results = _results()
+    del results["runs"][2]["context_use"]  # a run may have LongPPL without the gain
+    for run in results["runs"][1:]:
+        run["longppl"] = {
+            str(n): {"length": n, "window": 256, "stride": 64, "key_ppl": ppl,
+                     "key_fraction": share, "protocol": longppl_protocol(256, 64, True)}
+            for n, ppl, share in ((512, 3.25, 0.0412), (1024, None, 0.0))
+        }  # fmt: skip
+    return results
+
+
+def _terminal(table) -> str:
     from rich.console import Console
 
+    console = Console(width=200, record=True)
+    console.print(table)
+    return console.export_text()
+
+
+def test_key_tokens_in_the_report_and_the_terminal_table():
+    """Both forms render, each stating its own protocol: the short context (window, stride)
+    and the thresholds (the earlier one had no condition on the full-context NLL)."""
     from ctxext.report.tables import key_token_table
 
-    md = context_use_markdown(_with_key_tokens())
-    assert "| m + yarn x4 | 3.25 (4.1%) | none |" in md.splitlines()
-    assert "more than 2 nats" in md and "last 256 tokens" in md and "LongPPL" in md
-    console = Console(width=120, record=True)
-    console.print(key_token_table(_with_key_tokens()))
-    yarn = next(line for line in console.export_text().splitlines() if "yarn" in line)
-    assert "3.25 (4.1%)" in yarn and "none" in yarn
+    old, new = _with_key_tokens(), _with_longppl()
+    for results in (old, new):
+        md = context_use_markdown(results)
+        assert "| m + yarn x4 | 3.25 (4.1%) | none |" in md.splitlines(), md
+        yarn = next(
+            line for line in _terminal(key_token_table(results)).splitlines() if "yarn" in line
+        )
+        assert "3.25 (4.1%)" in yarn and "none" in yarn
+    md = context_use_markdown(old)
+    assert (
+        "more than 2 nats from a local window of 256 positions to the full context, with no " in md
+    )
+    assert "condition on the full-context NLL" in md
+    md = context_use_markdown(new)
+    assert (
+        "more than 2 nats from the short context (chunks of 320 positions every 64: the last "
+        "256 to 319 positions) to the full context and its full-context NLL is below 2 nats" in md
+    )
+    assert "| m + ntk x4 | 3.25 (4.1%) | none |" in md.splitlines()  # LongPPL without the gain
+    caption = " ".join(_terminal(key_token_table(new)).split())
+    assert "the last 256 to 319 positions) to the full context and its full-context NLL" in caption
+    # LongPPL alone (no context-use, no retrieval) still renders its table.
+    alone = {"config": {"lengths": [512, 1024]}, "runs": [new["runs"][2]]}
+    assert "| m + ntk x4 | 3.25 (4.1%) | none |" in context_use_markdown(alone).splitlines()
     # results.json files without key-token figures render as before.
     assert "LongPPL" not in context_use_markdown(_results())
     assert key_token_table(_results()) is None

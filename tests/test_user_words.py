@@ -23,7 +23,7 @@ from ctxext.errors import CtxextError
         (
             ["eval", "--task", "pll", "--lengths", "64"],
             "--task: unknown task 'pll'; did you mean 'ppl'? "
-            "(one of: ppl, passkey, context-use, retrieval)",
+            "(one of: ppl, passkey, context-use, retrieval, longppl)",
         ),
         # before: "extend options: method: expected 'linear', ... (got 'yarnn')"
         (

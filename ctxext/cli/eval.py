@@ -74,8 +74,9 @@ def eval_command(
         Optional[list[str]],  # noqa: UP045
         typer.Option(
             "--task",
-            help="ppl, passkey, context-use (far-context gain) and/or retrieval: "
-            "comma-separated or repeated, e.g. ppl,retrieval (default ppl).",
+            help="ppl, passkey, context-use (far-context gain), retrieval and/or longppl "
+            "(key tokens' perplexity): comma-separated or repeated, e.g. ppl,retrieval "
+            "(default ppl).",
         ),
     ] = None,
     stride: Annotated[
@@ -101,13 +102,16 @@ def eval_command(
     local_window: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(
-            help="context-use: positions of a local window, BOS + the last W-1 tokens "
-            "(default: trained length)."
+            help="context-use: positions of a local window, BOS + the last W-1 tokens; "
+            "longppl: short context W (default: trained length)."
         ),
     ] = _DEFAULT.local_window,
     local_stride: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="context-use: stride of the local windows (default window/4; 1 exact)."),
+        typer.Option(
+            help="context-use: stride of the local windows (default window/4; 1 exact); "
+            "longppl: stride of its chunks of W+S (default W/4)."
+        ),
     ] = _DEFAULT.local_stride,
     retrieval_template: Annotated[
         str,

@@ -114,11 +114,13 @@ def finetune(
     ] = _DEFAULT.loss,
     longce_window: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="longce: tokens of context of the short pass (default: trained length)."),
+        typer.Option(
+            help="longce: short context W: a cut token reads W to W+S-1 (default: trained length)."
+        ),
     ] = _DEFAULT.longce_window,
     longce_stride: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option(help="longce: stride of the short pass's windows (default: window/2)."),
+        typer.Option(help="longce: stride S of the short pass's chunks (default: W/4)."),
     ] = _DEFAULT.longce_stride,
     text_field: Annotated[
         str, typer.Option(help="Text field of .jsonl files/datasets.")

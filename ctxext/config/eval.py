@@ -20,7 +20,7 @@ from ctxext.config.base import (
 )
 from ctxext.errors import CtxextError
 
-Task = Literal["ppl", "passkey", "context-use", "retrieval"]
+Task = Literal["ppl", "passkey", "context-use", "retrieval", "longppl"]
 TASKS: tuple[str, ...] = get_args(Task)
 DocSelection = Literal["same", "per-length"]
 #: The effective-length rule's floor (``--effective-threshold``): a retrieval family counts
@@ -35,7 +35,8 @@ class EvalConfig(StrictModel):
     """Context lengths in tokens (positive integers)."""
     tasks: list[Task] = ["ppl"]  # noqa: RUF012 (pydantic copies defaults)
     """ppl (perplexity and loss by position), passkey (natural-language retrieval),
-    context-use (far-context gain) and/or retrieval (key retrieval with a per-model template)."""
+    context-use (far-context gain), retrieval (key retrieval with a per-model template) and/or
+    longppl (LongPPL: the key tokens' perplexity, Fang et al. 2024; its own short pass)."""
     data: str | None = None
     """Text file, folder, .jsonl, Hugging Face dataset name, or None for the default corpus
     (the bundled model's held-out stdlib files)."""
@@ -62,9 +63,12 @@ class EvalConfig(StrictModel):
     """Random keys per length x depth (passkey and retrieval)."""
     local_window: int | None = None
     """context-use: positions of a local window, BOS + the last local_window-1 tokens, as the
-    full pass starts with BOS (default: the trained length of each model)."""
+    full pass starts with BOS; longppl: the short context W (the reference's trunc_len), a cut
+    token reads its last W to W+S-1 positions (default: the trained length of each model)."""
     local_stride: int | None = None
-    """context-use: stride of the local windows (default: local_window // 4; 1 is exact)."""
+    """context-use: stride of the local windows (default: local_window // 4; 1 is exact);
+    longppl: stride S of the short chunks of W+S positions (the reference's sliding_window;
+    default: local_window // 4, the reference's ratio)."""
     retrieval_template: str = "auto"
     """retrieval: the key/value templates (ctxext.evaluate.needles) hidden in the evaluation documents:
     heldout (the forms no ctxext training uses), train, all, or comma-separated template names;

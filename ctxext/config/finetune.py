@@ -206,11 +206,13 @@ class FinetuneConfig(StrictModel):
     """Parameters of the task sources."""
     loss: Loss = "ce"
     """ce: cross-entropy. longce: LongCE (Fang et al. 2024), cross-entropy re-weighted per token
-    by min(exp(NLL with the last longce_window tokens - NLL with the full context), 5)."""
+    by min(exp(NLL with a short context - NLL with the full context), 5)."""
     longce_window: int | None = None
-    """longce: tokens of context of the short pass (default: the model's trained length)."""
+    """longce: the short context W (the reference's trunc_len): a cut token reads its last W to
+    W+S-1 positions (default: the model's trained length)."""
     longce_stride: int | None = None
-    """longce: stride of the short pass's windows (default: half the window)."""
+    """longce: the short chunks' stride S (the reference's internal; default: W/4, its
+    ratio)."""
 
     @field_validator("mix", mode="before")
     @classmethod

@@ -9,7 +9,9 @@
   scored at each length, and the ``protocol`` dict every perplexity result carries.
 * :mod:`~ctxext.evaluate.perplexity`: perplexity, bits per byte, position buckets and the
   bootstrap interval over a sweep of lengths.
-* :mod:`~ctxext.evaluate.context_use`: the far-context gain (does the model use the far text).
+* :mod:`~ctxext.evaluate.context_use`: the far-context gain (does the model use the far text);
+  :mod:`~ctxext.evaluate.longppl`: LongPPL's key tokens and the reference's short pass (also
+  LongCE's); :mod:`~ctxext.evaluate.run_context`: both tasks as the run calls them.
 * :mod:`~ctxext.evaluate.needles`: retrieval templates (train and held-out forms) and their
   prompts; :mod:`~ctxext.evaluate.passkey`: the natural-language passkey (Mohtashami & Jaggi
   2023); :mod:`~ctxext.evaluate.scoring`: teacher-forced answer scoring and the result type;

@@ -21,6 +21,8 @@ last few hundred: both can keep a flat perplexity. Three measurements can:
   ``(NLL_local - NLL_full) / ln 2`` bits per token, by position bucket, with a percentile
   bootstrap over documents. Positive: the model uses text more than W-1 tokens back. Zero or
   negative: it only extrapolates (or is hurt by the far text).
+* **LongPPL** (:mod:`ctxext.evaluate.longppl`, its own task): the perplexity of the key
+  tokens, those the long context helps most, from another short pass (the reference's chunks).
 * **Retrieval** (:mod:`ctxext.evaluate.retrieval`): a key hidden at a depth of the context,
   asked for at the end, in held-out forms and real held-out documents.
 * **Effective context length** (:mod:`ctxext.evaluate.effective_length`): the longest length up
@@ -32,7 +34,7 @@ This module is the far-context gain.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,29 +44,27 @@ import torch
 from ctxext.errors import CtxextError
 from ctxext.evaluate.loss import (
     Progress,
+    accumulate,
     check_head,
     eval_mode,
     final_hidden,
+    full_nll_by_length,
     nll_from_hidden,
     reset_rotary_state,
+    sweep_sequences,
     token_nll,
 )
 from ctxext.evaluate.perplexity import bootstrap_ratio
 from ctxext.evaluate.protocol import BOOTSTRAP_RESAMPLES, bucket_edges
 
 __all__ = [
-    "KEY_TOKEN_NATS",
     "ContextUseResult",
     "context_use",
     "context_use_sweep",
     "context_use_sweep_tokens",
-    "key_token_ppl",
     "local_nll",
 ]
 
-#: A key token's NLL drops by more than this (nats) from the local window to the full context
-#: (the long-short difference threshold of LongPPL, Fang et al. 2024).
-KEY_TOKEN_NATS = 2.0
 _LN2 = math.log(2.0)
 
 
@@ -84,19 +84,6 @@ def _local_windows(length: int, window: int, stride: int) -> list[tuple[int, int
         windows.append((last, n))
         last -= n
     return windows
-
-
-def _accumulate(progress: Progress | None) -> Callable[[int], None]:
-    """A tick(n) that adds n tokens and reports the running total to ``progress``."""
-    done = 0
-
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done)
-
-    return tick
 
 
 def context_use_sweep_tokens(
@@ -166,11 +153,6 @@ class ContextUseResult:
     ci_high: float
     buckets: list[dict[str, Any]] = field(default_factory=list)
     protocol: dict[str, Any] = field(default_factory=dict)
-    key_ppl: float | None = None
-    """Perplexity (full context) over the key tokens; None when there are none."""
-    key_fraction: float = 0.0
-    """Key tokens / tokens scored."""
-    key_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -214,7 +196,7 @@ def context_use(
         raise ValueError("every sequence must have the same length")
     stride = stride or max(1, window // 4)
     fulls, locals_ = [], []
-    tick = _accumulate(progress)
+    tick = accumulate(progress)
 
     check_head(model, sequences[0])
     for seq in sequences:
@@ -271,7 +253,6 @@ def _gain_result(
     total_mean, total_low, total_high = _gain_interval(
         diff.sum(axis=1), np.full(len(fulls), far), seed, BOOTSTRAP_RESAMPLES
     )
-    key_ppl, key_tokens = key_token_ppl(fulls, locals_)
     return ContextUseResult(
         length=length,
         window=window,
@@ -282,24 +263,7 @@ def _gain_result(
         ci_high=total_high,
         buckets=buckets,
         protocol=context_use_protocol(window, stride, seed, bos),
-        key_ppl=key_ppl,
-        key_fraction=key_tokens / (len(fulls) * (length - 1)),
-        key_tokens=key_tokens,
     )
-
-
-def key_token_ppl(
-    fulls: Sequence[torch.Tensor], locals_: Sequence[torch.Tensor]
-) -> tuple[float | None, int]:
-    """LongPPL-style perplexity: exp of the mean full-context NLL over the key tokens, those
-    whose NLL drops by more than KEY_TOKEN_NATS from the local window to the full context;
-    and how many there are (None and 0 when none)."""
-    nll, count = 0.0, 0
-    for full, local in zip(fulls, locals_, strict=True):
-        key = (local.double() - full.double()) > KEY_TOKEN_NATS
-        nll += float(full.double()[key].sum())
-        count += int(key.sum())
-    return (math.exp(nll / count) if count else None), count
 
 
 def context_use_sweep(
@@ -319,33 +283,28 @@ def context_use_sweep(
 
     ``sequences`` are the documents' first max(lengths) tokens (``bos``: BOS first); at length L
     each is cut to its first L. The local NLL of position p reads only the BOS and tokens
-    p-W+1..p-1, which are the same at every length, so it is computed once per document. The full-context NLL at L is a prefix of the
-    one at the longest length when the rope is static (``one_pass``); a length-dependent rope
-    (dynamic NTK) gets a fresh pass per length, after its rotary state is reset.
+    p-W+1..p-1, which are the same at every length, so it is computed once per document. The
+    full-context NLL at L comes from :func:`~ctxext.evaluate.loss.full_nll_by_length`: a prefix
+    of one pass at the longest length when the rope is static (``one_pass``), a fresh pass per
+    length after a rotary reset when it is length-dependent (dynamic NTK).
     """
     stride = stride or max(1, window // 4)
     todo = sorted(n for n in set(lengths) if n > window)
     if not todo:
         return {}
     longest = todo[-1]
-    seqs = [list(s[:longest]) for s in sequences]
-    if any(len(s) < longest for s in seqs):
-        raise ValueError("every sequence must hold the longest length")
-    tick = _accumulate(progress)
-    check_head(model, seqs[0])
+    tick = accumulate(progress)
+    seqs = sweep_sequences(model, sequences, longest)
 
     fulls: dict[int, list[torch.Tensor]] = {n: [] for n in todo}
     locals_: list[torch.Tensor] = []
     for seq in seqs:
-        for n in [longest] if one_pass else todo:
-            reset_rotary_state(model)
-            full = token_nll(model, torch.tensor([seq[:n]]), chunk_size=chunk_size)
-            tick(n)
-            if one_pass:
-                for m in todo:
-                    fulls[m].append(full[: m - 1])
-            else:
-                fulls[n].append(full)
+        by_length = full_nll_by_length(
+            model, seq, todo, one_pass=one_pass, chunk_size=chunk_size, tick=tick
+        )
+        for n in todo:
+            fulls[n].append(by_length[n])
+        full = by_length[longest]
         reset_rotary_state(model)  # windows are no longer than the trained length
         # Only positions > window have text to cut; the rest is each length's own full NLL.
         local = local_nll(model, seq, window, stride, bos=bos, full=full, progress=tick)
@@ -380,14 +339,6 @@ def context_use_protocol(window: int, stride: int, seed: int, bos: bool) -> dict
         "local_stride": stride,
         "local_start": "BOS (as the full pass)" if bos else "text (no BOS token)",
         "gain_bits": "token-weighted over the tokens more than the window from the start",
-        "key_token_nats": KEY_TOKEN_NATS,
-        "key_tokens": (
-            f"LongPPL-style (Fang et al. 2024): key tokens are those whose NLL drops by more "
-            f"than {KEY_TOKEN_NATS:g} nats from the local window to the full context (the "
-            "model is its own judge; the paper's second condition on the full-context "
-            "probability is not applied); key_ppl is exp(mean full-context NLL) over them, "
-            "key_fraction their share of all scored tokens"
-        ),
         "interval": f"95% percentile bootstrap over documents, {BOOTSTRAP_RESAMPLES} "
         f"resamples, seed {seed} (+ bucket index per bucket)",
     }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -149,6 +149,57 @@ def token_nll(
     with eval_mode(model):
         hidden = final_hidden(model, input_ids, position_ids)
         return nll_from_hidden(model, hidden[:-1], input_ids[0, 1:], chunk_size)
+
+
+def accumulate(progress: Progress | None) -> Progress:
+    """A tick(n) that adds n tokens and reports the running total to ``progress``."""
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done)
+
+    return tick
+
+
+def full_nll_by_length(
+    model: Any,
+    seq: Sequence[int],
+    lengths: Sequence[int],
+    *,
+    one_pass: bool,
+    chunk_size: int | None = None,
+    tick: Progress | None = None,
+) -> dict[int, torch.Tensor]:
+    """The full-context NLL of ``seq``'s first n tokens for each n of ``lengths`` (ascending):
+    prefixes of one pass at the longest when the rope is static (``one_pass``), else a fresh
+    pass per length after a rotary reset (a length-dependent rope gives each length its own
+    frequencies). ``tick(n)`` after each pass of n tokens."""
+    out: dict[int, torch.Tensor] = {}
+    for n in [lengths[-1]] if one_pass else lengths:
+        reset_rotary_state(model)
+        full = token_nll(model, torch.tensor([list(seq[:n])]), chunk_size=chunk_size)
+        if tick is not None:
+            tick(n)
+        if one_pass:
+            out = {m: full[: m - 1] for m in lengths}
+        else:
+            out[n] = full
+    return out
+
+
+def sweep_sequences(
+    model: Any, sequences: Sequence[Sequence[int]], longest: int
+) -> list[list[int]]:
+    """Each sequence's first ``longest`` tokens, for a sweep of lengths up to ``longest``
+    (every sequence must hold them), once the model's head passed :func:`check_head`."""
+    seqs = [list(s[:longest]) for s in sequences]
+    if any(len(s) < longest for s in seqs):
+        raise ValueError("every sequence must hold the longest length")
+    check_head(model, seqs[0])
+    return seqs
 
 
 def check_head(model: Any, ids: list[int]) -> None:

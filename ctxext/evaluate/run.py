@@ -10,6 +10,7 @@ results carry enough provenance to be compared later.
 The flow goes one way: this module reads the config and calls each task with plain arguments
 (:mod:`~ctxext.evaluate.perplexity`, :mod:`~ctxext.evaluate.passkey`,
 :mod:`~ctxext.evaluate.retrieval`, :mod:`~ctxext.evaluate.context_use`,
+:mod:`~ctxext.evaluate.longppl` through :mod:`~ctxext.evaluate.run_context`,
 :mod:`~ctxext.evaluate.effective_length`), which use the loss and the protocol below them; no
 task sees the config or imports this module. The caller's hooks (the budget check, progress
 bars) are the only calls back up.
@@ -22,6 +23,7 @@ of the loaded model in place (:func:`ctxext.modeling.rescale`, equal to a fresh 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import time
 from collections.abc import Callable, Iterator
@@ -284,9 +286,11 @@ def _tokenize_and_check(tok: Any, docs: list, cfg: EvalConfig, extra: list[int])
         tokenize_for_eval,
     )
     from ctxext.evaluate.reference import retrieval_fits
+    from ctxext.evaluate.run_context import selection
 
     texts = [d.text for d in docs]
-    if "ppl" in cfg.tasks or "context-use" in cfg.tasks:  # before tokenizing every document
+    context = {"context-use", "longppl"} & set(cfg.tasks)  # whole documents, a cut context
+    if "ppl" in cfg.tasks or context:  # before tokenizing every document
         check_longest(tok, texts, max(cfg.lengths), tok.bos_token_id is not None)
     tokens = tokenize_for_eval(tok, texts)
     bos = tok.bos_token_id
@@ -304,14 +308,9 @@ def _tokenize_and_check(tok: Any, docs: list, cfg: EvalConfig, extra: list[int])
                 retrieval_fits(tok, tokens.ids, cfg, n)
             except CtxextError as e:
                 unfit[n] = str(e)
-    if "context-use" in cfg.tasks:  # raises when no document holds the longest length
-        select_documents(tokens.ids, cfg.lengths, **_selection(cfg, bos))
+    if context:  # raises when no document holds the longest length
+        select_documents(tokens.ids, cfg.lengths, **selection(cfg, bos))
     return _Tokens(tokens, bos, _token_fingerprint(tokens.ids, bos), tok, unfit)
-
-
-def _selection(cfg: EvalConfig, bos: int | None) -> dict[str, Any]:
-    # context-use always reads the same documents at every length (those that hold the longest).
-    return {"bos_token_id": bos, "num_docs": cfg.num_docs, "seed": cfg.seed}
 
 
 def _token_fingerprint(ids: list[list[int]], bos: int | None) -> str:
@@ -377,6 +376,7 @@ def _run_variant(
     from ctxext.evaluate.perplexity import evaluate_lengths
     from ctxext.evaluate.protocol import perplexity_sweep_tokens
     from ctxext.evaluate.reference import score_retrieval, ticker
+    from ctxext.evaluate.run_context import context_use_task, longppl_task
 
     tokens = token_cache[str(loaded.source.path)]
     info = rope.analyze(loaded.config)
@@ -425,11 +425,14 @@ def _run_variant(
             progress=tick,
         ).to_dict()
     gains, retrieval = {}, None
+    tick = functools.partial(ticker, progress_factory)
     if "context-use" in cfg.tasks:
-        gains, fingerprint = _context_use(loaded, tokens, cfg, info, progress_factory)
+        gains, fingerprint = context_use_task(loaded, tokens, cfg, info.trained_length, tick)
         run["context_use"] = {
             str(n): {**g.to_dict(), "doc_fingerprint": fingerprint} for n, g in gains.items()
         }
+    if "longppl" in cfg.tasks:
+        run["longppl"] = longppl_task(loaded, tokens, cfg, info.trained_length, tick)
     if "retrieval" in cfg.tasks:
         what = f"{loaded.label} retrieval"
         retrieval = score_retrieval(
@@ -443,35 +446,6 @@ def _run_variant(
     return run, retrieval, gains
 
 
-def _context_use(loaded, tokens: _Tokens, cfg: EvalConfig, info, progress_factory):
-    from ctxext.evaluate.context_use import context_use_sweep, context_use_sweep_tokens
-    from ctxext.evaluate.loss import length_dependent_rope
-    from ctxext.evaluate.protocol import doc_fingerprint, select_documents
-    from ctxext.evaluate.reference import ticker
-
-    bos = tokens.bos_token_id
-    prefix = [] if bos is None else [bos]
-    longest = max(cfg.lengths)
-    docs = select_documents(tokens.docs.ids, cfg.lengths, **_selection(cfg, bos))[longest]
-    seqs = [(prefix + list(tokens.docs.ids[d]))[:longest] for d in docs]
-    window = cfg.local_window or info.trained_length
-    stride = cfg.local_stride or max(1, window // 4)
-    one_pass = not length_dependent_rope(loaded.model)
-    total = context_use_sweep_tokens(len(seqs), cfg.lengths, window, stride, one_pass)
-    results = context_use_sweep(
-        loaded.model,
-        seqs,
-        cfg.lengths,
-        window=window,
-        bos=bos is not None,
-        stride=stride,
-        seed=cfg.seed,
-        one_pass=one_pass,
-        progress=ticker(progress_factory, f"{loaded.label} context-use", max(total, 1)),
-    )
-    return results, doc_fingerprint(docs, tokens.docs.ids)
-
-
 def _protocol_summary(runs: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
     """The protocol stated once at the top (identical for every run by construction)."""
     out: dict[str, Any] = {}
@@ -482,9 +456,10 @@ def _protocol_summary(runs: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, 
             break
         if "passkey" in run:
             out["passkey"] = run["passkey"]["protocol"]
-        for res in run.get("context_use", {}).values():
-            out["context_use"] = res["protocol"]
-            break
+        for key in ("context_use", "longppl"):
+            for res in run.get(key, {}).values():
+                out[key] = res["protocol"]
+                break
         if "retrieval" in run:
             out["retrieval"] = run["retrieval"]["protocol"]
         if "effective_length" in run:

@@ -96,19 +96,35 @@ def setup_run(
 
 
 def _longce_windows(cfg: FinetuneConfig, trained: int, seq: int) -> tuple[int | None, int | None]:
-    """LongCE's short window (default: the trained length) and stride (default: half of it),
-    refused when the window is not shorter than the training sequences (nothing to cut)."""
+    """LongCE's short context W (default: the trained length) and stride S (default W/4, the
+    reference's ratio: :func:`ctxext.evaluate.longppl.short_stride`), refused when no
+    token of a training sequence would have its context cut (it needs a position >= W + S)."""
+    from ctxext.evaluate.longppl import short_stride
+
     if cfg.loss != "longce":
         return None, None
     window = cfg.longce_window or trained
+    default = "" if cfg.longce_window else f" (default: the trained length {trained})"
     if window >= seq:
-        default = "" if cfg.longce_window else f" (default: the trained length {trained})"
         raise CtxextError(
             f"--loss longce: the short window {window}{default} is not shorter than the "
             f"training length {seq}, so no token's context is cut: pass --longce-window "
             f"below {seq} or train longer sequences"
         )
-    return window, cfg.longce_stride or max(1, window // 2)
+    stride = cfg.longce_stride or short_stride(window)
+    if stride > window:
+        raise CtxextError(
+            f"--longce-stride {stride} exceeds the short window {window}{default}: pass "
+            f"--longce-stride at most {window}"
+        )
+    if window + stride >= seq:
+        raise CtxextError(
+            f"--loss longce: the short window {window}{default} plus the stride {stride} is "
+            f"not shorter than the training length {seq}, so no token's context is cut (a "
+            "token is cut from position window + stride on): pass a smaller --longce-window "
+            "or --longce-stride, or train longer sequences"
+        )
+    return window, stride
 
 
 def _check_tasks_fit(cfg: FinetuneConfig, folder: Path, length: int) -> None:

@@ -194,28 +194,54 @@ def gain_interval(last: dict[str, Any]) -> str:
     return f"{last['gain_bits']:+.3f} ({last['ci_low']:+.3f} to {last['ci_high']:+.3f})"
 
 
-def key_layout(
-    results: dict[str, Any],
-) -> tuple[list[dict[str, Any]], list[int], int, float] | None:
-    """As :func:`gain_layout`, plus the key-token threshold in nats; None unless the results
-    have key-token figures (results.json files of older versions do not)."""
-    layout = gain_layout(results)
-    if layout is None:
+def key_results(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A run's key-token figures by length: its ``longppl`` task, or (results.json files of
+    earlier versions) the key-token fields its context-use results carried."""
+    if run.get("longppl"):
+        return run["longppl"]
+    uses = run.get("context_use") or {}
+    return {n: res for n, res in uses.items() if "key_fraction" in res}
+
+
+def key_rule(res: dict[str, Any]) -> str:
+    """What made a key token in ``res`` (one length's figures), in words: the short context
+    (its window and stride) and both thresholds, from the protocol it carries."""
+    protocol = res.get("protocol") or {}
+    window, stride = res["window"], res.get("stride")
+    nats = protocol.get("key_token_nats", 2.0)
+    if protocol.get("name") == "longppl":
+        short = (
+            f"the short context (chunks of {window + stride} positions every {stride}: the "
+            f"last {window} to {window + stride - 1} positions)"
+        )
+    else:  # an earlier version's context-use: its local windows
+        short = f"a local window of {window} positions"
+        short += f" (windows stepping back by {stride})" if stride else ""
+    rule = f"its NLL drops by more than {nats:g} nats from {short} to the full context"
+    if protocol.get("key_token_max_nll") is None:
+        return f"{rule}, with no condition on the full-context NLL (an earlier ctxext)"
+    return f"{rule} and its full-context NLL is below {protocol['key_token_max_nll']:g} nats"
+
+
+def key_layout(results: dict[str, Any]) -> tuple[list[dict[str, Any]], list[int], str] | None:
+    """The runs with key-token figures, every length any of them has, and what made a key
+    token (each distinct rule once); None without key-token figures."""
+    runs = [r for r in results["runs"] if key_results(r)]
+    if not runs:
         return None
-    runs, lengths, window = layout
-    found = [res for r in runs for res in r["context_use"].values() if "key_fraction" in res]
-    if not found:
-        return None
-    return runs, lengths, window, found[0]["protocol"].get("key_token_nats", 2.0)
+    lengths = sorted({int(n) for r in runs for n in key_results(r)})
+    rules = dict.fromkeys(key_rule(res) for r in runs for res in key_results(r).values())
+    return runs, lengths, "; or ".join(rules)
 
 
 def key_cells(run: dict[str, Any], lengths: list[int]) -> list[str]:
     """Per length: the key tokens' perplexity and their share of the tokens ("-" where the
-    length is not past the local window, "none" where no token is a key token)."""
+    length has no cut token, "none" where no token is a key token)."""
     cells = []
+    found = key_results(run)
     for n in lengths:
-        res = run["context_use"].get(str(n))
-        if res is None or n <= res["window"] or "key_fraction" not in res:
+        res = found.get(str(n))
+        if res is None or n <= res["window"]:
             cells.append("-")
         elif res["key_ppl"] is None:
             cells.append("none")

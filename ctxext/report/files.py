@@ -89,4 +89,9 @@ def results_csv(results: dict[str, Any]) -> str:
                  n, "", last["gain_bits"], last["ci_low"], last["ci_high"], last["n_tokens"],
                  g["n_docs"]]
             )  # fmt: skip
+        for n, k in (run.get("longppl") or {}).items():
+            w.writerow(
+                [run["label"], run["model"], run["method"] or "base", "longppl", n, "",
+                 k["key_ppl"], "", "", k["key_tokens"], k["n_docs"]]
+            )  # fmt: skip
     return buf.getvalue()

@@ -65,13 +65,12 @@ def key_token_markdown(results: dict[str, Any]) -> list[str]:
     layout = key_layout(results)
     if layout is None:
         return []
-    runs, lengths, window, nats = layout
+    runs, lengths, rule = layout
     return [
         "",
-        f"Key tokens (LongPPL-style, Fang et al. 2024): the tokens whose loss drops by more than "
-        f"{nats:g} nats when the model reads the full context instead of the last {window} "
-        "tokens; their perplexity with the full context, and in brackets their share of all "
-        "scored tokens.",
+        f"Key tokens (LongPPL, Fang et al. 2024; the model its own evaluator): a token is one "
+        f"when {rule}; their perplexity with the full context (LongPPL), and in brackets their "
+        "share of all scored tokens.",
         "",
         *_md_head(lengths),
         *(f"| {run['label']} | " + " | ".join(key_cells(run, lengths)) + " |" for run in runs),
@@ -81,7 +80,7 @@ def key_token_markdown(results: dict[str, Any]) -> list[str]:
 def context_use_markdown(results: dict[str, Any]) -> str | None:
     """Context use for report.md and model cards: the effective context length of every variant,
     the far-context gain of the last position bucket, the key tokens' perplexity and the
-    retrieval accuracy (None without context-use or retrieval results)."""
+    retrieval accuracy (None without context-use, longppl or retrieval results)."""
     # One list item per variant (consecutive plain lines would run into one paragraph).
     lines = [f"- {line}" for run in results["runs"] if (line := effective_length_line(run))]
     layout = gain_layout(results)
@@ -99,8 +98,8 @@ def context_use_markdown(results: dict[str, Any]) -> str | None:
             "",
             *_md_head(lengths),
             *rows,
-            *key_token_markdown(results),
         ]
+    lines += key_token_markdown(results)
     rt_runs = [r for r in results["runs"] if "retrieval" in r]
     if rt_runs:
         rt0 = rt_runs[0]["retrieval"]

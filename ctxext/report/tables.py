@@ -119,11 +119,10 @@ def key_token_table(results: dict[str, Any]):  # -> rich.table.Table | None
     layout = key_layout(results)
     if layout is None:
         return None
-    runs, lengths, window, nats = layout
+    runs, lengths, rule = layout
     table = Table(
-        title=f"key tokens: perplexity (share of tokens); local window {window}",
-        caption=f"key token: its NLL drops by > {nats:g} nats from the last {window} tokens to "
-        "the full context (LongPPL-style, Fang et al. 2024); perplexity with the full context",
+        title="key tokens (LongPPL): perplexity (share of tokens)",
+        caption=f"key token: {rule} (LongPPL, Fang et al. 2024); perplexity with the full context",
     )
     table.add_column("model / method")
     for n in lengths:
