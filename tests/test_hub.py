@@ -9,6 +9,7 @@ original/consolidated.00.pth and a .gguf.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -37,8 +38,10 @@ BAIT = {"pytorch_model.bin", "original/consolidated.00.pth", "original/params.js
         "stdlib-llama.Q8_0.gguf"}  # fmt: skip
 
 
+@functools.cache
 def _sharded_weights() -> dict[str, bytes]:
-    """The bundled weights split into two safetensors shards plus the index transformers reads."""
+    """The bundled weights split into two safetensors shards plus the index transformers reads
+    (made once: every repo and commit of the fake Hub holds the same; read only)."""
     from safetensors.torch import load_file, save
 
     tensors = load_file(str(BUNDLED / "model.safetensors"))
