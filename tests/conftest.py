@@ -34,6 +34,15 @@ TINY_SIZES = {
 }
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """llama.cpp's converter is downloaded while the tests before test_gguf_interop.py's run,
+    when any of those is to run (see its ``start_converter_download``)."""
+    for item in [] if session.config.option.collectonly else session.items:
+        if item.path.name == "test_gguf_interop.py":
+            item.module.start_converter_download(session.config)
+            return
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """The calibration cache (and any other ctxext cache) in a folder of this session, for the
