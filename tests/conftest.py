@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +212,21 @@ def subprocess_env() -> dict[str, str]:
 
     root = Path(__file__).resolve().parents[1]
     return {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
+def finish_together(
+    started: dict[Any, subprocess.Popen], timeout: float
+) -> dict[Any, subprocess.CompletedProcess]:
+    """Wait for processes started together (stdout and stderr piped, as text): their results by
+    key. Any still running when this fails is killed, never left behind."""
+    done = {}
+    try:
+        for key, proc in started.items():
+            out, err = proc.communicate(timeout=timeout)
+            done[key] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    finally:
+        for proc in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return done

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import finish_together, run_cli
 from safetensors.torch import load_file
 
 from ctxext.config import ExtendConfig, FinetuneConfig
@@ -252,7 +252,7 @@ def refusals(tiny_llama_session, tmp_path_factory, calibration, calibration_dir)
     400 steps are long by the pessimistic guess, so the pre-run check would measure first."""
     env = {k: v for k, v in _env().items() if k != "CTXEXT_MEMORY_LIMIT"}
     env["CTXEXT_CACHE_DIR"] = str(calibration_dir)
-    runs = {}
+    started, outs = {}, {}
     for version, (flags, _) in REFUSED.items():
         out = tmp_path_factory.mktemp(f"refused-v{version}") / "o"
         launcher = {
@@ -262,21 +262,12 @@ def refusals(tiny_llama_session, tmp_path_factory, calibration, calibration_dir)
         }  # fmt: skip
         cmd = [sys.executable, "-m", "ctxext", "finetune", str(tiny_llama_session), "-o",
                str(out), "-m", "yarn", "-f", "2", *flags]  # fmt: skip
-        proc = subprocess.Popen(
+        started[version] = subprocess.Popen(
             cmd, env={**env, **launcher}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        runs[version] = (proc, out)
-    done = {}
-    try:
-        for version, (proc, out) in runs.items():
-            _, stderr = proc.communicate(timeout=120)
-            done[version] = (proc.returncode, stderr, out)
-    finally:
-        for proc, _ in runs.values():
-            if proc.poll() is None:  # never leave a run behind
-                proc.kill()
-                proc.communicate()
-    return done
+        outs[version] = out
+    done = finish_together(started, timeout=120)
+    return {version: (res.returncode, res.stderr, outs[version]) for version, res in done.items()}
 
 
 @pytest.mark.parametrize("version", list(REFUSED))

@@ -11,6 +11,7 @@ from pathlib import Path
 from subprocess import PIPE, CompletedProcess
 
 import pytest
+from conftest import finish_together
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,22 +67,13 @@ def evals(tmp_path_factory, tiny_llama_session) -> dict[str, tuple[Path, Complet
     its own folder (model copy, marker, modules cache) and process; the two processes run at
     the same time (most of each is imports)."""
     cases = {"refused": [], "trusted": ["--trust-remote-code", "--json"]}
-    started = {}
-    for name, flags in cases.items():
-        tmp = tmp_path_factory.mktemp(name)
-        model = _custom_code_model(tmp / "custom", tiny_llama_session)
-        started[name] = (tmp, _eval(model, tmp, *flags))
-    done = {}
-    try:
-        for name, (tmp, proc) in started.items():
-            out, err = proc.communicate(timeout=300)
-            done[name] = (tmp, CompletedProcess(proc.args, proc.returncode, out, err))
-    finally:
-        for _, proc in started.values():
-            if proc.poll() is None:  # never leave a run behind
-                proc.kill()
-                proc.communicate()
-    return done
+    folders = {name: tmp_path_factory.mktemp(name) for name in cases}
+    started = {
+        name: _eval(_custom_code_model(tmp / "custom", tiny_llama_session), tmp, *cases[name])
+        for name, tmp in folders.items()
+    }
+    done = finish_together(started, timeout=300)
+    return {name: (folders[name], res) for name, res in done.items()}
 
 
 def test_custom_code_is_refused_without_the_flag(evals):
