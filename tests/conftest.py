@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,15 @@ TINY_SIZES = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 128,
 }
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """llama.cpp's converter is downloaded while the tests before test_gguf_interop.py's run,
+    when any of those is to run (see its ``start_converter_download``)."""
+    for item in [] if session.config.option.collectonly else session.items:
+        if item.path.name == "test_gguf_interop.py":
+            item.module.start_converter_download(session.config)
+            return
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -202,3 +212,21 @@ def subprocess_env() -> dict[str, str]:
 
     root = Path(__file__).resolve().parents[1]
     return {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
+def finish_together(
+    started: dict[Any, subprocess.Popen], timeout: float
+) -> dict[Any, subprocess.CompletedProcess]:
+    """Wait for processes started together (stdout and stderr piped, as text): their results by
+    key. Any still running when this fails is killed, never left behind."""
+    done = {}
+    try:
+        for key, proc in started.items():
+            out, err = proc.communicate(timeout=timeout)
+            done[key] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    finally:
+        for proc in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return done

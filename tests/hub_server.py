@@ -70,14 +70,20 @@ class FakeHub:
 
     def downloaded(self, method: str = "GET") -> set[str]:
         """Repository paths fetched with ``method`` from /resolve/ (any repo, any revision)."""
-        out = set()
-        for m, path in self.requests:
-            if m == method and "/resolve/" in path:
-                out.add(path.split("/resolve/", 1)[1].split("/", 1)[1])
-        return out
+        return downloaded(self.requests, method)
 
     def clear(self) -> None:
         self.requests.clear()
+
+
+def downloaded(requests: list[tuple[str, str]], method: str = "GET") -> set[str]:
+    """Repository paths of ``requests`` (a FakeHub's log) fetched with ``method`` from
+    /resolve/ (any repo, any revision)."""
+    out = set()
+    for m, path in requests:
+        if m == method and "/resolve/" in path:
+            out.add(path.split("/resolve/", 1)[1].split("/", 1)[1])
+    return out
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -128,20 +130,45 @@ def test_full_disk_exit_1_clean_message_no_partial_output(tmp_path, tiny_llama, 
     assert tree_hash(tiny_llama) == before
 
 
+#: The first progress line of the phase each interrupted command is in when Ctrl-C comes: the
+#: eval's passkey task, the fine-tune's training steps (its 3000 steps' data, 768k tokens, is
+#: packed in a second or two). The run has no calibration: it is interrupted while its pre-run
+#: check measures the machine (once the runtime probe's subprocess is up).
+_MID_WAY = {
+    "eval": re.compile(r" passkey: [\d,]+/[\d,]+ tok"),
+    "finetune": re.compile(r"^finetune.*: [\d,]+/[\d,]+ steps"),
+}
+
+
+def _measuring(proc: subprocess.Popen) -> bool:
+    """Whether ``proc`` has started the calibration's runtime probe (a child process)."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children()
+        return any("runtime_probe" in " ".join(c.cmdline()) for c in children)
+    except psutil.Error:
+        return False
+
+
 @pytest.mark.parametrize("command", ["eval", "finetune", "run"])
-def test_ctrl_c_exits_130_promptly_without_output(tmp_path, tiny_llama, command):
+def test_ctrl_c_exits_130_promptly_without_output(tmp_path, tiny_llama, command, request):
+    if command != "run":  # the eval and the fine-tune start their work at once
+        request.getfixturevalue("calibrated")
     out = tmp_path / "results"
     long_jobs = {  # each would run for minutes: we interrupt it mid-way
         "eval": ["eval", str(tiny_llama), "--lengths", "256,384", "--task", "passkey",
                  "--passkey-trials", "5000", "-o", str(out)],
         "finetune": ["finetune", str(tiny_llama), "-o", str(out), "-m", "yarn", "-f", "2",
-                     "--steps", "100000", "--save-every", "0"],
+                     "--steps", "3000", "--save-every", "0"],
         "run": ["run", str(_recipe(tmp_path, tiny_llama, out))],
     }  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # Every update a progress line (stderr is a pipe): Ctrl-C comes once the work is under way.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "CTXEXT_PROGRESS_INTERVAL": "0"}  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "ctxext", *long_jobs[command]],
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
@@ -149,17 +176,37 @@ def test_ctrl_c_exits_130_promptly_without_output(tmp_path, tiny_llama, command)
         # process), and Python then installs no KeyboardInterrupt handler: give it the default.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    lines: list[str] = []
+    mid_way = threading.Event()
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if command in _MID_WAY and _MID_WAY[command].search(line):
+                mid_way.set()
+
+    def under_way() -> bool:
+        return mid_way.is_set() if command in _MID_WAY else _measuring(proc)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     try:
-        time.sleep(8)  # imports, model load, then into the work
-        assert proc.poll() is None, proc.communicate()
+        deadline = time.time() + 120  # imports, model load, then into the work
+        while not under_way():
+            time.sleep(0.01)
+            assert proc.poll() is None, "".join(lines)[-3000:]
+            assert time.time() < deadline, "".join(lines)[-3000:]
+        assert proc.poll() is None, "".join(lines)[-3000:]
         proc.send_signal(signal.SIGINT)
         t0 = time.time()
-        _, stderr = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     finally:
         if proc.poll() is None:  # never leave a runaway job behind a failed test
             proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, stderr
+            proc.wait()
+    reader.join(timeout=30)
+    stderr = "".join(lines)
+    assert proc.returncode == 130, stderr[-3000:]
     assert time.time() - t0 < 10
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "interrupted"
     assert not out.exists()

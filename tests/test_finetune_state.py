@@ -9,6 +9,7 @@ import math
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +40,17 @@ def stdlib_dataset(folder: Path, n: int = 120) -> Path:
     return folder
 
 
+def _kill_at_first_checkpoint(proc: subprocess.Popen, out: Path, timeout: float = 120) -> None:
+    """SIGKILL ``proc`` as soon as its first checkpoint is complete (or when it ends)."""
+    deadline = time.time() + timeout
+    while newest_checkpoint(work_dir(out)) is None and proc.poll() is None:
+        if time.time() > deadline:
+            return
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 @CPU_ONLY
 @pytest.mark.parametrize("data", ["stdlib", "streamed", "mix"])
 def test_resume_after_sigkill_gives_the_same_weights(tmp_path, tiny_llama_session, data):
@@ -59,14 +71,7 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, tiny_llama_sessio
     cfg = FinetuneConfig(
         steps=24, lr=1e-3, warmup_steps=3, lr_schedule="cosine", save_every=3, seed=5, **options
     )
-    ref = tmp_path / "ref"
-    ref_summary = run_finetune(str(tiny_llama_session), ref, YARN2, cfg)
-    if data == "mix":
-        drawn = {s["source"]: s["samples"] for s in ref_summary["data"]["mix"]["sources"]}
-        assert all(drawn.values()) and sum(drawn.values()) == 24  # every source drawn
-    else:
-        assert ref_summary["data"]["split"] == ("train" if data == "streamed" else None)
-
+    # The run to kill starts first: its imports (a few seconds) overlap the reference run here.
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         [*CLI, "finetune", str(tiny_llama_session), "-o", str(out), *args],
@@ -74,12 +79,23 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, tiny_llama_sessio
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.time() + 120
-    while newest_checkpoint(work_dir(out)) is None and proc.poll() is None:
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killer = threading.Thread(target=_kill_at_first_checkpoint, args=(proc, out), daemon=True)
+    killer.start()
+    try:
+        ref = tmp_path / "ref"
+        ref_summary = run_finetune(str(tiny_llama_session), ref, YARN2, cfg)
+        killer.join(timeout=120)
+    finally:
+        if proc.poll() is None:  # the killer timed out: never leave a run behind
+            proc.kill()
+            proc.wait()
+    if data == "mix":
+        drawn = {s["source"]: s["samples"] for s in ref_summary["data"]["mix"]["sources"]}
+        assert all(drawn.values()) and sum(drawn.values()) == 24  # every source drawn
+    else:
+        assert ref_summary["data"]["split"] == ("train" if data == "streamed" else None)
+
+    assert newest_checkpoint(work_dir(out)) is not None, "no checkpoint appeared"
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert not out.exists()  # the output appears only when training is done
     killed_at = int(newest_checkpoint(work_dir(out)).name.split("-")[1])

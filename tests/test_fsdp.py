@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import finish_together, run_cli
 from safetensors.torch import load_file
 
 from ctxext.config import ExtendConfig, FinetuneConfig
@@ -240,27 +240,45 @@ def test_context_parallelism_off_cuda_is_refused_in_one_line(
     assert not out.exists() and not work_dir(out).exists()
 
 
-@pytest.mark.parametrize(
-    ("version", "flags", "needle"),
-    [("1", [], "FSDP2 only"), ("2", ["--dtype", "bfloat16"], "trains in float32")],
-)
-def test_fsdp_options_cpu_processes_cannot_run_are_refused_in_one_line(
-    tiny_llama_session, tmp_path, version, flags, needle, calibrated
-):
-    """What `accelerate launch` exports for an FSDP config (a world of one CPU process, so
-    Accelerate picks MULTI_CPU as with more): fsdp_version 1, or bf16 compute."""
-    env = {
-        **_env(), "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": version, "LOCAL_RANK": "0",
-        "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-    }  # fmt: skip
-    out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "ctxext", "finetune", str(tiny_llama_session), "-o", str(out),
-           "-m", "yarn", "-f", "2", *flags]  # fmt: skip
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2, res.stderr[-3000:]
-    lines = [x for x in res.stderr.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and needle in lines[0], res.stderr[-3000:]
-    assert "Traceback" not in res.stderr
+#: FSDP options CPU processes cannot run: fsdp_version -> (flags, what the refusal says).
+REFUSED = {"1": ([], "FSDP2 only"), "2": (["--dtype", "bfloat16"], "trains in float32")}
+
+
+@pytest.fixture(scope="module")
+def refusals(tiny_llama_session, tmp_path_factory, calibration, calibration_dir) -> dict:
+    """Each case of REFUSED as `accelerate launch` exports it for an FSDP config (a world of one
+    CPU process, so Accelerate picks MULTI_CPU as with more), in its own process; the processes
+    run at the same time (most of each is imports). With the session calibration: the default
+    400 steps are long by the pessimistic guess, so the pre-run check would measure first."""
+    env = {k: v for k, v in _env().items() if k != "CTXEXT_MEMORY_LIMIT"}
+    env["CTXEXT_CACHE_DIR"] = str(calibration_dir)
+    started, outs = {}, {}
+    for version, (flags, _) in REFUSED.items():
+        out = tmp_path_factory.mktemp(f"refused-v{version}") / "o"
+        launcher = {
+            "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": version, "LOCAL_RANK": "0",
+            "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+        }  # fmt: skip
+        cmd = [sys.executable, "-m", "ctxext", "finetune", str(tiny_llama_session), "-o",
+               str(out), "-m", "yarn", "-f", "2", *flags]  # fmt: skip
+        started[version] = subprocess.Popen(
+            cmd, env={**env, **launcher}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        outs[version] = out
+    done = finish_together(started, timeout=120)
+    return {version: (res.returncode, res.stderr, outs[version]) for version, res in done.items()}
+
+
+@pytest.mark.parametrize("version", list(REFUSED))
+def test_fsdp_options_cpu_processes_cannot_run_are_refused_in_one_line(refusals, version):
+    """fsdp_version 1, or bf16 compute."""
+    returncode, stderr, out = refusals[version]
+    needle = REFUSED[version][1]
+    assert returncode == 2, stderr[-3000:]
+    lines = [x for x in stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], stderr[-3000:]
+    assert "Traceback" not in stderr
     assert not out.exists() and not work_dir(out).exists()
 
 

@@ -15,6 +15,7 @@ is exactly what `ctxext extend` wrote. See docs/interop.md for what llama.cpp do
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,28 +104,85 @@ EXPECTED: dict[str, dict[str, object]] = {
 # --------------------------------------------------------------------------- the converter
 
 
+_SPEC = f"llama-cpp-python=={LLAMA_CPP_PYTHON}"
+
+
+@dataclass
+class _Download:
+    """``pip download`` of the pinned sdist into a temporary folder, running."""
+
+    proc: subprocess.Popen
+    folder: tempfile.TemporaryDirectory
+
+    @classmethod
+    def start(cls) -> _Download:
+        folder = tempfile.TemporaryDirectory()
+        cmd = [sys.executable, "-m", "pip", "download", _SPEC, "--no-deps", "--no-binary", ":all:"]
+        proc = subprocess.Popen(
+            [*cmd, "-q", "-d", folder.name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        return cls(proc, folder)
+
+    def stop(self) -> None:
+        """Kill it if it still runs and remove its folder (again: nothing)."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+            self.proc.communicate()
+        self.folder.cleanup()
+
+
+#: The download started when the tests were collected (see :func:`start_converter_download`).
+_started: _Download | None = None
+
+
+def _cache_root(config: pytest.Config) -> Path | None:
+    cache = getattr(config, "cache", None)  # None with -p no:cacheprovider
+    return Path(cache.mkdir("llama-cpp")) if cache else None
+
+
+def _script(cache: Path) -> Path:
+    return cache / f"llama-cpp-python-{LLAMA_CPP_PYTHON}" / "convert_hf_to_gguf.py"
+
+
+def start_converter_download(config: pytest.Config) -> None:
+    """Called once the session's tests are collected, when this module's are among them (see
+    conftest.py): the converter's download (a few seconds of network) starts at once and runs
+    while the tests before this module's run, unless a converter is given or cached."""
+    global _started
+    cache = _cache_root(config)
+    if os.environ.get("CTXEXT_LLAMA_CPP") or (cache and _script(cache).is_file()) or _started:
+        return
+    _started = _Download.start()
+    atexit.register(_started.stop)  # the module's tests may never run (-x, an interrupt)
+
+
 def _converter_from_pip(cache: Path) -> Path:
     """convert_hf_to_gguf.py with conversion/ and gguf-py/ out of the pinned sdist."""
-    dest = cache / f"llama-cpp-python-{LLAMA_CPP_PYTHON}"
-    script = dest / "convert_hf_to_gguf.py"
-    if script.is_file():
-        return script
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = f"llama-cpp-python=={LLAMA_CPP_PYTHON}"
-        cmd = [sys.executable, "-m", "pip", "download", spec, "--no-deps", "--no-binary", ":all:"]
+    global _started
+    script = _script(cache)
+    download, _started = _started, None
+    try:
+        if script.is_file():
+            return script
+        download = download or _Download.start()
         try:
-            done = subprocess.run(
-                [*cmd, "-q", "-d", tmp], capture_output=True, text=True, timeout=900
-            )
+            _, stderr = download.proc.communicate(timeout=900)
         except subprocess.TimeoutExpired:
-            pytest.skip(f"pip download {spec} took over 15 minutes")
-        sdists = list(Path(tmp).glob("*.tar.gz"))
-        if done.returncode != 0 or not sdists:
-            why = (done.stderr.strip().splitlines() or ["no sdist"])[-1]
-            pytest.skip(f"llama.cpp's converter unavailable: pip download {spec}: {why}")
-        _extract_converter(sdists[0], Path(tmp) / "llama.cpp")
+            pytest.skip(f"pip download {_SPEC} took over 15 minutes")
+        tmp = Path(download.folder.name)
+        sdists = list(tmp.glob("*.tar.gz"))
+        if download.proc.returncode != 0 or not sdists:
+            why = (stderr.strip().splitlines() or ["no sdist"])[-1]
+            pytest.skip(f"llama.cpp's converter unavailable: pip download {_SPEC}: {why}")
+        _extract_converter(sdists[0], tmp / "llama.cpp")
         if not script.is_file():  # another session may have been quicker
-            shutil.move(Path(tmp) / "llama.cpp", dest)
+            shutil.move(tmp / "llama.cpp", script.parent)
+    finally:
+        if download is not None:
+            download.stop()
     return script
 
 
@@ -154,9 +213,7 @@ def converter(pytestconfig, tmp_path_factory) -> Path:
         if not script.is_file():
             pytest.skip(f"CTXEXT_LLAMA_CPP={checkout} has no convert_hf_to_gguf.py")
         return script
-    cache = getattr(pytestconfig, "cache", None)  # None with -p no:cacheprovider
-    root = cache.mkdir("llama-cpp") if cache else tmp_path_factory.mktemp("llama-cpp")
-    return _converter_from_pip(Path(root))
+    return _converter_from_pip(_cache_root(pytestconfig) or tmp_path_factory.mktemp("llama-cpp"))
 
 
 # --------------------------------------------------------------------------- extend + convert

@@ -9,6 +9,7 @@ original/consolidated.00.pth and a .gguf.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -16,11 +17,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import BUNDLED
-from hub_server import FakeHub, FakeRepo, commit_sha
+from hub_server import FakeHub, FakeRepo, commit_sha, downloaded
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = commit_sha("main")
@@ -36,8 +38,10 @@ BAIT = {"pytorch_model.bin", "original/consolidated.00.pth", "original/params.js
         "stdlib-llama.Q8_0.gguf"}  # fmt: skip
 
 
+@functools.cache
 def _sharded_weights() -> dict[str, bytes]:
-    """The bundled weights split into two safetensors shards plus the index transformers reads."""
+    """The bundled weights split into two safetensors shards plus the index transformers reads
+    (made once: every repo and commit of the fake Hub holds the same; read only)."""
     from safetensors.torch import load_file, save
 
     tensors = load_file(str(BUNDLED / "model.safetensors"))
@@ -112,11 +116,52 @@ def ctxext(hub: FakeHub, cache: Path, *args: str, offline: bool = False, endpoin
     return proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - started
 
 
-def _fetched(hub: FakeHub) -> set[str]:
+def _fetched(requests: list[tuple[str, str]]) -> set[str]:
     """Files whose bytes were downloaded (GET), and no file only looked at (HEAD) either."""
-    got, looked = hub.downloaded("GET"), hub.downloaded("HEAD")
+    got, looked = downloaded(requests, "GET"), downloaded(requests, "HEAD")
     assert looked <= got, looked - got
     return got
+
+
+@dataclass
+class Ran:
+    """One command run against the fake Hub into a cache of its own, and what it asked for."""
+
+    code: int
+    stdout: str
+    stderr: str
+    requests: list[tuple[str, str]]
+    cache: Path
+    output: Path
+
+
+def _run_once(hub: FakeHub, root: Path, *args: str) -> Ran:
+    """``ctxext ARGS -o ROOT/out`` with an empty cache ROOT/hf-home: run once for every test
+    that checks it (the command, its downloads and its output are the same for each)."""
+    cache, output = root / "hf-home", root / "out"
+    hub.clear()
+    code, out, err, _ = ctxext(hub, cache, *args, "-o", str(output))
+    return Ran(code, out, err, list(hub.requests), cache, output)
+
+
+@pytest.fixture(scope="module")
+def cold_extend(hub, tmp_path_factory) -> Ran:
+    """`extend org/tiny -m yarn --factor 2` into an empty cache: what it fetched, wrote and
+    printed, and the cache it filled (read offline afterwards)."""
+    root = tmp_path_factory.mktemp("cold-extend")
+    return _run_once(hub, root, "extend", "org/tiny", "-m", "yarn", "--factor", "2")
+
+
+@pytest.fixture(scope="module")
+def cold_eval(hub, tmp_path_factory) -> Ran:
+    """`eval org/tiny -m yarn -m linear -f 2 --lengths 64,128` into an empty cache: base + 2
+    methods x 2 lengths (what it fetched, and the cache a second run reads warm)."""
+    root = tmp_path_factory.mktemp("cold-eval")
+    return _run_once(hub, root, *EVAL_TWO_METHODS)
+
+
+EVAL_TWO_METHODS = ["eval", "org/tiny", "-m", "yarn", "-m", "linear", "-f", "2", "--lengths",
+                    "64,128", "--num-docs", "2"]  # fmt: skip
 
 
 def test_inspect_and_dry_run_fetch_the_config_only(hub, cache):
@@ -124,23 +169,20 @@ def test_inspect_and_dry_run_fetch_the_config_only(hub, cache):
     code, out, err, _ = ctxext(hub, cache, "inspect", "org/tiny", "--json")
     assert code == 0, err
     assert json.loads(out)["trained_length"] == 256
-    assert _fetched(hub) == CONFIG
+    assert _fetched(hub.requests) == CONFIG
 
     hub.clear()
     code, _, err, _ = ctxext(hub, cache, "extend", "org/tiny", "-m", "yarn", "--factor", "2",
                              "-o", str(cache.parent / "x"), "--dry-run")  # fmt: skip
     assert code == 0, err
-    assert _fetched(hub) <= CONFIG  # cached already: nothing more than the config files
+    assert _fetched(hub.requests) <= CONFIG  # cached already: nothing more than the config files
     assert not (cache.parent / "x").exists()
 
 
-def test_extend_fetches_only_safetensors_and_links_only_them(hub, cache, tmp_path):
-    hub.clear()
-    out = tmp_path / "ext"
-    code, _, err, _ = ctxext(hub, cache, "extend", "org/tiny", "-m", "yarn", "--factor", "2",
-                             "-o", str(out))  # fmt: skip
-    assert code == 0, err
-    assert _fetched(hub) == TOKENIZER | SHARDS
+def test_extend_fetches_only_safetensors_and_links_only_them(cold_extend):
+    out = cold_extend.output
+    assert cold_extend.code == 0, cold_extend.stderr
+    assert _fetched(cold_extend.requests) == TOKENIZER | SHARDS
     written = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert written == TOKENIZER | SHARDS | {"ctxext_provenance.json"}
     source = json.loads((out / "ctxext_provenance.json").read_text())["source"]
@@ -148,14 +190,10 @@ def test_extend_fetches_only_safetensors_and_links_only_them(hub, cache, tmp_pat
 
 
 @pytest.mark.slow
-def test_eval_and_finetune_fetch_only_safetensors(hub, cache, tmp_path):
-    hub.clear()
-    res = tmp_path / "res"
-    code, _, err, _ = ctxext(hub, cache, "eval", "org/tiny", "--lengths", "64", "--num-docs",
-                             "2", "-o", str(res))  # fmt: skip
-    assert code == 0, err
-    assert _fetched(hub) == TOKENIZER | SHARDS
-    run = json.loads((res / "results.json").read_text())["runs"][0]
+def test_eval_and_finetune_fetch_only_safetensors(hub, cold_eval, tmp_path):
+    assert cold_eval.code == 0, cold_eval.stderr
+    assert _fetched(cold_eval.requests) == TOKENIZER | SHARDS
+    run = json.loads((cold_eval.output / "results.json").read_text())["runs"][0]
     assert run["source"]["commit"] == MAIN
 
     cache2 = tmp_path / "hf-home-2"  # a fresh cache: finetune fetches on its own
@@ -165,7 +203,7 @@ def test_eval_and_finetune_fetch_only_safetensors(hub, cache, tmp_path):
                              "2", "--steps", "1", "--warmup-steps", "0", "--save-every", "0",
                              "--train-length", "64", "-o", str(out))  # fmt: skip
     assert code == 0, err
-    assert _fetched(hub) == TOKENIZER | SHARDS
+    assert _fetched(hub.requests) == TOKENIZER | SHARDS
     source = json.loads((out / "ctxext_provenance.json").read_text())["source"]
     assert source["commit"] == MAIN
 
@@ -187,10 +225,9 @@ def test_revision_pin_reads_that_commit_and_records_it(hub, cache, tmp_path):
     assert source["commit"] == V1 and source["revision"] == V1
 
 
-def test_offline_mode_uses_the_populated_cache(hub, cache, tmp_path):
-    code, _, err, _ = ctxext(hub, cache, "extend", "org/tiny", "-m", "yarn", "--factor", "2",
-                             "-o", str(tmp_path / "online"))  # fmt: skip
-    assert code == 0, err
+def test_offline_mode_uses_the_populated_cache(hub, cold_extend, tmp_path):
+    cache, online = cold_extend.cache, cold_extend.output  # the cache an online run filled
+    assert cold_extend.code == 0, cold_extend.stderr
     hub.clear()
     code, _, err, _ = ctxext(hub, cache, "inspect", "org/tiny", "--json", offline=True)
     assert code == 0, err
@@ -198,9 +235,7 @@ def test_offline_mode_uses_the_populated_cache(hub, cache, tmp_path):
                              "-o", str(tmp_path / "offline"), offline=True)  # fmt: skip
     assert code == 0, err
     assert hub.requests == []  # not one request
-    assert {p.name for p in (tmp_path / "offline").iterdir()} == {
-        p.name for p in (tmp_path / "online").iterdir()
-    }
+    assert {p.name for p in (tmp_path / "offline").iterdir()} == {p.name for p in online.iterdir()}
     # Offline, a model that was never downloaded is one clear line.
     code, _, err, _ = ctxext(hub, cache, "inspect", "org/other", offline=True)
     assert code == 2 and "HF_HUB_OFFLINE" in err and len(err.splitlines()) == 1
@@ -238,15 +273,17 @@ def test_pickled_weights_only_with_allow_pickle(hub, cache, tmp_path):
     code, _, err, _ = ctxext(hub, cache, "extend", "org/pickled", "-m", "yarn", "--factor", "2",
                              "-o", str(tmp_path / "refused"))  # fmt: skip
     assert code == 2 and "--allow-pickle" in err and len(err.splitlines()) == 1
-    assert "pytorch_model.bin" not in _fetched(hub)
+    assert "pytorch_model.bin" not in _fetched(hub.requests)
     hub.clear()
     code, _, err, _ = ctxext(hub, cache, "extend", "org/pickled", "-m", "yarn", "--factor", "2",
                              "-o", str(tmp_path / "allowed"), "--allow-pickle")  # fmt: skip
     assert code == 0, err
-    assert _fetched(hub) == (TOKENIZER - CONFIG) | {"pytorch_model.bin"}  # config was cached
+    assert _fetched(hub.requests) == (TOKENIZER - CONFIG) | {
+        "pytorch_model.bin"
+    }  # config was cached
 
 
-def test_weight_downloads_report_progress_once(hub, cache, tmp_path):
+def test_weight_downloads_report_progress_once(hub, cache, cold_extend):
     """One bar per weight file, none for the small files, and none of huggingface_hub's own."""
     script = (
         "import json; from ctxext import locate\n"
@@ -265,31 +302,30 @@ def test_weight_downloads_report_progress_once(hub, cache, tmp_path):
     weights = sorted(f for f in SHARDS if f.endswith(".safetensors"))
     assert [e[0] for e in events] == [f"download {f}" for f in weights]
     assert all(total > 0 and done == total for _, total, done in events)
-    # The CLI: our bars (tqdm, one per weight file) and not huggingface_hub's aggregate bars.
-    code, _, err, _ = ctxext(hub, tmp_path / "fresh", "extend", "org/tiny", "-m", "yarn",
-                             "--factor", "2", "-o", str(tmp_path / "o"))  # fmt: skip
-    assert code == 0, err
+    # The CLI (an extend into an empty cache): our bars (tqdm, one per weight file) and not
+    # huggingface_hub's aggregate bars.
+    err = cold_extend.stderr
+    assert cold_extend.code == 0, err
     assert all(f in err for f in weights) and "Fetching" not in err and "Download" not in err
 
 
 @pytest.mark.slow
-def test_eval_resolves_each_model_once_and_reads_one_commit(hub, cache, tmp_path):
+def test_eval_resolves_each_model_once_and_reads_one_commit(hub, cold_eval, tmp_path):
     """`eval org/tiny -m yarn -m linear -f 2 --lengths 64,128`: base + 2 methods x 2 lengths ask the
     Hub for the revision once, and for each file at most once (then pinned to that commit);
     a second run with the cache warm asks for the revision only."""
-    args = ["eval", "org/tiny", "-m", "yarn", "-m", "linear", "-f", "2", "--lengths", "64,128",
-            "--num-docs", "2"]  # fmt: skip
-    for run, files in [("cold", TOKENIZER | SHARDS), ("warm", set())]:
-        hub.clear()
-        code, _, err, _ = ctxext(hub, cache, *args, "-o", str(tmp_path / run))
-        assert code == 0, err
-        revisions = [p for _, p in hub.requests if p.startswith("/api/models/org/tiny/revision/")]
-        assert revisions == ["/api/models/org/tiny/revision/main"], hub.requests
-        per_file = Counter((m, p) for m, p in hub.requests if "/resolve/" in p)
+    hub.clear()
+    code, out, err, _ = ctxext(hub, cold_eval.cache, *EVAL_TWO_METHODS, "-o", str(tmp_path / "w"))
+    warm = Ran(code, out, err, list(hub.requests), cold_eval.cache, tmp_path / "w")
+    for run, files in [(cold_eval, TOKENIZER | SHARDS), (warm, set())]:
+        assert run.code == 0, run.stderr
+        revisions = [p for _, p in run.requests if p.startswith("/api/models/org/tiny/revision/")]
+        assert revisions == ["/api/models/org/tiny/revision/main"], run.requests
+        per_file = Counter((m, p) for m, p in run.requests if "/resolve/" in p)
         assert all(n == 1 for n in per_file.values()), per_file
         assert {p.rsplit("/", 1)[1] for _, p in per_file} <= {f.rsplit("/", 1)[-1] for f in files}
         assert all(f"/resolve/{MAIN}/" in p for _, p in per_file)
-        runs = json.loads((tmp_path / run / "results.json").read_text())["runs"]
+        runs = json.loads((run.output / "results.json").read_text())["runs"]
         assert [r["source"]["commit"] for r in runs] == [MAIN] * 3
 
 

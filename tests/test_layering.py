@@ -273,16 +273,45 @@ def test_method_names_are_listed_once():
     assert found == [tune_order]
 
 
-@pytest.mark.parametrize("module", CLI)
-def test_cli_modules_import_alone_without_torch(module):
-    # `ctxext --help` stays instant: the commands import torch / transformers when they run.
+def _heavy_imports(modules: list[str]) -> dict[str, list[str]]:
+    """module -> which of torch, transformers and numpy are loaded after importing it alone.
+
+    As in :func:`_imported_alone`, one interpreter imports the modules in turn, every ctxext
+    module dropped from sys.modules before each. A library once loaded stays loaded, so the
+    first module that loads one ends that interpreter's run, and the modules after it are
+    imported in a fresh one: each result is the module's own."""
     code = (
-        f"import importlib, json, sys; importlib.import_module({module!r})\n"
-        "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules)))"
+        "import importlib, json, sys\n"
+        "out = {}\n"
+        "for m in json.loads(sys.argv[1]):\n"
+        "    for k in [k for k in sys.modules if k == 'ctxext' or k.startswith('ctxext.')]:\n"
+        "        del sys.modules[k]\n"
+        "    importlib.import_module(m)\n"
+        "    out[m] = sorted(h for h in ('torch', 'transformers', 'numpy') if h in sys.modules)\n"
+        "    if out[m]:\n"
+        "        break\n"
+        "print(json.dumps(out))"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout) == []
+    found: dict[str, list[str]] = {}
+    while len(found) < len(modules):
+        rest = modules[len(found) :]
+        res = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(rest)], capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr
+        found |= json.loads(res.stdout)
+    return found
+
+
+@pytest.fixture(scope="module")
+def cli_heavy() -> dict[str, list[str]]:
+    return _heavy_imports(CLI)
+
+
+@pytest.mark.parametrize("module", CLI)
+def test_cli_modules_import_alone_without_torch(module, cli_heavy):
+    # `ctxext --help` stays instant: the commands import torch / transformers when they run.
+    assert cli_heavy[module] == []
 
 
 def test_rope_and_the_schemas_load_without_numpy_or_torch():
