@@ -42,7 +42,7 @@ def evaluated_fixture(tiny_llama_session):
         num_docs=2,
         passkey_trials=1,
         local_window=32,
-        retrieval_template="setter-get,const-expect",
+        retrieval_template="const-expect,let-assert-equal",
     )
     return run_eval([Variant(str(tiny_llama_session))], cfg)
 
