@@ -78,20 +78,26 @@ def test_breaks_down_past_256_without_scaling(base):
     assert buckets == sorted(buckets), f"perplexity should rise bucket by bucket: {buckets}"
 
 
-def test_retrieves_a_key_in_held_out_code_templates_at_its_trained_length(heldout):
-    """Issues 15 and 24: >= 90% retrieval at 256 tokens at every depth in the held-out *code*
-    templates (ctxext.evaluate.needles; combinations the model never trained on, 8 keys per template
-    and depth), so that retrieval past 256 measures the extension method, not a model that
-    cannot retrieve or one that memorised a form. Measured: 100% in both. The held-out *prose*
-    form (unseen words) is not retrieved (0%): the model's skill does not carry to it, as
-    docs/bundled-model.md states; this test pins that too, so a retrain that changes it is
-    noticed."""
+def test_retrieves_in_trained_syntax_not_in_held_out_syntax_at_its_trained_length(heldout):
+    """At 256 tokens the model retrieves >= 90% at every depth in code forms of the training
+    split that it never saw as such (`attr-if-camel`, `plain-return-snake`: trained lines, a new
+    name style; issues 15 and 24, 8 keys per depth), and at most 25% in each held-out family
+    (issue 29: new syntax, no line shared with training; measured 8% / 5% / 0%), as
+    docs/bundled-model.md states: the effective-length rule then judges no family. Pinned so
+    that a retrain that changes either is noticed."""
+    from ctxext.evaluate.needles import HELDOUT_FAMILIES, families_of
     from ctxext.evaluate.retrieval import evaluate_retrieval
     from ctxext.modeling import load_causal_lm
 
     tok, ids = heldout
     model = load_causal_lm(None, dtype="float32").model
-    res = evaluate_retrieval(model, tok, [256], template="heldout", doc_token_ids=ids, trials=8)
-    for name in ("camel-attribute", "snake-return"):
+    seen = "attr-if-camel,plain-return-snake"
+    res = evaluate_retrieval(model, tok, [256], template=seen, doc_token_ids=ids, trials=8)
+    for name in seen.split(","):
         assert all(acc >= 0.9 for acc in res.by_template[name][0]), (name, res.by_template)
-    assert max(res.by_template["prose-code"][0]) <= 0.25, res.by_template
+    held = evaluate_retrieval(model, tok, [256], template="heldout", doc_token_ids=ids, trials=4)
+    families = families_of(held.templates)
+    assert tuple(families) == HELDOUT_FAMILIES
+    for family, names in families.items():
+        acc = sum(sum(held.by_template[n][0]) / 5 for n in names) / len(names)
+        assert acc <= 0.25, (family, held.by_template)
