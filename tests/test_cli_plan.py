@@ -104,7 +104,7 @@ def test_plan_counts_the_episode_mask(weightless, tmp_path, capsys, calibrated):
     code, out, err = run_cli(capsys, *base)
     assert code == 0, err
     plain = json.loads(out)["phases"][0]
-    code, out, err = run_cli(capsys, *base, "--task-min-length", "128")
+    code, out, err = run_cli(capsys, *base, "--task-min-length", "160")
     assert code == 0, err
     episodes = json.loads(out)["phases"][0]
     assert episodes["attention"] - plain["attention"] == mask_bytes(1, 512, 4) == 2**20

@@ -82,7 +82,9 @@ def test_output_and_resume_rules(tmp_path, tiny_llama_session, capsys):
 
 
 @pytest.mark.slow
-def test_two_finetunes_to_one_output_refuse_the_second(tmp_path, tiny_llama_session):
+def test_two_finetunes_to_one_output_refuse_the_second(tmp_path, tiny_llama_session, calibrated):
+    # The session calibration: the first run trains until Ctrl-C, and its step check would
+    # measure the machine into the shared cache if its first steps ran far from an estimate.
     out = tmp_path / "shared"
     args = [*CLI, "finetune", str(tiny_llama_session), "-o", str(out), "-m", "yarn", "-f", "2",
             "--steps", "100000", "--save-every", "0"]  # fmt: skip

@@ -97,9 +97,9 @@ def setup_run(
 
 def _longce_windows(cfg: FinetuneConfig, trained: int, seq: int) -> tuple[int | None, int | None]:
     """LongCE's short context W (default: the trained length) and stride S (default W/4, the
-    reference's ratio: :func:`ctxext.evaluate.longppl.short_stride`), refused when no
+    reference's ratio: :func:`ctxext.evaluate.short_pass.short_stride`), refused when no
     token of a training sequence would have its context cut (it needs a position >= W + S)."""
-    from ctxext.evaluate.longppl import short_stride
+    from ctxext.evaluate.short_pass import short_stride
 
     if cfg.loss != "longce":
         return None, None
