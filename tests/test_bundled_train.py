@@ -59,7 +59,8 @@ def test_model_config_matches_the_shipped_model_and_takes_overrides():
 
 
 def test_retrieval_chunks_are_seeded_training_form_prompts(tok_and_texts):
-    """Seeded, BOS-led, 1 to 4 needles, random keys; each needle asked for at the end in its
+    """Seeded, BOS-led, 1 to 3 needles (4 of the longest prose forms overflow 256 tokens of this
+    small tokenizer), random keys; each needle asked for at the end in its
     own training form (the full check of every form is tests/test_evaluate_needles.py)."""
     import re
 
@@ -67,16 +68,24 @@ def test_retrieval_chunks_are_seeded_training_form_prompts(tok_and_texts):
 
     tok, texts = tok_and_texts
     stream = packed_stream(tok, texts)
-    chunks = retrieval_chunks(tok, stream, 40, seed=3, needles=4)
+    chunks = retrieval_chunks(tok, stream, 40, seed=3, needles=3)
     assert chunks.shape == (40, TRAIN_LENGTH)
     assert (chunks[:, 0] == tok.bos_token_id).all()
-    assert chunks.tolist() == retrieval_chunks(tok, stream, 40, seed=3, needles=4).tolist()
+    assert chunks.tolist() == retrieval_chunks(tok, stream, 40, seed=3, needles=3).tolist()
     texts = [tok.decode(row) for row in chunks.tolist()]
     keys = {k for text in texts for k in re.findall(r"(?<![\d#])(\d{5})(?=\n|$)", text)}
     assert len(keys) > 20  # random keys, not one memorisable constant
     # The held-out prose form's words never appear (the form-level checks: test_evaluate_needles.py).
     assert not any("Remember: the code for" in text for text in texts)
-    assert sum("# The value of" in text for text in texts) > 2  # prose forms are in the mix
+    prose = (
+        "# The value of",
+        "# Note that",
+        "has the number",
+        "is stored as",
+        "# We gave",
+        "holds",
+    )
+    assert sum(any(p in text for p in prose) for text in texts) > 2  # prose forms are in the mix
 
 
 def test_copy_chunks_repeat_their_first_half_without_bos(tok_and_texts):

@@ -195,7 +195,7 @@ def test_packed_episodes_restart_at_bos_and_span_every_scale(bundled_tok_and_fil
     from ctxext.synthetic import episode_lengths, packed_episodes
 
     tok, stream = bundled_tok_and_filler
-    length, options = 1024, TaskOptions(keys=2, queries=1, min_length=128)
+    length, options = 1024, TaskOptions(keys=2, queries=1, min_length=160)
     sizes = []
     for i in range(40):
         rng = np.random.default_rng([3, i])
@@ -330,8 +330,8 @@ def test_training_reads_episodes_through_the_block_mask(tmp_path, tiny_llama_ses
     from ctxext.modeling import load_causal_lm
 
     mix = ["stdlib:0", "retrieval:1"]
-    tasks = {"min_length": 96}
-    cfg = finetune_cfg(steps=1, batch_size=1, seed=2, mix=mix, tasks=tasks)
+    tasks = {"min_length": 112}
+    cfg = finetune_cfg(steps=1, batch_size=1, seed=8, mix=mix, tasks=tasks)
     run_finetune(str(tiny_llama_session), tmp_path / "o", YARN2, cfg)
     logged = json.loads((tmp_path / "o" / "training_log.jsonl").read_text().splitlines()[0])
 
@@ -383,11 +383,11 @@ def test_episodes_are_refused_where_no_mask_can_keep_them_apart(tmp_path, monkey
 
 def test_episode_training_records_its_lengths(tmp_path, tiny_llama_session):
     mix = ["stdlib:0.5", "multikey:0.5"]
-    tasks = {"keys": 2, "queries": 1, "min_length": 128}
+    tasks = {"keys": 2, "queries": 1, "min_length": 160}
     cfg = finetune_cfg(steps=2, batch_size=2, seed=1, mix=mix, tasks=tasks)
     summary = run_finetune(str(tiny_llama_session), tmp_path / "o", YARN2, cfg)
     prov = json.loads((tmp_path / "o" / "ctxext_provenance.json").read_text())
-    assert prov["finetune"]["tasks"]["min_length"] == 128
+    assert prov["finetune"]["tasks"]["min_length"] == 160
     (task,) = [s for s in summary["data"]["mix"]["sources"] if s["kind"] == "task"]
-    assert task["task"]["lengths"].startswith("episodes of log-uniform length 128..256")
+    assert task["task"]["lengths"].startswith("episodes of log-uniform length 160..256")
     assert task["samples"] > 0 and np.isfinite(summary["final_loss"])

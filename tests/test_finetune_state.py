@@ -63,9 +63,10 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, tiny_llama_sessio
     if data == "mix":  # and the mix's draws, and its task sequences (filler from the stream)
         mix = [f"{options.pop('data')}:0.4", "stdlib:0.2", "multikey:0.25", "multihop:0.15"]
         options["mix"] = mix
-        # Two hops: a 5-fact chain in the longest (prose) training form does not fit 256 tokens.
-        options["tasks"] = {"hops": 2}
-        args += [x for m in mix for x in ("--mix", m)] + ["--task-hops", "2"]
+        # Two hops and three keys: a 5-fact chain, or 4 facts and 2 questions, in the longest
+        # (prose) training forms do not fit 256 of this tokenizer's tokens.
+        options["tasks"] = {"hops": 2, "keys": 3}
+        args += [x for m in mix for x in ("--mix", m)] + ["--task-hops", "2", "--task-keys", "3"]
     elif "data" in options:
         args += ["--data", options["data"]]
     cfg = FinetuneConfig(

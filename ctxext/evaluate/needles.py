@@ -119,24 +119,24 @@ _QUERY = {
 }
 _CODE_SHAPES: tuple[NameShape, ...] = ("upper", "snake", "camel")
 # Training prose: every statement x question x prose name shape. Varied verbs, and questions
-# whose last words before the answer are not the name ("X? Its number is"),
+# whose last words before the answer are not the name ("Which number does X hold? It holds"),
 # so the model learns to find the name wherever the question puts it, not to copy the number
 # after a fixed phrase.
 _PROSE_STATEMENTS = {
     "value": "# The value of {name} is {key}.",
     "set": "# Note that {name} is set to {key}.",
     "number": "# {name} has the number {key}.",
-    "stored": "# {name} is stored as {key}.",
-    "gave": "# We gave {name} {key}.",
-    "holds": "# Now {name} holds {key}.",
+    "stored": "# {name} is stored as {key} for now.",
+    "gave": "# We gave {name} the number {key} at startup.",
+    "holds": "# After the update, {name} holds {key}.",
 }
 _PROSE_QUESTIONS = {
     "value": "# The value of {name} is",
     "set": "# So {name} is set to",
     "number": "# The number of {name} is",
-    "which": "# {name}? Its number is",
-    "asked": "# Asked for {name}, say",
-    "back": "# Recall {name}; it holds",
+    "which": "# Which number does {name} hold? It holds",
+    "asked": "# If asked about {name}, answer",
+    "back": "# Looking back at {name}, we find",
 }
 _PROSE_SHAPES: tuple[NameShape, ...] = ("title", "snake")
 
