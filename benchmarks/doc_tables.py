@@ -31,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ctxext.evaluate.needles import families_of
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"<!-- table: (?P<spec>[^>]*?) -->\n(?P<body>.*?)<!-- /table -->", re.S)
@@ -54,9 +56,6 @@ def _label(run: dict[str, Any]) -> str:
 
 def family_accuracy(retrieval: dict[str, Any]) -> dict[str, list[float]]:
     """Accuracy per held-out family per length (pooled over the family's forms and depths)."""
-    sys.path.insert(0, str(ROOT))
-    from ctxext.evaluate.needles import families_of
-
     by = retrieval["by_template"]
     out = {}
     for fam, names in families_of(list(by)).items():

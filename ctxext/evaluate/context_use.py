@@ -56,6 +56,7 @@ from ctxext.evaluate.loss import (
 )
 from ctxext.evaluate.perplexity import bootstrap_ratio
 from ctxext.evaluate.protocol import BOOTSTRAP_RESAMPLES, bucket_edges
+from ctxext.evaluate.short_pass import short_stride
 
 __all__ = [
     "ContextUseResult",
@@ -187,14 +188,14 @@ def context_use(
 
     The caller chooses the sequences (the same documents' first L tokens at every length, as
     the perplexity protocol does); ``bos``: they start with the BOS token, which every local
-    window keeps (:func:`local_nll`); ``stride`` defaults to window // 4.
+    window keeps (:func:`local_nll`); ``stride`` defaults to window // 4 (:func:`~ctxext.evaluate.short_pass.short_stride`).
     """
     if not sequences:
         raise CtxextError("context-use needs at least one document")
     length = len(sequences[0])
     if any(len(s) != length for s in sequences):
         raise ValueError("every sequence must have the same length")
-    stride = stride or max(1, window // 4)
+    stride = stride or short_stride(window)
     fulls, locals_ = [], []
     tick = accumulate(progress)
 
@@ -288,7 +289,7 @@ def context_use_sweep(
     of one pass at the longest length when the rope is static (``one_pass``), a fresh pass per
     length after a rotary reset when it is length-dependent (dynamic NTK).
     """
-    stride = stride or max(1, window // 4)
+    stride = stride or short_stride(window)
     todo = sorted(n for n in set(lengths) if n > window)
     if not todo:
         return {}

@@ -66,7 +66,6 @@ class NeedleTemplate:
 
     name: str
     split: Split
-    register: Literal["code", "prose"]
     shape: NameShape
     needle: str
     """The line holding the value: ``{name}`` and ``{key}`` are filled in."""
@@ -76,6 +75,11 @@ class NeedleTemplate:
     """What separates the question from the key (nothing after a keyword argument's ``=``)."""
     family: Family = "code"
     """What the form tests (held out: ``code-binding``, ``code-question``, ``prose``)."""
+
+    @property
+    def register(self) -> Literal["code", "prose"]:
+        """Code or prose: the prose family is prose, every other family code."""
+        return "prose" if self.family == "prose" else "code"
 
     def needle_text(self, name: str, key: str) -> str:
         return self.needle.format(name=name, key=key)
@@ -200,7 +204,6 @@ def _grid() -> list[NeedleTemplate]:
         NeedleTemplate(
             name,
             "heldout",
-            "prose" if fam == "prose" else "code",
             shape,
             needle,
             question,
@@ -219,7 +222,6 @@ def _grid() -> list[NeedleTemplate]:
                 NeedleTemplate(
                     f"{a}-{q}-{shape}",
                     "train",
-                    "code",
                     shape,
                     needle,
                     query.format(ref=ref),
@@ -234,7 +236,6 @@ def _grid() -> list[NeedleTemplate]:
                     NeedleTemplate(
                         f"prose-{s}-{q}-{shape}",
                         "train",
-                        "prose",
                         shape,
                         statement,
                         question,

@@ -25,13 +25,14 @@ def selection(cfg: EvalConfig, bos: int | None) -> dict[str, Any]:
 
 
 def _plan(
-    loaded: Any, tokens: Any, cfg: EvalConfig, trained_length: int, default_stride: int
+    loaded: Any, tokens: Any, cfg: EvalConfig, trained_length: int
 ) -> tuple[list[int], dict[str, Any]]:
     """The documents' indices, and the task's arguments: their first max(lengths) tokens (BOS
     first when there is one), the lengths, W, S, whether one pass serves every length, the
     BOS. ``tokens``: the run's tokenized data (its ``docs.ids`` and ``bos_token_id``)."""
     from ctxext.evaluate.loss import length_dependent_rope
     from ctxext.evaluate.protocol import select_documents
+    from ctxext.evaluate.short_pass import short_stride
 
     bos = tokens.bos_token_id
     prefix = [] if bos is None else [bos]
@@ -42,7 +43,7 @@ def _plan(
         "sequences": [(prefix + list(tokens.docs.ids[d]))[:longest] for d in docs],
         "lengths": cfg.lengths,
         "window": window,
-        "stride": cfg.local_stride or default_stride,
+        "stride": cfg.local_stride or short_stride(window),
         "one_pass": not length_dependent_rope(loaded.model),
         "bos": bos is not None,
     }
@@ -62,8 +63,7 @@ def context_use_task(
     from ctxext.evaluate.context_use import context_use_sweep, context_use_sweep_tokens
     from ctxext.evaluate.protocol import doc_fingerprint
 
-    window = cfg.local_window or trained_length
-    docs, args = _plan(loaded, tokens, cfg, trained_length, max(1, window // 4))
+    docs, args = _plan(loaded, tokens, cfg, trained_length)
     total = _total(context_use_sweep_tokens, args)
     progress = ticker(f"{loaded.label} context-use", total)
     results = context_use_sweep(loaded.model, **args, seed=cfg.seed, progress=progress)
@@ -75,11 +75,10 @@ def longppl_task(
 ) -> dict[str, dict[str, Any]]:
     """LongPPL at every length with a cut token, as results.json holds it (length -> result,
     with the documents' fingerprint)."""
-    from ctxext.evaluate.longppl import longppl_sweep, longppl_sweep_tokens, short_stride
+    from ctxext.evaluate.longppl import longppl_sweep, longppl_sweep_tokens
     from ctxext.evaluate.protocol import doc_fingerprint
 
-    window = cfg.local_window or trained_length
-    docs, args = _plan(loaded, tokens, cfg, trained_length, short_stride(window))
+    docs, args = _plan(loaded, tokens, cfg, trained_length)
     total = _total(longppl_sweep_tokens, args)
     results = longppl_sweep(loaded.model, **args, progress=ticker(f"{loaded.label} longppl", total))
     fingerprint = doc_fingerprint(docs, tokens.docs.ids)

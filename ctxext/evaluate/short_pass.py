@@ -10,7 +10,8 @@ __all__ = ["short_chunks", "short_stride"]
 def short_stride(window: int) -> int:
     """The default stride S of the short pass: W/4, the reference's ratio (``sliding_window``
     1024 to ``trunc_len`` 4096, longppl/longppl.py lines 111-112; ``internal`` 1024 to 4096,
-    finetune/finetune.py line 219)."""
+    finetune/finetune.py line 219). The far-context gain's local windows use the same default
+    stride (:mod:`ctxext.evaluate.context_use`)."""
     return max(1, window // 4)
 
 
