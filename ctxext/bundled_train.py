@@ -156,7 +156,7 @@ def retrieval_probe(model, prompts: list) -> float:
 
 
 def retrieval_chunks(
-    tokenizer, stream: list[int], n: int, seed: int, needles: int = 1
+    tokenizer, stream: list[int], n: int, seed: int, needles: int = 1, composed: float = 0.0
 ):  # -> LongTensor
     """[n, TRAIN_LENGTH] synthetic retrieval sequences for the ``--retrieval-mix``.
 
@@ -167,18 +167,31 @@ def retrieval_chunks(
     learns to find a name and copy the value it saw with it (at distances < TRAIN_LENGTH only,
     like everything else it sees). The held-out templates never appear: ``ctxext eval``
     scores them, so retrieval measures the skill, not a memorised form.
+
+    With ``composed`` > 0, each needle is in a form drawn from parts
+    (``ctxext.evaluate.composed``) with that probability, else in a grid form: so many syntaxes
+    that the model cannot memorise them and has to learn to match the name.
     """
     import numpy as np
     import torch
 
+    from ctxext.evaluate.composed import composed_form
     from ctxext.evaluate.needles import multi_needle_ids, templates_of
 
-    forms = templates_of("train")
+    grid = templates_of("train")
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(n):
         start = int(rng.integers(0, len(stream) - TRAIN_LENGTH))
         window = stream[start : start + TRAIN_LENGTH]
+        forms = grid
+        if composed > 0:  # one candidate per needle slot, each composed with that probability
+            forms = [
+                composed_form(rng)
+                if rng.random() < composed
+                else grid[int(rng.integers(len(grid)))]
+                for _ in range(needles)
+            ]
         rows.append(multi_needle_ids(tokenizer, window, TRAIN_LENGTH, rng, needles, forms))
     return torch.tensor(rows, dtype=torch.long).view(n, TRAIN_LENGTH)
 
@@ -223,6 +236,7 @@ def train(
     retrieval_needles: int = 1,
     probe_every: int = 100,
     copy_mix: float = 0.0,
+    composed: float = 0.0,
 ) -> dict:
     import torch
     from transformers import LlamaForCausalLM
@@ -243,7 +257,10 @@ def train(
     n_copy = round(n_text * copy_mix / (1 - synthetic))
     if n_retrieval:
         chunks = torch.cat(
-            [chunks, retrieval_chunks(tokenizer, stream, n_retrieval, seed, retrieval_needles)]
+            [
+                chunks,
+                retrieval_chunks(tokenizer, stream, n_retrieval, seed, retrieval_needles, composed),
+            ]
         )
     if n_copy:
         chunks = torch.cat([chunks, copy_chunks(stream, n_copy, seed)])
@@ -332,6 +349,7 @@ def train(
         "retrieval_mix": retrieval_mix,
         "retrieval_needles": retrieval_needles,
         "copy_mix": copy_mix,
+        "composed": composed,
         "minutes": round((time.time() - t0) / 60, 1),
         "torch": torch.__version__,
         "log": log,
@@ -372,6 +390,13 @@ def main() -> None:
         default=0.3,
         help="fraction of training sequences that repeat their first half (induction data)",
     )
+    ap.add_argument(
+        "--composed",
+        type=float,
+        default=0.0,
+        help="probability that a retrieval needle's form is drawn from parts "
+        "(ctxext.evaluate.composed) rather than taken from the training grid",
+    )
     ap.add_argument("--probe-every", type=int, default=100, help="steps between retrieval probes")
     ap.add_argument(
         "--arch",
@@ -388,6 +413,8 @@ def main() -> None:
     ):
         ap.error("--retrieval-mix and --copy-mix must be >= 0 with a sum below 1")
     # Checked here, before the tokenizer and the data are built (a minute of work).
+    if not 0.0 <= args.composed <= 1.0:
+        ap.error("--composed is a probability: use a value in [0, 1]")
     if args.retrieval_needles < 1 or args.probe_every < 1:
         ap.error("--retrieval-needles and --probe-every must be at least 1")
     arch = {k: int(v) for k, v in (item.split("=", 1) for item in args.arch)}
@@ -409,6 +436,7 @@ def main() -> None:
         retrieval_needles=args.retrieval_needles,
         probe_every=args.probe_every,
         copy_mix=args.copy_mix,
+        composed=args.composed,
     )
 
 

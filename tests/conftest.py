@@ -21,6 +21,20 @@ from ctxext.resources.threads import apply_policy
 assert "torch" not in __import__("sys").modules
 apply_policy(busy=True)
 
+
+def _threads_per_worker() -> None:
+    """Under pytest-xdist (README's test command runs ``-n auto``), each worker gets its share
+    of the cores as torch threads, so the workers do not oversubscribe them: set before torch
+    starts, and inherited by the CLI subprocesses the tests start. A user's OMP_NUM_THREADS
+    is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (cores or 1) // workers))
+
+
+_threads_per_worker()
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GUTENBERG = SHARED / "corpus" / "gutenberg"
 BUNDLED = Path(__file__).resolve().parents[1] / "ctxext" / "bundled" / "stdlib-llama"

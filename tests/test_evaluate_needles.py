@@ -47,6 +47,25 @@ SHAPES = {
 }
 
 
+#: The new syntax and words of each held-out family: no training line (grid or composed) has
+#: any of them.
+HELDOUT_MARKERS = {
+    "code-binding": ["config.set", "config.get", "dict(", "params", "setattr", "getattr"],
+    "code-question": ["const ", "expect(", "toBe", "let ", "assertEqual", "#define", "static_"],
+    "prose": [
+        "Remember",
+        "code for",
+        "What",
+        "recorded",
+        "log",
+        "entry",
+        "reads",
+        "pin",
+        "Pin",
+    ],
+}
+
+
 def _skeleton(line: str) -> str:
     """A template line without its placeholders and spaces: its syntax."""
     return re.sub(r"\{name\}|\{key\}|\s", "", line)
@@ -74,21 +93,7 @@ def test_split_is_by_construction_no_held_out_line_is_a_training_line():
             assert t.question_text(name) != u.question_text(name)
     # The new syntax and words of each held-out form appear nowhere in the training lines.
     training_text = " ".join(u.needle + " " + u.question for u in train)
-    markers = {
-        "code-binding": ["config.set", "config.get", "dict(", "params", "setattr", "getattr"],
-        "code-question": ["const ", "expect(", "toBe", "let ", "assertEqual", "#define", "static_"],
-        "prose": [
-            "Remember",
-            "code for",
-            "What",
-            "recorded",
-            "log",
-            "entry",
-            "reads",
-            "pin",
-            "Pin",
-        ],
-    }
+    markers = HELDOUT_MARKERS
     for family, words in markers.items():
         for w in words:
             assert w not in training_text, (family, w)

@@ -3,9 +3,11 @@ anything is loaded; an extended checkpoint is fine-tuned at its own length."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -14,6 +16,9 @@ from conftest import finetune_cfg, run_cli, subprocess_env
 from ctxext.config import ExtendConfig
 from ctxext.finetune.loop import run_finetune
 from ctxext.finetune.state import newest_checkpoint, work_dir
+
+#: A fine-tune's progress line once it trains.
+STEP_LINE = re.compile(r"^finetune.*: [\d,]+/[\d,]+ steps")
 
 CLI = [sys.executable, "-m", "ctxext"]
 YARN2 = ExtendConfig(method="yarn", factor=2)  # 128 -> 256
@@ -88,31 +93,48 @@ def test_two_finetunes_to_one_output_refuse_the_second(tmp_path, tiny_llama_sess
     out = tmp_path / "shared"
     args = [*CLI, "finetune", str(tiny_llama_session), "-o", str(out), "-m", "yarn", "-f", "2",
             "--steps", "100000", "--save-every", "0"]  # fmt: skip
+    # Every update a progress line, so the test sees when the first run is training.
     first = subprocess.Popen(
-        args, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        args, env={**subprocess_env(), "CTXEXT_PROGRESS_INTERVAL": "0"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
+    lines: list[str] = []
+    training = threading.Event()
+
+    def read_stderr() -> None:
+        for line in first.stderr:
+            lines.append(line)
+            if STEP_LINE.search(line):
+                training.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     try:
         lock = tmp_path / ".shared.lock"
         deadline = time.time() + 120
         while not (lock.is_file() and lock.read_text().startswith("pid")):
-            assert first.poll() is None and time.time() < deadline, first.communicate()
+            assert first.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
             time.sleep(0.05)
         second = subprocess.run(
             args, env=subprocess_env(), capture_output=True, text=True, timeout=120
         )
         assert second.returncode == 2, second.stderr
-        lines = second.stderr.strip().splitlines()
-        assert len(lines) == 1 and "is being written by another ctxext run" in lines[0]
-        assert f"pid {first.pid}" in lines[0]
+        err = second.stderr.strip().splitlines()
+        assert len(err) == 1 and "is being written by another ctxext run" in err[0]
+        assert f"pid {first.pid}" in err[0]
         assert first.poll() is None  # the first run is untouched
+        # Ctrl-C once it trains (as a user would stop it; see "Noticed" in the session notes
+        # about a Ctrl-C that lands inside torch's start-up).
+        assert training.wait(timeout=120), "".join(lines)[-3000:]
         first.send_signal(signal.SIGINT)
-        _, first_err = first.communicate(timeout=60)
+        first.wait(timeout=60)
+        reader.join(timeout=10)
     finally:
         if first.poll() is None:
             first.kill()
-            first.communicate()
-    assert first.returncode == 130, first_err
+            first.wait()
+    assert first.returncode == 130, "".join(lines)[-3000:]
     assert not lock.exists()  # released on exit
 
 
