@@ -49,9 +49,40 @@ TINY_SIZES = {
 }
 
 
+#: The modules that cost the most (CPU-seconds per module, `pytest --durations` and a CPU
+#: profile, 2026-12-07), most first. README's test command runs the suite on every core with
+#: pytest-xdist's ``--dist loadscope`` (a module runs whole on one worker, so its module-scoped
+#: fixtures are built once): the long modules started first end together instead of one worker
+#: finishing the last of them alone. Order only; every other module keeps collection order.
+HEAVY_FIRST = (
+    "test_fsdp.py",
+    "test_hub.py",
+    "test_arch_matrix.py",
+    "test_recipes_runner.py",
+    "test_finetune_state.py",
+    "test_shipped_recipes.py",
+    "test_bundled.py",
+    "test_faults.py",
+    "test_resources_load.py",
+    "test_finetune_loop.py",
+    "test_cli_plan.py",
+    "test_evaluate_reference.py",
+    "test_tune_run.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within kept
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """llama.cpp's converter is downloaded while the tests before test_gguf_interop.py's run,
-    when any of those is to run (see its ``start_converter_download``)."""
+    when any of those is to run (see its ``start_converter_download``). Not under pytest-xdist:
+    every worker collects every test but only one runs that module, so it downloads when its
+    tests need it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     for item in [] if session.config.option.collectonly else session.items:
         if item.path.name == "test_gguf_interop.py":
             item.module.start_converter_download(session.config)
