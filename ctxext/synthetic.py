@@ -35,6 +35,7 @@ import numpy as np
 
 from ctxext.config import TASK_SOURCES, TaskOptions
 from ctxext.errors import CtxextError
+from ctxext.evaluate.composed import composed_form
 from ctxext.evaluate.needles import (
     NeedleTemplate,
     distinct_names,
@@ -135,22 +136,37 @@ def needle_ids(tokenizer: Any, filler: Sequence[int], length: int, draw: Draw) -
     return NeedleSequence(out, [len(bos) + p for p in at], spans, [v for _, _, v in draw.asks])
 
 
-def draw_multikey(templates: Sequence[NeedleTemplate], rng: Rng, keys: int, queries: int) -> Draw:
+def _compose(chosen: list[NeedleTemplate], rng: Rng, composed: float) -> list[NeedleTemplate]:
+    """Each template replaced, with probability ``composed``, by a form drawn from parts
+    (``ctxext.evaluate.composed``). 0 draws nothing, so grid-only sequences stay as they were."""
+    if not composed:
+        return chosen
+    return [composed_form(rng) if rng.random() < composed else t for t in chosen]
+
+
+def draw_multikey(
+    templates: Sequence[NeedleTemplate], rng: Rng, keys: int, queries: int, composed: float = 0.0
+) -> Draw:
     """``keys`` facts, each in a template drawn from ``templates`` (mixing forms within a
-    sequence makes the model match the name, not the form), ``queries`` of them asked in a
-    random order. The draws, in order: templates, names, values, question order, depths."""
+    sequence makes the model match the name, not the form) or, with probability ``composed``,
+    composed from parts; ``queries`` of them asked in a random order. The draws, in order:
+    templates, names, values, question order, depths."""
     chosen = [templates[int(i)] for i in rng.integers(0, len(templates), keys)]
+    chosen = _compose(chosen, rng, composed)
     names = distinct_names(chosen, rng)
     facts = [(t, n, random_key(rng)) for t, n in zip(chosen, names, strict=True)]
     asks = [facts[i] for i in rng.permutation(keys)[:queries]]
     return Draw(facts, asks, rng.random(keys))
 
 
-def draw_multihop(templates: Sequence[NeedleTemplate], rng: Rng, hops: int) -> Draw:
-    """Variable tracking in one template drawn from ``templates``: ``hops`` + 1 distinct names
-    chained from one key (NAME_0 = KEY, NAME_i = NAME_{i-1}), the last one asked; the facts in
-    chain order at increasing depths."""
-    template = templates[int(rng.integers(0, len(templates)))]
+def draw_multihop(
+    templates: Sequence[NeedleTemplate], rng: Rng, hops: int, composed: float = 0.0
+) -> Draw:
+    """Variable tracking in one template drawn from ``templates`` (or, with probability
+    ``composed``, composed from parts): ``hops`` + 1 distinct names chained from one key
+    (NAME_0 = KEY, NAME_i = NAME_{i-1}), the last one asked; the facts in chain order at
+    increasing depths."""
+    (template,) = _compose([templates[int(rng.integers(0, len(templates)))]], rng, composed)
     names = distinct_names([template] * (hops + 1), rng)
     key = random_key(rng)
     facts = [(template, n, v) for n, v in zip(names, [key, *names[:-1]], strict=True)]
@@ -159,13 +175,13 @@ def draw_multihop(templates: Sequence[NeedleTemplate], rng: Rng, hops: int) -> D
 
 def draw_task(task: str, options: TaskOptions, rng: Rng) -> Draw:
     """The facts, questions and depths of one ``task`` sequence, in training templates."""
-    templates = train_templates()
+    templates, composed = train_templates(), options.composed
     if task == "multihop":
-        return draw_multihop(templates, rng, options.hops)
+        return draw_multihop(templates, rng, options.hops, composed)
     if task == "multikey":
-        return draw_multikey(templates, rng, options.keys, options.queries)
+        return draw_multikey(templates, rng, options.keys, options.queries, composed)
     if task == "retrieval":
-        return draw_multikey(templates, rng, 1, 1)
+        return draw_multikey(templates, rng, 1, 1, composed)
     raise ValueError(f"unknown task {task!r}")
 
 

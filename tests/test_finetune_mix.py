@@ -49,14 +49,19 @@ def bundled_tok_and_filler():
     return tok, packed_stream(tok, docs)
 
 
+@pytest.mark.parametrize("composed", [0.0, 0.5])
 @pytest.mark.parametrize("task", ["retrieval", "multikey", "multihop"])
-def test_task_sequences_spread_facts_over_the_length_and_answer_right(bundled_tok_and_filler, task):
+def test_task_sequences_spread_facts_over_the_length_and_answer_right(
+    bundled_tok_and_filler, task, composed
+):
     from ctxext.evaluate.needles import templates_of
     from ctxext.synthetic import draw_task, needle_ids, task_sequence
 
     tok, stream = bundled_tok_and_filler
-    length, options = 512, TaskOptions(keys=4, queries=2, hops=3)
+    length, options = 512, TaskOptions(keys=4, queries=2, hops=3, composed=composed)
     train = {t.name for t in templates_of("train")}
+    if composed:  # forms drawn from parts (never held out: tests/test_evaluate_composed.py)
+        train |= {"composed-code", "composed-prose"}
     depths, used = [], set()
     for i in range(60):
         rng = np.random.default_rng([5, i])
@@ -86,6 +91,7 @@ def test_task_sequences_spread_facts_over_the_length_and_answer_right(bundled_to
             assert len({t.name for t, _, _ in draw.facts}) == 1
         depths += [p / length for p in seq.needles]
     assert used <= train and (task == "multihop" or len(used) >= 3)  # training templates only
+    assert bool(composed) == bool(used & {"composed-code", "composed-prose"})
     # Facts land over the whole sequence: every fifth of it holds a fair share of them.
     hist = np.histogram(depths, bins=5, range=(0, 1))[0]
     assert hist.min() >= 0.05 * len(depths), hist
@@ -391,3 +397,13 @@ def test_episode_training_records_its_lengths(tmp_path, tiny_llama_session):
     (task,) = [s for s in summary["data"]["mix"]["sources"] if s["kind"] == "task"]
     assert task["task"]["lengths"].startswith("episodes of log-uniform length 160..256")
     assert task["samples"] > 0 and np.isfinite(summary["final_loss"])
+
+
+def test_composed_share_is_a_probability_recorded_only_when_set():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="probability"):
+        TaskOptions(composed=1.5)
+    # Unset, it is not recorded: the runs and provenance written before it existed stay equal.
+    assert "composed" not in TaskOptions().model_dump()
+    assert TaskOptions(composed=0.5).model_dump()["composed"] == 0.5

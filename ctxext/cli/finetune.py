@@ -106,6 +106,13 @@ def finetune(
             show_default=False,
         ),
     ] = _DEFAULT.tasks.min_length,
+    task_composed: Annotated[
+        float,
+        typer.Option(
+            help="Probability that a task fact is in a composed form (syntax drawn from parts, "
+            "as the bundled model was trained) rather than a training-grid form; never held out."
+        ),
+    ] = _DEFAULT.tasks.composed,
     loss: Annotated[
         str,
         typer.Option(
@@ -239,6 +246,7 @@ def finetune(
                 "queries": task_queries,
                 "hops": task_hops,
                 "min_length": task_min_length,
+                "composed": task_composed,
             },
             "loss": loss,
             "longce_window": longce_window,

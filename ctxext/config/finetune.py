@@ -45,6 +45,18 @@ class TaskOptions(StrictModel):
     itself), so the task is trained at every length and distance up to the target, not only at
     the full length. None: one episode of the full training length."""
 
+    composed: float = 0.0
+    """Probability that a fact is in a composed training form (syntax drawn from parts,
+    ctxext.evaluate.composed, as the bundled model was trained) instead of a form of the
+    training grid. Neither is ever a held-out form. 0: the grid only."""
+
+    @field_validator("composed")
+    @classmethod
+    def _probability(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"must be a probability in [0, 1] (got {v})")
+        return v
+
     @field_validator("keys", "queries", "hops")
     @classmethod
     def _positive(cls, v: int) -> int:
@@ -61,10 +73,12 @@ class TaskOptions(StrictModel):
 
     @model_serializer(mode="wrap")
     def _drop_unset_min_length(self, handler: Any) -> Any:
-        # Recorded only when set: runs and provenance written before it existed stay the same.
+        # Recorded only when set: runs and provenance written before they existed stay the same.
         out = handler(self)
         if isinstance(out, dict) and out.get("min_length") is None:
             out.pop("min_length", None)
+        if isinstance(out, dict) and not out.get("composed"):
+            out.pop("composed", None)
         return out
 
     @model_validator(mode="after")
