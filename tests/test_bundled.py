@@ -78,13 +78,12 @@ def test_breaks_down_past_256_without_scaling(base):
     assert buckets == sorted(buckets), f"perplexity should rise bucket by bucket: {buckets}"
 
 
-def test_retrieves_in_trained_syntax_not_in_held_out_syntax_at_its_trained_length(heldout):
+def test_retrieves_in_trained_and_in_held_out_syntax_at_its_trained_length(heldout):
     """At 256 tokens the model retrieves >= 90% at every depth in code forms of the training
-    split that it never saw as such (`attr-if-camel`, `plain-return-snake`: trained lines, a new
-    name style; issues 15 and 24, 8 keys per depth), and at most 25% in each held-out family
-    (issue 29: new syntax, no line shared with training; measured 8% / 5% / 0%), as
-    docs/bundled-model.md states: the effective-length rule then judges no family. Pinned so
-    that a retrain that changes either is noticed."""
+    split (`attr-if-camel`, `plain-return-snake`; 8 keys per depth), and at least 35% in each
+    held-out family (issue 29: new syntax, no line shared with training; measured 58% / 63% / 50%
+    with 90 keys per family, docs/bundled-model.md), where the model trained without the
+    composed forms retrieved 1-18%. Pinned so that a retrain that changes either is noticed."""
     from ctxext.evaluate.needles import HELDOUT_FAMILIES, families_of
     from ctxext.evaluate.retrieval import evaluate_retrieval
     from ctxext.modeling import load_causal_lm
@@ -100,4 +99,4 @@ def test_retrieves_in_trained_syntax_not_in_held_out_syntax_at_its_trained_lengt
     assert tuple(families) == HELDOUT_FAMILIES
     for family, names in families.items():
         acc = sum(sum(held.by_template[n][0]) / 5 for n in names) / len(names)
-        assert acc <= 0.25, (family, held.by_template)
+        assert acc >= 0.35, (family, held.by_template)
