@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, tree_hash
+from conftest import run_cli, subprocess_env, tree_hash
 
 
 @dataclass
@@ -331,11 +331,17 @@ def test_unknown_hub_id_offline(tmp_path):
     assert "Traceback" not in res.stderr
 
 
-def test_dataset_not_loadable_offline(capsys, tmp_path, tiny_llama, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, _, err = run_cli(capsys, *_eval(tiny_llama, tmp_path, "--data", "nobody/no-dataset"))
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "offline" in err.lower(), err
+def test_dataset_not_loadable_offline(tmp_path, tiny_llama):
+    # A fresh process, as a user sets offline mode: huggingface_hub and datasets read these
+    # variables when they are imported, so setting them inside a process that has already
+    # imported datasets (another test did) would leave it online, trying the network.
+    env = {**subprocess_env(), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    args = [str(a) for a in _eval(tiny_llama, tmp_path, "--data", "nobody/no-dataset")]
+    res = subprocess.run([sys.executable, "-m", "ctxext", *args], env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    err = res.stderr
+    assert res.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "offline" in err.lower() and "Traceback" not in err, err
 
 
 def test_output_not_writable(capsys, tmp_path, tiny_llama):
