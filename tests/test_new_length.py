@@ -35,11 +35,11 @@ def test_recipe_and_finetune_setup_use_the_same_length(tmp_path):
     from ctxext.config import ExtendConfig, FinetuneConfig
     from ctxext.finetune.setup import setup_run
     from ctxext.recipes.loader import load_recipe
-    from ctxext.recipes.runner import _preflight
+    from ctxext.recipes.runner import preflight
 
     path = tmp_path / "r.yaml"
     path.write_text("model: stdlib-llama\nextend: {method: yarn, factor: 1.001}\n")
-    assert _preflight(load_recipe(str(path)).recipe).new_length == 257
+    assert preflight(load_recipe(str(path)).recipe).new_length == 257
     spec = ExtendConfig(method="yarn", factor=1.001)
     setup = setup_run(None, tmp_path / "o", spec, FinetuneConfig(), resume=False, overwrite=False)
     assert setup.target_length == 257

@@ -10,12 +10,12 @@ from ctxext import checkpoint, locate
 from ctxext.recipes import provenance as prov_module
 from ctxext.recipes.loader import load_recipe
 from ctxext.recipes.provenance import provenance
-from ctxext.recipes.runner import RecipeRun, RunHooks, _preflight
+from ctxext.recipes.runner import RecipeRun, RunHooks, preflight
 
 
 def test_provenance_hashes_the_recipe_and_the_base_model(tmp_path):
     loaded = load_recipe("tiny-yarn", ["finetune=null", "eval=null", "seed=3"])
-    pre = _preflight(loaded.recipe)
+    pre = preflight(loaded.recipe)
     run = RecipeRun(loaded, pre, tmp_path, tmp_path / "out", None, RunHooks(), False, False)
     prov = provenance(run)
     recipe = prov["recipe"]

@@ -6,13 +6,13 @@ from __future__ import annotations
 from ctxext.recipes.loader import load_recipe
 from ctxext.recipes.provenance import provenance
 from ctxext.recipes.render import render_report
-from ctxext.recipes.runner import RecipeRun, RunHooks, _preflight
+from ctxext.recipes.runner import RecipeRun, RunHooks, preflight
 
 
 def _report(tmp_path, overrides: list[str]) -> str:
     loaded = load_recipe("tiny-yarn", ["finetune=null", "eval=null", *overrides])
     run = RecipeRun(
-        loaded, _preflight(loaded.recipe), tmp_path, tmp_path / "o", None, RunHooks(), False, False
+        loaded, preflight(loaded.recipe), tmp_path, tmp_path / "o", None, RunHooks(), False, False
     )
     run.timings = {"extend": 0.3}
     return render_report(run, {"seconds": 0.5, "provenance": provenance(run)})

@@ -158,3 +158,15 @@ def test_tiny_yarn_end_to_end_and_reproducible(
     prov2 = results2["provenance"]
     assert prov2["models"]["output"]["weights_sha256"] == weights
     assert prov2["recipe"]["resolved_sha256"] != prov["recipe"]["resolved_sha256"]  # output_dir
+
+
+def test_a_task_source_that_cannot_fit_is_refused_before_any_evaluation(capsys, tmp_path):
+    """The fine-tune's task episodes are checked in the run's preflight: a recipe whose
+    multi-key episodes cannot fit is refused in one line before the base model is evaluated
+    (it used to be refused after the base and extended evaluations, minutes in)."""
+    code, _, err = run_cli(capsys, "run", "tiny-yarn", "finetune.tasks.min_length=128",
+                           "--output-dir", str(tmp_path / "out"))  # fmt: skip
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "does not fit --task-min-length 128" in lines[0], err
+    assert not (tmp_path / "out").exists()

@@ -88,6 +88,9 @@ def run(
     from ctxext import locate, outputs
     from ctxext.cli.guard import GuardOptions, check_recipe
     from ctxext.cli.progress import token_progress
+    from ctxext.recipes.runner import preflight
+
+    preflight(loaded.recipe)  # what is cheap to check, before the resource check measures
 
     lock = outputs.output_lock(out) if not plan_only else contextlib.nullcontext()
     # One writer per output; then the memory/time check; a Hub revision resolved once for both.

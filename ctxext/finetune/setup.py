@@ -72,7 +72,7 @@ def setup_run(
             f"{info.trained_length})"
         )
     longce = _longce_windows(cfg, info.trained_length, seq)
-    _check_tasks_fit(cfg, source.path, seq)
+    check_tasks_fit(cfg, source.path, seq)
     if cfg.tasks.min_length is not None:
         check_episodes_supported(config, seq)
     out = outputs.check_output_path(output, [source.path], overwrite=True)
@@ -127,10 +127,11 @@ def _longce_windows(cfg: FinetuneConfig, trained: int, seq: int) -> tuple[int | 
     return window, stride
 
 
-def _check_tasks_fit(cfg: FinetuneConfig, folder: Path, length: int) -> None:
+def check_tasks_fit(cfg: FinetuneConfig, folder: Path, length: int) -> None:
     """Task sources of the mix that cannot fit the training length, refused from the model's
     tokenizer.json alone (no torch); without one, the run checks with the real tokenizer
-    before it reads any data (:func:`ctxext.finetune.mix.load_mix`)."""
+    before it reads any data (:func:`ctxext.finetune.mix.load_mix`). `ctxext run` calls it in
+    its preflight too, before the evaluation that precedes the fine-tune."""
     tasks = [m.source for m in cfg.mix or () if m.is_task]
     path = folder / "tokenizer.json"
     if not tasks or not path.is_file():

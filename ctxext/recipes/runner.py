@@ -72,8 +72,9 @@ class _Preflight:
     notes: list[str]  # what other engines do differently with the extension (as `extend` says)
 
 
-def _preflight(recipe: Recipe) -> _Preflight:
-    """Resolve the model and check the extension against its config (nothing heavy)."""
+def preflight(recipe: Recipe) -> _Preflight:
+    """Resolve the model and check the extension and the fine-tune's task sources against its
+    config and tokenizer (nothing heavy: the CLI calls it before its resource check)."""
     from ctxext import checkpoint, locate, rope
     from ctxext.extend import engine_warnings
 
@@ -88,6 +89,11 @@ def _preflight(recipe: Recipe) -> _Preflight:
         rope.extend_config(config, spec.method, factor=factor, **spec.rope_options())
         new_length = rope.new_length(info.trained_length, factor)
         notes = engine_warnings(spec, info.trained_length, new_length)
+    if recipe.finetune is not None and new_length is not None:
+        # Task sources that cannot fit refused now, not after the evaluation before the fine-tune.
+        from ctxext.finetune.setup import check_tasks_fit
+
+        check_tasks_fit(recipe.finetune, source.path, recipe.finetune.train_length or new_length)
     name = source.name if source.source != "local" else Path(source.name).name
     return _Preflight(source, name, config, info.trained_length, factor, new_length, notes)
 
@@ -147,7 +153,7 @@ def _run(
     out = loaded.output_dir()
     _check_output(out, loaded.path, [], overwrite)  # fail before any model is resolved
     hooks.status(f"checking {recipe.model or locate.DEFAULT_MODEL}")
-    pre = _preflight(recipe)
+    pre = preflight(recipe)
     out = _check_output(out, loaded.path, [pre.source.path], overwrite)
     for note in pre.notes:
         hooks.warning(note)
