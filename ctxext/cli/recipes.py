@@ -90,11 +90,10 @@ def run(
     from ctxext.cli.progress import token_progress
     from ctxext.recipes.runner import preflight
 
-    preflight(loaded.recipe)  # what is cheap to check, before the resource check measures
-
     lock = outputs.output_lock(out) if not plan_only else contextlib.nullcontext()
     # One writer per output; then the memory/time check; a Hub revision resolved once for both.
     with lock, locate.one_commit_per_revision():
+        preflight(loaded.recipe)  # what is cheap to check, before the resource check measures
         announce = check_recipe(
             loaded, GuardOptions(force, memory_limit, plan_only, as_json, recalibrate)
         )
