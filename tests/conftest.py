@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from ctxext.cli.app import main
-from ctxext.resources.threads import apply_policy
+from ctxext.resources.threads import apply_policy, usable_cores
 
 # The tests run under the thread wait policy the CLI applies on shared cores (see
 # ctxext.resources.threads): the suite's subprocesses run beside its own torch threads, so its
@@ -29,8 +29,7 @@ def _threads_per_worker() -> None:
     is kept."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (cores or 1) // workers))
+        os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // workers))
 
 
 _threads_per_worker()

@@ -30,7 +30,15 @@ import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
-__all__ = ["WAIT_POLICY", "MachineLoad", "apply_policy", "machine_load", "policy", "shared_now"]
+__all__ = [
+    "WAIT_POLICY",
+    "MachineLoad",
+    "apply_policy",
+    "machine_load",
+    "policy",
+    "shared_now",
+    "usable_cores",
+]
 
 WAIT_ENV = "OMP_WAIT_POLICY"
 WAIT_POLICY = "PASSIVE"
@@ -124,6 +132,11 @@ def machine_load(threads: int | None = None) -> MachineLoad | None:
         average = os.getloadavg()[0]
     except (OSError, AttributeError):
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+    cores = usable_cores()
     return MachineLoad(average, cores, threads or cores)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS reports one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
