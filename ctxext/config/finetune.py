@@ -72,13 +72,14 @@ class TaskOptions(StrictModel):
         return v
 
     @model_serializer(mode="wrap")
-    def _drop_unset_min_length(self, handler: Any) -> Any:
+    def _drop_unset_options(self, handler: Any) -> Any:
         # Recorded only when set: runs and provenance written before they existed stay the same.
         out = handler(self)
-        if isinstance(out, dict) and out.get("min_length") is None:
-            out.pop("min_length", None)
-        if isinstance(out, dict) and not out.get("composed"):
-            out.pop("composed", None)
+        if isinstance(out, dict):
+            if out.get("min_length") is None:
+                out.pop("min_length", None)
+            if not out.get("composed"):
+                out.pop("composed", None)
         return out
 
     @model_validator(mode="after")
