@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,6 +38,10 @@ _threads_per_worker()
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GUTENBERG = SHARED / "corpus" / "gutenberg"
 BUNDLED = Path(__file__).resolve().parents[1] / "ctxext" / "bundled" / "stdlib-llama"
+
+#: A fine-tune's progress line once it trains (stderr not a terminal, CTXEXT_PROGRESS_INTERVAL=0):
+#: the tests that interrupt a training run wait for it.
+FINETUNE_STEP_LINE = re.compile(r"^finetune.*: [\d,]+/[\d,]+ steps")
 
 TINY_SIZES = {
     "hidden_size": 64,

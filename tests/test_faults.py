@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tree_hash
+from conftest import FINETUNE_STEP_LINE, tree_hash
 
 from ctxext import checkpoint, outputs
 
@@ -136,7 +136,7 @@ def test_full_disk_exit_1_clean_message_no_partial_output(tmp_path, tiny_llama, 
 #: check measures the machine (once the runtime probe's subprocess is up).
 _MID_WAY = {
     "eval": re.compile(r" passkey: [\d,]+/[\d,]+ tok"),
-    "finetune": re.compile(r"^finetune.*: [\d,]+/[\d,]+ steps"),
+    "finetune": FINETUNE_STEP_LINE,
 }
 
 

@@ -3,7 +3,6 @@ anything is loaded; an extended checkpoint is fine-tuned at its own length."""
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys
@@ -11,14 +10,11 @@ import threading
 import time
 
 import pytest
-from conftest import finetune_cfg, run_cli, subprocess_env
+from conftest import FINETUNE_STEP_LINE, finetune_cfg, run_cli, subprocess_env
 
 from ctxext.config import ExtendConfig
 from ctxext.finetune.loop import run_finetune
 from ctxext.finetune.state import newest_checkpoint, work_dir
-
-#: A fine-tune's progress line once it trains.
-STEP_LINE = re.compile(r"^finetune.*: [\d,]+/[\d,]+ steps")
 
 CLI = [sys.executable, "-m", "ctxext"]
 YARN2 = ExtendConfig(method="yarn", factor=2)  # 128 -> 256
@@ -105,7 +101,7 @@ def test_two_finetunes_to_one_output_refuse_the_second(tmp_path, tiny_llama_sess
     def read_stderr() -> None:
         for line in first.stderr:
             lines.append(line)
-            if STEP_LINE.search(line):
+            if FINETUNE_STEP_LINE.search(line):
                 training.set()
 
     reader = threading.Thread(target=read_stderr, daemon=True)
