@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -127,23 +129,49 @@ def calibration_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def calibration(_isolated_cache, calibration_dir):  # -> timing.Calibration
-    """This machine, measured once per session into ``calibration_dir`` (~30 s on a quiet
-    machine) as rank 0 of `accelerate launch` measures it: with the variables torchrun exports
-    to its workers set. The port they name is held by a socket here, so a runtime probe that
+def calibration(_isolated_cache, calibration_dir, tmp_path_factory):  # -> timing.Calibration
+    """This machine, measured once per run into ``calibration_dir`` (~30 s on a quiet machine;
+    under xdist by the first worker that needs it, see ``_shared_calibration``) as rank 0 of
+    `accelerate launch` measures it: with the variables torchrun exports to its workers set.
+    The port they name is held by a socket here, so a runtime probe that
     joined the launcher's process group fails at once (address in use) instead of waiting for
     a rank 1 until it is killed; see test_resources_calibrate.py."""
     import socket
 
     from ctxext.resources import calibrate
 
-    with socket.socket() as held, pytest.MonkeyPatch.context() as mp:
+    with (
+        _shared_calibration(tmp_path_factory, calibration_dir),
+        socket.socket() as held,
+        pytest.MonkeyPatch.context() as mp,
+    ):
         held.bind(("127.0.0.1", 0))
         held.listen()
         for key, value in launcher_env(rank=0, port=held.getsockname()[1]).items():
             mp.setenv(key, value)
         mp.setenv("CTXEXT_CACHE_DIR", str(calibration_dir))
         return calibrate.load_calibration()
+
+
+@contextmanager
+def _shared_calibration(tmp_path_factory, calibration_dir: Path) -> Iterator[None]:
+    """Under pytest-xdist, the first worker to need the calibration measures it (~10 CPU-s)
+    and the others copy its file into their own ``calibration_dir`` (the workers run the same
+    thread count, so the cache key is the same): one measurement per run, not per worker. The
+    lock file and the measured copy live in the run's folder, which the workers share."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "ctxext-calibration"
+    shared.mkdir(exist_ok=True)
+    with FileLock(shared / ".lock"):
+        for path in shared.glob("calibration-*.json"):
+            shutil.copy2(path, calibration_dir / path.name)
+        yield
+        for path in calibration_dir.glob("calibration-*.json"):
+            shutil.copy2(path, shared / path.name)
 
 
 @pytest.fixture
