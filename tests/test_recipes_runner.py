@@ -34,7 +34,8 @@ def test_seeded_restores_the_callers_random_state():
 def e2e_model(tmp_path_factory, tiny_tokenizer_dir) -> tuple[str, list[str]]:
     """The bundled model when it is installed, else a tiny Llama; overrides that shrink the
     tiny-yarn recipe to a few seconds (extend 2x, 2 fine-tune steps, 2 lengths, 2 documents,
-    1 retrieval key per length, form and depth: the recipe's 4 made retrieval most of the run)."""
+    1 retrieval key per length, form and depth at 2 depths: the recipe's 4 keys at 5 depths made
+    retrieval most of the run)."""
     if (BUNDLED / "config.json").is_file():
         return "stdlib-llama", ["extend.factor=2", "eval.lengths=[256,512]"]
     path = build_tiny_model(tmp_path_factory.mktemp("e2e") / "tiny", tiny_tokenizer_dir)
@@ -66,7 +67,9 @@ def test_tiny_yarn_end_to_end_and_reproducible(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CTXEXT_PROGRESS_INTERVAL", "0")  # stderr is no terminal: lines
     overrides = [f"model={model}", *shrink, "finetune.steps=2", "finetune.warmup_steps=1"]
-    overrides += ["eval.num_docs=2", "eval.passkey_trials=1"]
+    # Two retrieval depths, not the recipe's five: the heatmap keeps two rows (each run
+    # evaluates three variants, and the test runs the recipe twice).
+    overrides += ["eval.num_docs=2", "eval.passkey_trials=1", "eval.passkey_depths=[0.25,0.75]"]
     code, out, err = run_cli(capsys, "run", "tiny-yarn", *overrides, "--output-dir", "run1")
     assert code == 0, err
     # Every long phase reports in a log: packing, the fine-tune's steps, each eval task.
