@@ -249,6 +249,8 @@ CASES: dict[str, Case] = {
     "lengths zero": Case(lambda t, m: _eval(m, t, "--lengths", "0"), "positive"),
     "lengths negative": Case(lambda t, m: _eval(m, t, "--lengths", "128,-5"), "positive"),
     "lengths not numbers": Case(lambda t, m: _eval(m, t, "--lengths", "lots"), "positive"),
+    "depth above 1": Case(lambda t, m: _eval(m, t, "--passkey-depths", "0,1.5"), "between 0 and 1"),
+    "depth not a number": Case(lambda t, m: _eval(m, t, "--passkey-depths", "mid"), "'mid'"),
     # --- finetune
     "finetune steps zero": Case(lambda t, m: _finetune(m, t, "--steps", "0"), "steps"),
     "finetune lora rank zero": Case(lambda t, m: _finetune(m, t, "--lora-rank", "0"), "lora"),

@@ -209,6 +209,16 @@ def test_wilson_interval():
     assert all(math.isfinite(x) for x in wilson(10, 10))
 
 
+def test_wilson_interval_holds_its_proportion_at_every_count():
+    """At 0 (or n) hits the bound is exactly 0 (or 1): rounding once left ~3e-17 at some n, an
+    interval that excluded its own proportion."""
+    for n in range(1, 121):
+        assert wilson(0, n)[0] == 0.0 and wilson(n, n)[1] == 1.0
+        for hits in range(n + 1):
+            low, high = wilson(hits, n)
+            assert 0.0 <= low <= hits / n <= high <= 1.0, (hits, n)
+
+
 def test_other_selections_judge_the_family_of_each_template():
     from ctxext.evaluate.effective_length import families
 

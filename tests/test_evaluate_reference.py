@@ -59,10 +59,15 @@ def _check_detail(run: dict, reference: dict, floor: float) -> None:
     assert run["effective_length"] == (max(counted) if counted else None)
 
 
+#: Two of the five default depths: every form of every family still at each length (the
+#: module's evaluations are of the bundled model, all forms, twice).
+TWO_DEPTHS = ("--passkey-depths", "0.25,0.75")
+
+
 @pytest.fixture(scope="module")
 def bundled_yarn() -> tuple[dict, str]:
-    """`ctxext eval -m yarn --lengths 256,512 --task retrieval` on the bundled model, once for
-    the module: results.json and what the terminal shows (stderr, with --json)."""
+    """`ctxext eval -m yarn --lengths 256,512 --task retrieval` (at TWO_DEPTHS) on the bundled
+    model, once for the module: results.json and what the terminal shows (stderr, with --json)."""
     if not (BUNDLED / "config.json").exists():
         pytest.skip("bundled model not built")
     out, err = io.StringIO(), io.StringIO()
@@ -72,7 +77,7 @@ def bundled_yarn() -> tuple[dict, str]:
         pytest.raises(SystemExit) as exc,
     ):
         main(["eval", "-m", "yarn", "--lengths", "256,512", "--task", "retrieval",
-              "--passkey-trials", "1", "--json"])  # fmt: skip
+              "--passkey-trials", "1", *TWO_DEPTHS, "--json"])  # fmt: skip
     assert exc.value.code in (0, None), err.getvalue()
     return json.loads(out.getvalue()), err.getvalue()
 
@@ -124,7 +129,7 @@ def test_without_an_unscaled_row_the_reference_is_scored_once_with_the_same_keys
     results, _ = bundled_yarn
     code, stdout, err = run_cli(
         capsys, "eval", "-m", "yarn", "--no-base", "--lengths", "512", "--task", "retrieval",
-        "--passkey-trials", "1", "--json",
+        "--passkey-trials", "1", *TWO_DEPTHS, "--json",
     )  # fmt: skip
     assert code == 0, err
     (run,) = json.loads(stdout)["runs"]

@@ -99,6 +99,13 @@ def eval_command(
     passkey_trials: Annotated[
         int, typer.Option(help="Keys per length x depth.")
     ] = _DEFAULT.passkey_trials,
+    passkey_depths: Annotated[
+        str,
+        typer.Option(
+            help="passkey, retrieval: where the key sits, as fractions of the filler before "
+            "it, comma-separated."
+        ),
+    ] = ",".join(map(str, _DEFAULT.passkey_depths)),
     local_window: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(
@@ -172,7 +179,7 @@ def eval_command(
     --task picks them (default ppl); context-use + retrieval give each effective context length.
     """
     from ctxext.cli.guard import GuardOptions
-    from ctxext.config import parse_model, positive_int_list
+    from ctxext.config import fraction_list, parse_model, positive_int_list
     from ctxext.evaluate.run import evaluate_and_report
 
     cfg = parse_model(
@@ -189,6 +196,7 @@ def eval_command(
             "num_docs": num_docs,
             "doc_selection": doc_selection,
             "passkey_trials": passkey_trials,
+            "passkey_depths": fraction_list(passkey_depths, "--passkey-depths"),
             "local_window": local_window,
             "local_stride": local_stride,
             "retrieval_template": retrieval_template,

@@ -87,6 +87,23 @@ def length_word(item: str) -> int:
         return 0
 
 
+def fraction_list(text: str, what: str) -> list[float]:
+    """Parse '0,0.5,1' into floats between 0 and 1 (retrieval depths)."""
+    out = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            value = -1.0
+        if not 0.0 <= value <= 1.0:
+            raise CtxextError(
+                f"{what} must be fractions between 0 and 1 separated by commas (got "
+                f"'{item.strip()}'), e.g. 0,0.5,1"
+            )
+        out.append(value)
+    return out
+
+
 def positive_int_list(text: str, what: str = "--lengths") -> list[int]:
     """Parse '256,512,1k,2K' into positive ints (k = 1024)."""
     out = []

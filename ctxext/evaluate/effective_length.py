@@ -62,7 +62,11 @@ def wilson(hits: int, n: int, z: float = _Z95) -> tuple[float, float]:
     centre = p + z * z / (2 * n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     scale = 1 + z * z / n
-    return max(0.0, (centre - half) / scale), min(1.0, (centre + half) / scale)
+    # At 0 (or n) hits the bound is exactly 0 (or 1): centre and half cancel there, and rounding
+    # would leave a bound of ~1e-17 beyond the proportion itself.
+    low = 0.0 if hits == 0 else max(0.0, (centre - half) / scale)
+    high = 1.0 if hits == n else min(1.0, (centre + half) / scale)
+    return low, high
 
 
 @dataclass(frozen=True)
