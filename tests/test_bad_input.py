@@ -251,6 +251,9 @@ CASES: dict[str, Case] = {
     "lengths not numbers": Case(lambda t, m: _eval(m, t, "--lengths", "lots"), "positive"),
     "depth above 1": Case(lambda t, m: _eval(m, t, "--passkey-depths", "0,1.5"), "between 0 and 1"),
     "depth not a number": Case(lambda t, m: _eval(m, t, "--passkey-depths", "mid"), "'mid'"),
+    "reference model missing": Case(
+        lambda t, m: _eval(m, t, "--reference-model", t / "nope"), "does not exist"
+    ),
     # --- finetune
     "finetune steps zero": Case(lambda t, m: _finetune(m, t, "--steps", "0"), "steps"),
     "finetune lora rank zero": Case(lambda t, m: _finetune(m, t, "--lora-rank", "0"), "lora"),

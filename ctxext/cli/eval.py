@@ -135,6 +135,14 @@ def eval_command(
             "against max(floor, 0.9 x that share)."
         ),
     ] = _DEFAULT.effective_threshold,
+    reference_model: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="The model whose unscaled retrieval at its trained length judges every row's "
+            "effective length, e.g. the base model of a fine-tuned checkpoint (default: each "
+            "row's own model, with the rope it was trained with)."
+        ),
+    ] = _DEFAULT.reference_model,
     no_base: Annotated[
         bool, typer.Option("--no-base", help="Skip the unscaled rows.")
     ] = not _DEFAULT.include_base,
@@ -201,6 +209,7 @@ def eval_command(
             "local_stride": local_stride,
             "retrieval_template": retrieval_template,
             "effective_threshold": effective_threshold,
+            "reference_model": reference_model,
             "include_base": not no_base,
             "dtype": dtype,
             "attn_implementation": attn_implementation,

@@ -77,6 +77,11 @@ class EvalConfig(StrictModel):
     """Floor of the effective-length rule, in (0, 1]: a retrieval family is judged only where
     the unscaled model retrieves at least this share of it at its trained length, and its
     threshold is max(floor, 0.9 x that share) (ctxext.evaluate.effective_length)."""
+    reference_model: str | None = None
+    """The model whose unscaled retrieval at its trained length judges every row's effective
+    length (a folder, Hub id or stdlib-llama), e.g. the base model of a fine-tuned checkpoint
+    evaluated alone. None: each row's own model, with the rope it was trained with (in a
+    recipe: the recipe's base model)."""
     include_base: bool = True
     """Also evaluate each model unscaled when scaling methods are given."""
     dtype: Dtype = "auto"

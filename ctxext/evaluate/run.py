@@ -72,12 +72,15 @@ def run_eval(
     from ctxext.data import data_fingerprint
     from ctxext.evaluate.reference import attach_effective_lengths, drop_unfit, plan_references
 
-    reference_of = reference_of or {}
     references = {} if references is None else references
-    refs = [reference_of.get(v.model, v.model) for v in variants]
-    needed = [v.model for v in variants] + [m for m in refs if m not in references]
     sources = {} if sources is None else sources  # updated in place, as preflight does
-    sources.update(resolve_models([m for m in needed if m not in sources]))
+    sources.update(resolve_models([v.model for v in variants if v.model not in sources]))
+    if cfg.reference_model is not None:  # named: it judges every row
+        rows = [v.model for v in variants]
+        reference_of = dict.fromkeys(rows, _reference_key(cfg.reference_model, sources, rows))
+    reference_of = reference_of or {}
+    refs = [reference_of.get(v.model, v.model) for v in variants]
+    sources.update(resolve_models([m for m in refs if m not in references and m not in sources]))
     plans = plan_references(variants, cfg, sources, reference_of, known=references)
     extra = {m: [p.length] for m, p in plans.items()}
     source, docs, token_cache = preflight(
@@ -108,6 +111,16 @@ def run_eval(
         "protocol": _protocol_summary(runs, cfg),
         "runs": runs,
     }
+
+
+def _reference_key(model: str, sources: Sources, rows: list[str | None]) -> str | None:
+    """The row model that is ``model`` (the same folder, however named: the bundled model is
+    also the rows' default None), so that its unscaled row is reused; else ``model`` itself,
+    resolved into ``sources``."""
+    if model not in sources:
+        sources.update(resolve_models([model]))
+    same = [m for m in rows if sources[m].path == sources[model].path]
+    return same[0] if same else model
 
 
 @dataclass(frozen=True)
@@ -150,7 +163,10 @@ def evaluate_and_report(
 
     hooks = hooks or EvalHooks()
     variants = plan_variants(models, methods, options, cfg)
-    sources = resolve_models([v.model for v in variants])  # once for the whole command
+    # Once for the whole command; a named reference model too (a bad name is refused before
+    # anything slow, and an output folder may not replace it).
+    named = [cfg.reference_model] if cfg.reference_model is not None else []
+    sources = resolve_models([v.model for v in variants] + named)
     locked = output is not None and not hooks.plan_only
     if locked:
         inputs = [src.path for src in sources.values()]
