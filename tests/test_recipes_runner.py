@@ -173,3 +173,15 @@ def test_a_task_source_that_cannot_fit_is_refused_before_any_evaluation(capsys, 
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "does not fit --task-min-length 128" in lines[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_reference_model_that_does_not_exist_is_refused_before_any_evaluation(capsys, tmp_path):
+    """eval.reference_model is resolved in the run's preflight: a bad one is refused in one
+    line before the base model is evaluated (not at the first evaluation)."""
+    missing = tmp_path / "no-such-model"
+    code, _, err = run_cli(capsys, "run", "tiny-yarn", f"eval.reference_model={missing}",
+                           "--output-dir", str(tmp_path / "out"))  # fmt: skip
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "does not exist" in lines[0] and str(missing) in lines[0], err
+    assert not (tmp_path / "out").exists()

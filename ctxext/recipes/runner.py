@@ -94,6 +94,8 @@ def preflight(recipe: Recipe) -> _Preflight:
         from ctxext.finetune.setup import check_tasks_fit
 
         check_tasks_fit(recipe.finetune, source.path, recipe.finetune.train_length or new_length)
+    if recipe.eval is not None and recipe.eval.reference_model is not None:
+        locate.resolve_model(recipe.eval.reference_model)  # a bad name refused now, not later
     name = source.name if source.source != "local" else Path(source.name).name
     return _Preflight(source, name, config, info.trained_length, factor, new_length, notes)
 
