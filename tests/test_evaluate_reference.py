@@ -226,7 +226,8 @@ def test_the_floor_is_checked_before_any_model_work(capsys, tmp_path):
 def test_a_named_reference_model_judges_every_row(tiny_llama_session, capsys):
     """--reference-model: the tiny Llama (trained at 128) judged against the bundled model's
     unscaled retrieval at its own trained length 256, scored once before the row, with the same
-    data, templates, depths, trials and seed as the bundled model's own row gives."""
+    data, templates, depths, trials and seed as the bundled model's own row gives; a reference
+    that is a row (by another name) is that row's, reused."""
     if not (BUNDLED / "config.json").exists():
         pytest.skip("bundled model not built")
     args = ("--task", "retrieval", "--lengths", "128,256", "--passkey-trials", "2", "--json",
@@ -244,27 +245,11 @@ def test_a_named_reference_model_judges_every_row(tiny_llama_session, capsys):
         "scored once before the rows: stdlib-llama, unscaled, at 256"
     )
     named = {f: x["reference"] for f, x in detail["families"].items()}
-    # The bundled model's own row at 256: the same reference figures.
-    code, stdout, err = run_cli(capsys, "eval", "stdlib-llama", *args)
+    # The bundled model's own row at 256, the reference named by its folder: one model however
+    # named, so its row is reused (not scored again), with the same reference figures.
+    code, stdout, err = run_cli(capsys, "eval", "stdlib-llama", *args, "--reference-model", BUNDLED)
     assert code == 0, err
     own = json.loads(stdout)["runs"][0]["effective_length_detail"]
-    assert own["reference"]["source"].endswith("own retrieval at 256, reused")
+    assert own["reference"]["source"] == "the row stdlib-llama's own retrieval at 256, reused"
     assert {f: x["reference"] for f, x in own["families"].items()} == named
     _check_detail(run, named, 0.25)
-
-
-def test_a_named_reference_that_is_a_row_is_reused_not_scored_again(capsys):
-    """The bundled model named by path while the rows name it by default: one model, so its
-    unscaled row is the reference (no second scoring)."""
-    if not (BUNDLED / "config.json").exists():
-        pytest.skip("bundled model not built")
-    code, stdout, err = run_cli(
-        capsys, "eval", "-m", "yarn", "--lengths", "256,512", "--task", "retrieval",
-        "--passkey-trials", "1", "--json", *TWO_DEPTHS, *TWO_FORMS,
-        "--reference-model", str(BUNDLED),
-    )  # fmt: skip
-    assert code == 0, err
-    base, yarn = json.loads(stdout)["runs"]
-    for run in (base, yarn):
-        source = run["effective_length_detail"]["reference"]["source"]
-        assert source == "the row stdlib-llama's own retrieval at 256, reused"

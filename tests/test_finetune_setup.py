@@ -83,7 +83,9 @@ def test_output_and_resume_rules(tmp_path, tiny_llama_session, capsys):
 
 
 @pytest.mark.slow
-def test_two_finetunes_to_one_output_refuse_the_second(tmp_path, tiny_llama_session, calibrated):
+def test_two_finetunes_to_one_output_refuse_the_second(
+    tmp_path, tiny_llama_session, calibrated, capsys
+):
     # The session calibration: the first run trains until Ctrl-C, and its step check would
     # measure the machine into the shared cache if its first steps ran far from an estimate.
     out = tmp_path / "shared"
@@ -112,11 +114,11 @@ def test_two_finetunes_to_one_output_refuse_the_second(tmp_path, tiny_llama_sess
         while not (lock.is_file() and lock.read_text().startswith("pid")):
             assert first.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
             time.sleep(0.05)
-        second = subprocess.run(
-            args, env=subprocess_env(), capture_output=True, text=True, timeout=120
-        )
-        assert second.returncode == 2, second.stderr
-        err = second.stderr.strip().splitlines()
+        # The second run in this process: the lock is taken before anything heavy, so the
+        # refusal needs no interpreter of its own.
+        code, _, second_err = run_cli(capsys, *args[len(CLI) :])
+        assert code == 2, second_err
+        err = second_err.strip().splitlines()
         assert len(err) == 1 and "is being written by another ctxext run" in err[0]
         assert f"pid {first.pid}" in err[0]
         assert first.poll() is None  # the first run is untouched
