@@ -268,12 +268,12 @@ def test_evaluate_and_report_checks_the_output_before_anything_slow(tmp_path, ti
     assert called == [] and not (tiny_llama / "o").exists()
 
 
-def test_preflight_refuses_the_readme_example_in_seconds(tmp_path):
+def test_preflight_refuses_the_readme_example_in_seconds(tmp_path, capsys):
     """`ctxext eval stdlib-llama OUT -m yarn`, OUT already extended: refused before any model
     loads, in one line naming OUT and the method (a fresh process, imports included)."""
     out = tmp_path / "OUT"
     cli = [sys.executable, "-m", "ctxext"]
-    subprocess.run([*cli, "extend", "-o", str(out), "-m", "yarn", "-f", "4"], check=True)
+    assert run_cli(capsys, "extend", "-o", out, "-m", "yarn", "-f", "4")[0] == 0  # (setup)
     # CPU-seconds of the refusing process, not wall time: the claim is about the work done
     # before refusing (no model loaded, no evaluation), which a busy machine does not change.
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
