@@ -133,9 +133,9 @@ def calibration(_isolated_cache, calibration_dir, tmp_path_factory):  # -> timin
     """This machine, measured once per run into ``calibration_dir`` (~30 s on a quiet machine;
     under xdist by the first worker that needs it, see ``_shared_calibration``) as rank 0 of
     `accelerate launch` measures it: with the variables torchrun exports to its workers set.
-    The port they name is held by a socket here, so a runtime probe that
-    joined the launcher's process group fails at once (address in use) instead of waiting for
-    a rank 1 until it is killed; see test_resources_calibrate.py."""
+    The port they name is held by a socket here, so a runtime probe that joined the launcher's
+    process group fails at once (address in use) instead of waiting for a rank 1 until it is
+    killed; see test_resources_calibrate.py."""
     import socket
 
     from ctxext.resources import calibrate

@@ -249,7 +249,9 @@ CASES: dict[str, Case] = {
     "lengths zero": Case(lambda t, m: _eval(m, t, "--lengths", "0"), "positive"),
     "lengths negative": Case(lambda t, m: _eval(m, t, "--lengths", "128,-5"), "positive"),
     "lengths not numbers": Case(lambda t, m: _eval(m, t, "--lengths", "lots"), "positive"),
-    "depth above 1": Case(lambda t, m: _eval(m, t, "--passkey-depths", "0,1.5"), "between 0 and 1"),
+    "depth above 1": Case(
+        lambda t, m: _eval(m, t, "--passkey-depths", "0,1.5"), "--passkey-depths must be fractions"
+    ),
     "depth not a number": Case(lambda t, m: _eval(m, t, "--passkey-depths", "mid"), "'mid'"),
     "reference model missing": Case(
         lambda t, m: _eval(m, t, "--reference-model", t / "nope"), "does not exist"
