@@ -138,6 +138,7 @@ def test_without_an_unscaled_row_the_reference_is_scored_once_with_the_same_keys
     assert detail["reference"]["source"].startswith(
         "scored once before the rows: stdlib-llama, unscaled, at 256"
     )
+    assert "keys drawn after" not in detail["reference"]["source"]  # 256: no shorter length
     before = results["runs"][0]["effective_length_detail"]["families"]
     assert {f: x["reference"] for f, x in detail["families"].items()} == {
         f: x["reference"] for f, x in before.items()
@@ -226,9 +227,10 @@ def test_the_floor_is_checked_before_any_model_work(capsys, tmp_path):
 def test_a_named_reference_model_judges_every_row(tiny_llama_session, capsys):
     """--reference-model: the tiny Llama (trained at 128) judged against the bundled model's
     unscaled retrieval at its own trained length 256, scored once before the row, with the same
-    data, templates, depths, trials and seed as the bundled model's own row at 256 gives; a
-    reference that is a row (by another name) is that row's, reused. (Keys are drawn in length
-    order from one seeded stream, so the row is scored at 256 alone to see the same keys.)"""
+    data, templates, depths, trials, seed and keys as the bundled model's own row at 256 gives
+    (keys are drawn from one seeded stream in length order, so the reference is scored after
+    the shorter lengths, 128 here); a reference that is a row (by another name) is that row's,
+    reused."""
     if not (BUNDLED / "config.json").exists():
         pytest.skip("bundled model not built")
     args = ("--task", "retrieval", "--passkey-trials", "2", "--json",
@@ -246,11 +248,12 @@ def test_a_named_reference_model_judges_every_row(tiny_llama_session, capsys):
     assert detail["reference"]["source"].startswith(
         "scored once before the rows: stdlib-llama, unscaled, at 256"
     )
+    assert "keys drawn after the lengths [128], as a row's" in detail["reference"]["source"]
     named = {f: x["reference"] for f, x in detail["families"].items()}
     # The bundled model's own row at 256, the reference named by its folder: one model however
     # named, so its row is reused (not scored again), with the same reference figures.
     code, stdout, err = run_cli(
-        capsys, "eval", "stdlib-llama", "--lengths", "256", *args, "--reference-model", BUNDLED
+        capsys, "eval", "stdlib-llama", "--lengths", "128,256", *args, "--reference-model", BUNDLED
     )
     assert code == 0, err
     own = json.loads(stdout)["runs"][0]["effective_length_detail"]

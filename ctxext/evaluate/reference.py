@@ -165,12 +165,17 @@ def score_references(
         loaded = None  # the previous model is released first
         loaded, previous = load(model, None, plan.rope_as_trained), model
         what = f"reference {loaded.label} retrieval"
-        res = score_retrieval(loaded, doc_ids(loaded), cfg, [plan.length], progress, what)
+        # Keys are drawn from one seeded stream in length order, so a row's keys at L depend on
+        # the lengths evaluated before L: scored after the same shorter lengths (cheap), the
+        # reference sees the keys its model's row at L would see in this evaluation.
+        lengths = [n for n in cfg.lengths if n < plan.length] + [plan.length]
+        res = score_retrieval(loaded, doc_ids(loaded), cfg, lengths, progress, what)
         rope = "with the rope it was trained with" if plan.rope_as_trained else "unscaled"
+        before = f"; keys drawn after the lengths {lengths[:-1]}, as a row's" if lengths[1:] else ""
         source = (
             f"scored once before the rows: {loaded.label}, {plan.note or rope}, at "
             f"{plan.length} (same templates and depths, {cfg.passkey_trials} trials per "
-            f"template and depth, seed {cfg.seed})"
+            f"template and depth, seed {cfg.seed}{before})"
         )
         references[model] = Reference.of(res, plan.length, loaded.label, source)
     return loaded, previous
