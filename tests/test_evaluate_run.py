@@ -286,6 +286,15 @@ def test_preflight_refuses_the_readme_example_in_seconds(tmp_path, capsys):
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: {out} (-m yarn): ")
     assert "already scaled" in proc.stderr and proc.stdout == ""
     assert seconds < 3, f"refusal took {seconds:.1f} CPU-seconds"
+    # What keeps it cheap, independent of the machine's speed: torch is never imported (its
+    # import alone is 2-3 CPU-seconds here).
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "ctxext", "eval", "stdlib-llama", str(out),
+         "-m", "yarn"], capture_output=True, text=True,
+    )  # fmt: skip
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
+    assert proc.returncode == 2 and "ctxext.evaluate.run" in imported
+    assert "torch" not in imported and "transformers" not in imported
 
 
 @pytest.mark.parametrize(

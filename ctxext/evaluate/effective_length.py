@@ -21,11 +21,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ctxext.evaluate.context_use import ContextUseResult
 from ctxext.evaluate.needles import TEMPLATES
-from ctxext.evaluate.scoring import RetrievalResult
+
+if TYPE_CHECKING:  # annotations only: the rule needs no torch (preflight imports this module)
+    from ctxext.evaluate.context_use import ContextUseResult
+    from ctxext.evaluate.scoring import RetrievalResult
 
 #: A judged family's threshold: max(floor, RELATIVE x the unscaled model's accuracy).
 RELATIVE = 0.9
