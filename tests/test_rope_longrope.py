@@ -47,10 +47,22 @@ def _rotary(model_type: str, config: dict, seq_len: int):
     return module.inv_freq.double(), cos[0], sin[0]
 
 
+def _assert_same_rotary(family: str, config: dict, llama: dict, seq_len: int, scale=1.0):
+    """transformers' inv_freq, cos and sin for ``config`` (a ``family`` model) at ``seq_len``
+    are those of the Llama config ``llama``, cos and sin times ``scale``."""
+    import torch
+
+    want, want_cos, want_sin = _rotary("llama", llama, seq_len)
+    got, got_cos, got_sin = _rotary(family, config, seq_len)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    # cos at position 0 is the attention scaling; the angles agree at every position
+    torch.testing.assert_close(got_cos, scale * want_cos, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_sin, scale * want_sin, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", list(OPTIONS))
 @pytest.mark.parametrize("family", ["phi3", "phimoe"])
 def test_each_method_as_longrope_equals_the_direct_method_on_a_llama(method, family):
-    import torch
 
     direct = extend_config({"model_type": "llama", **SHAPE}, method, 4.0, **OPTIONS[method])
     extra = {"num_local_experts": 2, "num_experts_per_tok": 1} if family == "phimoe" else {}
@@ -60,12 +72,7 @@ def test_each_method_as_longrope_equals_the_direct_method_on_a_llama(method, fam
     entry = written["rope_parameters"]
     assert entry["rope_type"] == "longrope" and written["rope_scaling"]["type"] == "longrope"
     for seq_len in (32, 256):  # below and past the trained length: short and long factors
-        want, want_cos, want_sin = _rotary("llama", direct, seq_len)
-        got, got_cos, got_sin = _rotary(family, written, seq_len)
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
-        # cos at position 0 is the attention scaling; the angles agree at every position
-        torch.testing.assert_close(got_cos, want_cos, rtol=0, atol=1e-5)
-        torch.testing.assert_close(got_sin, want_sin, rtol=0, atol=1e-5)
+        _assert_same_rotary(family, written, direct, seq_len)
 
 
 def test_factors_match_the_formulas_typed_out_here():
@@ -94,3 +101,41 @@ def test_phi3_takes_every_method_but_dynamic_and_tunes_longrope():
     assert "longrope" in message and "dynamic" in message
     tuned = extend_config(cfg, "longrope", 2.0, long_factor=[1.5] * 8)
     assert tuned["rope_parameters"]["long_factor"] == [1.5] * 8
+
+
+@pytest.mark.parametrize("method", list(OPTIONS))
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_keep_short_runs_the_trained_rope_up_to_the_trained_length_and_the_method_past_it(
+    method, family
+):
+    """--keep-short: what transformers computes from the written config is the unscaled
+    model's rotary embedding (times the method's attention factor) for sequences up to the
+    trained length 64, and the direct method's past it."""
+
+    base = {"model_type": family, **SHAPE}
+    direct = extend_config({"model_type": "llama", **SHAPE}, method, 4.0, **OPTIONS[method])
+    written = extend_config(base, method, 4.0, keep_short=True, **OPTIONS[method])
+    entry = written["rope_parameters"]
+    assert entry["rope_type"] == "longrope" and set(entry["short_factor"]) == {1.0}
+    assert written["max_position_embeddings"] == 256
+    scale = OPTIONS[method].get("attention_factor", 1.0)
+    for seq_len in (20, 64):  # up to the trained length: the trained frequencies
+        _assert_same_rotary(family, written, {"model_type": "llama", **SHAPE}, seq_len, scale)
+    for seq_len in (65, 256):  # past it: the method's own
+        _assert_same_rotary(family, written, direct, seq_len)
+
+
+def test_keep_short_is_refused_where_the_method_sets_its_short_mode_itself():
+    cfg = {"model_type": "llama", **SHAPE}
+    for method, kw in (("dynamic", {}), ("longrope", {"long_factor": [2.0] * 8})):
+        message = one_line_error(extend_config, cfg, method, 2.0, keep_short=True, **kw)
+        assert "keep_short" in message and method in message
+    from pydantic import ValidationError
+
+    from ctxext.config import ExtendConfig
+
+    with pytest.raises(ValidationError, match="keep_short"):
+        ExtendConfig(method="dynamic", factor=2, keep_short=True)
+    # Recorded only when set: specs written before it existed serialise as they did.
+    assert "keep_short" not in ExtendConfig(method="yarn", factor=2).model_dump()
+    assert ExtendConfig(method="yarn", factor=2, keep_short=True).model_dump()["keep_short"]

@@ -22,7 +22,7 @@ from ctxext.cli.options import (
     TargetOpt,
 )
 from ctxext.errors import CtxextError
-from ctxext.rope.methods import ALL_METHODS, OPTION_DEFAULTS
+from ctxext.rope.methods import ALL_METHODS, KEEP_SHORT_METHODS, OPTION_DEFAULTS
 
 _out = Console()
 _err = Console(stderr=True)
@@ -66,6 +66,14 @@ def extend(
     short_factor: Annotated[
         FactorFileOpt, typer.Option(help="longrope: factors up to the trained length (default 1).")
     ] = None,
+    keep_short: Annotated[
+        bool,
+        typer.Option(
+            "--keep-short",
+            help=f"{'/'.join(KEEP_SHORT_METHODS)} written as longrope factors used past the "
+            "trained length only: up to it, the trained frequencies.",
+        ),
+    ] = False,
     copy: Annotated[bool, typer.Option("--copy", help="Copy weight files.")] = False,
     allow_pickle: AllowPickleOpt = False,
     symlink: Annotated[bool, typer.Option("--symlink", help="Symlink weight files.")] = False,
@@ -96,6 +104,7 @@ def extend(
         low_freq_factor=low_freq_factor,
         high_freq_factor=high_freq_factor,
         theta_multiplier=theta_multiplier,
+        keep_short=keep_short,
         **factor_lists,
     )
     mode = "copy" if copy else "symlink" if symlink else "hardlink"
@@ -116,9 +125,13 @@ def extend(
         _out.print_json(data=record)
         return
     _render_diff(plan)
+    kept = (
+        f", as longrope: trained frequencies up to {record['trained_length']}" if keep_short else ""
+    )
     _err.print(
         f"[green]wrote[/green] {job.output} ({spec.method}, x{plan.factor:g}: "
-        f"{record['trained_length']} -> {plan.new_length} tokens) in {record['seconds']:.2f}s"
+        f"{record['trained_length']} -> {plan.new_length} tokens{kept}) in "
+        f"{record['seconds']:.2f}s"
     )
 
 

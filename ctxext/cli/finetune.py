@@ -113,6 +113,13 @@ def finetune(
             "as the bundled model was trained) rather than a training-grid form; never held out."
         ),
     ] = _DEFAULT.tasks.composed,
+    short_fraction: Annotated[
+        float,
+        typer.Option(
+            help="Share of batches packed as episodes of at most the trained length (mixed "
+            "context-window training: trains the short mode of a --keep-short extension)."
+        ),
+    ] = _DEFAULT.short_fraction,
     loss: Annotated[
         str,
         typer.Option(
@@ -251,6 +258,7 @@ def finetune(
             "loss": loss,
             "longce_window": longce_window,
             "longce_stride": longce_stride,
+            "short_fraction": short_fraction,
         },
         "finetune options",
     )

@@ -8,11 +8,12 @@ from typing import Any, Literal
 
 from pydantic import (
     field_validator,
+    model_serializer,
     model_validator,
 )
 
 from ctxext.config.base import StrictModel, one_of
-from ctxext.rope.methods import ALL_METHODS, OPTION_DEFAULTS
+from ctxext.rope.methods import ALL_METHODS, KEEP_SHORT_METHODS, OPTION_DEFAULTS
 
 Method = Literal[ALL_METHODS]  # type: ignore[valid-type]  # the names defined in ctxext.rope
 LinkMode = Literal["hardlink", "copy", "symlink"]
@@ -45,6 +46,11 @@ class ExtendConfig(StrictModel):
     """longrope: rotary_dim/2 divisors of the pair frequencies, used past the trained length."""
     short_factor: list[float] | None = OPTION_DEFAULTS["short_factor"]
     """longrope: the divisors used up to the trained length; default all 1 (unchanged)."""
+    keep_short: bool = False
+    """linear, ntk, yarn, llama3: write the method as longrope factors used past the trained
+    length only, keeping the trained frequencies up to it (transformers picks the set per
+    forward pass from the longest position). YaRN's attention factor applies at every length;
+    give attention_factor 1 for a short mode identical to the trained model."""
 
     @field_validator("method", mode="before")
     @classmethod
@@ -101,9 +107,22 @@ class ExtendConfig(StrictModel):
             raise ValueError("long_factor applies only to method longrope")
         if self.short_factor is not None and self.method != "longrope":
             raise ValueError("short_factor applies only to method longrope")
+        if self.keep_short and self.method not in KEEP_SHORT_METHODS:
+            raise ValueError(
+                f"keep_short applies to {', '.join(KEEP_SHORT_METHODS)}; {self.method} sets "
+                "its short-length frequencies itself"
+            )
         if self.theta_multiplier is not None and self.method != "ntk":
             raise ValueError("theta_multiplier applies only to method ntk")
         return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_keep_short(self, handler: Any) -> Any:
+        # Recorded only when set: recipes, runs and provenance written before it stay the same.
+        out = handler(self)
+        if isinstance(out, dict) and not out.get("keep_short"):
+            out.pop("keep_short", None)
+        return out
 
     def rope_options(self) -> dict:
         """The method-specific keyword arguments of :func:`ctxext.rope.extend_config`."""

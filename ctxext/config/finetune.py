@@ -27,7 +27,7 @@ _RESUME_FREE = ("save_every",)
 TASK_SOURCES = ("retrieval", "multikey", "multihop")
 # Options added after run.json existed: left out of a run's identity at their defaults, so an
 # interrupted run of an older version still resumes.
-_NEW_OPTIONS = ("mix", "tasks", "loss", "longce_window", "longce_stride")
+_NEW_OPTIONS = ("mix", "tasks", "loss", "longce_window", "longce_stride", "short_fraction")
 
 
 class TaskOptions(StrictModel):
@@ -228,6 +228,11 @@ class FinetuneConfig(StrictModel):
     longce_stride: int | None = None
     """longce: the short chunks' stride S (the reference's internal; default: W/4, its
     ratio)."""
+    short_fraction: float = 0.0
+    """Mixed context-window training (LongRoPE2): this share of the batches is packed as
+    episodes no longer than the trained length (position ids from 0, attention within each),
+    so a model extended with keep_short (longrope with short factors) trains its short mode,
+    the trained frequencies, beside the rescaled one. 0: every batch at the training length."""
 
     @field_validator("mix", mode="before")
     @classmethod
@@ -340,9 +345,25 @@ class FinetuneConfig(StrictModel):
                 "loss longce reads each sample as contiguous text and PoSE samples are not: "
                 "drop --pose or use --loss ce"
             )
+        if self.short_fraction and (self.loss == "longce" or self.pose):
+            raise ValueError(
+                "short_fraction packs short episodes, which "
+                + ("loss longce" if self.loss == "longce" else "PoSE position ids")
+                + " cannot read: drop --short-fraction or "
+                + ("use --loss ce" if self.loss == "longce" else "drop --pose")
+            )
         if w is not None and s is not None and s > w:
             raise ValueError(f"longce_stride ({s}) must not exceed longce_window ({w})")
         return self
+
+    @field_validator("short_fraction")
+    @classmethod
+    def _short_share(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(
+                f"must be a share in [0, 1) (got {v}): at 1 the rescaled mode is never trained"
+            )
+        return v
 
     @field_validator("lora_trainable", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ from typing import Any
 
 from ctxext.config import FinetuneConfig
 from ctxext.errors import CtxextError
+from ctxext.finetune.short import ShortBatches, short_text_sample
 
 
 def pack_documents(
@@ -104,8 +105,10 @@ class PackedSamples:
         count: int,
         seed: int,
         window: int | None = None,
+        short: ShortBatches | None = None,
     ) -> None:
         self.chunks = chunks
+        self.short = short
         self.start = start
         self.count = count
         self.seed = seed
@@ -120,6 +123,8 @@ class PackedSamples:
             raise IndexError(k)
         sample = self.start + k
         chunk = self.chunks[self.chunk_index(sample)]
+        if self.short is not None and self.short.is_short(sample):
+            return short_text_sample(chunk, self.short.length)
         return text_sample(chunk, sample, self.seed, self.window)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from ctxext.config import FinetuneConfig, MixSource, TaskOptions
 from ctxext.finetune.data import ChunkOrder, PackProgress, TrainData, load_text, text_sample
 from ctxext.finetune.episodes import EPISODE_KEY, episode_ids
+from ctxext.finetune.short import ShortBatches, short_task_sample, short_text_sample
 
 
 def mix_draws(weights: Sequence[float], seed: int, count: int) -> list[int]:
@@ -188,8 +189,17 @@ class MixedSamples:
     from the first text source, so every sample is a function of seed and sample number.
     """
 
-    def __init__(self, mix: MixData, *, start: int, count: int, window: int | None = None) -> None:
+    def __init__(
+        self,
+        mix: MixData,
+        *,
+        start: int,
+        count: int,
+        window: int | None = None,
+        short: ShortBatches | None = None,
+    ) -> None:
         self.mix, self.start, self.count, self.window = mix, start, count, window
+        self.short = short
 
     def __len__(self) -> int:
         return self.count
@@ -204,8 +214,11 @@ class MixedSamples:
             raise IndexError(k)
         mix, sample = self.mix, self.start + k
         part = mix.parts[mix.draws[sample]]
+        short = self.short is not None and self.short.is_short(sample)
         if not part.spec.is_task:
             chunk = part.data.chunks[part.order(mix.ranks[sample])]
+            if short:
+                return short_text_sample(chunk, self.short.length)
             out = text_sample(chunk, sample, mix.seed, self.window)
             if mix.tasks.min_length is not None:  # the batch's rows must have the same keys
                 n = int(chunk.shape[0])
@@ -216,6 +229,16 @@ class MixedSamples:
         main = mix.parts[mix.main]
         filler = main.data.chunks[main.order(main.samples + mix.fill[sample])].tolist()
         rng = np.random.default_rng([mix.seed, sample, _TASK_STREAM])
+        if short:
+            return short_task_sample(
+                mix.tokenizer,
+                part.spec.source,
+                mix.tasks,
+                filler,
+                mix.length,
+                self.short.length,
+                rng,
+            )
         if mix.tasks.min_length is None:
             seq = task_sequence(mix.tokenizer, part.spec.source, mix.tasks, filler, mix.length, rng)
             ids = torch.tensor(seq.input_ids, dtype=torch.long)

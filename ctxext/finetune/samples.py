@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from ctxext.config import FinetuneConfig
 from ctxext.finetune.data import PackedSamples, PackProgress, TrainData, load_text
 from ctxext.finetune.mix import MixData, MixedSamples, load_mix
+from ctxext.finetune.short import ShortBatches
 
 if TYPE_CHECKING:
     from ctxext.finetune.setup import RunSetup
@@ -44,10 +45,11 @@ def train_loader(
 
     remaining = max(0, cfg.steps * global_batch - start)
     window = setup.seq_length if cfg.pose else None
+    short = ShortBatches(cfg.short_fraction, setup.trained_length, cfg.batch_size, cfg.seed)
     if isinstance(data, MixData):
-        dataset: Any = MixedSamples(data, start=start, count=remaining, window=window)
+        dataset: Any = MixedSamples(data, start=start, count=remaining, window=window, short=short)
     else:
         dataset = PackedSamples(
-            data.chunks, start=start, count=remaining, seed=cfg.seed, window=window
+            data.chunks, start=start, count=remaining, seed=cfg.seed, window=window, short=short
         )
     return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=0)

@@ -75,6 +75,8 @@ def setup_run(
     check_tasks_fit(cfg, source.path, seq)
     if cfg.tasks.min_length is not None:
         check_episodes_supported(config, seq)
+    if cfg.short_fraction:
+        check_short_batches(cfg, config, source.path, info.trained_length, seq)
     out = outputs.check_output_path(output, [source.path], overwrite=True)
     work = work_dir(out)
     _check_output_state(out, work, resume=resume, overwrite=overwrite)
@@ -139,6 +141,35 @@ def check_tasks_fit(cfg: FinetuneConfig, folder: Path, length: int) -> None:
     from ctxext.synthetic import TokenCounter, check_mix_tasks_fit
 
     check_mix_tasks_fit(TokenCounter(path), tasks, cfg.tasks, length)
+
+
+def check_short_batches(
+    cfg: FinetuneConfig, config: dict[str, Any], folder: Path, trained: int, seq: int
+) -> None:
+    """Refuse short batches (``short_fraction``) that cannot be built: a training length that
+    is not longer than the trained length, a mask the model cannot take, or task episodes that
+    do not fit the trained length (from tokenizer.json alone, as :func:`check_tasks_fit`)."""
+    if seq <= trained:
+        raise CtxextError(
+            f"--short-fraction packs episodes of at most the trained length {trained}, and the "
+            f"training length {seq} is not longer: drop --short-fraction"
+        )
+    check_episodes_supported(config, trained)
+    tasks = [m.source for m in cfg.mix or () if m.is_task]
+    path = folder / "tokenizer.json"
+    if not tasks or not path.is_file():
+        return
+    from ctxext.synthetic import TokenCounter, check_mix_tasks_fit
+
+    low = min(cfg.tasks.min_length or trained, trained)
+    short = cfg.tasks.model_copy(update={"min_length": low})
+    try:
+        check_mix_tasks_fit(TokenCounter(path), tasks, short, trained)
+    except CtxextError as exc:
+        raise CtxextError(
+            f"--short-fraction: short batches hold task episodes of at most "
+            f"the trained length {trained}: {exc}"
+        ) from None
 
 
 def _injected_nan_step() -> int | None:

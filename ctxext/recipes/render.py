@@ -32,6 +32,10 @@ def render_report(run: RunRecord, summary: dict[str, Any]) -> str:
             if v is not None and k in OPTIONS_OF[spec.method] and not isinstance(v, list | tuple)
         }
         extra = f", {', '.join(f'{k}={v:g}' for k, v in opts.items())}" if opts else ""
+        if spec.keep_short:
+            extra += (
+                f"; written as longrope, the trained frequencies up to {pre.trained_length} tokens"
+            )
         lines.append(
             f"- **Extend**: {spec.method}, factor {pre.factor:g}{extra}: "
             f"{pre.trained_length} -> {pre.new_length} tokens (config rewrite; weights untouched)."
@@ -40,6 +44,11 @@ def render_report(run: RunRecord, summary: dict[str, Any]) -> str:
         ft, s = recipe.finetune, run.finetune_summary
         kind = f"LoRA rank {ft.lora_rank}" if ft.lora_rank else "full fine-tune"
         pose = f", PoSE with {ft.train_length}-token windows" if ft.pose else ""
+        if ft.short_fraction:
+            pose += (
+                f", {ft.short_fraction:.0%} of batches as episodes of at most "
+                f"{pre.trained_length} tokens"
+            )
         loss = "-" if s.get("final_loss") is None else f"{s['final_loss']:.4f}"
         lines.append(
             f"- **Fine-tune**: {kind}{pose}; {plural(ft.steps, 'step')} x "

@@ -144,7 +144,7 @@ def _finetune_workloads(source: Any, trained: int, seq: int, cfg: Any) -> Comman
         "finetune", seq, batch=cfg.batch_size, compute_dtype=compute, weight_dtype=weights,
         lora_rank=cfg.lora_rank, lora_trainable=tuple(cfg.lora_trainable),
         grad_ckpt=cfg.grad_ckpt, steps=cfg.steps, grad_accum=cfg.grad_accum,
-        episodes=cfg.tasks.min_length is not None,
+        episodes=cfg.tasks.min_length is not None or cfg.short_fraction > 0,
     )  # fmt: skip
     label = f"finetune {seq:,} tokens x {cfg.steps} steps"
     return CommandWorkloads("finetune", source.name, shape, trained, [(label, work)])

@@ -14,6 +14,9 @@ METHODS = ("linear", "ntk", "yarn", "dynamic", "llama3")
 #: Methods that need more than a factor: longrope takes searched (or given) per-pair factors.
 FACTOR_LIST_METHODS = ("longrope",)
 ALL_METHODS = METHODS + FACTOR_LIST_METHODS
+#: Methods whose frequencies do not depend on the sequence length: what ``keep_short`` can
+#: write as longrope long factors (dynamic and longrope set their short mode themselves).
+KEEP_SHORT_METHODS = tuple(m for m in METHODS if m != "dynamic")
 
 #: Every method option and its default (the papers' values; None: derived from s, or absent).
 OPTION_DEFAULTS: dict[str, Any] = {

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ctxext.errors import CtxextError
-from ctxext.rope.methods import ALL_METHODS, OPTION_DEFAULTS, OPTIONS_OF
+from ctxext.rope.methods import ALL_METHODS, KEEP_SHORT_METHODS, OPTION_DEFAULTS, OPTIONS_OF
 from ctxext.rope.read import (
     GEMMA3,
     LONGROPE_ONLY,
@@ -311,8 +311,13 @@ def extend_config(
     theta_multiplier: float | None = OPTION_DEFAULTS["theta_multiplier"],
     long_factor: list[float] | None = OPTION_DEFAULTS["long_factor"],
     short_factor: list[float] | None = OPTION_DEFAULTS["short_factor"],
+    keep_short: bool = False,
 ) -> dict:
     """Return a new config dict extended by ``method``; ``config`` is not modified.
+
+    ``keep_short`` writes a fixed-frequency method as longrope factors used only past the
+    trained length, with the trained frequencies (short factors 1) up to it
+    (:func:`keep_short_entry`).
 
     Writes v5 ``rope_parameters``, the legacy ``rope_scaling`` mirror, top-level ``rope_theta``
     and ``partial_rotary_factor`` (``rotary_emb_base``/``rotary_pct`` for GPT-NeoX), Gemma 3's
@@ -332,19 +337,16 @@ def extend_config(
         "short_factor": short_factor,
     }
     opts = _method_options(method, given)
+    if keep_short:
+        check_keep_short(info, method)
     entry, max_len = _WRITERS[method](info, s, opts)
-    if info.model_type in LONGROPE_ONLY:
+    if keep_short:
+        # As for longrope: the new length, which transformers' default attention factor and
+        # vLLM read as max_position_embeddings / original_max_position_embeddings.
+        entry, max_len = keep_short_entry(entry, info, s), _new_length(info, s)
+    elif info.model_type in LONGROPE_ONLY:
         # Phi-3 / PhiMoE read longrope only: the same frequencies as per-pair factors.
-        from ctxext.rope.longrope import method_as_longrope
-
-        entry = method_as_longrope(
-            entry,
-            factor=s,
-            base_theta=info.rope_theta,
-            rotary_dim=info.rotary_dim,
-            trained_length=info.trained_length,
-        )
-        max_len = _new_length(info, s)
+        entry, max_len = _as_longrope(entry, info, s), _new_length(info, s)
     if info.model_type == "phimoe":  # PhiMoE scales cos/sin by these instead (both required)
         from ctxext.rope.formulas import longrope_attention_factor
 
@@ -381,6 +383,51 @@ def extend_config(
     root["max_position_embeddings"] = int(max_len)
     root["original_max_position_embeddings"] = int(info.trained_length)
     return out
+
+
+# --------------------------------------------------------------------------- keep short
+
+
+def check_keep_short(info: RopeInfo, method: str) -> None:
+    """Refuse keep_short where it cannot be written: a method that keeps the trained
+    frequencies already (dynamic) or sets them itself (longrope), or a model no longrope
+    config can extend."""
+    if method not in KEEP_SHORT_METHODS:
+        why = {
+            "dynamic": "dynamic NTK already computes the trained frequencies up to the trained "
+            "length",
+            "longrope": "longrope sets the short factors itself (--short-factor, default 1)",
+        }.get(method, f"it applies to {', '.join(KEEP_SHORT_METHODS)} only")
+        raise CtxextError(f"keep_short: {why}; drop --keep-short")
+    refusal = method_refusal(info, "longrope")
+    if refusal:
+        raise CtxextError(f"keep_short writes rope_type longrope, and {refusal}")
+
+
+def keep_short_entry(entry: Mapping[str, Any], info: RopeInfo, s: float) -> dict:
+    """``entry`` (a linear / ntk / yarn / llama3 rope dict) as longrope: its per-pair divisors
+    as ``long_factor``, ones as ``short_factor``.
+
+    transformers' longrope picks the long factors for a forward whose positions reach past
+    ``original_max_position_embeddings`` and the short ones otherwise, so sequences up to the
+    trained length run with exactly the frequencies the model was trained with (Phi-3's
+    short/long factors; LongRoPE2 trains both modes at once). The one ``attention_factor``
+    applies at every length, so it is the method's own (YaRN: 0.1 ln s + 1, others 1): give
+    ``attention_factor=1`` for a short mode identical to the trained model.
+    """
+    return {**_as_longrope(entry, info, s), "short_factor": [1.0] * (info.rotary_dim // 2)}
+
+
+def _as_longrope(entry: Mapping[str, Any], info: RopeInfo, s: float) -> dict:
+    from ctxext.rope.longrope import method_as_longrope
+
+    return method_as_longrope(
+        entry,
+        factor=s,
+        base_theta=info.rope_theta,
+        rotary_dim=info.rotary_dim,
+        trained_length=info.trained_length,
+    )
 
 
 # --------------------------------------------------------------------------- dry-run diff
