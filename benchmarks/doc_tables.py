@@ -164,12 +164,39 @@ def run_table(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _overrides(path: str) -> str:
+    """The recipe overrides a run was made with, less the evaluation's and the output's."""
+    recipe = json.loads((ROOT / path).read_text())["provenance"]["recipe"]
+    kept = [
+        o
+        for o in recipe.get("overrides", [])
+        if not o.startswith(("eval.", "--output-dir", "--work"))
+    ]
+    what = " ".join(f"`{o}`" for o in kept) or "none"
+    return f"{recipe['name']}: {what}"
+
+
+def variants_table(paths: list[str]) -> str:
+    """One row per results file: its recipe overrides and the last run's retrieval per
+    held-out family at the first / last length."""
+    first = _runs(paths[:1])[-1]["retrieval"]
+    rl, fams = first["lengths"], list(family_accuracy(first))
+    head = ["recipe overrides", *(f"{f} {_k(rl[0])} / {_k(rl[-1])}" for f in fams)]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * len(fams) + "|"]
+    for path in paths:
+        acc = family_accuracy(_runs([path])[-1]["retrieval"])
+        cells = [f"{_pct(acc[f][0])} / {_pct(acc[f][-1])}" for f in fams]
+        lines.append(f"| {_overrides(path)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 KINDS: dict[str, Callable[[list[str]], str]] = {
     "ppl": ppl_table,
     "buckets": buckets_table,
     "context-use": context_use_table,
     "families": families_table,
     "run": run_table,
+    "variants": variants_table,
 }
 
 
