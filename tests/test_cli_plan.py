@@ -110,6 +110,10 @@ def test_plan_counts_the_episode_mask(weightless, tmp_path, capsys, calibrated):
     episodes = json.loads(out)["phases"][0]
     assert episodes["attention"] - plain["attention"] == mask_bytes(1, 512, 4) == 2**20
     assert episodes["peak"] - plain["peak"] == 2**20
+    # Short batches (--short-fraction) carry the same mask.
+    code, out, err = run_cli(capsys, *base, "--short-fraction", "0.5")
+    assert code == 0, err
+    assert json.loads(out)["phases"][0]["attention"] == episodes["attention"]
 
 
 def test_plan_refuses_unknown_commands(capsys):
