@@ -190,7 +190,7 @@ def scaled_config(
     config_dict = rope.extend_config(
         config_dict, extend.method, factor=factor, **extend.rope_options()
     )
-    return config_dict, f"{source.name}+{extend.method} x{factor:g}"
+    return config_dict, f"{source.name}+{extend.label(factor)}"
 
 
 def load_causal_lm(

@@ -78,3 +78,23 @@ def test_a_wrong_task_in_a_comma_list_is_named(capsys):
     # A recipe may write them either way too.
     assert EvalConfig(lengths="64", tasks="ppl,retrieval").tasks == ["ppl", "retrieval"]
     assert EvalConfig(lengths=[64], tasks=["ppl, passkey"]).tasks == ["ppl", "passkey"]
+
+
+def test_keep_short_rows_are_the_unscaled_model_up_to_the_trained_length(
+    capsys, tmp_path, tiny_llama_session
+):
+    """`eval -m yarn --keep-short --attention-factor 1`: at the trained length 128 the row's
+    perplexity is the unscaled row's, at 256 plain YaRN's with the same attention factor."""
+    common = ["eval", tiny_llama_session, "--lengths", "128,256", "--num-docs", "2", "-m",
+              "yarn", "-f", "2", "--attention-factor", "1", "--json"]  # fmt: skip
+    code, out, err = run_cli(capsys, *common, "--keep-short", "-o", tmp_path / "k")
+    assert code == 0, err
+    base, kept = json.loads(out)["runs"]
+    code, out, err = run_cli(capsys, *common, "--no-base", "-o", tmp_path / "y")
+    assert code == 0, err
+    (yarn,) = json.loads(out)["runs"]
+    assert kept["label"].endswith("+yarn x2 keep-short") and yarn["label"].endswith("+yarn x2")
+    # (The untrained tiny model barely feels the rescaling: YaRN moves ppl at 128 by ~3e-6.)
+    assert kept["ppl"]["128"]["ppl"] == pytest.approx(base["ppl"]["128"]["ppl"], rel=1e-7)
+    assert kept["ppl"]["256"]["ppl"] == pytest.approx(yarn["ppl"]["256"]["ppl"], rel=1e-7)
+    assert yarn["ppl"]["128"]["ppl"] != pytest.approx(base["ppl"]["128"]["ppl"], rel=1e-6)

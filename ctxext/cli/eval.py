@@ -24,6 +24,7 @@ from ctxext.cli.options import (
     DatasetConfigOpt,
     FactorOpt,
     ForceOpt,
+    KeepShortOpt,
     MemoryLimitOpt,
     OverwriteOpt,
     PlanOnlyOpt,
@@ -70,6 +71,7 @@ def eval_command(
         Optional[float],  # noqa: UP045
         typer.Option(help="YaRN attention factor."),
     ] = None,
+    keep_short: KeepShortOpt = False,
     task: Annotated[
         Optional[list[str]],  # noqa: UP045
         typer.Option(
@@ -224,6 +226,7 @@ def eval_command(
         "beta_fast": beta_fast,
         "beta_slow": beta_slow,
         "attention_factor": attention_factor,
+        "keep_short": keep_short,
     }
     guard = GuardOptions(force, memory_limit, plan_only, as_json, recalibrate)
     results = evaluate_and_report(

@@ -17,12 +17,13 @@ from ctxext.cli.options import (
     BetaFastOpt,
     BetaSlowOpt,
     FactorOpt,
+    KeepShortOpt,
     ModelArg,
     OverwriteOpt,
     TargetOpt,
 )
 from ctxext.errors import CtxextError
-from ctxext.rope.methods import ALL_METHODS, KEEP_SHORT_METHODS, OPTION_DEFAULTS
+from ctxext.rope.methods import ALL_METHODS, OPTION_DEFAULTS
 
 _out = Console()
 _err = Console(stderr=True)
@@ -66,14 +67,7 @@ def extend(
     short_factor: Annotated[
         FactorFileOpt, typer.Option(help="longrope: factors up to the trained length (default 1).")
     ] = None,
-    keep_short: Annotated[
-        bool,
-        typer.Option(
-            "--keep-short",
-            help=f"{'/'.join(KEEP_SHORT_METHODS)} written as longrope factors used past the "
-            "trained length only: up to it, the trained frequencies.",
-        ),
-    ] = False,
+    keep_short: KeepShortOpt = False,
     copy: Annotated[bool, typer.Option("--copy", help="Copy weight files.")] = False,
     allow_pickle: AllowPickleOpt = False,
     symlink: Annotated[bool, typer.Option("--symlink", help="Symlink weight files.")] = False,

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from ctxext.rope.methods import KEEP_SHORT_METHODS
+
 
 def field_defaults(model: Any) -> SimpleNamespace:
     """The default of every optional field of a config model (:mod:`ctxext.config`), by name.
@@ -41,6 +43,14 @@ TargetOpt = Annotated[
 ]
 BetaFastOpt = Annotated[float, typer.Option(help="YaRN beta_fast.")]
 BetaSlowOpt = Annotated[float, typer.Option(help="YaRN beta_slow.")]
+KeepShortOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-short",
+        help=f"{'/'.join(KEEP_SHORT_METHODS)} written as longrope factors used past the trained "
+        "length only: up to it, the trained frequencies.",
+    ),
+]
 TrustRemoteCodeOpt = Annotated[
     bool,
     typer.Option("--trust-remote-code", help="Allow (and run) code from the model folder."),

@@ -124,6 +124,10 @@ class ExtendConfig(StrictModel):
             out.pop("keep_short", None)
         return out
 
+    def label(self, factor: float) -> str:
+        """How rows and reports name this extension: 'yarn x8', or 'yarn x8 keep-short'."""
+        return f"{self.method} x{factor:g}" + (" keep-short" if self.keep_short else "")
+
     def rope_options(self) -> dict:
         """The method-specific keyword arguments of :func:`ctxext.rope.extend_config`."""
         return self.model_dump(exclude={"method", "factor", "target_length"})

@@ -339,7 +339,7 @@ class RecipeRun:
     def _label(self, item: str) -> str:
         """A stable, readable row label (the temporary folder's name is not one)."""
         name, recipe, factor = self.pre.name, self.recipe, self.pre.factor
-        scaled = f"{recipe.extend.method} x{factor:g}" if recipe.extend and factor else ""
+        scaled = recipe.extend.label(factor) if recipe.extend and factor else ""
         if item == "base":
             return name
         if item == "extended":
