@@ -135,6 +135,8 @@ def test_keep_short_claims_follow_their_files():
     assert f"drops it to {_pct(_fam_at(text, 256))} at 256" in ft
     (longer,) = _runs(f"{folder}/short50-500-steps.json")
     assert f"do not change that ({_pct(_fam_at(longer, 2048))} at 2048)" in ft
+    (dynamic,) = _runs(f"{folder}/dynamic-short50.json")
+    assert f"it did read 512 better: {_pct(_fam_at(dynamic, 512))} there" in ft
     bm = docs["docs/bundled-model.md"]
     assert f"in every family with 90% short ({_pct(_fam_at(most, 256))})" in bm
     assert f"({_pct(_fam_at(half, 2048))}, then {_pct(_fam_at(most, 2048))})" in bm
