@@ -131,3 +131,26 @@ def test_short_fraction_is_refused_where_it_cannot_hold(tmp_path, tiny_llama_ses
     # Recorded only when set: a run of an older version still resumes.
     assert "short_fraction" not in FinetuneConfig().identity()
     assert FinetuneConfig(short_fraction=0.25).identity()["short_fraction"] == 0.25
+
+
+def test_a_run_without_a_mix_packs_its_short_batches_too():
+    """The single-source path (PackedSamples): short batches are the same chunks cut into
+    episodes, the others the chunks as they are."""
+    import torch
+
+    from ctxext.finetune.data import PackedSamples
+
+    chunks = torch.arange(8 * 512).reshape(8, 512)
+    short = ShortBatches(0.5, 128, 2, seed=0)
+    samples = PackedSamples(chunks, start=0, count=8, seed=0, short=short)
+    plain = PackedSamples(chunks, start=0, count=8, seed=0)
+    kinds = []
+    for i in range(8):
+        got, want = samples[i], plain[i]
+        assert torch.equal(got["input_ids"], want["input_ids"])  # same chunk, same order
+        if short.is_short(i):
+            assert int(got["position_ids"].max()) == 127 and int(got[EPISODE_KEY].max()) == 3
+        else:
+            assert got.keys() == {"input_ids", "labels"}
+        kinds.append(short.is_short(i))
+    assert True in kinds and False in kinds
