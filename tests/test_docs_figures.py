@@ -130,6 +130,9 @@ def test_keep_short_claims_follow_their_files():
     ft = docs["docs/finetune.md"]
     assert f"at half and {_pct(_fam_at(most, 2048))} at 90%" in ft
     assert f"to {_pct(_fam_at(half, 2048))} at half" in ft
+    assert f"the code families are at or above the unscaled model's ({code})" in ft
+    unscaled = _fam_at(_runs("docs/tiny-yarn/results.json")[0], 256)
+    assert all(_fam_at(half, 256)[f] >= unscaled[f] for f in ("code-binding", "code-question"))
     assert "71% with 90%" in ft and _fam_at(most, 256)["prose"] == pytest.approx(0.71, abs=0.005)
     assert f"but prose falls to {_fam_at(bare, 256)['prose']:.0%}" in ft
     assert f"drops it to {_pct(_fam_at(text, 256))} at 256" in ft
