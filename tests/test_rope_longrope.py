@@ -139,3 +139,40 @@ def test_keep_short_is_refused_where_the_method_sets_its_short_mode_itself():
     # Recorded only when set: specs written before it existed serialise as they did.
     assert "keep_short" not in ExtendConfig(method="yarn", factor=2).model_dump()
     assert ExtendConfig(method="yarn", factor=2, keep_short=True).model_dump()["keep_short"]
+
+
+@pytest.mark.parametrize(
+    "family",
+    ["mistral", "qwen3_moe", "gemma2", "gemma3_text", "gpt_neox", "phi", "falcon", "olmo2"],
+)
+def test_keep_short_switches_in_every_listed_family(family):
+    """The whole config a family's class writes (its own head_dim, partial rotary, layer types):
+    transformers' rotary module computes the trained frequencies up to the trained length and
+    YaRN's past it (Gemma 3: the full-attention layers; sliding ones stay unscaled)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = {**SHAPE, "num_hidden_layers": 6, "max_position_embeddings": 64}
+    if family == "falcon":
+        shape.update(new_decoder_architecture=True, alibi=False)
+    base = {**AutoConfig.for_model(family, **shape).to_dict(), "model_type": family}
+    kept = extend_config(base, "yarn", 4.0, keep_short=True)
+    yarn = extend_config(base, "yarn", 4.0)
+
+    def inv_freq(config: dict, seq_len: int, layer_type: str | None) -> torch.Tensor:
+        data = dict(config)
+        cfg = AutoConfig.for_model(data.pop("model_type"), **data)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        rotary = next(m for m in model.modules() if "Rotary" in type(m).__name__)
+        module = type(rotary)(config=cfg)
+        extra = {"layer_type": layer_type} if layer_type else {}
+        module(torch.zeros(1, seq_len, 4), torch.arange(seq_len)[None], **extra)
+        return getattr(module, f"{layer_type}_inv_freq" if layer_type else "inv_freq").clone()
+
+    layers = ("full_attention", "sliding_attention") if family == "gemma3_text" else (None,)
+    for layer in layers:
+        torch.testing.assert_close(inv_freq(kept, 64, layer), inv_freq(base, 64, layer))
+        torch.testing.assert_close(inv_freq(kept, 200, layer), inv_freq(yarn, 200, layer))
+    if family == "gemma3_text":  # the full-attention layers do switch
+        assert not torch.allclose(inv_freq(kept, 200, layers[0]), inv_freq(base, 200, layers[0]))
