@@ -175,6 +175,18 @@ def test_a_task_source_that_cannot_fit_is_refused_before_any_evaluation(capsys, 
     assert not (tmp_path / "out").exists()
 
 
+def test_short_batches_that_cannot_be_built_are_refused_before_any_evaluation(capsys, tmp_path):
+    """finetune.short_fraction is checked in the run's preflight too: a training length that is
+    not past the trained one is refused in one line before the base model is evaluated."""
+    code, _, err = run_cli(capsys, "run", "tiny-yarn", "extend.keep_short=true",
+                           "finetune.short_fraction=0.5", "finetune.train_length=256",
+                           "--output-dir", str(tmp_path / "out"))  # fmt: skip
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--short-fraction" in lines[0] and "not longer" in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_reference_model_that_does_not_exist_is_refused_before_any_evaluation(capsys, tmp_path):
     """eval.reference_model is resolved in the run's preflight: a bad one is refused in one
     line before the base model is evaluated (not at the first evaluation)."""

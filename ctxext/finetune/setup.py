@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctxext.config import ExtendConfig, FinetuneConfig
+from ctxext.config import ExtendConfig, FinetuneConfig, TaskOptions
 from ctxext.errors import CtxextError
 from ctxext.finetune.episodes import check_episodes_supported
 from ctxext.finetune.state import newest_checkpoint, work_dir
@@ -72,11 +72,7 @@ def setup_run(
             f"{info.trained_length})"
         )
     longce = _longce_windows(cfg, info.trained_length, seq)
-    check_tasks_fit(cfg, source.path, seq)
-    if cfg.tasks.min_length is not None:
-        check_episodes_supported(config, seq)
-    if cfg.short_fraction:
-        check_short_batches(cfg, config, source.path, info.trained_length, seq)
+    check_training_data(cfg, config, source.path, info.trained_length, seq)
     out = outputs.check_output_path(output, [source.path], overwrite=True)
     work = work_dir(out)
     _check_output_state(out, work, resume=resume, overwrite=overwrite)
@@ -129,18 +125,34 @@ def _longce_windows(cfg: FinetuneConfig, trained: int, seq: int) -> tuple[int | 
     return window, stride
 
 
-def check_tasks_fit(cfg: FinetuneConfig, folder: Path, length: int) -> None:
-    """Task sources of the mix that cannot fit the training length, refused from the model's
-    tokenizer.json alone (no torch); without one, the run checks with the real tokenizer
-    before it reads any data (:func:`ctxext.finetune.mix.load_mix`). `ctxext run` calls it in
-    its preflight too, before the evaluation that precedes the fine-tune."""
+def check_training_data(
+    cfg: FinetuneConfig, config: dict[str, Any], folder: Path, trained: int, seq: int
+) -> None:
+    """What the samples need, checked from the config and tokenizer.json alone (no torch):
+    task sources that fit ``seq`` tokens, a mask for packed task episodes, and short batches
+    (:func:`check_short_batches`). Called by the fine-tune's setup and by `ctxext run`'s
+    preflight, before the evaluation that precedes the fine-tune."""
+    check_tasks_fit(cfg, folder, seq)
+    if cfg.tasks.min_length is not None:
+        check_episodes_supported(config, seq)
+    if cfg.short_fraction:
+        check_short_batches(cfg, config, folder, trained, seq)
+
+
+def check_tasks_fit(
+    cfg: FinetuneConfig, folder: Path, length: int, options: TaskOptions | None = None
+) -> None:
+    """Task sources of the mix that cannot fit ``length`` tokens (with ``options``, default the
+    run's task options), refused from the model's tokenizer.json alone (no torch); without
+    one, the run checks with the real tokenizer before it reads any data
+    (:func:`ctxext.finetune.mix.load_mix`)."""
     tasks = [m.source for m in cfg.mix or () if m.is_task]
     path = folder / "tokenizer.json"
     if not tasks or not path.is_file():
         return
     from ctxext.synthetic import TokenCounter, check_mix_tasks_fit
 
-    check_mix_tasks_fit(TokenCounter(path), tasks, cfg.tasks, length)
+    check_mix_tasks_fit(TokenCounter(path), tasks, options or cfg.tasks, length)
 
 
 def check_short_batches(
@@ -155,16 +167,9 @@ def check_short_batches(
             f"training length {seq} is not longer: drop --short-fraction"
         )
     check_episodes_supported(config, trained)
-    tasks = [m.source for m in cfg.mix or () if m.is_task]
-    path = folder / "tokenizer.json"
-    if not tasks or not path.is_file():
-        return
-    from ctxext.synthetic import TokenCounter, check_mix_tasks_fit
-
     low = min(cfg.tasks.min_length or trained, trained)
-    short = cfg.tasks.model_copy(update={"min_length": low})
     try:
-        check_mix_tasks_fit(TokenCounter(path), tasks, short, trained)
+        check_tasks_fit(cfg, folder, trained, cfg.tasks.model_copy(update={"min_length": low}))
     except CtxextError as exc:
         raise CtxextError(
             f"--short-fraction: short batches hold task episodes of at most "

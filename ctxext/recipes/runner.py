@@ -90,10 +90,12 @@ def preflight(recipe: Recipe) -> _Preflight:
         new_length = rope.new_length(info.trained_length, factor)
         notes = engine_warnings(spec, info.trained_length, new_length)
     if recipe.finetune is not None and new_length is not None:
-        # Task sources that cannot fit refused now, not after the evaluation before the fine-tune.
-        from ctxext.finetune.setup import check_tasks_fit
+        # Samples that cannot be built (task sources that do not fit, short batches, masks)
+        # refused now, not after the evaluation before the fine-tune.
+        from ctxext.finetune.setup import check_training_data
 
-        check_tasks_fit(recipe.finetune, source.path, recipe.finetune.train_length or new_length)
+        seq = recipe.finetune.train_length or new_length
+        check_training_data(recipe.finetune, config, source.path, info.trained_length, seq)
     if recipe.eval is not None and recipe.eval.reference_model is not None:
         locate.resolve_model(recipe.eval.reference_model)  # a bad name refused now, not later
     name = source.name if source.source != "local" else Path(source.name).name

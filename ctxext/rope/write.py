@@ -338,7 +338,7 @@ def extend_config(
     }
     opts = _method_options(method, given)
     if keep_short:
-        check_keep_short(info, method)
+        check_keep_short(method)
     entry, max_len = _WRITERS[method](info, s, opts)
     if keep_short:
         # As for longrope: the new length, which transformers' default attention factor and
@@ -388,10 +388,10 @@ def extend_config(
 # --------------------------------------------------------------------------- keep short
 
 
-def check_keep_short(info: RopeInfo, method: str) -> None:
-    """Refuse keep_short where it cannot be written: a method that keeps the trained
-    frequencies already (dynamic) or sets them itself (longrope), or a model no longrope
-    config can extend."""
+def check_keep_short(method: str) -> None:
+    """Refuse keep_short for a method that keeps the trained frequencies already (dynamic) or
+    sets them itself (longrope). (Every model a method can extend takes longrope: a model's
+    own refusal is raised by :func:`validate_request` first.)"""
     if method not in KEEP_SHORT_METHODS:
         why = {
             "dynamic": "dynamic NTK already computes the trained frequencies up to the trained "
@@ -399,9 +399,6 @@ def check_keep_short(info: RopeInfo, method: str) -> None:
             "longrope": "longrope sets the short factors itself (--short-factor, default 1)",
         }.get(method, f"it applies to {', '.join(KEEP_SHORT_METHODS)} only")
         raise CtxextError(f"keep_short: {why}; drop --keep-short")
-    refusal = method_refusal(info, "longrope")
-    if refusal:
-        raise CtxextError(f"keep_short writes rope_type longrope, and {refusal}")
 
 
 def keep_short_entry(entry: Mapping[str, Any], info: RopeInfo, s: float) -> dict:
