@@ -95,8 +95,8 @@ def test_short_batches_train_the_unscaled_mode_of_a_keep_short_model(tmp_path, t
     from ctxext.finetune.mix import MixedSamples, load_mix
     from ctxext.modeling import load_tokenizer
 
-    cfg = finetune_cfg(steps=2, batch_size=1, seed=0, short_fraction=0.5)
-    cfg = cfg.model_copy(update={"mix": FinetuneConfig(mix=["stdlib:1", "retrieval:1"]).mix})
+    mix = ["stdlib:1", "retrieval:1"]
+    cfg = finetune_cfg(steps=2, batch_size=1, seed=0, short_fraction=0.5, mix=mix)
     short = ShortBatches(0.5, 128, 1, cfg.seed)
     assert short.is_short(0) and not short.is_short(1)  # seed 0: step 1 short, step 2 long
     run_finetune(str(tiny_llama_session), tmp_path / "o", KEEP_SHORT, cfg)
